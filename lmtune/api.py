@@ -1,0 +1,245 @@
+"""The Python API: `train(config) -> Run`, `load(run_dir) -> Run`, `Run.predict`, `Run.evaluate`.
+
+train() reads and validates all input before it creates anything on disk, then writes the run
+directory: config.yaml, splits.json, checkpoints/, model/ (save_pretrained layout), metrics.json,
+predictions/, report.md with its PNGs, and train.log.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+import yaml
+from accelerate import Accelerator
+from transformers import set_seed
+
+from lmtune.config import Config, build_config, load_config
+from lmtune.errors import InputError
+from lmtune.evaluate.report import write_report
+from lmtune.io import atomic_dir, write_json, write_jsonl, write_text
+from lmtune.models import count_parameters, freeze, quiet_transformers
+from lmtune.tasks import get_task
+from lmtune.train.checkpoint import Checkpoints
+from lmtune.train.loop import LoopTask, predict_outputs, train_loop
+
+log = logging.getLogger("lmtune")
+META = "lmtune.json"
+
+
+def _as_config(config: Config | dict | str | Path, overrides: dict | None = None) -> Config:
+    if isinstance(config, Config):
+        return build_config(config.to_dict(), overrides) if overrides else config
+    if isinstance(config, dict):
+        return build_config(config, overrides)
+    return load_config(config, overrides)
+
+
+def _device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _accelerator(precision: str) -> Accelerator:
+    if precision == "auto":
+        precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+    mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
+    try:
+        return Accelerator(mixed_precision=mp)
+    except ValueError:  # a second run in one process asked for another precision
+        from accelerate.state import AcceleratorState
+        AcceleratorState._reset_state(reset_partial_state=False)
+        return Accelerator(mixed_precision=mp)
+
+
+def _comparable(cfg: Config) -> dict:
+    d = cfg.to_dict()
+    d["train"].pop("progress", None)
+    return d
+
+
+def _run_dir(cfg: Config, resume: bool | str | Path) -> Path:
+    if resume and resume is not True:
+        run_dir = Path(resume)
+    elif resume:
+        candidates = sorted(Path(cfg.output_dir).glob("*/checkpoints/pointer.json"), key=lambda p: p.stat().st_mtime)
+        if cfg.run_name:
+            candidates = [c for c in candidates if c.parent.parent.name == cfg.run_name]
+        if not candidates:
+            raise InputError(f"--resume: no run with a checkpoint under {cfg.output_dir}/. Start without --resume.")
+        run_dir = candidates[-1].parent.parent
+    else:
+        name = cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
+        run_dir = Path(cfg.output_dir) / name
+        if run_dir.exists():
+            raise InputError(f"{run_dir}: run directory already exists. Pick another run_name, or add --resume "
+                             "to continue it; lmtune never overwrites a run.")
+        return run_dir
+    saved = run_dir / "config.yaml"
+    if not (run_dir / "checkpoints" / "pointer.json").is_file() or not saved.is_file():
+        raise InputError(f"{run_dir}: no checkpoint to resume from.")
+    old = _comparable(build_config(yaml.safe_load(saved.read_text())))
+    new = _comparable(cfg)
+    diff = [f"{s}.{k}" for s in old for k in (old[s] if isinstance(old[s], dict) else [None])
+            if (old[s].get(k) if k else old[s]) != (new[s].get(k) if k else new[s]) and s not in ("run_name", "output_dir")]
+    if diff:
+        raise InputError(f"--resume: the config differs from the one {run_dir} was started with "
+                         f"({', '.join(diff)}). Resume with the same config.")
+    return run_dir
+
+
+@dataclass
+class Run:
+    """A trained model and its run directory."""
+    run_dir: Path
+    model: torch.nn.Module
+    tokenizer: Any
+    task: Any
+    labels: list[str]
+    config: Config
+    metrics: dict = field(default_factory=dict)
+
+    def _encode(self, examples: list) -> Any:
+        return self.task.encode(examples, self.tokenizer, self.config.data.max_length, self.labels)
+
+    def _outputs(self, enc) -> list:
+        self.model.to(_device())
+        return predict_outputs(self.model, enc.features, functools.partial(self.task.collate, tokenizer=self.tokenizer),
+                               self.task.unbatch, _device(), progress=self.config.train.progress)
+
+    def predict(self, texts: str | Sequence[str] | Sequence[tuple[str, str]]) -> list[dict]:
+        """Label and class probabilities for each text (or (text, text_pair) tuple)."""
+        from lmtune.data.readers import Example
+        if isinstance(texts, str):
+            texts = [texts]
+        examples = [Example(t[0], None, "", t[1]) if isinstance(t, tuple) else Example(t, None, "") for t in texts]
+        for i, ex in enumerate(examples):
+            if not ex.text or not ex.text.strip():
+                raise InputError(f"text {i + 1}: empty text.")
+        return self.predict_examples(examples)
+
+    def predict_examples(self, examples: list) -> list[dict]:
+        enc = self._encode(examples)
+        return self.task.predictions(self._outputs(enc), examples, self.labels)
+
+    def predict_file(self, path: str | Path) -> list[dict]:
+        return self.predict_examples(self.task.read_file(str(path), self.config, self.labels, require_label=False))
+
+    def evaluate(self, data: str | Path) -> dict:
+        """Metrics on a labeled file (columns as in the run's config)."""
+        examples = self.task.read_file(str(data), self.config, self.labels, require_label=True)
+        enc = self._encode(examples)
+        metrics = self.task.evaluate(self._outputs(enc), examples, self.labels)
+        metrics["truncated"] = enc.stats["truncated"]
+        return metrics
+
+
+def load(run_dir: str | Path) -> Run:
+    """Open a finished run directory (its model/ folder) for prediction and evaluation."""
+    run_dir = Path(run_dir)
+    meta_path = run_dir / "model" / META
+    if not meta_path.is_file():
+        raise InputError(f"{run_dir}: not a finished lmtune run (no model/{META}). Train it first, "
+                         "or resume it with `lmtune train CONFIG --resume`.")
+    meta = json.loads(meta_path.read_text())
+    task = get_task(meta["task"])
+    model, tokenizer = task.load_model(run_dir / "model")
+    cfg = build_config(meta["config"])
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    return Run(run_dir, model.to(_device()).eval(), tokenizer, task, meta["labels"], cfg, metrics)
+
+
+def train(config: Config | dict | str | Path, overrides: dict | None = None, resume: bool | str | Path = False,
+          callbacks: tuple = ()) -> Run:
+    """Read data, fine-tune, restore the best checkpoint, evaluate, write the run directory."""
+    cfg = _as_config(config, overrides)
+    task = get_task(cfg.task)
+    splits = task.read(cfg)  # every input error surfaces here, before anything is written
+    run_dir = _run_dir(cfg, resume)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    log.addHandler(handler)
+    try:
+        return _train(cfg, task, splits, run_dir, resume, callbacks)
+    finally:
+        log.removeHandler(handler)
+        handler.close()
+
+
+def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
+    accelerator = _accelerator(cfg.train.precision)
+    if accelerator.is_main_process and not resume:
+        write_text(run_dir / "config.yaml", cfg.to_yaml())
+        write_json(run_dir / "splits.json", splits.info)
+    log.info("run dir %s: %s", run_dir, ", ".join(f"{k} {v}" for k, v in splits.info["sizes"].items()))
+    set_seed(cfg.train.seed)
+    model, tokenizer = task.build_model(cfg, splits.labels)
+    freeze(model, cfg.model.freeze_embeddings, cfg.model.freeze_layers)
+    trainable, total = count_parameters(model)
+    encoded = {name: task.encode(exs, tokenizer, cfg.data.max_length, splits.labels)
+               for name, exs in (("train", splits.train), ("dev", splits.dev), ("test", splits.test)) if exs}
+    for name, enc in encoded.items():
+        if enc.stats["truncated"]:
+            log.warning("%s: %d of %d examples are longer than max_length %d and were truncated",
+                        name, enc.stats["truncated"], enc.stats["examples"], cfg.data.max_length)
+    collate = functools.partial(task.collate, tokenizer=tokenizer)
+    device = accelerator.device
+
+    def outputs(m, split: str) -> list:
+        return predict_outputs(m, encoded[split].features, collate, task.unbatch, device, f"eval {split}", cfg.train.progress)
+
+    def evaluate_dev(m) -> dict:
+        return task.evaluate(outputs(m, "dev"), encoded["dev"].examples, splits.labels)
+
+    ckpt = Checkpoints(run_dir / "checkpoints")
+    t0 = time.perf_counter()
+    state = train_loop(model, encoded["train"].features, LoopTask(collate, task.loss, task.num_items, evaluate_dev),
+                       cfg.train, ckpt, accelerator, resume=bool(resume), callbacks=callbacks)
+    train_seconds = time.perf_counter() - t0  # this process only; a resumed run counts its own part
+    model = accelerator.unwrap_model(model)
+    ckpt.load_weights(model, "best")
+    model.eval()
+
+    split_metrics, preds = {}, {}
+    for split in ("dev", "test"):
+        if split in encoded:
+            out = outputs(model, split)
+            split_metrics[split] = task.evaluate(out, encoded[split].examples, splits.labels)
+            preds[split] = task.predictions(out, encoded[split].examples, splits.labels)
+    if accelerator.is_main_process:
+        meta = {"task": task.name, "labels": splits.labels, "config": cfg.to_dict(), "lmtune_version": _version()}
+        with atomic_dir(run_dir / "model") as tmp, quiet_transformers():
+            model.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            write_json(tmp / META, meta)
+        for split, rows in preds.items():
+            write_jsonl(run_dir / "predictions" / f"{split}.jsonl", rows)
+        summary = {"run_name": run_dir.name, "task": task.name, "model": cfg.model.name,
+                   "data": json.dumps({k: v for k, v in splits.info.items() if not k.endswith("_rows")}),
+                   "sizes": splits.info["sizes"], "labels": splits.labels, "max_length": cfg.data.max_length,
+                   "truncation": {k: v.stats for k, v in encoded.items()},
+                   "trainable_params": trainable, "total_params": total, "steps": state.step,
+                   "train_seconds": train_seconds, "stop_reason": state.stop_reason,
+                   "best_step": state.best_step, "best_metric": state.best_metric}
+        metrics = {**split_metrics, "train": {k: summary[k] for k in (
+            "steps", "train_seconds", "stop_reason", "best_step", "best_metric", "trainable_params",
+            "total_params", "truncation")}, "metric": cfg.train.metric}
+        write_json(run_dir / "metrics.json", metrics)
+        write_jsonl(run_dir / "history.jsonl", state.history)
+        write_report(run_dir, summary, split_metrics, state.history, cfg.train.metric,
+                     task.report(split_metrics, splits.labels, run_dir))
+    accelerator.wait_for_everyone()
+    return Run(run_dir, model, tokenizer, task, splits.labels, cfg,
+               json.loads((run_dir / "metrics.json").read_text()))
+
+
+def _version() -> str:
+    from lmtune import __version__
+    return __version__

@@ -1,0 +1,123 @@
+"""Command line: thin parsing that builds a Config and calls the Python API."""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from lmtune.config import describe_fields, parse_overrides
+from lmtune.errors import InputError
+
+DEMO_CONFIG = Path(__file__).parent / "demo" / "demo.yaml"
+
+TRAIN_HELP = """Fine-tune a model: lmtune train CONFIG.yaml [--resume [RUN_DIR]] [--section.key VALUE ...]
+
+Any config key can be overridden on the command line, e.g. --train.lr 3e-5 --data.max_length 64
+(a bare leaf name such as --lr works when it is unambiguous). Unknown keys are errors.
+
+Config keys:
+"""
+
+
+def _print_headline(run) -> None:
+    print(f"run dir: {run.run_dir}")
+    for split in ("dev", "test"):
+        m = run.metrics.get(split)
+        if m:
+            print(f"{split}: accuracy {m['accuracy']:.4f}  macro_f1 {m['macro_f1']:.4f}  (n={m['n']})")
+    print(f"report: {run.run_dir / 'report.md'}")
+
+
+def cmd_train(args: list[str], config: str | None) -> int:
+    from lmtune.api import train
+    resume: bool | str = False
+    if "--resume" in args:
+        i = args.index("--resume")
+        nxt = args[i + 1] if i + 1 < len(args) else None
+        if nxt is not None and not nxt.startswith("--"):
+            resume = nxt
+            del args[i:i + 2]
+        else:
+            resume = True
+            del args[i]
+    run = train(config, overrides=parse_overrides(args), resume=resume)
+    _print_headline(run)
+    return 0
+
+
+def cmd_evaluate(ns: argparse.Namespace) -> int:
+    from lmtune.api import load
+    run = load(ns.run_dir)
+    m = run.evaluate(ns.data)
+    out = {k: v for k, v in m.items() if k != "confusion_matrix"}
+    print(json.dumps(out, indent=2))
+    return 0
+
+
+def cmd_predict(ns: argparse.Namespace) -> int:
+    from lmtune.api import load
+    if bool(ns.input) == bool(ns.text):
+        raise InputError("predict: give either --input FILE or --text TEXT (repeatable).")
+    run = load(ns.run_dir)
+    rows = run.predict_file(ns.input) if ns.input else run.predict(ns.text)
+    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    if ns.output:
+        from lmtune.io import write_text
+        write_text(ns.output, text)
+        print(f"wrote {len(rows)} predictions to {ns.output}", file=sys.stderr)
+    else:
+        sys.stdout.write(text)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="lmtune", description="Fine-tune, evaluate and serve pretrained language models.")
+    sub = p.add_subparsers(dest="command", required=True)
+    t = sub.add_parser("train", help="fine-tune from a config file", description=TRAIN_HELP + describe_fields(),
+                       formatter_class=argparse.RawDescriptionHelpFormatter, add_help=True)
+    t.add_argument("config", nargs="?", help="YAML config file")
+    d = sub.add_parser("demo", help="train the packaged MiniLM on the bundled review data",
+                       description="Runs `lmtune train` on the bundled demo config; flags override it.")
+    d.add_argument("--output_dir", default="runs")
+    e = sub.add_parser("evaluate", help="metrics of a trained run on a labeled file")
+    e.add_argument("run_dir")
+    e.add_argument("--data", required=True, help="labeled file with the run's text/label columns")
+    pr = sub.add_parser("predict", help="predict labels; writes JSONL")
+    pr.add_argument("run_dir")
+    pr.add_argument("--input", help="file of texts (CSV/TSV/JSONL with the run's text column)")
+    pr.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    pr.add_argument("--output", help="write JSONL here instead of standard output")
+    sub.add_parser("config", help="list every config key with its default and meaning")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("lmtune").setLevel(logging.INFO)
+    parser = build_parser()
+    try:
+        if argv and argv[0] in ("train", "demo") and not any(a in ("-h", "--help") for a in argv):
+            rest = argv[1:]
+            config = str(DEMO_CONFIG) if argv[0] == "demo" else None
+            if argv[0] == "train" and rest and not rest[0].startswith("--"):
+                config = rest.pop(0)
+            return cmd_train(rest, config)
+        ns = parser.parse_args(argv)
+        if ns.command == "evaluate":
+            return cmd_evaluate(ns)
+        if ns.command == "predict":
+            return cmd_predict(ns)
+        if ns.command == "config":
+            print(describe_fields())
+            return 0
+        parser.print_help()
+        return 2
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return e.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; the last checkpoint is intact (continue with --resume)", file=sys.stderr)
+        return 130

@@ -1,0 +1,236 @@
+"""One typed config object that flows from YAML and CLI flags to every part of lmtune.
+
+Each field carries its default and a one-line help text; `lmtune train --help-config` prints them
+and the README's field list is generated from the same metadata, so docs cannot drift.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from lmtune.errors import InputError
+
+DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda d=default: list(d), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class DataConfig:
+    train: str | None = _f(None, "Training file (CSV, TSV or JSONL). Required.")
+    dev: str | None = _f(None, "Dev file; if absent (and test absent) train is split.")
+    test: str | None = _f(None, "Test file; if absent (and dev absent) train is split.")
+    format: str = _f("auto", "File format; auto picks by extension.", ("auto", "csv", "tsv", "jsonl"))
+    text_column: str = _f("text", "Column (or JSON key) holding the text.")
+    text_pair_column: str | None = _f(None, "Second text column for sentence-pair tasks.")
+    label_column: str = _f("label", "Column (or JSON key) holding the label.")
+    encoding: str = _f("utf-8", "Text encoding of the data files.")
+    split: list = _f([0.7, 0.18, 0.12], "train/dev/test fractions used when only train is given.")
+    max_length: int = _f(128, "Max tokens per example; longer ones are truncated and counted.")
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f(DEFAULT_MODEL, "Hugging Face model id or local path (the packaged MiniLM by default).")
+    dropout: float | None = _f(None, "Override the model's dropout probabilities (hidden and attention).")
+    freeze_embeddings: bool = _f(False, "Freeze the embedding layer.")
+    freeze_layers: int = _f(0, "Freeze the first N transformer layers.")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = _f(3, "Passes over the training data (ignored when max_steps > 0).")
+    max_steps: int = _f(0, "Stop after this many optimizer steps; 0 = use epochs.")
+    batch_size: int = _f(16, "Examples per optimizer step (before accumulation is split out).")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step; batch_size is split into this many.")
+    lr: float = _f(5e-5, "Peak learning rate of the encoder.")
+    head_lr: float | None = _f(None, "Learning rate of the newly initialised task head; default = lr.")
+    weight_decay: float = _f(0.01, "AdamW weight decay (never applied to biases and norm weights).")
+    layer_lr_decay: float = _f(1.0, "Layer-wise lr decay: layer i of N gets lr * decay**(N - i).")
+    schedule: str = _f("linear", "Learning-rate schedule after warmup.", ("linear", "cosine", "constant"))
+    warmup_ratio: float = _f(0.1, "Fraction of steps spent warming up linearly from 0.")
+    max_grad_norm: float = _f(1.0, "Clip the global gradient norm; 0 disables clipping.")
+    precision: str = _f("auto", "auto = bf16 on a GPU that has it, else fp32.", ("auto", "fp32", "bf16", "fp16"))
+    group_by_length: bool = _f(True, "Batch examples of similar length together (less padding, faster).")
+    seed: int = _f(42, "Seed for splits, data order, dropout and head initialisation.")
+    eval_every: int = _f(0, "Evaluate on dev every N optimizer steps; 0 = once per epoch.")
+    metric: str = _f("accuracy", "Dev metric for early stopping and best checkpoint.", ("accuracy", "macro_f1", "loss"))
+    patience: int = _f(0, "Stop after this many evaluations without improvement; 0 = never.")
+    tensorboard: bool = _f(False, "Also log to TensorBoard (needs the tensorboard package).")
+    progress: str = _f("auto", "Progress display: auto = bars on a terminal, lines otherwise.", ("auto", "bar", "lines", "off"))
+
+
+@dataclass
+class Config:
+    task: str = _f("classification", "Task type from the task registry.")
+    output_dir: str = _f("runs", "Folder that receives run directories.")
+    run_name: str | None = _f(None, "Run directory name; default is a timestamp.")
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+
+
+def all_keys() -> dict[str, dataclasses.Field]:
+    """Every config key, dotted ('train.lr'), with its dataclass field."""
+    out = {f.name: f for f in fields(Config) if f.name not in SECTIONS}
+    for sec, cls in SECTIONS.items():
+        out.update({f"{sec}.{f.name}": f for f in fields(cls)})
+    return out
+
+
+def _did_you_mean(key: str, known: list[str]) -> str:
+    leaf = key.split(".")[-1]
+    hits = difflib.get_close_matches(key, known, n=1, cutoff=0.6)
+    hits = hits or [k for k in known if k.split(".")[-1] == leaf]
+    hits = hits or difflib.get_close_matches(leaf, known, n=1, cutoff=0.6)
+    hits = hits or [k for k in known if difflib.get_close_matches(leaf, [k.split(".")[-1]], cutoff=0.7)]
+    return f" Did you mean '{hits[0]}'?" if hits else ""
+
+
+def _coerce(key: str, value: Any, f: dataclasses.Field, where: str) -> Any:
+    tp = f.type if not isinstance(f.type, str) else eval(f.type, vars(typing) | {"types": types})  # noqa: S307
+    allowed = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    if value is None and type(None) in allowed:
+        return None
+    for t in allowed:
+        if t is type(None):
+            continue
+        if t is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            value = float(value)
+        if t is list and isinstance(value, (list, tuple)):
+            value = list(value)
+        if isinstance(value, t) and not (t is int and isinstance(value, bool)):
+            choices = f.metadata.get("choices")
+            if choices and value not in choices:
+                raise InputError(f"{where}: {key} = {value!r} is not one of {', '.join(map(str, choices))}.")
+            return value
+    names = " or ".join(getattr(t, "__name__", str(t)) for t in allowed)
+    raise InputError(f"{where}: {key} must be {names}, got {value!r}.")
+
+
+def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and k in SECTIONS and not prefix:
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
+
+
+def build_config(raw: dict | None = None, overrides: dict[str, Any] | None = None,
+                 where: str = "config", base_dir: Path | None = None) -> Config:
+    """Make a Config from a nested dict (YAML) plus dotted overrides (CLI), validating every key.
+
+    Relative data paths in `raw` resolve against `base_dir` (the YAML file's folder); paths given
+    as overrides resolve against the current directory, as a shell user expects.
+    """
+    known = all_keys()
+    values: dict[str, Any] = {}
+    for source, items, rel in ((where, _flatten(raw or {}), base_dir), ("command line", overrides or {}, None)):
+        for key, value in items.items():
+            if key not in known:
+                # a bare leaf name ('lr') is accepted when it is unambiguous
+                leaf = [k for k in known if k.split(".")[-1] == key]
+                if len(leaf) != 1:
+                    raise InputError(f"{source}: unknown key '{key}'.{_did_you_mean(key, list(known))}")
+                key = leaf[0]
+            value = _coerce(key, value, known[key], source)
+            if key in ("data.train", "data.dev", "data.test") and value and rel is not None:
+                p = Path(value)
+                value = str(p if p.is_absolute() else (rel / p))
+            values[key] = value
+    cfg = Config()
+    for key, value in values.items():
+        obj = cfg
+        *path, leaf = key.split(".")
+        for part in path:
+            obj = getattr(obj, part)
+        setattr(obj, leaf, value)
+    validate(cfg, where)
+    return cfg
+
+
+def validate(cfg: Config, where: str = "config") -> None:
+    t = cfg.train
+    if t.batch_size < 1 or t.grad_accum < 1 or t.batch_size % t.grad_accum:
+        raise InputError(f"{where}: train.batch_size ({t.batch_size}) must be a positive multiple of "
+                         f"train.grad_accum ({t.grad_accum}).")
+    if t.epochs < 1 and t.max_steps < 1:
+        raise InputError(f"{where}: set train.epochs >= 1 or train.max_steps >= 1.")
+    if not 0 <= t.warmup_ratio < 1:
+        raise InputError(f"{where}: train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}.")
+    s = cfg.data.split
+    if len(s) != 3 or any(x < 0 for x in s) or abs(sum(s) - 1) > 1e-6 or s[0] <= 0:
+        raise InputError(f"{where}: data.split must be three non-negative fractions summing to 1, got {s}.")
+    if cfg.data.max_length < 8:
+        raise InputError(f"{where}: data.max_length must be at least 8, got {cfg.data.max_length}.")
+
+
+def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
+    if path is None:
+        return build_config({}, overrides)
+    p = Path(path)
+    if not p.is_file():
+        raise InputError(f"{p}: config file not found.")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        line = f": line {mark.line + 1}" if mark else ""
+        raise InputError(f"{p}{line}: not valid YAML ({getattr(e, 'problem', e)}).") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{p}: the top level must be a mapping of keys to values.")
+    return build_config(raw, overrides, where=str(p), base_dir=p.resolve().parent)
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """'--train.lr 3e-5 --epochs=2' -> {'train.lr': 3e-05, 'epochs': 2} (values parsed as YAML)."""
+    out: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        a = args[i]
+        if not a.startswith("--"):
+            raise InputError(f"command line: expected --key value, got {a!r}.")
+        key, eq, val = a[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(args) or args[i + 1].startswith("--"):
+                raise InputError(f"command line: --{key} needs a value.")
+            i += 1
+            val = args[i]
+        out[key.replace("-", "_")] = yaml.safe_load(val) if val != "" else None
+        i += 1
+    return out
+
+
+def describe_fields() -> str:
+    """Plain-text table of every key, default and help line (for --help-config and the README)."""
+    rows = []
+    for key, f in all_keys().items():
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        choices = f.metadata.get("choices")
+        extra = f" [{'|'.join(choices)}]" if choices else ""
+        rows.append(f"  {key:<24} default {default!r:<14} {f.metadata.get('help', '')}{extra}")
+    return "\n".join(rows)

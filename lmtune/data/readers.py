@@ -1,0 +1,135 @@
+"""Readers for labeled text files (CSV, TSV, JSONL).
+
+Every example remembers the file and line it came from, so every later error (an unseen label,
+an empty text) can point the user at the exact row to fix.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmtune.errors import InputError
+
+
+@dataclass
+class Example:
+    text: str
+    label: str | None
+    source: str  # "file:line"
+    text_pair: str | None = None
+
+
+def detect_format(path: Path, fmt: str = "auto") -> str:
+    if fmt != "auto":
+        return fmt
+    ext = path.suffix.lower()
+    if ext in (".jsonl", ".ndjson", ".json"):
+        return "jsonl"
+    if ext in (".tsv", ".tab"):
+        return "tsv"
+    if ext in (".csv", ".txt"):
+        return "csv"
+    raise InputError(f"{path}: cannot tell the format from the extension '{ext}'; "
+                     "set data.format to csv, tsv or jsonl.")
+
+
+def read_text_file(path: str | Path, encoding: str = "utf-8") -> str:
+    """Whole file as text; undecodable bytes are reported with their line number."""
+    path = Path(path)
+    if not path.is_file():
+        what = "is a folder, not a file" if path.is_dir() else "file not found"
+        raise InputError(f"{path}: {what}. Check the path (relative paths in a config file "
+                         "resolve against the config file's folder).")
+    raw = path.read_bytes()
+    try:
+        text = raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise InputError(f"{path}: line {line}: byte 0x{raw[e.start]:02x} is not valid {encoding}. "
+                         f"Re-save the file as {encoding}, or set data.encoding to its real "
+                         "encoding (e.g. latin-1).") from None
+    except LookupError:
+        raise InputError(f"data.encoding: unknown encoding '{encoding}'.") from None
+    return text.removeprefix("\ufeff")
+
+
+def _field(value: object, col: str, where: str, required: bool) -> str | None:
+    if value is None or (isinstance(value, str) and not value.strip()):
+        if required:
+            raise InputError(f"{where}: empty value in column '{col}'. Fill it in or remove the row.")
+        return None
+    if isinstance(value, (dict, list)):
+        raise InputError(f"{where}: column '{col}' holds a {type(value).__name__}, expected text.")
+    return str(value).strip() if isinstance(value, str) else str(value)
+
+
+def read_examples(path: str | Path, text_column: str = "text", label_column: str | None = "label",
+                  text_pair_column: str | None = None, fmt: str = "auto", encoding: str = "utf-8",
+                  require_label: bool = True) -> list[Example]:
+    """Read one file. `require_label=False` allows unlabeled input (prediction)."""
+    path = Path(path)
+    fmt = detect_format(path, fmt)
+    text = read_text_file(path, encoding)
+    rows = _jsonl_rows(path, text) if fmt == "jsonl" else _table_rows(path, text, "\t" if fmt == "tsv" else ",")
+    wanted = [c for c in (text_column, text_pair_column) if c] + ([label_column] if require_label and label_column else [])
+    examples = []
+    for line, row in rows:
+        where = f"{path}:{line}" if fmt == "jsonl" else f"{path}: line {line}"
+        for col in wanted:
+            if col not in row:
+                cols = ", ".join(map(repr, row)) or "none"
+                key = {text_column: "data.text_column", text_pair_column: "data.text_pair_column"}.get(col, "data.label_column")
+                raise InputError(f"{where}: no column '{col}' (columns are: {cols}). "
+                                 f"Rename the column or set {key}.")
+        has_label = label_column is not None and label_column in row
+        examples.append(Example(
+            text=_field(row[text_column], text_column, where, True),
+            text_pair=_field(row[text_pair_column], text_pair_column, where, True) if text_pair_column else None,
+            label=_field(row[label_column], label_column, where, require_label) if has_label else None,
+            source=f"{path}:{line}",
+        ))
+    if not examples:
+        raise InputError(f"{path}: no data rows found. The file needs a header and at least one row.")
+    return examples
+
+
+def _table_rows(path: Path, text: str, delimiter: str) -> list[tuple[int, dict]]:
+    reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        raise InputError(f"{path}: the file is empty. It needs a header row and data rows.") from None
+    header = [h.strip() for h in header]
+    rows, last = [], reader.line_num
+    try:
+        for values in reader:
+            start, last = last + 1, reader.line_num
+            if not any(v.strip() for v in values):
+                continue
+            if len(values) != len(header):
+                sep = "tab" if delimiter == "\t" else "comma"
+                raise InputError(f"{path}: line {start}: {len(values)} fields but the header has "
+                                 f"{len(header)}. Quote texts that contain a {sep}.")
+            rows.append((start, dict(zip(header, values))))
+    except csv.Error as e:
+        raise InputError(f"{path}: line {reader.line_num}: malformed row ({e}).") from None
+    return rows
+
+
+def _jsonl_rows(path: Path, text: str) -> list[tuple[int, dict]]:
+    rows = []
+    for i, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno}). "
+                             "Each line must be one JSON object.") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{path}:{i}: expected a JSON object like {{\"text\": ..., \"label\": ...}}.")
+        rows.append((i, obj))
+    return rows

@@ -1,0 +1,55 @@
+"""PNG plots for report.md (matplotlib, headless)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+from lmtune.io import atomic_path  # noqa: E402
+
+
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+
+
+def learning_curve(history: list[dict], metric: str, path: Path) -> None:
+    """Train loss per step and the dev metric at each evaluation, on twin axes."""
+    train = [h for h in history if "train_loss" in h]
+    evals = [h for h in history if f"dev_{metric}" in h]
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([h["step"] for h in train], [h["train_loss"] for h in train], color="tab:blue", alpha=0.8, label="train loss")
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("train loss", color="tab:blue")
+    if evals:
+        ax2 = ax.twinx()
+        ax2.plot([h["step"] for h in evals], [h[f"dev_{metric}"] for h in evals], "o-", color="tab:orange",
+                 label=f"dev {metric}")
+        ax2.set_ylabel(f"dev {metric}", color="tab:orange")
+    ax.set_title("Learning curve")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def confusion_matrix(cm: np.ndarray, labels: list[str], path: Path, title: str) -> None:
+    n = len(labels)
+    size = min(4 + 0.35 * n, 24)
+    fig, ax = plt.subplots(figsize=(size, size))
+    ax.imshow(cm, cmap="Blues")
+    ax.set_xticks(range(n), labels, rotation=90 if n > 6 else 0)
+    ax.set_yticks(range(n), labels)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("gold")
+    if n <= 20:
+        top = cm.max() or 1
+        for i in range(n):
+            for j in range(n):
+                ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > top / 2 else "black")
+    ax.set_title(title)
+    fig.tight_layout()
+    _save(fig, path)

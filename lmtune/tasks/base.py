@@ -1,0 +1,69 @@
+"""What a task module provides. The training loop talks only to this interface."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+
+from lmtune.config import Config
+
+
+@dataclass
+class Splits:
+    train: list
+    dev: list
+    test: list
+    labels: list[str]
+    info: dict = field(default_factory=dict)  # how the data was split, sizes, sources
+
+
+@dataclass
+class Encoded:
+    features: list[dict]  # model inputs per example, each with a "length"
+    examples: list  # the examples they came from, same order
+    stats: dict = field(default_factory=dict)  # e.g. {"truncated": 3}
+
+    @property
+    def lengths(self) -> list[int]:
+        return [f["length"] for f in self.features]
+
+
+class Task(Protocol):
+    name: str
+
+    def read(self, cfg: Config) -> Splits:
+        """Read and validate all data; raise InputError before anything is written."""
+
+    def read_file(self, path: str, cfg: Config, labels: list[str] | None, require_label: bool) -> list:
+        """Read one extra file (evaluate/predict) against the labels the model knows."""
+
+    def build_model(self, cfg: Config, labels: list[str]) -> tuple[torch.nn.Module, Any]:
+        """Pretrained backbone + a new head, and its tokenizer."""
+
+    def load_model(self, model_dir: Path) -> tuple[torch.nn.Module, Any]:
+        """A trained model saved in save_pretrained layout."""
+
+    def encode(self, examples: list, tokenizer: Any, max_length: int, labels: list[str] | None) -> Encoded:
+        """Token ids (+ label ids, -100 where unlabeled) and lengths; counts truncation."""
+
+    def collate(self, features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]: ...
+
+    def num_items(self, features: list[dict]) -> int:
+        """What the loss is averaged over (examples, or labeled tokens)."""
+
+    def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Summed (not averaged) loss, so micro-batches add up exactly."""
+
+    def unbatch(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
+        """Per-example outputs (e.g. logits rows) as numpy arrays."""
+
+    def evaluate(self, outputs: list[np.ndarray], examples: list, labels: list[str]) -> dict:
+        """Metrics dict; must contain every name usable as train.metric."""
+
+    def predictions(self, outputs: list[np.ndarray], examples: list, labels: list[str]) -> list[dict]: ...
+
+    def report(self, split_metrics: dict[str, dict], labels: list[str], run_dir: Path) -> str:
+        """Task-specific Markdown for report.md (tables, plots it writes into run_dir)."""

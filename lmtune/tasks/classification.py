@@ -1,0 +1,187 @@
+"""Text (and text-pair) classification: reading, encoding, head, loss, metrics, decoding, report."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+from lmtune.config import Config
+from lmtune.data.readers import Example, read_examples
+from lmtune.data.splits import stratified_split
+from lmtune.errors import InputError
+from lmtune.evaluate import plots
+from lmtune.models import load_config, quiet_transformers, resolve_model
+from lmtune.tasks.base import Encoded, Splits
+
+
+def _sort_labels(labels: set[str]) -> list[str]:
+    """Numeric labels in numeric order ('2' < '10'), others alphabetically."""
+    try:
+        return sorted(labels, key=float)
+    except ValueError:
+        return sorted(labels)
+
+
+class ClassificationTask:
+    name = "classification"
+
+    # ---- data -------------------------------------------------------------------------------
+    def read_file(self, path: str, cfg: Config, labels: list[str] | None = None,
+                  require_label: bool = True) -> list[Example]:
+        d = cfg.data
+        examples = read_examples(path, d.text_column, d.label_column, d.text_pair_column, d.format,
+                                 d.encoding, require_label=require_label)
+        if labels is not None:
+            known = set(labels)
+            for ex in examples:
+                if ex.label is not None and ex.label not in known:
+                    raise InputError(f"{ex.source}: label '{ex.label}' never appears in the training data "
+                                     f"(known labels: {', '.join(labels)}). Add training examples for it "
+                                     "or remove the row.")
+        return examples
+
+    def read(self, cfg: Config) -> Splits:
+        d = cfg.data
+        if not d.train:
+            raise InputError("data.train: no training file given. Set data.train in the config or pass --data.train FILE.")
+        train = self.read_file(d.train, cfg)
+        labels = _sort_labels({ex.label for ex in train})
+        if len(labels) < 2:
+            raise InputError(f"{d.train}: only one class ({labels[0]!r}) in column '{d.label_column}'; "
+                             "classification needs examples of at least 2 classes.")
+        if d.dev or d.test:
+            dev = self.read_file(d.dev, cfg, labels) if d.dev else []
+            test = self.read_file(d.test, cfg, labels) if d.test else []
+            info = {"method": "files", "train": d.train, "dev": d.dev, "test": d.test}
+        else:
+            tr, dv, te = stratified_split([ex.label for ex in train], d.split, cfg.train.seed)
+            dev, test, train = [train[i] for i in dv], [train[i] for i in te], [train[i] for i in tr]
+            info = {"method": "stratified", "fractions": d.split, "seed": cfg.train.seed, "source": d.train,
+                    "train_rows": [ex.source for ex in train], "dev_rows": [ex.source for ex in dev],
+                    "test_rows": [ex.source for ex in test]}
+        if not dev:
+            raise InputError(f"{d.train}: too few examples to split off a dev set; give data.dev or more data.")
+        info["sizes"] = {"train": len(train), "dev": len(dev), "test": len(test)}
+        return Splits(train, dev, test, labels, info)
+
+    # ---- model ------------------------------------------------------------------------------
+    def build_model(self, cfg: Config, labels: list[str]) -> tuple[torch.nn.Module, Any]:
+        config = load_config(cfg.model.name, cfg.model.dropout, num_labels=len(labels),
+                             id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)})
+        path = resolve_model(cfg.model.name)
+        with quiet_transformers():
+            model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
+            tokenizer = AutoTokenizer.from_pretrained(path)
+        return model, tokenizer
+
+    def load_model(self, model_dir: Path) -> tuple[torch.nn.Module, Any]:
+        with quiet_transformers():
+            return (AutoModelForSequenceClassification.from_pretrained(model_dir),
+                    AutoTokenizer.from_pretrained(model_dir))
+
+    # ---- encoding and batching --------------------------------------------------------------
+    def encode(self, examples: list[Example], tokenizer: Any, max_length: int,
+               labels: list[str] | None = None) -> Encoded:
+        texts = [ex.text for ex in examples]
+        pairs = [ex.text_pair for ex in examples] if examples and examples[0].text_pair is not None else None
+        full = tokenizer(texts, pairs, add_special_tokens=True)["input_ids"]
+        too_long = [i for i, ids in enumerate(full) if len(ids) > max_length]
+        enc = tokenizer(texts, pairs, truncation=True, max_length=max_length) if too_long else tokenizer(texts, pairs)
+        index = {lab: i for i, lab in enumerate(labels or [])}
+        features = []
+        for i, ex in enumerate(examples):
+            f = {"input_ids": enc["input_ids"][i], "length": len(enc["input_ids"][i]),
+                 "label": index.get(ex.label, -100) if ex.label is not None else -100}
+            if "token_type_ids" in enc:
+                f["token_type_ids"] = enc["token_type_ids"][i]
+            features.append(f)
+        return Encoded(features, examples, {"truncated": len(too_long), "examples": len(examples),
+                                            "max_tokens": max((len(x) for x in full), default=0)})
+
+    def collate(self, features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
+        # Hand-written: padding to the batch's own max length with plain tensor ops is several
+        # times faster than tokenizer.pad on small CPU batches, and the loop calls it every step.
+        width = max(f["length"] for f in features)
+        pad = tokenizer.pad_token_id or 0
+        n = len(features)
+        ids = torch.full((n, width), pad, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        types = torch.zeros((n, width), dtype=torch.long) if "token_type_ids" in features[0] else None
+        for i, f in enumerate(features):
+            L = f["length"]
+            ids[i, :L] = torch.tensor(f["input_ids"])
+            mask[i, :L] = 1
+            if types is not None:
+                types[i, :L] = torch.tensor(f["token_type_ids"])
+        batch = {"input_ids": ids, "attention_mask": mask,
+                 "labels": torch.tensor([f["label"] for f in features], dtype=torch.long)}
+        if types is not None:
+            batch["token_type_ids"] = types
+        return batch
+
+    def num_items(self, features: list[dict]) -> int:
+        return len(features)
+
+    def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.cross_entropy(outputs.logits.float(), batch["labels"], reduction="sum", ignore_index=-100)
+
+    def unbatch(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
+        return list(outputs.logits.float().cpu().numpy())
+
+    # ---- metrics and decoding ---------------------------------------------------------------
+    def evaluate(self, outputs: list[np.ndarray], examples: list[Example], labels: list[str]) -> dict:
+        logits = np.stack(outputs)
+        index = {lab: i for i, lab in enumerate(labels)}
+        gold = np.array([index[ex.label] for ex in examples])
+        pred = logits.argmax(-1)
+        log_probs = torch.log_softmax(torch.from_numpy(logits), -1)
+        loss = float(F.nll_loss(log_probs, torch.from_numpy(gold)))
+        ids = list(range(len(labels)))
+        report = classification_report(gold, pred, labels=ids, target_names=labels, output_dict=True, zero_division=0)
+        return {
+            "accuracy": float(accuracy_score(gold, pred)),
+            "macro_f1": float(f1_score(gold, pred, labels=ids, average="macro", zero_division=0)),
+            "loss": loss,
+            "n": len(examples),
+            "per_class": {lab: {k: float(report[lab][k]) for k in ("precision", "recall", "f1-score", "support")}
+                          for lab in labels},
+            "confusion_matrix": confusion_matrix(gold, pred, labels=ids).tolist(),
+        }
+
+    def predictions(self, outputs: list[np.ndarray], examples: list[Example], labels: list[str]) -> list[dict]:
+        probs = torch.softmax(torch.from_numpy(np.stack(outputs)), -1).numpy()
+        rows = []
+        for ex, p in zip(examples, probs):
+            row = {"text": ex.text}
+            if ex.text_pair is not None:
+                row["text_pair"] = ex.text_pair
+            row["label"] = labels[int(p.argmax())]
+            row["score"] = round(float(p.max()), 6)
+            row["probabilities"] = {lab: round(float(x), 6) for lab, x in zip(labels, p)}
+            if ex.label is not None:
+                row["gold"] = ex.label
+            if ex.source:
+                row["source"] = ex.source
+            rows.append(row)
+        return rows
+
+    def report(self, split_metrics: dict[str, dict], labels: list[str], run_dir: Path) -> str:
+        lines = []
+        for split, m in split_metrics.items():
+            lines += [f"### Per-class results ({split})", "", "| class | precision | recall | F1 | support |",
+                      "|---|---|---|---|---|"]
+            worst = min(labels, key=lambda lab: m["per_class"][lab]["f1-score"])
+            for lab in labels:
+                c = m["per_class"][lab]
+                mark = " (weakest)" if lab == worst and len(labels) > 2 else ""
+                lines.append(f"| {lab}{mark} | {c['precision']:.3f} | {c['recall']:.3f} | "
+                             f"{c['f1-score']:.3f} | {int(c['support'])} |")
+            png = f"confusion_matrix_{split}.png"
+            plots.confusion_matrix(np.array(m["confusion_matrix"]), labels, run_dir / png, f"Confusion matrix ({split})")
+            lines += ["", f"![confusion matrix ({split})]({png})", ""]
+        return "\n".join(lines)

@@ -1,0 +1,115 @@
+"""Crash-safe checkpoints: full training state in step folders, pointed to by one small file.
+
+Layout: checkpoints/step-000120/{model.safetensors, optimizer.pt, scheduler.pt, rng.pt, state.json}
+and checkpoints/pointer.json = {"last": "step-000120", "best": "step-000080"}.
+A new checkpoint is written under a temp name, renamed into place, and only then does the pointer
+(replaced atomically) name it; a crash at any moment leaves the previous pointer and its folders intact.
+"""
+from __future__ import annotations
+
+import json
+import random
+import shutil
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_model, save_model
+
+from lmtune.io import atomic_dir, write_json
+
+
+@dataclass
+class TrainState:
+    step: int = 0  # optimizer steps done
+    epoch: int = 0  # current epoch
+    batch_in_epoch: int = 0  # batches of the current epoch already consumed
+    best_metric: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0  # evaluations since the last improvement (early stopping)
+    finished: bool = False
+    stop_reason: str = ""
+    history: list = field(default_factory=list)
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+class Checkpoints:
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.pointer_file = self.root / "pointer.json"
+
+    def pointer(self) -> dict:
+        if self.pointer_file.is_file():
+            return json.loads(self.pointer_file.read_text())
+        return {}
+
+    def path(self, which: str) -> Path | None:
+        name = self.pointer().get(which)
+        return self.root / name if name else None
+
+    def save(self, model, optimizer, scheduler, state: TrainState, is_best: bool) -> Path:
+        name = f"step-{state.step:06d}"
+        target = self.root / name
+        with atomic_dir(target) as tmp:
+            save_model(model, str(tmp / "model.safetensors"))
+            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+            rng = _rng_state()
+            torch.save({"torch": rng["torch"], "cuda": rng.get("cuda", [])}, tmp / "rng.pt")
+            (tmp / "host_rng.json").write_text(json.dumps({"numpy": _jsonable(rng["numpy"]),
+                                                           "python": _jsonable(rng["python"])}))
+            (tmp / "state.json").write_text(json.dumps(asdict(state)))
+        pointer = self.pointer()
+        pointer["last"] = name
+        if is_best or "best" not in pointer:
+            pointer["best"] = name
+        write_json(self.pointer_file, pointer)
+        self._prune(set(pointer.values()))
+        return target
+
+    def _prune(self, keep: set[str]) -> None:
+        for d in self.root.glob("step-*"):
+            if d.is_dir() and d.name not in keep:
+                shutil.rmtree(d, ignore_errors=True)
+
+    def load_weights(self, model, which: str = "best") -> None:
+        path = self.path(which)
+        load_model(model, str(path / "model.safetensors"))
+
+    def load_state(self, model, optimizer, scheduler) -> TrainState:
+        """Restore everything for an exact resume: weights, optimizer, schedule, RNGs, counters."""
+        path = self.path("last")
+        load_model(model, str(path / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
+        rng = torch.load(path / "rng.pt", weights_only=True)
+        torch.set_rng_state(rng["torch"])
+        if rng.get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(rng["cuda"])
+        host = json.loads((path / "host_rng.json").read_text())
+        np.random.set_state(_unjson(host["numpy"]))
+        random.setstate(_unjson(host["python"]))
+        return TrainState(**json.loads((path / "state.json").read_text()))
+
+
+def _jsonable(x):
+    if isinstance(x, np.ndarray):
+        return {"__nd__": x.tolist(), "dtype": str(x.dtype)}
+    if isinstance(x, (tuple, list)):
+        return [_jsonable(v) for v in x]
+    return x
+
+
+def _unjson(x):
+    if isinstance(x, dict) and "__nd__" in x:
+        return np.array(x["__nd__"], dtype=x["dtype"])
+    if isinstance(x, list):
+        return tuple(_unjson(v) for v in x)
+    return x

@@ -1,0 +1,147 @@
+"""The training loop. It knows batches, losses and metrics, never a task: the task hands it
+`collate`, `loss`, `num_items` and an `evaluate` callable."""
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+
+from lmtune.config import TrainConfig
+from lmtune.train.batching import epoch_batches, eval_batches
+from lmtune.train.checkpoint import Checkpoints, TrainState
+from lmtune.train.optim import build_optimizer, build_scheduler
+from lmtune.train.progress import Progress
+
+log = logging.getLogger("lmtune")
+
+
+@dataclass
+class LoopTask:
+    """The task's pieces the loop uses (see tasks/base.py)."""
+    collate: Callable[[list[dict]], dict]
+    loss: Callable  # (outputs, batch) -> summed loss
+    num_items: Callable[[list[dict]], int]
+    evaluate: Callable[[torch.nn.Module], dict]  # model -> dev metrics
+
+
+def is_better(metric: str, new: float, old: float | None) -> bool:
+    return old is None or (new < old if metric == "loss" else new > old)
+
+
+def total_steps(cfg: TrainConfig, n_train: int) -> int:
+    return cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * math.ceil(n_train / cfg.batch_size)
+
+
+def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ckpt: Checkpoints,
+               accelerator: Accelerator, resume: bool = False, callbacks: tuple = ()) -> TrainState:
+    steps = total_steps(cfg, len(features))
+    optimizer = build_optimizer(model, cfg)
+    scheduler = build_scheduler(optimizer, cfg, steps)  # stepped by us once per optimizer step
+    model, optimizer = accelerator.prepare(model, optimizer)
+    state = ckpt.load_state(accelerator.unwrap_model(model), optimizer, scheduler) if resume else TrainState()
+    lengths = [f["length"] for f in features]
+    rank, world = accelerator.process_index, accelerator.num_processes
+    eval_every = cfg.eval_every or math.ceil(len(features) / cfg.batch_size)
+    progress = Progress(steps, cfg.progress, "train", start=state.step, enabled=accelerator.is_main_process)
+    model.train()
+    while state.step < steps and not state.finished:
+        batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, state.epoch, cfg.group_by_length)
+        for global_batch in batches[state.batch_in_epoch:]:
+            t0 = time.perf_counter()
+            # every process sees the whole global batch, takes its shard, and normalizes the summed
+            # loss by the global item count: exact for any micro-batch split and process count
+            scale = world / task.num_items([features[i] for i in global_batch])
+            mine = global_batch[rank::world]
+            micro = [mine[i::cfg.grad_accum] for i in range(cfg.grad_accum) if mine[i::cfg.grad_accum]]
+            loss_sum = 0.0
+            for k, idx in enumerate(micro):
+                batch = {n: t.to(accelerator.device) for n, t in task.collate([features[i] for i in idx]).items()}
+                sync = accelerator.no_sync(model) if k < len(micro) - 1 else _null()
+                with sync, accelerator.autocast():
+                    loss = task.loss(model(**batch), batch)
+                    accelerator.backward(loss * scale)
+                loss_sum += loss.detach()
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.batch_in_epoch += 1
+            row = {"step": state.step, "epoch": state.epoch + state.batch_in_epoch / len(batches),
+                   "train_loss": float(loss_sum) * scale / world, "lr": scheduler.get_last_lr()[0],
+                   "seconds": time.perf_counter() - t0}
+            if grad_norm is not None:
+                row["grad_norm"] = float(grad_norm)
+            state.history.append(row)
+            progress.update(state.step, loss=row["train_loss"])
+            end_of_epoch = state.batch_in_epoch == len(batches)
+            if state.step % eval_every == 0 or state.step == steps or (end_of_epoch and not cfg.eval_every):
+                _evaluate_and_checkpoint(model, optimizer, scheduler, task, cfg, ckpt, accelerator, state, steps)
+            for cb in callbacks:
+                cb(state)
+            if state.finished or state.step >= steps:
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+    progress.close()
+    if not state.finished:
+        state.finished, state.stop_reason = True, state.stop_reason or f"reached {steps} steps"
+    return state
+
+
+def _evaluate_and_checkpoint(model, optimizer, scheduler, task: LoopTask, cfg: TrainConfig, ckpt: Checkpoints,
+                             accelerator: Accelerator, state: TrainState, steps: int) -> None:
+    model.eval()
+    metrics = task.evaluate(model)
+    model.train()
+    value = metrics[cfg.metric]
+    improved = is_better(cfg.metric, value, state.best_metric)
+    if improved:
+        state.best_metric, state.best_step, state.bad_evals = value, state.step, 0
+    else:
+        state.bad_evals += 1
+    state.history.append({"step": state.step, **{f"dev_{k}": v for k, v in metrics.items() if isinstance(v, float)}})
+    log.info("step %d/%d  dev %s %.4f%s", state.step, steps, cfg.metric, value, "  (best)" if improved else "")
+    if cfg.patience and state.bad_evals >= cfg.patience:
+        state.finished = True
+        state.stop_reason = f"early stopping: dev {cfg.metric} did not improve for {cfg.patience} evaluations"
+        log.info(state.stop_reason)
+    elif state.step >= steps:
+        state.finished, state.stop_reason = True, f"reached {steps} steps"
+    if accelerator.is_main_process:  # saved once, by the main process
+        ckpt.save(accelerator.unwrap_model(model), optimizer, scheduler, state, improved)
+    accelerator.wait_for_everyone()
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *a):
+        return False
+
+
+@torch.inference_mode()
+def predict_outputs(model, features: list[dict], collate: Callable, unbatch: Callable,
+                    device: torch.device, desc: str = "predict", progress: str = "auto") -> list[np.ndarray]:
+    """Per-example outputs in the original order; batches sorted by length under a token budget."""
+    was_training = model.training
+    model.eval()
+    out: list = [None] * len(features)
+    batches = eval_batches([f["length"] for f in features])
+    bar = Progress(len(batches), progress if len(batches) >= 20 else "off", desc)
+    for n, idx in enumerate(batches, 1):
+        batch = {k: t.to(device) for k, t in collate([features[i] for i in idx]).items()}
+        for i, row in zip(idx, unbatch(model(**batch), batch)):
+            out[i] = row
+        bar.update(n)
+    bar.close()
+    model.train(was_training)
+    return out

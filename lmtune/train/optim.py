@@ -1,0 +1,58 @@
+"""AdamW parameter groups (no decay on biases/norms, layer-wise lr decay, head lr) and schedules."""
+from __future__ import annotations
+
+import re
+
+import torch
+from transformers import get_scheduler
+
+from lmtune.config import TrainConfig
+
+_LAYER = re.compile(r"\.(?:layer|layers|block|blocks|h)\.(\d+)\.")
+
+
+def _no_decay_names(model: torch.nn.Module) -> set[str]:
+    names = set()
+    for mod_name, module in model.named_modules():
+        is_norm = "norm" in type(module).__name__.lower()
+        for p_name, _ in module.named_parameters(recurse=False):
+            full = f"{mod_name}.{p_name}" if mod_name else p_name
+            if is_norm or p_name == "bias":
+                names.add(full)
+    return names
+
+
+def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
+    """Depth 0 = embeddings, i + 1 = layer i, n + 1 = anything above the stack (pooler);
+    the new head (outside the base model) gets head_lr."""
+    n = getattr(model.config, "num_hidden_layers", 0) or 0
+    base_prefix = getattr(model, "base_model_prefix", "") + "."
+    no_decay = _no_decay_names(model)
+    head_lr = cfg.head_lr if cfg.head_lr is not None else cfg.lr
+    groups: dict[tuple, list] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if not name.startswith(base_prefix):
+            lr = head_lr
+        else:
+            m = _LAYER.search(name)
+            depth = int(m.group(1)) + 1 if m else (0 if "embed" in name else n + 1)
+            lr = cfg.lr * cfg.layer_lr_decay ** (n + 1 - depth)
+        wd = 0.0 if name in no_decay else cfg.weight_decay
+        groups.setdefault((lr, wd), []).append(p)
+    return [{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()]
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    groups = param_groups(model, cfg)
+    try:  # fused AdamW (one kernel for all parameters) exists for CPU and CUDA in recent torch
+        return torch.optim.AdamW(groups, lr=cfg.lr, fused=True)
+    except (RuntimeError, TypeError):
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
+    name = {"linear": "linear", "cosine": "cosine", "constant": "constant_with_warmup"}[cfg.schedule]
+    return get_scheduler(name, optimizer, num_warmup_steps=int(cfg.warmup_ratio * total_steps),
+                         num_training_steps=total_steps)
