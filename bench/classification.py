@@ -61,8 +61,14 @@ def load_rows(name: str, limit: int | None) -> tuple[list, list, str, str]:
 
 
 def run_peer(train_rows: list, eval_rows: list, labels: list[str]) -> dict:
-    from transformers import (AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding, Trainer,
-                              TrainingArguments, set_seed)
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+        set_seed,
+    )
     set_seed(SEED)
     path = resolve_model(DEFAULT_MODEL)
     index = {lab: i for i, lab in enumerate(labels)}

@@ -10,10 +10,11 @@ import functools
 import json
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import yaml
@@ -28,6 +29,7 @@ from lmtune.models import count_parameters, freeze, quiet_transformers
 from lmtune.tasks import get_task
 from lmtune.train.checkpoint import Checkpoints
 from lmtune.train.loop import LoopTask, predict_outputs, train_loop
+from lmtune.train.tensorboard import TensorBoardLogger, require_tensorboard
 
 log = logging.getLogger("lmtune")
 META = "lmtune.json"
@@ -160,16 +162,22 @@ def train(config: Config | dict | str | Path, overrides: dict | None = None, res
     """Read data, fine-tune, restore the best checkpoint, evaluate, write the run directory."""
     cfg = _as_config(config, overrides)
     task = get_task(cfg.task)
+    if cfg.train.tensorboard:
+        require_tensorboard()
     splits = task.read(cfg)  # every input error surfaces here, before anything is written
     run_dir = _run_dir(cfg, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    handler.setLevel(logging.INFO)
+    old_level = log.level
+    log.setLevel(logging.INFO)  # train.log always gets the full story; the console keeps its own level
     log.addHandler(handler)
     try:
         return _train(cfg, task, splits, run_dir, resume, callbacks)
     finally:
         log.removeHandler(handler)
+        log.setLevel(old_level)
         handler.close()
 
 
@@ -199,9 +207,14 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
         return task.evaluate(outputs(m, "dev"), encoded["dev"].examples, splits.labels)
 
     ckpt = Checkpoints(run_dir / "checkpoints")
+    tb = TensorBoardLogger(run_dir / "tensorboard") if cfg.train.tensorboard and accelerator.is_main_process else None
     t0 = time.perf_counter()
-    state = train_loop(model, encoded["train"].features, LoopTask(collate, task.loss, task.num_items, evaluate_dev),
-                       cfg.train, ckpt, accelerator, resume=bool(resume), callbacks=callbacks)
+    try:
+        state = train_loop(model, encoded["train"].features, LoopTask(collate, task.loss, task.num_items, evaluate_dev),
+                           cfg.train, ckpt, accelerator, resume=bool(resume), callbacks=(*callbacks, *([tb] if tb else [])))
+    finally:
+        if tb:
+            tb.close()
     train_seconds = time.perf_counter() - t0  # this process only; a resumed run counts its own part
     model = accelerator.unwrap_model(model)
     ckpt.load_weights(model, "best")

@@ -109,7 +109,7 @@ def _did_you_mean(key: str, known: list[str]) -> str:
 
 
 def _coerce(key: str, value: Any, f: dataclasses.Field, where: str) -> Any:
-    tp = f.type if not isinstance(f.type, str) else eval(f.type, vars(typing) | {"types": types})  # noqa: S307
+    tp = f.type if not isinstance(f.type, str) else eval(f.type, vars(typing) | {"types": types})
     allowed = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
     if value is None and type(None) in allowed:
         return None

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import importlib
 import logging
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from transformers import AutoConfig, PretrainedConfig

@@ -19,8 +19,8 @@ def stratified_split(labels: list, fractions: list[float], seed: int) -> tuple[l
         idx = np.array(by_class[y])
         rng.shuffle(idx)
         n = len(idx)
-        n_dev = int(round(n * fractions[1]))
-        n_test = int(round(n * fractions[2]))
+        n_dev = round(n * fractions[1])
+        n_test = round(n * fractions[2])
         while n - n_dev - n_test < 1 and (n_dev or n_test):  # train keeps at least one of each class
             if n_dev >= n_test:
                 n_dev -= 1

@@ -18,7 +18,7 @@ def write_report(run_dir: Path, summary: dict, split_metrics: dict[str, dict], h
     lines = [f"# lmtune report: {summary['run_name']}", "",
              f"- task: **{summary['task']}**, model: `{summary['model']}`",
              f"- data: {summary['data']}",
-             f"- examples: " + ", ".join(f"{k} {v}" for k, v in summary["sizes"].items()),
+             "- examples: " + ", ".join(f"{k} {v}" for k, v in summary["sizes"].items()),
              f"- labels ({len(summary['labels'])}): {', '.join(summary['labels'])}",
              f"- truncated to max_length {summary['max_length']}: " + ", ".join(
                  f"{k} {v['truncated']}/{v['examples']}" for k, v in summary["truncation"].items()),

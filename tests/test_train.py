@@ -1,0 +1,211 @@
+"""The training engine on a tiny random BERT: learning, accumulation, early stopping, resume, checkpoints."""
+from __future__ import annotations
+
+import copy
+import json
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+import lmtune
+from lmtune.config import TrainConfig
+from lmtune.train.batching import epoch_batches, eval_batches
+from lmtune.train.checkpoint import Checkpoints, TrainState
+from lmtune.train.optim import param_groups
+from tests.conftest import toy_rows, write_csv
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_training_learns_the_toy_task_and_writes_the_run_dir(tiny_config):
+    run = lmtune.train(tiny_config)
+    losses = [json.loads(line)["train_loss"] for line in (run.run_dir / "history.jsonl").read_text().splitlines()
+              if "train_loss" in line]
+    assert np.mean(losses[-4:]) < 0.5 * np.mean(losses[:4])
+    assert run.metrics["test"]["accuracy"] >= 0.9
+    for name in ("config.yaml", "metrics.json", "report.md", "learning_curve.png", "confusion_matrix_test.png",
+                 "predictions/test.jsonl", "train.log", "model/model.safetensors", "model/config.json"):
+        assert (run.run_dir / name).is_file(), name
+    report = (run.run_dir / "report.md").read_text()
+    assert "| test |" in report and "![learning curve](learning_curve.png)" in report
+    m = run.metrics["test"]
+    assert set(m["per_class"]) == {"neg", "pos"} and 0 <= m["macro_f1"] <= 1
+    pred = json.loads((run.run_dir / "predictions" / "test.jsonl").read_text().splitlines()[0])
+    assert abs(sum(pred["probabilities"].values()) - 1) < 1e-4 and pred["label"] in ("neg", "pos")
+
+
+def test_saved_model_loads_in_plain_transformers_with_identical_logits(tiny_config):
+    run = lmtune.train({**tiny_config, "train": {**tiny_config["train"], "epochs": 1}})
+    plain = AutoModelForSequenceClassification.from_pretrained(run.run_dir / "model").eval()
+    tok = AutoTokenizer.from_pretrained(run.run_dir / "model")
+    assert plain.config.id2label == {0: "neg", 1: "pos"}
+    texts = ["the food was great", "awful service really"]
+    enc = tok(texts, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = run.model.eval()(**enc).logits
+        theirs = plain(**enc).logits
+    assert torch.equal(ours, theirs)
+    reloaded = lmtune.load(run.run_dir).predict(texts)
+    probs = torch.softmax(theirs, -1)
+    for row, p in zip(reloaded, probs):
+        assert row["label"] == plain.config.id2label[int(p.argmax())]
+        assert abs(row["probabilities"]["pos"] - float(p[1])) < 1e-5
+
+
+def test_grad_accumulation_is_normalized_over_the_whole_batch(tiny_config):
+    # batch of 6 split into 4 micro-batches of sizes 2, 2, 1, 1: the summed-then-divided loss must
+    # give exactly the gradient of the whole batch (a per-micro-batch mean would not)
+    base = copy.deepcopy(tiny_config)
+    base["model"]["dropout"] = 0.0
+    base["train"].update(max_steps=1, batch_size=6, warmup_ratio=0.0, max_grad_norm=0.0)
+    a = lmtune.train({**base, "run_name": "a"})
+    b = lmtune.train({**base, "run_name": "b", "train": {**base["train"], "grad_accum": 4}})
+    wa, wb = _weights(a.model), _weights(b.model)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
+    before = AutoModelForSequenceClassification.from_pretrained(tiny_config["model"]["name"], num_labels=2)
+    assert any((wa[k] - v).abs().max() > 0 for k, v in before.state_dict().items() if k in wa and "classifier" not in k)
+
+
+def test_early_stopping_fires_and_best_checkpoint_is_restored(tiny_config, tmp_path):
+    # dev labels are the opposite of what train teaches: the dev metric peaks early, then falls
+    flipped = [(t, "neg" if y == "pos" else "pos") for t, y in toy_rows(32, 2)]
+    cfg = copy.deepcopy(tiny_config)
+    cfg["data"]["dev"] = str(write_csv(tmp_path / "flipped.csv", flipped))
+    cfg["train"].update(epochs=20, eval_every=2, patience=2, metric="loss")
+    run = lmtune.train(cfg)
+    tr = run.metrics["train"]
+    assert tr["stop_reason"].startswith("early stopping")
+    assert tr["steps"] < 20 * 12
+    evals = [json.loads(x) for x in (run.run_dir / "history.jsonl").read_text().splitlines() if "dev_loss" in x]
+    assert tr["best_step"] == min(evals, key=lambda h: h["dev_loss"])["step"]
+    assert evals[-1]["step"] == tr["steps"] and evals[-1]["step"] > tr["best_step"]
+    # the final model is the best checkpoint, and its dev loss is the best one seen
+    assert abs(run.metrics["dev"]["loss"] - tr["best_metric"]) < 1e-5
+    best = load_file(run.run_dir / "checkpoints" / f"step-{tr['best_step']:06d}" / "model.safetensors")
+    assert all(torch.equal(best[k], v) for k, v in run.model.state_dict().items() if k in best)
+
+
+class _Crash(Exception):
+    pass
+
+
+def test_resume_mid_epoch_gives_the_same_weights(tiny_config):
+    cfg = copy.deepcopy(tiny_config)
+    cfg["train"].update(max_steps=20, eval_every=4, grad_accum=2)  # 12 batches/epoch: crosses an epoch
+    full = lmtune.train({**cfg, "run_name": "full"})
+
+    def crash_at_7(state):
+        if state.step == 7:
+            raise _Crash()
+
+    with pytest.raises(_Crash):
+        lmtune.train({**cfg, "run_name": "cut"}, callbacks=(crash_at_7,))
+    assert not (full.run_dir.parent / "cut" / "model").exists()  # no half-written model
+    resumed = lmtune.train({**cfg, "run_name": "cut"}, resume=True)
+    a, b = _weights(full.model), _weights(resumed.model)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert resumed.metrics["train"]["steps"] == 20
+    assert full.metrics["dev"]["accuracy"] == resumed.metrics["dev"]["accuracy"]
+
+
+def test_resume_with_a_changed_config_is_refused(tiny_config):
+    cfg = copy.deepcopy(tiny_config)
+    cfg["train"].update(max_steps=4, eval_every=2)
+    lmtune.train(cfg)
+    with pytest.raises(lmtune.InputError, match=r"config differs .*train\.lr"):
+        lmtune.train({**cfg, "train": {**cfg["train"], "lr": 1e-5}}, resume=True)
+    with pytest.raises(lmtune.InputError, match="already exists"):
+        lmtune.train(cfg)
+
+
+def test_crash_during_checkpoint_save_keeps_the_previous_one(tiny_model, tmp_path, monkeypatch):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    opt = torch.optim.AdamW(model.parameters())
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    ck = Checkpoints(tmp_path / "ck")
+    ck.save(model, opt, sched, TrainState(step=3), is_best=True)
+    saved = _weights(model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    real_save = torch.save
+
+    def exploding_save(obj, f, *a, **k):
+        real_save(obj, f, *a, **k)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", exploding_save)
+    with pytest.raises(OSError):
+        ck.save(model, opt, sched, TrainState(step=6), is_best=True)
+    monkeypatch.undo()
+    assert ck.pointer() == {"last": "step-000003", "best": "step-000003"}
+    assert [p.name for p in (tmp_path / "ck").iterdir() if p.name.startswith("step-")] == ["step-000003"]
+    fresh = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    state = ck.load_state(fresh, torch.optim.AdamW(fresh.parameters()),
+                          torch.optim.lr_scheduler.LambdaLR(torch.optim.AdamW(fresh.parameters()), lambda s: 1.0))
+    assert state.step == 3
+    assert all(torch.equal(saved[k], v) for k, v in fresh.state_dict().items())
+
+
+def test_param_groups_skip_decay_on_bias_and_norm_and_decay_lr_by_layer(tiny_model):
+    model = AutoModelForSequenceClassification.from_pretrained(tiny_model, num_labels=2)
+    cfg = TrainConfig(lr=1e-3, head_lr=1e-2, layer_lr_decay=0.5, weight_decay=0.1)
+    groups = param_groups(model, cfg)
+    where = {id(p): g for g in groups for p in g["params"]}
+    named = dict(model.named_parameters())
+    assert where[id(named["bert.encoder.layer.0.attention.output.LayerNorm.weight"])]["weight_decay"] == 0
+    assert where[id(named["bert.encoder.layer.1.intermediate.dense.bias"])]["weight_decay"] == 0
+    assert where[id(named["bert.encoder.layer.1.intermediate.dense.weight"])]["weight_decay"] == 0.1
+    assert where[id(named["classifier.weight"])]["lr"] == 1e-2
+    assert where[id(named["bert.pooler.dense.weight"])]["lr"] == 1e-3
+    assert where[id(named["bert.encoder.layer.1.output.dense.weight"])]["lr"] == 5e-4
+    assert where[id(named["bert.encoder.layer.0.output.dense.weight"])]["lr"] == 2.5e-4
+    assert where[id(named["bert.embeddings.word_embeddings.weight"])]["lr"] == 1.25e-4
+    assert sum(len(g["params"]) for g in groups) == len(named)
+
+
+def test_freezing_keeps_weights_fixed(tiny_config):
+    cfg = copy.deepcopy(tiny_config)
+    cfg["model"].update(freeze_embeddings=True, freeze_layers=1)
+    cfg["train"].update(max_steps=3)
+    run = lmtune.train(cfg)
+    before = AutoModelForSequenceClassification.from_pretrained(cfg["model"]["name"], num_labels=2).state_dict()
+    after = run.model.state_dict()
+    assert torch.equal(before["bert.embeddings.word_embeddings.weight"], after["bert.embeddings.word_embeddings.weight"])
+    assert torch.equal(before["bert.encoder.layer.0.output.dense.weight"], after["bert.encoder.layer.0.output.dense.weight"])
+    assert not torch.equal(before["bert.encoder.layer.1.output.dense.weight"], after["bert.encoder.layer.1.output.dense.weight"])
+    assert run.metrics["train"]["trainable_params"] < run.metrics["train"]["total_params"]
+
+
+def test_truncation_is_counted(tiny_config, tmp_path):
+    long_rows = [(" ".join(["good"] * 50), "pos"), (" ".join(["bad"] * 50), "neg")] + toy_rows(40, 5)
+    cfg = copy.deepcopy(tiny_config)
+    cfg["data"]["train"] = str(write_csv(tmp_path / "long.csv", long_rows))
+    cfg["data"]["max_length"] = 16
+    cfg["train"].update(max_steps=2)
+    run = lmtune.train(cfg)
+    assert run.metrics["train"]["truncation"]["train"]["truncated"] >= 2
+    assert "truncated to max_length 16: train" in (run.run_dir / "report.md").read_text()
+
+
+def test_epoch_batches_cover_every_example_once_and_group_lengths():
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(3, 60, size=500).tolist()
+    grouped = epoch_batches(lengths, 16, seed=1, epoch=0)
+    plain = epoch_batches(lengths, 16, seed=1, epoch=0, group_by_length=False)
+    for batches in (grouped, plain):
+        assert sorted(i for b in batches for i in b) == list(range(500))
+    assert epoch_batches(lengths, 16, seed=1, epoch=0) == grouped
+    assert epoch_batches(lengths, 16, seed=1, epoch=1) != grouped
+
+    def padded(batches):
+        return sum(max(lengths[i] for i in b) * len(b) for b in batches)
+    assert padded(grouped) < 0.7 * padded(plain)
+    ev = eval_batches(lengths, tokens_per_batch=512)
+    assert sorted(i for b in ev for i in b) == list(range(500))
+    assert all(max(lengths[i] for i in b) * len(b) <= 512 for b in ev if len(b) > 1)
