@@ -104,7 +104,7 @@ def run_lmtune(train_rows: list, eval_rows: list, workdir: Path, sets: dict) -> 
             w.writerows(rows)
     cfg = {"output_dir": str(workdir / "runs"), "run_name": "bench",
            "data": {"train": str(workdir / "train.csv"), "dev": str(workdir / "eval.csv"), "max_length": MAX_LEN},
-           "train": {"epochs": 1, "batch_size": BATCH, "seed": SEED, "progress": "off"}}
+           "train": {"epochs": 1, "batch_size": BATCH, "seed": SEED, "progress": "none"}}
     run = train(cfg, overrides=sets)
     m = run.metrics
     return {"accuracy": round(m["dev"]["accuracy"], 4), "train_s": round(m["train"]["train_seconds"], 1)}

@@ -69,7 +69,7 @@ class TrainConfig:
     metric: str = _f("accuracy", "Dev metric for early stopping and best checkpoint.", ("accuracy", "macro_f1", "loss"))
     patience: int = _f(0, "Stop after this many evaluations without improvement; 0 = never.")
     tensorboard: bool = _f(False, "Also log to TensorBoard (needs the tensorboard package).")
-    progress: str = _f("auto", "Progress display: auto = bars on a terminal, lines otherwise.", ("auto", "bar", "lines", "off"))
+    progress: str = _f("auto", "Progress display: auto = bars on a terminal, lines otherwise.", ("auto", "bar", "lines", "none"))
 
 
 @dataclass
@@ -175,9 +175,9 @@ def build_config(raw: dict | None = None, overrides: dict[str, Any] | None = Non
 
 def validate(cfg: Config, where: str = "config") -> None:
     t = cfg.train
-    if t.batch_size < 1 or t.grad_accum < 1 or t.batch_size % t.grad_accum:
-        raise InputError(f"{where}: train.batch_size ({t.batch_size}) must be a positive multiple of "
-                         f"train.grad_accum ({t.grad_accum}).")
+    if t.grad_accum < 1 or t.batch_size < t.grad_accum:
+        raise InputError(f"{where}: train.batch_size ({t.batch_size}) must be at least "
+                         f"train.grad_accum ({t.grad_accum}) >= 1: the batch is split into grad_accum micro-batches.")
     if t.epochs < 1 and t.max_steps < 1:
         raise InputError(f"{where}: set train.epochs >= 1 or train.max_steps >= 1.")
     if not 0 <= t.warmup_ratio < 1:

@@ -71,7 +71,7 @@ def test_readme_documents_every_config_key_and_starts_with_the_two_commands():
 def test_readme_demo_command_on_the_packaged_model(tmp_path):
     """`python3 dev.py demo` as written (the venv exists by now, so set-up is a no-op)."""
     proc = subprocess.run([sys.executable, str(ROOT / "dev.py"), "demo", "--output_dir", str(tmp_path / "runs"),
-                           "--train.epochs", "2", "--train.progress", "off"],
+                           "--train.epochs", "2", "--train.progress", "none"],
                           cwd=ROOT, capture_output=True, text=True, timeout=600, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     run_dir = Path(re.search(r"run dir: (.+)", proc.stdout).group(1))

@@ -49,7 +49,7 @@ def test_rare_class_stays_in_train():
 
 
 def _config(tmp_path: Path, data: dict) -> Path:
-    cfg = {"output_dir": str(tmp_path / "runs"), "data": data, "train": {"progress": "off"}}
+    cfg = {"output_dir": str(tmp_path / "runs"), "data": data, "train": {"progress": "none"}}
     path = tmp_path / "cfg.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -130,8 +130,8 @@ def test_config_types_overrides_and_relative_paths(tmp_path):
         build_config({"train": {"epochs": "many"}})
     with pytest.raises(InputError, match="not one of linear, cosine, constant"):
         build_config({"train": {"schedule": "step"}})
-    with pytest.raises(InputError, match="multiple of"):
-        build_config({"train": {"batch_size": 10, "grad_accum": 3}})
+    with pytest.raises(InputError, match="must be at least train.grad_accum"):
+        build_config({"train": {"batch_size": 2, "grad_accum": 3}})
 
 
 def test_config_yaml_error_names_line(tmp_path, capsys):

@@ -66,7 +66,9 @@ def test_grad_accumulation_is_normalized_over_the_whole_batch(tiny_config):
     a = lmtune.train({**base, "run_name": "a"})
     b = lmtune.train({**base, "run_name": "b", "train": {**base["train"], "grad_accum": 4}})
     wa, wb = _weights(a.model), _weights(b.model)
-    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-6
+    # Adam's first step moves each weight by about lr * sign(grad): a mis-weighted micro-batch flips
+    # signs (differences of ~2 * lr = 2e-2); summation-order rounding stays far below 1e-5
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) < 1e-5
     before = AutoModelForSequenceClassification.from_pretrained(tiny_config["model"]["name"], num_labels=2)
     assert any((wa[k] - v).abs().max() > 0 for k, v in before.state_dict().items() if k in wa and "classifier" not in k)
 

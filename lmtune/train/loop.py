@@ -136,7 +136,7 @@ def predict_outputs(model, features: list[dict], collate: Callable, unbatch: Cal
     model.eval()
     out: list = [None] * len(features)
     batches = eval_batches([f["length"] for f in features])
-    bar = Progress(len(batches), progress if len(batches) >= 20 else "off", desc)
+    bar = Progress(len(batches), progress if len(batches) >= 20 else "none", desc)
     for n, idx in enumerate(batches, 1):
         batch = {k: t.to(device) for k, t in collate([features[i] for i in idx]).items()}
         for i, row in zip(idx, unbatch(model(**batch), batch)):

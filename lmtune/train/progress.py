@@ -10,8 +10,8 @@ from tqdm.auto import tqdm
 class Progress:
     def __init__(self, total: int, mode: str = "auto", desc: str = "", start: int = 0, enabled: bool = True):
         self.total, self.desc, self.last_line, self.t0 = total, desc, start, time.perf_counter()
-        if not enabled or mode == "off":
-            self.mode = "off"
+        if not enabled or mode == "none":
+            self.mode = "none"
         elif mode == "auto":
             self.mode = "bar" if sys.stderr.isatty() else "lines"
         else:
