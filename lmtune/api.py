@@ -28,6 +28,7 @@ from lmtune.io import atomic_dir, write_json, write_jsonl, write_text
 from lmtune.models import count_parameters, freeze, quiet_transformers
 from lmtune.tasks import get_task
 from lmtune.train.checkpoint import Checkpoints
+from lmtune.train.optim import resolve_learning_rates
 from lmtune.train.loop import LoopTask, predict_outputs, train_loop
 from lmtune.train.tensorboard import TensorBoardLogger, require_tensorboard
 
@@ -191,6 +192,9 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
     model, tokenizer = task.build_model(cfg, splits.labels)
     freeze(model, cfg.model.freeze_embeddings, cfg.model.freeze_layers)
     trainable, total = count_parameters(model)
+    lrs = resolve_learning_rates(cfg.train, model)
+    log.info("learning rates: encoder %.2g, head %.2g%s", lrs.lr, lrs.head_lr,
+             " (defaults for this model width)" if cfg.train.lr is None else "")
     encoded = {name: task.encode(exs, tokenizer, cfg.data.max_length, splits.labels)
                for name, exs in (("train", splits.train), ("dev", splits.dev), ("test", splits.test)) if exs}
     for name, enc in encoded.items():
@@ -239,11 +243,13 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
                    "sizes": splits.info["sizes"], "labels": splits.labels, "max_length": cfg.data.max_length,
                    "truncation": {k: v.stats for k, v in encoded.items()},
                    "trainable_params": trainable, "total_params": total, "steps": state.step,
-                   "train_seconds": train_seconds, "stop_reason": state.stop_reason,
+                   "lr": lrs.lr, "head_lr": lrs.head_lr,
+                   "train_seconds": train_seconds, "eval_seconds": state.eval_seconds,
+                   "checkpoint_seconds": state.checkpoint_seconds, "stop_reason": state.stop_reason,
                    "best_step": state.best_step, "best_metric": state.best_metric}
-        metrics = {**split_metrics, "train": {k: summary[k] for k in (
-            "steps", "train_seconds", "stop_reason", "best_step", "best_metric", "trainable_params",
-            "total_params", "truncation")}, "metric": cfg.train.metric}
+        train_keys = ("steps", "lr", "head_lr", "train_seconds", "eval_seconds", "checkpoint_seconds", "stop_reason",
+                      "best_step", "best_metric", "trainable_params", "total_params", "truncation")
+        metrics = {**split_metrics, "train": {k: summary[k] for k in train_keys}, "metric": cfg.train.metric}
         write_json(run_dir / "metrics.json", metrics)
         write_jsonl(run_dir / "history.jsonl", state.history)
         write_report(run_dir, summary, split_metrics, state.history, cfg.train.metric,

@@ -139,3 +139,17 @@ def test_config_yaml_error_names_line(tmp_path, capsys):
     p.write_text("data:\n  train: [unclosed\n")
     assert main(["train", str(p)]) == 2
     assert f"{p}: line" in capsys.readouterr().err
+
+
+def test_split_only_train_records_rows_and_test_without_dev_splits_dev_off_train(tmp_path):
+    from lmtune.config import build_config
+    from lmtune.tasks import get_task
+    task = get_task("classification")
+    train = str(write_csv(tmp_path / "t.csv", toy_rows(100)))
+    s = task.read(build_config({"data": {"train": train}}))
+    assert s.info["sizes"] == {"train": 70, "dev": 18, "test": 12}
+    assert len(set(s.info["train_rows"]) | set(s.info["dev_rows"]) | set(s.info["test_rows"])) == 100
+    assert s.labels == ["neg", "pos"]
+    s2 = task.read(build_config({"data": {"train": train, "test": str(write_csv(tmp_path / "e.csv", toy_rows(10, 9)))}}))
+    assert s2.info["sizes"] == {"train": 80, "dev": 20, "test": 10}
+    assert not set(s2.info["dev_rows"]) & {ex.source for ex in s2.train}

@@ -22,8 +22,10 @@ def write_report(run_dir: Path, summary: dict, split_metrics: dict[str, dict], h
              f"- labels ({len(summary['labels'])}): {', '.join(summary['labels'])}",
              f"- truncated to max_length {summary['max_length']}: " + ", ".join(
                  f"{k} {v['truncated']}/{v['examples']}" for k, v in summary["truncation"].items()),
+             f"- learning rates: encoder {summary['lr']:.2g}, head {summary['head_lr']:.2g}",
              f"- trainable parameters: {summary['trainable_params']:,} of {summary['total_params']:,}",
-             f"- training: {summary['steps']} steps in {summary['train_seconds']:.1f}s; stopped: {summary['stop_reason']}",
+             f"- training: {summary['steps']} steps in {summary['train_seconds']:.1f}s (dev evaluation "
+             f"{summary['eval_seconds']:.1f}s, checkpoints {summary['checkpoint_seconds']:.1f}s); stopped: {summary['stop_reason']}",
              f"- best checkpoint: step {summary['best_step']} (dev {metric} {_fmt(summary['best_metric'])}), restored",
              "", "## Results", "", "| split | " + " | ".join(headline) + " | examples |",
              "|---|" + "---|" * (len(headline) + 1)]

@@ -54,10 +54,17 @@ class ClassificationTask:
         if len(labels) < 2:
             raise InputError(f"{d.train}: only one class ({labels[0]!r}) in column '{d.label_column}'; "
                              "classification needs examples of at least 2 classes.")
-        if d.dev or d.test:
-            dev = self.read_file(d.dev, cfg, labels) if d.dev else []
+        if d.dev:
+            dev = self.read_file(d.dev, cfg, labels)
             test = self.read_file(d.test, cfg, labels) if d.test else []
             info = {"method": "files", "train": d.train, "dev": d.dev, "test": d.test}
+        elif d.test:  # a test file but no dev file: dev is split off train in the configured proportion
+            test = self.read_file(d.test, cfg, labels)
+            share = d.split[1] / (d.split[0] + d.split[1])
+            tr, dv, _ = stratified_split([ex.label for ex in train], [1 - share, share, 0.0], cfg.train.seed)
+            dev, train = [train[i] for i in dv], [train[i] for i in tr]
+            info = {"method": "files+dev split", "train": d.train, "test": d.test, "dev_fraction_of_train": share,
+                    "seed": cfg.train.seed, "dev_rows": [ex.source for ex in dev]}
         else:
             tr, dv, te = stratified_split([ex.label for ex in train], d.split, cfg.train.seed)
             dev, test, train = [train[i] for i in dv], [train[i] for i in te], [train[i] for i in tr]

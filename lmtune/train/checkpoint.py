@@ -30,6 +30,8 @@ class TrainState:
     bad_evals: int = 0  # evaluations since the last improvement (early stopping)
     finished: bool = False
     stop_reason: str = ""
+    eval_seconds: float = 0.0  # time spent in dev evaluation inside the loop
+    checkpoint_seconds: float = 0.0  # time spent writing checkpoints
     history: list = field(default_factory=list)
 
 

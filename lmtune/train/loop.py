@@ -98,9 +98,11 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
 
 def _evaluate_and_checkpoint(model, optimizer, scheduler, task: LoopTask, cfg: TrainConfig, ckpt: Checkpoints,
                              accelerator: Accelerator, state: TrainState, steps: int) -> None:
+    t0 = time.perf_counter()
     model.eval()
     metrics = task.evaluate(model)
     model.train()
+    state.eval_seconds += time.perf_counter() - t0
     value = metrics[cfg.metric]
     improved = is_better(cfg.metric, value, state.best_metric)
     if improved:
@@ -115,8 +117,10 @@ def _evaluate_and_checkpoint(model, optimizer, scheduler, task: LoopTask, cfg: T
         log.info(state.stop_reason)
     elif state.step >= steps:
         state.finished, state.stop_reason = True, f"reached {steps} steps"
+    t0 = time.perf_counter()
     if accelerator.is_main_process:  # saved once, by the main process
         ckpt.save(accelerator.unwrap_model(model), optimizer, scheduler, state, improved)
+    state.checkpoint_seconds += time.perf_counter() - t0
     accelerator.wait_for_everyone()
 
 
