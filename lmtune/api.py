@@ -128,7 +128,7 @@ class Run:
 
     def predict_examples(self, examples: list) -> list[dict]:
         enc = self._encode(examples)
-        return self.task.predictions(self._outputs(enc), examples, self.labels)
+        return self.task.predictions(self._outputs(enc), enc, self.labels)
 
     def predict_file(self, path: str | Path) -> list[dict]:
         return self.predict_examples(self.task.read_file(str(path), self.config, self.labels, require_label=False))
@@ -137,7 +137,7 @@ class Run:
         """Metrics on a labeled file (columns as in the run's config)."""
         examples = self.task.read_file(str(data), self.config, self.labels, require_label=True)
         enc = self._encode(examples)
-        metrics = self.task.evaluate(self._outputs(enc), examples, self.labels)
+        metrics = self.task.evaluate(self._outputs(enc), enc, self.labels)
         metrics["truncated"] = enc.stats["truncated"]
         return metrics
 
@@ -208,7 +208,7 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
         return predict_outputs(m, encoded[split].features, collate, task.unbatch, device, f"eval {split}", cfg.train.progress)
 
     def evaluate_dev(m) -> dict:
-        return task.evaluate(outputs(m, "dev"), encoded["dev"].examples, splits.labels)
+        return task.evaluate(outputs(m, "dev"), encoded["dev"], splits.labels)
 
     ckpt = Checkpoints(run_dir / "checkpoints")
     tb = TensorBoardLogger(run_dir / "tensorboard") if cfg.train.tensorboard and accelerator.is_main_process else None
@@ -228,8 +228,8 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
     for split in ("dev", "test"):
         if split in encoded:
             out = outputs(model, split)
-            split_metrics[split] = task.evaluate(out, encoded[split].examples, splits.labels)
-            preds[split] = task.predictions(out, encoded[split].examples, splits.labels)
+            split_metrics[split] = task.evaluate(out, encoded[split], splits.labels)
+            preds[split] = task.predictions(out, encoded[split], splits.labels)
     if accelerator.is_main_process:
         meta = {"task": task.name, "labels": splits.labels, "config": cfg.to_dict(), "lmtune_version": _version()}
         with atomic_dir(run_dir / "model") as tmp, quiet_transformers():
@@ -249,11 +249,12 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
                    "best_step": state.best_step, "best_metric": state.best_metric}
         train_keys = ("steps", "lr", "head_lr", "train_seconds", "eval_seconds", "checkpoint_seconds", "stop_reason",
                       "best_step", "best_metric", "trainable_params", "total_params", "truncation")
-        metrics = {**split_metrics, "train": {k: summary[k] for k in train_keys}, "metric": cfg.train.metric}
+        metrics = {**split_metrics, "train": {k: summary[k] for k in train_keys}, "metric": cfg.train.metric,
+                   "headline": list(task.headline)}
         write_json(run_dir / "metrics.json", metrics)
         write_jsonl(run_dir / "history.jsonl", state.history)
         write_report(run_dir, summary, split_metrics, state.history, cfg.train.metric,
-                     task.report(split_metrics, splits.labels, run_dir))
+                     task.report(split_metrics, splits.labels, run_dir), task.headline)
     accelerator.wait_for_everyone()
     return Run(run_dir, model, tokenizer, task, splits.labels, cfg,
                json.loads((run_dir / "metrics.json").read_text()))

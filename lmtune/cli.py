@@ -26,7 +26,8 @@ def _print_headline(run) -> None:
     for split in ("dev", "test"):
         m = run.metrics.get(split)
         if m:
-            print(f"{split}: accuracy {m['accuracy']:.4f}  macro_f1 {m['macro_f1']:.4f}  (n={m['n']})")
+            shown = "  ".join(f"{k} {m[k]:.4f}" for k in run.metrics.get("headline", []) if k != "loss")
+            print(f"{split}: {shown}  (n={m['n']})")
     print(f"report: {run.run_dir / 'report.md'}")
 
 

@@ -12,9 +12,8 @@ def _fmt(v) -> str:
 
 
 def write_report(run_dir: Path, summary: dict, split_metrics: dict[str, dict], history: list[dict],
-                 metric: str, task_section: str) -> Path:
+                 metric: str, task_section: str, headline: tuple[str, ...]) -> Path:
     plots.learning_curve(history, metric, run_dir / "learning_curve.png")
-    headline = ["accuracy", "macro_f1", "loss"]
     lines = [f"# lmtune report: {summary['run_name']}", "",
              f"- task: **{summary['task']}**, model: `{summary['model']}`",
              f"- data: {summary['data']}",

@@ -33,6 +33,7 @@ class Encoded:
 
 class Task(Protocol):
     name: str
+    headline: tuple[str, ...]  # metric names shown in report.md and the CLI summary
 
     def read(self, cfg: Config) -> Splits:
         """Read and validate all data; raise InputError before anything is written."""
@@ -60,10 +61,11 @@ class Task(Protocol):
     def unbatch(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
         """Per-example outputs (e.g. logits rows) as numpy arrays."""
 
-    def evaluate(self, outputs: list[np.ndarray], examples: list, labels: list[str]) -> dict:
-        """Metrics dict; must contain every name usable as train.metric."""
+    def evaluate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
+        """Metrics from per-feature outputs; a task whose features are windows of an example merges
+        them here (enc maps features to examples). Must contain every name usable as train.metric."""
 
-    def predictions(self, outputs: list[np.ndarray], examples: list, labels: list[str]) -> list[dict]: ...
+    def predictions(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> list[dict]: ...
 
     def report(self, split_metrics: dict[str, dict], labels: list[str], run_dir: Path) -> str:
         """Task-specific Markdown for report.md (tables, plots it writes into run_dir)."""

@@ -29,6 +29,7 @@ def _sort_labels(labels: set[str]) -> list[str]:
 
 class ClassificationTask:
     name = "classification"
+    headline = ("accuracy", "macro_f1", "loss")  # report.md / CLI summary columns
 
     # ---- data -------------------------------------------------------------------------------
     def read_file(self, path: str, cfg: Config, labels: list[str] | None = None,
@@ -141,7 +142,8 @@ class ClassificationTask:
         return list(outputs.logits.float().cpu().numpy())
 
     # ---- metrics and decoding ---------------------------------------------------------------
-    def evaluate(self, outputs: list[np.ndarray], examples: list[Example], labels: list[str]) -> dict:
+    def evaluate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
+        examples = enc.examples  # one feature per example: outputs line up with examples
         logits = np.stack(outputs)
         index = {lab: i for i, lab in enumerate(labels)}
         gold = np.array([index[ex.label] for ex in examples])
@@ -160,7 +162,8 @@ class ClassificationTask:
             "confusion_matrix": confusion_matrix(gold, pred, labels=ids).tolist(),
         }
 
-    def predictions(self, outputs: list[np.ndarray], examples: list[Example], labels: list[str]) -> list[dict]:
+    def predictions(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> list[dict]:
+        examples = enc.examples
         probs = torch.softmax(torch.from_numpy(np.stack(outputs)), -1).numpy()
         rows = []
         for ex, p in zip(examples, probs):

@@ -1,0 +1,167 @@
+"""Readers for token-labeled data: CoNLL columns, one character per line (Chinese), JSONL tokens+tags
+and JSONL text+entity spans. Every sentence keeps its file:line; tags are converted to BIO."""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from lmtune.data.readers import read_text_file
+from lmtune.data.tagging import check_tag, detect_scheme, to_bio
+from lmtune.errors import InputError
+
+
+@dataclass
+class NerExample:
+    tokens: list[str]
+    tags: list[str] | None  # BIO; None when unlabeled
+    source: str
+    text: str | None = None  # the original text, when known (spans input, --text)
+    offsets: list[tuple[int, int]] | None = None  # character span of each token in `text`
+
+
+_WORD = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af]|[^\W_]+|\S", re.UNICODE)
+
+
+def split_words(text: str, cuts: set[int] = frozenset()) -> list[tuple[int, int]]:
+    """Character offsets of words: each CJK character alone, runs of letters/digits, single symbols.
+    `cuts` forces extra boundaries (entity span edges that fall inside a run)."""
+    out = []
+    for m in _WORD.finditer(text):
+        s, e = m.span()
+        inner = sorted(c for c in cuts if s < c < e)
+        for a, b in zip([s, *inner], [*inner, e]):
+            out.append((a, b))
+    return out
+
+
+def example_from_text(text: str, source: str = "") -> NerExample:
+    offsets = split_words(text)
+    return NerExample([text[s:e] for s, e in offsets], None, source, text, offsets)
+
+
+def detect_ner_format(path: Path, fmt: str) -> str:
+    if fmt != "auto":
+        return fmt
+    return "jsonl" if path.suffix.lower() in (".jsonl", ".json", ".ndjson") else "conll"
+
+
+def read_ner(path: str | Path, fmt: str = "auto", scheme: str = "auto", tag_column: int = -1,
+             encoding: str = "utf-8", require_tags: bool = True) -> tuple[list[NerExample], str]:
+    """Sentences with BIO tags, and the scheme the file used (to write predictions back in it)."""
+    path = Path(path)
+    fmt = detect_ner_format(path, fmt)
+    text = read_text_file(path, encoding)
+    if fmt == "conll":
+        raw = _conll(path, text, tag_column)
+    elif fmt == "jsonl":
+        raw = _jsonl(path, text, require_tags)
+    else:
+        raise InputError(f"{path}: data.format '{fmt}' is not a token-labeling format; use conll or jsonl.")
+    if not raw:
+        raise InputError(f"{path}: no sentences found.")
+    labeled = [tags for _, tags, *_ in raw if tags is not None]
+    if scheme == "auto":
+        scheme = detect_scheme(labeled)
+    examples = []
+    for tokens, tags, source, txt, offs, tag_lines in raw:
+        if tags is not None:
+            for i, t in enumerate(tags):
+                problem = check_tag(t, scheme)
+                if problem:
+                    where = f"{path}: line {tag_lines[i]}" if tag_lines else source
+                    raise InputError(f"{where}: {problem}. Fix the tag or set data.tag_scheme.")
+            tags = to_bio(tags, scheme)
+        elif require_tags:
+            raise InputError(f"{source}: no tags. Labeled data needs a tag for every token.")
+        examples.append(NerExample(tokens, tags, source, txt, offs))
+    return examples, scheme
+
+
+def _conll(path: Path, text: str, tag_column: int) -> list[tuple]:
+    """Whitespace columns, token first and tag in `tag_column`; a blank line ends a sentence.
+    One-column lines in a file whose other lines have tags are errors; a file with one column only
+    is unlabeled. A one-character-per-line file (MSRA-style Chinese) is the same format."""
+    sentences, tokens, tags, lines, start = [], [], [], [], None
+    for n, line in enumerate([*text.splitlines(), ""], 1):
+        cols = line.split()
+        if not cols or cols[0] == "-DOCSTART-":
+            if tokens:
+                has_tags = any(t is not None for t in tags)
+                if has_tags and None in tags:
+                    bad = lines[tags.index(None)]
+                    raise InputError(f"{path}: line {bad}: a token without a tag column. Every line needs 'token ... tag'.")
+                sentences.append((tokens, tags if has_tags else None, f"{path}:{start}", None, None, lines))
+            tokens, tags, lines, start = [], [], [], None
+            continue
+        start = start or n
+        tokens.append(cols[0])
+        if len(cols) > 1:
+            try:
+                tags.append(cols[tag_column])
+            except IndexError:
+                raise InputError(f"{path}: line {n}: no column {tag_column} (the line has {len(cols)}). "
+                                 "Set data.tag_column.") from None
+        else:
+            tags.append(None)
+        lines.append(n)
+    return sentences
+
+
+def _jsonl(path: Path, text: str, require_tags: bool) -> list[tuple]:
+    out = []
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        where = f"{path}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno}).") from None
+        if not isinstance(obj, dict):
+            raise InputError(f"{where}: expected an object with tokens+tags or text+entities.")
+        if "tokens" in obj:
+            tokens, tags = obj["tokens"], obj.get("tags")
+            if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t.strip() for t in tokens):
+                raise InputError(f"{where}: 'tokens' must be a non-empty list of non-empty strings.")
+            if tags is not None and (not isinstance(tags, list) or len(tags) != len(tokens)):
+                raise InputError(f"{where}: 'tags' must be a list as long as 'tokens' ({len(tokens)}).")
+            out.append((tokens, tags, where, None, None, None))
+        elif "text" in obj:
+            out.append(_from_spans(obj, where, require_tags))
+        else:
+            raise InputError(f"{where}: expected keys 'tokens' (+ 'tags') or 'text' (+ 'entities').")
+    return out
+
+
+def _from_spans(obj: dict, where: str, require_tags: bool) -> tuple:
+    text = obj["text"]
+    if not isinstance(text, str) or not text.strip():
+        raise InputError(f"{where}: empty 'text'.")
+    ents = obj.get("entities")
+    if ents is None:
+        offsets = split_words(text)
+        return ([text[s:e] for s, e in offsets], None, where, text, offsets, None)
+    checked = []
+    for k, ent in enumerate(ents):
+        try:
+            s, e, lab = int(ent["start"]), int(ent["end"]), str(ent["label"])
+        except (KeyError, TypeError, ValueError):
+            raise InputError(f"{where}: entity {k + 1} needs integer 'start', 'end' and a 'label'.") from None
+        if not 0 <= s < e <= len(text):
+            raise InputError(f"{where}: entity {k + 1} ({s}-{e}) is out of range for a text of {len(text)} characters.")
+        if not text[s:e].strip():
+            raise InputError(f"{where}: entity {k + 1} ({s}-{e}) covers only whitespace.")
+        checked.append((s, e, lab))
+    checked.sort()
+    for (s1, e1, _), (s2, e2, _) in zip(checked, checked[1:]):
+        if s2 < e1:
+            raise InputError(f"{where}: entities {s1}-{e1} and {s2}-{e2} overlap; nested entities are not supported.")
+    offsets = split_words(text, {c for s, e, _ in checked for c in (s, e)})
+    tags = ["O"] * len(offsets)
+    for s, e, lab in checked:
+        inside = [i for i, (a, b) in enumerate(offsets) if a >= s and b <= e]
+        for j, i in enumerate(inside):
+            tags[i] = ("B-" if j == 0 else "I-") + lab
+    return ([text[s:e] for s, e in offsets], tags, where, text, offsets, None)
