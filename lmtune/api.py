@@ -6,6 +6,7 @@ predictions/, report.md with its PNGs, and train.log.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -108,7 +109,8 @@ class Run:
     metrics: dict = field(default_factory=dict)
 
     def _encode(self, examples: list) -> Any:
-        return self.task.encode(examples, self.tokenizer, self.config.data.max_length, self.labels)
+        return self.task.encode(examples, self.tokenizer, self.config.data.max_length, self.labels,
+                                **task_options(self.task, self.config))
 
     def _outputs(self, enc) -> list:
         self.model.to(_device())
@@ -117,14 +119,13 @@ class Run:
 
     def predict(self, texts: str | Sequence[str] | Sequence[tuple[str, str]]) -> list[dict]:
         """Label and class probabilities for each text (or (text, text_pair) tuple)."""
-        from lmtune.data.readers import Example
         if isinstance(texts, str):
             texts = [texts]
-        examples = [Example(t[0], None, "", t[1]) if isinstance(t, tuple) else Example(t, None, "") for t in texts]
-        for i, ex in enumerate(examples):
-            if not ex.text or not ex.text.strip():
+        for i, t in enumerate(texts):
+            first = t[0] if isinstance(t, tuple) else t
+            if not isinstance(first, str) or not first.strip():
                 raise InputError(f"text {i + 1}: empty text.")
-        return self.predict_examples(examples)
+        return self.predict_examples(self.task.from_texts(list(texts)))
 
     def predict_examples(self, examples: list) -> list[dict]:
         enc = self._encode(examples)
@@ -142,6 +143,11 @@ class Run:
         return metrics
 
 
+def task_options(task, cfg: Config) -> dict:
+    """Encoding options a task declares (e.g. NER windows) taken from the config."""
+    return {name: getattr(cfg.data, key) for name, key in getattr(task, "encode_options", {}).items()}
+
+
 def load(run_dir: str | Path) -> Run:
     """Open a finished run directory (its model/ folder) for prediction and evaluation."""
     run_dir = Path(run_dir)
@@ -151,6 +157,8 @@ def load(run_dir: str | Path) -> Run:
                          "or resume it with `lmtune train CONFIG --resume`.")
     meta = json.loads(meta_path.read_text())
     task = get_task(meta["task"])
+    if hasattr(task, "set_state"):
+        task.set_state(meta.get("task_state", {}))
     model, tokenizer = task.load_model(run_dir / "model")
     cfg = build_config(meta["config"])
     metrics_path = run_dir / "metrics.json"
@@ -163,6 +171,9 @@ def train(config: Config | dict | str | Path, overrides: dict | None = None, res
     """Read data, fine-tune, restore the best checkpoint, evaluate, write the run directory."""
     cfg = _as_config(config, overrides)
     task = get_task(cfg.task)
+    if cfg.train.metric is not None and cfg.train.metric not in task.headline:
+        raise InputError(f"train.metric: '{cfg.train.metric}' is not a metric of the {task.name} task "
+                         f"(choose from {', '.join(task.headline)}).")
     if cfg.train.tensorboard:
         require_tensorboard()
     splits = task.read(cfg)  # every input error surfaces here, before anything is written
@@ -192,10 +203,10 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
     model, tokenizer = task.build_model(cfg, splits.labels)
     freeze(model, cfg.model.freeze_embeddings, cfg.model.freeze_layers)
     trainable, total = count_parameters(model)
-    lrs = resolve_learning_rates(cfg.train, model)
+    lrs = dataclasses.replace(resolve_learning_rates(cfg.train, model), metric=cfg.train.metric or task.headline[0])
     log.info("learning rates: encoder %.2g, head %.2g%s", lrs.lr, lrs.head_lr,
              " (defaults for this model width)" if cfg.train.lr is None else "")
-    encoded = {name: task.encode(exs, tokenizer, cfg.data.max_length, splits.labels)
+    encoded = {name: task.encode(exs, tokenizer, cfg.data.max_length, splits.labels, **task_options(task, cfg))
                for name, exs in (("train", splits.train), ("dev", splits.dev), ("test", splits.test)) if exs}
     for name, enc in encoded.items():
         if enc.stats["truncated"]:
@@ -215,7 +226,7 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
     t0 = time.perf_counter()
     try:
         state = train_loop(model, encoded["train"].features, LoopTask(collate, task.loss, task.num_items, evaluate_dev),
-                           cfg.train, ckpt, accelerator, resume=bool(resume), callbacks=(*callbacks, *([tb] if tb else [])))
+                           lrs, ckpt, accelerator, resume=bool(resume), callbacks=(*callbacks, *([tb] if tb else [])))
     finally:
         if tb:
             tb.close()
@@ -231,7 +242,8 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
             split_metrics[split] = task.evaluate(out, encoded[split], splits.labels)
             preds[split] = task.predictions(out, encoded[split], splits.labels)
     if accelerator.is_main_process:
-        meta = {"task": task.name, "labels": splits.labels, "config": cfg.to_dict(), "lmtune_version": _version()}
+        meta = {"task": task.name, "labels": splits.labels, "config": cfg.to_dict(), "lmtune_version": _version(),
+                "task_state": task.state() if hasattr(task, "state") else {}}
         with atomic_dir(run_dir / "model") as tmp, quiet_transformers():
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
@@ -249,11 +261,11 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
                    "best_step": state.best_step, "best_metric": state.best_metric}
         train_keys = ("steps", "lr", "head_lr", "train_seconds", "eval_seconds", "checkpoint_seconds", "stop_reason",
                       "best_step", "best_metric", "trainable_params", "total_params", "truncation")
-        metrics = {**split_metrics, "train": {k: summary[k] for k in train_keys}, "metric": cfg.train.metric,
+        metrics = {**split_metrics, "train": {k: summary[k] for k in train_keys}, "metric": lrs.metric,
                    "headline": list(task.headline)}
         write_json(run_dir / "metrics.json", metrics)
         write_jsonl(run_dir / "history.jsonl", state.history)
-        write_report(run_dir, summary, split_metrics, state.history, cfg.train.metric,
+        write_report(run_dir, summary, split_metrics, state.history, lrs.metric,
                      task.report(split_metrics, splits.labels, run_dir), task.headline)
     accelerator.wait_for_everyone()
     return Run(run_dir, model, tokenizer, task, splits.labels, cfg,

@@ -32,13 +32,19 @@ class DataConfig:
     train: str | None = _f(None, "Training file (CSV, TSV or JSONL). Required.")
     dev: str | None = _f(None, "Dev file; if absent (and test absent) train is split.")
     test: str | None = _f(None, "Test file; if absent (and dev absent) train is split.")
-    format: str = _f("auto", "File format; auto picks by extension.", ("auto", "csv", "tsv", "jsonl"))
+    format: str = _f("auto", "File format; auto picks by extension (NER: .jsonl -> jsonl, else conll).",
+                     ("auto", "csv", "tsv", "jsonl", "conll"))
     text_column: str = _f("text", "Column (or JSON key) holding the text.")
     text_pair_column: str | None = _f(None, "Second text column for sentence-pair tasks.")
     label_column: str = _f("label", "Column (or JSON key) holding the label.")
     encoding: str = _f("utf-8", "Text encoding of the data files.")
     split: list = _f([0.7, 0.18, 0.12], "train/dev/test fractions used when only train is given.")
-    max_length: int = _f(128, "Max tokens per example; longer ones are truncated and counted.")
+    max_length: int = _f(128, "Max tokens per example; classification truncates (and counts), NER cuts windows.")
+    tag_scheme: str = _f("auto", "NER tag scheme of the files; auto detects it. Output uses the same scheme.",
+                         ("auto", "bio", "iob1", "bioes", "bilou", "bmes"))
+    tag_column: int = _f(-1, "NER (CoNLL): column holding the tag; -1 = last. The token is column 0.")
+    label_all_subtokens: bool = _f(False, "NER: train on every sub-token of a word (default: the first only).")
+    window_overlap: int | None = _f(None, "NER: sub-tokens shared by consecutive windows of a long sentence; default 1/4 of a window.")
 
 
 @dataclass
@@ -66,7 +72,8 @@ class TrainConfig:
     group_by_length: bool = _f(True, "Batch examples of similar length together (less padding, faster).")
     seed: int = _f(42, "Seed for splits, data order, dropout and head initialisation.")
     eval_every: int = _f(0, "Evaluate on dev every N optimizer steps; 0 = once per epoch.")
-    metric: str = _f("accuracy", "Dev metric for early stopping and best checkpoint.", ("accuracy", "macro_f1", "loss"))
+    metric: str | None = _f(None, "Dev metric for early stopping and the best checkpoint; default: accuracy (classification), f1 (NER).",
+                            ("accuracy", "macro_f1", "f1", "precision", "recall", "loss"))
     patience: int = _f(0, "Stop after this many evaluations without improvement; 0 = never.")
     tensorboard: bool = _f(False, "Also log to TensorBoard (needs the tensorboard package).")
     progress: str = _f("auto", "Progress display: auto = bars on a terminal, lines otherwise.", ("auto", "bar", "lines", "none"))

@@ -21,7 +21,8 @@ class NerExample:
     offsets: list[tuple[int, int]] | None = None  # character span of each token in `text`
 
 
-_WORD = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af]|[^\W_]+|\S", re.UNICODE)
+_CJK = "[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af]"
+_WORD = re.compile(rf"{_CJK}|(?:(?!{_CJK})[^\W_])+|\S", re.UNICODE)
 
 
 def split_words(text: str, cuts: set[int] = frozenset()) -> list[tuple[int, int]]:

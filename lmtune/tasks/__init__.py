@@ -7,6 +7,7 @@ from lmtune.errors import InputError
 
 _REGISTRY = {
     "classification": "lmtune.tasks.classification:ClassificationTask",
+    "ner": "lmtune.tasks.ner:NerTask",
 }
 
 

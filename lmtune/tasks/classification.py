@@ -77,6 +77,9 @@ class ClassificationTask:
         info["sizes"] = {"train": len(train), "dev": len(dev), "test": len(test)}
         return Splits(train, dev, test, labels, info)
 
+    def from_texts(self, texts: list) -> list[Example]:
+        return [Example(t[0], None, "", t[1]) if isinstance(t, tuple) else Example(t, None, "") for t in texts]
+
     # ---- model ------------------------------------------------------------------------------
     def build_model(self, cfg: Config, labels: list[str]) -> tuple[torch.nn.Module, Any]:
         config = load_config(cfg.model.name, cfg.model.dropout, num_labels=len(labels),

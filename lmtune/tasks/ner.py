@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from lmtune.config import Config
-from lmtune.data.ner_readers import NerExample, read_ner
+from lmtune.data.ner_readers import NerExample, example_from_text, read_ner
 from lmtune.data.splits import stratified_split
 from lmtune.data.tagging import allowed_transitions, bio_labels, count_invalid, from_bio, spans, split_tag, viterbi
 from lmtune.errors import InputError
@@ -43,16 +43,28 @@ class NerTask:
     name = "ner"
     headline = ("f1", "precision", "recall", "loss")
 
+    encode_options = {"stride": "window_overlap", "label_all_subtokens": "label_all_subtokens"}
+
     def __init__(self) -> None:
         self.scheme = "bio"  # the user's scheme, for writing predictions back
-        self.window_stats: dict = {}
+
+    def state(self) -> dict:
+        return {"tag_scheme": self.scheme}
+
+    def set_state(self, state: dict) -> None:
+        self.scheme = state.get("tag_scheme", "bio")
+
+    def from_texts(self, texts: list[str]) -> list[NerExample]:
+        return [example_from_text(t) for t in texts]
 
     # ---- data -------------------------------------------------------------------------------
     def read_file(self, path: str, cfg: Config, labels: list[str] | None = None,
                   require_label: bool = True) -> list[NerExample]:
+        return self._read(path, cfg, labels, require_label)[0]
+
+    def _read(self, path: str, cfg: Config, labels: list[str] | None, require_label: bool = True) -> tuple[list, str]:
         d = cfg.data
         examples, scheme = read_ner(path, d.format, d.tag_scheme, d.tag_column, d.encoding, require_label)
-        self.scheme = scheme if scheme != "auto" else self.scheme
         if labels is not None:
             known = set(labels)
             for ex in examples:
@@ -60,14 +72,13 @@ class NerTask:
                     if t not in known:
                         raise InputError(f"{ex.source}: entity type of '{t}' never appears in the training data "
                                          f"(known types: {', '.join(sorted({split_tag(x)[1] for x in labels if x != 'O'}))}).")
-        return examples
+        return examples, scheme
 
     def read(self, cfg: Config) -> Splits:
         d = cfg.data
         if not d.train:
             raise InputError("data.train: no training file given. Set data.train or pass --data.train FILE.")
-        train = self.read_file(d.train, cfg)
-        scheme = self.scheme
+        train, scheme = self._read(d.train, cfg, None)
         types = {split_tag(t)[1] for ex in train for t in ex.tags if t != "O"}
         if not types:
             raise InputError(f"{d.train}: no entities in the training data (every tag is O).")
