@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import json
 import logging
 import time
@@ -26,11 +27,15 @@ from lmtune.config import Config, build_config, load_config
 from lmtune.errors import InputError
 from lmtune.evaluate.report import write_report
 from lmtune.io import atomic_dir, write_json, write_jsonl, write_text
-from lmtune.models import count_parameters, freeze, quiet_transformers
+from lmtune.models import count_parameters, freeze, quiet_transformers, resolve_model
+from lmtune.peft import finalize as finalize_peft
+from lmtune.peft import (apply_peft, artifact_bytes, base_fingerprint, is_adapter_dir, is_peft, load_adapter, rank_pattern,
+                         save_adapter, step_hooks, wrap_loss)
 from lmtune.tasks import get_task
 from lmtune.train.checkpoint import Checkpoints
 from lmtune.train.optim import resolve_learning_rates
-from lmtune.train.loop import LoopTask, predict_outputs, train_loop
+from lmtune.train.loop import LoopTask, predict_outputs, total_steps, train_loop
+from lmtune.train.memory import PeakMemory
 from lmtune.train.tensorboard import TensorBoardLogger, require_tensorboard
 
 log = logging.getLogger("lmtune")
@@ -159,8 +164,17 @@ def load(run_dir: str | Path) -> Run:
     task = get_task(meta["task"])
     if hasattr(task, "set_state"):
         task.set_state(meta.get("task_state", {}))
-    model, tokenizer = task.load_model(run_dir / "model")
     cfg = build_config(meta["config"])
+    if is_adapter_dir(run_dir / "model"):
+        base = meta.get("base_model", {})
+        path = resolve_model(cfg.model.name)
+        if base.get("sha256") and base_fingerprint(path) not in (None, base["sha256"]):
+            raise InputError(f"{run_dir}: the base model at {path} is not the one this adapter was trained on "
+                             "(weights hash differs). Install the same base model.")
+        model, tokenizer = task.build_model(cfg, meta["labels"])
+        model = load_adapter(model, run_dir / "model")
+    else:
+        model, tokenizer = task.load_model(run_dir / "model")
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     return Run(run_dir, model.to(_device()).eval(), tokenizer, task, meta["labels"], cfg, metrics)
@@ -202,10 +216,13 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
     set_seed(cfg.train.seed)
     model, tokenizer = task.build_model(cfg, splits.labels)
     freeze(model, cfg.model.freeze_embeddings, cfg.model.freeze_layers)
+    steps = total_steps(cfg.train, len(splits.train))
+    model = apply_peft(model, cfg.peft, task.peft_task_type, steps)
     trainable, total = count_parameters(model)
-    lrs = dataclasses.replace(resolve_learning_rates(cfg.train, model), metric=cfg.train.metric or task.headline[0])
-    log.info("learning rates: encoder %.2g, head %.2g%s", lrs.lr, lrs.head_lr,
-             " (defaults for this model width)" if cfg.train.lr is None else "")
+    lrs = dataclasses.replace(resolve_learning_rates(cfg.train, model, cfg.peft.method),
+                              metric=cfg.train.metric or task.headline[0])
+    log.info("learning rates: encoder %.2g, head %.2g%s; trainable parameters %d of %d (%.2f%%)", lrs.lr, lrs.head_lr,
+             " (defaults)" if cfg.train.lr is None else "", trainable, total, 100 * trainable / total)
     encoded = {name: task.encode(exs, tokenizer, cfg.data.max_length, splits.labels, **task_options(task, cfg))
                for name, exs in (("train", splits.train), ("dev", splits.dev), ("test", splits.test)) if exs}
     for name, enc in encoded.items():
@@ -224,15 +241,18 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
     ckpt = Checkpoints(run_dir / "checkpoints")
     tb = TensorBoardLogger(run_dir / "tensorboard") if cfg.train.tensorboard and accelerator.is_main_process else None
     t0 = time.perf_counter()
+    loop_task = LoopTask(collate, wrap_loss(task.loss, model, cfg.peft), task.num_items, evaluate_dev)
     try:
-        state = train_loop(model, encoded["train"].features, LoopTask(collate, task.loss, task.num_items, evaluate_dev),
-                           lrs, ckpt, accelerator, resume=bool(resume), callbacks=(*callbacks, *([tb] if tb else [])))
+        with PeakMemory() as mem:
+            state = train_loop(model, encoded["train"].features, loop_task, lrs, ckpt, accelerator, resume=bool(resume),
+                               callbacks=(*callbacks, *([tb] if tb else [])), step_hooks=tuple(step_hooks(model, cfg.peft)))
     finally:
         if tb:
             tb.close()
     train_seconds = time.perf_counter() - t0  # this process only; a resumed run counts its own part
     model = accelerator.unwrap_model(model)
     ckpt.load_weights(model, "best")
+    finalize_peft(model)
     model.eval()
 
     split_metrics, preds = {}, {}
@@ -244,8 +264,11 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
     if accelerator.is_main_process:
         meta = {"task": task.name, "labels": splits.labels, "config": cfg.to_dict(), "lmtune_version": _version(),
                 "task_state": task.state() if hasattr(task, "state") else {}}
+        if is_peft(model):
+            base_path = resolve_model(cfg.model.name)
+            meta["base_model"] = {"name": cfg.model.name, "path": base_path, "sha256": base_fingerprint(base_path)}
         with atomic_dir(run_dir / "model") as tmp, quiet_transformers():
-            model.save_pretrained(tmp)
+            save_adapter(model, tmp) if is_peft(model) else model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             write_json(tmp / META, meta)
         for split, rows in preds.items():
@@ -255,11 +278,17 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
                    "sizes": splits.info["sizes"], "labels": splits.labels, "max_length": cfg.data.max_length,
                    "truncation": {k: v.stats for k, v in encoded.items()},
                    "trainable_params": trainable, "total_params": total, "steps": state.step,
-                   "lr": lrs.lr, "head_lr": lrs.head_lr,
+                   "lr": lrs.lr, "head_lr": lrs.head_lr, "peft_method": cfg.peft.method,
+                   "trainable_pct": 100 * trainable / total, "peak_mem_mb": mem.peak_mb,
+                   "seconds_per_epoch": (train_seconds - state.eval_seconds - state.checkpoint_seconds)
+                   / max(state.step / math.ceil(len(splits.train) / cfg.train.batch_size), 1e-9),
+                   "rank_pattern": rank_pattern(model),
                    "train_seconds": train_seconds, "eval_seconds": state.eval_seconds,
                    "checkpoint_seconds": state.checkpoint_seconds, "stop_reason": state.stop_reason,
                    "best_step": state.best_step, "best_metric": state.best_metric}
-        train_keys = ("steps", "lr", "head_lr", "train_seconds", "eval_seconds", "checkpoint_seconds", "stop_reason",
+        summary["artifact_mb"] = artifact_bytes(run_dir / "model") / 2**20
+        train_keys = ("steps", "lr", "head_lr", "peft_method", "trainable_pct", "artifact_mb", "peak_mem_mb",
+                      "seconds_per_epoch", "rank_pattern", "train_seconds", "eval_seconds", "checkpoint_seconds", "stop_reason",
                       "best_step", "best_metric", "trainable_params", "total_params", "truncation")
         metrics = {**split_metrics, "train": {k: summary[k] for k in train_keys}, "metric": lrs.metric,
                    "headline": list(task.headline)}

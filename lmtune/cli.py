@@ -73,6 +73,25 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_merge(ns: argparse.Namespace) -> int:
+    from lmtune.api import META, load
+    from lmtune.io import atomic_dir, write_json
+    from lmtune.peft import merge
+    out = Path(ns.out_dir)
+    if out.exists():
+        raise InputError(f"{out}: already exists; merge writes a new folder and never overwrites one.")
+    run = load(ns.run_dir)
+    merged = merge(run.model, run.config.peft.method)
+    meta = json.loads((Path(ns.run_dir) / "model" / META).read_text())
+    meta["merged_from"] = str(ns.run_dir)
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp)
+        run.tokenizer.save_pretrained(tmp)
+        write_json(tmp / META, meta)
+    print(f"merged model: {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmtune", description="Fine-tune, evaluate and serve pretrained language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -90,6 +109,9 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", help="file of texts (CSV/TSV/JSONL with the run's text column)")
     pr.add_argument("--text", action="append", help="a text to classify (repeatable)")
     pr.add_argument("--output", help="write JSONL here instead of standard output")
+    mg = sub.add_parser("merge", help="fold a LoRA/AdaLoRA/IA3 adapter into a standalone model folder")
+    mg.add_argument("run_dir")
+    mg.add_argument("out_dir")
     sub.add_parser("config", help="list every config key with its default and meaning")
     return p
 
@@ -111,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_evaluate(ns)
         if ns.command == "predict":
             return cmd_predict(ns)
+        if ns.command == "merge":
+            return cmd_merge(ns)
         if ns.command == "config":
             print(describe_fields())
             return 0

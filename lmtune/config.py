@@ -61,8 +61,9 @@ class TrainConfig:
     max_steps: int = _f(0, "Stop after this many optimizer steps; 0 = use epochs.")
     batch_size: int = _f(16, "Examples per optimizer step (before accumulation is split out).")
     grad_accum: int = _f(1, "Micro-batches per optimizer step; batch_size is split into this many.")
-    lr: float | None = _f(None, "Peak encoder learning rate; default by model width: 1e-4 below 768, 5e-5 at 768, 2e-5 above.")
-    head_lr: float | None = _f(None, "Learning rate of the newly initialised task head; default 10 x lr.")
+    lr: float | None = _f(None, "Peak encoder learning rate; default by model width (1e-4 below 768, 5e-5 at 768, 2e-5 "
+                               "above), or per PEFT method (lora 1e-3, adalora 2e-3, ia3 5e-3, prefix 1e-2, prompt 3e-2, adapter 1e-3).")
+    head_lr: float | None = _f(None, "Learning rate of the newly initialised task head; default 10 x lr (full) or lr (PEFT).")
     weight_decay: float = _f(0.01, "AdamW weight decay (never applied to biases and norm weights).")
     layer_lr_decay: float = _f(1.0, "Layer-wise lr decay: layer i of N gets lr * decay**(N - i).")
     schedule: str = _f("linear", "Learning-rate schedule after warmup.", ("linear", "cosine", "constant"))
@@ -80,6 +81,23 @@ class TrainConfig:
 
 
 @dataclass
+class PeftConfig:
+    method: str = _f("none", "Parameter-efficient method; none = full fine-tuning.",
+                     ("none", "lora", "adalora", "ia3", "prefix", "prompt", "adapter"))
+    r: int = _f(8, "LoRA rank.")
+    alpha: int = _f(16, "LoRA / AdaLoRA scaling alpha.")
+    dropout: float = _f(0.1, "LoRA / AdaLoRA dropout.")
+    target_modules: list | None = _f(None, "Modules to adapt (LoRA, AdaLoRA, IA3); default: peft's per-architecture choice.")
+    init_r: int = _f(12, "AdaLoRA: initial rank of every adapted matrix.")
+    target_r: int = _f(4, "AdaLoRA: average rank to keep after budgeting.")
+    tinit: float = _f(0.1, "AdaLoRA: fraction of steps before budgeting starts.")
+    tfinal: float = _f(0.2, "AdaLoRA: fraction of final steps with ranks fixed.")
+    delta_t: int = _f(10, "AdaLoRA: steps between two budget allocations.")
+    num_virtual_tokens: int = _f(20, "Prefix / prompt tuning: number of virtual tokens.")
+    adapter_size: int = _f(64, "Bottleneck adapter width.")
+
+
+@dataclass
 class Config:
     task: str = _f("classification", "Task type from the task registry.")
     output_dir: str = _f("runs", "Folder that receives run directories.")
@@ -87,6 +105,7 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -95,7 +114,7 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "peft": PeftConfig}
 
 
 def all_keys() -> dict[str, dataclasses.Field]:

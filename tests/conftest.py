@@ -60,6 +60,6 @@ def tiny_config(tmp_path, tiny_model, toy_data) -> dict:
     return {"output_dir": str(tmp_path / "runs"), "run_name": "t",
             "data": {**toy_data, "max_length": 32},
             "model": {"name": tiny_model},
-            "train": {"epochs": 6, "batch_size": 8, "lr": 1e-2, "progress": "none", "seed": 1}}
+            "train": {"epochs": 6, "batch_size": 8, "lr": 1e-2, "head_lr": 1e-2, "progress": "none", "seed": 1}}
 
 

@@ -83,3 +83,13 @@ def test_readme_demo_command_on_the_packaged_model(tmp_path):
     assert model.config.num_hidden_layers == 6 and model.config.hidden_size == 384
     assert set(model.config.id2label.values()) == {"negative", "neutral", "positive"}
     assert (run_dir / "report.md").is_file() and (run_dir / "confusion_matrix_test.png").is_file()
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")) + [ROOT / "lmtune" / "demo" / "demo.yaml"],
+                         ids=lambda p: p.name)
+def test_example_configs_are_valid(path):
+    from lmtune.config import load_config
+    cfg = load_config(path)
+    assert Path(cfg.data.train).is_absolute()
+    if "demo" in path.name:
+        assert Path(cfg.data.train).is_file()

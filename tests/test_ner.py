@@ -238,3 +238,32 @@ def test_ner_metric_choice_is_checked(tmp_path, tiny_model):
     with pytest.raises(InputError, match="not a metric of the ner task"):
         lmtune.train(cfg)
     assert build_config(cfg).task == "ner"
+
+
+@pytest.mark.slow
+def test_ner_on_the_packaged_minilm_with_a_chinese_mixed_span_file(tmp_path):
+    """The packaged backbone end to end, with JSONL span input (English + a Chinese place name)."""
+    rows = []
+    for toks, tags in toy_ner(300, 7):
+        text, ents = "", []
+        for t, g in zip(toks, tags):
+            if g == "B-LOC" and len(rows) % 3 == 0:
+                t = "北京"
+            start = len(text)
+            text += t + " "
+            if g != "O":
+                if g.startswith("B-"):
+                    ents.append({"start": start, "end": start + len(t), "label": g[2:]})
+                else:
+                    ents[-1]["end"] = start + len(t)
+        rows.append(json.dumps({"text": text.strip(), "entities": ents}, ensure_ascii=False))
+    data = tmp_path / "spans.jsonl"
+    data.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    run = lmtune.train({"task": "ner", "output_dir": str(tmp_path / "runs"), "data": {"train": str(data), "max_length": 32},
+                        "train": {"epochs": 3, "progress": "none"}})
+    assert run.metrics["test"]["f1"] > 0.6 and run.metrics["test"]["words_dropped"] == 0
+    text = "then anna omar left 北京 today"
+    out = run.predict([text])[0]
+    assert out["entities"], out
+    for e in out["entities"]:
+        assert text[e["start"]:e["end"]] == e["text"] and e["label"] in ("PER", "LOC")

@@ -15,6 +15,7 @@ from lmtune.data.readers import Example, read_examples
 from lmtune.data.splits import stratified_split
 from lmtune.errors import InputError
 from lmtune.evaluate import plots
+from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, quiet_transformers, resolve_model
 from lmtune.tasks.base import Encoded, Splits
 
@@ -30,6 +31,7 @@ def _sort_labels(labels: set[str]) -> list[str]:
 class ClassificationTask:
     name = "classification"
     headline = ("accuracy", "macro_f1", "loss")  # report.md / CLI summary columns
+    peft_task_type = "SEQ_CLS"
 
     # ---- data -------------------------------------------------------------------------------
     def read_file(self, path: str, cfg: Config, labels: list[str] | None = None,
@@ -100,7 +102,8 @@ class ClassificationTask:
                labels: list[str] | None = None) -> Encoded:
         texts = [ex.text for ex in examples]
         pairs = [ex.text_pair for ex in examples] if examples and examples[0].text_pair is not None else None
-        full = tokenizer(texts, pairs, add_special_tokens=True)["input_ids"]
+        with quiet_transformers():  # untruncated on purpose, to count what truncation cuts
+            full = tokenizer(texts, pairs, add_special_tokens=True)["input_ids"]
         too_long = [i for i, ids in enumerate(full) if len(ids) > max_length]
         enc = tokenizer(texts, pairs, truncation=True, max_length=max_length) if too_long else tokenizer(texts, pairs)
         index = {lab: i for i, lab in enumerate(labels or [])}
@@ -186,14 +189,9 @@ class ClassificationTask:
     def report(self, split_metrics: dict[str, dict], labels: list[str], run_dir: Path) -> str:
         lines = []
         for split, m in split_metrics.items():
-            lines += [f"### Per-class results ({split})", "", "| class | precision | recall | F1 | support |",
-                      "|---|---|---|---|---|"]
             worst = min(labels, key=lambda lab: m["per_class"][lab]["f1-score"])
-            for lab in labels:
-                c = m["per_class"][lab]
-                mark = " (weakest)" if lab == worst and len(labels) > 2 else ""
-                lines.append(f"| {lab}{mark} | {c['precision']:.3f} | {c['recall']:.3f} | "
-                             f"{c['f1-score']:.3f} | {int(c['support'])} |")
+            marks = {worst: " (weakest)"} if len(labels) > 2 else {}
+            lines += [f"### Per-class results ({split})", "", *prf_table("class", m["per_class"], marks)]
             png = f"confusion_matrix_{split}.png"
             plots.confusion_matrix(np.array(m["confusion_matrix"]), labels, run_dir / png, f"Confusion matrix ({split})")
             lines += ["", f"![confusion matrix ({split})]({png})", ""]

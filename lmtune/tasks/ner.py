@@ -25,6 +25,7 @@ from lmtune.data.ner_readers import NerExample, example_from_text, read_ner
 from lmtune.data.splits import stratified_split
 from lmtune.data.tagging import allowed_transitions, bio_labels, count_invalid, from_bio, spans, split_tag, viterbi
 from lmtune.errors import InputError
+from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, quiet_transformers, resolve_model
 from lmtune.tasks.base import Encoded, Splits
 
@@ -42,6 +43,7 @@ def _special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
 class NerTask:
     name = "ner"
     headline = ("f1", "precision", "recall", "loss")
+    peft_task_type = "TOKEN_CLS"
 
     encode_options = {"stride": "window_overlap", "label_all_subtokens": "label_all_subtokens"}
 
@@ -125,7 +127,8 @@ class NerTask:
         budget = max_length - len(prefix) - len(suffix)
         overlap = stride if stride is not None else budget // 4
         index = {lab: i for i, lab in enumerate(labels or [])}
-        enc = tokenizer([ex.tokens for ex in examples], is_split_into_words=True, add_special_tokens=False)
+        with quiet_transformers():  # long sentences are windowed below: the "longer than max" warning does not apply
+            enc = tokenizer([ex.tokens for ex in examples], is_split_into_words=True, add_special_tokens=False)
         features, windowed, unk_words = [], 0, 0
         for i, ex in enumerate(examples):
             ids, wids = enc["input_ids"][i], enc.word_ids(i)
@@ -289,9 +292,7 @@ class NerTask:
                       f"Sentences cut into windows: {m['sentences_windowed']}; words without a prediction: "
                       f"{m['words_dropped']}; sequences the raw argmax would have left invalid: "
                       f"{m['invalid_sequences_argmax']} (the output uses constrained decoding and has none).", "",
-                      "| type | precision | recall | F1 | support |", "|---|---|---|---|---|"]
-            for t, c in m["per_type"].items():
-                lines.append(f"| {t} | {c['precision']:.3f} | {c['recall']:.3f} | {c['f1-score']:.3f} | {int(c['support'])} |")
+                      *prf_table("type", m["per_type"])]
             lines += ["", f"Most frequent errors ({split}):", "", "| kind | count | example |", "|---|---|---|"]
             for kind, info in sorted(m["errors"].items(), key=lambda kv: -kv[1]["count"]):
                 lines.append(f"| {kind} | {info['count']} | {info['example']} |")

@@ -39,7 +39,9 @@ def total_steps(cfg: TrainConfig, n_train: int) -> int:
 
 
 def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ckpt: Checkpoints,
-               accelerator: Accelerator, resume: bool = False, callbacks: tuple = ()) -> TrainState:
+               accelerator: Accelerator, resume: bool = False, callbacks: tuple = (), step_hooks: tuple = ()) -> TrainState:
+    """callbacks(state) run after each step; step_hooks(model, step) run after optimizer.step(), while
+    gradients still exist (AdaLoRA's rank allocation)."""
     steps = total_steps(cfg, len(features))
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)  # stepped by us once per optimizer step
@@ -64,11 +66,13 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
                 batch = {n: t.to(accelerator.device) for n, t in task.collate([features[i] for i in idx]).items()}
                 sync = accelerator.no_sync(model) if k < len(micro) - 1 else _null()
                 with sync, accelerator.autocast():
-                    loss = task.loss(model(**batch), batch)
+                    loss = task.loss(model(**inputs(batch)), batch)
                     accelerator.backward(loss * scale)
                 loss_sum += loss.detach()
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
             optimizer.step()
+            for hook in step_hooks:
+                hook(accelerator.unwrap_model(model), state.step)
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             state.step += 1
@@ -124,6 +128,12 @@ def _evaluate_and_checkpoint(model, optimizer, scheduler, task: LoopTask, cfg: T
     accelerator.wait_for_everyone()
 
 
+def inputs(batch: dict) -> dict:
+    """Model inputs without the targets: the task computes the loss, so the model must not (it would
+    cost a second loss and, for wrappers such as AdaLoRA, change what forward does)."""
+    return {k: v for k, v in batch.items() if k != "labels"}
+
+
 class _null:
     def __enter__(self):
         return self
@@ -143,7 +153,7 @@ def predict_outputs(model, features: list[dict], collate: Callable, unbatch: Cal
     bar = Progress(len(batches), progress if len(batches) >= 20 else "none", desc)
     for n, idx in enumerate(batches, 1):
         batch = {k: t.to(device) for k, t in collate([features[i] for i in idx]).items()}
-        for i, row in zip(idx, unbatch(model(**batch), batch)):
+        for i, row in zip(idx, unbatch(model(**inputs(batch)), batch)):
             out[i] = row
         bar.update(n)
     bar.close()
