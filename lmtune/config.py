@@ -87,7 +87,8 @@ class PeftConfig:
     r: int = _f(8, "LoRA rank.")
     alpha: int = _f(16, "LoRA / AdaLoRA scaling alpha.")
     dropout: float = _f(0.1, "LoRA / AdaLoRA dropout.")
-    target_modules: list | None = _f(None, "Modules to adapt (LoRA, AdaLoRA, IA3); default: peft's per-architecture choice.")
+    target_modules: list | None = _f(None, "Modules to adapt; default: every linear layer of the encoder (LoRA, AdaLoRA), "
+                                           "peft's per-architecture choice (IA3).")
     init_r: int = _f(12, "AdaLoRA: initial rank of every adapted matrix.")
     target_r: int = _f(4, "AdaLoRA: average rank to keep after budgeting.")
     tinit: float = _f(0.1, "AdaLoRA: fraction of steps before budgeting starts.")

@@ -40,7 +40,11 @@ def apply_peft(model: torch.nn.Module, cfg: PeftConfig, task_type: str, total_st
     import peft as hf_peft
     heads = head_modules(model)
     common = {"task_type": task_type, "modules_to_save": heads}
-    if cfg.method in ("lora", "adalora", "ia3"):
+    if cfg.method in ("lora", "adalora"):
+        # every linear layer of the encoder (not the head): more accurate than peft's query/value
+        # default at the same rank, and still ~1.5% of MiniLM's weights at r=8
+        common["target_modules"] = cfg.target_modules or "all-linear"
+    elif cfg.method == "ia3":
         common["target_modules"] = cfg.target_modules or None
     if cfg.method == "lora":
         pc = hf_peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, **common)

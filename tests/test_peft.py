@@ -25,7 +25,7 @@ def pretrained_tiny(tmp_path_factory, tiny_model) -> str:
     d = tmp_path_factory.mktemp("pretrain")
     data = {k: str(write_csv(d / f"{k}.csv", toy_rows(96, i))) for i, k in enumerate(("train", "dev", "test"), 11)}
     run = lmtune.train({"output_dir": str(d / "runs"), "data": data, "model": {"name": tiny_model},
-                        "train": {"epochs": 6, "batch_size": 8, "lr": 1e-2, "progress": "none", "seed": 3}})
+                        "train": {"epochs": 10, "batch_size": 8, "lr": 3e-3, "progress": "none", "seed": 3}})
     out = d / "backbone"
     run.model.bert.save_pretrained(out)
     AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
