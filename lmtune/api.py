@@ -254,6 +254,9 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
     ckpt.load_weights(model, "best")
     finalize_peft(model)
     model.eval()
+    if cfg.train.calibrate and hasattr(task, "calibrate"):
+        c = task.calibrate(outputs(model, "dev"), encoded["dev"], splits.labels)
+        log.info("calibration: temperature %.3f, dev ECE %.4f -> %.4f", c["temperature"], c["dev_ece_before"], c["dev_ece_after"])
 
     split_metrics, preds = {}, {}
     for split in ("dev", "test"):
@@ -280,6 +283,7 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
                    "trainable_params": trainable, "total_params": total, "steps": state.step,
                    "lr": lrs.lr, "head_lr": lrs.head_lr, "peft_method": cfg.peft.method,
                    "trainable_pct": 100 * trainable / total, "peak_mem_mb": mem.peak_mb,
+                   "peak_mem_increase_mb": mem.peak_mb - mem.start_mb,
                    "seconds_per_epoch": (train_seconds - state.eval_seconds - state.checkpoint_seconds)
                    / max(state.step / math.ceil(len(splits.train) / cfg.train.batch_size), 1e-9),
                    "rank_pattern": rank_pattern(model),
@@ -287,7 +291,7 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
                    "checkpoint_seconds": state.checkpoint_seconds, "stop_reason": state.stop_reason,
                    "best_step": state.best_step, "best_metric": state.best_metric}
         summary["artifact_mb"] = artifact_bytes(run_dir / "model") / 2**20
-        train_keys = ("steps", "lr", "head_lr", "peft_method", "trainable_pct", "artifact_mb", "peak_mem_mb",
+        train_keys = ("steps", "lr", "head_lr", "peft_method", "trainable_pct", "artifact_mb", "peak_mem_mb", "peak_mem_increase_mb",
                       "seconds_per_epoch", "rank_pattern", "train_seconds", "eval_seconds", "checkpoint_seconds", "stop_reason",
                       "best_step", "best_metric", "trainable_params", "total_params", "truncation")
         metrics = {**split_metrics, "train": {k: summary[k] for k in train_keys}, "metric": lrs.metric,

@@ -51,7 +51,7 @@ def test_saved_model_loads_in_plain_transformers_with_identical_logits(tiny_conf
         theirs = plain(**enc).logits
     assert torch.equal(ours, theirs)
     reloaded = lmtune.load(run.run_dir).predict(texts)
-    probs = torch.softmax(theirs, -1)
+    probs = torch.softmax(theirs / run.task.temperature, -1)  # probabilities are temperature-calibrated
     for row, p in zip(reloaded, probs):
         assert row["label"] == plain.config.id2label[int(p.argmax())]
         assert abs(row["probabilities"]["pos"] - float(p[1])) < 1e-5
@@ -78,7 +78,7 @@ def test_early_stopping_fires_and_best_checkpoint_is_restored(tiny_config, tmp_p
     flipped = [(t, "neg" if y == "pos" else "pos") for t, y in toy_rows(32, 2)]
     cfg = copy.deepcopy(tiny_config)
     cfg["data"]["dev"] = str(write_csv(tmp_path / "flipped.csv", flipped))
-    cfg["train"].update(epochs=20, eval_every=2, patience=2, metric="loss")
+    cfg["train"].update(epochs=20, eval_every=2, patience=2, metric="loss", calibrate=False)
     run = lmtune.train(cfg)
     tr = run.metrics["train"]
     assert tr["stop_reason"].startswith("early stopping")
@@ -211,3 +211,32 @@ def test_epoch_batches_cover_every_example_once_and_group_lengths():
     ev = eval_batches(lengths, tokens_per_batch=512)
     assert sorted(i for b in ev for i in b) == list(range(500))
     assert all(max(lengths[i] for i in b) * len(b) <= 512 for b in ev if len(b) > 1)
+
+
+def test_temperature_scaling_lowers_ece_on_an_overconfident_model():
+    from lmtune.evaluate.calibration import ece, fit_temperature, softmax
+    rng = np.random.default_rng(0)
+    gold = rng.integers(0, 3, size=2000)
+    logits = rng.normal(size=(2000, 3))
+    logits[np.arange(2000), gold] += 1.0  # informative but noisy...
+    logits *= 6.0  # ...and far too confident
+    t = fit_temperature(logits, gold)
+    assert t > 2.0
+    assert ece(softmax(logits, t), gold) < 0.5 * ece(softmax(logits), gold)
+    assert (softmax(logits, t).argmax(-1) == logits.argmax(-1)).all()  # labels never change
+
+
+def test_run_saves_the_temperature_and_predict_uses_it(tiny_config):
+    run = lmtune.train({**tiny_config, "train": {**tiny_config["train"], "epochs": 2}})
+    t = run.task.temperature
+    assert t != 1.0 and "temperature" in json.loads((run.run_dir / "model" / "lmtune.json").read_text())["task_state"]
+    assert (run.run_dir / "reliability.png").is_file() and "ECE before" in (run.run_dir / "report.md").read_text()
+    loaded = lmtune.load(run.run_dir)
+    assert loaded.task.temperature == pytest.approx(t)
+    plain = AutoModelForSequenceClassification.from_pretrained(run.run_dir / "model").eval()
+    tok = AutoTokenizer.from_pretrained(run.run_dir / "model")
+    with torch.no_grad():
+        logits = plain(**tok(["the food was great"], return_tensors="pt")).logits[0]
+    expected = torch.softmax(logits / t, -1)
+    got = loaded.predict(["the food was great"])[0]["probabilities"]
+    assert got["pos"] == pytest.approx(float(expected[1]), abs=1e-5)

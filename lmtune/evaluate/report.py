@@ -33,7 +33,8 @@ def write_report(run_dir: Path, summary: dict, split_metrics: dict[str, dict], h
              f"- learning rates: encoder {summary['lr']:.2g}, head {summary['head_lr']:.2g}",
              f"- trainable parameters: {summary['trainable_params']:,} of {summary['total_params']:,} "
              f"({summary['trainable_pct']:.2f}%, method: {summary['peft_method']}); model artifact "
-             f"{summary['artifact_mb']:.1f} MB; peak memory {summary['peak_mem_mb']:.0f} MB; "
+             f"{summary['artifact_mb']:.1f} MB; peak memory {summary['peak_mem_mb']:.0f} MB "
+             f"(+{summary['peak_mem_increase_mb']:.0f} MB during training); "
              f"{summary['seconds_per_epoch']:.1f} s per epoch",
              f"- training: {summary['steps']} steps in {summary['train_seconds']:.1f}s (dev evaluation "
              f"{summary['eval_seconds']:.1f}s, checkpoints {summary['checkpoint_seconds']:.1f}s); stopped: {summary['stop_reason']}",

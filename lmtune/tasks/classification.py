@@ -15,6 +15,7 @@ from lmtune.data.readers import Example, read_examples
 from lmtune.data.splits import stratified_split
 from lmtune.errors import InputError
 from lmtune.evaluate import plots
+from lmtune.evaluate.calibration import ece, fit_temperature, reliability_bins, reliability_diagram, softmax
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, quiet_transformers, resolve_model
 from lmtune.tasks.base import Encoded, Splits
@@ -32,6 +33,30 @@ class ClassificationTask:
     name = "classification"
     headline = ("accuracy", "macro_f1", "loss")  # report.md / CLI summary columns
     peft_task_type = "SEQ_CLS"
+
+    def __init__(self) -> None:
+        self.temperature = 1.0  # fitted on dev after training (temperature scaling); 1.0 = raw softmax
+        self.calibration: dict = {}
+
+    def state(self) -> dict:
+        return {"temperature": self.temperature}
+
+    def set_state(self, state: dict) -> None:
+        self.temperature = float(state.get("temperature", 1.0))
+
+    def calibrate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
+        """Fit the temperature on dev; every later probability (evaluate, predict, API) uses it."""
+        logits, gold = np.stack(outputs), self._gold(enc, labels)
+        t = fit_temperature(logits, gold)
+        self.calibration = {"temperature": t, "dev_ece_before": ece(softmax(logits), gold),
+                            "dev_ece_after": ece(softmax(logits, t), gold)}
+        self.temperature = t
+        return self.calibration
+
+    @staticmethod
+    def _gold(enc: Encoded, labels: list[str]) -> np.ndarray:
+        index = {lab: i for i, lab in enumerate(labels)}
+        return np.array([index[ex.label] for ex in enc.examples])
 
     # ---- data -------------------------------------------------------------------------------
     def read_file(self, path: str, cfg: Config, labels: list[str] | None = None,
@@ -151,10 +176,9 @@ class ClassificationTask:
     def evaluate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
         examples = enc.examples  # one feature per example: outputs line up with examples
         logits = np.stack(outputs)
-        index = {lab: i for i, lab in enumerate(labels)}
-        gold = np.array([index[ex.label] for ex in examples])
+        gold = self._gold(enc, labels)
         pred = logits.argmax(-1)
-        log_probs = torch.log_softmax(torch.from_numpy(logits), -1)
+        log_probs = torch.log_softmax(torch.from_numpy(logits) / self.temperature, -1)
         loss = float(F.nll_loss(log_probs, torch.from_numpy(gold)))
         ids = list(range(len(labels)))
         report = classification_report(gold, pred, labels=ids, target_names=labels, output_dict=True, zero_division=0)
@@ -163,6 +187,10 @@ class ClassificationTask:
             "macro_f1": float(f1_score(gold, pred, labels=ids, average="macro", zero_division=0)),
             "loss": loss,
             "n": len(examples),
+            "ece": ece(softmax(logits, self.temperature), gold),
+            "ece_uncalibrated": ece(softmax(logits), gold),
+            "reliability": reliability_bins(softmax(logits, self.temperature), gold),
+            "reliability_uncalibrated": reliability_bins(softmax(logits), gold),
             "per_class": {lab: {k: float(report[lab][k]) for k in ("precision", "recall", "f1-score", "support")}
                           for lab in labels},
             "confusion_matrix": confusion_matrix(gold, pred, labels=ids).tolist(),
@@ -170,7 +198,7 @@ class ClassificationTask:
 
     def predictions(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> list[dict]:
         examples = enc.examples
-        probs = torch.softmax(torch.from_numpy(np.stack(outputs)), -1).numpy()
+        probs = softmax(np.stack(outputs), self.temperature)
         rows = []
         for ex, p in zip(examples, probs):
             row = {"text": ex.text}
@@ -195,4 +223,16 @@ class ClassificationTask:
             png = f"confusion_matrix_{split}.png"
             plots.confusion_matrix(np.array(m["confusion_matrix"]), labels, run_dir / png, f"Confusion matrix ({split})")
             lines += ["", f"![confusion matrix ({split})]({png})", ""]
+        if self.calibration:
+            c = self.calibration
+            lines += ["### Calibration", "", f"Temperature {c['temperature']:.3f} fitted on dev (saved with the model; "
+                      "predict and evaluate return calibrated probabilities).", "",
+                      "| split | ECE before | ECE after |", "|---|---|---|"]
+            lines += [f"| {split} | {m['ece_uncalibrated']:.4f} | {m['ece']:.4f} |" for split, m in split_metrics.items()]
+            curves = {}
+            for split, m in split_metrics.items():
+                curves[f"{split} raw"] = (m["reliability_uncalibrated"], m["ece_uncalibrated"])
+                curves[f"{split} calibrated"] = (m["reliability"], m["ece"])
+            reliability_diagram(curves, run_dir / "reliability.png")
+            lines += ["", "![reliability diagram](reliability.png)", ""]
         return "\n".join(lines)

@@ -10,13 +10,14 @@ import torch
 
 class PeakMemory:
     def __init__(self, interval: float = 0.05):
-        self.interval, self.peak_mb, self._stop = interval, 0.0, threading.Event()
+        self.interval, self.peak_mb, self.start_mb, self._stop = interval, 0.0, 0.0, threading.Event()
 
     def __enter__(self) -> PeakMemory:
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
             return self
         proc = psutil.Process()
+        self.start_mb = proc.memory_info().rss / 2**20
 
         def sample() -> None:
             while not self._stop.is_set():

@@ -1,0 +1,73 @@
+"""Calibration: expected calibration error, temperature scaling fitted on dev, reliability diagram.
+
+Temperature scaling is one scalar, so it is fitted by hand (LBFGS on the dev NLL) rather than
+through a library: it cannot overfit a dev set, and it never changes the predicted label.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lmtune.evaluate.plots import _save, plt
+
+
+def ece(probs: np.ndarray, gold: np.ndarray, bins: int = 15) -> float:
+    """Expected calibration error: |accuracy - confidence| averaged over equal-width confidence bins."""
+    conf = probs.max(-1)
+    correct = probs.argmax(-1) == gold
+    edges = np.linspace(0, 1, bins + 1)
+    total = 0.0
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            total += inside.mean() * abs(correct[inside].mean() - conf[inside].mean())
+    return float(total)
+
+
+def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
+    return torch.softmax(torch.from_numpy(logits).double() / temperature, -1).numpy()
+
+
+def fit_temperature(logits: np.ndarray, gold: np.ndarray) -> float:
+    """The temperature T > 0 minimising the NLL of softmax(logits / T) on held-out data."""
+    x = torch.from_numpy(logits).double()
+    y = torch.from_numpy(gold).long()
+    log_t = torch.zeros(1, dtype=torch.double, requires_grad=True)  # T = exp(log_t) stays positive
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(x / log_t.exp(), y)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    t = float(log_t.detach().exp())
+    return t if np.isfinite(t) else 1.0
+
+
+def reliability_bins(probs: np.ndarray, gold: np.ndarray, bins: int = 15) -> list[list[float]]:
+    """[mean confidence, accuracy, count] for every non-empty equal-width confidence bin."""
+    conf, correct = probs.max(-1), probs.argmax(-1) == gold
+    edges = np.linspace(0, 1, bins + 1)
+    out = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        inside = (conf > lo) & (conf <= hi)
+        if inside.any():
+            out.append([float(conf[inside].mean()), float(correct[inside].mean()), int(inside.sum())])
+    return out
+
+
+def reliability_diagram(curves: dict[str, tuple[list[list[float]], float]], path: Path) -> None:
+    """Accuracy per confidence bin against the diagonal; curves: name -> (reliability_bins, ECE)."""
+    fig, ax = plt.subplots(figsize=(5, 5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", label="perfect calibration")
+    for name, (points, err) in curves.items():
+        ax.plot([p[0] for p in points], [p[1] for p in points], "o-", label=f"{name} (ECE {err:.3f})")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("accuracy")
+    ax.set_title("Reliability diagram")
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    _save(fig, path)
