@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import shutil
 import json
 import logging
 import time
@@ -200,7 +201,10 @@ def train(config: Config | dict | str | Path, overrides: dict | None = None, res
     log.setLevel(logging.INFO)  # train.log always gets the full story; the console keeps its own level
     log.addHandler(handler)
     try:
-        return _train(cfg, task, splits, run_dir, resume, callbacks)
+        run = _train(cfg, task, splits, run_dir, resume, callbacks)
+        if cfg.peft.compare_full and cfg.peft.method != "none":
+            _compare_with_full(run, cfg, splits)
+        return run
     finally:
         log.removeHandler(handler)
         log.setLevel(old_level)
@@ -303,6 +307,35 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
     accelerator.wait_for_everyone()
     return Run(run_dir, model, tokenizer, task, splits.labels, cfg,
                json.loads((run_dir / "metrics.json").read_text()))
+
+
+COMPARED = ("trainable_pct", "artifact_mb", "peak_mem_mb", "seconds_per_epoch")
+
+
+def _compare_with_full(run: Run, cfg: Config, splits) -> None:
+    """peft.compare_full: full fine-tuning on the same splits, its figures next to the PEFT run's."""
+    sub = run.run_dir / "full_finetune_comparison"
+    if (sub / "metrics.json").is_file():  # finished by an earlier (resumed) call
+        full_metrics = json.loads((sub / "metrics.json").read_text())
+    else:
+        shutil.rmtree(sub, ignore_errors=True)  # our own unfinished output, never user data
+        sub.mkdir(parents=True)
+        d = cfg.to_dict()
+        d.update(output_dir=str(run.run_dir), run_name=sub.name)
+        d["peft"] = {**d["peft"], "method": "none", "compare_full": False}
+        d["train"] = {**d["train"], "lr": None, "head_lr": None}  # full fine-tuning's own defaults
+        full_metrics = _train(build_config(d), get_task(cfg.task), splits, sub, False, ()).metrics
+    metric = run.metrics["metric"]
+    rows = {cfg.peft.method: run.metrics, "full": full_metrics}
+    table = {name: {metric: m["dev"][metric], **{k: m["train"][k] for k in COMPARED}} for name, m in rows.items()}
+    run.metrics["comparison"] = table
+    write_json(run.run_dir / "metrics.json", run.metrics)
+    lines = ["", "## PEFT vs full fine-tuning (same data, same epochs)", "",
+             f"| method | dev {metric} | trainable % | artifact MB | peak memory MB | s / epoch |", "|---|---|---|---|---|---|"]
+    lines += [f"| {name} | {r[metric]:.4f} | {r['trainable_pct']:.2f} | {r['artifact_mb']:.1f} | {r['peak_mem_mb']:.0f} | "
+              f"{r['seconds_per_epoch']:.1f} |" for name, r in table.items()]
+    report = run.run_dir / "report.md"
+    write_text(report, report.read_text() + "\n".join(lines) + "\n")
 
 
 def _version() -> str:

@@ -97,6 +97,7 @@ class PeftConfig:
     delta_t: int = _f(10, "AdaLoRA: steps between two budget allocations.")
     num_virtual_tokens: int = _f(20, "Prefix / prompt tuning: number of virtual tokens.")
     adapter_size: int = _f(64, "Bottleneck adapter width.")
+    compare_full: bool = _f(False, "Also run full fine-tuning on the same data and report both side by side.")
 
 
 @dataclass

@@ -100,3 +100,15 @@ def test_peft_default_learning_rates_are_per_method(tiny_config):
     assert resolve_learning_rates(TrainConfig(), model, "lora").lr == 1e-3
     assert resolve_learning_rates(TrainConfig(), model, "prompt").lr == 3e-2
     assert resolve_learning_rates(TrainConfig(), model).lr == 1e-4  # full fine-tuning, width 32
+
+
+def test_compare_full_reports_both_side_by_side(tiny_config):
+    cfg = _cfg(tiny_config, "lora", epochs=1)
+    cfg["peft"]["compare_full"] = True
+    run = lmtune.train(cfg)
+    table = run.metrics["comparison"]
+    assert set(table) == {"lora", "full"}
+    assert table["lora"]["trainable_pct"] < table["full"]["trainable_pct"] == pytest.approx(100.0)
+    assert table["lora"]["artifact_mb"] < table["full"]["artifact_mb"]
+    assert json.loads((run.run_dir / "metrics.json").read_text())["comparison"] == table
+    assert "PEFT vs full fine-tuning" in (run.run_dir / "report.md").read_text()
