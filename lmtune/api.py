@@ -25,6 +25,8 @@ from accelerate import Accelerator
 from transformers import set_seed
 
 from lmtune.config import Config, build_config, load_config
+from lmtune.diagnose import diagnose
+from lmtune.diagnose import report_section as diagnosis_section
 from lmtune.errors import InputError
 from lmtune.evaluate.report import write_report
 from lmtune.io import atomic_dir, write_json, write_jsonl, write_text
@@ -302,11 +304,23 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
                    "headline": list(task.headline)}
         write_json(run_dir / "metrics.json", metrics)
         write_jsonl(run_dir / "history.jsonl", state.history)
+        findings = diagnose(state.history, lrs.metric, _majority_baseline(splits.dev) if lrs.metric == "accuracy" else None)
+        metrics["diagnosis"] = findings
+        write_json(run_dir / "metrics.json", metrics)
+        for f in findings:
+            log.warning("fit diagnosis: %s (%s): %s. %s", f["kind"], f["severity"], f["evidence"], f["advice"])
         write_report(run_dir, summary, split_metrics, state.history, lrs.metric,
-                     task.report(split_metrics, splits.labels, run_dir), task.headline)
+                     task.report(split_metrics, splits.labels, run_dir) + "\n" + diagnosis_section(findings), task.headline)
     accelerator.wait_for_everyone()
     return Run(run_dir, model, tokenizer, task, splits.labels, cfg,
                json.loads((run_dir / "metrics.json").read_text()))
+
+
+def _majority_baseline(examples: list) -> float | None:
+    labels = [getattr(ex, "label", None) for ex in examples]
+    if not labels or None in labels:
+        return None
+    return max(labels.count(x) for x in set(labels)) / len(labels)
 
 
 COMPARED = ("trainable_pct", "artifact_mb", "peak_mem_mb", "seconds_per_epoch")

@@ -240,3 +240,41 @@ def test_run_saves_the_temperature_and_predict_uses_it(tiny_config):
     expected = torch.softmax(logits / t, -1)
     got = loaded.predict(["the food was great"])[0]["probabilities"]
     assert got["pos"] == pytest.approx(float(expected[1]), abs=1e-5)
+
+
+def _hist(losses, dev, metric="accuracy", every=5):
+    h = [{"step": i + 1, "train_loss": v, "grad_norm": 1.0} for i, v in enumerate(losses)]
+    h += [{"step": (k + 1) * every, f"dev_{metric}": v} for k, v in enumerate(dev)]
+    return sorted(h, key=lambda r: r["step"])
+
+
+def test_fit_diagnosis_names_each_pathology_and_stays_quiet_on_a_healthy_curve():
+    from lmtune.diagnose import diagnose
+    falling = list(np.linspace(1.0, 0.1, 40))
+    kinds = lambda findings: {f["kind"] for f in findings}  # noqa: E731
+    assert kinds(diagnose(_hist(falling, [0.6, 0.7, 0.8, 0.85, 0.86, 0.87, 0.88, 0.9]), "accuracy", 0.5)) == set()
+    assert "overfitting" in kinds(diagnose(_hist(falling, [0.6, 0.8, 0.9, 0.85, 0.8, 0.78, 0.75, 0.7]), "accuracy"))
+    assert "underfitting" in kinds(diagnose(_hist([0.69] * 40, [0.5] * 8), "accuracy", 0.5))
+    assert "divergence" in kinds(diagnose(_hist(falling[:20] + [float("nan")], [0.6, 0.7]), "accuracy"))
+    spiky = falling[:25] + [5.0] + falling[26:]
+    assert "loss_spikes" in kinds(diagnose(_hist(spiky, [0.6, 0.7, 0.8, 0.85, 0.86, 0.87, 0.88, 0.9]), "accuracy"))
+    assert "oscillation" in kinds(diagnose(_hist(falling, [0.6, 0.8, 0.6, 0.8, 0.6, 0.8, 0.6, 0.8]), "accuracy"))
+    for f in diagnose(_hist([0.69] * 40, [0.5] * 8), "accuracy", 0.5):
+        assert f["advice"] and f["evidence"]
+
+
+def test_a_far_too_high_learning_rate_is_diagnosed_and_the_run_ends_cleanly(tiny_config):
+    cfg = copy.deepcopy(tiny_config)
+    cfg["train"].update(lr=1e4, head_lr=1e4, epochs=3, max_grad_norm=0.0, warmup_ratio=0.0, calibrate=False, eval_every=1)
+    try:
+        run = lmtune.train(cfg)
+    except lmtune.InputError as e:  # diverged before any good checkpoint: a clear error with the fix
+        assert "diverged" in str(e) and "lower train.lr" in str(e)
+        return
+    assert "non-finite" in run.metrics["train"]["stop_reason"]
+    kinds = {f["kind"] for f in run.metrics["diagnosis"]}
+    assert "divergence" in kinds, run.metrics["diagnosis"]
+    assert any("Lower train.lr" in f["advice"] for f in run.metrics["diagnosis"])
+    assert "## Fit diagnosis" in (run.run_dir / "report.md").read_text()
+    probs = run.predict(["the food was great"])[0]["probabilities"]
+    assert all(np.isfinite(v) for v in probs.values()), (probs, run.metrics["train"]["stop_reason"])

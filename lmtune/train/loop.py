@@ -69,6 +69,16 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
                     loss = task.loss(model(**inputs(batch)), batch)
                     accelerator.backward(loss * scale)
                 loss_sum += loss.detach()
+            if not torch.isfinite(torch.as_tensor(loss_sum)):  # diverged: skip this update, keep a good checkpoint, stop
+                optimizer.zero_grad(set_to_none=True)
+                state.history.append({"step": state.step + 1, "epoch": state.epoch, "train_loss": float(loss_sum)})
+                state.finished = True
+                state.stop_reason = (f"non-finite loss at step {state.step + 1}: stopped; the last good checkpoint is restored "
+                                     "(see the fit diagnosis in report.md)")
+                log.warning(state.stop_reason)
+                if ckpt.path("last") is None:  # nothing saved yet: the weights before this step are still finite
+                    _evaluate_and_checkpoint(model, optimizer, scheduler, task, cfg, ckpt, accelerator, state, steps)
+                break
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
             optimizer.step()
             for hook in step_hooks:
@@ -102,11 +112,24 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
 
 def _evaluate_and_checkpoint(model, optimizer, scheduler, task: LoopTask, cfg: TrainConfig, ckpt: Checkpoints,
                              accelerator: Accelerator, state: TrainState, steps: int) -> None:
-    t0 = time.perf_counter()
-    model.eval()
-    metrics = task.evaluate(model)
-    model.train()
-    state.eval_seconds += time.perf_counter() - t0
+    finite = all(bool(torch.isfinite(p).all()) for p in model.parameters())
+    if finite:
+        t0 = time.perf_counter()
+        model.eval()
+        metrics = task.evaluate(model)
+        model.train()
+        state.eval_seconds += time.perf_counter() - t0
+    if not finite or not math.isfinite(metrics.get("loss", 0.0)):  # never checkpoint a diverged model
+        state.finished = True
+        state.stop_reason = (f"non-finite {'weights' if not finite else 'dev outputs'} at step {state.step}: stopped; "
+                             "the last good checkpoint is restored (see the fit diagnosis in report.md)")
+        state.history.append({"step": state.step, "train_loss": float("nan")})
+        log.warning(state.stop_reason)
+        if ckpt.path("last") is None:
+            from lmtune.errors import InputError
+            raise InputError(f"training diverged at step {state.step}, before any good checkpoint: lower train.lr "
+                             "(3-10x), raise train.warmup_ratio and keep train.max_grad_norm at 1.0.")
+        return
     value = metrics[cfg.metric]
     improved = is_better(cfg.metric, value, state.best_metric)
     if improved:
