@@ -25,6 +25,8 @@ from accelerate import Accelerator
 from transformers import set_seed
 
 from lmtune.config import Config, build_config, load_config
+from lmtune.audit import audit
+from lmtune.audit import report_section as audit_section
 from lmtune.diagnose import diagnose
 from lmtune.diagnose import report_section as diagnosis_section
 from lmtune.errors import InputError
@@ -235,6 +237,12 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
         if enc.stats["truncated"]:
             log.warning("%s: %d of %d examples are longer than max_length %d and were truncated",
                         name, enc.stats["truncated"], enc.stats["examples"], cfg.data.max_length)
+    audit_findings = audit(splits, {k: v.stats for k, v in encoded.items()}, cfg.data.max_length)
+    if accelerator.is_main_process:
+        write_json(run_dir / "audit.json", audit_findings)
+    for f in audit_findings:
+        if f["severity"] != "info":
+            log.warning("data audit: %s (%s): %s. %s", f["check"], f["severity"], f["detail"], f["suggestion"])
     collate = functools.partial(task.collate, tokenizer=tokenizer)
     device = accelerator.device
 
@@ -310,7 +318,8 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
         for f in findings:
             log.warning("fit diagnosis: %s (%s): %s. %s", f["kind"], f["severity"], f["evidence"], f["advice"])
         write_report(run_dir, summary, split_metrics, state.history, lrs.metric,
-                     task.report(split_metrics, splits.labels, run_dir) + "\n" + diagnosis_section(findings), task.headline)
+                     task.report(split_metrics, splits.labels, run_dir) + "\n" + diagnosis_section(findings) + "\n"
+                     + audit_section(audit_findings), task.headline)
     accelerator.wait_for_everyone()
     return Run(run_dir, model, tokenizer, task, splits.labels, cfg,
                json.loads((run_dir / "metrics.json").read_text()))

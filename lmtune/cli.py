@@ -73,6 +73,22 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_audit(args: list[str]) -> int:
+    from lmtune.audit import audit
+    from lmtune.config import load_config
+    from lmtune.tasks import get_task
+    strict = "--strict" in args
+    args = [a for a in args if a != "--strict"]
+    config = args.pop(0) if args and not args[0].startswith("--") else None
+    cfg = load_config(config, parse_overrides(args))
+    findings = audit(get_task(cfg.task).read(cfg))
+    print(json.dumps(findings, indent=2, ensure_ascii=False))
+    worst = {f["severity"] for f in findings}
+    print(f"{len(findings)} finding(s): " + ", ".join(f"{s} {sum(f['severity'] == s for f in findings)}"
+                                                    for s in ("critical", "warning", "info") if s in worst), file=sys.stderr)
+    return 1 if strict and "critical" in worst else 0
+
+
 def cmd_merge(ns: argparse.Namespace) -> int:
     from lmtune.api import META, load
     from lmtune.io import atomic_dir, write_json
@@ -109,6 +125,10 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--input", help="file of texts (CSV/TSV/JSONL with the run's text column)")
     pr.add_argument("--text", action="append", help="a text to classify (repeatable)")
     pr.add_argument("--output", help="write JSONL here instead of standard output")
+    au = sub.add_parser("audit", help="check the data of a config: balance, duplicates, conflicts, leakage",
+                        description="lmtune audit CONFIG.yaml [--strict] [--section.key VALUE ...]: findings as JSON; "
+                                    "--strict exits 1 when any finding is critical.")
+    au.add_argument("config", nargs="?")
     mg = sub.add_parser("merge", help="fold a LoRA/AdaLoRA/IA3 adapter into a standalone model folder")
     mg.add_argument("run_dir")
     mg.add_argument("out_dir")
@@ -122,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.getLogger("lmtune").setLevel(logging.INFO)
     parser = build_parser()
     try:
+        if argv and argv[0] == "audit" and not any(a in ("-h", "--help") for a in argv):
+            return cmd_audit(argv[1:])
         if argv and argv[0] in ("train", "demo") and not any(a in ("-h", "--help") for a in argv):
             rest = argv[1:]
             config = str(DEMO_CONFIG) if argv[0] == "demo" else None

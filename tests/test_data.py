@@ -1,6 +1,7 @@
 """Readers, splits and every bad-input error: message names file + line + fix, exit 2, nothing written."""
 from __future__ import annotations
 
+import json
 import re
 from collections import Counter
 from pathlib import Path
@@ -153,3 +154,23 @@ def test_split_only_train_records_rows_and_test_without_dev_splits_dev_off_train
     s2 = task.read(build_config({"data": {"train": train, "test": str(write_csv(tmp_path / "e.csv", toy_rows(10, 9)))}}))
     assert s2.info["sizes"] == {"train": 80, "dev": 20, "test": 10}
     assert not set(s2.info["dev_rows"]) & {ex.source for ex in s2.train}
+
+
+def test_audit_finds_planted_problems_and_stays_quiet_on_clean_data(tmp_path, capsys):
+    clean = toy_rows(100, 1)
+    cfg = _config(tmp_path, {"train": str(write_csv(tmp_path / "clean.csv", clean)),
+                             "dev": str(write_csv(tmp_path / "cdev.csv", toy_rows(30, 77)))})
+    # toy_rows draws from a small vocabulary: keep only dev rows that are not train texts
+    train_texts = {t for t, _ in clean}
+    write_csv(tmp_path / "cdev.csv", [r for r in toy_rows(60, 77) if r[0] not in train_texts][:20])
+    assert main(["audit", str(cfg), "--strict"]) == 0
+    found = {f["check"] for f in json.loads(capsys.readouterr().out)}
+    assert not found & {"duplicates", "conflicting_labels", "leakage_dev", "imbalance"}, found
+
+    dirty = clean + [clean[0], (clean[1][0], "neg" if clean[1][1] == "pos" else "pos")] + [("pos text " + str(i), "pos") for i in range(300)]
+    cfg = _config(tmp_path, {"train": str(write_csv(tmp_path / "dirty.csv", dirty)),
+                             "dev": str(write_csv(tmp_path / "ddev.csv", clean[:10]))})
+    assert main(["audit", str(cfg), "--strict"]) == 1
+    found = {f["check"]: f for f in json.loads(capsys.readouterr().out)}
+    assert {"duplicates", "conflicting_labels", "leakage_dev", "imbalance"} <= set(found)
+    assert found["leakage_dev"]["severity"] == "critical" and found["conflicting_labels"]["examples"]
