@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 import math
 import time
 from collections.abc import Callable
@@ -64,7 +65,7 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
             loss_sum = 0.0
             for k, idx in enumerate(micro):
                 batch = {n: t.to(accelerator.device) for n, t in task.collate([features[i] for i in idx]).items()}
-                sync = accelerator.no_sync(model) if k < len(micro) - 1 else _null()
+                sync = accelerator.no_sync(model) if k < len(micro) - 1 else nullcontext()
                 with sync, accelerator.autocast():
                     loss = task.loss(model(**inputs(batch)), batch)
                     accelerator.backward(loss * scale)
@@ -155,14 +156,6 @@ def inputs(batch: dict) -> dict:
     """Model inputs without the targets: the task computes the loss, so the model must not (it would
     cost a second loss and, for wrappers such as AdaLoRA, change what forward does)."""
     return {k: v for k, v in batch.items() if k != "labels"}
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 @torch.inference_mode()
