@@ -278,3 +278,29 @@ def test_a_far_too_high_learning_rate_is_diagnosed_and_the_run_ends_cleanly(tiny
     assert "## Fit diagnosis" in (run.run_dir / "report.md").read_text()
     probs = run.predict(["the food was great"])[0]["probabilities"]
     assert all(np.isfinite(v) for v in probs.values()), (probs, run.metrics["train"]["stop_reason"])
+
+
+def test_class_weights_and_focal_loss(tmp_path):
+    from types import SimpleNamespace
+
+    from lmtune.config import build_config
+    from lmtune.tasks import get_task
+    rows = [("good " + str(i), "pos") for i in range(30)] + [("bad " + str(i), "neg") for i in range(10)]
+    train = str(write_csv(tmp_path / "imb.csv", rows))
+    logits = torch.tensor([[2.0, 0.0], [0.0, 3.0], [0.5, 0.4]])
+    batch = {"labels": torch.tensor([0, 1, 1])}
+    out = SimpleNamespace(logits=logits)
+    plain = get_task("classification")
+    plain.read(build_config({"data": {"train": train}}))
+    assert plain.loss(out, batch).item() == pytest.approx(torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="sum").item())
+    weighted = get_task("classification")
+    splits = weighted.read(build_config({"data": {"train": train}, "train": {"class_weights": "auto"}}))
+    w = splits.info["class_weights"]
+    assert w["neg"] == pytest.approx(3 * w["pos"], rel=1e-3)  # 10 vs 30 examples in the file, split stratified
+    ce = torch.nn.functional.cross_entropy(logits, batch["labels"], reduction="none")
+    assert weighted.loss(out, batch).item() == pytest.approx((ce * torch.tensor([w["neg"], w["pos"], w["pos"]])).sum().item(), rel=1e-4)
+    focal = get_task("classification")
+    focal.read(build_config({"data": {"train": train}, "train": {"focal_gamma": 2.0}}))
+    p = torch.exp(-ce)
+    assert focal.loss(out, batch).item() == pytest.approx((ce * (1 - p) ** 2).sum().item(), rel=1e-5)
+    assert focal.loss(out, batch).item() < plain.loss(out, batch).item()

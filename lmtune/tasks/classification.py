@@ -37,6 +37,8 @@ class ClassificationTask:
     def __init__(self) -> None:
         self.temperature = 1.0  # fitted on dev after training (temperature scaling); 1.0 = raw softmax
         self.calibration: dict = {}
+        self.class_weight: torch.Tensor | None = None  # train.class_weights auto: inverse frequency
+        self.focal_gamma = 0.0
 
     def state(self) -> dict:
         return {"temperature": self.temperature}
@@ -102,6 +104,12 @@ class ClassificationTask:
         if not dev:
             raise InputError(f"{d.train}: too few examples to split off a dev set; give data.dev or more data.")
         info["sizes"] = {"train": len(train), "dev": len(dev), "test": len(test)}
+        self.focal_gamma = cfg.train.focal_gamma
+        if cfg.train.class_weights == "auto":
+            counts = np.array([sum(ex.label == lab for ex in train) for lab in labels], dtype=float)
+            w = counts.sum() / (len(labels) * counts)  # "balanced": each class contributes equally overall
+            self.class_weight = torch.tensor(w, dtype=torch.float)
+            info["class_weights"] = dict(zip(labels, np.round(w, 4).tolist()))
         return Splits(train, dev, test, labels, info)
 
     def from_texts(self, texts: list) -> list[Example]:
@@ -167,7 +175,15 @@ class ClassificationTask:
         return len(features)
 
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.cross_entropy(outputs.logits.float(), batch["labels"], reduction="sum", ignore_index=-100)
+        logits, labels = outputs.logits.float(), batch["labels"]
+        if self.class_weight is None and not self.focal_gamma:
+            return F.cross_entropy(logits, labels, reduction="sum", ignore_index=-100)
+        weight = self.class_weight.to(logits.device) if self.class_weight is not None else None
+        ce = F.cross_entropy(logits, labels, weight=weight, reduction="none", ignore_index=-100)
+        if self.focal_gamma:  # down-weight examples the model already gets right: (1 - p_true) ** gamma
+            p_true = torch.exp(-F.cross_entropy(logits, labels, reduction="none", ignore_index=-100))
+            ce = ce * (1 - p_true) ** self.focal_gamma
+        return ce.sum()
 
     def unbatch(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
         return list(outputs.logits.float().cpu().numpy())
