@@ -310,11 +310,10 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
                       "best_step", "best_metric", "trainable_params", "total_params", "truncation")
         metrics = {**split_metrics, "train": {k: summary[k] for k in train_keys}, "metric": lrs.metric,
                    "headline": list(task.headline)}
-        write_json(run_dir / "metrics.json", metrics)
-        write_jsonl(run_dir / "history.jsonl", state.history)
         findings = diagnose(state.history, lrs.metric, _majority_baseline(splits.dev) if lrs.metric == "accuracy" else None)
         metrics["diagnosis"] = findings
         write_json(run_dir / "metrics.json", metrics)
+        write_jsonl(run_dir / "history.jsonl", state.history)
         for f in findings:
             log.warning("fit diagnosis: %s (%s): %s. %s", f["kind"], f["severity"], f["evidence"], f["advice"])
         write_report(run_dir, summary, split_metrics, state.history, lrs.metric,

@@ -225,10 +225,12 @@ class NerTask:
             merged.append(np.stack([slot[w][1] for w in range(len(ex.tokens))]) if len(slot) == len(ex.tokens) else None)
         return merged
 
-    def decode(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> tuple[list, dict]:
+    def decode(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str],
+               merged: list[np.ndarray | None] | None = None) -> tuple[list, dict]:
         start_ok, trans_ok = allowed_transitions(labels)
         tags, probs, invalid, dropped = [], [], 0, 0
-        for ex, lp in zip(enc.examples, self.word_log_probs(outputs, enc)):
+        merged = merged if merged is not None else self.word_log_probs(outputs, enc)
+        for ex, lp in zip(enc.examples, merged):
             if lp is None:  # cannot happen with windows + [UNK] repair; counted so a regression shows
                 dropped += len(ex.tokens)
                 tags.append(["O"] * len(ex.tokens))
@@ -244,13 +246,14 @@ class NerTask:
     def evaluate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
         from seqeval.metrics import classification_report
         from seqeval.scheme import IOB2
-        decoded, info = self.decode(outputs, enc, labels)
+        merged = self.word_log_probs(outputs, enc)  # windows merged once, for decoding and the loss
+        decoded, info = self.decode(outputs, enc, labels, merged)
         gold = [ex.tags for ex in enc.examples]
         pred = [t for t, _ in decoded]
         rep = classification_report(gold, pred, mode="strict", scheme=IOB2, output_dict=True, zero_division=0)
         index = {lab: i for i, lab in enumerate(labels)}
         nll, n = 0.0, 0
-        for ex, lp in zip(enc.examples, self.word_log_probs(outputs, enc)):
+        for ex, lp in zip(enc.examples, merged):
             if lp is not None:
                 nll -= float(lp[np.arange(len(ex.tags)), [index[t] for t in ex.tags]].sum())
                 n += len(ex.tags)
