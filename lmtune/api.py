@@ -30,8 +30,12 @@ from lmtune.audit import report_section as audit_section
 from lmtune.diagnose import diagnose
 from lmtune.diagnose import report_section as diagnosis_section
 from lmtune.errors import InputError
+from lmtune.evaluate.abstain import DEFAULT_VALUE
 from lmtune.evaluate.report import write_report
 from lmtune.io import atomic_dir, write_json, write_jsonl, write_text
+from lmtune.data.splits import resample_indices
+from lmtune.noise import find_label_issues, out_of_fold_probs
+from lmtune.noise import finding as noise_finding
 from lmtune.models import count_parameters, freeze, quiet_transformers, resolve_model
 from lmtune.peft import finalize as finalize_peft
 from lmtune.peft import (apply_peft, artifact_bytes, base_fingerprint, is_adapter_dir, is_peft, load_adapter, rank_pattern,
@@ -141,6 +145,24 @@ class Run:
         enc = self._encode(examples)
         return self.task.predictions(self._outputs(enc), enc, self.labels)
 
+    def tune_abstention(self, data: str | Path, target: str, value: float | None = None, calibrated: bool = True,
+                        save: bool = False) -> dict:
+        """Choose the abstention threshold on a labeled file (e.g. dev with out-of-scope rows) for a new
+        target without retraining; save=True writes it into model/lmtune.json for predict and serve."""
+        if not hasattr(self.task, "fit_threshold"):
+            raise InputError(f"abstention is not available for the {self.task.name} task.")
+        if target not in DEFAULT_VALUE:
+            raise InputError(f"abstention target must be one of {', '.join(DEFAULT_VALUE)}, got {target!r}.")
+        examples = self.task.read_file(str(data), self.config, self.labels, require_label=True)
+        enc = self._encode(examples)
+        result = self.task.fit_threshold(self._outputs(enc), enc, self.labels, target, value, calibrated)
+        if save:
+            meta_path = self.run_dir / "model" / META
+            meta = json.loads(meta_path.read_text())
+            meta["task_state"] = self.task.state()
+            write_json(meta_path, meta)
+        return result
+
     def predict_file(self, path: str | Path) -> list[dict]:
         return self.predict_examples(self.task.read_file(str(path), self.config, self.labels, require_label=False))
 
@@ -195,6 +217,12 @@ def train(config: Config | dict | str | Path, overrides: dict | None = None, res
                          f"(choose from {', '.join(task.headline)}).")
     if cfg.train.tensorboard:
         require_tensorboard()
+    unsupported = [key for key, on, attr in (("abstain.target", cfg.abstain.target != "none", "fit_threshold"),
+                                            ("data.label_noise_folds", cfg.data.label_noise_folds > 0, "example_labels"),
+                                            ("data.resample", cfg.data.resample != "none", "example_labels"))
+                   if on and not hasattr(task, attr)]
+    if unsupported:
+        raise InputError(f"{', '.join(unsupported)}: not available for the {task.name} task (classification only).")
     splits = task.read(cfg)  # every input error surfaces here, before anything is written
     run_dir = _run_dir(cfg, resume)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -220,11 +248,19 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
     if accelerator.is_main_process and not resume:
         write_text(run_dir / "config.yaml", cfg.to_yaml())
         write_json(run_dir / "splits.json", splits.info)
+    noise = _label_noise(cfg, task, splits, run_dir, accelerator) if cfg.data.label_noise_folds else None
+    if noise and cfg.data.drop_label_noise:
+        drop = {r["index"] for r in noise["flagged"]}
+        splits = dataclasses.replace(splits, train=[ex for i, ex in enumerate(splits.train) if i not in drop],
+                                     info={**splits.info, "dropped_label_noise": len(drop)})
+        log.info("label noise: dropped %d flagged rows from train (%d left)", len(drop), len(splits.train))
     log.info("run dir %s: %s", run_dir, ", ".join(f"{k} {v}" for k, v in splits.info["sizes"].items()))
     set_seed(cfg.train.seed)
     model, tokenizer = task.build_model(cfg, splits.labels)
     freeze(model, cfg.model.freeze_embeddings, cfg.model.freeze_layers)
-    steps = total_steps(cfg.train, len(splits.train))
+    resampled = (resample_indices([ex.label for ex in splits.train], cfg.data.resample, cfg.train.seed)
+                 if cfg.data.resample != "none" else None)
+    steps = total_steps(cfg.train, len(resampled if resampled is not None else splits.train))
     model = apply_peft(model, cfg.peft, task.peft_task_type, steps)
     trainable, total = count_parameters(model)
     lrs = dataclasses.replace(resolve_learning_rates(cfg.train, model, cfg.peft.method),
@@ -238,6 +274,12 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
             log.warning("%s: %d of %d examples are longer than max_length %d and were truncated",
                         name, enc.stats["truncated"], enc.stats["examples"], cfg.data.max_length)
     audit_findings = audit(splits, {k: v.stats for k, v in encoded.items()}, cfg.data.max_length)
+    if noise:
+        audit_findings.append(noise_finding(noise, len(splits.train) + splits.info.get("dropped_label_noise", 0)))
+    train_features = encoded["train"].features
+    if resampled is not None:
+        train_features = [train_features[i] for i in resampled]
+        log.info("re-sampled train (%s): %d -> %d examples", cfg.data.resample, len(encoded["train"].features), len(resampled))
     if accelerator.is_main_process:
         write_json(run_dir / "audit.json", audit_findings)
     for f in audit_findings:
@@ -258,7 +300,7 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
     loop_task = LoopTask(collate, wrap_loss(task.loss, model, cfg.peft), task.num_items, evaluate_dev)
     try:
         with PeakMemory() as mem:
-            state = train_loop(model, encoded["train"].features, loop_task, lrs, ckpt, accelerator, resume=bool(resume),
+            state = train_loop(model, train_features, loop_task, lrs, ckpt, accelerator, resume=bool(resume),
                                callbacks=(*callbacks, *([tb] if tb else [])), step_hooks=tuple(step_hooks(model, cfg.peft)))
     finally:
         if tb:
@@ -271,6 +313,12 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
     if cfg.train.calibrate and hasattr(task, "calibrate"):
         c = task.calibrate(outputs(model, "dev"), encoded["dev"], splits.labels)
         log.info("calibration: temperature %.3f, dev ECE %.4f -> %.4f", c["temperature"], c["dev_ece_before"], c["dev_ece_after"])
+    if cfg.abstain.target != "none":
+        a = task.fit_threshold(outputs(model, "dev"), encoded["dev"], splits.labels, cfg.abstain.target, cfg.abstain.value,
+                               cfg.abstain.calibrated)
+        log.log(logging.INFO if a["met"] else logging.WARNING,
+                "abstention: threshold %.4f for %s %s on dev (answers %.1f%%, accuracy of answered %.4f)%s", a["threshold"],
+                a["target"], a["value"], 100 * a["dev_coverage"], a["dev_precision"], "" if a["met"] else ": target not reachable")
 
     split_metrics, preds = {}, {}
     for split in ("dev", "test"):
@@ -322,6 +370,20 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
     accelerator.wait_for_everyone()
     return Run(run_dir, model, tokenizer, task, splits.labels, cfg,
                json.loads((run_dir / "metrics.json").read_text()))
+
+
+def _label_noise(cfg: Config, task, splits, run_dir: Path, accelerator) -> dict:
+    """Confident-learning search over train; cached in the run dir so a resumed run does not redo it."""
+    cache = run_dir / "label_noise.json"
+    if cache.is_file():
+        return json.loads(cache.read_text())
+    probs = out_of_fold_probs(cfg, task, splits.train, splits.labels, cfg.data.label_noise_folds, accelerator)
+    result = find_label_issues(splits.train, splits.labels, probs)
+    if accelerator.is_main_process:
+        write_jsonl(run_dir / "label_noise.jsonl", result["flagged"])
+        write_json(cache, result)
+    log.info("label noise: %d of %d training rows flagged (label_noise.jsonl)", len(result["flagged"]), len(splits.train))
+    return result
 
 
 def _majority_baseline(examples: list) -> float | None:

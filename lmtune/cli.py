@@ -81,7 +81,18 @@ def cmd_audit(args: list[str]) -> int:
     args = [a for a in args if a != "--strict"]
     config = args.pop(0) if args and not args[0].startswith("--") else None
     cfg = load_config(config, parse_overrides(args))
-    findings = audit(get_task(cfg.task).read(cfg))
+    task = get_task(cfg.task)
+    splits = task.read(cfg)
+    findings = audit(splits)
+    if cfg.data.label_noise_folds:
+        if not getattr(task, "example_labels", False):
+            raise InputError(f"data.label_noise_folds: not available for the {task.name} task (classification only).")
+        from lmtune.api import _accelerator
+        from lmtune.noise import find_label_issues, finding, out_of_fold_probs
+        probs = out_of_fold_probs(cfg, task, splits.train, splits.labels, cfg.data.label_noise_folds,
+                                  _accelerator(cfg.train.precision))
+        result = find_label_issues(splits.train, splits.labels, probs)
+        findings.append({**finding(result, len(splits.train)), "candidates": result["flagged"]})
     print(json.dumps(findings, indent=2, ensure_ascii=False))
     worst = {f["severity"] for f in findings}
     print(f"{len(findings)} finding(s): " + ", ".join(f"{s} {sum(f['severity'] == s for f in findings)}"
@@ -127,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--output", help="write JSONL here instead of standard output")
     au = sub.add_parser("audit", help="check the data of a config: balance, duplicates, conflicts, leakage",
                         description="lmtune audit CONFIG.yaml [--strict] [--section.key VALUE ...]: findings as JSON; "
-                                    "--strict exits 1 when any finding is critical.")
+                                    "--strict exits 1 when any finding is critical. --data.label_noise_folds 5 adds "
+                                    "label-noise candidates (confident learning on 5-fold out-of-fold predictions).")
     au.add_argument("config", nargs="?")
     mg = sub.add_parser("merge", help="fold a LoRA/AdaLoRA/IA3 adapter into a standalone model folder")
     mg.add_argument("run_dir")

@@ -45,6 +45,11 @@ class DataConfig:
     tag_column: int = _f(-1, "NER (CoNLL): column holding the tag; -1 = last. The token is column 0.")
     label_all_subtokens: bool = _f(False, "NER: train on every sub-token of a word (default: the first only).")
     window_overlap: int | None = _f(None, "NER: sub-tokens shared by consecutive windows of a long sentence; default 1/4 of a window.")
+    label_noise_folds: int = _f(0, "Classification: before training, find label-noise candidates by confident learning on "
+                                   "k-fold out-of-fold probabilities (k extra fine-tunings); 0 = off.")
+    drop_label_noise: bool = _f(False, "Drop the rows the label-noise search flags from train before training.")
+    resample: str = _f("none", "Classification: re-sample train per epoch so classes are balanced (oversample the rare "
+                               "ones, or undersample the frequent ones).", ("none", "oversample", "undersample"))
 
 
 @dataclass
@@ -104,6 +109,19 @@ class PeftConfig:
 
 
 @dataclass
+class AbstainConfig:
+    target: str = _f("none", "Choose a confidence threshold on dev for this target; below it predict returns the "
+                             "abstain label. precision: accuracy of answered dev examples >= value; coverage: share "
+                             "answered >= value; false_accept: share of out-of-scope (or misclassified) dev examples "
+                             "answered <= value.", ("none", "precision", "coverage", "false_accept"))
+    value: float | None = _f(None, "The target's value; default precision 0.95, coverage 0.9, false_accept 0.1.")
+    calibrated: bool = _f(True, "Threshold the temperature-scaled probability (else the raw softmax).")
+    label: str = _f("abstain", "Label predict returns when the model abstains (oos_label instead when that is set).")
+    oos_label: str | None = _f(None, "Label of out-of-scope rows (e.g. oos). In train it is an explicit out-of-scope class; "
+                                     "in dev/test only, those rows tune the threshold and measure out-of-scope recall.")
+
+
+@dataclass
 class Config:
     task: str = _f("classification", "Task type from the task registry.")
     output_dir: str = _f("runs", "Folder that receives run directories.")
@@ -112,6 +130,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
+    abstain: AbstainConfig = field(default_factory=AbstainConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -120,7 +139,7 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "peft": PeftConfig}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "peft": PeftConfig, "abstain": AbstainConfig}
 
 
 def all_keys() -> dict[str, dataclasses.Field]:
@@ -217,6 +236,13 @@ def validate(cfg: Config, where: str = "config") -> None:
     s = cfg.data.split
     if len(s) != 3 or any(x < 0 for x in s) or abs(sum(s) - 1) > 1e-6 or s[0] <= 0:
         raise InputError(f"{where}: data.split must be three non-negative fractions summing to 1, got {s}.")
+    a = cfg.abstain
+    if a.value is not None and not 0 <= a.value <= 1:
+        raise InputError(f"{where}: abstain.value must be in [0, 1], got {a.value}.")
+    if cfg.data.label_noise_folds == 1 or cfg.data.label_noise_folds < 0:
+        raise InputError(f"{where}: data.label_noise_folds must be 0 (off) or at least 2, got {cfg.data.label_noise_folds}.")
+    if cfg.data.drop_label_noise and not cfg.data.label_noise_folds:
+        raise InputError(f"{where}: data.drop_label_noise needs data.label_noise_folds >= 2 (the search that flags rows).")
     if cfg.data.max_length < 8:
         raise InputError(f"{where}: data.max_length must be at least 8, got {cfg.data.max_length}.")
 

@@ -65,3 +65,17 @@ def tiny_config(tmp_path, tiny_model, toy_data) -> dict:
             "train": {"epochs": 10, "batch_size": 8, "lr": 3e-3, "head_lr": 3e-3, "progress": "none", "seed": 1}}
 
 
+@pytest.fixture(scope="session")
+def pretrained_tiny(tmp_path_factory, tiny_model) -> str:
+    """A tiny backbone 'pretrained' on the toy task (full fine-tuning, then the head dropped): like a
+    real pretrained encoder, its features carry the signal, so a method that trains few weights on
+    top of it can learn within a few steps (on random frozen features none of them can)."""
+    import lmtune
+    d = tmp_path_factory.mktemp("pretrain")
+    data = {k: str(write_csv(d / f"{k}.csv", toy_rows(96, i))) for i, k in enumerate(("train", "dev", "test"), 11)}
+    run = lmtune.train({"output_dir": str(d / "runs"), "data": data, "model": {"name": tiny_model},
+                        "train": {"epochs": 10, "batch_size": 8, "lr": 3e-3, "progress": "none", "seed": 3}})
+    out = d / "backbone"
+    run.model.bert.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_model).save_pretrained(out)
+    return str(out)

@@ -30,3 +30,20 @@ def stratified_split(labels: list, fractions: list[float], seed: int) -> tuple[l
         test += idx[n_dev:n_dev + n_test].tolist()
         train += idx[n_dev + n_test:].tolist()
     return sorted(train), sorted(dev), sorted(test)
+
+
+def resample_indices(labels: list, mode: str, seed: int) -> list[int]:
+    """Indices of a class-balanced training set: every class repeated up to the largest one
+    (oversample) or cut down to the smallest one (undersample); seeded, order shuffled."""
+    rng = np.random.default_rng([seed, 7])
+    by_class: dict = {}
+    for i, y in enumerate(labels):
+        by_class.setdefault(y, []).append(i)
+    sizes = [len(v) for v in by_class.values()]
+    target = max(sizes) if mode == "oversample" else min(sizes)
+    out: list[int] = []
+    for y in sorted(by_class, key=str):
+        idx = np.array(by_class[y])
+        reps = np.concatenate([rng.permutation(idx) for _ in range(-(-target // len(idx)))])
+        out += reps[:target].tolist()
+    return rng.permutation(out).tolist()

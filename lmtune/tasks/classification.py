@@ -15,6 +15,7 @@ from lmtune.data.readers import Example, read_examples
 from lmtune.data.splits import stratified_split
 from lmtune.errors import InputError
 from lmtune.evaluate import plots
+from lmtune.evaluate.abstain import abstention_metrics, choose_threshold, coverage_curve, coverage_plot
 from lmtune.evaluate.calibration import ece, fit_temperature, reliability_bins, reliability_diagram, softmax
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, quiet_transformers, resolve_model
@@ -33,22 +34,61 @@ class ClassificationTask:
     name = "classification"
     headline = ("accuracy", "macro_f1", "loss")  # report.md / CLI summary columns
     peft_task_type = "SEQ_CLS"
+    example_labels = True  # one label per example: label-noise search and re-sampling apply
 
     def __init__(self) -> None:
         self.temperature = 1.0  # fitted on dev after training (temperature scaling); 1.0 = raw softmax
         self.calibration: dict = {}
         self.class_weight: torch.Tensor | None = None  # train.class_weights auto: inverse frequency
         self.focal_gamma = 0.0
+        self.oos_label: str | None = None  # abstain.oos_label: out-of-scope gold label (a class, or dev/test only)
+        self.abstain_label = "abstain"
+        self.threshold: float | None = None  # abstain below this confidence (chosen on dev)
+        self.threshold_calibrated = True
+        self.abstention: dict = {}
+
+    def configure(self, cfg: Config) -> None:
+        self.oos_label = cfg.abstain.oos_label
+        self.abstain_label = cfg.abstain.oos_label or cfg.abstain.label
+        self.threshold_calibrated = cfg.abstain.calibrated
 
     def state(self) -> dict:
-        return {"temperature": self.temperature}
+        return {"temperature": self.temperature, "threshold": self.threshold, "threshold_calibrated": self.threshold_calibrated,
+                "oos_label": self.oos_label, "abstain_label": self.abstain_label}
 
     def set_state(self, state: dict) -> None:
         self.temperature = float(state.get("temperature", 1.0))
+        self.threshold = state.get("threshold")
+        self.threshold_calibrated = state.get("threshold_calibrated", True)
+        self.oos_label = state.get("oos_label")
+        self.abstain_label = state.get("abstain_label", "abstain")
+
+    # ---- abstention ---------------------------------------------------------------------------
+    def _decisions(self, logits: np.ndarray, labels: list[str], calibrated: bool | None = None):
+        """Confidence, predicted index, and whether the prediction is an in-scope class."""
+        t = self.temperature if (self.threshold_calibrated if calibrated is None else calibrated) else 1.0
+        probs = softmax(logits, t)
+        pred = probs.argmax(-1)
+        in_scope = pred != labels.index(self.oos_label) if self.oos_label in labels else np.ones(len(pred), bool)
+        return probs.max(-1), pred, in_scope
+
+    def _oos_gold(self, enc: Encoded) -> np.ndarray:
+        return np.array([ex.label is not None and ex.label == self.oos_label for ex in enc.examples], dtype=bool)
+
+    def fit_threshold(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str], target: str,
+                      value: float | None, calibrated: bool = True) -> dict:
+        """Choose the abstention threshold on (dev) outputs for the target; later predictions use it."""
+        self.threshold_calibrated = calibrated
+        conf, pred, in_scope = self._decisions(np.stack(outputs), labels)
+        gold = self._gold(enc, labels)
+        self.abstention = choose_threshold(conf, in_scope, pred == gold, self._oos_gold(enc), target, value)
+        self.threshold = self.abstention["threshold"]
+        return self.abstention
 
     def calibrate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
         """Fit the temperature on dev; every later probability (evaluate, predict, API) uses it."""
         logits, gold = np.stack(outputs), self._gold(enc, labels)
+        logits, gold = logits[gold >= 0], gold[gold >= 0]
         t = fit_temperature(logits, gold)
         self.calibration = {"temperature": t, "dev_ece_before": ece(softmax(logits), gold),
                             "dev_ece_after": ece(softmax(logits, t), gold)}
@@ -57,8 +97,9 @@ class ClassificationTask:
 
     @staticmethod
     def _gold(enc: Encoded, labels: list[str]) -> np.ndarray:
+        """Gold class index; -1 for out-of-scope rows whose label is not a trained class."""
         index = {lab: i for i, lab in enumerate(labels)}
-        return np.array([index[ex.label] for ex in enc.examples])
+        return np.array([index.get(ex.label, -1) for ex in enc.examples])
 
     # ---- data -------------------------------------------------------------------------------
     def read_file(self, path: str, cfg: Config, labels: list[str] | None = None,
@@ -69,13 +110,14 @@ class ClassificationTask:
         if labels is not None:
             known = set(labels)
             for ex in examples:
-                if ex.label is not None and ex.label not in known:
+                if ex.label is not None and ex.label not in known and ex.label != cfg.abstain.oos_label:
                     raise InputError(f"{ex.source}: label '{ex.label}' never appears in the training data "
                                      f"(known labels: {', '.join(labels)}). Add training examples for it "
                                      "or remove the row.")
         return examples
 
     def read(self, cfg: Config) -> Splits:
+        self.configure(cfg)
         d = cfg.data
         if not d.train:
             raise InputError("data.train: no training file given. Set data.train in the config or pass --data.train FILE.")
@@ -190,19 +232,19 @@ class ClassificationTask:
 
     # ---- metrics and decoding ---------------------------------------------------------------
     def evaluate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
-        examples = enc.examples  # one feature per example: outputs line up with examples
-        logits = np.stack(outputs)
-        gold = self._gold(enc, labels)
+        all_logits, all_gold = np.stack(outputs), self._gold(enc, labels)
+        known = all_gold >= 0  # out-of-scope rows of an untrained class only count in the abstention figures
+        logits, gold = all_logits[known], all_gold[known]
         pred = logits.argmax(-1)
         log_probs = torch.log_softmax(torch.from_numpy(logits) / self.temperature, -1)
-        loss = float(F.nll_loss(log_probs, torch.from_numpy(gold)))
+        loss = float(F.nll_loss(log_probs, torch.from_numpy(gold))) if len(gold) else 0.0
         ids = list(range(len(labels)))
         report = classification_report(gold, pred, labels=ids, target_names=labels, output_dict=True, zero_division=0)
-        return {
+        m = {
             "accuracy": float(accuracy_score(gold, pred)),
             "macro_f1": float(f1_score(gold, pred, labels=ids, average="macro", zero_division=0)),
             "loss": loss,
-            "n": len(examples),
+            "n": int(len(all_gold)),
             "ece": ece(softmax(logits, self.temperature), gold),
             "ece_uncalibrated": ece(softmax(logits), gold),
             "reliability": reliability_bins(softmax(logits, self.temperature), gold),
@@ -211,17 +253,29 @@ class ClassificationTask:
                           for lab in labels},
             "confusion_matrix": confusion_matrix(gold, pred, labels=ids).tolist(),
         }
+        if self.threshold is not None or self.oos_label is not None:
+            conf, p, in_scope = self._decisions(all_logits, labels)
+            oos, correct = self._oos_gold(enc), p == all_gold
+            m.update(abstention_metrics(conf, in_scope, correct, oos, self.threshold or 0.0))
+            if self.threshold is not None:
+                m["no_abstention"] = abstention_metrics(conf, in_scope, correct, oos, 0.0)
+            m["coverage_curve"] = coverage_curve(conf, in_scope, correct)
+        return m
 
     def predictions(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> list[dict]:
         examples = enc.examples
-        probs = softmax(np.stack(outputs), self.temperature)
+        logits = np.stack(outputs)
+        probs = softmax(logits, self.temperature)
+        conf, _, in_scope = self._decisions(logits, labels)
         rows = []
-        for ex, p in zip(examples, probs):
+        for ex, p, c, ins in zip(examples, probs, conf, in_scope):
             row = {"text": ex.text}
             if ex.text_pair is not None:
                 row["text_pair"] = ex.text_pair
             row["label"] = labels[int(p.argmax())]
             row["score"] = round(float(p.max()), 6)
+            if self.threshold is not None and ins and c < self.threshold:
+                row["top_label"], row["label"], row["abstained"] = row["label"], self.abstain_label, True
             row["probabilities"] = {lab: round(float(x), 6) for lab, x in zip(labels, p)}
             if ex.label is not None:
                 row["gold"] = ex.label
@@ -251,4 +305,25 @@ class ClassificationTask:
                 curves[f"{split} calibrated"] = (m["reliability"], m["ece"])
             reliability_diagram(curves, run_dir / "reliability.png")
             lines += ["", "![reliability diagram](reliability.png)", ""]
+        if any("coverage_curve" in m for m in split_metrics.values()):
+            lines += self._abstention_report(split_metrics, run_dir)
         return "\n".join(lines)
+
+    def _abstention_report(self, split_metrics: dict[str, dict], run_dir: Path) -> list[str]:
+        a = self.abstention
+        lines = ["### Abstention / out-of-scope", ""]
+        if self.threshold is not None:
+            lines += [f"Threshold {self.threshold:.4f} on the {'calibrated' if self.threshold_calibrated else 'raw'} "
+                      f"confidence, chosen on dev for {a.get('target')} {a.get('value')}"
+                      + ("" if a.get("met", True) else " (not reachable on dev: the model answers nothing)")
+                      + f"; below it predict returns '{self.abstain_label}'.", ""]
+        lines += ["| split | answered | accuracy of answered | in-scope accuracy | out-of-scope recall |", "|---|---|---|---|---|"]
+        for split, m in split_metrics.items():
+            rows = [("no abstention", m["no_abstention"])] if "no_abstention" in m else []
+            for name, r in rows + [("with threshold" if self.threshold is not None else "", m)]:
+                oos = f"{r['oos_recall']:.4f}" if "oos_recall" in r else "-"
+                lines.append(f"| {split} {name} | {r['coverage']:.4f} | {r['selective_accuracy']:.4f} | "
+                             f"{r['in_scope_accuracy']:.4f} | {oos} |")
+        points = {s: (m["coverage"], m["selective_accuracy"]) for s, m in split_metrics.items() if self.threshold is not None}
+        coverage_plot({s: m["coverage_curve"] for s, m in split_metrics.items()}, points, run_dir / "coverage.png")
+        return lines + ["", "![coverage / accuracy](coverage.png)", ""]

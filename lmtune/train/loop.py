@@ -28,7 +28,7 @@ class LoopTask:
     collate: Callable[[list[dict]], dict]
     loss: Callable  # (outputs, batch) -> summed loss
     num_items: Callable[[list[dict]], int]
-    evaluate: Callable[[torch.nn.Module], dict]  # model -> dev metrics
+    evaluate: Callable[[torch.nn.Module], dict] | None  # model -> dev metrics; None: no dev, no checkpoints
 
 
 def is_better(metric: str, new: float, old: float | None) -> bool:
@@ -39,7 +39,7 @@ def total_steps(cfg: TrainConfig, n_train: int) -> int:
     return cfg.max_steps if cfg.max_steps > 0 else cfg.epochs * math.ceil(n_train / cfg.batch_size)
 
 
-def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ckpt: Checkpoints,
+def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ckpt: Checkpoints | None,
                accelerator: Accelerator, resume: bool = False, callbacks: tuple = (), step_hooks: tuple = ()) -> TrainState:
     """callbacks(state) run after each step; step_hooks(model, step) run after optimizer.step(), while
     gradients still exist (AdaLoRA's rank allocation)."""
@@ -47,7 +47,7 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)  # stepped by us once per optimizer step
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = ckpt.load_state(accelerator.unwrap_model(model), optimizer, scheduler) if resume else TrainState()
+    state = ckpt.load_state(accelerator.unwrap_model(model), optimizer, scheduler) if resume and ckpt else TrainState()
     lengths = [f["length"] for f in features]
     rank, world = accelerator.process_index, accelerator.num_processes
     eval_every = cfg.eval_every or math.ceil(len(features) / cfg.batch_size)
@@ -77,7 +77,7 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
                 state.stop_reason = (f"non-finite loss at step {state.step + 1}: stopped; the last good checkpoint is restored "
                                      "(see the fit diagnosis in report.md)")
                 log.warning(state.stop_reason)
-                if ckpt.path("last") is None:  # nothing saved yet: the weights before this step are still finite
+                if task.evaluate is not None and ckpt.path("last") is None:  # nothing saved yet: the weights before this step are still finite
                     _evaluate_and_checkpoint(model, optimizer, scheduler, task, cfg, ckpt, accelerator, state, steps)
                 break
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
@@ -96,7 +96,8 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
             state.history.append(row)
             progress.update(state.step, loss=row["train_loss"])
             end_of_epoch = state.batch_in_epoch == len(batches)
-            if state.step % eval_every == 0 or state.step == steps or (end_of_epoch and not cfg.eval_every):
+            due = state.step % eval_every == 0 or state.step == steps or (end_of_epoch and not cfg.eval_every)
+            if due and task.evaluate is not None:
                 _evaluate_and_checkpoint(model, optimizer, scheduler, task, cfg, ckpt, accelerator, state, steps)
             for cb in callbacks:
                 cb(state)

@@ -1,0 +1,94 @@
+"""Label-noise candidates by confident learning (cleanlab) on out-of-fold predicted probabilities.
+
+Every training example gets class probabilities from a model that never saw it: train is cut into
+k stratified folds, the run's own recipe fine-tunes a fresh model on k-1 of them, and that model
+predicts the held-out fold. cleanlab's `find_label_issues` then flags the rows whose given label
+the out-of-fold models find implausible (prune by noise rate), ranked by self-confidence (the
+probability of the given label, lowest first). Costs k extra fine-tunings, so it is opt-in:
+`lmtune audit CONFIG --label-noise` or `train.label_noise_folds` in a run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+
+import numpy as np
+import torch
+from transformers import set_seed
+
+from lmtune.config import Config
+from lmtune.errors import InputError
+from lmtune.models import freeze
+from lmtune.train.loop import LoopTask, predict_outputs, train_loop
+from lmtune.train.optim import resolve_learning_rates
+
+log = logging.getLogger("lmtune")
+
+
+def out_of_fold_probs(cfg: Config, task, examples: list, labels: list[str], folds: int, accelerator) -> np.ndarray:
+    """[n, classes] probabilities, each row from the fold model that did not train on it."""
+    if folds < 2:
+        raise InputError(f"label-noise search needs at least 2 folds, got {folds}.")
+    gold = [ex.label for ex in examples]
+    probs = np.zeros((len(examples), len(labels)))
+    # fold f = the examples a stratified split puts in the f-th share; each class spread evenly
+    order = np.random.default_rng(cfg.train.seed).permutation(len(examples))
+    fold_of = np.zeros(len(examples), dtype=int)
+    by_class: dict[str, list[int]] = {}
+    for i in order:
+        by_class.setdefault(gold[i], []).append(int(i))
+    k = 0
+    for idx in by_class.values():
+        for i in idx:
+            fold_of[i] = k % folds
+            k += 1
+    for f in range(folds):
+        held = np.flatnonzero(fold_of == f)
+        fit = np.flatnonzero(fold_of != f)
+        log.info("label noise: fold %d/%d, training on %d, predicting %d", f + 1, folds, len(fit), len(held))
+        logits = _fit_predict(cfg, task, [examples[i] for i in fit], [examples[i] for i in held], labels, accelerator)
+        probs[held] = torch.softmax(torch.from_numpy(np.stack(logits)).double(), -1).numpy()
+    return probs
+
+
+def _fit_predict(cfg: Config, task, train: list, held: list, labels: list[str], accelerator) -> list[np.ndarray]:
+    """The run's recipe (full fine-tuning, no dev, no checkpoints) on `train`; outputs on `held`."""
+    set_seed(cfg.train.seed)
+    model, tokenizer = task.build_model(cfg, labels)
+    freeze(model, cfg.model.freeze_embeddings, cfg.model.freeze_layers)
+    lrs = resolve_learning_rates(dataclasses.replace(cfg.train, progress="none"), model, "none")
+    enc = {name: task.encode(exs, tokenizer, cfg.data.max_length, labels) for name, exs in (("fit", train), ("held", held))}
+    collate = functools.partial(task.collate, tokenizer=tokenizer)
+    train_loop(model, enc["fit"].features, LoopTask(collate, task.loss, task.num_items, None), lrs, None, accelerator)
+    model = accelerator.unwrap_model(model).eval()
+    return predict_outputs(model, enc["held"].features, collate, task.unbatch, accelerator.device, progress="none")
+
+
+def find_label_issues(examples: list, labels: list[str], probs: np.ndarray) -> dict:
+    """cleanlab's flagged rows plus a full ranking of every row by self-confidence (lowest first)."""
+    from cleanlab.filter import find_label_issues as cl_find
+    from cleanlab.rank import get_label_quality_scores
+
+    index = {lab: i for i, lab in enumerate(labels)}
+    given = np.array([index[ex.label] for ex in examples])
+    flagged = cl_find(given, probs, filter_by="prune_by_noise_rate", return_indices_ranked_by="self_confidence")
+    quality = get_label_quality_scores(given, probs, method="self_confidence")
+    ranking = np.argsort(quality, kind="stable")
+    rows = [{"index": int(i), "source": examples[i].source, "text": examples[i].text, "label": examples[i].label,
+             "suggested": labels[int(probs[i].argmax())], "label_quality": round(float(quality[i]), 6)}
+            for i in flagged]
+    return {"flagged": rows, "ranking": ranking.tolist(), "quality": quality.tolist()}
+
+
+def finding(result: dict, n: int) -> dict:
+    """The audit finding (severity and advice) for a label-noise search over n training rows."""
+    flagged = result["flagged"]
+    share = len(flagged) / max(n, 1)
+    severity = "critical" if share > 0.1 else "warning" if share > 0.02 else "info"
+    return {"check": "label_noise", "severity": severity,
+            "detail": f"{len(flagged)} of {n} training rows ({share:.1%}) look mislabeled to out-of-fold models "
+                      "(confident learning)",
+            "suggestion": "Review them (label_noise.jsonl lists each with the suggested label), fix or drop them; "
+                          "data.drop_label_noise true drops them before training.",
+            "examples": [f"{r['source']}: '{r['label']}' -> '{r['suggested']}'" for r in flagged[:5]]}
