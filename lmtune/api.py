@@ -21,7 +21,8 @@ from typing import Any
 
 import torch
 import yaml
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
+from accelerate.utils import broadcast_object_list
 from transformers import set_seed
 
 from lmtune.config import Config, build_config, load_config
@@ -63,16 +64,22 @@ def _device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _partial_state() -> PartialState:
+    """The launcher's processes (torchrun / accelerate launch env), or one plain process. Without a
+    GPU, accelerate only forms a (gloo) process group when told it runs on CPU."""
+    return PartialState(cpu=not torch.cuda.is_available())
+
+
 def _accelerator(precision: str) -> Accelerator:
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
     try:
-        return Accelerator(mixed_precision=mp)
+        return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
     except ValueError:  # a second run in one process asked for another precision
         from accelerate.state import AcceleratorState
         AcceleratorState._reset_state(reset_partial_state=False)
-        return Accelerator(mixed_precision=mp)
+        return Accelerator(mixed_precision=mp, cpu=not torch.cuda.is_available())
 
 
 def _comparable(cfg: Config) -> dict:
@@ -109,6 +116,26 @@ def _run_dir(cfg: Config, resume: bool | str | Path) -> Path:
         raise InputError(f"--resume: the config differs from the one {run_dir} was started with "
                          f"({', '.join(diff)}). Resume with the same config.")
     return run_dir
+
+
+def _shared_run_dir(cfg: Config, resume: bool | str | Path) -> Path:
+    """The main process picks (and creates) the run directory and tells the others, so that N
+    processes of one `accelerate launch` / `torchrun` job share one run; an error reaches every rank."""
+    state = _partial_state()
+    decided: list = [None]
+    if state.is_main_process:
+        try:
+            run_dir = _run_dir(cfg, resume)
+            run_dir.mkdir(parents=True, exist_ok=True)
+            decided[0] = ("ok", str(run_dir))
+        except InputError as e:
+            decided[0] = ("error", str(e))
+    if state.num_processes > 1:
+        broadcast_object_list(decided)
+    kind, value = decided[0]
+    if kind == "error":
+        raise InputError(value)
+    return Path(value)
 
 
 @dataclass
@@ -224,9 +251,8 @@ def train(config: Config | dict | str | Path, overrides: dict | None = None, res
     if unsupported:
         raise InputError(f"{', '.join(unsupported)}: not available for the {task.name} task (classification only).")
     splits = task.read(cfg)  # every input error surfaces here, before anything is written
-    run_dir = _run_dir(cfg, resume)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8")
+    run_dir = _shared_run_dir(cfg, resume)
+    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8") if _partial_state().is_main_process else logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handler.setLevel(logging.INFO)
     old_level = log.level

@@ -70,6 +70,8 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
                     loss = task.loss(model(**inputs(batch)), batch)
                     accelerator.backward(loss * scale)
                 loss_sum += loss.detach()
+            if world > 1:  # every rank must see the same (global) loss: the NaN stop below is taken by all or none
+                loss_sum = accelerator.reduce(torch.as_tensor(loss_sum, device=accelerator.device), "sum")
             if not torch.isfinite(torch.as_tensor(loss_sum)):  # diverged: skip this update, keep a good checkpoint, stop
                 optimizer.zero_grad(set_to_none=True)
                 state.history.append({"step": state.step + 1, "epoch": state.epoch, "train_loss": float(loss_sum)})
@@ -118,7 +120,7 @@ def _evaluate_and_checkpoint(model, optimizer, scheduler, task: LoopTask, cfg: T
     if finite:
         t0 = time.perf_counter()
         model.eval()
-        metrics = task.evaluate(model)
+        metrics = task.evaluate(accelerator.unwrap_model(model))  # each rank the whole dev set: no collectives
         model.train()
         state.eval_seconds += time.perf_counter() - t0
     if not finite or not math.isfinite(metrics.get("loss", 0.0)):  # never checkpoint a diverged model
