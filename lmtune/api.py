@@ -207,9 +207,12 @@ def task_options(task, cfg: Config) -> dict:
     return {name: getattr(cfg.data, key) for name, key in getattr(task, "encode_options", {}).items()}
 
 
-def load(run_dir: str | Path) -> Run:
-    """Open a finished run directory (its model/ folder) for prediction and evaluation."""
+def load(run_dir: str | Path, backend: str = "torch") -> Run:
+    """Open a finished run directory for prediction and evaluation: its model/ folder (backend
+    torch), or the ONNX export made by `lmtune export` (backend onnx or onnx-int8)."""
     run_dir = Path(run_dir)
+    if backend != "torch":
+        return _load_onnx(run_dir, backend)
     meta_path = run_dir / "model" / META
     if not meta_path.is_file():
         raise InputError(f"{run_dir}: not a finished lmtune run (no model/{META}). Train it first, "
@@ -232,6 +235,28 @@ def load(run_dir: str | Path) -> Run:
     metrics_path = run_dir / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     return Run(run_dir, model.to(_device()).eval(), tokenizer, task, meta["labels"], cfg, metrics)
+
+
+def _load_onnx(run_dir: Path, backend: str) -> Run:
+    from transformers import AutoTokenizer
+
+    from lmtune.export.onnx import FP32, INT8, OnnxModel
+    files = {"onnx": FP32, "onnx-int8": INT8}
+    if backend not in files:
+        raise InputError(f"backend {backend!r}: choose torch, onnx or onnx-int8.")
+    path = run_dir / "export" / files[backend]
+    if not path.is_file():
+        raise InputError(f"{path}: no such export; run `lmtune export {run_dir}"
+                         f"{' --quantize int8' if backend == 'onnx-int8' else ''}` first.")
+    meta = json.loads((run_dir / "export" / META).read_text())
+    task = get_task(meta["task"])
+    if hasattr(task, "set_state"):
+        task.set_state(meta.get("task_state", {}))
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(run_dir / "export")
+    metrics_path = run_dir / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    return Run(run_dir, OnnxModel(path), tokenizer, task, meta["labels"], build_config(meta["config"]), metrics)
 
 
 def train(config: Config | dict | str | Path, overrides: dict | None = None, resume: bool | str | Path = False,

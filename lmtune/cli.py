@@ -119,6 +119,15 @@ def cmd_merge(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(ns: argparse.Namespace) -> int:
+    from lmtune.export.onnx import export_run
+    if ns.format != "onnx":
+        raise InputError(f"export: --format {ns.format!r} is not supported (onnx).")
+    report = export_run(ns.run_dir, quantize=ns.quantize, prune=ns.prune, sample=ns.sample)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmtune", description="Fine-tune, evaluate and serve pretrained language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -144,6 +153,14 @@ def build_parser() -> argparse.ArgumentParser:
     mg = sub.add_parser("merge", help="fold a LoRA/AdaLoRA/IA3 adapter into a standalone model folder")
     mg.add_argument("run_dir")
     mg.add_argument("out_dir")
+    ex = sub.add_parser("export", help="export a run to ONNX (optionally int8 / pruned), verified against PyTorch",
+                        description="Writes RUN_DIR/export/ (model.onnx, model.int8.onnx, tokenizer, export.json with the "
+                                    "max logit difference and the dev metric before/after).")
+    ex.add_argument("run_dir")
+    ex.add_argument("--format", default="onnx")
+    ex.add_argument("--quantize", choices=["int8"], help="also write a dynamically int8-quantized model")
+    ex.add_argument("--prune", help="magnitude:AMOUNT zeroes that share of each encoder weight matrix before export")
+    ex.add_argument("--sample", type=int, default=256, help="dev examples for the logit comparison")
     sub.add_parser("config", help="list every config key with its default and meaning")
     return p
 
@@ -169,6 +186,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_predict(ns)
         if ns.command == "merge":
             return cmd_merge(ns)
+        if ns.command == "export":
+            return cmd_export(ns)
         if ns.command == "config":
             print(describe_fields())
             return 0
