@@ -128,6 +128,17 @@ def cmd_export(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_serve(ns: argparse.Namespace) -> int:
+    from lmtune.serve.app import ServeSettings, create_app, serve
+    settings = ServeSettings(run_dir=ns.run_dir, backend=ns.backend, key_file=ns.api_key_file, no_auth=ns.no_auth,
+                             max_batch_size=ns.max_batch_size, max_wait_ms=ns.max_wait_ms, max_queue=ns.max_queue,
+                             max_texts=ns.max_texts, max_chars=ns.max_chars, max_body_bytes=ns.max_body_bytes, threads=ns.threads)
+    if ns.workers == 1:
+        create_app(settings)  # fail fast on a bad run dir or missing keys, before uvicorn starts
+    serve(settings, ns.host, ns.port, ns.workers)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmtune", description="Fine-tune, evaluate and serve pretrained language models.")
     sub = p.add_subparsers(dest="command", required=True)
@@ -161,6 +172,23 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--quantize", choices=["int8"], help="also write a dynamically int8-quantized model")
     ex.add_argument("--prune", help="magnitude:AMOUNT zeroes that share of each encoder weight matrix before export")
     ex.add_argument("--sample", type=int, default=256, help="dev examples for the logit comparison")
+    sv = sub.add_parser("serve", help="serve a run over HTTP (FastAPI): /v1/predict, /healthz, /readyz, /metrics",
+                        description="API keys come from LMTUNE_API_KEYS (comma-separated) or --api-key-file; calls "
+                                    "without a valid key get 401. Uses RUN_DIR/export (ONNX, int8 first) when present.")
+    sv.add_argument("run_dir")
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument("--workers", type=int, default=1, help="worker processes (each loads the model)")
+    sv.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "onnx-int8"])
+    sv.add_argument("--api-key-file", help="file with one API key per line")
+    sv.add_argument("--no-auth", action="store_true", help="serve without API keys (local experiments only)")
+    sv.add_argument("--max-batch-size", type=int, default=32, help="texts per model call")
+    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    sv.add_argument("--max-queue", type=int, default=2048, help="texts waiting before requests get 503")
+    sv.add_argument("--max-texts", type=int, default=64, help="texts per request")
+    sv.add_argument("--max-chars", type=int, default=2000, help="characters per text")
+    sv.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    sv.add_argument("--threads", type=int, help="model threads per worker (default: cores / workers)")
     sub.add_parser("config", help="list every config key with its default and meaning")
     return p
 
@@ -188,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_merge(ns)
         if ns.command == "export":
             return cmd_export(ns)
+        if ns.command == "serve":
+            return cmd_serve(ns)
         if ns.command == "config":
             print(describe_fields())
             return 0
