@@ -106,6 +106,64 @@ class _Metrics:
         self.queue = Gauge("lmtune_queue_texts", "Texts waiting or in the model", registry=self.registry)
 
 
+class _TooLarge(Exception):
+    pass
+
+
+class _RequestContext:
+    """Pure ASGI middleware (BaseHTTPMiddleware costs too much per request): request id, body
+    size limit (declared and streamed), metrics, an access log line without any text."""
+
+    def __init__(self, app, metrics: _Metrics, max_body_bytes: int):
+        self.app, self.metrics, self.max_body = app, metrics, max_body_bytes
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        headers = dict(scope["headers"])
+        given = headers.get(b"x-request-id", b"").decode("latin-1")
+        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = rid
+        t0, status, started, seen = time.perf_counter(), 500, False, 0
+
+        async def send_with_id(message):
+            nonlocal status, started
+            if message["type"] == "http.response.start":
+                status, started = message["status"], True
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
+            await send(message)
+
+        async def counted_receive():
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                raise _TooLarge()
+            return message
+
+        length = headers.get(b"content-length", b"0")
+        try:
+            if not length.isdigit() or int(length) > self.max_body:
+                raise _TooLarge()
+            await self.app(scope, counted_receive, send_with_id)
+        except _TooLarge:
+            if not started:
+                body = json.dumps({"detail": f"request body over {self.max_body} bytes", "request_id": rid}).encode()
+                await send_with_id({"type": "http.response.start", "status": 413,
+                                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+        finally:
+            elapsed = time.perf_counter() - t0
+            route = scope.get("route")
+            endpoint = route.path if route is not None else "other"
+            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.metrics.latency.labels(endpoint).observe(elapsed)
+            if status >= 500:
+                self.metrics.errors.labels(f"http_{status}").inc()
+            if log.isEnabledFor(logging.INFO):
+                log.info("%s %s %d %.1fms id=%s", scope["method"], scope["path"], status, 1000 * elapsed, rid)
+
+
 def create_app(settings: ServeSettings) -> FastAPI:
     from lmtune.api import load
     run_dir = Path(settings.run_dir)
@@ -144,37 +202,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app = FastAPI(title="lmtune", version="1", lifespan=lifespan,
                   description=f"Predictions of the fine-tuned model in {run_dir.name} ({run.task.name}).")
 
-    @app.middleware("http")
-    async def request_context(request: Request, call_next):
-        given = request.headers.get("x-request-id", "")
-        rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
-        request.state.request_id = rid
-        t0 = time.perf_counter()
-        length = request.headers.get("content-length")
-        if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-            response = JSONResponse({"detail": f"request body over {settings.max_body_bytes} bytes", "request_id": rid}, 413)
-        elif length is None and request.method == "POST" and "chunked" in request.headers.get("transfer-encoding", ""):
-            body = b""
-            async for chunk in request.stream():
-                body += chunk
-                if len(body) > settings.max_body_bytes:
-                    break
-            if len(body) > settings.max_body_bytes:
-                response = JSONResponse({"detail": f"request body over {settings.max_body_bytes} bytes", "request_id": rid}, 413)
-            else:
-                request._body = body
-                response = await call_next(request)
-        else:
-            response = await call_next(request)
-        elapsed = time.perf_counter() - t0
-        endpoint = request.scope.get("route").path if request.scope.get("route") else "other"
-        metrics.requests.labels(endpoint, str(response.status_code)).inc()
-        metrics.latency.labels(endpoint).observe(elapsed)
-        if response.status_code >= 500:
-            metrics.errors.labels(f"http_{response.status_code}").inc()
-        response.headers["X-Request-ID"] = rid
-        log.info("%s %s %d %.1fms id=%s", request.method, request.url.path, response.status_code, 1000 * elapsed, rid)
-        return response
+    app.add_middleware(_RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes)
 
     def require_key(request: Request) -> None:
         if not keys:
