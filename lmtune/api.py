@@ -41,6 +41,8 @@ from lmtune.models import count_parameters, freeze, quiet_transformers, resolve_
 from lmtune.peft import finalize as finalize_peft
 from lmtune.peft import (apply_peft, artifact_bytes, base_fingerprint, is_adapter_dir, is_peft, load_adapter, rank_pattern,
                          save_adapter, step_hooks, wrap_loss)
+from lmtune.robust.adversarial import EmbeddingAdversary
+from lmtune.robust.augment import augment
 from lmtune.tasks import get_task
 from lmtune.train.checkpoint import Checkpoints
 from lmtune.train.optim import resolve_learning_rates
@@ -195,11 +197,44 @@ class Run:
 
     def evaluate(self, data: str | Path) -> dict:
         """Metrics on a labeled file (columns as in the run's config)."""
-        examples = self.task.read_file(str(data), self.config, self.labels, require_label=True)
+        return self.evaluate_examples(self.task.read_file(str(data), self.config, self.labels, require_label=True))
+
+    def evaluate_examples(self, examples: list) -> dict:
         enc = self._encode(examples)
         metrics = self.task.evaluate(self._outputs(enc), enc, self.labels)
         metrics["truncated"] = enc.stats["truncated"]
         return metrics
+
+    def attack(self, data: str | Path | None = None, **overrides) -> dict:
+        """Robustness report (robust/attack.py) on a labeled file, or on the run's dev split; written
+        to RUN_DIR/robustness.json and summarised in report.md. overrides: attack.* keys."""
+        data = data or self.config.attack.data
+        if data:
+            examples = self.task.read_file(str(data), self.config, self.labels, require_label=True)
+        else:
+            examples = self._dev_examples()
+        return self.attack_examples(examples, str(data) if data else "dev", **overrides)
+
+    def attack_examples(self, examples: list, source: str = "dev", **overrides) -> dict:
+        from lmtune.robust.attack import report_section, run_attacks
+        cfg = dataclasses.replace(self.config.attack, **overrides)
+        if not cfg.methods:
+            cfg = dataclasses.replace(cfg, methods=["typo", "synonym", "search"])
+        result = {"data": source, **run_attacks(self, examples, cfg)}
+        write_json(self.run_dir / "robustness.json", result)
+        report = self.run_dir / "report.md"
+        if report.is_file():
+            text = report.read_text(encoding="utf-8")
+            text = text.split("\n## Robustness\n")[0].rstrip("\n") + "\n\n"  # a new attack replaces the old section
+            write_text(report, text + report_section(result))
+        return result
+
+    def _dev_examples(self) -> list:
+        """The run's dev split, re-read from its data files as recorded in splits.json."""
+        splits = self.task.read(self.config)
+        if not splits.dev:
+            raise InputError(f"{self.run_dir}: the run has no dev split; give --data FILE to attack.")
+        return splits.dev
 
 
 def task_options(task, cfg: Config) -> dict:
@@ -311,7 +346,9 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
     freeze(model, cfg.model.freeze_embeddings, cfg.model.freeze_layers)
     resampled = (resample_indices([ex.label for ex in splits.train], cfg.data.resample, cfg.train.seed)
                  if cfg.data.resample != "none" else None)
-    steps = total_steps(cfg.train, len(resampled if resampled is not None else splits.train))
+    # augmented rows come from train only, after the split: dev and test never see them
+    extra = augment(splits.train, cfg.augment, model, tokenizer) if cfg.augment.methods else []
+    steps = total_steps(cfg.train, len(resampled if resampled is not None else splits.train) + len(extra))
     model = apply_peft(model, cfg.peft, task.peft_task_type, steps)
     trainable, total = count_parameters(model)
     lrs = dataclasses.replace(resolve_learning_rates(cfg.train, model, cfg.peft.method),
@@ -331,6 +368,9 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
     if resampled is not None:
         train_features = [train_features[i] for i in resampled]
         log.info("re-sampled train (%s): %d -> %d examples", cfg.data.resample, len(encoded["train"].features), len(resampled))
+    if extra:
+        train_features = train_features + task.encode(extra, tokenizer, cfg.data.max_length, splits.labels,
+                                                      **task_options(task, cfg)).features
     if accelerator.is_main_process:
         write_json(run_dir / "audit.json", audit_findings)
     for f in audit_findings:
@@ -348,7 +388,8 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
     ckpt = Checkpoints(run_dir / "checkpoints")
     tb = TensorBoardLogger(run_dir / "tensorboard") if cfg.train.tensorboard and accelerator.is_main_process else None
     t0 = time.perf_counter()
-    loop_task = LoopTask(collate, wrap_loss(task.loss, model, cfg.peft), task.num_items, evaluate_dev)
+    adversary = EmbeddingAdversary(cfg.adversarial, cfg.train.seed) if cfg.adversarial.method != "none" else None
+    loop_task = LoopTask(collate, wrap_loss(task.loss, model, cfg.peft), task.num_items, evaluate_dev, adversary)
     try:
         with PeakMemory() as mem:
             state = train_loop(model, train_features, loop_task, lrs, ckpt, accelerator, resume=bool(resume),
@@ -398,14 +439,19 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
                    "trainable_pct": 100 * trainable / total, "peak_mem_mb": mem.peak_mb,
                    "peak_mem_increase_mb": mem.peak_mb - mem.start_mb,
                    "seconds_per_epoch": (train_seconds - state.eval_seconds - state.checkpoint_seconds)
-                   / max(state.step / math.ceil(len(splits.train) / cfg.train.batch_size), 1e-9),
+                   / max(state.step / math.ceil(len(train_features) / cfg.train.batch_size), 1e-9),
                    "rank_pattern": rank_pattern(model),
                    "train_seconds": train_seconds, "eval_seconds": state.eval_seconds,
                    "checkpoint_seconds": state.checkpoint_seconds, "stop_reason": state.stop_reason,
                    "best_step": state.best_step, "best_metric": state.best_metric}
         summary["artifact_mb"] = artifact_bytes(run_dir / "model") / 2**20
-        train_keys = ("steps", "lr", "head_lr", "peft_method", "trainable_pct", "artifact_mb", "peak_mem_mb", "peak_mem_increase_mb",
-                      "seconds_per_epoch", "rank_pattern", "train_seconds", "eval_seconds", "checkpoint_seconds", "stop_reason",
+        step_rows = [r["seconds"] for r in state.history if "seconds" in r]
+        summary["seconds_per_step"] = sum(step_rows) / max(len(step_rows), 1)
+        if adversary:
+            summary["adversarial"] = {"method": cfg.adversarial.method, "forward_backward_passes_per_step": adversary.passes,
+                                      "epsilon": cfg.adversarial.epsilon, "alpha": cfg.adversarial.alpha, "steps": cfg.adversarial.steps}
+        train_keys = (*(("adversarial",) if adversary else ()), "steps", "lr", "head_lr", "peft_method", "trainable_pct", "artifact_mb", "peak_mem_mb", "peak_mem_increase_mb",
+                      "seconds_per_epoch", "seconds_per_step", "rank_pattern", "train_seconds", "eval_seconds", "checkpoint_seconds", "stop_reason",
                       "best_step", "best_metric", "trainable_params", "total_params", "truncation")
         metrics = {**split_metrics, "train": {k: summary[k] for k in train_keys}, "metric": lrs.metric,
                    "headline": list(task.headline)}
@@ -419,8 +465,14 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
                      task.report(split_metrics, splits.labels, run_dir) + "\n" + diagnosis_section(findings) + "\n"
                      + audit_section(audit_findings), task.headline)
     accelerator.wait_for_everyone()
-    return Run(run_dir, model, tokenizer, task, splits.labels, cfg,
-               json.loads((run_dir / "metrics.json").read_text()))
+    run = Run(run_dir, model, tokenizer, task, splits.labels, cfg, json.loads((run_dir / "metrics.json").read_text()))
+    if cfg.attack.methods and accelerator.is_main_process:
+        result = run.attack(cfg.attack.data) if cfg.attack.data else run.attack_examples(splits.dev)
+        for name, a in result["attacks"].items():
+            if "skipped" not in a:
+                log.info("attack %s: %s %.4f (clean %.4f)%s", name, result["metric"], a[result["metric"]],
+                         result["clean"][result["metric"]], f", success rate {a['success_rate']:.1%}" if "success_rate" in a else "")
+    return run
 
 
 def _label_noise(cfg: Config, task, splits, run_dir: Path, accelerator) -> dict:

@@ -128,6 +128,27 @@ def cmd_export(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_attack(ns: argparse.Namespace) -> int:
+    from lmtune.api import load
+    from lmtune.config import ATTACKS
+    run = load(ns.run_dir)
+    overrides = {k: v for k, v in (("budget", ns.budget), ("rate", ns.rate), ("max_examples", ns.max_examples),
+                                   ("synonyms", ns.synonyms), ("seed", ns.seed)) if v is not None}
+    if ns.methods:
+        methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
+        bad = [m for m in methods if m not in ATTACKS]
+        if bad:
+            raise InputError(f"attack: --methods {', '.join(bad)}: choose from {', '.join(ATTACKS)}.")
+        overrides["methods"] = methods
+    for key in ("budget", "rate"):
+        if key in overrides and not 0 < overrides[key] <= 1:
+            raise InputError(f"attack: --{key} must be in (0, 1], got {overrides[key]}.")
+    result = run.attack(ns.data, **overrides)
+    print(json.dumps({k: v for k, v in result.items()}, indent=2, ensure_ascii=False))
+    print(f"wrote {Path(ns.run_dir) / 'robustness.json'}", file=sys.stderr)
+    return 0
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     from lmtune.serve.app import ServeSettings, create_app, serve
     settings = ServeSettings(run_dir=ns.run_dir, backend=ns.backend, key_file=ns.api_key_file, no_auth=ns.no_auth,
@@ -189,6 +210,17 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-chars", type=int, default=2000, help="characters per text")
     sv.add_argument("--max-body-bytes", type=int, default=1_000_000)
     sv.add_argument("--threads", type=int, help="model threads per worker (default: cores / workers)")
+    at = sub.add_parser("attack", help="robustness report: accuracy under typo / synonym / word-importance attacks",
+                        description="Attacks a trained run on --data (default: its dev split); writes RUN_DIR/robustness.json "
+                                    "and a Robustness section in report.md. Entities, negations and numbers are never changed.")
+    at.add_argument("run_dir")
+    at.add_argument("--data", help="labeled file with the run's columns (default: the run's dev split)")
+    at.add_argument("--methods", help="comma-separated: typo,synonym,search (default: all three)")
+    at.add_argument("--rate", type=float, help="typo/synonym: share of words changed (default 0.2)")
+    at.add_argument("--budget", type=float, help="search: most words changed, as a share (default 0.1)")
+    at.add_argument("--synonyms", choices=["auto", "wordnet", "embedding"])
+    at.add_argument("--max-examples", type=int)
+    at.add_argument("--seed", type=int)
     sub.add_parser("config", help="list every config key with its default and meaning")
     return p
 
@@ -216,6 +248,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_merge(ns)
         if ns.command == "export":
             return cmd_export(ns)
+        if ns.command == "attack":
+            return cmd_attack(ns)
         if ns.command == "serve":
             return cmd_serve(ns)
         if ns.command == "config":

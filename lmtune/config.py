@@ -18,6 +18,8 @@ import yaml
 from lmtune.errors import InputError
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+ATTACKS = ("typo", "synonym", "search")
+AUGMENTS = ("synonym", "insert", "swap", "delete", "typo", "mlm", "backtranslate")
 
 
 def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
@@ -122,6 +124,43 @@ class AbstainConfig:
 
 
 @dataclass
+class AdversarialConfig:
+    method: str = _f("none", "Adversarial training on the word-embedding output: fgm (one gradient-sign step of size "
+                             "epsilon), pgd (steps projected steps of size alpha inside an epsilon ball), freelb "
+                             "(steps ascent steps, parameter gradients averaged).", ("none", "fgm", "pgd", "freelb"))
+    epsilon: float = _f(1.0, "Per-example L2 bound of the embedding perturbation (FreeLB: 0 = unbounded).")
+    alpha: float = _f(0.3, "PGD / FreeLB step size (FreeLB: also the size of the random start).")
+    steps: int = _f(3, "PGD / FreeLB ascent steps per optimizer micro-batch.")
+
+
+@dataclass
+class AttackConfig:
+    methods: list = _f([], "Attacks run on dev (or attack.data) after training, into robustness.json and report.md: "
+                           "typo (random character edits), synonym (random word substitutions), search (greedy "
+                           "word-importance attack that looks for the smallest change that flips the prediction).")
+    data: str | None = _f(None, "Labeled file to attack instead of dev.")
+    rate: float = _f(0.2, "typo / synonym: share of the words of each example that are changed (at least one).")
+    budget: float = _f(0.1, "search: most words it may change, as a share of the example's words (at least one).")
+    synonyms: str = _f("auto", "Substitutes: auto = WordNet for English when installed (lmtune[robust]), else the "
+                               "model's nearest input-embedding neighbours.", ("auto", "wordnet", "embedding"))
+    max_examples: int = _f(0, "Attack at most this many examples (0 = all).")
+    seed: int = _f(13, "Seed of the random perturbations.")
+
+
+@dataclass
+class AugmentConfig:
+    methods: list = _f([], "Augment train (never dev/test): synonym, insert, swap, delete (EDA), typo, mlm (masked-LM "
+                           "substitution), backtranslate. Each new row applies one method drawn at random.")
+    multiplier: int = _f(1, "New rows per training row.")
+    prob: float = _f(0.1, "Share of the words one method changes (at least one).")
+    mlm_model: str | None = _f(None, "Masked LM for method mlm (Hugging Face id or folder).")
+    translate_to: str = _f("Helsinki-NLP/opus-mt-en-de", "backtranslate: model that translates into the pivot language.")
+    translate_back: str = _f("Helsinki-NLP/opus-mt-de-en", "backtranslate: model that translates back.")
+    synonyms: str = _f("auto", "Synonym source for synonym/insert (as attack.synonyms).", ("auto", "wordnet", "embedding"))
+    seed: int = _f(7, "Seed of the augmentation.")
+
+
+@dataclass
 class Config:
     task: str = _f("classification", "Task type from the task registry.")
     output_dir: str = _f("runs", "Folder that receives run directories.")
@@ -131,6 +170,9 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     peft: PeftConfig = field(default_factory=PeftConfig)
     abstain: AbstainConfig = field(default_factory=AbstainConfig)
+    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -139,7 +181,8 @@ class Config:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "peft": PeftConfig, "abstain": AbstainConfig}
+SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "peft": PeftConfig, "abstain": AbstainConfig,
+            "adversarial": AdversarialConfig, "attack": AttackConfig, "augment": AugmentConfig}
 
 
 def all_keys() -> dict[str, dataclasses.Field]:
@@ -209,7 +252,7 @@ def build_config(raw: dict | None = None, overrides: dict[str, Any] | None = Non
                     raise InputError(f"{source}: unknown key '{key}'.{_did_you_mean(key, list(known))}")
                 key = leaf[0]
             value = _coerce(key, value, known[key], source)
-            if key in ("data.train", "data.dev", "data.test") and value and rel is not None:
+            if key in ("data.train", "data.dev", "data.test", "attack.data") and value and rel is not None:
                 p = Path(value)
                 value = str(p if p.is_absolute() else (rel / p))
             values[key] = value
@@ -243,6 +286,20 @@ def validate(cfg: Config, where: str = "config") -> None:
         raise InputError(f"{where}: data.label_noise_folds must be 0 (off) or at least 2, got {cfg.data.label_noise_folds}.")
     if cfg.data.drop_label_noise and not cfg.data.label_noise_folds:
         raise InputError(f"{where}: data.drop_label_noise needs data.label_noise_folds >= 2 (the search that flags rows).")
+    adv = cfg.adversarial
+    if adv.method != "none" and (adv.epsilon < 0 or adv.alpha <= 0 or adv.steps < 1 or (adv.method != "freelb" and adv.epsilon == 0)):
+        raise InputError(f"{where}: adversarial needs epsilon > 0 (FreeLB: >= 0), alpha > 0 and steps >= 1; got "
+                         f"epsilon {adv.epsilon}, alpha {adv.alpha}, steps {adv.steps}.")
+    for section, known in (("attack", ATTACKS), ("augment", AUGMENTS)):
+        bad = [m for m in getattr(cfg, section).methods if m not in known]
+        if bad:
+            raise InputError(f"{where}: {section}.methods: unknown {', '.join(map(repr, bad))}; choose from {', '.join(known)}.")
+    if not 0 < cfg.attack.rate <= 1 or not 0 < cfg.attack.budget <= 1 or not 0 < cfg.augment.prob <= 1:
+        raise InputError(f"{where}: attack.rate, attack.budget and augment.prob must be in (0, 1].")
+    if cfg.augment.multiplier < 1:
+        raise InputError(f"{where}: augment.multiplier must be at least 1, got {cfg.augment.multiplier}.")
+    if "mlm" in cfg.augment.methods and not cfg.augment.mlm_model:
+        raise InputError(f"{where}: augment.methods has mlm: set augment.mlm_model to a masked language model.")
     if cfg.data.max_length < 8:
         raise InputError(f"{where}: data.max_length must be at least 8, got {cfg.data.max_length}.")
 

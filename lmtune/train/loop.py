@@ -8,12 +8,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from accelerate import Accelerator
 
 from lmtune.config import TrainConfig
+from lmtune.robust.adversarial import plain_step
 from lmtune.train.batching import epoch_batches, eval_batches
 from lmtune.train.checkpoint import Checkpoints, TrainState
 from lmtune.train.optim import build_optimizer, build_scheduler
@@ -29,6 +31,7 @@ class LoopTask:
     loss: Callable  # (outputs, batch) -> summed loss
     num_items: Callable[[list[dict]], int]
     evaluate: Callable[[torch.nn.Module], dict] | None  # model -> dev metrics; None: no dev, no checkpoints
+    adversary: Any = None  # robust/adversarial.py: extra passes on perturbed embeddings per micro-batch
 
 
 def is_better(metric: str, new: float, old: float | None) -> bool:
@@ -63,12 +66,13 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
             mine = global_batch[rank::world]
             micro = [mine[i::cfg.grad_accum] for i in range(cfg.grad_accum) if mine[i::cfg.grad_accum]]
             loss_sum = 0.0
+            step_fn = task.adversary.step if task.adversary is not None else plain_step
             for k, idx in enumerate(micro):
                 batch = {n: t.to(accelerator.device) for n, t in task.collate([features[i] for i in idx]).items()}
                 sync = accelerator.no_sync(model) if k < len(micro) - 1 else nullcontext()
                 with sync, accelerator.autocast():
-                    loss = task.loss(model(**inputs(batch)), batch)
-                    accelerator.backward(loss * scale)
+                    loss = step_fn(model, batch, lambda m, b: task.loss(m(**inputs(b)), b),
+                                   lambda lo: accelerator.backward(lo * scale), lambda: accelerator.no_sync(model))
                 loss_sum += loss.detach()
             if world > 1:  # every rank must see the same (global) loss: the NaN stop below is taken by all or none
                 loss_sum = accelerator.reduce(torch.as_tensor(loss_sum, device=accelerator.device), "sum")
