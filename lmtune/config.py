@@ -115,8 +115,10 @@ class AbstainConfig:
     target: str = _f("none", "Choose a confidence threshold on dev for this target; below it predict returns the "
                              "abstain label. precision: accuracy of answered dev examples >= value; coverage: share "
                              "answered >= value; false_accept: share of out-of-scope (or misclassified) dev examples "
-                             "answered <= value.", ("none", "precision", "coverage", "false_accept"))
-    value: float | None = _f(None, "The target's value; default precision 0.95, coverage 0.9, false_accept 0.1.")
+                             "answered <= value; accuracy_loss: refuse as much as possible while in-scope accuracy (abstaining counts as "
+                             "wrong) stays at most value below answering everything.",
+                  ("none", "precision", "coverage", "false_accept", "accuracy_loss"))
+    value: float | None = _f(None, "The target's value; default precision 0.95, coverage 0.9, false_accept 0.1, accuracy_loss 0.02.")
     calibrated: bool = _f(True, "Threshold the temperature-scaled probability (else the raw softmax).")
     label: str = _f("abstain", "Label predict returns when the model abstains (oos_label instead when that is set).")
     oos_label: str | None = _f(None, "Label of out-of-scope rows (e.g. oos). In train it is an explicit out-of-scope class; "

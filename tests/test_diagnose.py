@@ -58,7 +58,7 @@ def _synthetic(n=4000, seed=0):
     return conf, np.ones(n, bool), correct, oos
 
 
-@pytest.mark.parametrize("target,value", [("precision", 0.9), ("coverage", 0.7), ("false_accept", 0.1)])
+@pytest.mark.parametrize("target,value", [("precision", 0.9), ("coverage", 0.7), ("false_accept", 0.1), ("accuracy_loss", 0.02)])
 def test_abstention_threshold_meets_its_target_on_dev(target, value):
     conf, ins, correct, oos = _synthetic()
     t = choose_threshold(conf, ins, correct, oos, target, value)
@@ -70,6 +70,11 @@ def test_abstention_threshold_meets_its_target_on_dev(target, value):
         assert looser["selective_accuracy"] < value or looser["coverage"] == m["coverage"]  # most coverage that meets it
     elif target == "coverage":
         assert value <= m["coverage"] < value + 0.01
+    elif target == "accuracy_loss":
+        everything = abstention_metrics(conf, ins, correct, oos, -1.0)
+        assert everything["in_scope_accuracy"] - value <= m["in_scope_accuracy"]
+        stricter = abstention_metrics(conf, ins, correct, oos, np.nextafter(t["threshold"], 2) + 1e-3)
+        assert everything["in_scope_accuracy"] - stricter["in_scope_accuracy"] > value  # the most refusal that stays within it
     else:
         assert 1 - m["oos_recall"] <= value and m["oos_recall"] >= 0.85
     # and it generalizes to fresh data drawn the same way

@@ -5,7 +5,10 @@ otherwise it abstains (or, with an explicit out-of-scope class, predicts that cl
 - precision: the answered dev examples are right at least `value` of the time (most coverage that does);
 - coverage: at least `value` of dev is answered (the strictest threshold that does);
 - false_accept: at most `value` of the dev examples that should be refused are answered; those are the
-  out-of-scope examples when dev has any, else the misclassified ones.
+  out-of-scope examples when dev has any, else the misclassified ones;
+- accuracy_loss: refuse as much as possible while in-scope accuracy (an abstention counts as an
+  error) stays at most `value` below answering everything: the most out-of-scope refused for a
+  stated price in accuracy.
 Hand-written: a sort and three cumulative sums, nothing a library would add.
 """
 from __future__ import annotations
@@ -16,7 +19,7 @@ import numpy as np
 
 from lmtune.evaluate.plots import _save, plt
 
-DEFAULT_VALUE = {"precision": 0.95, "coverage": 0.9, "false_accept": 0.1}
+DEFAULT_VALUE = {"precision": 0.95, "coverage": 0.9, "false_accept": 0.1, "accuracy_loss": 0.02}
 
 
 def choose_threshold(conf: np.ndarray, in_scope_pred: np.ndarray, correct: np.ndarray, oos_gold: np.ndarray,
@@ -40,6 +43,10 @@ def choose_threshold(conf: np.ndarray, in_scope_pred: np.ndarray, correct: np.nd
         k = ok[-1] if len(ok) else None
     elif target == "coverage":
         ok = np.flatnonzero(cov >= value)
+        k = ok[0] if len(ok) else len(cut) - 1
+    elif target == "accuracy_loss":
+        n_in = max(int((~oos_gold).sum()), 1)
+        ok = np.flatnonzero(right[cut] >= right[-1] - value * n_in)  # right[-1]: correct when answering everything
         k = ok[0] if len(ok) else len(cut) - 1
     else:
         ok = np.flatnonzero(far <= value)
