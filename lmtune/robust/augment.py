@@ -90,13 +90,8 @@ def augment(examples: list, cfg: AugmentConfig, model=None, tokenizer=None) -> l
 def mlm_substitute(items: list, model_name: str, prob: float, batch_size: int = 32) -> list:
     """Masked-LM contextual substitution: mask some unprotected words and put in one of the LM's top-5
     whole-word guesses that differs from the original."""
-    from transformers import AutoModelForMaskedLM, AutoTokenizer
-
-    from lmtune.models import quiet_transformers, resolve_model
-    with quiet_transformers():
-        path = resolve_model(model_name)
-        tok = AutoTokenizer.from_pretrained(path)
-        lm = AutoModelForMaskedLM.from_pretrained(path).eval()
+    from transformers import AutoModelForMaskedLM
+    lm, tok = _load(AutoModelForMaskedLM, model_name)
     out = []
     for start in range(0, len(items), batch_size):
         chunk = items[start: start + batch_size]
@@ -134,13 +129,8 @@ def backtranslate(examples: list, to_model: str, back_model: str, batch_size: in
 
 
 def translate(texts: list[str], model_name: str, batch_size: int = 16) -> list[str]:
-    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
-
-    from lmtune.models import quiet_transformers, resolve_model
-    with quiet_transformers():
-        path = resolve_model(model_name)
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForSeq2SeqLM.from_pretrained(path).eval()
+    from transformers import AutoModelForSeq2SeqLM
+    model, tok = _load(AutoModelForSeq2SeqLM, model_name)
     out = []
     for start in range(0, len(texts), batch_size):
         enc = tok(texts[start: start + batch_size], return_tensors="pt", padding=True, truncation=True, max_length=256)
@@ -148,3 +138,13 @@ def translate(texts: list[str], model_name: str, batch_size: int = 16) -> list[s
         gen = model.generate(**enc, num_beams=1, do_sample=False, max_new_tokens=min(256, 2 * enc["input_ids"].shape[1] + 8))
         out += tok.batch_decode(gen, skip_special_tokens=True)
     return out
+
+
+def _load(auto_cls, model_name: str):
+    """A helper model (masked LM, translator) and its tokenizer, from the hub or a folder."""
+    from transformers import AutoTokenizer
+
+    from lmtune.models import quiet_transformers, resolve_model
+    with quiet_transformers():
+        path = resolve_model(model_name)
+        return auto_cls.from_pretrained(path).eval(), AutoTokenizer.from_pretrained(path)
