@@ -34,8 +34,8 @@ import lmtune  # noqa: E402
 SEED = 42
 SETTINGS = {
     "plain": {},
-    "fgm": {"adversarial": {"method": "fgm", "epsilon": 1.0}},
-    "pgd": {"adversarial": {"method": "pgd", "epsilon": 1.0, "alpha": 0.3, "steps": 3}},
+    "fgm": {"adversarial": {"method": "fgm", "epsilon": 0.3}},
+    "pgd": {"adversarial": {"method": "pgd", "epsilon": 0.3, "alpha": 0.1, "steps": 3}},
     "augment": {"augment": {"methods": ["synonym", "insert", "swap", "delete", "typo"], "multiplier": 1, "prob": 0.1}},
 }
 

@@ -130,8 +130,9 @@ class AdversarialConfig:
     method: str = _f("none", "Adversarial training on the word-embedding output: fgm (one gradient-sign step of size "
                              "epsilon), pgd (steps projected steps of size alpha inside an epsilon ball), freelb "
                              "(steps ascent steps, parameter gradients averaged).", ("none", "fgm", "pgd", "freelb"))
-    epsilon: float = _f(1.0, "Per-example L2 bound of the embedding perturbation (FreeLB: 0 = unbounded).")
-    alpha: float = _f(0.3, "PGD / FreeLB step size (FreeLB: also the size of the random start).")
+    epsilon: float = _f(0.3, "Per-example L2 bound of the embedding perturbation (FreeLB: 0 = unbounded). A word "
+                              "embedding of MiniLM/BERT has norm ~1; 1.0 per example stops a MiniLM from learning at all.")
+    alpha: float = _f(0.1, "PGD / FreeLB step size (FreeLB: also the size of the random start).")
     steps: int = _f(3, "PGD / FreeLB ascent steps per optimizer micro-batch.")
 
 
