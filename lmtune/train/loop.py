@@ -172,7 +172,10 @@ def predict_outputs(model, features: list[dict], collate: Callable, unbatch: Cal
     was_training = model.training
     model.eval()
     out: list = [None] * len(features)
-    batches = eval_batches([f["length"] for f in features])
+    # on CPU, batches of ~1k tokens stay in cache: 1.3x the sentences/s of 8k-token batches (SST-2 dev,
+    # MiniLM, torch and onnxruntime alike); a GPU wants the big ones
+    budget = (8192, 256) if device.type == "cuda" else (1024, 32)
+    batches = eval_batches([f["length"] for f in features], *budget)
     bar = Progress(len(batches), progress if len(batches) >= 20 else "none", desc)
     for n, idx in enumerate(batches, 1):
         batch = {k: t.to(device) for k, t in collate([features[i] for i in idx]).items()}
