@@ -142,7 +142,9 @@ def wait_ready(port: int, proc: subprocess.Popen, path: str) -> None:
 def measure(name: str, cmd: list[str], ready_path: str, texts: list[str], args, headers: dict, env: dict) -> dict:
     port = free_port()
     cmd = [c if c != "PORT" else str(port) for c in cmd]
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    # the server's log goes to a file: an unread pipe fills up (one access-log line per request) and blocks it
+    log_file = open(Path(tempfile.gettempdir()) / f"serve_load_{name}.log", "w")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log_file, text=True)
     try:
         wait_ready(port, proc, ready_path)
         sampler = RssSampler(proc.pid)
@@ -158,6 +160,7 @@ def measure(name: str, cmd: list[str], ready_path: str, texts: list[str], args, 
             proc.wait(30)
         except subprocess.TimeoutExpired:
             proc.kill()
+        log_file.close()
     ms = np.array(lat) * 1000
     out = {"rps": round(args.requests / wall, 1), "p50_ms": round(float(np.percentile(ms, 50)), 1),
            "p99_ms": round(float(np.percentile(ms, 99)), 1), "errors": int(errors), "peak_rss_mb": round(sampler.peak / 2**20, 1)}
