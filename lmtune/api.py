@@ -450,7 +450,8 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
         if adversary:
             summary["adversarial"] = {"method": cfg.adversarial.method, "forward_backward_passes_per_step": adversary.passes,
                                       "epsilon": cfg.adversarial.epsilon, "alpha": cfg.adversarial.alpha, "steps": cfg.adversarial.steps}
-        train_keys = (*(("adversarial",) if adversary else ()), "steps", "lr", "head_lr", "peft_method", "trainable_pct", "artifact_mb", "peak_mem_mb", "peak_mem_increase_mb",
+        train_keys = (*(("adversarial",) if adversary else ()), "steps", "lr", "head_lr", "peft_method", "trainable_pct",
+                      "artifact_mb", "peak_mem_mb", "peak_mem_increase_mb",
                       "seconds_per_epoch", "seconds_per_step", "rank_pattern", "train_seconds", "eval_seconds", "checkpoint_seconds", "stop_reason",
                       "best_step", "best_metric", "trainable_params", "total_params", "truncation")
         metrics = {**split_metrics, "train": {k: summary[k] for k in train_keys}, "metric": lrs.metric,

@@ -17,7 +17,6 @@ from pathlib import Path
 import numpy as np
 
 from lmtune.data.ner_readers import NerExample
-from lmtune.data.readers import Example
 
 NEGATIONS = frozenset("not no never nor none nobody nothing neither nowhere without cannot n't isn't aren't wasn't weren't "
                       "don't doesn't didn't won't wouldn't can't couldn't shouldn't hasn't haven't hadn't ain't".split()

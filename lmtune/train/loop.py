@@ -72,7 +72,7 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
                 sync = accelerator.no_sync(model) if k < len(micro) - 1 else nullcontext()
                 with sync, accelerator.autocast():
                     loss = step_fn(model, batch, lambda m, b: task.loss(m(**inputs(b)), b),
-                                   lambda lo: accelerator.backward(lo * scale), lambda: accelerator.no_sync(model))
+                                   lambda lo, s=scale: accelerator.backward(lo * s), lambda: accelerator.no_sync(model))
                 loss_sum += loss.detach()
             if world > 1:  # every rank must see the same (global) loss: the NaN stop below is taken by all or none
                 loss_sum = accelerator.reduce(torch.as_tensor(loss_sum, device=accelerator.device), "sum")
