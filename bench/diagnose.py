@@ -11,7 +11,10 @@ full dev set) and CLINC150 "full". Backbone: the packaged all-MiniLM-L6-v2, lmtu
 2. CLINC150 out-of-scope: train on in-scope train; dev = in-scope val + oos_val (threshold
    chosen there); scored on test + oos_test. (a) none: argmax, never abstains; (b) threshold on
    the raw max-softmax; (c) threshold on the temperature-calibrated max probability; (d) oos_class:
-   a 151st class trained on oos_train (plus the variant with a calibrated threshold on top).
+   a 151st class trained on oos_train (plus the variant with a calibrated threshold on top); (e)
+   mahalanobis: threshold on minus the Mahalanobis distance of the [CLS] feature to the nearest
+   class mean (abstain.score mahalanobis; means and covariance fitted on train), for the in-scope
+   model and for the oos_class model.
    Thresholds are chosen on dev for --target: accuracy_loss (default; refuse as much as possible
    while dev in-scope accuracy drops at most --accuracy-loss, default 0.015, leaving a margin under
    the 2-point bound for dev/test variation) or false_accept (at most --far of dev out-of-scope
@@ -63,11 +66,12 @@ def write_csv(path: Path, rows: list[tuple[str, str]]) -> str:
     return str(path)
 
 
-def sst2() -> tuple[list, list]:
+def sst2(n: int = 4000) -> tuple[list, list]:
     def read(name):
         with open(SHARED / "sst2" / name, encoding="utf-8") as fh:
             return [(r["sentence"].strip(), r["label"]) for r in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)]
-    return limit(random.Random(SEED).sample(read("train.tsv"), 4000)), limit(read("dev.tsv"))
+    train = read("train.tsv")
+    return limit(random.Random(SEED).sample(train, min(n, len(train)))), limit(read("dev.tsv"))
 
 
 def base(tmp: Path, name: str, train_file: str, dev_file: str, test_file: str | None = None, **sections) -> dict:
@@ -117,21 +121,23 @@ def clinc(tmp: Path, epochs: int, far: float, accuracy_loss: float, main_target:
 
     t0 = time.perf_counter()
     run = lmtune.train(base(tmp, "clinc_inscope", files["train"], files["dev"], files["test"],
-                            train={"epochs": epochs}, abstain={"oos_label": "oos"}))
+                            train={"epochs": epochs}, abstain={"oos_label": "oos", "score": "mahalanobis"}))
     inscope_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     oos_run = lmtune.train(base(tmp, "clinc_oos_class", files["train_oos"], files["dev"], files["test"],
-                                train={"epochs": epochs}, abstain={"oos_label": "oos"}))
+                                train={"epochs": epochs}, abstain={"oos_label": "oos", "score": "mahalanobis"}))
     oos_s = time.perf_counter() - t0
     inscope, oos_class = lmtune.load(run.run_dir), lmtune.load(oos_run.run_dir)
     out = {"none": pick(run.metrics["test"].get("no_abstention", run.metrics["test"])),
            "oos_class": pick(oos_run.metrics["test"].get("no_abstention", oos_run.metrics["test"]))}
-    variants = {"threshold": (inscope, False), "calibrated": (inscope, True), "oos_class_calibrated": (oos_class, True)}
+    variants = {"threshold": (inscope, False, "probability"), "calibrated": (inscope, True, "probability"),
+                "mahalanobis": (inscope, True, "mahalanobis"), "oos_class_calibrated": (oos_class, True, "probability"),
+                "oos_class_mahalanobis": (oos_class, True, "mahalanobis")}
     other = {}
     # the thresholds are chosen on dev (in-scope val + oos_val) only; test is scored once per variant
     for target, value in (("false_accept", far), ("accuracy_loss", accuracy_loss)):
-        for name, (model, calibrated) in variants.items():
-            model.tune_abstention(files["dev"], target, value, calibrated=calibrated)
+        for name, (model, calibrated, score) in variants.items():
+            model.tune_abstention(files["dev"], target, value, calibrated=calibrated, score=score)
             (out if target == main_target else other)[name] = pick(model.evaluate(files["test"]))
             (out if target == main_target else other)[name]["target"] = f"{target} {value}"
     print(f"clinc150: {len(rows['train'])} in-scope train, test {len(rows['test'])} in-scope + {len(rows['oos_test'])} oos, "
@@ -141,8 +147,8 @@ def clinc(tmp: Path, epochs: int, far: float, accuracy_loss: float, main_target:
     return out
 
 
-def calibration(tmp: Path) -> dict:
-    train, dev = sst2()
+def calibration(tmp: Path, n_train: int) -> dict:
+    train, dev = sst2(n_train)
     run = lmtune.train(base(tmp, "sst2_clean", write_csv(tmp / "sst2_train.csv", train), write_csv(tmp / "sst2_dev2.csv", dev)))
     m = run.metrics["dev"]
     # cross-fitted: the temperature of one half of dev scores the other half
@@ -156,7 +162,7 @@ def calibration(tmp: Path) -> dict:
         cross.append((ece(softmax(logits[~a], t), gold[~a]), (~a).sum()))
     ece_cross = sum(e * n for e, n in cross) / sum(n for _, n in cross)
     out = {"ece_before": round(m["ece_uncalibrated"], 4), "ece_after": round(float(ece_cross), 4)}
-    print(f"calibration (SST-2 dev, acc {m['accuracy']:.4f}): temperature {run.task.temperature:.3f} | ECE before "
+    print(f"calibration ({len(train)} SST-2 train sentences; dev acc {m['accuracy']:.4f}): temperature {run.task.temperature:.3f} | ECE before "
           f"{out['ece_before']:.4f} | after, cross-fitted on dev halves {out['ece_after']:.4f} | after, fitted and measured on "
           f"all of dev {m['ece']:.4f}", flush=True)
     return out
@@ -171,6 +177,7 @@ def main() -> None:
     ap.add_argument("--accuracy-loss", type=float, default=0.015, help="accuracy_loss target value")
     ap.add_argument("--target", default="accuracy_loss", choices=["accuracy_loss", "false_accept"],
                     help="target whose results go into the JSON line (both are printed)")
+    ap.add_argument("--calibration-train", type=int, default=4000, help="SST-2 train sentences for the calibration model")
     ap.add_argument("--limit", type=int, default=0)
     args = ap.parse_args()
     global LIMIT
@@ -186,7 +193,7 @@ def main() -> None:
         if "clinc" in parts:
             result["clinc150"] = clinc(tmp, args.epochs_clinc, args.far, args.accuracy_loss, args.target)
         if "calibration" in parts:
-            result["calibration"] = calibration(tmp)
+            result["calibration"] = calibration(tmp, args.calibration_train)
     print(json.dumps(result))
 
 

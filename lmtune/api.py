@@ -52,6 +52,23 @@ from lmtune.train.tensorboard import TensorBoardLogger, require_tensorboard
 
 log = logging.getLogger("lmtune")
 META = "lmtune.json"
+TASK_ARRAYS = "task_state.safetensors"  # task state too big for lmtune.json (e.g. the Mahalanobis scorer)
+
+
+def restore_task_state(task, meta: dict, folder: Path) -> None:
+    """The task's saved state: small values from lmtune.json, arrays from safetensors."""
+    if hasattr(task, "set_state"):
+        task.set_state(meta.get("task_state", {}))
+    if hasattr(task, "set_arrays") and (folder / TASK_ARRAYS).is_file():
+        from safetensors.numpy import load_file
+        task.set_arrays(load_file(folder / TASK_ARRAYS))
+
+
+def save_task_arrays(task, folder: Path) -> None:
+    arrays = task.arrays() if hasattr(task, "arrays") else {}
+    if arrays:
+        from safetensors.numpy import save_file
+        save_file({k: v.copy() for k, v in arrays.items()}, folder / TASK_ARRAYS)
 
 
 def _as_config(config: Config | dict | str | Path, overrides: dict | None = None) -> Config:
@@ -175,16 +192,19 @@ class Run:
         return self.task.predictions(self._outputs(enc), enc, self.labels)
 
     def tune_abstention(self, data: str | Path, target: str, value: float | None = None, calibrated: bool = True,
-                        save: bool = False) -> dict:
+                        save: bool = False, score: str | None = None) -> dict:
         """Choose the abstention threshold on a labeled file (e.g. dev with out-of-scope rows) for a new
-        target without retraining; save=True writes it into model/lmtune.json for predict and serve."""
+        target without retraining; save=True writes it into model/lmtune.json for predict and serve.
+        score: probability, or mahalanobis for a model trained with abstain.score mahalanobis (default:
+        the model's own)."""
         if not hasattr(self.task, "fit_threshold"):
             raise InputError(f"abstention is not available for the {self.task.name} task.")
         if target not in DEFAULT_VALUE:
             raise InputError(f"abstention target must be one of {', '.join(DEFAULT_VALUE)}, got {target!r}.")
         examples = self.task.read_file(str(data), self.config, self.labels, require_label=True)
         enc = self._encode(examples)
-        result = self.task.fit_threshold(self._outputs(enc), enc, self.labels, target, value, calibrated)
+        result = self.task.fit_threshold(self._outputs(enc), enc, self.labels, target, value, calibrated,
+                                         **({"score": score} if score else {}))
         if save:
             meta_path = self.run_dir / "model" / META
             meta = json.loads(meta_path.read_text())
@@ -254,8 +274,7 @@ def load(run_dir: str | Path, backend: str = "torch") -> Run:
                          "or resume it with `lmtune train CONFIG --resume`.")
     meta = json.loads(meta_path.read_text())
     task = get_task(meta["task"])
-    if hasattr(task, "set_state"):
-        task.set_state(meta.get("task_state", {}))
+    restore_task_state(task, meta, run_dir / "model")
     cfg = build_config(meta["config"])
     if is_adapter_dir(run_dir / "model"):
         base = meta.get("base_model", {})
@@ -285,8 +304,7 @@ def _load_onnx(run_dir: Path, backend: str) -> Run:
                          f"{' --quantize int8' if backend == 'onnx-int8' else ''}` first.")
     meta = json.loads((run_dir / "export" / META).read_text())
     task = get_task(meta["task"])
-    if hasattr(task, "set_state"):
-        task.set_state(meta.get("task_state", {}))
+    restore_task_state(task, meta, run_dir / "export")
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(run_dir / "export")
     metrics_path = run_dir / "metrics.json"
@@ -305,6 +323,7 @@ def train(config: Config | dict | str | Path, overrides: dict | None = None, res
     if cfg.train.tensorboard:
         require_tensorboard()
     unsupported = [key for key, on, attr in (("abstain.target", cfg.abstain.target != "none", "fit_threshold"),
+                                            ("abstain.score", cfg.abstain.score != "probability", "fit_scorer"),
                                             ("data.label_noise_folds", cfg.data.label_noise_folds > 0, "example_labels"),
                                             ("data.resample", cfg.data.resample != "none", "example_labels"))
                    if on and not hasattr(task, attr)]
@@ -405,6 +424,10 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
     if cfg.train.calibrate and hasattr(task, "calibrate"):
         c = task.calibrate(outputs(model, "dev"), encoded["dev"], splits.labels)
         log.info("calibration: temperature %.3f, dev ECE %.4f -> %.4f", c["temperature"], c["dev_ece_before"], c["dev_ece_after"])
+    if cfg.abstain.score == "mahalanobis":
+        s = task.fit_scorer(outputs(model, "train"), encoded["train"], splits.labels)
+        log.info("abstention score: Mahalanobis distance fitted on %d train examples (%d classes, %d-dim [CLS])",
+                 s["examples"], s["classes"], s["dim"])
     if cfg.abstain.target != "none":
         a = task.fit_threshold(outputs(model, "dev"), encoded["dev"], splits.labels, cfg.abstain.target, cfg.abstain.value,
                                cfg.abstain.calibrated)
@@ -427,6 +450,7 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
         with atomic_dir(run_dir / "model") as tmp, quiet_transformers():
             save_adapter(model, tmp) if is_peft(model) else model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            save_task_arrays(task, tmp)
             write_json(tmp / META, meta)
         for split, rows in preds.items():
             write_jsonl(run_dir / "predictions" / f"{split}.jsonl", rows)

@@ -120,6 +120,10 @@ class AbstainConfig:
                   ("none", "precision", "coverage", "false_accept", "accuracy_loss"))
     value: float | None = _f(None, "The target's value; default precision 0.95, coverage 0.9, false_accept 0.1, accuracy_loss 0.02.")
     calibrated: bool = _f(True, "Threshold the temperature-scaled probability (else the raw softmax).")
+    score: str = _f("probability", "What the threshold is put on. probability: the top class's probability; mahalanobis: "
+                                   "minus the Mahalanobis distance of the [CLS] feature to the nearest class mean (means and a "
+                                   "shared covariance fitted on train after training; far better at out-of-scope inputs the "
+                                   "model is confidently wrong about).", ("probability", "mahalanobis"))
     label: str = _f("abstain", "Label predict returns when the model abstains (oos_label instead when that is set).")
     oos_label: str | None = _f(None, "Label of out-of-scope rows (e.g. oos). In train it is an explicit out-of-scope class; "
                                      "in dev/test only, those rows tune the threshold and measure out-of-scope recall.")

@@ -118,6 +118,43 @@ def test_run_with_a_threshold_abstains_and_reports_out_of_scope(tiny_config, tmp
     assert t["dev_coverage"] >= 0.9 and loaded.evaluate(cfg["data"]["dev"])["coverage"] >= 0.9
 
 
+def test_mahalanobis_score_is_the_distance_to_the_nearest_class_mean():
+    from scipy.spatial.distance import mahalanobis
+
+    from lmtune.tasks.classification import mahalanobis_score
+    rng = np.random.default_rng(0)
+    feats, means = rng.normal(size=(7, 5)), rng.normal(size=(3, 5))
+    a = rng.normal(size=(5, 5))
+    precision = a @ a.T + np.eye(5)
+    want = [-min(mahalanobis(f, m, precision) ** 2 for m in means) for f in feats]
+    np.testing.assert_allclose(mahalanobis_score(feats, means, precision), want, rtol=1e-9)
+
+
+def test_mahalanobis_abstention_refuses_out_of_scope_and_survives_save_load_and_onnx(tiny_config, pretrained_tiny, tmp_path):
+    from lmtune.export.onnx import export_run
+    cfg = copy.deepcopy(tiny_config)
+    cfg["model"]["name"] = pretrained_tiny
+    cfg["data"]["dev"] = str(write_csv(tmp_path / "dev_oos.csv", toy_rows(32, 2) + _oos_rows(16, 5)))
+    cfg["data"]["test"] = str(write_csv(tmp_path / "test_oos.csv", toy_rows(32, 3) + _oos_rows(16, 6)))
+    cfg["abstain"] = {"target": "false_accept", "value": 0.25, "oos_label": "oos", "score": "mahalanobis"}
+    cfg["train"]["epochs"] = 4
+    run = lmtune.train(cfg)
+    means, precision = run.task.ood["means"], run.task.ood["precision"]
+    assert means.shape == (2, run.model.config.hidden_size) and precision.shape == (means.shape[1],) * 2
+    dev = run.metrics["dev"]
+    assert dev["oos_recall"] >= 0.75 and dev["no_abstention"]["oos_recall"] == 0.0
+    assert "Mahalanobis" in (run.run_dir / "report.md").read_text()
+    texts = [t for t, _ in _oos_rows(16, 6)] + [t for t, _ in toy_rows(16, 7)]
+    first = run.predict(texts)
+    assert sum(r.get("abstained", False) for r in first[:16]) >= 8  # out-of-scope rows mostly refused
+    loaded = lmtune.load(run.run_dir)
+    np.testing.assert_allclose(loaded.task.ood["precision"], precision)
+    assert [r["label"] for r in loaded.predict(texts)] == [r["label"] for r in first]
+    export_run(run.run_dir)
+    onnx = lmtune.load(run.run_dir, backend="onnx")
+    assert [r["label"] for r in onnx.predict(texts)] == [r["label"] for r in first]
+
+
 def test_explicit_out_of_scope_class(tiny_config, pretrained_tiny, tmp_path):
     cfg = copy.deepcopy(tiny_config)
     cfg["model"]["name"] = pretrained_tiny

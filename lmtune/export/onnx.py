@@ -11,6 +11,7 @@ import functools
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,10 +32,12 @@ class OnnxModel:
     (predict_outputs calls `model(**inputs)` and reads `.logits`)."""
     training = False
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, spin: bool = True):
         import onnxruntime as ort
         so = ort.SessionOptions()
         so.intra_op_num_threads = threads or (os.cpu_count() or 1)
+        if not spin:  # a server shares the cores with its event loop: idle model threads must sleep, not spin
+            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
         so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -42,7 +45,10 @@ class OnnxModel:
 
     def __call__(self, **batch: torch.Tensor) -> SimpleNamespace:
         feed = {n: batch[n].cpu().numpy().astype(np.int64) for n in self.input_names}
-        return SimpleNamespace(logits=torch.from_numpy(self.session.run(None, feed)[0]))
+        out = self.session.run(None, feed)
+        if len(out) > 1:  # the [CLS] features of a model that abstains on the Mahalanobis score
+            return SimpleNamespace(logits=torch.from_numpy(out[0]), hidden_states=(torch.from_numpy(out[1])[:, None, :],))
+        return SimpleNamespace(logits=torch.from_numpy(out[0]))
 
     def eval(self) -> OnnxModel:
         return self
@@ -55,14 +61,17 @@ class OnnxModel:
 
 
 class _Logits(torch.nn.Module):
-    """Positional inputs in, logits out: the signature the ONNX graph gets."""
+    """Positional inputs in, logits out (and the last layer's [CLS] when the model was built to
+    return hidden states): the signature the ONNX graph gets."""
 
     def __init__(self, model: torch.nn.Module, names: list[str]):
         super().__init__()
         self.model, self.names = model, names
+        self.features = bool(getattr(model.config, "output_hidden_states", False))
 
-    def forward(self, *args: torch.Tensor) -> torch.Tensor:
-        return self.model(**dict(zip(self.names, args))).logits
+    def forward(self, *args: torch.Tensor):
+        out = self.model(**dict(zip(self.names, args)))
+        return (out.logits, out.hidden_states[-1][:, 0]) if self.features else out.logits
 
 
 def prune_magnitude(model: torch.nn.Module, amount: float) -> dict:
@@ -82,7 +91,7 @@ def prune_magnitude(model: torch.nn.Module, amount: float) -> dict:
 
 def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | None = None, sample: int = 256) -> dict:
     """Export RUN_DIR's model to RUN_DIR/export and verify it; returns what export.json holds."""
-    from lmtune.api import META, load
+    from lmtune.api import META, TASK_ARRAYS, load
     from lmtune.peft import MERGEABLE, is_peft, merge
     run_dir = Path(run_dir)
     run = load(run_dir)
@@ -122,9 +131,11 @@ def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | No
                 model.set_attn_implementation("eager")
             except (ValueError, ImportError):
                 pass
-        torch.onnx.export(_Logits(model, names), tuple(example[n] for n in names), str(tmp / FP32), input_names=names,
-                          output_names=["logits"], opset_version=17, dynamo=False,
-                          dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, "logits": {0: "batch"}})
+        graph = _Logits(model, names)
+        outs = ["logits", "features"] if graph.features else ["logits"]
+        torch.onnx.export(graph, tuple(example[n] for n in names), str(tmp / FP32), input_names=names,
+                          output_names=outs, opset_version=17, dynamo=False,
+                          dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, **{o: {0: "batch"} for o in outs}})
         model.eval()
         report["onnx_fp32"] = _verify(OnnxModel(tmp / FP32), ref, probe, outputs, metric, dev)
         report["onnx_fp32"]["export_s"] = time.perf_counter() - t0
@@ -137,6 +148,8 @@ def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | No
         run.tokenizer.save_pretrained(tmp)
         meta = json.loads((run_dir / "model" / META).read_text())
         write_json(tmp / META, meta)
+        if (run_dir / "model" / TASK_ARRAYS).is_file():
+            shutil.copy2(run_dir / "model" / TASK_ARRAYS, tmp / TASK_ARRAYS)
         write_json(tmp / "export.json", report)
     for name in ("onnx_fp32", "onnx_int8"):
         if name in report:

@@ -176,9 +176,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
         import torch
         torch.set_num_threads(settings.threads)
     run = load(run_dir, backend=backend)
-    if backend != "torch" and settings.threads:
+    if backend != "torch":
         from lmtune.export.onnx import OnnxModel
-        run.model = OnnxModel(run.model.path, settings.threads)
+        run.model = OnnxModel(run.model.path, settings.threads, spin=False)
     run.config.train.progress = "none"
     metrics = _Metrics()
 
