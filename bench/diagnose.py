@@ -147,9 +147,10 @@ def clinc(tmp: Path, epochs: int, far: float, accuracy_loss: float, main_target:
     return out
 
 
-def calibration(tmp: Path, n_train: int) -> dict:
+def calibration(tmp: Path, n_train: int, epochs: int) -> dict:
     train, dev = sst2(n_train)
-    run = lmtune.train(base(tmp, "sst2_clean", write_csv(tmp / "sst2_train.csv", train), write_csv(tmp / "sst2_dev2.csv", dev)))
+    run = lmtune.train(base(tmp, "sst2_clean", write_csv(tmp / "sst2_train.csv", train), write_csv(tmp / "sst2_dev2.csv", dev),
+                            train={"epochs": epochs}))
     m = run.metrics["dev"]
     # cross-fitted: the temperature of one half of dev scores the other half
     enc = run._encode(run.task.read_file(str(tmp / "sst2_dev2.csv"), run.config, run.labels))
@@ -162,7 +163,8 @@ def calibration(tmp: Path, n_train: int) -> dict:
         cross.append((ece(softmax(logits[~a], t), gold[~a]), (~a).sum()))
     ece_cross = sum(e * n for e, n in cross) / sum(n for _, n in cross)
     out = {"ece_before": round(m["ece_uncalibrated"], 4), "ece_after": round(float(ece_cross), 4)}
-    print(f"calibration ({len(train)} SST-2 train sentences; dev acc {m['accuracy']:.4f}): temperature {run.task.temperature:.3f} | ECE before "
+    print(f"calibration ({len(train)} SST-2 train sentences, {epochs} epoch(s); dev acc {m['accuracy']:.4f}): "
+          f"temperature {run.task.temperature:.3f} | ECE before "
           f"{out['ece_before']:.4f} | after, cross-fitted on dev halves {out['ece_after']:.4f} | after, fitted and measured on "
           f"all of dev {m['ece']:.4f}", flush=True)
     return out
@@ -178,6 +180,7 @@ def main() -> None:
     ap.add_argument("--target", default="accuracy_loss", choices=["accuracy_loss", "false_accept"],
                     help="target whose results go into the JSON line (both are printed)")
     ap.add_argument("--calibration-train", type=int, default=4000, help="SST-2 train sentences for the calibration model")
+    ap.add_argument("--calibration-epochs", type=int, default=1)
     ap.add_argument("--limit", type=int, default=0)
     args = ap.parse_args()
     global LIMIT
@@ -193,7 +196,7 @@ def main() -> None:
         if "clinc" in parts:
             result["clinc150"] = clinc(tmp, args.epochs_clinc, args.far, args.accuracy_loss, args.target)
         if "calibration" in parts:
-            result["calibration"] = calibration(tmp, args.calibration_train)
+            result["calibration"] = calibration(tmp, args.calibration_train, args.calibration_epochs)
     print(json.dumps(result))
 
 
