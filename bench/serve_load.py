@@ -10,7 +10,9 @@ one after the other, one uvicorn worker each):
   batching alone gives;
 - naive: FastAPI + `pipeline("text-classification", model=RUN_DIR/model)` called in the endpoint
   for each request (no batching, no auth).
-Load: 2,000 requests of one SST-2 dev sentence each from 32 concurrent asyncio clients (httpx).
+Load: 2,000 requests of one SST-2 dev sentence each from 32 concurrent asyncio clients (aiohttp;
+`pip install -e .[bench]`), in this process, on the same 2 cores as the server; the CPU seconds of
+the server and of the load generator are printed.
 Reported: requests/s over the whole run, p50/p99 latency, errors (anything but HTTP 200), peak
 RSS of the server process tree (sampled every 50 ms).
 
@@ -104,25 +106,36 @@ class RssSampler(threading.Thread):
 
 
 async def load(url: str, texts: list[str], n: int, clients: int, headers: dict) -> tuple[list[float], int, float]:
-    import httpx
+    # aiohttp, not httpx: the load generator shares the 2 cores with the server under test, and
+    # aiohttp's C HTTP parser costs it far less CPU per request than httpx's pure-Python h11
+    import aiohttp
     latencies: list[float] = []
     errors = 0
     counter = iter(range(n))
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=clients)) as client:
+    conn = aiohttp.TCPConnector(limit=clients)
+    async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as client:
         async def worker():
             nonlocal errors
             for i in counter:
                 t0 = time.perf_counter()
                 try:
-                    r = await client.post(url, json={"texts": [texts[i % len(texts)]]}, headers=headers)
-                    ok = r.status_code == 200
-                except httpx.HTTPError:
+                    async with client.post(url, json={"texts": [texts[i % len(texts)]]}, headers=headers) as r:
+                        await r.read()
+                        ok = r.status == 200
+                except (aiohttp.ClientError, asyncio.TimeoutError):
                     ok = False
                 latencies.append(time.perf_counter() - t0)
                 errors += not ok
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
         return latencies, errors, time.perf_counter() - t0
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU of a process and its children so far."""
+    procs = [psutil.Process(pid)]
+    procs += procs[0].children(recursive=True)
+    return sum(sum(p.cpu_times()[:2]) for p in procs)
 
 
 def wait_ready(port: int, proc: subprocess.Popen, path: str) -> None:
@@ -151,7 +164,9 @@ def measure(name: str, cmd: list[str], ready_path: str, texts: list[str], args, 
         sampler.start()
         url = f"http://127.0.0.1:{port}/v1/predict"
         asyncio.run(load(url, texts, 64, args.clients, headers))  # warm-up, not counted
+        server_cpu0, client_cpu0 = _cpu_seconds(proc.pid), time.process_time()
         lat, errors, wall = asyncio.run(load(url, texts, args.requests, args.clients, headers))
+        server_cpu, client_cpu = _cpu_seconds(proc.pid) - server_cpu0, time.process_time() - client_cpu0
         sampler.stop = True
         sampler.join()
     finally:
@@ -165,8 +180,8 @@ def measure(name: str, cmd: list[str], ready_path: str, texts: list[str], args, 
     out = {"rps": round(args.requests / wall, 1), "p50_ms": round(float(np.percentile(ms, 50)), 1),
            "p99_ms": round(float(np.percentile(ms, 99)), 1), "errors": int(errors), "peak_rss_mb": round(sampler.peak / 2**20, 1)}
     print(f"{name:<13} {out['rps']:7.1f} req/s | p50 {out['p50_ms']:7.1f} ms | p99 {out['p99_ms']:7.1f} ms | "
-          f"errors {out['errors']} | peak RSS {out['peak_rss_mb']:.0f} MB ({args.requests} requests, {args.clients} clients, {wall:.1f}s)",
-          flush=True)
+          f"errors {out['errors']} | peak RSS {out['peak_rss_mb']:.0f} MB ({args.requests} requests, {args.clients} clients, {wall:.1f}s; "
+          f"CPU s: server {server_cpu:.1f}, load generator {client_cpu:.1f})", flush=True)
     return out
 
 

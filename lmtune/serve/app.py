@@ -267,7 +267,8 @@ def from_env() -> FastAPI:
 
 def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
     import uvicorn
-    kwargs = {"host": host, "port": port, "timeout_graceful_shutdown": 30, "log_level": "info"}
+    # access_log off: the request middleware already logs one line per request (with its id, PII-masked)
+    kwargs = {"host": host, "port": port, "timeout_graceful_shutdown": 30, "log_level": "info", "access_log": False}
     if workers > 1:
         if not settings.threads:
             settings.threads = max(1, (os.cpu_count() or 1) // workers)

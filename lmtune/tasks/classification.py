@@ -235,9 +235,11 @@ class ClassificationTask:
         texts = [ex.text for ex in examples]
         pairs = [ex.text_pair for ex in examples] if examples and examples[0].text_pair is not None else None
         with quiet_transformers():  # untruncated on purpose, to count what truncation cuts
-            full = tokenizer(texts, pairs, add_special_tokens=True)["input_ids"]
+            untruncated = tokenizer(texts, pairs, add_special_tokens=True)
+        full = untruncated["input_ids"]
         too_long = [i for i, ids in enumerate(full) if len(ids) > max_length]
-        enc = tokenizer(texts, pairs, truncation=True, max_length=max_length) if too_long else tokenizer(texts, pairs)
+        # tokenize again only when something must be cut (the server pays for every call)
+        enc = tokenizer(texts, pairs, truncation=True, max_length=max_length) if too_long else untruncated
         index = {lab: i for i, lab in enumerate(labels or [])}
         features = []
         for i, ex in enumerate(examples):
