@@ -190,6 +190,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--run", help="reuse a fine-tuned (and exported) run directory")
+    ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes of the lmtune service (threads split among them)")
     args = ap.parse_args()
     import lmtune
     from lmtune.export.onnx import export_run
@@ -209,7 +210,7 @@ def main() -> None:
         env = {**os.environ, "LMTUNE_API_KEYS": KEY, "PYTHONPATH": str(ROOT)}
         auth = {"Authorization": f"Bearer {KEY}"}
         result = {}
-        lm = [sys.executable, "-m", "lmtune", "serve", str(run_dir), "--port", "PORT"]
+        lm = [sys.executable, "-m", "lmtune", "serve", str(run_dir), "--port", "PORT", "--workers", str(args.workers)]
         result["lmtune"] = measure("lmtune", lm, "/readyz", dev, args, auth, env)
         result["lmtune_torch"] = measure("lmtune_torch", lm + ["--backend", "torch"], "/readyz", dev, args, auth, env)
         result["naive"] = measure("naive", [sys.executable, str(tmp / "naive.py"), str(run_dir / "model"), "PORT"],
