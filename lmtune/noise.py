@@ -48,7 +48,7 @@ def out_of_fold_probs(cfg: Config, task, examples: list, labels: list[str], fold
         fit = np.flatnonzero(fold_of != f)
         log.info("label noise: fold %d/%d, training on %d, predicting %d", f + 1, folds, len(fit), len(held))
         logits = _fit_predict(cfg, task, [examples[i] for i in fit], [examples[i] for i in held], labels, accelerator)
-        probs[held] = torch.softmax(torch.from_numpy(np.stack(logits)[:, :len(labels)]).double(), -1).numpy()  # logits only
+        probs[held] = torch.softmax(torch.from_numpy(task.split_outputs(logits, labels)[0]).double(), -1).numpy()
     return probs
 
 

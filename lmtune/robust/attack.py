@@ -55,7 +55,7 @@ class Scorer:
 
     def __call__(self, examples: list) -> np.ndarray:
         self.calls += len(examples)
-        logits = np.stack(self.run._outputs(self.run._encode(examples)))[:, :len(self.run.labels)]  # [CLS] features may follow
+        logits = self.run.task.split_outputs(self.run._outputs(self.run._encode(examples)), self.run.labels)[0]
         z = logits - logits.max(axis=1, keepdims=True)
         p = np.exp(z)
         return p / p.sum(axis=1, keepdims=True)
