@@ -89,9 +89,8 @@ class ClassificationTask:
         x = np.stack(outputs)
         return x[:, :len(labels)], (x[:, len(labels):] if x.shape[1] > len(labels) else None)
 
-    def _decisions(self, outputs: list[np.ndarray], labels: list[str], calibrated: bool | None = None):
+    def _decisions(self, logits: np.ndarray, feats: np.ndarray | None, labels: list[str], calibrated: bool | None = None):
         """Confidence, predicted index, and whether the prediction is an in-scope class."""
-        logits, feats = self.split_outputs(outputs, labels)
         t = self.temperature if (self.threshold_calibrated if calibrated is None else calibrated) else 1.0
         probs = softmax(logits, t)
         pred = probs.argmax(-1)
@@ -133,7 +132,7 @@ class ClassificationTask:
                              "abstain.score: mahalanobis.")
         self.score = score or self.score
         self.threshold_calibrated = calibrated
-        conf, pred, in_scope = self._decisions(outputs, labels)
+        conf, pred, in_scope = self._decisions(*self.split_outputs(outputs, labels), labels)
         gold = self._gold(enc, labels)
         self.abstention = choose_threshold(conf, in_scope, pred == gold, self._oos_gold(enc), target, value)
         self.threshold = self.abstention["threshold"]
@@ -295,7 +294,7 @@ class ClassificationTask:
 
     # ---- metrics and decoding ---------------------------------------------------------------
     def evaluate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
-        all_logits, all_gold = self.split_outputs(outputs, labels)[0], self._gold(enc, labels)
+        (all_logits, feats), all_gold = self.split_outputs(outputs, labels), self._gold(enc, labels)
         known = all_gold >= 0  # out-of-scope rows of an untrained class only count in the abstention figures
         logits, gold = all_logits[known], all_gold[known]
         pred = logits.argmax(-1)
@@ -317,7 +316,7 @@ class ClassificationTask:
             "confusion_matrix": confusion_matrix(gold, pred, labels=ids).tolist(),
         }
         if self.threshold is not None or self.oos_label is not None:
-            conf, p, in_scope = self._decisions(outputs, labels)
+            conf, p, in_scope = self._decisions(all_logits, feats, labels)
             oos, correct = self._oos_gold(enc), p == all_gold
             m.update(abstention_metrics(conf, in_scope, correct, oos, -np.inf if self.threshold is None else self.threshold))
             if self.threshold is not None:
@@ -327,8 +326,9 @@ class ClassificationTask:
 
     def predictions(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> list[dict]:
         examples = enc.examples
-        probs = softmax(self.split_outputs(outputs, labels)[0], self.temperature)
-        conf, _, in_scope = self._decisions(outputs, labels)
+        logits, feats = self.split_outputs(outputs, labels)
+        probs = softmax(logits, self.temperature)
+        conf, _, in_scope = self._decisions(logits, feats, labels)
         rows = []
         for ex, p, c, ins in zip(examples, probs, conf, in_scope):
             row = {"text": ex.text}
