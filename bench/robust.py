@@ -1,8 +1,11 @@
-"""Robustness benchmark: plain fine-tuning vs FGM vs PGD vs augmentation, one process.
+"""Robustness benchmark: plain fine-tuning vs FGM vs PGD vs word-level (typo) adversarial training
+vs augmentation, one process.
 
 Data (read from ../shared/data, never copied): SST-2, a seeded 4,000-sentence sample of train and
 the full dev set. Backbone: the packaged all-MiniLM-L6-v2, lmtune defaults, 1 epoch each; only
-the robustness setting differs. Each model is scored on clean dev, on dev under the typo attack
+the robustness setting differs. typo_adv trains, at every step, on the worst (highest-loss) of 4
+random typo versions of each training sentence next to the clean one: the attack's own kind of
+perturbation, drawn from train sentences with other seeds (dev is never seen). Each model is scored on clean dev, on dev under the typo attack
 (random keyboard/swap/delete/insert edits of 20% of the words, at least one) and under the
 word-substitution attack (WordNet synonyms for 20% of the words); the word-importance search
 attack (greedy, 10%-of-words budget, at least one word) runs on the plain model. Attacks are the
@@ -10,7 +13,7 @@ same seeded perturbations for every model; negations, numbers and names are neve
 train_s is the training loop's time without its dev evaluation and checkpoint write.
 
 Last line JSON: {"plain": {"clean_acc": A, "typo_acc": A, "synonym_acc": A, "train_s": S}, "fgm": {...},
-"pgd": {...}, "augment": {...}, "attack_success_rate": R}
+"pgd": {...}, "typo_adv": {...}, "augment": {...}, "attack_success_rate": R}
 Usage: python bench/robust.py [--limit N (smoke test only)] [--only plain,fgm,...]
 """
 from __future__ import annotations
@@ -37,6 +40,7 @@ SETTINGS = {
     "fgm": {"adversarial": {"method": "fgm", "epsilon": 0.3}},
     "pgd": {"adversarial": {"method": "pgd", "epsilon": 0.3, "alpha": 0.1, "steps": 3}},
     "augment": {"augment": {"methods": ["synonym", "insert", "swap", "delete", "typo"], "multiplier": 1, "prob": 0.1}},
+    "typo_adv": {"adversarial": {"method": "typo", "rate": 0.2, "candidates": 4}},
 }
 
 
@@ -95,7 +99,7 @@ def main() -> None:
                       f"({s['avg_fraction_changed']:.1%}) changed on average; e.g. {json.dumps(s['examples'][:2])}", flush=True)
     if "plain" in out:
         base = out["plain"]["clean_acc"] - out["plain"]["typo_acc"]
-        for name in ("fgm", "pgd", "augment"):
+        for name in ("fgm", "pgd", "typo_adv", "augment"):
             if name in out:
                 drop = out[name]["clean_acc"] - out[name]["typo_acc"]
                 print(f"{name} vs plain: typo drop {drop:.4f} vs {base:.4f} ({(1 - drop / base) if base else 0:.0%} less), "

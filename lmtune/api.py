@@ -41,9 +41,11 @@ from lmtune.models import count_parameters, freeze, quiet_transformers, resolve_
 from lmtune.peft import finalize as finalize_peft
 from lmtune.peft import (apply_peft, artifact_bytes, base_fingerprint, is_adapter_dir, is_peft, load_adapter, rank_pattern,
                          save_adapter, step_hooks, wrap_loss)
-from lmtune.robust.adversarial import EmbeddingAdversary
+from lmtune.robust.adversarial import WORD_METHODS, EmbeddingAdversary, WordAdversary
 from lmtune.robust.augment import augment
+from lmtune.robust.text import Synonyms
 from lmtune.tasks import get_task
+from lmtune.tasks.base import Encoded
 from lmtune.train.checkpoint import Checkpoints
 from lmtune.train.optim import resolve_learning_rates
 from lmtune.train.loop import LoopTask, predict_outputs, total_steps, train_loop
@@ -367,6 +369,8 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
                  if cfg.data.resample != "none" else None)
     # augmented rows come from train only, after the split: dev and test never see them
     extra = augment(splits.train, cfg.augment, model, tokenizer) if cfg.augment.methods else []
+    # from the pretrained embeddings, like the augmentation's (before PEFT wraps the model)
+    synonyms = Synonyms(cfg.adversarial.synonyms, model, tokenizer) if cfg.adversarial.method == "synonym" else None
     steps = total_steps(cfg.train, len(resampled if resampled is not None else splits.train) + len(extra))
     model = apply_peft(model, cfg.peft, task.peft_task_type, steps)
     trainable, total = count_parameters(model)
@@ -388,8 +392,8 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
         train_features = [train_features[i] for i in resampled]
         log.info("re-sampled train (%s): %d -> %d examples", cfg.data.resample, len(encoded["train"].features), len(resampled))
     if extra:
-        train_features = train_features + task.encode(extra, tokenizer, cfg.data.max_length, splits.labels,
-                                                      **task_options(task, cfg)).features
+        extra = task.encode(extra, tokenizer, cfg.data.max_length, splits.labels, **task_options(task, cfg))
+        train_features = train_features + extra.features
     if accelerator.is_main_process:
         write_json(run_dir / "audit.json", audit_findings)
     for f in audit_findings:
@@ -407,7 +411,7 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
     ckpt = Checkpoints(run_dir / "checkpoints")
     tb = TensorBoardLogger(run_dir / "tensorboard") if cfg.train.tensorboard and accelerator.is_main_process else None
     t0 = time.perf_counter()
-    adversary = EmbeddingAdversary(cfg.adversarial, cfg.train.seed) if cfg.adversarial.method != "none" else None
+    adversary = _adversary(cfg, task, tokenizer, splits.labels, encoded["train"], extra, train_features, collate, synonyms)
     loop_task = LoopTask(collate, wrap_loss(task.loss, model, cfg.peft), task.num_items, evaluate_dev, adversary)
     try:
         with PeakMemory() as mem:
@@ -472,8 +476,11 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
         step_rows = [r["seconds"] for r in state.history if "seconds" in r]
         summary["seconds_per_step"] = sum(step_rows) / max(len(step_rows), 1)
         if adversary:
-            summary["adversarial"] = {"method": cfg.adversarial.method, "forward_backward_passes_per_step": adversary.passes,
-                                      "epsilon": cfg.adversarial.epsilon, "alpha": cfg.adversarial.alpha, "steps": cfg.adversarial.steps}
+            a = cfg.adversarial
+            summary["adversarial"] = {"method": a.method, "forward_backward_passes_per_step": adversary.passes,
+                                      "forward_only_passes_per_step": adversary.forward_only,
+                                      **({"rate": a.rate, "candidates": a.candidates} if a.method in WORD_METHODS
+                                         else {"epsilon": a.epsilon, "alpha": a.alpha, "steps": a.steps})}
         train_keys = (*(("adversarial",) if adversary else ()), "steps", "lr", "head_lr", "peft_method", "trainable_pct",
                       "artifact_mb", "peak_mem_mb", "peak_mem_increase_mb",
                       "seconds_per_epoch", "seconds_per_step", "rank_pattern", "train_seconds", "eval_seconds", "checkpoint_seconds", "stop_reason",
@@ -498,6 +505,22 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
                 log.info("attack %s: %s %.4f (clean %.4f)%s", name, result["metric"], a[result["metric"]],
                          result["clean"][result["metric"]], f", success rate {a['success_rate']:.1%}" if "success_rate" in a else "")
     return run
+
+
+def _adversary(cfg: Config, task, tokenizer, labels: list[str], train: Encoded, extra: Encoded | list,
+               features: list[dict], collate, synonyms) -> EmbeddingAdversary | WordAdversary | None:
+    method = cfg.adversarial.method
+    if method == "none":
+        return None
+    if method not in WORD_METHODS:
+        return EmbeddingAdversary(cfg.adversarial, cfg.train.seed)
+    sources = {}  # id(feature) -> (example, window number), over train and its augmented rows
+    for enc in [train, *([extra] if extra else [])]:
+        for ex, windows in zip(enc.examples, enc.windows()):
+            sources.update({id(f): (ex, w) for w, f in enumerate(windows)})
+    encode = functools.partial(task.encode, tokenizer=tokenizer, max_length=cfg.data.max_length, labels=labels,
+                               **task_options(task, cfg))
+    return WordAdversary(cfg.adversarial, features, [sources[id(f)] for f in features], encode, collate, synonyms, cfg.train.seed)
 
 
 def _label_noise(cfg: Config, task, splits, run_dir: Path, accelerator) -> dict:

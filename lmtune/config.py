@@ -133,11 +133,16 @@ class AbstainConfig:
 class AdversarialConfig:
     method: str = _f("none", "Adversarial training on the word-embedding output: fgm (one gradient-sign step of size "
                              "epsilon), pgd (steps projected steps of size alpha inside an epsilon ball), freelb "
-                             "(steps ascent steps, parameter gradients averaged).", ("none", "fgm", "pgd", "freelb"))
+                             "(steps ascent steps, parameter gradients averaged); or on the words: typo / synonym (of "
+                             "`candidates` random typo / synonym versions of each example, the one the model finds "
+                             "hardest is trained on next to the clean one).", ("none", "fgm", "pgd", "freelb", "typo", "synonym"))
     epsilon: float = _f(0.3, "Per-example L2 bound of the embedding perturbation (FreeLB: 0 = unbounded). A word "
                               "embedding of MiniLM/BERT has norm ~1; 1.0 per example stops a MiniLM from learning at all.")
     alpha: float = _f(0.1, "PGD / FreeLB step size (FreeLB: also the size of the random start).")
     steps: int = _f(3, "PGD / FreeLB ascent steps per optimizer micro-batch.")
+    rate: float = _f(0.2, "typo / synonym: share of the words of an example that one candidate changes (at least one).")
+    candidates: int = _f(4, "typo / synonym: random versions scored per example and step; the worst is trained on.")
+    synonyms: str = _f("auto", "synonym: substitute source (as attack.synonyms).", ("auto", "wordnet", "embedding"))
 
 
 @dataclass
@@ -294,7 +299,11 @@ def validate(cfg: Config, where: str = "config") -> None:
     if cfg.data.drop_label_noise and not cfg.data.label_noise_folds:
         raise InputError(f"{where}: data.drop_label_noise needs data.label_noise_folds >= 2 (the search that flags rows).")
     adv = cfg.adversarial
-    if adv.method != "none" and (adv.epsilon < 0 or adv.alpha <= 0 or adv.steps < 1 or (adv.method != "freelb" and adv.epsilon == 0)):
+    if adv.method in ("typo", "synonym") and (not 0 < adv.rate <= 1 or adv.candidates < 1):
+        raise InputError(f"{where}: adversarial.{adv.method} needs rate in (0, 1] and candidates >= 1; got rate {adv.rate}, "
+                         f"candidates {adv.candidates}.")
+    embedding_bad = adv.epsilon < 0 or adv.alpha <= 0 or adv.steps < 1 or (adv.method != "freelb" and adv.epsilon == 0)
+    if adv.method in ("fgm", "pgd", "freelb") and embedding_bad:
         raise InputError(f"{where}: adversarial needs epsilon > 0 (FreeLB: >= 0), alpha > 0 and steps >= 1; got "
                          f"epsilon {adv.epsilon}, alpha {adv.alpha}, steps {adv.steps}.")
     for section, known in (("attack", ATTACKS), ("augment", AUGMENTS)):

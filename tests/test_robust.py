@@ -14,10 +14,12 @@ from lmtune.cli import main
 from lmtune.config import AdversarialConfig, AttackConfig, AugmentConfig
 from lmtune.data.ner_readers import NerExample
 from lmtune.data.readers import Example
-from lmtune.robust.adversarial import EmbeddingAdversary, plain_step
+from lmtune.robust.adversarial import EmbeddingAdversary, WordAdversary, example_losses, plain_step
 from lmtune.robust.attack import perturb, run_attacks
 from lmtune.robust.augment import augment, backtranslate, edit, translate
 from lmtune.robust.text import Synonyms, split_words, typo
+from lmtune.tasks.classification import ClassificationTask
+from lmtune.tasks.ner import NerTask
 
 SENTENCES = ["I did not enjoy the terrible movie with Paris Hilton in 2019 at all",
              "the food was wonderful and the service quite excellent",
@@ -103,6 +105,73 @@ def test_fgm_with_lora(tiny_config, pretrained_tiny):
     run = lmtune.train(cfg)
     assert run.metrics["dev"]["accuracy"] >= 0.8
     assert run.metrics["train"]["adversarial"]["method"] == "fgm"
+
+
+def _word_adversary(tok, task, examples, labels, method="typo", candidates=4, max_length=32, seed=0):
+    enc = task.encode(examples, tok, max_length, labels)
+    sources = [(ex, w) for ex, ws in zip(enc.examples, enc.windows()) for w in range(len(ws))]
+    encode = lambda exs: task.encode(exs, tok, max_length, labels)  # noqa: E731
+    collate = lambda fs: task.collate(fs, tok)  # noqa: E731
+    cfg = AdversarialConfig(method=method, rate=0.3, candidates=candidates)
+    return WordAdversary(cfg, enc.features, sources, encode, collate, None, seed), enc, collate
+
+
+def test_word_adversary_trains_on_the_hardest_typo_version_next_to_the_clean_example(tiny_bert):
+    model, tok = tiny_bert
+    task = ClassificationTask()
+    examples = [Example(t, lab, f"f:{i}") for i, (t, lab) in enumerate(zip(SENTENCES, ["neg", "pos", "neg", "pos"]))]
+    adv, enc, collate = _word_adversary(tok, task, examples, ["neg", "pos"])
+    items = enc.features
+    batch = collate(items)
+    variants = adv._variants(items)  # what the step will draw: the same seed and step count
+    assert adv._variants(items) == variants  # deterministic
+    model.eval()
+    with torch.no_grad():
+        losses = torch.stack([example_losses(model(**{k: v for k, v in collate([v[c] for v in variants]).items() if k != "labels"}),
+                                             collate([v[c] for v in variants])) for c in range(4)], 1)
+    expected = [v[int(j)] for v, j in zip(variants, losses.argmax(1))]
+    for f, vs in zip(items, variants):  # every candidate changed the text, none touched a protected word
+        assert all(v["input_ids"] != f["input_ids"] for v in vs)
+    model.zero_grad()
+    clean = adv.step(model, batch, _loss, lambda lo: lo.backward(), items=items)
+    assert adv.last_chosen == expected  # the worst of the 4, per example
+    with torch.no_grad():  # at least as hard as any fixed pick
+        assert adv.last_losses[1] >= float(_loss(model, collate([v[0] for v in variants]))) - 1e-5
+    assert abs(float(clean) - float(_loss(model, batch))) < 1e-5
+    got = [p.grad.clone() for p in model.parameters()]
+    model.zero_grad()
+    (_loss(model, batch) + _loss(model, collate(expected))).backward()
+    assert all(torch.allclose(g, p.grad, atol=1e-5) for g, p in zip(got, model.parameters()))
+    assert adv._variants(items) != variants  # the next step draws fresh versions
+    assert model.training is False  # the mode it was called in is kept
+
+
+def test_word_adversary_keeps_ner_labels_on_their_words(tiny_bert):
+    _, tok = tiny_bert
+    task = NerTask()
+    labels = ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]
+    long = NerExample(_ner_example().tokens * 3, _ner_example().tags * 3, "f:2")
+    adv, enc, _ = _word_adversary(tok, task, [_ner_example(), long], labels, max_length=24)
+    assert len(enc.windows()[1]) > 1  # the long sentence is windowed
+    variants = adv._variants(enc.features)
+    for f, vs in zip(enc.features, variants):
+        gold = [labels.index(t) for t in enc.examples[f["example"]].tags]
+        for v in vs:  # typos keep the words and their tags: a window's labels are a run of the sentence's tags
+            got = [x for x in v["labels"] if x != -100]
+            assert got and any(gold[i:i + len(got)] == got for i in range(len(gold)))
+    changed = [v["input_ids"] != f["input_ids"] for f, vs in zip(enc.features, variants) for v in vs]
+    assert sum(changed) >= len(changed) - 1  # nearly every candidate is a perturbed version, windows included
+
+
+def test_typo_adversarial_training_end_to_end_with_grad_accumulation(tiny_config):
+    cfg = {**tiny_config, "adversarial": {"method": "typo", "candidates": 3},
+           "train": {**tiny_config["train"], "grad_accum": 2}}
+    run = lmtune.train(cfg)
+    a = run.metrics["train"]["adversarial"]
+    assert a["method"] == "typo" and a["forward_backward_passes_per_step"] == 2 and a["forward_only_passes_per_step"] == 3
+    assert run.metrics["dev"]["accuracy"] >= 0.9
+    with pytest.raises(lmtune.errors.InputError, match="candidates"):
+        lmtune.train({**cfg, "adversarial": {"method": "typo", "candidates": 0}})
 
 
 def _protected_words(ex):

@@ -1,4 +1,5 @@
-"""Adversarial training on the embedding layer: FGM, PGD and FreeLB.
+"""Adversarial training: on the embedding layer (FGM, PGD, FreeLB) and on the words themselves
+(worst-of-k typos or synonym substitutions, WordAdversary at the end of this file).
 
 Written here rather than taken from a library because none of the maintained ones plugs into a
 training loop: each is a few lines around the step. We perturb the *output* of the word-embedding
@@ -9,14 +10,18 @@ example gets its own perturbation, normalized over its real (non-padding) tokens
 """
 from __future__ import annotations
 
+import random
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
 
 import torch
+import torch.nn.functional as F
 
 from lmtune.config import AdversarialConfig
+from lmtune.robust.attack import perturb
 
 PASSES = {"fgm": lambda steps: 2, "pgd": lambda steps: steps + 1, "freelb": lambda steps: steps}
+WORD_METHODS = ("typo", "synonym")
 
 
 def _per_example_norm(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -32,6 +37,7 @@ class EmbeddingAdversary:
         self.method, self.epsilon, self.alpha, self.steps = cfg.method, cfg.epsilon, cfg.alpha, cfg.steps
         self.passes = PASSES[self.method](self.steps)
         self.generator = torch.Generator().manual_seed(seed)
+        self.forward_only = 0  # passes without a backward (WordAdversary's candidate scoring)
         self._delta: torch.Tensor | None = None
         self.last_losses: list[float] = []  # clean, then each adversarial loss of the last step (tests, logs)
 
@@ -55,10 +61,10 @@ class EmbeddingAdversary:
         return loss, self._delta
 
     def step(self, model, batch: dict, loss_fn: Callable, backward: Callable[[torch.Tensor], None],
-             no_sync: Callable = nullcontext) -> torch.Tensor:
+             no_sync: Callable = nullcontext, items: list[dict] | None = None) -> torch.Tensor:
         """loss_fn(model, batch) -> summed loss; backward(loss) scales and back-propagates it (the
         loop's accelerator.backward); passes whose parameter gradients are not wanted run under
-        no_sync so DDP all-reduces once per micro-batch."""
+        no_sync so DDP all-reduces once per micro-batch. items (the batch's features) is unused here."""
         mask = batch["attention_mask"].unsqueeze(-1).float() if "attention_mask" in batch else None
         self.last_losses = []
         if self.method == "freelb":
@@ -123,7 +129,87 @@ def _embedding_module(model) -> torch.nn.Module:
 
 
 def plain_step(model, batch: dict, loss_fn: Callable, backward: Callable[[torch.Tensor], None],
-               no_sync: Callable = nullcontext) -> torch.Tensor:
+               no_sync: Callable = nullcontext, items: list[dict] | None = None) -> torch.Tensor:
     loss = loss_fn(model, batch)
     backward(loss)
     return loss
+
+
+def example_losses(outputs, batch: dict) -> torch.Tensor:
+    """Cross-entropy on the gold labels summed per example, shape [batch]; -100 labels are ignored.
+    Every task here is a transformers head whose `logits` and `labels` share their leading
+    dimensions (classification [B] / [B, C], NER [B, T] / [B, T, C]), so this needs no task."""
+    logits, labels = outputs.logits.float(), batch["labels"]
+    ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="none", ignore_index=-100)
+    return ce.view(labels.shape[0], -1).sum(1)
+
+
+class WordAdversary:
+    """Discrete adversarial training, worst-of-k (Pruthi et al. 2019, "Combating adversarial
+    misspellings"): for every training example of a micro-batch, `candidates` random typo (or
+    synonym) versions are drawn under the attacks' rules (a share of the words, protected words
+    untouched), the model scores them in eval mode without gradients, and the one with the
+    highest loss is trained on next to the clean example (clean loss + adversarial loss, as FGM).
+
+    Why, next to FGM/PGD: a misspelt word is a different sub-word sequence, not a small step in
+    embedding space, so embedding-space training does not make a model typo-robust (bench/robust.py
+    measured FGM and PGD *raising* the typo drop); training on the inputs the attack makes does.
+
+    sources[k] = (example, window number) of features[k]; encode(examples) -> Encoded. The
+    perturbations are fresh every step and reproducible from the seed (not across a resume)."""
+
+    def __init__(self, cfg: AdversarialConfig, features: list[dict], sources: list[tuple[object, int]],
+                 encode: Callable, collate: Callable, synonyms=None, seed: int = 0):
+        self.method, self.rate, self.candidates = cfg.method, cfg.rate, cfg.candidates
+        self.source = {id(f): (k, *src) for k, (f, src) in enumerate(zip(features, sources))}
+        self.encode, self.collate, self.synonyms, self.seed = encode, collate, synonyms, seed
+        self.passes, self.forward_only = 2, cfg.candidates
+        self.calls = 0
+        self.last_losses: list[float] = []
+        self.last_chosen: list[dict] = []  # the features trained on at the last step (tests, logs)
+
+    def _variants(self, items: list[dict]) -> list[list[dict]]:
+        """`candidates` perturbed features per item; an item with nothing to change keeps itself."""
+        drawn, slots = [], []
+        for f in items:
+            k, ex, w = self.source[id(f)]
+            rng = random.Random(f"{self.seed}:{self.method}:{k}:{self.calls}")
+            for _ in range(self.candidates):
+                new, changed = perturb(ex, self.method, self.rate, self.synonyms, rng)
+                slots.append((f, w, len(drawn) if changed else None))
+                if changed:
+                    drawn.append(new)
+        windows = self.encode(drawn).windows() if drawn else []
+        # a long (windowed, NER) example may split into a different number of windows once its words
+        # are misspelt: take the window of the same number, or its last; each window carries its own
+        # words' labels, so any one is a correct training example
+        out = [f if d is None else windows[d][min(w, len(windows[d]) - 1)] for f, w, d in slots]
+        return [out[i:i + self.candidates] for i in range(0, len(out), self.candidates)]
+
+    @torch.no_grad()
+    def worst(self, model, items: list[dict], device) -> list[dict]:
+        variants = self._variants(items)
+        was_training = model.training
+        model.eval()  # score as the attack will: no dropout noise in the choice
+        losses = []
+        for c in range(self.candidates):  # one batch per candidate: memory stays that of a training step
+            batch = {n: t.to(device) for n, t in self.collate([v[c] for v in variants]).items()}
+            losses.append(example_losses(model(**{n: t for n, t in batch.items() if n != "labels"}), batch))
+        model.train(was_training)
+        pick = torch.stack(losses, 1).argmax(1).tolist()
+        return [v[j] for v, j in zip(variants, pick)]
+
+    def step(self, model, batch: dict, loss_fn: Callable, backward: Callable[[torch.Tensor], None],
+             no_sync: Callable = nullcontext, items: list[dict] | None = None) -> torch.Tensor:
+        if items is None:
+            raise ValueError("WordAdversary.step needs the micro-batch's features (items)")
+        with no_sync():
+            clean = loss_fn(model, batch)
+            backward(clean)
+        self.last_chosen = self.worst(model, items, batch["input_ids"].device)
+        adv_batch = {n: t.to(batch["input_ids"].device) for n, t in self.collate(self.last_chosen).items()}
+        adv = loss_fn(model, adv_batch)
+        backward(adv)
+        self.last_losses = [float(clean.detach()), float(adv.detach())]
+        self.calls += 1
+        return clean

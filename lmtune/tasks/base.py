@@ -30,6 +30,14 @@ class Encoded:
     def lengths(self) -> list[int]:
         return [f["length"] for f in self.features]
 
+    def windows(self) -> list[list[dict]]:
+        """The features of each example, in order. A task that windows long inputs names each
+        feature's example under "example"; otherwise features and examples pair one to one."""
+        out: list[list[dict]] = [[] for _ in self.examples]
+        for k, f in enumerate(self.features):
+            out[f.get("example", k)].append(f)
+        return out
+
 
 class Task(Protocol):
     name: str

@@ -31,7 +31,7 @@ class LoopTask:
     loss: Callable  # (outputs, batch) -> summed loss
     num_items: Callable[[list[dict]], int]
     evaluate: Callable[[torch.nn.Module], dict] | None  # model -> dev metrics; None: no dev, no checkpoints
-    adversary: Any = None  # robust/adversarial.py: extra passes on perturbed embeddings per micro-batch
+    adversary: Any = None  # robust/adversarial.py: extra passes on perturbed embeddings or words per micro-batch
 
 
 def is_better(metric: str, new: float, old: float | None) -> bool:
@@ -68,11 +68,12 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
             loss_sum = 0.0
             step_fn = task.adversary.step if task.adversary is not None else plain_step
             for k, idx in enumerate(micro):
-                batch = {n: t.to(accelerator.device) for n, t in task.collate([features[i] for i in idx]).items()}
+                items = [features[i] for i in idx]
+                batch = {n: t.to(accelerator.device) for n, t in task.collate(items).items()}
                 sync = accelerator.no_sync(model) if k < len(micro) - 1 else nullcontext()
                 with sync, accelerator.autocast():
                     loss = step_fn(model, batch, lambda m, b: task.loss(m(**inputs(b)), b),
-                                   lambda lo, s=scale: accelerator.backward(lo * s), lambda: accelerator.no_sync(model))
+                                   lambda lo, s=scale: accelerator.backward(lo * s), lambda: accelerator.no_sync(model), items)
                 loss_sum += loss.detach()
             if world > 1:  # every rank must see the same (global) loss: the NaN stop below is taken by all or none
                 loss_sum = accelerator.reduce(torch.as_tensor(loss_sum, device=accelerator.device), "sum")
