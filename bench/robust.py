@@ -3,7 +3,7 @@ vs augmentation, one process.
 
 Data (read from ../shared/data, never copied): SST-2, a seeded 4,000-sentence sample of train and
 the full dev set. Backbone: the packaged all-MiniLM-L6-v2, lmtune defaults, 1 epoch each; only
-the robustness setting differs. typo_adv trains, at every step, on the worst (highest-loss) of 4
+the robustness setting differs. typo_adv trains, at every step, on the worst (highest-loss) of 8
 random typo versions of each training sentence next to the clean one: the attack's own kind of
 perturbation, drawn from train sentences with other seeds (dev is never seen). Each model is scored on clean dev, on dev under the typo attack
 (random keyboard/swap/delete/insert edits of 20% of the words, at least one) and under the
@@ -40,7 +40,7 @@ SETTINGS = {
     "fgm": {"adversarial": {"method": "fgm", "epsilon": 0.3}},
     "pgd": {"adversarial": {"method": "pgd", "epsilon": 0.3, "alpha": 0.1, "steps": 3}},
     "augment": {"augment": {"methods": ["synonym", "insert", "swap", "delete", "typo"], "multiplier": 1, "prob": 0.1}},
-    "typo_adv": {"adversarial": {"method": "typo", "rate": 0.2, "candidates": 4}},
+    "typo_adv": {"adversarial": {"method": "typo", "rate": 0.2, "candidates": 8}},
 }
 
 

@@ -141,7 +141,7 @@ class AdversarialConfig:
     alpha: float = _f(0.1, "PGD / FreeLB step size (FreeLB: also the size of the random start).")
     steps: int = _f(3, "PGD / FreeLB ascent steps per optimizer micro-batch.")
     rate: float = _f(0.2, "typo / synonym: share of the words of an example that one candidate changes (at least one).")
-    candidates: int = _f(4, "typo / synonym: random versions scored per example and step; the worst is trained on.")
+    candidates: int = _f(8, "typo / synonym: random versions scored per example and step; the worst is trained on.")
     synonyms: str = _f("auto", "synonym: substitute source (as attack.synonyms).", ("auto", "wordnet", "embedding"))
 
 

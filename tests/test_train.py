@@ -226,6 +226,23 @@ def test_temperature_scaling_lowers_ece_on_an_overconfident_model():
     assert (softmax(logits, t).argmax(-1) == logits.argmax(-1)).all()  # labels never change
 
 
+def test_ece_matches_its_definition_and_the_noise_band_separates_calibrated_from_overconfident():
+    from lmtune.evaluate.calibration import ece, ece_noise
+    rng = np.random.default_rng(1)
+    conf = rng.uniform(0.5, 1.0, size=900)
+    probs = np.stack([conf, 1 - conf], 1)
+    gold = np.where(rng.random(900) < conf, 0, 1)  # right with probability = confidence: calibrated
+    edges = np.linspace(0, 1, 16)
+    by_hand = sum(((conf > lo) & (conf <= hi)).mean() * abs((gold[(conf > lo) & (conf <= hi)] == 0).mean() - conf[(conf > lo) & (conf <= hi)].mean())
+                  for lo, hi in zip(edges[:-1], edges[1:]) if ((conf > lo) & (conf <= hi)).any())
+    assert abs(ece(probs, gold) - by_hand) < 1e-12
+    mean, p95 = ece_noise(probs)
+    assert 0.005 < mean < p95 < 0.08  # a calibrated model still scores above 0 on 900 examples
+    assert ece(probs, gold) <= p95
+    overconfident = np.where(rng.random(900) < conf - 0.2, 0, 1)  # 20 points less accurate than it claims
+    assert ece(probs, overconfident) > 2 * p95
+
+
 def test_run_saves_the_temperature_and_predict_uses_it(tiny_config):
     run = lmtune.train({**tiny_config, "train": {**tiny_config["train"], "epochs": 2}})
     t = run.task.temperature

@@ -15,15 +15,31 @@ from lmtune.evaluate.plots import _save, plt
 
 def ece(probs: np.ndarray, gold: np.ndarray, bins: int = 15) -> float:
     """Expected calibration error: |accuracy - confidence| averaged over equal-width confidence bins."""
+    return _binned_ece(probs.max(-1), probs.argmax(-1) == gold, bins)
+
+
+def _binned_ece(conf: np.ndarray, correct: np.ndarray, bins: int) -> float:
+    n = len(conf)
+    finite = np.isfinite(conf)  # a diverged model's NaN rows fall in no bin
+    conf, correct = conf[finite], correct[finite]
+    if not n:
+        return 0.0
+    b = np.clip(np.ceil(conf * bins).astype(int) - 1, 0, bins - 1)  # bins (lo, hi]
+    gap = np.bincount(b, correct.astype(float), bins) - np.bincount(b, conf, bins)
+    return float(np.abs(gap).sum() / n)
+
+
+def ece_noise(probs: np.ndarray, bins: int = 15, draws: int = 200, seed: int = 0) -> tuple[float, float]:
+    """Mean and 95th percentile of the ECE that a perfectly calibrated model with these confidences
+    would show on this many examples (each answer right with probability = its confidence).
+
+    Why: binned ECE is biased upwards on small sets (on SST-2 dev, 872 sentences, a perfectly
+    calibrated MiniLM would score 0.025 on average and above 0.03 one time in five), so an ECE
+    inside this band is no evidence of miscalibration, and the report says so."""
     conf = probs.max(-1)
-    correct = probs.argmax(-1) == gold
-    edges = np.linspace(0, 1, bins + 1)
-    total = 0.0
-    for lo, hi in zip(edges[:-1], edges[1:]):
-        inside = (conf > lo) & (conf <= hi)
-        if inside.any():
-            total += inside.mean() * abs(correct[inside].mean() - conf[inside].mean())
-    return float(total)
+    rng = np.random.default_rng(seed)
+    sims = np.array([_binned_ece(conf, rng.random(len(conf)) < conf, bins) for _ in range(draws)])
+    return (float(sims.mean()), float(np.percentile(sims, 95))) if len(conf) else (0.0, 0.0)
 
 
 def softmax(logits: np.ndarray, temperature: float = 1.0) -> np.ndarray:
