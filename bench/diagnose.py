@@ -1,7 +1,7 @@
 """Diagnostics benchmark: label-noise search, out-of-scope abstention, calibration; one process.
 
-Data (read from ../shared/data, never copied): SST-2 (seeded 4,000-sentence sample of train, the
-full dev set) and CLINC150 "full". Backbone: the packaged all-MiniLM-L6-v2, lmtune defaults.
+Data (read from ../shared/data, never copied): SST-2 (seeded 4,000-sentence sample of train, or
+all of it for calibration; the full dev set) and CLINC150 "full". Backbone: the packaged all-MiniLM-L6-v2, lmtune defaults.
 
 1. Noisy labels: a seeded 20% of the 4,000 SST-2 labels are flipped. lmtune's label-noise search
    (data.label_noise_folds, confident learning by cleanlab on out-of-fold probabilities) ranks
@@ -21,7 +21,8 @@ full dev set) and CLINC150 "full". Backbone: the packaged all-MiniLM-L6-v2, lmtu
    answered); the other target's figures are printed too. in_scope_acc counts an abstention on an
    in-scope example as an error.
 3. Calibration: SST-2 dev ECE (15 bins) before / after temperature scaling of a model trained on
-   the clean sample. The temperature is fitted on dev itself in lmtune; to be honest about that,
+   all of SST-2 train (67,349 sentences; --calibration-train N for a seeded sample). The
+   temperature is fitted on dev itself in lmtune; to be honest about that,
    ece_after here is cross-fitted: each half of dev is calibrated by the temperature fitted on the
    other half, and the pooled probabilities are scored (ece_after_in_sample: fitted and scored on
    all of dev). ece_noise_mean / ece_noise_95: the ECE a perfectly calibrated model with the same
@@ -187,7 +188,7 @@ def main() -> None:
     ap.add_argument("--accuracy-loss", type=float, default=0.015, help="accuracy_loss target value")
     ap.add_argument("--target", default="accuracy_loss", choices=["accuracy_loss", "false_accept"],
                     help="target whose results go into the JSON line (both are printed)")
-    ap.add_argument("--calibration-train", type=int, default=4000, help="SST-2 train sentences for the calibration model")
+    ap.add_argument("--calibration-train", type=int, default=0, help="SST-2 train sentences for the calibration model (0: all)")
     ap.add_argument("--calibration-epochs", type=int, default=1)
     ap.add_argument("--limit", type=int, default=0)
     args = ap.parse_args()
@@ -204,7 +205,7 @@ def main() -> None:
         if "clinc" in parts:
             result["clinc150"] = clinc(tmp, args.epochs_clinc, args.far, args.accuracy_loss, args.target)
         if "calibration" in parts:
-            result["calibration"] = calibration(tmp, args.calibration_train, args.calibration_epochs)
+            result["calibration"] = calibration(tmp, args.calibration_train or 10**9, args.calibration_epochs)
     print(json.dumps(result))
 
 

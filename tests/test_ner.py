@@ -232,6 +232,15 @@ def test_ner_trains_saves_and_predicts_spans(tmp_path, tiny_model, capsys):
     assert lmtune.load(run.run_dir).predict([text])[0]["entities"] == row["entities"]
 
 
+def test_ner_trains_with_word_level_adversarial_training_on_windowed_sentences(tmp_path, tiny_model):
+    cfg = copy.deepcopy(_ner_config(tmp_path, tiny_model))
+    cfg["adversarial"] = {"method": "typo", "candidates": 2, "rate": 0.3}
+    cfg["train"]["epochs"] = 4
+    run = lmtune.train(cfg)
+    assert run.metrics["train"]["adversarial"]["forward_only_passes_per_step"] == 2
+    assert run.metrics["test"]["sentences_windowed"] > 0 and run.metrics["test"]["f1"] >= 0.6, run.metrics["test"]
+
+
 def test_ner_metric_choice_is_checked(tmp_path, tiny_model):
     cfg = copy.deepcopy(_ner_config(tmp_path, tiny_model))
     cfg["train"]["metric"] = "accuracy"
