@@ -107,13 +107,13 @@ def test_fgm_with_lora(tiny_config, pretrained_tiny):
     assert run.metrics["train"]["adversarial"]["method"] == "fgm"
 
 
-def _word_adversary(tok, task, examples, labels, method="typo", candidates=4, max_length=32, seed=0):
+def _word_adversary(tok, task, examples, labels, method="typo", candidates=4, max_length=32, seed=0, synonyms=None):
     enc = task.encode(examples, tok, max_length, labels)
     sources = [(ex, w) for ex, ws in zip(enc.examples, enc.windows()) for w in range(len(ws))]
     encode = lambda exs: task.encode(exs, tok, max_length, labels)  # noqa: E731
     collate = lambda fs: task.collate(fs, tok)  # noqa: E731
     cfg = AdversarialConfig(method=method, rate=0.3, candidates=candidates)
-    return WordAdversary(cfg, enc.features, sources, encode, collate, None, seed), enc, collate
+    return WordAdversary(cfg, enc.features, sources, encode, collate, synonyms, seed), enc, collate
 
 
 def test_word_adversary_trains_on_the_hardest_typo_version_next_to_the_clean_example(tiny_bert):
@@ -161,6 +161,22 @@ def test_word_adversary_keeps_ner_labels_on_their_words(tiny_bert):
             assert got and any(gold[i:i + len(got)] == got for i in range(len(gold)))
     changed = [v["input_ids"] != f["input_ids"] for f, vs in zip(enc.features, variants) for v in vs]
     assert sum(changed) >= len(changed) - 1  # nearly every candidate is a perturbed version, windows included
+
+
+def test_synonym_adversary_draws_the_attacks_synonym_versions(tiny_bert):
+    model, tok = tiny_bert
+    syn = Synonyms("auto", model, tok)
+    task = ClassificationTask()
+    examples = [Example(t, "pos", f"f:{i}") for i, t in enumerate(SENTENCES)]
+    adv, enc, _ = _word_adversary(tok, task, examples, ["neg", "pos"], method="synonym", synonyms=syn)
+    variants = adv._variants(enc.features)
+    for k, ex in enumerate(examples):  # the attack's own synonym perturbation (protected words kept), seeded per example and step
+        rng = random.Random(f"0:synonym:{k}:0")
+        for c in range(4):
+            new, changed = perturb(ex, "synonym", 0.3, syn, rng)
+            assert changed and new.text != ex.text
+            assert variants[k][c]["input_ids"] == task.encode([new], tok, 32, ["neg", "pos"]).features[0]["input_ids"]
+            assert [x for _, x in _protected_words(new)] == [x for _, x in _protected_words(ex)]
 
 
 def test_typo_adversarial_training_end_to_end_with_grad_accumulation(tiny_config):
