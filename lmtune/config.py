@@ -86,7 +86,8 @@ class TrainConfig:
     class_weights: str = _f("none", "Classification loss weights: auto = inverse class frequency in train (for imbalance).",
                             ("none", "auto"))
     focal_gamma: float = _f(0.0, "Focal loss gamma for classification (0 = plain cross-entropy; 2 is usual for imbalance).")
-    calibrate: bool = _f(True, "Fit a temperature on dev after training (classification); outputs use calibrated probabilities.")
+    calibrate: bool = _f(True, "Fit a temperature on dev after training (classification; NER: on each word's tag "
+                               "distribution); outputs use calibrated probabilities.")
     tensorboard: bool = _f(False, "Also log to TensorBoard (needs the tensorboard package).")
     progress: str = _f("auto", "Progress display: auto = bars on a terminal, lines otherwise.", ("auto", "bar", "lines", "none"))
 

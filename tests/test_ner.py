@@ -241,6 +241,32 @@ def test_ner_trains_with_word_level_adversarial_training_on_windowed_sentences(t
     assert run.metrics["test"]["sentences_windowed"] > 0 and run.metrics["test"]["f1"] >= 0.6, run.metrics["test"]
 
 
+def test_ner_calibration_keeps_the_tags_and_abstention_withholds_low_scoring_entities(tmp_path, tiny_model):
+    cfg = copy.deepcopy(_ner_config(tmp_path, tiny_model))
+    cfg["abstain"] = {"target": "precision", "value": 0.9}
+    run = lmtune.train(cfg)
+    task, m = run.task, run.metrics["test"]
+    assert task.temperature != 1.0 and task.calibration["dev_ece_after"] <= task.calibration["dev_ece_before"]
+    assert 0 <= m["ece"] <= 1 and len(m["ece_noise"]) == 2 and m["reliability"]
+    report = (run.run_dir / "report.md").read_text()
+    assert "### Calibration" in report and "### Abstention" in report and (run.run_dir / "reliability.png").is_file()
+    # temperature scaling never changes the decoded tags, only the scores
+    enc = run._encode(task.read_file(cfg["data"]["test"], run.config, run.labels))
+    outs = run._outputs(enc)
+    raw, cal = (task.decode(outs, enc, run.labels, task.word_log_probs(outs, enc, t))[0] for t in (1.0, task.temperature))
+    assert [t for t, _ in raw] == [t for t, _ in cal]
+    assert any(not np.allclose(a, b) for (_, a), (_, b) in zip(raw, cal))
+    # the threshold met its target on dev, and splits every prediction's entities by their score
+    a = task.abstention
+    assert a["met"] and a["dev_precision"] >= 0.9 and m["abstention"]["threshold"] == task.threshold
+    rows = run.predict_examples(enc.examples)
+    assert sum(len(r["abstained_entities"]) for r in rows) > 0 or a["dev_coverage"] == 1.0
+    for r in rows:
+        assert all(e["score"] >= task.threshold for e in r["entities"])
+        assert all(e["score"] < task.threshold for e in r["abstained_entities"])
+    assert lmtune.load(run.run_dir).predict_examples(enc.examples) == rows  # temperature and threshold are saved
+
+
 def test_ner_metric_choice_is_checked(tmp_path, tiny_model):
     cfg = copy.deepcopy(_ner_config(tmp_path, tiny_model))
     cfg["train"]["metric"] = "accuracy"

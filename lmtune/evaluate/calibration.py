@@ -87,3 +87,30 @@ def reliability_diagram(curves: dict[str, tuple[list[list[float]], float]], path
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
     _save(fig, path)
+
+
+def metrics(raw_logits: np.ndarray, gold: np.ndarray, temperature: float) -> dict:
+    """ECE before/after temperature scaling, the estimator's noise level and the reliability bins."""
+    raw, cal = softmax(raw_logits), softmax(raw_logits, temperature)
+    return {"ece": ece(cal, gold), "ece_uncalibrated": ece(raw, gold),
+            "ece_noise": list(ece_noise(cal)),  # what a perfectly calibrated model would score
+            "reliability": reliability_bins(cal, gold), "reliability_uncalibrated": reliability_bins(raw, gold)}
+
+
+def report_section(temperature: float, split_metrics: dict[str, dict], run_dir: Path, what: str = "") -> list[str]:
+    """Markdown for report.md (and reliability.png beside it); what: what the probabilities are of."""
+    lines = ["### Calibration", "", f"Temperature {temperature:.3f} fitted on dev (saved with the model; "
+             f"predict and evaluate return calibrated probabilities{what}).", "",
+             "ECE of a perfectly calibrated model with the same confidences on as many examples (the "
+             "binned estimator's own noise; an ECE below its 95% level is no evidence of miscalibration): "
+             "mean / 95%.", "",
+             "| split | ECE before | ECE after | noise level |", "|---|---|---|---|"]
+    lines += [f"| {split} | {m['ece_uncalibrated']:.4f} | {m['ece']:.4f} | {m['ece_noise'][0]:.4f} / {m['ece_noise'][1]:.4f} |"
+              for split, m in split_metrics.items() if "ece" in m]
+    curves = {}
+    for split, m in split_metrics.items():
+        if "ece" in m:
+            curves[f"{split} raw"] = (m["reliability_uncalibrated"], m["ece_uncalibrated"])
+            curves[f"{split} calibrated"] = (m["reliability"], m["ece"])
+    reliability_diagram(curves, run_dir / "reliability.png")
+    return [*lines, "", "![reliability diagram](reliability.png)", ""]

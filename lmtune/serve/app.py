@@ -69,6 +69,7 @@ class Prediction(BaseModel):
     abstained: bool = False
     top_label: str | None = Field(None, description="The best class when the model abstained.")
     entities: list[Entity] | None = Field(None, description="NER: entity spans with character offsets.")
+    abstained_entities: list[Entity] | None = Field(None, description="NER with a threshold: entities scored below it.")
     tags: list[str] | None = None
 
 

@@ -16,7 +16,9 @@ from lmtune.data.splits import stratified_split
 from lmtune.errors import InputError
 from lmtune.evaluate import plots
 from lmtune.evaluate.abstain import abstention_metrics, choose_threshold, coverage_curve, coverage_plot
-from lmtune.evaluate.calibration import ece, ece_noise, fit_temperature, reliability_bins, reliability_diagram, softmax
+from lmtune.evaluate.calibration import ece, fit_temperature, softmax
+from lmtune.evaluate.calibration import metrics as calibration_metrics
+from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, quiet_transformers, resolve_model
 from lmtune.tasks.base import Encoded, Splits
@@ -307,11 +309,7 @@ class ClassificationTask:
             "macro_f1": float(f1_score(gold, pred, labels=ids, average="macro", zero_division=0)),
             "loss": loss,
             "n": int(len(all_gold)),
-            "ece": ece(softmax(logits, self.temperature), gold),
-            "ece_uncalibrated": ece(softmax(logits), gold),
-            "ece_noise": list(ece_noise(softmax(logits, self.temperature))),  # what a perfectly calibrated model would score
-            "reliability": reliability_bins(softmax(logits, self.temperature), gold),
-            "reliability_uncalibrated": reliability_bins(softmax(logits), gold),
+            **calibration_metrics(logits, gold, self.temperature),
             "per_class": {lab: {k: float(report[lab][k]) for k in ("precision", "recall", "f1-score", "support")}
                           for lab in labels},
             "confusion_matrix": confusion_matrix(gold, pred, labels=ids).tolist(),
@@ -357,21 +355,7 @@ class ClassificationTask:
             plots.confusion_matrix(np.array(m["confusion_matrix"]), labels, run_dir / png, f"Confusion matrix ({split})")
             lines += ["", f"![confusion matrix ({split})]({png})", ""]
         if self.calibration:
-            c = self.calibration
-            lines += ["### Calibration", "", f"Temperature {c['temperature']:.3f} fitted on dev (saved with the model; "
-                      "predict and evaluate return calibrated probabilities).", "",
-                      "ECE of a perfectly calibrated model with the same confidences on as many examples (the "
-                      "binned estimator's own noise; an ECE below its 95% level is no evidence of miscalibration): "
-                      "mean / 95%.", "",
-                      "| split | ECE before | ECE after | noise level |", "|---|---|---|---|"]
-            lines += [f"| {split} | {m['ece_uncalibrated']:.4f} | {m['ece']:.4f} | "
-                      f"{m['ece_noise'][0]:.4f} / {m['ece_noise'][1]:.4f} |" for split, m in split_metrics.items()]
-            curves = {}
-            for split, m in split_metrics.items():
-                curves[f"{split} raw"] = (m["reliability_uncalibrated"], m["ece_uncalibrated"])
-                curves[f"{split} calibrated"] = (m["reliability"], m["ece"])
-            reliability_diagram(curves, run_dir / "reliability.png")
-            lines += ["", "![reliability diagram](reliability.png)", ""]
+            lines += calibration_section(self.calibration["temperature"], split_metrics, run_dir)
         if any("coverage_curve" in m for m in split_metrics.values()):
             lines += self._abstention_report(split_metrics, run_dir)
         return "\n".join(lines)

@@ -25,6 +25,10 @@ from lmtune.data.ner_readers import NerExample, example_from_text, read_ner
 from lmtune.data.splits import stratified_split
 from lmtune.data.tagging import allowed_transitions, bio_labels, count_invalid, from_bio, spans, split_tag, viterbi
 from lmtune.errors import InputError
+from lmtune.evaluate.abstain import choose_threshold
+from lmtune.evaluate.calibration import ece, fit_temperature, softmax
+from lmtune.evaluate.calibration import metrics as calibration_metrics
+from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, quiet_transformers, resolve_model
 from lmtune.tasks.base import Encoded, Splits
@@ -49,12 +53,18 @@ class NerTask:
 
     def __init__(self) -> None:
         self.scheme = "bio"  # the user's scheme, for writing predictions back
+        self.temperature = 1.0  # fitted on dev after training: word tag probabilities and entity scores use it
+        self.calibration: dict = {}
+        self.threshold: float | None = None  # entities scored below it are withheld (abstain.target)
+        self.abstention: dict = {}
 
     def state(self) -> dict:
-        return {"tag_scheme": self.scheme}
+        return {"tag_scheme": self.scheme, "temperature": self.temperature, "threshold": self.threshold}
 
     def set_state(self, state: dict) -> None:
         self.scheme = state.get("tag_scheme", "bio")
+        self.temperature = float(state.get("temperature", 1.0))
+        self.threshold = state.get("threshold")
 
     def from_texts(self, texts: list[str]) -> list[NerExample]:
         return [example_from_text(t) for t in texts]
@@ -212,8 +222,18 @@ class NerTask:
         return [lp[i, :L] for i, L in enumerate(lengths)]
 
     # ---- merging windows, decoding, metrics ----------------------------------------------------
-    def word_log_probs(self, outputs: list[np.ndarray], enc: Encoded) -> list[np.ndarray | None]:
-        """Per example [n_words, L]: each word from the window where it has the most context."""
+    def word_log_probs(self, outputs: list[np.ndarray], enc: Encoded, temperature: float | None = None) -> list[np.ndarray | None]:
+        """Per example [n_words, L] tag log-probabilities (temperature-scaled: the task's unless given),
+        each word from the window where it has the most context."""
+        return self._scaled(self._merge_windows(outputs, enc), self.temperature if temperature is None else temperature)
+
+    @staticmethod
+    def _scaled(merged: list[np.ndarray | None], t: float) -> list[np.ndarray | None]:
+        if t == 1.0:
+            return merged
+        return [None if lp is None else lp / t - np.logaddexp.reduce(lp / t, axis=-1, keepdims=True) for lp in merged]
+
+    def _merge_windows(self, outputs: list[np.ndarray], enc: Encoded) -> list[np.ndarray | None]:
         best: list[dict] = [dict() for _ in enc.examples]
         for out, f in zip(outputs, enc.features):
             slot = best[f["example"]]
@@ -243,10 +263,68 @@ class NerTask:
             probs.append(np.exp(lp[np.arange(len(path)), path]))
         return list(zip(tags, probs)), {"invalid_sequences_argmax": invalid, "words_dropped": dropped}
 
+    def calibrate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
+        """Fit the temperature on the tag distributions of dev's words. The decoded tags never change
+        (Viterbi over log-probabilities divided by T > 0 finds the same path); word probabilities and
+        entity scores become calibrated."""
+        x, gold = self._word_table(self.word_log_probs(outputs, enc, 1.0), enc, labels)
+        t = fit_temperature(x, gold)
+        self.calibration = {"temperature": t, "dev_ece_before": ece(softmax(x), gold), "dev_ece_after": ece(softmax(x, t), gold)}
+        self.temperature = t
+        return self.calibration
+
+    # ---- abstention: withhold low-scoring entities ----------------------------------------------
+    def fit_threshold(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str], target: str,
+                      value: float | None, calibrated: bool = True, score: str | None = None) -> dict:
+        """Choose on (dev) outputs the entity-score threshold for the target. Each predicted entity is
+        one decision: precision = share of the kept entities that are exactly right (span and type);
+        coverage = share of predicted entities kept; false_accept = share of the wrong ones kept. The
+        score is the one predict reports (mean tag probability of its words, calibrated when
+        train.calibrate). Entities below the threshold move from `entities` to `abstained_entities`."""
+        if score not in (None, "probability"):
+            raise InputError(f"abstain.score {score}: NER thresholds the entity score (probability) only.")
+        conf, correct = self._entity_table(self.decode(outputs, enc, labels)[0], enc)
+        if not len(conf):
+            raise InputError("abstain.target: the model predicts no entity on dev, so there is nothing to threshold.")
+        self.abstention = choose_threshold(conf, np.ones(len(conf), bool), correct, np.zeros(len(conf), bool), target, value)
+        self.threshold = self.abstention["threshold"]
+        return self.abstention
+
+    @staticmethod
+    def _entity_table(decoded: list, enc: Encoded) -> tuple[np.ndarray, np.ndarray]:
+        """Score of every predicted entity and whether it is exactly a gold one."""
+        conf, correct = [], []
+        for ex, (tags, probs) in zip(enc.examples, decoded):
+            gold = set(spans(ex.tags)) if ex.tags is not None else set()
+            for s, e, typ in spans(tags):
+                conf.append(float(probs[s:e].mean()))
+                correct.append((s, e, typ) in gold)
+        return np.array(conf, dtype=float), np.array(correct, dtype=bool)
+
+    def _abstention_metrics(self, decoded: list, enc: Encoded) -> dict:
+        conf, correct = self._entity_table(decoded, enc)
+        kept = conf >= self.threshold
+        right, n_gold = int((kept & correct).sum()), sum(len(spans(ex.tags)) for ex in enc.examples if ex.tags is not None)
+        p, r = right / max(int(kept.sum()), 1), right / max(n_gold, 1)
+        return {"threshold": float(self.threshold), "coverage": float(kept.mean()) if len(kept) else 0.0,
+                "precision": p, "recall": r, "f1": 2 * p * r / (p + r) if p + r else 0.0}
+
+    @staticmethod
+    def _word_table(merged: list[np.ndarray | None], enc: Encoded, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """[words, L] log-probabilities and the gold tag index of every labeled word."""
+        index = {lab: i for i, lab in enumerate(labels)}
+        rows, gold = [], []
+        for ex, lp in zip(enc.examples, merged):
+            if lp is not None and ex.tags is not None:
+                rows.append(lp)
+                gold += [index[t] for t in ex.tags]
+        return (np.concatenate(rows) if rows else np.zeros((0, len(labels)))), np.array(gold, dtype=int)
+
     def evaluate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
         from seqeval.metrics import classification_report
         from seqeval.scheme import IOB2
-        merged = self.word_log_probs(outputs, enc)  # windows merged once, for decoding and the loss
+        raw = self._merge_windows(outputs, enc)  # windows merged once, for decoding, the loss and calibration
+        merged = self._scaled(raw, self.temperature)
         decoded, info = self.decode(outputs, enc, labels, merged)
         gold = [ex.tags for ex in enc.examples]
         pred = [t for t, _ in decoded]
@@ -264,22 +342,27 @@ class NerTask:
                 "sentences_windowed": enc.stats.get("windowed", 0), "words": n,
                 "per_type": {t: {k: float(rep[t][k]) for k in ("precision", "recall", "f1-score", "support")}
                              for t in types if t in rep},
-                "errors": error_kinds(gold, pred, enc.examples)}
+                "errors": error_kinds(gold, pred, enc.examples),
+                **calibration_metrics(*self._word_table(raw, enc, labels), self.temperature),  # of each word's tag
+                **({"abstention": self._abstention_metrics(decoded, enc)} if self.threshold is not None else {})}
 
     def predictions(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> list[dict]:
         decoded, _ = self.decode(outputs, enc, labels)
         rows = []
         for ex, (tags, probs) in zip(enc.examples, decoded):
-            ents = []
+            ents, withheld = [], []
             for s, e, typ in spans(tags):
-                ent = {"text": " ".join(ex.tokens[s:e]), "label": typ, "score": round(float(probs[s:e].mean()), 6),
+                score = float(probs[s:e].mean())
+                ent = {"text": " ".join(ex.tokens[s:e]), "label": typ, "score": round(score, 6),
                        "token_start": s, "token_end": e}
                 if ex.offsets is not None:
                     ent["start"], ent["end"] = ex.offsets[s][0], ex.offsets[e - 1][1]
                     ent["text"] = ex.text[ent["start"]:ent["end"]]
-                ents.append(ent)
+                (withheld if self.threshold is not None and score < self.threshold else ents).append(ent)
             row = {"text": ex.text} if ex.text is not None else {"tokens": ex.tokens}
             row["entities"] = ents
+            if self.threshold is not None:
+                row["abstained_entities"] = withheld
             row["tags"] = from_bio(tags, self.scheme)
             if ex.tags is not None:
                 row["gold"] = from_bio(ex.tags, self.scheme)
@@ -300,6 +383,18 @@ class NerTask:
             for kind, info in sorted(m["errors"].items(), key=lambda kv: -kv[1]["count"]):
                 lines.append(f"| {kind} | {info['count']} | {info['example']} |")
             lines.append("")
+        if self.threshold is not None:
+            a = self.abstention
+            lines += ["### Abstention", "", f"Entities scored below {self.threshold:.4f} are withheld (listed under "
+                      "abstained_entities)" + (f"; chosen on dev for {a['target']} {a['value']}." if a else "."), "",
+                      "| split | entities kept | precision | recall | F1 |", "|---|---|---|---|---|"]
+            lines += [f"| {split} | {m['abstention']['coverage']:.1%} | {m['abstention']['precision']:.4f} | "
+                      f"{m['abstention']['recall']:.4f} | {m['abstention']['f1']:.4f} |"
+                      for split, m in split_metrics.items() if "abstention" in m]
+            lines.append("")
+        if self.calibration:
+            lines += calibration_section(self.calibration["temperature"], split_metrics, run_dir,
+                                         "; ECE is over each word's tag, entity scores are means of their words'")
         return "\n".join(lines)
 
 
