@@ -2,10 +2,10 @@
 severity and what to do. Runs at the start of `lmtune train` (audit.json, report.md) and as
 `lmtune audit CONFIG`.
 
-Checks: class balance and rare classes, exact and normalized duplicates, the same text with
-conflicting labels, train/dev/test overlap (leakage), empty or symbol-only texts, and (with a
-tokenizer) what truncation at max_length cuts. Not yet here: label-noise candidates from
-out-of-fold predictions (confident learning).
+Checks: class balance and rare classes (NER: entity types), exact and normalized duplicates, the
+same text with conflicting labels (NER: tags), train/dev/test overlap (leakage), empty or
+symbol-only texts, and (with a tokenizer) what truncation at max_length cuts. Label-noise
+candidates (confident learning, classification) join the audit from noise.py when asked for.
 """
 from __future__ import annotations
 
@@ -33,22 +33,28 @@ def audit(splits, truncation: dict[str, dict] | None = None, max_length: int | N
     out: list[dict] = []
     train = splits.train
     classification = train and not hasattr(train[0], "tokens")
-    if classification:
-        counts = Counter(ex.label for ex in train)
+    what = "training examples" if classification else "training entities"
+
+    def kinds(exs) -> Counter:  # classes, or NER entity types (tags are BIO inside)
+        if classification:
+            return Counter(ex.label for ex in exs)
+        return Counter(t[2:] for ex in exs for t in ex.tags or [] if t.startswith("B-"))
+    counts = kinds(train)
+    if counts:
         most, least = counts.most_common()[0], counts.most_common()[-1]
         ratio = most[1] / max(least[1], 1)
         if ratio >= 3:
             out.append(_f("imbalance", "critical" if ratio >= 20 else "warning",
-                          f"'{most[0]}' has {most[1]} training examples, '{least[0]}' {least[1]} (ratio {ratio:.1f})",
+                          f"'{most[0]}' has {most[1]} {what}, '{least[0]}' {least[1]} (ratio {ratio:.1f})",
                           "Watch per-class recall and macro-F1 (train.metric macro_f1), collect more of the rare classes, "
                           "or re-weight / re-sample them."))
         rare = [lab for lab, n in counts.items() if n < 10]
         if rare:
-            out.append(_f("rare_labels", "warning", f"{len(rare)} label(s) with fewer than 10 training examples: "
+            out.append(_f("rare_labels", "warning", f"{len(rare)} label(s) with fewer than 10 {what}: "
                           + ", ".join(f"{lab} ({counts[lab]})" for lab in rare[:10]),
                           "Add examples, merge them into a related class, or expect unreliable scores for them."))
         for name, exs in (("dev", splits.dev), ("test", splits.test)):
-            c = Counter(ex.label for ex in exs)
+            c = kinds(exs)
             thin = [lab for lab in counts if c.get(lab, 0) < 2]
             if exs and thin:
                 out.append(_f(f"rare_labels_{name}", "warning",
@@ -67,13 +73,20 @@ def audit(splits, truncation: dict[str, dict] | None = None, max_length: int | N
     if near > 0:
         out.append(_f("near_duplicates", "info", f"{near} row(s) in train equal another after lower-casing and "
                       "removing punctuation", "Check whether they are the same example."))
-    if classification:
-        conflicts = [v for v in groups.values() if len({e.label for e in v}) > 1]
+    def gold(e):
+        return e.label if classification else " ".join(e.tags or [])
+    if train:
+        same = groups
+        if not classification:  # tags follow tokens: only the very same token sequence must carry the same tags
+            same = defaultdict(list)
+            for ex in train:
+                same[_text(ex)].append(ex)
+        conflicts = [v for v in same.values() if len({gold(e) for e in v}) > 1]
         if conflicts:
-            out.append(_f("conflicting_labels", "critical" if len(conflicts) > 0.01 * len(groups) else "warning",
+            out.append(_f("conflicting_labels", "critical" if len(conflicts) > 0.01 * len(same) else "warning",
                           f"{len(conflicts)} text(s) appear with different labels",
                           "Decide the right label for each and fix the file; the model cannot learn both.",
-                          [f"{e.source}={e.label}" for v in conflicts for e in v]))
+                          [f"{e.source}={gold(e)}" for v in conflicts for e in v]))
     # leakage
     seen = set(groups)
     for name, exs in (("dev", splits.dev), ("test", splits.test)):

@@ -174,3 +174,24 @@ def test_audit_finds_planted_problems_and_stays_quiet_on_clean_data(tmp_path, ca
     found = {f["check"]: f for f in json.loads(capsys.readouterr().out)}
     assert {"duplicates", "conflicting_labels", "leakage_dev", "imbalance"} <= set(found)
     assert found["leakage_dev"]["severity"] == "critical" and found["conflicting_labels"]["examples"]
+
+
+def test_ner_audit_finds_conflicting_tags_rare_types_duplicates_and_leakage():
+    from lmtune.audit import audit
+    from lmtune.data.ner_readers import NerExample
+    from lmtune.tasks.base import Splits
+
+    def ex(i, text, tags):
+        return NerExample(text.split(), tags.split(), f"f.conll:{i}")
+    clean = [ex(i, f"{name} visited {city} on day {i}", "B-PER O B-LOC O O O")
+             for i, (name, city) in enumerate((n, c) for n in ("anna", "omar", "li") for c in ("paris", "rome", "oslo", "kyiv"))]
+    dev = [ex(200 + i, f"bob saw {c} at {i}", "B-PER O B-LOC O O") for i, c in enumerate(("lima", "baku"))]
+    quiet = {f["check"] for f in audit(Splits(clean, dev, [], ["O", "B-PER", "I-PER", "B-LOC", "I-LOC"]))}
+    assert not quiet & {"conflicting_labels", "duplicates", "leakage_dev", "imbalance"}, quiet
+
+    dirty = clean + [clean[0], ex(300, "anna visited paris on day 0", "B-LOC O B-LOC O O O"),
+                     ex(301, "acme hired anna", "B-ORG O B-PER")]
+    found = {f["check"]: f for f in audit(Splits(dirty, dev + [clean[1]], [], ["O", "B-PER", "I-PER", "B-LOC", "I-LOC", "B-ORG", "I-ORG"]))}
+    assert {"conflicting_labels", "duplicates", "leakage_dev", "rare_labels", "imbalance"} <= set(found), set(found)
+    assert "f.conll:300=B-LOC O B-LOC O O O" in found["conflicting_labels"]["examples"]
+    assert "ORG (1)" in found["rare_labels"]["detail"] and "training entities" in found["imbalance"]["detail"]
