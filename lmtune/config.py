@@ -83,9 +83,9 @@ class TrainConfig:
     metric: str | None = _f(None, "Dev metric for early stopping and the best checkpoint; default: accuracy (classification), f1 (NER).",
                             ("accuracy", "macro_f1", "f1", "precision", "recall", "loss"))
     patience: int = _f(0, "Stop after this many evaluations without improvement; 0 = never.")
-    class_weights: str = _f("none", "Classification loss weights: auto = inverse class frequency in train (for imbalance).",
+    class_weights: str = _f("none", "Loss weights: auto = inverse class frequency in train (NER: per tag) for imbalance.",
                             ("none", "auto"))
-    focal_gamma: float = _f(0.0, "Focal loss gamma for classification (0 = plain cross-entropy; 2 is usual for imbalance).")
+    focal_gamma: float = _f(0.0, "Focal loss gamma (0 = plain cross-entropy; 2 is usual for imbalance).")
     calibrate: bool = _f(True, "Fit a temperature on dev after training (classification; NER: on each word's tag "
                                "distribution); outputs use calibrated probabilities.")
     tensorboard: bool = _f(False, "Also log to TensorBoard (needs the tensorboard package).")

@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 import yaml
 from transformers import AutoModelForTokenClassification, AutoTokenizer
@@ -302,3 +303,19 @@ def test_ner_on_the_packaged_minilm_with_a_chinese_mixed_span_file(tmp_path):
     assert out["entities"], out
     for e in out["entities"]:
         assert text[e["start"]:e["end"]] == e["text"] and e["label"] in ("PER", "LOC")
+
+
+def test_ner_class_weights_are_per_tag_and_enter_the_loss(tmp_path):
+    from types import SimpleNamespace
+    train = tmp_path / "imb.conll"
+    train.write_text("".join("anna O\nsmiles O\ntoday O\n\n" if i % 4 else "anna B-PER\nsmiles O\ntoday O\n\n" for i in range(40)))
+    task = NerTask()
+    splits = task.read(build_config({"task": "ner", "data": {"train": str(train)}, "train": {"class_weights": "auto", "focal_gamma": 1.0}}))
+    w = splits.info["class_weights"]
+    assert w["B-PER"] > 5 * w["O"] and w["I-PER"] == max(w.values())  # I-PER never occurs: the largest weight, not inf
+    logits = torch.tensor([[[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]])
+    labels = torch.tensor([[splits.labels.index("O"), splits.labels.index("B-PER")]])
+    out = SimpleNamespace(logits=logits)
+    ce = torch.nn.functional.cross_entropy(out.logits.view(-1, 3), labels.view(-1), reduction="none")
+    weights = torch.tensor([w[splits.labels[k]] for k in labels.view(-1)])
+    assert task.loss(out, {"labels": labels}).item() == pytest.approx((ce * weights * (1 - torch.exp(-ce))).sum().item(), rel=1e-5)

@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 from lmtune.config import Config
 
@@ -77,3 +78,26 @@ class Task(Protocol):
 
     def report(self, split_metrics: dict[str, dict], labels: list[str], run_dir: Path) -> str:
         """Task-specific Markdown for report.md (tables, plots it writes into run_dir)."""
+
+
+def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None,
+                      focal_gamma: float = 0.0) -> torch.Tensor:
+    """Summed cross-entropy over rows of [N, C] logits (labels -100 ignored), optionally class-weighted
+    and focal ((1 - p_true) ** gamma down-weights what the model already gets right)."""
+    logits = logits.float()
+    if weight is None and not focal_gamma:
+        return F.cross_entropy(logits, labels, reduction="sum", ignore_index=-100)
+    ce = F.cross_entropy(logits, labels, weight=None if weight is None else weight.to(logits.device),
+                         reduction="none", ignore_index=-100)
+    if focal_gamma:
+        p_true = torch.exp(-F.cross_entropy(logits, labels, reduction="none", ignore_index=-100))
+        ce = ce * (1 - p_true) ** focal_gamma
+    return ce.sum()
+
+
+def balanced_weights(counts: np.ndarray) -> np.ndarray:
+    """Inverse-frequency ("balanced") class weights: each class contributes equally overall; a class
+    absent from train gets the largest weight of the others rather than infinity."""
+    counts = np.asarray(counts, dtype=float)
+    w = np.where(counts > 0, counts.sum() / (len(counts) * np.maximum(counts, 1)), 0.0)
+    return np.where(counts > 0, w, w.max() if w.any() else 1.0)

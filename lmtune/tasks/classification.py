@@ -21,7 +21,7 @@ from lmtune.evaluate.calibration import metrics as calibration_metrics
 from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, quiet_transformers, resolve_model
-from lmtune.tasks.base import Encoded, Splits
+from lmtune.tasks.base import Encoded, Splits, balanced_weights, cross_entropy_sum
 
 
 def mahalanobis_score(feats: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
@@ -203,8 +203,7 @@ class ClassificationTask:
         info["sizes"] = {"train": len(train), "dev": len(dev), "test": len(test)}
         self.focal_gamma = cfg.train.focal_gamma
         if cfg.train.class_weights == "auto":
-            counts = np.array([sum(ex.label == lab for ex in train) for lab in labels], dtype=float)
-            w = counts.sum() / (len(labels) * counts)  # "balanced": each class contributes equally overall
+            w = balanced_weights(np.array([sum(ex.label == lab for ex in train) for lab in labels]))
             self.class_weight = torch.tensor(w, dtype=torch.float)
             info["class_weights"] = dict(zip(labels, np.round(w, 4).tolist()))
         return Splits(train, dev, test, labels, info)
@@ -277,15 +276,7 @@ class ClassificationTask:
         return len(features)
 
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits, labels = outputs.logits.float(), batch["labels"]
-        if self.class_weight is None and not self.focal_gamma:
-            return F.cross_entropy(logits, labels, reduction="sum", ignore_index=-100)
-        weight = self.class_weight.to(logits.device) if self.class_weight is not None else None
-        ce = F.cross_entropy(logits, labels, weight=weight, reduction="none", ignore_index=-100)
-        if self.focal_gamma:  # down-weight examples the model already gets right: (1 - p_true) ** gamma
-            p_true = torch.exp(-F.cross_entropy(logits, labels, reduction="none", ignore_index=-100))
-            ce = ce * (1 - p_true) ** self.focal_gamma
-        return ce.sum()
+        return cross_entropy_sum(outputs.logits, batch["labels"], self.class_weight, self.focal_gamma)
 
     def unbatch(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
         logits = outputs.logits.float().cpu().numpy()

@@ -17,7 +17,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from lmtune.config import Config
@@ -31,7 +30,7 @@ from lmtune.evaluate.calibration import metrics as calibration_metrics
 from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, quiet_transformers, resolve_model
-from lmtune.tasks.base import Encoded, Splits
+from lmtune.tasks.base import Encoded, Splits, balanced_weights, cross_entropy_sum
 
 
 def _special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -57,6 +56,8 @@ class NerTask:
         self.calibration: dict = {}
         self.threshold: float | None = None  # entities scored below it are withheld (abstain.target)
         self.abstention: dict = {}
+        self.class_weight: torch.Tensor | None = None  # train.class_weights auto: inverse tag frequency
+        self.focal_gamma = 0.0
 
     def state(self) -> dict:
         return {"tag_scheme": self.scheme, "temperature": self.temperature, "threshold": self.threshold}
@@ -112,6 +113,12 @@ class NerTask:
             raise InputError(f"{d.train}: too few sentences to split off a dev set; give data.dev.")
         info["sizes"] = {"train": len(train), "dev": len(dev), "test": len(test)}
         info["tag_scheme"] = scheme
+        self.focal_gamma = cfg.train.focal_gamma
+        if cfg.train.class_weights == "auto":  # per BIO tag, over the words of train
+            tags = Counter(t for ex in train for t in ex.tags)
+            w = balanced_weights(np.array([tags[lab] for lab in labels]))
+            self.class_weight = torch.tensor(w, dtype=torch.float)
+            info["class_weights"] = dict(zip(labels, np.round(w, 4).tolist()))
         return Splits(train, dev, test, labels, info)
 
     # ---- model ------------------------------------------------------------------------------
@@ -213,8 +220,8 @@ class NerTask:
         return max(1, sum(sum(1 for x in f["labels"] if x != -100) for f in features))
 
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        logits = outputs.logits.float()
-        return F.cross_entropy(logits.view(-1, logits.size(-1)), batch["labels"].view(-1), reduction="sum", ignore_index=-100)
+        logits = outputs.logits
+        return cross_entropy_sum(logits.reshape(-1, logits.size(-1)), batch["labels"].reshape(-1), self.class_weight, self.focal_gamma)
 
     def unbatch(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
         lp = torch.log_softmax(outputs.logits.float(), -1).cpu().numpy()
