@@ -385,7 +385,8 @@ class NerTask:
                       f"Sentences cut into windows: {m['sentences_windowed']}; words without a prediction: "
                       f"{m['words_dropped']}; sequences the raw argmax would have left invalid: "
                       f"{m['invalid_sequences_argmax']} (the output uses constrained decoding and has none).", "",
-                      *prf_table("type", m["per_type"])]
+                      *prf_table("type", m["per_type"], {min(m["per_type"], key=lambda t: m["per_type"][t]["f1-score"]): " (weakest)"}
+                                 if len(m["per_type"]) > 1 else {})]
             lines += ["", f"Most frequent errors ({split}):", "", "| kind | count | example |", "|---|---|---|"]
             for kind, info in sorted(m["errors"].items(), key=lambda kv: -kv[1]["count"]):
                 lines.append(f"| {kind} | {info['count']} | {info['example']} |")
