@@ -326,7 +326,7 @@ def train(config: Config | dict | str | Path, overrides: dict | None = None, res
         require_tensorboard()
     unsupported = [key for key, on, attr in (("abstain.target", cfg.abstain.target != "none", "fit_threshold"),
                                             ("abstain.score", cfg.abstain.score != "probability", "fit_scorer"),
-                                            ("data.label_noise_folds", cfg.data.label_noise_folds > 0, "example_labels"),
+                                            ("data.label_noise_folds", cfg.data.label_noise_folds > 0, "example_probs"),
                                             ("data.resample", cfg.data.resample != "none", "example_labels"))
                    if on and not hasattr(task, attr)]
     if unsupported:

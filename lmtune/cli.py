@@ -85,8 +85,8 @@ def cmd_audit(args: list[str]) -> int:
     splits = task.read(cfg)
     findings = audit(splits)
     if cfg.data.label_noise_folds:
-        if not getattr(task, "example_labels", False):
-            raise InputError(f"data.label_noise_folds: not available for the {task.name} task (classification only).")
+        if not hasattr(task, "example_probs"):
+            raise InputError(f"data.label_noise_folds: not available for the {task.name} task.")
         from lmtune.api import _accelerator
         from lmtune.noise import find_label_issues, finding, out_of_fold_probs
         probs = out_of_fold_probs(cfg, task, splits.train, splits.labels, cfg.data.label_noise_folds,

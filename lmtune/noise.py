@@ -14,7 +14,6 @@ import functools
 import logging
 
 import numpy as np
-import torch
 from transformers import set_seed
 
 from lmtune.config import Config
@@ -26,12 +25,13 @@ from lmtune.train.optim import resolve_learning_rates
 log = logging.getLogger("lmtune")
 
 
-def out_of_fold_probs(cfg: Config, task, examples: list, labels: list[str], folds: int, accelerator) -> np.ndarray:
-    """[n, classes] probabilities, each row from the fold model that did not train on it."""
+def out_of_fold_probs(cfg: Config, task, examples: list, labels: list[str], folds: int, accelerator) -> list:
+    """Per example, probabilities from the fold model that did not train on it: a [classes] row
+    (classification) or a [words, tags] array (NER), as task.example_probs gives them."""
     if folds < 2:
         raise InputError(f"label-noise search needs at least 2 folds, got {folds}.")
-    gold = [ex.label for ex in examples]
-    probs = np.zeros((len(examples), len(labels)))
+    gold = [getattr(ex, "label", "") for ex in examples]  # NER: one stratum, a seeded shuffle
+    probs: list = [None] * len(examples)
     # fold f = the examples a stratified split puts in the f-th share; each class spread evenly
     order = np.random.default_rng(cfg.train.seed).permutation(len(examples))
     fold_of = np.zeros(len(examples), dtype=int)
@@ -47,13 +47,15 @@ def out_of_fold_probs(cfg: Config, task, examples: list, labels: list[str], fold
         held = np.flatnonzero(fold_of == f)
         fit = np.flatnonzero(fold_of != f)
         log.info("label noise: fold %d/%d, training on %d, predicting %d", f + 1, folds, len(fit), len(held))
-        logits = _fit_predict(cfg, task, [examples[i] for i in fit], [examples[i] for i in held], labels, accelerator)
-        probs[held] = torch.softmax(torch.from_numpy(task.split_outputs(logits, labels)[0]).double(), -1).numpy()
+        outputs, enc = _fit_predict(cfg, task, [examples[i] for i in fit], [examples[i] for i in held], labels, accelerator)
+        for i, row in zip(held, task.example_probs(outputs, enc, labels)):
+            probs[i] = row
     return probs
 
 
-def _fit_predict(cfg: Config, task, train: list, held: list, labels: list[str], accelerator) -> list[np.ndarray]:
-    """The run's recipe (full fine-tuning, no dev, no checkpoints) on `train`; outputs on `held`."""
+def _fit_predict(cfg: Config, task, train: list, held: list, labels: list[str], accelerator) -> tuple[list[np.ndarray], object]:
+    """The run's recipe (full fine-tuning, no dev, no checkpoints) on `train`; outputs on `held`
+    and its encoding."""
     set_seed(cfg.train.seed)
     model, tokenizer = task.build_model(cfg, labels)
     freeze(model, cfg.model.freeze_embeddings, cfg.model.freeze_layers)
@@ -62,14 +64,17 @@ def _fit_predict(cfg: Config, task, train: list, held: list, labels: list[str], 
     collate = functools.partial(task.collate, tokenizer=tokenizer)
     train_loop(model, enc["fit"].features, LoopTask(collate, task.loss, task.num_items, None), lrs, None, accelerator)
     model = accelerator.unwrap_model(model).eval()
-    return predict_outputs(model, enc["held"].features, collate, task.unbatch, accelerator.device, progress="none")
+    return predict_outputs(model, enc["held"].features, collate, task.unbatch, accelerator.device, progress="none"), enc["held"]
 
 
-def find_label_issues(examples: list, labels: list[str], probs: np.ndarray) -> dict:
+def find_label_issues(examples: list, labels: list[str], probs: list) -> dict:
     """cleanlab's flagged rows plus a full ranking of every row by self-confidence (lowest first)."""
     from cleanlab.filter import find_label_issues as cl_find
     from cleanlab.rank import get_label_quality_scores
 
+    if examples and hasattr(examples[0], "tags"):
+        return _token_label_issues(examples, labels, probs)
+    probs = np.stack(probs)
     index = {lab: i for i, lab in enumerate(labels)}
     given = np.array([index[ex.label] for ex in examples])
     flagged = cl_find(given, probs, filter_by="prune_by_noise_rate", return_indices_ranked_by="self_confidence")
@@ -79,6 +84,29 @@ def find_label_issues(examples: list, labels: list[str], probs: np.ndarray) -> d
              "suggested": labels[int(probs[i].argmax())], "label_quality": round(float(quality[i]), 6)}
             for i in flagged]
     return {"flagged": rows, "ranking": ranking.tolist(), "quality": quality.tolist()}
+
+
+def _token_label_issues(examples: list, labels: list[str], probs: list) -> dict:
+    """NER: cleanlab's token-classification variant flags words whose given tag the out-of-fold
+    models find implausible; a sentence is flagged when one of its words is (its row names the
+    worst word), and sentences are ranked by cleanlab's sentence label-quality score."""
+    from cleanlab.token_classification.filter import find_label_issues as cl_find
+    from cleanlab.token_classification.rank import get_label_quality_scores
+
+    index = {lab: i for i, lab in enumerate(labels)}
+    given = [[index[t] for t in ex.tags] for ex in examples]
+    issues = cl_find(given, probs, return_indices_ranked_by="self_confidence")  # [(sentence, word)], worst first
+    quality, _ = get_label_quality_scores(given, probs)
+    rows, seen = [], set()
+    for i, j in issues:
+        if i in seen:
+            continue
+        seen.add(i)
+        ex = examples[i]
+        rows.append({"index": int(i), "source": ex.source, "text": " ".join(ex.tokens), "word": ex.tokens[j],
+                     "label": ex.tags[j], "suggested": labels[int(probs[i][j].argmax())],
+                     "label_quality": round(float(quality[i]), 6)})
+    return {"flagged": rows, "ranking": np.argsort(quality, kind="stable").tolist(), "quality": np.asarray(quality).tolist()}
 
 
 def finding(result: dict, n: int) -> dict:
@@ -91,4 +119,5 @@ def finding(result: dict, n: int) -> dict:
                       "(confident learning)",
             "suggestion": "Review them (label_noise.jsonl lists each with the suggested label), fix or drop them; "
                           "data.drop_label_noise true drops them before training.",
-            "examples": [f"{r['source']}: '{r['label']}' -> '{r['suggested']}'" for r in flagged[:5]]}
+            "examples": [f"{r['source']}: {repr(r['word']) + ' ' if 'word' in r else ''}'{r['label']}' -> '{r['suggested']}'"
+                         for r in flagged[:5]]}

@@ -181,8 +181,7 @@ def test_resampling_balances_classes_and_is_seeded():
 def test_classification_only_options_are_refused_for_ner(tmp_path, tiny_model):
     train = tmp_path / "t.conll"
     train.write_text("EU B-ORG\nrejects O\n\nPeter B-PER\nsmiles O\n")
-    for section, values in (("abstain", {"score": "mahalanobis"}), ("data", {"train": str(train), "label_noise_folds": 3}),
-                            ("data", {"train": str(train), "resample": "oversample"})):
+    for section, values in (("abstain", {"score": "mahalanobis"}), ("data", {"train": str(train), "resample": "oversample"})):
         cfg = {"task": "ner", "data": {"train": str(train)}, "model": {"name": tiny_model}, section: values}
         with pytest.raises(lmtune.InputError, match=f"{section}.{next(k for k in values if k != 'train')}"):
             lmtune.train(cfg)

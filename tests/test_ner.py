@@ -320,3 +320,33 @@ def test_ner_class_weights_are_per_tag_and_enter_the_loss(tmp_path):
     ce = torch.nn.functional.cross_entropy(out.logits.view(-1, 3), labels.view(-1), reduction="none")
     weights = torch.tensor([w[splits.labels[k]] for k in labels.view(-1)])
     assert task.loss(out, {"labels": labels}).item() == pytest.approx((ce * weights * (1 - torch.exp(-ce))).sum().item(), rel=1e-5)
+
+
+def test_ner_label_noise_search_flags_sentences_with_flipped_tags(tmp_path, tiny_model):
+    sents = toy_ner(150, 1)
+    planted = []
+    for i, (toks, tags) in enumerate(sents):  # every 10th sentence with a place: that place tagged as a person
+        if i % 10 == 0 and "B-LOC" in tags:
+            j = tags.index("B-LOC")
+            tags[j] = "B-PER"
+            planted.append(i)
+    cfg = copy.deepcopy(_ner_config(tmp_path, tiny_model))
+    cfg["data"]["train"] = str(write_conll(tmp_path / "noisy.conll", sents))
+    cfg["data"]["label_noise_folds"] = 3
+    run = lmtune.train(cfg)
+    rows = [json.loads(x) for x in (run.run_dir / "label_noise.jsonl").read_text().splitlines()]
+    lines = {int(r["source"].rsplit(":", 1)[1]): r for r in rows}
+    # the sentence sources are file:line of their first token; map planted sentence numbers the same way
+    starts, line = [], 3  # after "-DOCSTART-" and a blank line
+    for toks, _ in sents:
+        starts.append(line)
+        line += len(toks) + 1
+    hits = [i for i in planted if starts[i] in lines]
+    assert len(planted) >= 8 and len(hits) >= 0.6 * len(planted), (planted, sorted(lines))
+    assert sum(1 for r in rows if (r["label"], r["suggested"]) == ("B-PER", "B-LOC")) >= len(hits) // 2
+    ranking = json.loads((run.run_dir / "label_noise.json").read_text())["ranking"]  # worst label quality first
+    position = {int(i): k for k, i in enumerate(ranking)}
+    mean_rank = np.mean([position[i] for i in planted]) / len(sents)  # train is the file, in order (dev is given)
+    assert mean_rank < 0.3, mean_rank  # the planted sentences rank near the top (random: 0.5)
+    audit = json.loads((run.run_dir / "audit.json").read_text())
+    assert any(f["check"] == "label_noise" for f in audit)

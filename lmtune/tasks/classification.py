@@ -140,6 +140,10 @@ class ClassificationTask:
         self.threshold = self.abstention["threshold"]
         return self.abstention
 
+    def example_probs(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> list[np.ndarray]:
+        """Raw class probabilities per example (the label-noise search's input)."""
+        return list(softmax(self.split_outputs(outputs, labels)[0]))
+
     def calibrate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
         """Fit the temperature on dev; every later probability (evaluate, predict, API) uses it."""
         logits, gold = self.split_outputs(outputs, labels)[0], self._gold(enc, labels)

@@ -270,6 +270,11 @@ class NerTask:
             probs.append(np.exp(lp[np.arange(len(path)), path]))
         return list(zip(tags, probs)), {"invalid_sequences_argmax": invalid, "words_dropped": dropped}
 
+    def example_probs(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> list[np.ndarray]:
+        """Raw [words, tags] probabilities per sentence (the label-noise search's input)."""
+        return [np.exp(lp) if lp is not None else np.full((len(ex.tokens), len(labels)), 1 / len(labels))
+                for ex, lp in zip(enc.examples, self.word_log_probs(outputs, enc, 1.0))]
+
     def calibrate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
         """Fit the temperature on the tag distributions of dev's words. The decoded tags never change
         (Viterbi over log-probabilities divided by T > 0 finds the same path); word probabilities and
