@@ -325,7 +325,7 @@ def test_ner_class_weights_are_per_tag_and_enter_the_loss(tmp_path):
 def test_ner_label_noise_search_flags_sentences_with_flipped_tags(tmp_path, tiny_model):
     sents = toy_ner(150, 1)
     planted = []
-    for i, (toks, tags) in enumerate(sents):  # every 10th sentence with a place: that place tagged as a person
+    for i, (_toks, tags) in enumerate(sents):  # every 10th sentence with a place: that place tagged as a person
         if i % 10 == 0 and "B-LOC" in tags:
             j = tags.index("B-LOC")
             tags[j] = "B-PER"
