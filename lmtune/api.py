@@ -73,6 +73,27 @@ def save_task_arrays(task, folder: Path) -> None:
         save_file({k: v.copy() for k, v in arrays.items()}, folder / TASK_ARRAYS)
 
 
+def fit_output_controls(task, cfg: Config, outputs, encoded: dict, labels: list[str]) -> dict:
+    """What the trained model's outputs are tuned with after training, in order: the temperature
+    (on dev), the Mahalanobis scorer (on train), the abstention threshold (on dev). outputs(split)
+    gives the model's outputs on encoded[split]. Export calls it again for a pruned model."""
+    fitted = {}
+    if cfg.train.calibrate and hasattr(task, "calibrate"):
+        c = fitted["calibration"] = task.calibrate(outputs("dev"), encoded["dev"], labels)
+        log.info("calibration: temperature %.3f, dev ECE %.4f -> %.4f", c["temperature"], c["dev_ece_before"], c["dev_ece_after"])
+    if cfg.abstain.score == "mahalanobis":
+        s = fitted["scorer"] = task.fit_scorer(outputs("train"), encoded["train"], labels)
+        log.info("abstention score: Mahalanobis distance fitted on %d train examples (%d classes, %d-dim [CLS])",
+                 s["examples"], s["classes"], s["dim"])
+    if cfg.abstain.target != "none":
+        a = fitted["abstention"] = task.fit_threshold(outputs("dev"), encoded["dev"], labels, cfg.abstain.target,
+                                                      cfg.abstain.value, cfg.abstain.calibrated)
+        log.log(logging.INFO if a["met"] else logging.WARNING,
+                "abstention: threshold %.4f for %s %s on dev (answers %.1f%%, accuracy of answered %.4f)%s", a["threshold"],
+                a["target"], a["value"], 100 * a["dev_coverage"], a["dev_precision"], "" if a["met"] else ": target not reachable")
+    return fitted
+
+
 def _as_config(config: Config | dict | str | Path, overrides: dict | None = None) -> Config:
     if isinstance(config, Config):
         return build_config(config.to_dict(), overrides) if overrides else config
@@ -91,7 +112,7 @@ def _partial_state() -> PartialState:
     return PartialState(cpu=not torch.cuda.is_available())
 
 
-def _accelerator(precision: str) -> Accelerator:
+def accelerator_for(precision: str) -> Accelerator:
     if precision == "auto":
         precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
     mp = {"fp32": "no", "bf16": "bf16", "fp16": "fp16"}[precision]
@@ -351,7 +372,7 @@ def train(config: Config | dict | str | Path, overrides: dict | None = None, res
 
 
 def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
-    accelerator = _accelerator(cfg.train.precision)
+    accelerator = accelerator_for(cfg.train.precision)
     if accelerator.is_main_process and not resume:
         write_text(run_dir / "config.yaml", cfg.to_yaml())
         write_json(run_dir / "splits.json", splits.info)
@@ -425,19 +446,7 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
     ckpt.load_weights(model, "best")
     finalize_peft(model)
     model.eval()
-    if cfg.train.calibrate and hasattr(task, "calibrate"):
-        c = task.calibrate(outputs(model, "dev"), encoded["dev"], splits.labels)
-        log.info("calibration: temperature %.3f, dev ECE %.4f -> %.4f", c["temperature"], c["dev_ece_before"], c["dev_ece_after"])
-    if cfg.abstain.score == "mahalanobis":
-        s = task.fit_scorer(outputs(model, "train"), encoded["train"], splits.labels)
-        log.info("abstention score: Mahalanobis distance fitted on %d train examples (%d classes, %d-dim [CLS])",
-                 s["examples"], s["classes"], s["dim"])
-    if cfg.abstain.target != "none":
-        a = task.fit_threshold(outputs(model, "dev"), encoded["dev"], splits.labels, cfg.abstain.target, cfg.abstain.value,
-                               cfg.abstain.calibrated)
-        log.log(logging.INFO if a["met"] else logging.WARNING,
-                "abstention: threshold %.4f for %s %s on dev (answers %.1f%%, accuracy of answered %.4f)%s", a["threshold"],
-                a["target"], a["value"], 100 * a["dev_coverage"], a["dev_precision"], "" if a["met"] else ": target not reachable")
+    fit_output_controls(task, cfg, lambda split: outputs(model, split), encoded, splits.labels)
 
     split_metrics, preds = {}, {}
     for split in ("dev", "test"):

@@ -87,10 +87,10 @@ def cmd_audit(args: list[str]) -> int:
     if cfg.data.label_noise_folds:
         if not hasattr(task, "example_probs"):
             raise InputError(f"data.label_noise_folds: not available for the {task.name} task.")
-        from lmtune.api import _accelerator
+        from lmtune.api import accelerator_for
         from lmtune.noise import find_label_issues, finding, out_of_fold_probs
         probs = out_of_fold_probs(cfg, task, splits.train, splits.labels, cfg.data.label_noise_folds,
-                                  _accelerator(cfg.train.precision))
+                                  accelerator_for(cfg.train.precision))
         result = find_label_issues(splits.train, splits.labels, probs)
         findings.append({**finding(result, len(splits.train)), "candidates": result["flagged"]})
     print(json.dumps(findings, indent=2, ensure_ascii=False))
@@ -123,7 +123,7 @@ def cmd_export(ns: argparse.Namespace) -> int:
     from lmtune.export.onnx import export_run
     if ns.format != "onnx":
         raise InputError(f"export: --format {ns.format!r} is not supported (onnx).")
-    report = export_run(ns.run_dir, quantize=ns.quantize, prune=ns.prune, sample=ns.sample)
+    report = export_run(ns.run_dir, quantize=ns.quantize, prune=ns.prune, sample=ns.sample, recover_epochs=ns.recover_epochs)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -191,7 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run_dir")
     ex.add_argument("--format", default="onnx")
     ex.add_argument("--quantize", choices=["int8"], help="also write a dynamically int8-quantized model")
-    ex.add_argument("--prune", help="magnitude:AMOUNT zeroes that share of each encoder weight matrix before export")
+    ex.add_argument("--prune", help="magnitude:AMOUNT zeroes that share of each encoder weight matrix (smaller file); "
+                                    "ffn:AMOUNT,heads:AMOUNT removes that share of feed-forward neurons / attention heads "
+                                    "by importance (faster on every backend), then distils from the unpruned model")
+    ex.add_argument("--recover-epochs", type=int, default=1,
+                    help="epochs of distillation on the run's train split after ffn/heads pruning (0: none)")
     ex.add_argument("--sample", type=int, default=256, help="dev examples for the logit comparison")
     sv = sub.add_parser("serve", help="serve a run over HTTP (FastAPI): /v1/predict, /healthz, /readyz, /metrics",
                         description="API keys come from LMTUNE_API_KEYS (comma-separated) or --api-key-file; calls "

@@ -1,4 +1,4 @@
-"""ONNX export of a finished run, optional magnitude pruning and int8 dynamic quantization, each
+"""ONNX export of a finished run, optional pruning (export/prune.py) and int8 dynamic quantization, each
 verified against the PyTorch model: max |logit difference| on a sample and the dev metric before
 and after, written to export.json.
 
@@ -11,7 +11,6 @@ import functools
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -21,6 +20,7 @@ import torch
 
 from lmtune.errors import InputError
 from lmtune.io import atomic_dir, write_json
+from lmtune.export.prune import STRUCTURED, encoder_blocks, parse_prune, prune_and_recover, prune_magnitude
 from lmtune.train.loop import inputs, predict_outputs
 
 log = logging.getLogger("lmtune")
@@ -74,25 +74,18 @@ class _Logits(torch.nn.Module):
         return (out.logits, out.hidden_states[-1][:, 0]) if self.features else out.logits
 
 
-def prune_magnitude(model: torch.nn.Module, amount: float) -> dict:
-    """Zero the smallest-magnitude `amount` of each encoder linear weight (the head is kept whole)."""
-    from torch.nn.utils import prune
-    if not 0 < amount < 1:
-        raise InputError(f"--prune magnitude:AMOUNT needs 0 < AMOUNT < 1, got {amount}.")
-    total = zeroed = 0
-    for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear) and "classifier" not in name and "score" not in name:
-            prune.l1_unstructured(module, "weight", amount)
-            prune.remove(module, "weight")
-            total += module.weight.numel()
-            zeroed += int((module.weight == 0).sum())
-    return {"method": "magnitude", "amount": amount, "sparsity": zeroed / max(total, 1)}
-
-
-def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | None = None, sample: int = 256) -> dict:
-    """Export RUN_DIR's model to RUN_DIR/export and verify it; returns what export.json holds."""
-    from lmtune.api import META, TASK_ARRAYS, load
+def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | None = None, sample: int = 256,
+               recover_epochs: int = 1) -> dict:
+    """Export RUN_DIR's model to RUN_DIR/export and verify it; returns what export.json holds.
+    prune: 'magnitude:0.3' (zeros) or 'ffn:0.5,heads:0.25' (structured: smaller, faster matrices,
+    then `recover_epochs` of distillation from the unpruned model on the run's train split)."""
+    from lmtune.api import META, accelerator_for, fit_output_controls, load, save_task_arrays
     from lmtune.peft import MERGEABLE, is_peft, merge
+    if quantize not in (None, "int8"):
+        raise InputError(f"--quantize {quantize!r}: only int8 (dynamic quantization) is supported.")
+    spec = parse_prune(prune) if prune else {}
+    if recover_epochs < 0:
+        raise InputError(f"--recover-epochs must be >= 0, got {recover_epochs}.")
     run_dir = Path(run_dir)
     run = load(run_dir)
     model = run.model.cpu().eval()
@@ -103,15 +96,10 @@ def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | No
                              f"export works for full fine-tuning and {', '.join(MERGEABLE)} runs.")
         model = merge(model, method).eval()
     report: dict = {"run_dir": str(run_dir), "task": run.task.name, "merged_adapter": method if method != "none" else None}
-    if prune:
-        kind, _, amount = prune.partition(":")
-        if kind != "magnitude" or not amount:
-            raise InputError(f"--prune {prune!r}: use magnitude:AMOUNT, e.g. magnitude:0.3.")
-        report["prune"] = prune_magnitude(model, float(amount))
-    dev = _dev_encoded(run)
+    structured = any(k in spec for k in STRUCTURED)
+    encoded = _encoded(run, ("dev", "train") if structured else ("dev",))
+    dev = encoded["dev"]
     collate = functools.partial(run.task.collate, tokenizer=run.tokenizer)
-    probe = dev.features[:sample]
-    names = [k for k in inputs(collate(probe[:2])) if k in ("input_ids", "attention_mask", "token_type_ids")]
 
     def outputs(m, features):
         return predict_outputs(m, features, collate, run.task.unbatch, torch.device("cpu"), progress="none")
@@ -120,9 +108,22 @@ def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | No
         m = run.task.evaluate(outs, dev, run.labels)
         return {k: m[k] for k in run.task.headline if k in m}
 
+    report["pytorch"] = {"dev": metric(outputs(model, dev.features))}  # the run's model, before any pruning
+    if "magnitude" in spec:
+        report["prune"] = prune_magnitude(model, spec["magnitude"])
+    elif structured:
+        encoder_blocks(model)  # unsupported architectures fail before the slow part
+        model, report["prune"] = prune_and_recover(model, spec, run, encoded["train"].features, collate, recover_epochs,
+                                                   accelerator_for("fp32"))
+        # the temperature, Mahalanobis scorer and abstention threshold belong to the unpruned model's outputs
+        report["prune"]["refitted"] = sorted(fit_output_controls(
+            run.task, run.config, lambda split: outputs(model, encoded[split].features), encoded, run.labels))
+    if spec:
+        report["pytorch_pruned"] = {"dev": metric(outputs(model, dev.features))}
+    probe = dev.features[:sample]
+    names = [k for k in inputs(collate(probe[:2])) if k in ("input_ids", "attention_mask", "token_type_ids")]
     ref = outputs(model, probe)  # before export: torch.onnx.export may leave the module in another mode
-    ref_metric = metric(outputs(model, dev.features))
-    report["pytorch"] = {"dev": ref_metric}
+    ref_metric = report["pytorch"]["dev"]
     with atomic_dir(run_dir / "export") as tmp:
         t0 = time.perf_counter()
         example = collate(probe[:2])
@@ -140,16 +141,15 @@ def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | No
         report["onnx_fp32"] = _verify(OnnxModel(tmp / FP32), ref, probe, outputs, metric, dev)
         report["onnx_fp32"]["export_s"] = time.perf_counter() - t0
         if quantize:
-            if quantize != "int8":
-                raise InputError(f"--quantize {quantize!r}: only int8 (dynamic quantization) is supported.")
             from onnxruntime.quantization import QuantType, quantize_dynamic
             quantize_dynamic(str(tmp / FP32), str(tmp / INT8), weight_type=QuantType.QInt8)
             report["onnx_int8"] = _verify(OnnxModel(tmp / INT8), ref, probe, outputs, metric, dev)
         run.tokenizer.save_pretrained(tmp)
         meta = json.loads((run_dir / "model" / META).read_text())
+        if hasattr(run.task, "state"):  # refitted for a pruned model, else as saved with the run
+            meta["task_state"] = run.task.state()
         write_json(tmp / META, meta)
-        if (run_dir / "model" / TASK_ARRAYS).is_file():
-            shutil.copy2(run_dir / "model" / TASK_ARRAYS, tmp / TASK_ARRAYS)
+        save_task_arrays(run.task, tmp)
         write_json(tmp / "export.json", report)
     for name in ("onnx_fp32", "onnx_int8"):
         if name in report:
@@ -166,11 +166,12 @@ def _verify(onnx_model: OnnxModel, ref: list, probe: list, outputs, metric, dev)
             "sample": len(probe), "dev": metric(outputs(onnx_model, dev.features))}
 
 
-def _dev_encoded(run):
-    """The run's dev split (re-read from its data files with its config: the split is seeded)."""
+def _encoded(run, names: tuple[str, ...]) -> dict:
+    """The run's splits (re-read from its data files with its config: the split is seeded), encoded."""
     from lmtune.api import task_options
     try:
         splits = run.task.read(run.config)
     except InputError as e:
-        raise InputError(f"export verifies on the run's dev data, which could not be read: {e}") from None
-    return run.task.encode(splits.dev, run.tokenizer, run.config.data.max_length, run.labels, **task_options(run.task, run.config))
+        raise InputError(f"export verifies on the run's dev data (and prunes with its train data), which could not be read: {e}") from None
+    return {name: run.task.encode(getattr(splits, name), run.tokenizer, run.config.data.max_length, run.labels,
+                                  **task_options(run.task, run.config)) for name in names}
