@@ -180,7 +180,10 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, features: list[d
     """Fine-tune the pruned model by distillation from the unpruned one, with the run's own recipe
     (optimizer, schedule, batches, clipping) through the same training loop, at half its learning rate:
     the weights start from a trained model, not a pretrained one."""
+    from transformers import set_seed
+
     from lmtune.train.optim import resolve_learning_rates
+    set_seed(train_cfg.seed)  # dropout: the same export twice gives the same model
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
