@@ -12,6 +12,7 @@ import torch
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification
 
 import lmtune
+import lmtune.export.onnx
 from lmtune.cli import main
 from lmtune.export.prune import distillation_loss, importance, parse_prune, prune_structured
 from lmtune.tasks import get_task
@@ -112,3 +113,17 @@ def test_export_with_structured_pruning_and_distillation(cls_run_dir, capsys):
 @pytest.fixture
 def cls_run_dir(tmp_path, tiny_config) -> str:
     return str(lmtune.train({**tiny_config, "train": {**tiny_config["train"], "epochs": 3}}).run_dir)
+
+
+def test_ner_export_with_structured_pruning(tmp_path, tiny_model):
+    sents = "\n\n".join(["Peter B-PER\nlives O\nin O\nParis B-LOC", "Anna B-PER\nvisits O\nRome B-LOC"] * 10)
+    (tmp_path / "train.conll").write_text(sents + "\n")
+    run = lmtune.train({"task": "ner", "output_dir": str(tmp_path), "run_name": "ner",
+                        "data": {"train": str(tmp_path / "train.conll"), "dev": str(tmp_path / "train.conll"), "max_length": 32},
+                        "model": {"name": tiny_model},
+                        "train": {"epochs": 4, "batch_size": 8, "lr": 3e-3, "progress": "none", "seed": 1}})
+    report = lmtune.export.onnx.export_run(run.run_dir, prune="ffn:0.5", recover_epochs=1, sample=8)
+    assert sum(report["prune"]["ffn_per_layer"]) == 64 and report["prune"]["recovery"]["steps"] == 3
+    assert report["onnx_fp32"]["max_abs_logit_diff"] < 1e-4 and "f1" in report["pytorch_pruned"]["dev"]
+    (pred,) = lmtune.load(run.run_dir, backend="onnx").predict(["Peter lives in Rome"])
+    assert all(e["label"] in ("PER", "LOC") for e in pred["entities"])
