@@ -142,7 +142,13 @@ def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | No
         report["onnx_fp32"]["export_s"] = time.perf_counter() - t0
         if quantize:
             from onnxruntime.quantization import QuantType, quantize_dynamic
-            quantize_dynamic(str(tmp / FP32), str(tmp / INT8), weight_type=QuantType.QInt8)
+            root = logging.getLogger()
+            level = root.level
+            root.setLevel(logging.ERROR)  # the quantizer logs a line per tensor to the root logger
+            try:
+                quantize_dynamic(str(tmp / FP32), str(tmp / INT8), weight_type=QuantType.QInt8)
+            finally:
+                root.setLevel(level)
             report["onnx_int8"] = _verify(OnnxModel(tmp / INT8), ref, probe, outputs, metric, dev)
         run.tokenizer.save_pretrained(tmp)
         meta = json.loads((run_dir / "model" / META).read_text())

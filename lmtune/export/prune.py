@@ -8,8 +8,9 @@ pin transformers 4. Which heads and neurons go is decided by their importance (M
 "Are Sixteen Heads Really Better than One?"): the gradient of the task loss with respect to a gate
 on each head's and each neuron's output, summed in absolute value over training batches. Scores are
 normalised per layer before one global ranking, so a layer is thinned where it matters least.
-Measured on SST-2 (MiniLM, 4,000 sentences): 50% of the FFN neurons cost 0.7 points before and 0.5
-after a 1-epoch distillation; ONNX int8 then runs 1.4x faster than int8 alone.
+Measured on SST-2 dev (MiniLM fine-tuned on 4,000 sentences, bench/export.py): without 50% of the
+FFN neurons and after 1 epoch of distillation, 0.8280 in PyTorch and 0.8337 as ONNX int8 (the run's
+model: 0.8383); the pruned int8 model runs 1.36x faster than int8 alone, 2.47x PyTorch fp32.
 """
 from __future__ import annotations
 
