@@ -20,7 +20,7 @@ import torch
 
 from lmtune.errors import InputError
 from lmtune.io import atomic_dir, write_json
-from lmtune.export.prune import STRUCTURED, encoder_blocks, parse_prune, prune_and_recover, prune_magnitude
+from lmtune.export.prune import STRUCTURED, parse_prune, prune_and_recover, prune_magnitude
 from lmtune.train.loop import inputs, predict_outputs
 
 log = logging.getLogger("lmtune")
@@ -112,7 +112,6 @@ def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | No
     if "magnitude" in spec:
         report["prune"] = prune_magnitude(model, spec["magnitude"])
     elif structured:
-        encoder_blocks(model)  # unsupported architectures fail before the slow part
         model, report["prune"] = prune_and_recover(model, spec, run, encoded["train"].features, collate, recover_epochs,
                                                    accelerator_for("fp32"))
         # the temperature, Mahalanobis scorer and abstention threshold belong to the unpruned model's outputs

@@ -89,9 +89,9 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, weight: torch.
         return F.cross_entropy(logits, labels, reduction="sum", ignore_index=-100)
     ce = F.cross_entropy(logits, labels, weight=None if weight is None else weight.to(logits.device),
                          reduction="none", ignore_index=-100)
-    if focal_gamma:
-        p_true = torch.exp(-F.cross_entropy(logits, labels, reduction="none", ignore_index=-100))
-        ce = ce * (1 - p_true) ** focal_gamma
+    if focal_gamma:  # p_true from the unweighted cross-entropy, which is ce itself when there are no weights
+        plain = ce if weight is None else F.cross_entropy(logits, labels, reduction="none", ignore_index=-100)
+        ce = ce * (1 - torch.exp(-plain)) ** focal_gamma
     return ce.sum()
 
 
