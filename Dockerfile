@@ -8,9 +8,11 @@ FROM python:3.11-slim
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 WORKDIR /app
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-COPY pyproject.toml README.md ./
+# every other package at the version and hash requirements.lock gives (see README: Installs are locked)
+COPY pyproject.toml README.md requirements.lock ./
+RUN pip install --no-deps --require-hashes -r requirements.lock
 COPY lmtune ./lmtune
-RUN pip install . && useradd --create-home lmtune
+RUN pip install --no-deps --no-build-isolation . && useradd --create-home lmtune
 USER lmtune
 EXPOSE 8000
 HEALTHCHECK --interval=30s --timeout=3s CMD python -c "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/healthz')"

@@ -9,6 +9,7 @@ run's real total step count, and its orthogonality regulariser is added to our s
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 from pathlib import Path
 from collections.abc import Callable
@@ -63,10 +64,37 @@ def apply_peft(model: torch.nn.Module, cfg: PeftConfig, task_type: str, total_st
         pc = hf_peft.PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, **common)
     else:
         raise InputError(f"peft.method: unknown method '{cfg.method}'.")
+    if cfg.method == "prefix":
+        expose_past_key_values(model)
     try:
         return hf_peft.get_peft_model(model, pc)
     except ValueError as e:
         raise InputError(f"peft: cannot apply {cfg.method} to this model: {e}. Set peft.target_modules.") from None
+
+
+def expose_past_key_values(model: torch.nn.Module) -> None:
+    """Let peft's prefix tuning find the backbone's key/value-cache argument under its old name.
+
+    transformers 5.24 renamed the encoders' `past_key_values` argument to `cache` (the old name is
+    still accepted through a deprecation shim until 5.40). peft (0.21.2, the newest release) checks
+    the backbone's forward signature for `past_key_values` before it injects the prefix and raises
+    "Model does not support past key values" otherwise, although the model would take it. So give
+    the backbone a forward that names `past_key_values` and hands the prefix on as `cache`: it works
+    before 5.24 (nothing to do), on 5.24 and after 5.40 drops the old name.
+    """
+    backbone = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    if not isinstance(backbone, torch.nn.Module):
+        return
+    params = inspect.signature(backbone.forward).parameters
+    if "past_key_values" in params or "cache" not in params:
+        return
+    inner = backbone.forward
+
+    def forward(*args, past_key_values=None, **kwargs):
+        if past_key_values is not None:
+            kwargs["cache"] = past_key_values
+        return inner(*args, **kwargs)
+    backbone.forward = forward
 
 
 def step_hooks(model: torch.nn.Module, cfg: PeftConfig) -> list[Callable]:
@@ -187,6 +215,7 @@ def load_adapter(base: torch.nn.Module, model_dir: Path) -> torch.nn.Module:
             raise InputError(f"{model_dir}: adapter weights do not fit the base model ({missing.unexpected_keys[:3]}).")
         return model
     import peft as hf_peft
+    expose_past_key_values(base)  # harmless for the other methods: the backbone's forward is unchanged
     return hf_peft.PeftModel.from_pretrained(base, str(model_dir))
 
 
