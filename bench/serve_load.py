@@ -41,7 +41,6 @@ import psutil
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "bench"]  # bench/peft.py would shadow peft
 sys.path.insert(0, str(ROOT))
 
 SEED = 42
