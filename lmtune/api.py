@@ -37,7 +37,7 @@ from lmtune.io import atomic_dir, write_json, write_jsonl, write_text
 from lmtune.data.splits import resample_indices
 from lmtune.noise import find_label_issues, out_of_fold_probs
 from lmtune.noise import finding as noise_finding
-from lmtune.models import count_parameters, freeze, quiet_transformers, resolve_model
+from lmtune.models import check_model, count_parameters, freeze, quiet_transformers, resolve_model
 from lmtune.peft import finalize as finalize_peft
 from lmtune.peft import (apply_peft, artifact_bytes, base_fingerprint, is_adapter_dir, is_peft, load_adapter, rank_pattern,
                          save_adapter, step_hooks, wrap_loss)
@@ -130,23 +130,52 @@ def _comparable(cfg: Config) -> dict:
     return d
 
 
-def _run_dir(cfg: Config, resume: bool | str | Path) -> Path:
-    if resume and resume is not True:
-        run_dir = Path(resume)
-    elif resume:
-        candidates = sorted(Path(cfg.output_dir).glob("*/checkpoints/pointer.json"), key=lambda p: p.stat().st_mtime)
-        if cfg.run_name:
-            candidates = [c for c in candidates if c.parent.parent.name == cfg.run_name]
-        if not candidates:
-            raise InputError(f"--resume: no run with a checkpoint under {cfg.output_dir}/. Start without --resume.")
-        run_dir = candidates[-1].parent.parent
-    else:
-        name = cfg.run_name or datetime.now().strftime("%Y%m%d-%H%M%S")
-        run_dir = Path(cfg.output_dir) / name
+def _finished(run_dir: Path) -> bool:
+    return (run_dir / "model" / META).is_file()
+
+
+def _new_run_dir(cfg: Config) -> Path:
+    """output_dir/run_name, or a timestamp name made unique: two trainings started in the same
+    second get -2, -3 ... (mkdir is the atomic claim, so they can never share a folder)."""
+    if cfg.run_name:
+        run_dir = Path(cfg.output_dir) / cfg.run_name
         if run_dir.exists():
             raise InputError(f"{run_dir}: run directory already exists. Pick another run_name, or add --resume "
                              "to continue it; lmtune never overwrites a run.")
+        run_dir.mkdir(parents=True)
         return run_dir
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    for k in range(1, 1000):
+        run_dir = Path(cfg.output_dir) / (stamp if k == 1 else f"{stamp}-{k}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise InputError(f"{cfg.output_dir}: cannot find a free run name for {stamp}; set run_name.")
+
+
+def _run_dir(cfg: Config, resume: bool | str | Path) -> Path:
+    """The run directory: a new one (created here), or the unfinished run that --resume continues."""
+    if not resume:
+        return _new_run_dir(cfg)
+    if resume is not True:
+        run_dir = Path(resume)
+        if _finished(run_dir):
+            raise InputError(f"--resume: {run_dir} is a finished run (it has model/{META}); lmtune never rewrites it. "
+                             "Start a new run without --resume.")
+    else:
+        runs = [c.parent.parent for c in Path(cfg.output_dir).glob("*/checkpoints/pointer.json")]
+        if cfg.run_name:
+            runs = [r for r in runs if r.name == cfg.run_name]
+        unfinished = sorted((r for r in runs if not _finished(r)), key=lambda r: (r / "checkpoints" / "pointer.json").stat().st_mtime)
+        if not unfinished:
+            done = f" ({len(runs)} run(s) there are finished)" if runs else ""
+            raise InputError(f"--resume: no unfinished run with a checkpoint under {cfg.output_dir}/{done}. "
+                             "Start without --resume, or give the run directory: --resume RUN_DIR.")
+        run_dir = unfinished[-1]
+        log.info("--resume: continuing %s (the newest unfinished run with a checkpoint)", run_dir)
     saved = run_dir / "config.yaml"
     if not (run_dir / "checkpoints" / "pointer.json").is_file() or not saved.is_file():
         raise InputError(f"{run_dir}: no checkpoint to resume from.")
@@ -168,7 +197,6 @@ def _shared_run_dir(cfg: Config, resume: bool | str | Path) -> Path:
     if state.is_main_process:
         try:
             run_dir = _run_dir(cfg, resume)
-            run_dir.mkdir(parents=True, exist_ok=True)
             decided[0] = ("ok", str(run_dir))
         except InputError as e:
             decided[0] = ("error", str(e))
@@ -353,6 +381,7 @@ def train(config: Config | dict | str | Path, overrides: dict | None = None, res
     if unsupported:
         raise InputError(f"{', '.join(unsupported)}: not available for the {task.name} task (classification only).")
     splits = task.read(cfg)  # every input error surfaces here, before anything is written
+    check_model(cfg.model.name, cfg.data.max_length)  # a model that cannot load, or too short for max_length
     run_dir = _shared_run_dir(cfg, resume)
     handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8") if _partial_state().is_main_process else logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
@@ -365,6 +394,12 @@ def train(config: Config | dict | str | Path, overrides: dict | None = None, res
         if cfg.peft.compare_full and cfg.peft.method != "none":
             _compare_with_full(run, cfg, splits)
         return run
+    except BaseException:
+        # a new run that failed before its first checkpoint has nothing to resume: remove what it
+        # wrote instead of leaving a half-written run directory behind
+        if not resume and _partial_state().is_main_process and not (run_dir / "checkpoints" / "pointer.json").is_file():
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
     finally:
         log.removeHandler(handler)
         log.setLevel(old_level)

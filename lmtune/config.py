@@ -22,8 +22,9 @@ ATTACKS = ("typo", "synonym", "search")
 AUGMENTS = ("synonym", "insert", "swap", "delete", "typo", "mlm", "backtranslate")
 
 
-def _f(default: Any, help: str, choices: tuple | None = None) -> Any:
-    meta = {"help": help, "choices": choices}
+def _f(default: Any, help: str, choices: tuple | None = None, range: str | None = None) -> Any:
+    """A config field. `range` bounds a number, e.g. "> 0", ">= 1", "[0, 1)", "(0, 1]": validate() checks it."""
+    meta = {"help": help, "choices": choices, "range": range}
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -41,14 +42,14 @@ class DataConfig:
     label_column: str = _f("label", "Column (or JSON key) holding the label.")
     encoding: str = _f("utf-8", "Text encoding of the data files.")
     split: list = _f([0.7, 0.18, 0.12], "train/dev/test fractions used when only train is given.")
-    max_length: int = _f(128, "Max tokens per example; classification truncates (and counts), NER cuts windows.")
+    max_length: int = _f(128, "Max tokens per example; classification truncates (and counts), NER cuts windows.", range=">= 8")
     tag_scheme: str = _f("auto", "NER tag scheme of the files; auto detects it. Output uses the same scheme.",
                          ("auto", "bio", "iob1", "bioes", "bilou", "bmes"))
-    tag_column: int = _f(-1, "NER (CoNLL): column holding the tag; -1 = last. The token is column 0.")
+    tag_column: int = _f(-1, "NER (CoNLL): column holding the tag; -1 = last. The token is column 0.", range=">= -1")
     label_all_subtokens: bool = _f(False, "NER: train on every sub-token of a word (default: the first only).")
-    window_overlap: int | None = _f(None, "NER: sub-tokens shared by consecutive windows of a long sentence; default 1/4 of a window.")
+    window_overlap: int | None = _f(None, "NER: sub-tokens shared by consecutive windows of a long sentence; default 1/4 of a window.", range=">= 0")
     label_noise_folds: int = _f(0, "Classification: before training, find label-noise candidates by confident learning on "
-                                   "k-fold out-of-fold probabilities (k extra fine-tunings); 0 = off.")
+                                   "k-fold out-of-fold probabilities (k extra fine-tunings); 0 = off.", range=">= 0")
     drop_label_noise: bool = _f(False, "Drop the rows the label-noise search flags from train before training.")
     resample: str = _f("none", "Classification: re-sample train per epoch so classes are balanced (oversample the rare "
                                "ones, or undersample the frequent ones).", ("none", "oversample", "undersample"))
@@ -57,35 +58,35 @@ class DataConfig:
 @dataclass
 class ModelConfig:
     name: str = _f(DEFAULT_MODEL, "Hugging Face model id or local path (the packaged MiniLM by default).")
-    dropout: float | None = _f(None, "Override the model's dropout probabilities (hidden and attention).")
+    dropout: float | None = _f(None, "Override the model's dropout probabilities (hidden and attention).", range="[0, 1)")
     freeze_embeddings: bool = _f(False, "Freeze the embedding layer.")
-    freeze_layers: int = _f(0, "Freeze the first N transformer layers.")
+    freeze_layers: int = _f(0, "Freeze the first N transformer layers.", range=">= 0")
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = _f(3, "Passes over the training data (ignored when max_steps > 0).")
-    max_steps: int = _f(0, "Stop after this many optimizer steps; 0 = use epochs.")
-    batch_size: int = _f(16, "Examples per optimizer step (before accumulation is split out).")
-    grad_accum: int = _f(1, "Micro-batches per optimizer step; batch_size is split into this many.")
+    epochs: int = _f(3, "Passes over the training data (ignored when max_steps > 0).", range=">= 0")
+    max_steps: int = _f(0, "Stop after this many optimizer steps; 0 = use epochs.", range=">= 0")
+    batch_size: int = _f(16, "Examples per optimizer step (before accumulation is split out).", range=">= 1")
+    grad_accum: int = _f(1, "Micro-batches per optimizer step; batch_size is split into this many.", range=">= 1")
     lr: float | None = _f(None, "Peak encoder learning rate; default by model width (1e-4 below 768, 5e-5 at 768, 2e-5 "
-                               "above), or per PEFT method (lora 1e-3, adalora 2e-3, ia3 5e-3, prefix 1e-2, prompt 3e-2, adapter 1e-3).")
-    head_lr: float | None = _f(None, "Learning rate of the newly initialised task head; default 10 x lr (full) or lr (PEFT).")
-    weight_decay: float = _f(0.01, "AdamW weight decay (never applied to biases and norm weights).")
-    layer_lr_decay: float = _f(1.0, "Layer-wise lr decay: layer i of N gets lr * decay**(N - i).")
+                               "above), or per PEFT method (lora 1e-3, adalora 2e-3, ia3 5e-3, prefix 1e-2, prompt 3e-2, adapter 1e-3).", range="> 0")
+    head_lr: float | None = _f(None, "Learning rate of the newly initialised task head; default 10 x lr (full) or lr (PEFT).", range="> 0")
+    weight_decay: float = _f(0.01, "AdamW weight decay (never applied to biases and norm weights).", range=">= 0")
+    layer_lr_decay: float = _f(1.0, "Layer-wise lr decay: layer i of N gets lr * decay**(N - i).", range="(0, 1]")
     schedule: str = _f("linear", "Learning-rate schedule after warmup.", ("linear", "cosine", "constant"))
-    warmup_ratio: float = _f(0.1, "Fraction of steps spent warming up linearly from 0.")
-    max_grad_norm: float = _f(1.0, "Clip the global gradient norm; 0 disables clipping.")
+    warmup_ratio: float = _f(0.1, "Fraction of steps spent warming up linearly from 0.", range="[0, 1)")
+    max_grad_norm: float = _f(1.0, "Clip the global gradient norm; 0 disables clipping.", range=">= 0")
     precision: str = _f("auto", "auto = bf16 on a GPU that has it, else fp32.", ("auto", "fp32", "bf16", "fp16"))
     group_by_length: bool = _f(True, "Batch examples of similar length together (less padding, faster).")
-    seed: int = _f(42, "Seed for splits, data order, dropout and head initialisation.")
-    eval_every: int = _f(0, "Evaluate on dev every N optimizer steps; 0 = once per epoch.")
+    seed: int = _f(42, "Seed for splits, data order, dropout and head initialisation.", range=">= 0")
+    eval_every: int = _f(0, "Evaluate on dev every N optimizer steps; 0 = once per epoch.", range=">= 0")
     metric: str | None = _f(None, "Dev metric for early stopping and the best checkpoint; default: accuracy (classification), f1 (NER).",
                             ("accuracy", "macro_f1", "f1", "precision", "recall", "loss"))
-    patience: int = _f(0, "Stop after this many evaluations without improvement; 0 = never.")
+    patience: int = _f(0, "Stop after this many evaluations without improvement; 0 = never.", range=">= 0")
     class_weights: str = _f("none", "Loss weights: auto = inverse class frequency in train (NER: per tag) for imbalance.",
                             ("none", "auto"))
-    focal_gamma: float = _f(0.0, "Focal loss gamma (0 = plain cross-entropy; 2 is usual for imbalance).")
+    focal_gamma: float = _f(0.0, "Focal loss gamma (0 = plain cross-entropy; 2 is usual for imbalance).", range=">= 0")
     calibrate: bool = _f(True, "Fit a temperature on dev after training (classification; NER: on each word's tag "
                                "distribution); outputs use calibrated probabilities.")
     tensorboard: bool = _f(False, "Also log to TensorBoard (needs the tensorboard package).")
@@ -96,18 +97,18 @@ class TrainConfig:
 class PeftConfig:
     method: str = _f("none", "Parameter-efficient method; none = full fine-tuning.",
                      ("none", "lora", "adalora", "ia3", "prefix", "prompt", "adapter"))
-    r: int = _f(8, "LoRA rank.")
-    alpha: int = _f(16, "LoRA / AdaLoRA scaling alpha.")
-    dropout: float = _f(0.1, "LoRA / AdaLoRA dropout.")
+    r: int = _f(8, "LoRA rank.", range=">= 1")
+    alpha: int = _f(16, "LoRA / AdaLoRA scaling alpha.", range="> 0")
+    dropout: float = _f(0.1, "LoRA / AdaLoRA dropout.", range="[0, 1)")
     target_modules: list | None = _f(None, "Modules to adapt; default: every linear layer of the encoder (LoRA, AdaLoRA), "
                                            "peft's per-architecture choice (IA3).")
-    init_r: int = _f(12, "AdaLoRA: initial rank of every adapted matrix.")
-    target_r: int = _f(4, "AdaLoRA: average rank to keep after budgeting.")
-    tinit: float = _f(0.1, "AdaLoRA: fraction of steps before budgeting starts.")
-    tfinal: float = _f(0.2, "AdaLoRA: fraction of final steps with ranks fixed.")
-    delta_t: int = _f(10, "AdaLoRA: steps between two budget allocations.")
-    num_virtual_tokens: int = _f(20, "Prefix / prompt tuning: number of virtual tokens.")
-    adapter_size: int = _f(64, "Bottleneck adapter width.")
+    init_r: int = _f(12, "AdaLoRA: initial rank of every adapted matrix.", range=">= 1")
+    target_r: int = _f(4, "AdaLoRA: average rank to keep after budgeting.", range=">= 1")
+    tinit: float = _f(0.1, "AdaLoRA: fraction of steps before budgeting starts.", range="[0, 1)")
+    tfinal: float = _f(0.2, "AdaLoRA: fraction of final steps with ranks fixed.", range="[0, 1)")
+    delta_t: int = _f(10, "AdaLoRA: steps between two budget allocations.", range=">= 1")
+    num_virtual_tokens: int = _f(20, "Prefix / prompt tuning: number of virtual tokens.", range=">= 1")
+    adapter_size: int = _f(64, "Bottleneck adapter width.", range=">= 1")
     compare_full: bool = _f(False, "Also run full fine-tuning on the same data and report both side by side.")
 
 
@@ -119,7 +120,7 @@ class AbstainConfig:
                              "answered <= value; accuracy_loss: refuse as much as possible while in-scope accuracy (abstaining counts as "
                              "wrong) stays at most value below answering everything.",
                   ("none", "precision", "coverage", "false_accept", "accuracy_loss"))
-    value: float | None = _f(None, "The target's value; default precision 0.95, coverage 0.9, false_accept 0.1, accuracy_loss 0.02.")
+    value: float | None = _f(None, "The target's value; default precision 0.95, coverage 0.9, false_accept 0.1, accuracy_loss 0.02.", range="[0, 1]")
     calibrated: bool = _f(True, "Threshold the temperature-scaled probability (else the raw softmax).")
     score: str = _f("probability", "What the threshold is put on. probability: the top class's probability; mahalanobis: "
                                    "minus the Mahalanobis distance of the [CLS] feature to the nearest class mean (means and a "
@@ -138,11 +139,11 @@ class AdversarialConfig:
                              "`candidates` random typo / synonym versions of each example, the one the model finds "
                              "hardest is trained on next to the clean one).", ("none", "fgm", "pgd", "freelb", "typo", "synonym"))
     epsilon: float = _f(0.3, "Per-example L2 bound of the embedding perturbation (FreeLB: 0 = unbounded). A word "
-                              "embedding of MiniLM/BERT has norm ~1; 1.0 per example stops a MiniLM from learning at all.")
-    alpha: float = _f(0.1, "PGD / FreeLB step size (FreeLB: also the size of the random start).")
-    steps: int = _f(3, "PGD / FreeLB ascent steps per optimizer micro-batch.")
-    rate: float = _f(0.2, "typo / synonym: share of the words of an example that one candidate changes (at least one).")
-    candidates: int = _f(8, "typo / synonym: random versions scored per example and step; the worst is trained on.")
+                              "embedding of MiniLM/BERT has norm ~1; 1.0 per example stops a MiniLM from learning at all.", range=">= 0")
+    alpha: float = _f(0.1, "PGD / FreeLB step size (FreeLB: also the size of the random start).", range="> 0")
+    steps: int = _f(3, "PGD / FreeLB ascent steps per optimizer micro-batch.", range=">= 1")
+    rate: float = _f(0.2, "typo / synonym: share of the words of an example that one candidate changes (at least one).", range="(0, 1]")
+    candidates: int = _f(8, "typo / synonym: random versions scored per example and step; the worst is trained on.", range=">= 1")
     synonyms: str = _f("auto", "synonym: substitute source (as attack.synonyms).", ("auto", "wordnet", "embedding"))
 
 
@@ -152,25 +153,25 @@ class AttackConfig:
                            "typo (random character edits), synonym (random word substitutions), search (greedy "
                            "word-importance attack that looks for the smallest change that flips the prediction).")
     data: str | None = _f(None, "Labeled file to attack instead of dev.")
-    rate: float = _f(0.2, "typo / synonym: share of the words of each example that are changed (at least one).")
-    budget: float = _f(0.1, "search: most words it may change, as a share of the example's words (at least one).")
+    rate: float = _f(0.2, "typo / synonym: share of the words of each example that are changed (at least one).", range="(0, 1]")
+    budget: float = _f(0.1, "search: most words it may change, as a share of the example's words (at least one).", range="(0, 1]")
     synonyms: str = _f("auto", "Substitutes: auto = WordNet for English when installed (lmtune[robust]), else the "
                                "model's nearest input-embedding neighbours.", ("auto", "wordnet", "embedding"))
-    max_examples: int = _f(0, "Attack at most this many examples (0 = all).")
-    seed: int = _f(13, "Seed of the random perturbations.")
+    max_examples: int = _f(0, "Attack at most this many examples (0 = all).", range=">= 0")
+    seed: int = _f(13, "Seed of the random perturbations.", range=">= 0")
 
 
 @dataclass
 class AugmentConfig:
     methods: list = _f([], "Augment train (never dev/test): synonym, insert, swap, delete (EDA), typo, mlm (masked-LM "
                            "substitution), backtranslate. Each new row applies one method drawn at random.")
-    multiplier: int = _f(1, "New rows per training row.")
-    prob: float = _f(0.1, "Share of the words one method changes (at least one).")
+    multiplier: int = _f(1, "New rows per training row.", range=">= 1")
+    prob: float = _f(0.1, "Share of the words one method changes (at least one).", range="(0, 1]")
     mlm_model: str | None = _f(None, "Masked LM for method mlm (Hugging Face id or folder).")
     translate_to: str = _f("Helsinki-NLP/opus-mt-en-de", "backtranslate: model that translates into the pivot language.")
     translate_back: str = _f("Helsinki-NLP/opus-mt-de-en", "backtranslate: model that translates back.")
     synonyms: str = _f("auto", "Synonym source for synonym/insert (as attack.synonyms).", ("auto", "wordnet", "embedding"))
-    seed: int = _f(7, "Seed of the augmentation.")
+    seed: int = _f(7, "Seed of the augmentation.", range=">= 0")
 
 
 @dataclass
@@ -280,7 +281,28 @@ def build_config(raw: dict | None = None, overrides: dict[str, Any] | None = Non
     return cfg
 
 
+def _in_range(value: float, spec: str) -> bool:
+    if spec.startswith((">", "<")):
+        op, bound = spec.split()
+        b = float(bound)
+        return {">": value > b, ">=": value >= b, "<": value < b, "<=": value <= b}[op]
+    lo, hi = (float(x) for x in spec[1:-1].split(","))
+    return (lo <= value if spec[0] == "[" else lo < value) and (value <= hi if spec[-1] == "]" else value < hi)
+
+
+def check_ranges(cfg: Config, where: str = "config") -> None:
+    """Every numeric field against its declared range (a negative lr or eval_every is refused, not trained)."""
+    for key, f in all_keys().items():
+        spec = f.metadata.get("range")
+        section, _, leaf = key.rpartition(".")
+        value = getattr(getattr(cfg, section) if section else cfg, leaf)
+        if spec and value is not None and not isinstance(value, bool) and not _in_range(value, spec):
+            shown = f"in {spec}" if spec[0] in "[(" else spec
+            raise InputError(f"{where}: {key} must be {shown}, got {value}. ({f.metadata['help']})")
+
+
 def validate(cfg: Config, where: str = "config") -> None:
+    check_ranges(cfg, where)
     t = cfg.train
     if t.grad_accum < 1 or t.batch_size < t.grad_accum:
         raise InputError(f"{where}: train.batch_size ({t.batch_size}) must be at least "
@@ -364,5 +386,6 @@ def describe_fields() -> str:
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         choices = f.metadata.get("choices")
         extra = f" [{'|'.join(choices)}]" if choices else ""
+        extra += f" (range {f.metadata['range']})" if f.metadata.get("range") else ""
         rows.append(f"  {key:<24} default {default!r:<14} {f.metadata.get('help', '')}{extra}")
     return "\n".join(rows)

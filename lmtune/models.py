@@ -61,6 +61,9 @@ def load_config(name: str, dropout: float | None = None, **kwargs) -> Pretrained
             config = AutoConfig.from_pretrained(resolve_model(name), **kwargs)
     except OSError as e:
         raise InputError(f"model.name: cannot load '{name}': {e}") from None
+    except ValueError as e:  # e.g. a model that needs its own code (trust_remote_code), which lmtune never runs
+        raise InputError(f"model.name: cannot load '{name}': {e}. lmtune does not execute a model's own code; "
+                         "pick a model that transformers supports natively.") from None
     if dropout is not None:
         # names differ per architecture; set the ones this config has
         for attr in ("hidden_dropout_prob", "attention_probs_dropout_prob", "dropout", "attention_dropout",
@@ -68,6 +71,30 @@ def load_config(name: str, dropout: float | None = None, **kwargs) -> Pretrained
             if hasattr(config, attr):
                 setattr(config, attr, dropout)
     return config
+
+
+# RoBERTa-style position ids start after the padding index, so two positions are never used
+_POSITION_OFFSET_MODELS = ("roberta", "xlm-roberta", "camembert", "longformer", "ernie_m", "mpnet", "data2vec-text")
+
+
+def max_positions(config: PretrainedConfig) -> int | None:
+    """The longest input (in tokens, special tokens included) the model's position embeddings allow."""
+    n = getattr(config, "max_position_embeddings", None)
+    if not isinstance(n, int) or getattr(config, "position_embedding_type", "absolute") not in ("absolute", None):
+        return None  # relative / rotary positions: no fixed table to overrun
+    if config.model_type in _POSITION_OFFSET_MODELS:
+        n -= (getattr(config, "pad_token_id", 1) or 1) + 1
+    return n
+
+
+def check_model(name: str, max_length: int) -> None:
+    """What can fail about the backbone, checked before a run directory is created: it loads (no
+    custom code), and data.max_length fits its position table."""
+    config = load_config(name)
+    limit = max_positions(config)
+    if limit is not None and max_length > limit:
+        raise InputError(f"data.max_length = {max_length}, but {name} has only {limit} positions. "
+                         f"Set data.max_length to at most {limit} (longer texts are truncated, NER sentences windowed).")
 
 
 def transformer_layers(model: torch.nn.Module) -> torch.nn.ModuleList | None:

@@ -73,7 +73,7 @@ BAD_INPUTS = {
     "one class": (lambda d: {"train": str(write_csv(d / "t.csv", [(t, "pos") for t, _ in toy_rows(10)]))},
                   [r"t\.csv: only one class \('pos'\)", "at least 2"]),
     "bad jsonl": (lambda d: {"train": str(_write(d / "t.jsonl", '{"text": "a", "label": "x"}\n{"text": oops}\n'))},
-                  [r"t\.jsonl:2: not valid JSON"]),
+                  [r"t\.jsonl: line 2: not valid JSON"]),
     "ragged csv": (lambda d: {"train": str(_write(d / "t.csv", "text,label\na,b\nc,d,e\n"))},
                    [r"t\.csv: line 3: 3 fields but the header has 2"]),
 }

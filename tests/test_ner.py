@@ -96,7 +96,7 @@ def test_readers_conll_chars_jsonl_tokens_and_spans(tmp_path):
 @pytest.mark.parametrize("content,pattern", [
     ("a B-PER\nb\n", r"line 2: a token without a tag"),
     ("a B-PER\nb X-PER\n", r"line 2: tag 'X-PER' is not valid"),
-    ('{"text": "abc", "entities": [{"start": 1, "end": 9, "label": "X"}]}\n', r":1: entity 1 \(1-9\) is out of range"),
+    ('{"text": "abc", "entities": [{"start": 1, "end": 9, "label": "X"}]}\n', r": line 1: entity 1 \(1-9\) is out of range"),
     ('{"text": "abcdef", "entities": [{"start": 0, "end": 3, "label": "X"}, {"start": 2, "end": 5, "label": "Y"}]}\n',
      r"overlap"),
     ('{"tokens": ["a", "b"], "tags": ["O"]}\n', r"'tags' must be a list as long as 'tokens'"),

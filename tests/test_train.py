@@ -115,14 +115,53 @@ def test_resume_mid_epoch_gives_the_same_weights(tiny_config):
     assert full.metrics["dev"]["accuracy"] == resumed.metrics["dev"]["accuracy"]
 
 
+def _crash_at(step: int):
+    def callback(state):
+        if state.step == step:
+            raise _Crash()
+    return callback
+
+
 def test_resume_with_a_changed_config_is_refused(tiny_config):
     cfg = copy.deepcopy(tiny_config)
     cfg["train"].update(max_steps=4, eval_every=2)
-    lmtune.train(cfg)
+    with pytest.raises(_Crash):
+        lmtune.train(cfg, callbacks=(_crash_at(3),))
     with pytest.raises(lmtune.InputError, match=r"config differs .*train\.lr"):
         lmtune.train({**cfg, "train": {**cfg["train"], "lr": 1e-5}}, resume=True)
     with pytest.raises(lmtune.InputError, match="already exists"):
         lmtune.train(cfg)
+
+
+def test_resume_never_rewrites_a_finished_run(tiny_config):
+    """Defect 5: a finished run A and a newer run killed before its first checkpoint; --resume must
+    not pick A (it used to re-finalize it and rewrite its metrics.json)."""
+    cfg = copy.deepcopy(tiny_config)
+    cfg["train"].update(max_steps=4, eval_every=2)
+    done = lmtune.train({**cfg, "run_name": "a"})
+    metrics = (done.run_dir / "metrics.json").read_bytes()
+    with pytest.raises(_Crash):
+        lmtune.train({**cfg, "run_name": "b"}, callbacks=(_crash_at(1),))
+    assert not (done.run_dir.parent / "b").exists()  # nothing to resume: its half-written dir is removed
+    with pytest.raises(lmtune.InputError, match=r"no unfinished run .*finished"):
+        lmtune.train({**cfg, "run_name": None}, resume=True)
+    with pytest.raises(lmtune.InputError, match=r"is a finished run"):
+        lmtune.train(cfg, resume=str(done.run_dir))
+    assert (done.run_dir / "metrics.json").read_bytes() == metrics
+    # an unfinished run is resumed, and only that one
+    with pytest.raises(_Crash):
+        lmtune.train({**cfg, "run_name": "c"}, callbacks=(_crash_at(3),))
+    resumed = lmtune.train({**cfg, "run_name": None}, resume=True)
+    assert resumed.run_dir.name == "c" and resumed.metrics["train"]["steps"] == 4
+    assert (done.run_dir / "metrics.json").read_bytes() == metrics
+
+
+def test_runs_started_in_the_same_second_get_distinct_directories(tiny_config, monkeypatch):
+    from lmtune import api
+    cfg = api._as_config({**tiny_config, "run_name": None})
+    first, second = api._run_dir(cfg, False), api._run_dir(cfg, False)
+    assert first != second and first.is_dir() and second.is_dir()
+    assert second.name.startswith(first.name)
 
 
 def test_crash_during_checkpoint_save_keeps_the_previous_one(tiny_model, tmp_path, monkeypatch):

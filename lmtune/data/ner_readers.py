@@ -2,13 +2,12 @@
 and JSONL text+entity spans. Every sentence keeps its file:line; tags are converted to BIO."""
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmtune.data.readers import read_text_file
-from lmtune.data.tagging import check_tag, detect_scheme, to_bio
+from lmtune.data.readers import jsonl_lines, parse_jsonl_line, read_text_file
+from lmtune.data.tagging import check_tag, detect_scheme, split_tag, to_bio
 from lmtune.errors import InputError
 
 
@@ -48,9 +47,9 @@ def detect_ner_format(path: Path, fmt: str) -> str:
     return "jsonl" if path.suffix.lower() in (".jsonl", ".json", ".ndjson") else "conll"
 
 
-def read_ner(path: str | Path, fmt: str = "auto", scheme: str = "auto", tag_column: int = -1,
-             encoding: str = "utf-8", require_tags: bool = True) -> tuple[list[NerExample], str]:
-    """Sentences with BIO tags, and the scheme the file used (to write predictions back in it)."""
+def read_ner_raw(path: str | Path, fmt: str = "auto", tag_column: int = -1, encoding: str = "utf-8",
+                 require_tags: bool = True) -> list[tuple]:
+    """Sentences as read, tags still in the file's own scheme: (tokens, tags, source, text, offsets, tag_lines)."""
     path = Path(path)
     fmt = detect_ner_format(path, fmt)
     text = read_text_file(path, encoding)
@@ -62,22 +61,81 @@ def read_ner(path: str | Path, fmt: str = "auto", scheme: str = "auto", tag_colu
         raise InputError(f"{path}: data.format '{fmt}' is not a token-labeling format; use conll or jsonl.")
     if not raw:
         raise InputError(f"{path}: no sentences found.")
-    labeled = [tags for _, tags, *_ in raw if tags is not None]
-    if scheme == "auto":
-        scheme = detect_scheme(labeled)
-    examples = []
+    return raw
+
+
+def _tag_where(path: Path, source: str, tag_lines: list[int] | None, i: int) -> str:
+    return f"{path}: line {tag_lines[i]}" if tag_lines else source
+
+
+def inconsistencies(tags: list[str], scheme: str) -> list[tuple[int, str]]:
+    """Positions where a BIO or IOB1 sequence breaks its own scheme, with what is wrong: in BIO an I-
+    that opens an entity (after O or another type); in IOB1 a B- that does not follow its own type."""
+    out, prev = [], "O"
+    for i, t in enumerate(tags):
+        p, typ = split_tag(t)
+        prev_typ = split_tag(prev)[1]
+        if scheme == "bio" and p == "I" and prev_typ != typ:
+            out.append((i, f"'{t}' opens an entity after '{prev}' (not valid BIO); read as B-{typ}, as seqeval's lenient mode does"))
+        elif scheme == "iob1" and p == "B" and prev_typ != typ:
+            out.append((i, f"'{t}' does not follow a {typ} entity (IOB1 uses B- only there); read as the start of an entity"))
+        prev = t
+    return out
+
+
+def convert(path: str | Path, raw: list[tuple], scheme: str, require_tags: bool = True,
+            known_types: set[str] | None = None) -> tuple[list[NerExample], list[str]]:
+    """Sentences in BIO, and the inconsistent sequences found (file: line: what), repaired on the way.
+    `known_types`: refuse entity types that never appear in training, at the line of the tag."""
+    path = Path(path)
+    examples, repairs = [], []
     for tokens, tags, source, txt, offs, tag_lines in raw:
         if tags is not None:
+            tags = list(tags)
             for i, t in enumerate(tags):
                 problem = check_tag(t, scheme)
                 if problem:
-                    where = f"{path}: line {tag_lines[i]}" if tag_lines else source
-                    raise InputError(f"{where}: {problem}. Fix the tag or set data.tag_scheme.")
+                    raise InputError(f"{_tag_where(path, source, tag_lines, i)}: {problem}. Fix the tag or set data.tag_scheme.")
+                typ = split_tag(t)[1]
+                if known_types is not None and typ is not None and typ not in known_types:
+                    raise InputError(f"{_tag_where(path, source, tag_lines, i)}: entity type '{typ}' (tag '{t}') never appears "
+                                     f"in the training data (known types: {', '.join(sorted(known_types))}). "
+                                     "Add examples of it to train, or relabel it.")
+            for i, what in inconsistencies(tags, scheme):
+                repairs.append(f"{_tag_where(path, source, tag_lines, i)}: {what}")
+                if scheme == "bio":
+                    tags[i] = "B-" + split_tag(tags[i])[1]
             tags = to_bio(tags, scheme)
         elif require_tags:
             raise InputError(f"{source}: no tags. Labeled data needs a tag for every token.")
         examples.append(NerExample(tokens, tags, source, txt, offs))
-    return examples, scheme
+    return examples, repairs
+
+
+def read_ner(path: str | Path, fmt: str = "auto", scheme: str = "auto", tag_column: int = -1,
+             encoding: str = "utf-8", require_tags: bool = True) -> tuple[list[NerExample], str]:
+    """One file's sentences with BIO tags, and the scheme (detected over this file when auto)."""
+    raw = read_ner_raw(path, fmt, tag_column, encoding, require_tags)
+    if scheme == "auto":
+        scheme = detect_scheme([tags for _, tags, *_ in raw if tags is not None])
+    return convert(path, raw, scheme, require_tags)[0], scheme
+
+
+_CJK_CHAR = re.compile(rf"{_CJK}|[\u3000-\u303f\uff00-\uffef]")  # CJK, kana, hangul, CJK and full-width punctuation
+
+
+def span_text(ex: NerExample, start: int, end: int) -> str:
+    """The text of tokens [start, end): the original substring when the input was text; for token
+    input (CoNLL, one character per line) the tokens joined as the language writes them: no space
+    next to a CJK character (李 + 开 -> 李开), one space between other words."""
+    if ex.offsets is not None and ex.text is not None:
+        return ex.text[ex.offsets[start][0]:ex.offsets[end - 1][1]]
+    out = ""
+    for tok in ex.tokens[start:end]:
+        if out and not (_CJK_CHAR.match(out[-1]) or _CJK_CHAR.match(tok[0])):
+            out += " "
+        out += tok
+    return out
 
 
 def _conll(path: Path, text: str, tag_column: int) -> list[tuple]:
@@ -112,14 +170,11 @@ def _conll(path: Path, text: str, tag_column: int) -> list[tuple]:
 
 def _jsonl(path: Path, text: str, require_tags: bool) -> list[tuple]:
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
+    for n, line in enumerate(jsonl_lines(text), 1):
         if not line.strip():
             continue
-        where = f"{path}:{n}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{where}: not valid JSON ({e.msg} at column {e.colno}).") from None
+        where = f"{path}: line {n}"
+        obj = parse_jsonl_line(path, n, line)
         if not isinstance(obj, dict):
             raise InputError(f"{where}: expected an object with tokens+tags or text+entities.")
         if "tokens" in obj:

@@ -63,7 +63,30 @@ def _field(value: object, col: str, where: str, required: bool) -> str | None:
         return None
     if isinstance(value, (dict, list)):
         raise InputError(f"{where}: column '{col}' holds a {type(value).__name__}, expected text.")
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))  # JSON 1 and 1.0 are the same number, so the same class
     return str(value).strip() if isinstance(value, str) else str(value)
+
+
+def _json_kind(value: object) -> str:
+    if isinstance(value, bool):
+        return "boolean"
+    return "number" if isinstance(value, (int, float)) else "string" if isinstance(value, str) else type(value).__name__
+
+
+def _check_label_types(path: Path, rows: list[tuple[int, dict]], label_column: str | None) -> None:
+    """One typed label space per file: numbers and strings are not mixed (is "1" the class 1?)."""
+    first: dict[str, tuple[int, object]] = {}
+    for line, row in rows:
+        value = row.get(label_column) if label_column else None
+        if value is None:
+            continue
+        kind = _json_kind(value)
+        first.setdefault(kind, (line, value))
+        if len(first) > 1:
+            (k0, (l0, v0)), (k1, (l1, v1)) = sorted(first.items(), key=lambda kv: kv[1][0])[:2]
+            raise InputError(f"{path}: line {l1}: label {json.dumps(v1)} is a {k1}, but line {l0} has the {k0} {json.dumps(v0)}. "
+                             f"Write every label of '{label_column}' as one type (all numbers or all strings).")
 
 
 def read_examples(path: str | Path, text_column: str = "text", label_column: str | None = "label",
@@ -74,10 +97,12 @@ def read_examples(path: str | Path, text_column: str = "text", label_column: str
     fmt = detect_format(path, fmt)
     text = read_text_file(path, encoding)
     rows = _jsonl_rows(path, text) if fmt == "jsonl" else _table_rows(path, text, "\t" if fmt == "tsv" else ",")
+    if fmt == "jsonl":
+        _check_label_types(path, rows, label_column)
     wanted = [c for c in (text_column, text_pair_column) if c] + ([label_column] if require_label and label_column else [])
     examples = []
     for line, row in rows:
-        where = f"{path}:{line}" if fmt == "jsonl" else f"{path}: line {line}"
+        where = f"{path}: line {line}"
         for col in wanted:
             if col not in row:
                 cols = ", ".join(map(repr, row)) or "none"
@@ -103,6 +128,12 @@ def _table_rows(path: Path, text: str, delimiter: str) -> list[tuple[int, dict]]
     except StopIteration:
         raise InputError(f"{path}: the file is empty. It needs a header row and data rows.") from None
     header = [h.strip() for h in header]
+    seen = set()
+    for h in header:
+        if h in seen:
+            raise InputError(f"{path}: line 1: the column name '{h}' appears more than once in the header; "
+                             "rename one of them (only one column can be the text or the label).")
+        seen.add(h)
     rows, last = [], reader.line_num
     try:
         for values in reader:
@@ -119,17 +150,38 @@ def _table_rows(path: Path, text: str, delimiter: str) -> list[tuple[int, dict]]
     return rows
 
 
+def jsonl_lines(text: str) -> list[str]:
+    """JSONL lines: split on \\n only (str.splitlines would also split on U+2028, U+0085 ..., which
+    are valid inside a JSON string)."""
+    return [line.removesuffix("\r") for line in text.split("\n")]
+
+
+def _unique_keys(path: Path, line: int):
+    def hook(pairs: list[tuple[str, object]]) -> dict:
+        obj: dict = {}
+        for k, v in pairs:
+            if k in obj:
+                raise InputError(f"{path}: line {line}: the key '{k}' appears more than once in one object; keep one.")
+            obj[k] = v
+        return obj
+    return hook
+
+
+def parse_jsonl_line(path: Path, i: int, line: str) -> object:
+    try:
+        return json.loads(line, object_pairs_hook=_unique_keys(path, i))
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: line {i}: not valid JSON ({e.msg} at column {e.colno}). "
+                         "Each line must be one JSON object.") from None
+
+
 def _jsonl_rows(path: Path, text: str) -> list[tuple[int, dict]]:
     rows = []
-    for i, line in enumerate(text.splitlines(), 1):
+    for i, line in enumerate(jsonl_lines(text), 1):
         if not line.strip():
             continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise InputError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno}). "
-                             "Each line must be one JSON object.") from None
+        obj = parse_jsonl_line(path, i, line)
         if not isinstance(obj, dict):
-            raise InputError(f"{path}:{i}: expected a JSON object like {{\"text\": ..., \"label\": ...}}.")
+            raise InputError(f"{path}: line {i}: expected a JSON object like {{\"text\": ..., \"label\": ...}}.")
         rows.append((i, obj))
     return rows

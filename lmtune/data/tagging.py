@@ -32,6 +32,9 @@ def check_tag(tag: str, scheme: str) -> str | None:
 
 
 def detect_scheme(sequences: list[list[str]]) -> str:
+    """The scheme of a whole data set (pass train, dev and test together). BIO and IOB1 differ in how
+    an entity that follows O starts: B- in BIO, I- in IOB1. Real BIO data has a few stray I- starts,
+    so the majority decides, not the first stray tag; the minority are inconsistencies to report."""
     prefixes = {split_tag(t)[0] for seq in sequences for t in seq}
     if prefixes & {"L", "U"}:
         return "bilou"
@@ -39,14 +42,17 @@ def detect_scheme(sequences: list[list[str]]) -> str:
         return "bmes"
     if prefixes & {"E", "S"}:
         return "bioes"
-    for seq in sequences:  # IOB1: an entity may start with I- (B- only splits adjacent same-type entities)
-        prev = "O"
+    b_starts = i_starts = 0
+    for seq in sequences:
+        prev_typ = None
         for t in seq:
             p, typ = split_tag(t)
-            if p == "I" and (prev == "O" or split_tag(prev)[1] != typ):
-                return "iob1"
-            prev = t
-    return "bio"
+            if typ != prev_typ and p == "B":
+                b_starts += 1
+            elif typ != prev_typ and p == "I":
+                i_starts += 1
+            prev_typ = typ
+    return "iob1" if i_starts > b_starts else "bio"
 
 
 def spans(tags: list[str], scheme: str = "bio") -> list[tuple[int, int, str]]:

@@ -11,6 +11,7 @@ What this module gets right that the usual scripts do not:
 """
 from __future__ import annotations
 
+import logging
 from collections import Counter
 from pathlib import Path
 from typing import Any
@@ -20,9 +21,9 @@ import torch
 from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from lmtune.config import Config
-from lmtune.data.ner_readers import NerExample, example_from_text, read_ner
+from lmtune.data.ner_readers import NerExample, convert, example_from_text, read_ner_raw, span_text
 from lmtune.data.splits import stratified_split
-from lmtune.data.tagging import allowed_transitions, bio_labels, count_invalid, from_bio, spans, split_tag, viterbi
+from lmtune.data.tagging import allowed_transitions, bio_labels, count_invalid, detect_scheme, from_bio, spans, split_tag, viterbi
 from lmtune.errors import InputError
 from lmtune.evaluate.abstain import choose_threshold
 from lmtune.evaluate.calibration import ece, fit_temperature, softmax
@@ -31,6 +32,9 @@ from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, quiet_transformers, resolve_model
 from lmtune.tasks.base import Encoded, Splits, balanced_weights, cross_entropy_sum
+
+
+log = logging.getLogger("lmtune")
 
 
 def _special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
@@ -51,7 +55,8 @@ class NerTask:
     encode_options = {"stride": "window_overlap", "label_all_subtokens": "label_all_subtokens"}
 
     def __init__(self) -> None:
-        self.scheme = "bio"  # the user's scheme, for writing predictions back
+        self.scheme = "bio"  # the data set's scheme, for reading later files and writing predictions back
+        self.repairs: list[str] = []  # tags that broke the scheme in the training data, repaired
         self.temperature = 1.0  # fitted on dev after training: word tag probabilities and entity scores use it
         self.calibration: dict = {}
         self.threshold: float | None = None  # entities scored below it are withheld (abstain.target)
@@ -73,41 +78,51 @@ class NerTask:
     # ---- data -------------------------------------------------------------------------------
     def read_file(self, path: str, cfg: Config, labels: list[str] | None = None,
                   require_label: bool = True) -> list[NerExample]:
-        return self._read(path, cfg, labels, require_label)[0]
-
-    def _read(self, path: str, cfg: Config, labels: list[str] | None, require_label: bool = True) -> tuple[list, str]:
+        """A file for a trained run (evaluate, predict, attack): read in the run's tag scheme."""
         d = cfg.data
-        examples, scheme = read_ner(path, d.format, d.tag_scheme, d.tag_column, d.encoding, require_label)
-        if labels is not None:
-            known = set(labels)
-            for ex in examples:
-                for t in ex.tags or []:
-                    if t not in known:
-                        raise InputError(f"{ex.source}: entity type of '{t}' never appears in the training data "
-                                         f"(known types: {', '.join(sorted({split_tag(x)[1] for x in labels if x != 'O'}))}).")
-        return examples, scheme
+        scheme = d.tag_scheme if d.tag_scheme != "auto" else self.scheme
+        raw = read_ner_raw(path, d.format, d.tag_column, d.encoding, require_label)
+        known = {split_tag(x)[1] for x in labels if x != "O"} if labels is not None else None
+        examples, repairs = convert(path, raw, scheme, require_label, known)
+        if repairs:
+            log.warning("%s: %d tag(s) inconsistent with %s, repaired (first: %s)", path, len(repairs), scheme.upper(), repairs[0])
+        return examples
 
     def read(self, cfg: Config) -> Splits:
         d = cfg.data
         if not d.train:
             raise InputError("data.train: no training file given. Set data.train or pass --data.train FILE.")
-        train, scheme = self._read(d.train, cfg, None)
+        files = {name: path for name, path in (("train", d.train), ("dev", d.dev), ("test", d.test)) if path}
+        raw = {name: read_ner_raw(path, d.format, d.tag_column, d.encoding) for name, path in files.items()}
+        # one scheme for the whole data set: a few stray tags in one file must not switch that file's reading
+        scheme = d.tag_scheme if d.tag_scheme != "auto" else detect_scheme(
+            [tags for sents in raw.values() for _, tags, *_ in sents if tags is not None])
+        train, repairs = convert(d.train, raw["train"], scheme)
         types = {split_tag(t)[1] for ex in train for t in ex.tags if t != "O"}
         if not types:
             raise InputError(f"{d.train}: no entities in the training data (every tag is O).")
         labels = bio_labels(types)
+        read = {}
+        for name in ("dev", "test"):
+            if name in raw:
+                read[name], fixed = convert(files[name], raw[name], scheme, known_types=types)
+                repairs += fixed
         if d.dev:
-            dev = self.read_file(d.dev, cfg, labels)
-            test = self.read_file(d.test, cfg, labels) if d.test else []
+            dev, test = read["dev"], read.get("test", [])
             info = {"method": "files", "train": d.train, "dev": d.dev, "test": d.test}
         else:
-            test = self.read_file(d.test, cfg, labels) if d.test else None
+            test = read.get("test")
             fr = d.split if test is None else [d.split[0], d.split[1], 0.0]
             fr = [f / sum(fr) for f in fr]
             tr, dv, te = stratified_split([0] * len(train), fr, cfg.train.seed)  # one stratum: a seeded shuffle
             dev, test, train = [train[i] for i in dv], test if test is not None else [train[i] for i in te], [train[i] for i in tr]
             info = {"method": "sentence split", "fractions": fr, "seed": cfg.train.seed, "source": d.train,
                     "dev_rows": [ex.source for ex in dev]}
+        if repairs:
+            log.warning("tag scheme %s (detected over %s): %d tag(s) break it and were repaired, e.g. %s",
+                        scheme.upper(), ", ".join(files), len(repairs), "; ".join(repairs[:3]))
+        self.repairs = repairs
+        info["tag_scheme_repairs"] = {"count": len(repairs), "first": repairs[:100]}
         self.scheme = scheme
         if not dev:
             raise InputError(f"{d.train}: too few sentences to split off a dev set; give data.dev.")
@@ -365,11 +380,10 @@ class NerTask:
             ents, withheld = [], []
             for s, e, typ in spans(tags):
                 score = float(probs[s:e].mean())
-                ent = {"text": " ".join(ex.tokens[s:e]), "label": typ, "score": round(score, 6),
+                ent = {"text": span_text(ex, s, e), "label": typ, "score": round(score, 6),
                        "token_start": s, "token_end": e}
                 if ex.offsets is not None:
                     ent["start"], ent["end"] = ex.offsets[s][0], ex.offsets[e - 1][1]
-                    ent["text"] = ex.text[ent["start"]:ent["end"]]
                 (withheld if self.threshold is not None and score < self.threshold else ents).append(ent)
             row = {"text": ex.text} if ex.text is not None else {"tokens": ex.tokens}
             row["entities"] = ents
@@ -384,7 +398,10 @@ class NerTask:
         return rows
 
     def report(self, split_metrics: dict[str, dict], labels: list[str], run_dir: Path) -> str:
-        lines = []
+        repaired = (f"; {len(self.repairs)} tag(s) broke it and were repaired (e.g. {self.repairs[0]}; all in "
+                    "splits.json)" if self.repairs else "; every sequence is consistent with it")
+        lines = [f"**Tag scheme: {self.scheme.upper()}**, detected once over all the data files{repaired}. "
+                 "Predictions are written in it.", ""]
         for split, m in split_metrics.items():
             lines += [f"### Entities by type ({split})", "",
                       f"Sentences cut into windows: {m['sentences_windowed']}; words without a prediction: "
@@ -419,7 +436,7 @@ def error_kinds(gold: list[list[str]], pred: list[list[str]], examples: list[Ner
         g, p = set(spans(g_tags)), set(spans(p_tags))
 
         def show(s, e, t, ex=ex):
-            return f"'{' '.join(ex.tokens[s:e])}' {t} ({ex.source})"
+            return f"'{span_text(ex, s, e)}' {t} ({ex.source})"
         for s, e, t in g - p:
             over = [(a, b, u) for a, b, u in p if a < e and s < b]
             if not over:
