@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,15 @@ def read_text_file(path: str | Path, encoding: str = "utf-8") -> str:
     except LookupError:
         raise InputError(f"data.encoding: unknown encoding '{encoding}'.") from None
     return text.removeprefix("\ufeff")
+
+
+# control, format (zero-width, bidi marks), separators: characters that show nothing
+_INVISIBLE = ("Cc", "Cf", "Cs", "Zs", "Zl", "Zp")
+
+
+def is_invisible(text: str) -> bool:
+    """True if no character of the text would show: empty, NUL, zero-width or whitespace only."""
+    return all(unicodedata.category(c) in _INVISIBLE for c in text)
 
 
 def _field(value: object, col: str, where: str, required: bool) -> str | None:
@@ -110,6 +120,10 @@ def read_examples(path: str | Path, text_column: str = "text", label_column: str
                 raise InputError(f"{where}: no column '{col}' (columns are: {cols}). "
                                  f"Rename the column or set {key}.")
         has_label = label_column is not None and label_column in row
+        for col in (text_column, text_pair_column):
+            if col and isinstance(row.get(col), str) and row[col].strip() and is_invisible(row[col]):
+                raise InputError(f"{where}: the text in column '{col}' is only invisible characters (NUL, zero-width, "
+                                 "control). Remove the row or fix its text.")
         examples.append(Example(
             text=_field(row[text_column], text_column, where, True),
             text_pair=_field(row[text_pair_column], text_pair_column, where, True) if text_pair_column else None,

@@ -19,18 +19,29 @@ KEYS_ENV = "LMTUNE_API_KEYS"
 _EMAIL = re.compile(r"[\w.+-]+@[\w-]+(?:\.[\w-]+)+")
 _CARD = re.compile(r"\b(?:\d[ -]?){12,19}\b")  # card and account numbers
 _ID = re.compile(r"\b\d{6}(?:19|20)\d{9}[\dXx]\b|\b\d{3}-\d{2}-\d{4}\b")  # CN resident ID, US SSN
-_PHONE = re.compile(r"(?<![\w])\+?\d[\d ().-]{7,}\d(?![\w])")
+# No dots inside and none around: "26123.5ms" (a latency) and "127.0.0.1" (an address) are not phone numbers.
+_PHONE = re.compile(r"(?<![\w.])\+?\(?\d[\d ()-]{6,}\d(?![\w.])")
+STRUCTURED = "lmtune_structured"  # LogRecord attribute: fields we format ourselves (status, latency, ids), never masked
+
+
+def _phone(m: re.Match) -> str:
+    return "<phone>" if sum(c.isdigit() for c in m.group()) >= 8 else m.group()
 
 
 def mask_pii(text: str) -> str:
     text = _EMAIL.sub("<email>", text)
     text = _ID.sub("<id>", text)
     text = _CARD.sub("<number>", text)
-    return _PHONE.sub("<phone>", text)
+    return _PHONE.sub(_phone, text)
 
 
 class PiiFilter(logging.Filter):
+    """Masks free text in every record; records marked STRUCTURED carry only fields we produced
+    ourselves (their free-text parts already masked) and pass as they are."""
+
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, STRUCTURED, False):
+            return True
         msg = record.getMessage()
         masked = mask_pii(msg)
         if masked != msg:
