@@ -149,11 +149,18 @@ def cmd_attack(ns: argparse.Namespace) -> int:
     return 0
 
 
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     from lmtune.serve.app import ServeSettings, create_app, serve
+    if ns.no_auth and ns.host not in LOCAL_HOSTS and not ns.insecure:
+        raise InputError(f"serve: --no-auth on {ns.host} would let anyone on the network use the model. Bind to "
+                         "127.0.0.1, configure API keys, or add --insecure if you really mean it.")
     settings = ServeSettings(run_dir=ns.run_dir, backend=ns.backend, key_file=ns.api_key_file, no_auth=ns.no_auth,
                              max_batch_size=ns.max_batch_size, max_wait_ms=ns.max_wait_ms, max_queue=ns.max_queue,
-                             max_texts=ns.max_texts, max_chars=ns.max_chars, max_body_bytes=ns.max_body_bytes, threads=ns.threads)
+                             max_texts=ns.max_texts, max_chars=ns.max_chars, max_body_bytes=ns.max_body_bytes, threads=ns.threads,
+                             header_timeout_s=ns.header_timeout, body_timeout_s=ns.body_timeout, max_connections=ns.max_connections)
     if ns.workers == 1:
         create_app(settings)  # fail fast on a bad run dir or missing keys, before uvicorn starts
     serve(settings, ns.host, ns.port, ns.workers)
@@ -206,7 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--workers", type=int, default=1, help="worker processes (each loads the model)")
     sv.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "onnx-int8"])
     sv.add_argument("--api-key-file", help="file with one API key per line")
-    sv.add_argument("--no-auth", action="store_true", help="serve without API keys (local experiments only)")
+    sv.add_argument("--no-auth", action="store_true", help="serve without API keys (local experiments only; "
+                                                           "refused on a non-local --host unless --insecure)")
+    sv.add_argument("--insecure", action="store_true", help="allow --no-auth on a non-local --host")
+    sv.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client has to send a request's head")
+    sv.add_argument("--body-timeout", type=float, default=30.0, help="seconds a client has to send the body after the head")
+    sv.add_argument("--max-connections", type=int, default=1000,
+                    help="open connections (kept below the open-file limit); over it the oldest waiting one is dropped")
     sv.add_argument("--max-batch-size", type=int, default=32, help="texts per model call")
     sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
     sv.add_argument("--max-queue", type=int, default=2048, help="texts waiting before requests get 503")

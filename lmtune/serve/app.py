@@ -7,6 +7,7 @@ for PII whatever logged them.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -23,9 +24,11 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmtune.data.readers import is_invisible
 from lmtune.errors import InputError
 from lmtune.serve.batcher import Batcher, Closed, QueueFull
-from lmtune.serve.security import PiiFilter, key_ok, load_keys
+from lmtune.serve.protocol import GuardedHttpProtocol
+from lmtune.serve.security import STRUCTURED, PiiFilter, key_ok, load_keys, mask_pii
 
 log = logging.getLogger("lmtune.serve")
 SETTINGS_ENV = "LMTUNE_SERVE_SETTINGS"
@@ -44,6 +47,9 @@ class ServeSettings:
     max_texts: int = 64  # per request
     max_chars: int = 2000  # per text
     max_body_bytes: int = 1_000_000
+    header_timeout_s: float = 10.0  # the request head must arrive within this (slow clients are cut off)
+    body_timeout_s: float = 30.0  # and the body within this after the head
+    max_connections: int = 1000  # open connections (also kept below the open-file limit)
     threads: int | None = None
     extra: dict = field(default_factory=dict)
 
@@ -107,16 +113,34 @@ class _Metrics:
         self.queue = Gauge("lmtune_queue_texts", "Texts waiting or in the model", registry=self.registry)
 
 
-class _TooLarge(Exception):
-    pass
+PROTECTED = ("/v1/predict", "/metrics")  # paths that need an API key
+KNOWN_PATHS = (*PROTECTED, "/healthz", "/readyz")
+
+
+def _json_response(status: int, detail: str, rid: str, extra_headers: list | None = None) -> tuple[dict, dict]:
+    body = json.dumps({"detail": detail, "request_id": rid}).encode()
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(extra_headers or [])]
+    return {"type": "http.response.start", "status": status, "headers": headers}, {"type": "http.response.body", "body": body}
+
+
+def _given_key(headers: dict) -> str | None:
+    auth = headers.get(b"authorization", b"").decode("latin-1")
+    if auth.lower().startswith("bearer "):
+        return auth[7:].strip()
+    key = headers.get(b"x-api-key")
+    return key.decode("latin-1") if key is not None else None
 
 
 class _RequestContext:
-    """Pure ASGI middleware (BaseHTTPMiddleware costs too much per request): request id, body
-    size limit (declared and streamed), metrics, an access log line without any text."""
+    """Pure ASGI middleware (BaseHTTPMiddleware costs too much per request), in this order: request
+    id; API key (before the body is read, so an unauthenticated client learns nothing about parsing);
+    body size, declared or streamed (chunked bodies are read here, up to the limit, so an oversize
+    one is a 413 and never reaches the JSON parser); then the app. Any error the app did not turn
+    into a response becomes a 500 with the request id. Metrics and one access-log line without any
+    text of the request."""
 
-    def __init__(self, app, metrics: _Metrics, max_body_bytes: int):
-        self.app, self.metrics, self.max_body = app, metrics, max_body_bytes
+    def __init__(self, app, metrics: _Metrics, max_body_bytes: int, keys: list[str]):
+        self.app, self.metrics, self.max_body, self.keys = app, metrics, max_body_bytes, keys
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -125,7 +149,7 @@ class _RequestContext:
         given = headers.get(b"x-request-id", b"").decode("latin-1")
         rid = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
         scope.setdefault("state", {})["request_id"] = rid
-        t0, status, started, seen = time.perf_counter(), 500, False, 0
+        t0, status, started = time.perf_counter(), 500, False
 
         async def send_with_id(message):
             nonlocal status, started
@@ -134,35 +158,97 @@ class _RequestContext:
                 message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             await send(message)
 
-        async def counted_receive():
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.max_body:
-                raise _TooLarge()
-            return message
+        async def answer(code: int, detail: str, extra_headers: list | None = None) -> None:
+            # read (and drop) what the client is still sending, within bounds: closing a socket with
+            # unread data makes the kernel reset it, and the client would never see this answer
+            await self._drain(receive)
+            for message in _json_response(code, detail, rid, extra_headers):
+                await send_with_id(message)
 
-        length = headers.get(b"content-length", b"0")
         try:
-            if not length.isdigit() or int(length) > self.max_body:
-                raise _TooLarge()
-            await self.app(scope, counted_receive, send_with_id)
-        except _TooLarge:
+            if self.keys and scope["path"] in PROTECTED and not key_ok(_given_key(headers), self.keys):
+                self.metrics.errors.labels("unauthorized").inc()
+                return await answer(401, "missing or invalid API key (Authorization: Bearer KEY, or X-API-Key: KEY)",
+                                    [(b"www-authenticate", b"Bearer")])
+            length = headers.get(b"content-length")
+            if length is not None and (not length.isdigit() or int(length) > self.max_body):
+                return await answer(413, f"request body over {self.max_body} bytes")
+            if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
+                body, receive_rest = await self._read_body(receive), receive
+                receive = self._replay(body or b"")
+                if body is None:
+                    receive = receive_rest
+                    return await answer(413, f"request body over {self.max_body} bytes")
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("request %s failed", rid, extra={STRUCTURED: True})
+            self.metrics.errors.labels("unhandled").inc()
             if not started:
-                body = json.dumps({"detail": f"request body over {self.max_body} bytes", "request_id": rid}).encode()
-                await send_with_id({"type": "http.response.start", "status": 413,
-                                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
-                await send({"type": "http.response.body", "body": body})
+                await answer(500, "internal error; the request id is in the server log")
         finally:
             elapsed = time.perf_counter() - t0
             route = scope.get("route")
-            endpoint = route.path if route is not None else "other"
+            # answered here (401, 413) before routing: label known paths by name, anything else "other"
+            endpoint = route.path if route is not None else scope["path"] if scope["path"] in KNOWN_PATHS else "other"
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(elapsed)
             if status >= 500:
                 self.metrics.errors.labels(f"http_{status}").inc()
-            if log.isEnabledFor(logging.INFO):
-                log.info("%s %s %d %.1fms id=%s", scope["method"], scope["path"], status, 1000 * elapsed, rid)
+            if log.isEnabledFor(logging.INFO):  # structured: status, latency and id are never masked; the path is
+                log.info("%s %s %d %.1fms id=%s", scope["method"], mask_pii(scope["path"]), status, 1000 * elapsed, rid,
+                         extra={STRUCTURED: True})
+
+    async def _read_body(self, receive) -> bytes | None:
+        """A body without Content-Length (chunked), read whole; None as soon as it passes the limit."""
+        chunks, seen = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                break
+            seen += len(message.get("body", b""))
+            if seen > self.max_body:
+                return None
+            chunks.append(message.get("body", b""))
+            if not message.get("more_body", False):
+                break
+        return b"".join(chunks)
+
+    async def _drain(self, receive, limit_factor: int = 8) -> None:
+        seen = 0
+        try:
+            while seen <= limit_factor * self.max_body:
+                message = await asyncio.wait_for(receive(), 5)
+                seen += len(message.get("body", b""))
+                if message["type"] == "http.disconnect" or not message.get("more_body", False):
+                    return
+        except (TimeoutError, asyncio.TimeoutError):
+            return
+
+    @staticmethod
+    def _replay(body: bytes):
+        sent = False
+
+        async def receive():
+            nonlocal sent
+            if not sent:
+                sent = True
+                return {"type": "http.request", "body": body, "more_body": False}
+            return {"type": "http.disconnect"}
+        return receive
+
+
+def text_problem(text: str, max_chars: int) -> tuple[int, str] | None:
+    """Why a text cannot be predicted (status, reason), or None. Checked per request, before it is
+    queued, so one bad text costs its own request a 4xx and never a batch."""
+    if len(text) > max_chars:
+        return 413, f"has {len(text)} characters; the limit is {max_chars}"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return 422, f"is not valid Unicode (a lone surrogate U+{ord(text[e.start]):04X} at character {e.start}); send UTF-8 text"
+    if not text.strip() or is_invisible(text):
+        return 422, "is empty or only invisible characters (NUL, zero-width, control)"
+    return None
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
@@ -203,14 +289,14 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app = FastAPI(title="lmtune", version="1", lifespan=lifespan,
                   description=f"Predictions of the fine-tuned model in {run_dir.name} ({run.task.name}).")
 
-    app.add_middleware(_RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes)
+    app.add_middleware(_RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes, keys=keys)
 
     def require_key(request: Request) -> None:
+        """The middleware checks the key before the body is read; this declares it in the OpenAPI docs
+        (and checks again, so a route added outside PROTECTED is still guarded)."""
         if not keys:
             return
-        auth = request.headers.get("authorization", "")
-        given = auth[7:].strip() if auth.lower().startswith("bearer ") else request.headers.get("x-api-key")
-        if not key_ok(given, keys):
+        if not key_ok(_given_key(dict(request.scope["headers"])), keys):
             metrics.errors.labels("unauthorized").inc()
             raise HTTPException(401, "missing or invalid API key (Authorization: Bearer KEY, or X-API-Key: KEY)",
                                 headers={"WWW-Authenticate": "Bearer"})
@@ -224,10 +310,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
         if len(body.texts) > settings.max_texts:
             raise HTTPException(413, f"{len(body.texts)} texts in one request; the limit is {settings.max_texts}")
         for i, t in enumerate(body.texts):
-            if len(t) > settings.max_chars:
-                raise HTTPException(413, f"texts[{i}] has {len(t)} characters; the limit is {settings.max_chars}")
-            if not t.strip():
-                raise HTTPException(422, f"texts[{i}] is empty")
+            problem = text_problem(t, settings.max_chars)
+            if problem:
+                metrics.errors.labels("bad_text").inc()
+                raise HTTPException(problem[0], f"texts[{i}] {problem[1]}")
         try:
             metrics.queue.set(batcher.pending)
             rows = await batcher.submit(body.texts)
@@ -236,6 +322,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
             raise HTTPException(503, "server busy: the request queue is full, retry shortly", headers={"Retry-After": "1"}) from None
         except Closed:
             raise HTTPException(503, "server shutting down", headers={"Retry-After": "5"}) from None
+        except Exception:  # the model failed on this request's texts alone (the batcher isolates them)
+            log.exception("model call failed for request %s", rid, extra={STRUCTURED: True})
+            metrics.errors.labels("model").inc()
+            raise HTTPException(500, "the model failed on this request's texts; the request id is in the server log") from None
         return PredictResponse(request_id=rid, model=run_dir.name, backend=backend, predictions=[Prediction(**r) for r in rows])
 
     @app.get("/healthz")
@@ -261,15 +351,24 @@ def create_app(settings: ServeSettings) -> FastAPI:
     return app
 
 
+def _guard(settings: ServeSettings) -> None:
+    GuardedHttpProtocol.configure(settings.header_timeout_s, settings.body_timeout_s, settings.max_connections)
+
+
 def from_env() -> FastAPI:
     """uvicorn factory for --workers > 1 (each worker process builds its own app)."""
-    return create_app(ServeSettings(**json.loads(os.environ[SETTINGS_ENV])))
+    settings = ServeSettings(**json.loads(os.environ[SETTINGS_ENV]))
+    _guard(settings)
+    return create_app(settings)
 
 
 def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
     import uvicorn
-    # access_log off: the request middleware already logs one line per request (with its id, PII-masked)
-    kwargs = {"host": host, "port": port, "timeout_graceful_shutdown": 30, "log_level": "info", "access_log": False}
+    _guard(settings)
+    # access_log off: the request middleware already logs one line per request (with its id, PII-masked);
+    # the guarded protocol bounds header and body read time and the number of connections
+    kwargs = {"host": host, "port": port, "timeout_graceful_shutdown": 30, "log_level": "info", "access_log": False,
+              "http": GuardedHttpProtocol, "timeout_keep_alive": 5, "h11_max_incomplete_event_size": 16 * 1024}
     if workers > 1:
         if not settings.threads:
             settings.threads = max(1, (os.cpu_count() or 1) // workers)

@@ -91,19 +91,28 @@ class Batcher:
                 n += len(item.texts)
             texts = [t for item in batch for t in item.texts]
             try:
-                rows = await loop.run_in_executor(self._executor, self.predict, texts)
-            except Exception as e:  # one bad batch fails its requests, never the worker
-                log.exception("model call failed")
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_exception(e)
-            else:
-                k = 0
-                for item in batch:
-                    if not item.future.done():
-                        item.future.set_result(rows[k:k + len(item.texts)])
-                    k += len(item.texts)
+                await self._answer(loop, batch, texts)
             finally:
                 self.pending -= n
                 if self.on_batch:
                     self.on_batch(len(texts))
+
+    async def _answer(self, loop: asyncio.AbstractEventLoop, batch: list[_Item], texts: list[str]) -> None:
+        """One model call for the batch; if it fails, each request is retried alone, so a request the
+        model cannot handle fails by itself and never takes its batch-mates down with it."""
+        try:
+            rows = await loop.run_in_executor(self._executor, self.predict, texts)
+        except Exception as e:
+            if len(batch) == 1:
+                if not batch[0].future.done():
+                    batch[0].future.set_exception(e)
+                return
+            log.warning("a batch of %d requests failed; retrying each alone", len(batch))
+            for item in batch:
+                await self._answer(loop, [item], item.texts)
+            return
+        k = 0
+        for item in batch:
+            if not item.future.done():
+                item.future.set_result(rows[k:k + len(item.texts)])
+            k += len(item.texts)
