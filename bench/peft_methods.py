@@ -1,7 +1,8 @@
 """Full fine-tuning vs LoRA vs AdaLoRA vs bottleneck adapter vs prefix tuning, one process.
 
 SST-2 (seeded 4,000-sentence sample of train, full dev; accuracy) and CoNLL-2003 (first 4,000
-train sentences, full test; entity F1), the packaged MiniLM, the same epochs for every method,
+train sentences, scored on the official validation set, which is also the dev set: the test
+file tunes nothing; entity F1), the packaged MiniLM, the same epochs for every method,
 each with lmtune's default recipe for that method (lr per method, head always trained). Prints
 per method: metric, trainable %, artifact MB (the model/ folder without tokenizer files), peak
 memory (RSS sampled during training on CPU), training seconds.
@@ -48,7 +49,7 @@ def prepare(name: str, workdir: Path) -> dict:
     with open(workdir / "train.conll", "w", encoding="utf-8") as fh:
         for ex in train_ex[:4000]:
             fh.write("".join(f"{t} {g}\n" for t, g in zip(ex.tokens, ex.tags)) + "\n")
-    return {"task": "ner", "data": {"train": str(workdir / "train.conll"), "dev": str(SHARED / "conll2003" / "test.txt")}}
+    return {"task": "ner", "data": {"train": str(workdir / "train.conll"), "dev": str(SHARED / "conll2003" / "valid.txt")}}
 
 
 def main() -> None:

@@ -16,8 +16,11 @@ the server and of the load generator are printed.
 Reported: requests/s over the whole run, p50/p99 latency, errors (anything but HTTP 200), peak
 RSS of the server process tree (sampled every 50 ms).
 
+- lmtune_poisoned: the lmtune service again, with 5% of the requests (--poison) carrying a lone
+  surrogate as raw bytes: those must get 4xx and every other request 200 (errors counts the
+  clean requests that did not get 200).
 Last line JSON: {"lmtune": {"rps": X, "p50_ms": L, "p99_ms": L, "errors": N, "peak_rss_mb": M}, "naive": {...},
-"lmtune_torch": {...}}
+"lmtune_torch": {...}, "lmtune_poisoned": {..., "poisoned": N, "poisoned_4xx": N}}
 Usage: python bench/serve_load.py [--requests 2000] [--clients 32] [--run RUN_DIR]
 """
 from __future__ import annotations
@@ -104,30 +107,44 @@ class RssSampler(threading.Thread):
             time.sleep(0.05)
 
 
-async def load(url: str, texts: list[str], n: int, clients: int, headers: dict) -> tuple[list[float], int, float]:
+POISON = b'{"texts": ["\xed\xa0\x80"]}'  # a lone surrogate as raw bytes: must cost its own request a 4xx, nothing else
+
+
+async def load(url: str, texts: list[str], n: int, clients: int, headers: dict, poison: float = 0.0) -> tuple[list[float], int, float, dict]:
     # aiohttp, not httpx: the load generator shares the 2 cores with the server under test, and
     # aiohttp's C HTTP parser costs it far less CPU per request than httpx's pure-Python h11
     import aiohttp
     latencies: list[float] = []
     errors = 0
+    poisoned = {"sent": 0, "4xx": 0}
+    every = round(1 / poison) if poison else 0
     counter = iter(range(n))
     conn = aiohttp.TCPConnector(limit=clients)
     async with aiohttp.ClientSession(connector=conn, timeout=aiohttp.ClientTimeout(total=120)) as client:
         async def worker():
             nonlocal errors
             for i in counter:
+                bad = bool(every) and i % every == every - 1
                 t0 = time.perf_counter()
                 try:
+                    if bad:
+                        poisoned["sent"] += 1
+                        async with client.post(url, data=POISON, headers={**headers, "Content-Type": "application/json"}) as r:
+                            await r.read()
+                            poisoned["4xx"] += 400 <= r.status < 500
+                        continue
                     async with client.post(url, json={"texts": [texts[i % len(texts)]]}, headers=headers) as r:
                         await r.read()
                         ok = r.status == 200
                 except (aiohttp.ClientError, asyncio.TimeoutError):
                     ok = False
+                    if bad:
+                        continue
                 latencies.append(time.perf_counter() - t0)
                 errors += not ok
         t0 = time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(clients)))
-        return latencies, errors, time.perf_counter() - t0
+        return latencies, errors, time.perf_counter() - t0, poisoned
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -151,7 +168,7 @@ def wait_ready(port: int, proc: subprocess.Popen, path: str) -> None:
     raise RuntimeError("server did not become ready")
 
 
-def measure(name: str, cmd: list[str], ready_path: str, texts: list[str], args, headers: dict, env: dict) -> dict:
+def measure(name: str, cmd: list[str], ready_path: str, texts: list[str], args, headers: dict, env: dict, poison: float = 0.0) -> dict:
     port = free_port()
     cmd = [c if c != "PORT" else str(port) for c in cmd]
     # the server's log goes to a file: an unread pipe fills up (one access-log line per request) and blocks it
@@ -164,7 +181,7 @@ def measure(name: str, cmd: list[str], ready_path: str, texts: list[str], args, 
         url = f"http://127.0.0.1:{port}/v1/predict"
         asyncio.run(load(url, texts, 64, args.clients, headers))  # warm-up, not counted
         server_cpu0, client_cpu0 = _cpu_seconds(proc.pid), time.process_time()
-        lat, errors, wall = asyncio.run(load(url, texts, args.requests, args.clients, headers))
+        lat, errors, wall, poisoned = asyncio.run(load(url, texts, args.requests, args.clients, headers, poison))
         server_cpu, client_cpu = _cpu_seconds(proc.pid) - server_cpu0, time.process_time() - client_cpu0
         sampler.stop = True
         sampler.join()
@@ -178,6 +195,10 @@ def measure(name: str, cmd: list[str], ready_path: str, texts: list[str], args, 
     ms = np.array(lat) * 1000
     out = {"rps": round(args.requests / wall, 1), "p50_ms": round(float(np.percentile(ms, 50)), 1),
            "p99_ms": round(float(np.percentile(ms, 99)), 1), "errors": int(errors), "peak_rss_mb": round(sampler.peak / 2**20, 1)}
+    if poison:
+        out.update(poisoned=poisoned["sent"], poisoned_4xx=poisoned["4xx"])
+        print(f"{name}: {poisoned['sent']} poisoned requests, {poisoned['4xx']} answered 4xx; "
+              f"{len(lat)} clean requests, {errors} not 200", flush=True)
     print(f"{name:<13} {out['rps']:7.1f} req/s | p50 {out['p50_ms']:7.1f} ms | p99 {out['p99_ms']:7.1f} ms | "
           f"errors {out['errors']} | peak RSS {out['peak_rss_mb']:.0f} MB ({args.requests} requests, {args.clients} clients, {wall:.1f}s; "
           f"CPU s: server {server_cpu:.1f}, load generator {client_cpu:.1f})", flush=True)
@@ -189,6 +210,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=2000)
     ap.add_argument("--clients", type=int, default=32)
     ap.add_argument("--run", help="reuse a fine-tuned (and exported) run directory")
+    ap.add_argument("--poison", type=float, default=0.05, help="share of requests with a lone surrogate in the lmtune_poisoned run")
     ap.add_argument("--workers", type=int, default=1, help="uvicorn worker processes of the lmtune service (threads split among them)")
     args = ap.parse_args()
     import lmtune
@@ -211,6 +233,7 @@ def main() -> None:
         result = {}
         lm = [sys.executable, "-m", "lmtune", "serve", str(run_dir), "--port", "PORT", "--workers", str(args.workers)]
         result["lmtune"] = measure("lmtune", lm, "/readyz", dev, args, auth, env)
+        result["lmtune_poisoned"] = measure("lmtune_poisoned", lm, "/readyz", dev, args, auth, env, poison=args.poison)
         result["lmtune_torch"] = measure("lmtune_torch", lm + ["--backend", "torch"], "/readyz", dev, args, auth, env)
         result["naive"] = measure("naive", [sys.executable, str(tmp / "naive.py"), str(run_dir / "model"), "PORT"],
                                   "/docs", dev, args, {}, env)

@@ -13,7 +13,7 @@ import shutil
 import json
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -264,7 +264,15 @@ class Run:
         return result
 
     def predict_file(self, path: str | Path) -> list[dict]:
-        return self.predict_examples(self.task.read_file(str(path), self.config, self.labels, require_label=False))
+        return [row for rows in self.predict_file_chunks(path) for row in rows]
+
+    def predict_file_chunks(self, path: str | Path, chunk: int = 512) -> Iterator[list[dict]]:
+        """Predictions of a file, `chunk` examples at a time: the file is read and checked whole first
+        (a bad row is an error before anything is predicted), then outputs are produced and can be
+        written chunk by chunk, so memory does not grow with the number of predictions."""
+        examples = self.task.read_file(str(path), self.config, self.labels, require_label=False)
+        for i in range(0, len(examples), chunk):
+            yield self.predict_examples(examples[i:i + chunk])
 
     def evaluate(self, data: str | Path) -> dict:
         """Metrics on a labeled file (columns as in the run's config)."""
@@ -466,6 +474,7 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
 
     ckpt = Checkpoints(run_dir / "checkpoints")
     tb = TensorBoardLogger(run_dir / "tensorboard") if cfg.train.tensorboard and accelerator.is_main_process else None
+    resumed_from = json.loads((ckpt.path("last") / "state.json").read_text())["step"] if resume and ckpt.path("last") else None
     t0 = time.perf_counter()
     adversary = _adversary(cfg, task, tokenizer, splits.labels, encoded["train"], extra, train_features, collate, synonyms)
     loop_task = LoopTask(collate, wrap_loss(task.loss, model, cfg.peft), task.num_items, evaluate_dev, adversary)
@@ -481,12 +490,13 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
     ckpt.load_weights(model, "best")
     finalize_peft(model)
     model.eval()
-    fit_output_controls(task, cfg, lambda split: outputs(model, split), encoded, splits.labels)
+    final_outputs = functools.cache(lambda split: outputs(model, split))  # dev runs once for the controls and the metrics
+    fit_output_controls(task, cfg, final_outputs, encoded, splits.labels)
 
     split_metrics, preds = {}, {}
     for split in ("dev", "test"):
         if split in encoded:
-            out = outputs(model, split)
+            out = final_outputs(split)
             split_metrics[split] = task.evaluate(out, encoded[split], splits.labels)
             preds[split] = task.predictions(out, encoded[split], splits.labels)
     if accelerator.is_main_process:
@@ -510,8 +520,11 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
                    "lr": lrs.lr, "head_lr": lrs.head_lr, "peft_method": cfg.peft.method,
                    "trainable_pct": 100 * trainable / total, "peak_mem_mb": mem.peak_mb,
                    "peak_mem_increase_mb": mem.peak_mb - mem.start_mb,
-                   "seconds_per_epoch": (train_seconds - state.eval_seconds - state.checkpoint_seconds)
-                   / max(state.step / math.ceil(len(train_features) / cfg.train.batch_size), 1e-9),
+                   # from the per-step times in the history, which a resumed run carries over from its first
+                   # part: the whole run's speed, not only the resumed part's
+                   "seconds_per_epoch": _seconds_per_epoch(state.history, math.ceil(len(train_features) / cfg.train.batch_size)),
+                   "resumed": ({"from_step": resumed_from, "steps_this_part": state.step - resumed_from,
+                                "seconds_this_part": train_seconds} if resumed_from is not None else None),
                    "rank_pattern": rank_pattern(model),
                    "train_seconds": train_seconds, "eval_seconds": state.eval_seconds,
                    "checkpoint_seconds": state.checkpoint_seconds, "stop_reason": state.stop_reason,
@@ -527,7 +540,8 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
                                          else {"epsilon": a.epsilon, "alpha": a.alpha, "steps": a.steps})}
         train_keys = (*(("adversarial",) if adversary else ()), "steps", "lr", "head_lr", "peft_method", "trainable_pct",
                       "artifact_mb", "peak_mem_mb", "peak_mem_increase_mb",
-                      "seconds_per_epoch", "seconds_per_step", "rank_pattern", "train_seconds", "eval_seconds", "checkpoint_seconds", "stop_reason",
+                      "seconds_per_epoch", "resumed",
+                      "seconds_per_step", "rank_pattern", "train_seconds", "eval_seconds", "checkpoint_seconds", "stop_reason",
                       "best_step", "best_metric", "trainable_params", "total_params", "truncation")
         metrics = {**split_metrics, "train": {k: summary[k] for k in train_keys}, "metric": lrs.metric,
                    "headline": list(task.headline)}
@@ -549,6 +563,11 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
                 log.info("attack %s: %s %.4f (clean %.4f)%s", name, result["metric"], a[result["metric"]],
                          result["clean"][result["metric"]], f", success rate {a['success_rate']:.1%}" if "success_rate" in a else "")
     return run
+
+
+def _seconds_per_epoch(history: list[dict], steps_per_epoch: int) -> float:
+    steps = [r["seconds"] for r in history if "seconds" in r]
+    return sum(steps) / max(len(steps), 1) * steps_per_epoch
 
 
 def _adversary(cfg: Config, task, tokenizer, labels: list[str], train: Encoded, extra: Encoded | list,

@@ -62,14 +62,19 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     if bool(ns.input) == bool(ns.text):
         raise InputError("predict: give either --input FILE or --text TEXT (repeatable).")
     run = load(ns.run_dir)
-    rows = run.predict_file(ns.input) if ns.input else run.predict(ns.text)
-    text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    chunks = run.predict_file_chunks(ns.input) if ns.input else iter([run.predict(ns.text)])
     if ns.output:
-        from lmtune.io import write_text
-        write_text(ns.output, text)
-        print(f"wrote {len(rows)} predictions to {ns.output}", file=sys.stderr)
+        from lmtune.io import atomic_path
+        n = 0
+        with atomic_path(ns.output) as tmp, open(tmp, "w", encoding="utf-8") as fh:  # the old output stays until this is complete
+            for rows in chunks:
+                fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+                n += len(rows)
+        print(f"wrote {n} predictions to {ns.output}", file=sys.stderr)
     else:
-        sys.stdout.write(text)
+        for rows in chunks:
+            sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+            sys.stdout.flush()
     return 0
 
 

@@ -109,6 +109,13 @@ def test_resume_mid_epoch_gives_the_same_weights(tiny_config):
         lmtune.train({**cfg, "run_name": "cut"}, callbacks=(crash_at_7,))
     assert not (full.run_dir.parent / "cut" / "model").exists()  # no half-written model
     resumed = lmtune.train({**cfg, "run_name": "cut"}, resume=True)
+    part = resumed.metrics["train"]["resumed"]
+    assert part["from_step"] == 4 and part["steps_this_part"] == 16 and part["seconds_this_part"] > 0
+    hist = [json.loads(x) for x in (resumed.run_dir / "history.jsonl").read_text().splitlines()]
+    step_times = [h["seconds"] for h in hist if "seconds" in h]
+    assert len(step_times) == 20  # the first part's steps count too
+    assert resumed.metrics["train"]["seconds_per_epoch"] == pytest.approx(sum(step_times) / 20 * 12)
+    assert full.metrics["train"]["resumed"] is None
     a, b = _weights(full.model), _weights(resumed.model)
     assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
     assert resumed.metrics["train"]["steps"] == 20
@@ -154,6 +161,23 @@ def test_resume_never_rewrites_a_finished_run(tiny_config):
     resumed = lmtune.train({**cfg, "run_name": None}, resume=True)
     assert resumed.run_dir.name == "c" and resumed.metrics["train"]["steps"] == 4
     assert (done.run_dir / "metrics.json").read_bytes() == metrics
+
+
+def test_dev_is_predicted_once_after_training(tiny_config, monkeypatch):
+    from lmtune import api
+    calls = []
+    real = api.predict_outputs
+
+    def counting(model, features, collate, unbatch, device, desc, *a, **k):
+        calls.append(desc)
+        return real(model, features, collate, unbatch, device, desc, *a, **k)
+
+    monkeypatch.setattr(api, "predict_outputs", counting)
+    cfg = copy.deepcopy(tiny_config)
+    cfg["train"].update(max_steps=4, eval_every=2)
+    lmtune.train(cfg)
+    assert calls.count("eval dev") == 2 + 1  # two evaluations in the loop, one pass for calibration + metrics
+    assert calls.count("eval test") == 1
 
 
 def test_runs_started_in_the_same_second_get_distinct_directories(tiny_config, monkeypatch):
