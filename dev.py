@@ -25,6 +25,7 @@ Commands:
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -131,6 +132,20 @@ def lock_mismatches(lock_text: str, installed_version, torch_version: str | None
     return problems
 
 
+def _pins_for(lock_text: str, py: Path) -> dict[str, set[str]]:
+    """The lock's pins whose environment markers hold for the interpreter `py` (the lock is universal)."""
+    script = ("import json, sys; from packaging.markers import Marker; "
+              "print(json.dumps([Marker(m).evaluate() if m else True for m in json.load(sys.stdin)]))")
+    blocks = _blocks(lock_text)
+    markers = [b.split("\\")[0].partition(";")[2].strip() for _, b in blocks]
+    out = subprocess.run([str(py), "-c", script], input=json.dumps(markers), capture_output=True, text=True, check=True).stdout
+    pins: dict[str, set[str]] = {}
+    for (name, block), applies in zip(blocks, json.loads(out)):
+        if applies:
+            pins.setdefault(name, set()).add(block.split("==", 1)[1].split()[0].rstrip(";"))
+    return pins
+
+
 def _uv(py: Path) -> Path:
     uv = py.parent / "uv"
     if not uv.exists():
@@ -210,7 +225,7 @@ def test_latest(pytest_args: list[str]) -> int:
             if "==" in line:
                 name, ver = line.split("==", 1)
                 latest[name.lower().replace("_", "-")] = {ver}
-        locked = {n: v for n, v in _pins(LOCK.read_text()).items()}
+        locked = _pins_for(LOCK.read_text(), lpy)
         here = {n: v for n, v in latest.items() if n in locked}
         print("\npackages whose newest allowed version differs from the lock (lock -> newest):")
         changed = _report_changes({n: locked[n] for n in here}, here, "lock", "newest")
