@@ -46,11 +46,11 @@ from lmtune.robust.augment import augment
 from lmtune.robust.text import Synonyms
 from lmtune.tasks import get_task
 from lmtune.tasks.base import Encoded
-from lmtune.train.checkpoint import Checkpoints
-from lmtune.train.optim import resolve_learning_rates
-from lmtune.train.loop import LoopTask, predict_outputs, total_steps, train_loop
-from lmtune.train.memory import PeakMemory
-from lmtune.train.tensorboard import TensorBoardLogger, require_tensorboard
+from lmtune.training.checkpoint import Checkpoints
+from lmtune.training.optim import resolve_learning_rates
+from lmtune.training.loop import LoopTask, predict_outputs, total_steps, train_loop
+from lmtune.training.memory import PeakMemory
+from lmtune.training.tensorboard import TensorBoardLogger, require_tensorboard
 
 log = logging.getLogger("lmtune")
 META = "lmtune.json"
@@ -353,7 +353,7 @@ def load(run_dir: str | Path, backend: str = "torch") -> Run:
 def _load_onnx(run_dir: Path, backend: str) -> Run:
     from transformers import AutoTokenizer
 
-    from lmtune.export.onnx import FP32, INT8, OnnxModel
+    from lmtune.backends.onnx import FP32, INT8, OnnxModel
     files = {"onnx": FP32, "onnx-int8": INT8}
     if backend not in files:
         raise InputError(f"backend {backend!r}: choose torch, onnx or onnx-int8.")

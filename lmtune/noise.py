@@ -19,8 +19,8 @@ from transformers import set_seed
 from lmtune.config import Config
 from lmtune.errors import InputError
 from lmtune.models import freeze
-from lmtune.train.loop import LoopTask, predict_outputs, train_loop
-from lmtune.train.optim import resolve_learning_rates
+from lmtune.training.loop import LoopTask, predict_outputs, train_loop
+from lmtune.training.optim import resolve_learning_rates
 
 log = logging.getLogger("lmtune")
 

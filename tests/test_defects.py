@@ -14,7 +14,7 @@ import yaml
 import lmtune
 from lmtune.cli import main
 from lmtune.data import read_examples
-from lmtune.data.ner_readers import NerExample, span_text
+from lmtune.data.ner_readers import NerExample
 from lmtune.data.tagging import bio_labels, detect_scheme
 from lmtune.errors import InputError
 from lmtune.serve.security import mask_pii
@@ -111,6 +111,8 @@ def test_13_out_of_range_numbers_are_refused(tiny_config, tmp_path, capsys, flag
 
 def test_14_chinese_entity_text_is_the_characters_without_spaces(tiny_model):
     from transformers import AutoTokenizer
+
+    from lmtune.data.ner_readers import span_text
     from tests.test_ner import _outputs_for
     chars = list("李开复在北京工作")
     tags = ["B-PER", "I-PER", "I-PER", "O", "B-LOC", "I-LOC", "O", "O"]

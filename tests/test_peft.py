@@ -78,7 +78,7 @@ def test_prompt_methods_refuse_to_merge(tiny_config, tmp_path, capsys):
 
 
 def test_peft_default_learning_rates_are_per_method(tiny_config):
-    from lmtune.train.optim import resolve_learning_rates
+    from lmtune.training.optim import resolve_learning_rates
     from lmtune.config import TrainConfig
     model = AutoModelForSequenceClassification.from_pretrained(tiny_config["model"]["name"], num_labels=2)
     assert resolve_learning_rates(TrainConfig(), model, "lora").lr == 1e-3

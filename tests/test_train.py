@@ -12,9 +12,9 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 import lmtune
 from lmtune.config import TrainConfig
-from lmtune.train.batching import epoch_batches, eval_batches
-from lmtune.train.checkpoint import Checkpoints, TrainState
-from lmtune.train.optim import param_groups
+from lmtune.training.batching import epoch_batches, eval_batches
+from lmtune.training.checkpoint import Checkpoints, TrainState
+from lmtune.training.optim import param_groups
 from tests.conftest import toy_rows, write_csv
 
 

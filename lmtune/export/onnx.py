@@ -10,54 +10,19 @@ from __future__ import annotations
 import functools
 import json
 import logging
-import os
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 
+from lmtune.backends.onnx import FP32, INT8, OnnxModel
 from lmtune.errors import InputError
 from lmtune.io import atomic_dir, write_json
 from lmtune.export.prune import STRUCTURED, parse_prune, prune_and_recover, prune_magnitude
-from lmtune.train.loop import inputs, predict_outputs
+from lmtune.training.loop import inputs, predict_outputs
 
 log = logging.getLogger("lmtune")
-FP32, INT8 = "model.onnx", "model.int8.onnx"
-
-
-class OnnxModel:
-    """An onnxruntime session that stands in for the torch model wherever lmtune predicts
-    (predict_outputs calls `model(**inputs)` and reads `.logits`)."""
-    training = False
-
-    def __init__(self, path: str | Path, threads: int | None = None, spin: bool = True):
-        import onnxruntime as ort
-        so = ort.SessionOptions()
-        so.intra_op_num_threads = threads or (os.cpu_count() or 1)
-        if not spin:  # a server shares the cores with its event loop: idle model threads must sleep, not spin
-            so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.path = Path(path)
-        self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-        self.input_names = [i.name for i in self.session.get_inputs()]
-
-    def __call__(self, **batch: torch.Tensor) -> SimpleNamespace:
-        feed = {n: batch[n].cpu().numpy().astype(np.int64) for n in self.input_names}
-        out = self.session.run(None, feed)
-        if len(out) > 1:  # the [CLS] features of a model that abstains on the Mahalanobis score
-            return SimpleNamespace(logits=torch.from_numpy(out[0]), hidden_states=(torch.from_numpy(out[1])[:, None, :],))
-        return SimpleNamespace(logits=torch.from_numpy(out[0]))
-
-    def eval(self) -> OnnxModel:
-        return self
-
-    def train(self, mode: bool = True) -> OnnxModel:
-        return self
-
-    def to(self, device) -> OnnxModel:
-        return self
 
 
 class _Logits(torch.nn.Module):

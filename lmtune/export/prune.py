@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from lmtune.errors import InputError
-from lmtune.train.loop import LoopTask, inputs, train_loop
+from lmtune.training.loop import LoopTask, inputs, train_loop
 
 log = logging.getLogger("lmtune")
 STRUCTURED = ("heads", "ffn")
@@ -183,7 +183,7 @@ def recover(student: torch.nn.Module, teacher: torch.nn.Module, features: list[d
     the weights start from a trained model, not a pretrained one."""
     from transformers import set_seed
 
-    from lmtune.train.optim import resolve_learning_rates
+    from lmtune.training.optim import resolve_learning_rates
     set_seed(train_cfg.seed)  # dropout: the same export twice gives the same model
     teacher.eval()
     for p in teacher.parameters():

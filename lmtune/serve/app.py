@@ -264,7 +264,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         torch.set_num_threads(settings.threads)
     run = load(run_dir, backend=backend)
     if backend != "torch":
-        from lmtune.export.onnx import OnnxModel
+        from lmtune.backends.onnx import OnnxModel
         run.model = OnnxModel(run.model.path, settings.threads, spin=False)
     run.config.train.progress = "none"
     metrics = _Metrics()

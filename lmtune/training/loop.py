@@ -16,10 +16,10 @@ from accelerate import Accelerator
 
 from lmtune.config import TrainConfig
 from lmtune.robust.adversarial import plain_step
-from lmtune.train.batching import epoch_batches, eval_batches
-from lmtune.train.checkpoint import Checkpoints, TrainState
-from lmtune.train.optim import build_optimizer, build_scheduler
-from lmtune.train.progress import Progress
+from lmtune.training.batching import epoch_batches, eval_batches
+from lmtune.training.checkpoint import Checkpoints, TrainState
+from lmtune.training.optim import build_optimizer, build_scheduler
+from lmtune.training.progress import Progress
 
 log = logging.getLogger("lmtune")
 

@@ -1,0 +1,1 @@
+"""Runtimes that stand in for the PyTorch model at prediction time (onnxruntime)."""
