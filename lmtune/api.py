@@ -45,7 +45,7 @@ from lmtune.robust.adversarial import WORD_METHODS, EmbeddingAdversary, WordAdve
 from lmtune.robust.augment import augment
 from lmtune.robust.text import Synonyms
 from lmtune.tasks import get_task
-from lmtune.tasks.base import Encoded
+from lmtune.tasks.base import ABSTAIN, CALIBRATE, EXAMPLE_LABELS, LABEL_NOISE, MAHALANOBIS, Encoded, encode_examples
 from lmtune.training.checkpoint import Checkpoints
 from lmtune.training.optim import resolve_learning_rates
 from lmtune.training.loop import LoopTask, predict_outputs, total_steps, train_loop
@@ -59,15 +59,14 @@ TASK_ARRAYS = "task_state.safetensors"  # task state too big for lmtune.json (e.
 
 def restore_task_state(task, meta: dict, folder: Path) -> None:
     """The task's saved state: small values from lmtune.json, arrays from safetensors."""
-    if hasattr(task, "set_state"):
-        task.set_state(meta.get("task_state", {}))
-    if hasattr(task, "set_arrays") and (folder / TASK_ARRAYS).is_file():
+    task.set_state(meta.get("task_state", {}))
+    if (folder / TASK_ARRAYS).is_file():
         from safetensors.numpy import load_file
         task.set_arrays(load_file(folder / TASK_ARRAYS))
 
 
 def save_task_arrays(task, folder: Path) -> None:
-    arrays = task.arrays() if hasattr(task, "arrays") else {}
+    arrays = task.arrays()
     if arrays:
         from safetensors.numpy import save_file
         save_file({k: v.copy() for k, v in arrays.items()}, folder / TASK_ARRAYS)
@@ -78,7 +77,7 @@ def fit_output_controls(task, cfg: Config, outputs, encoded: dict, labels: list[
     (on dev), the Mahalanobis scorer (on train), the abstention threshold (on dev). outputs(split)
     gives the model's outputs on encoded[split]. Export calls it again for a pruned model."""
     fitted = {}
-    if cfg.train.calibrate and hasattr(task, "calibrate"):
+    if cfg.train.calibrate and task.supports(CALIBRATE):
         c = fitted["calibration"] = task.calibrate(outputs("dev"), encoded["dev"], labels)
         log.info("calibration: temperature %.3f, dev ECE %.4f -> %.4f", c["temperature"], c["dev_ece_before"], c["dev_ece_after"])
     if cfg.abstain.score == "mahalanobis":
@@ -220,8 +219,7 @@ class Run:
     metrics: dict = field(default_factory=dict)
 
     def _encode(self, examples: list) -> Any:
-        return self.task.encode(examples, self.tokenizer, self.config.data.max_length, self.labels,
-                                **task_options(self.task, self.config))
+        return encode_examples(self.task, examples, self.tokenizer, self.config, self.labels)
 
     def _outputs(self, enc) -> list:
         self.model.to(_device())
@@ -248,8 +246,7 @@ class Run:
         target without retraining; save=True writes it into model/lmtune.json for predict and serve.
         score: probability, or mahalanobis for a model trained with abstain.score mahalanobis (default:
         the model's own)."""
-        if not hasattr(self.task, "fit_threshold"):
-            raise InputError(f"abstention is not available for the {self.task.name} task.")
+        self.task.require(ABSTAIN, "abstention")
         if target not in DEFAULT_VALUE:
             raise InputError(f"abstention target must be one of {', '.join(DEFAULT_VALUE)}, got {target!r}.")
         examples = self.task.read_file(str(data), self.config, self.labels, require_label=True)
@@ -316,11 +313,6 @@ class Run:
         return splits.dev
 
 
-def task_options(task, cfg: Config) -> dict:
-    """Encoding options a task declares (e.g. NER windows) taken from the config."""
-    return {name: getattr(cfg.data, key) for name, key in getattr(task, "encode_options", {}).items()}
-
-
 def load(run_dir: str | Path, backend: str = "torch") -> Run:
     """Open a finished run directory for prediction and evaluation: its model/ folder (backend
     torch), or the ONNX export made by `lmtune export` (backend onnx or onnx-int8)."""
@@ -381,13 +373,12 @@ def train(config: Config | dict | str | Path, overrides: dict | None = None, res
                          f"(choose from {', '.join(task.headline)}).")
     if cfg.train.tensorboard:
         require_tensorboard()
-    unsupported = [key for key, on, attr in (("abstain.target", cfg.abstain.target != "none", "fit_threshold"),
-                                            ("abstain.score", cfg.abstain.score != "probability", "fit_scorer"),
-                                            ("data.label_noise_folds", cfg.data.label_noise_folds > 0, "example_probs"),
-                                            ("data.resample", cfg.data.resample != "none", "example_labels"))
-                   if on and not hasattr(task, attr)]
-    if unsupported:
-        raise InputError(f"{', '.join(unsupported)}: not available for the {task.name} task (classification only).")
+    for key, on, capability in (("abstain.target", cfg.abstain.target != "none", ABSTAIN),
+                                ("abstain.score", cfg.abstain.score != "probability", MAHALANOBIS),
+                                ("data.label_noise_folds", cfg.data.label_noise_folds > 0, LABEL_NOISE),
+                                ("data.resample", cfg.data.resample != "none", EXAMPLE_LABELS)):
+        if on:
+            task.require(capability, key)
     splits = task.read(cfg)  # every input error surfaces here, before anything is written
     check_model(cfg.model.name, cfg.data.max_length)  # a model that cannot load, or too short for max_length
     run_dir = _shared_run_dir(cfg, resume)
@@ -442,7 +433,7 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
                               metric=cfg.train.metric or task.headline[0])
     log.info("learning rates: encoder %.2g, head %.2g%s; trainable parameters %d of %d (%.2f%%)", lrs.lr, lrs.head_lr,
              " (defaults)" if cfg.train.lr is None else "", trainable, total, 100 * trainable / total)
-    encoded = {name: task.encode(exs, tokenizer, cfg.data.max_length, splits.labels, **task_options(task, cfg))
+    encoded = {name: encode_examples(task, exs, tokenizer, cfg, splits.labels)
                for name, exs in (("train", splits.train), ("dev", splits.dev), ("test", splits.test)) if exs}
     for name, enc in encoded.items():
         if enc.stats["truncated"]:
@@ -456,7 +447,7 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
         train_features = [train_features[i] for i in resampled]
         log.info("re-sampled train (%s): %d -> %d examples", cfg.data.resample, len(encoded["train"].features), len(resampled))
     if extra:
-        extra = task.encode(extra, tokenizer, cfg.data.max_length, splits.labels, **task_options(task, cfg))
+        extra = encode_examples(task, extra, tokenizer, cfg, splits.labels)
         train_features = train_features + extra.features
     if accelerator.is_main_process:
         write_json(run_dir / "audit.json", audit_findings)
@@ -501,7 +492,7 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
             preds[split] = task.predictions(out, encoded[split], splits.labels)
     if accelerator.is_main_process:
         meta = {"task": task.name, "labels": splits.labels, "config": cfg.to_dict(), "lmtune_version": _version(),
-                "task_state": task.state() if hasattr(task, "state") else {}}
+                "task_state": task.state()}
         if is_peft(model):
             base_path = resolve_model(cfg.model.name)
             meta["base_model"] = {"name": cfg.model.name, "path": base_path, "sha256": base_fingerprint(base_path)}
@@ -581,8 +572,7 @@ def _adversary(cfg: Config, task, tokenizer, labels: list[str], train: Encoded, 
     for enc in [train, *([extra] if extra else [])]:
         for ex, windows in zip(enc.examples, enc.windows()):
             sources.update({id(f): (ex, w) for w, f in enumerate(windows)})
-    encode = functools.partial(task.encode, tokenizer=tokenizer, max_length=cfg.data.max_length, labels=labels,
-                               **task_options(task, cfg))
+    encode = functools.partial(encode_examples, task, tokenizer=tokenizer, cfg=cfg, labels=labels)
     return WordAdversary(cfg.adversarial, features, [sources[id(f)] for f in features], encode, collate, synonyms, cfg.train.seed)
 
 

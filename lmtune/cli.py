@@ -82,6 +82,7 @@ def cmd_audit(args: list[str]) -> int:
     from lmtune.audit import audit
     from lmtune.config import load_config
     from lmtune.tasks import get_task
+    from lmtune.tasks.base import LABEL_NOISE
     strict = "--strict" in args
     args = [a for a in args if a != "--strict"]
     config = args.pop(0) if args and not args[0].startswith("--") else None
@@ -90,8 +91,7 @@ def cmd_audit(args: list[str]) -> int:
     splits = task.read(cfg)
     findings = audit(splits)
     if cfg.data.label_noise_folds:
-        if not hasattr(task, "example_probs"):
-            raise InputError(f"data.label_noise_folds: not available for the {task.name} task.")
+        task.require(LABEL_NOISE, "data.label_noise_folds")
         from lmtune.api import accelerator_for
         from lmtune.noise import find_label_issues, finding, out_of_fold_probs
         probs = out_of_fold_probs(cfg, task, splits.train, splits.labels, cfg.data.label_noise_folds,

@@ -19,6 +19,7 @@ from transformers import set_seed
 from lmtune.config import Config
 from lmtune.errors import InputError
 from lmtune.models import freeze
+from lmtune.tasks.base import encode_examples
 from lmtune.training.loop import LoopTask, predict_outputs, train_loop
 from lmtune.training.optim import resolve_learning_rates
 
@@ -60,7 +61,7 @@ def _fit_predict(cfg: Config, task, train: list, held: list, labels: list[str], 
     model, tokenizer = task.build_model(cfg, labels)
     freeze(model, cfg.model.freeze_embeddings, cfg.model.freeze_layers)
     lrs = resolve_learning_rates(dataclasses.replace(cfg.train, progress="none"), model, "none")
-    enc = {name: task.encode(exs, tokenizer, cfg.data.max_length, labels) for name, exs in (("fit", train), ("held", held))}
+    enc = {name: encode_examples(task, exs, tokenizer, cfg, labels) for name, exs in (("fit", train), ("held", held))}
     collate = functools.partial(task.collate, tokenizer=tokenizer)
     train_loop(model, enc["fit"].features, LoopTask(collate, task.loss, task.num_items, None), lrs, None, accelerator)
     model = accelerator.unwrap_model(model).eval()

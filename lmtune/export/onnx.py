@@ -18,6 +18,7 @@ import torch
 
 from lmtune.backends.onnx import FP32, INT8, OnnxModel
 from lmtune.errors import InputError
+from lmtune.tasks.base import encode_examples
 from lmtune.io import atomic_dir, write_json
 from lmtune.export.prune import STRUCTURED, parse_prune, prune_and_recover, prune_magnitude
 from lmtune.training.loop import inputs, predict_outputs
@@ -116,8 +117,7 @@ def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | No
             report["onnx_int8"] = _verify(OnnxModel(tmp / INT8), ref, probe, outputs, metric, dev)
         run.tokenizer.save_pretrained(tmp)
         meta = json.loads((run_dir / "model" / META).read_text())
-        if hasattr(run.task, "state"):  # refitted for a pruned model, else as saved with the run
-            meta["task_state"] = run.task.state()
+        meta["task_state"] = run.task.state()  # refitted for a pruned model, else as saved with the run
         write_json(tmp / META, meta)
         save_task_arrays(run.task, tmp)
         write_json(tmp / "export.json", report)
@@ -138,10 +138,8 @@ def _verify(onnx_model: OnnxModel, ref: list, probe: list, outputs, metric, dev)
 
 def _encoded(run, names: tuple[str, ...]) -> dict:
     """The run's splits (re-read from its data files with its config: the split is seeded), encoded."""
-    from lmtune.api import task_options
     try:
         splits = run.task.read(run.config)
     except InputError as e:
         raise InputError(f"export verifies on the run's dev data (and prunes with its train data), which could not be read: {e}") from None
-    return {name: run.task.encode(getattr(splits, name), run.tokenizer, run.config.data.max_length, run.labels,
-                                  **task_options(run.task, run.config)) for name in names}
+    return {name: encode_examples(run.task, getattr(splits, name), run.tokenizer, run.config, run.labels) for name in names}

@@ -14,6 +14,7 @@ import numpy as np
 
 from lmtune.config import AttackConfig
 from lmtune.robust.text import Synonyms, Words, editable, join_words, split_words, typo
+from lmtune.tasks.base import EXAMPLE_LABELS
 
 SHOWN = 5  # successful attacks quoted in the report
 SEARCH_POSITIONS = 5  # most important words the search tries substitutes at, per round
@@ -140,7 +141,7 @@ def run_attacks(run, examples: list, cfg: AttackConfig) -> dict:
     out = {"metric": metric, "n": len(examples), "clean": {metric: clean[metric]},
            "settings": {"rate": cfg.rate, "budget": cfg.budget, "synonyms": "wordnet" if synonyms.dictionary else "embedding",
                         "seed": cfg.seed}, "attacks": {}}
-    classification = hasattr(task, "example_labels")
+    classification = task.supports(EXAMPLE_LABELS)
     if classification:
         score = Scorer(run)
         gold = np.array([run.labels.index(ex.label) if ex.label in run.labels else -1 for ex in examples])

@@ -3,13 +3,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from lmtune.config import Config
+from lmtune.errors import InputError
 
 
 @dataclass
@@ -40,44 +41,131 @@ class Encoded:
         return out
 
 
-class Task(Protocol):
-    name: str
-    headline: tuple[str, ...]  # metric names shown in report.md and the CLI summary
+# Capabilities a task may declare (Task.capabilities). Callers ask `task.supports(X)` or
+# `task.require(X, key)`, never probe for methods: a task that lacks one gets a clear error.
+CALIBRATE = "calibrate"  # calibrate(outputs, enc, labels): temperature scaling fitted on dev
+ABSTAIN = "abstain"  # fit_threshold(...): an abstention threshold chosen on dev
+MAHALANOBIS = "mahalanobis"  # fit_scorer(...): a Mahalanobis out-of-scope score fitted on train
+LABEL_NOISE = "label_noise"  # example_probs(...): out-of-fold probabilities for the label-noise search
+EXAMPLE_LABELS = "example_labels"  # one label per example: re-sampling, example-level attacks (search)
+CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS)
+_HOOKS = {CALIBRATE: "calibrate", ABSTAIN: "fit_threshold", MAHALANOBIS: "fit_scorer", LABEL_NOISE: "example_probs"}
 
+
+class Task:
+    """The whole contract between a task module and the rest of lmtune; the training loop talks only
+    to this interface. Subclasses implement the required methods and declare their capabilities."""
+    name: str = ""
+    headline: tuple[str, ...] = ()  # metric names shown in report.md and the CLI summary
+    peft_task_type: str = ""  # peft's TaskType for this head
+    encode_options: dict[str, str] = {}  # encode() keyword -> data.<key> it comes from (e.g. NER windows)
+    capabilities: frozenset[str] = frozenset()
+
+    def __init_subclass__(cls, **kw) -> None:
+        super().__init_subclass__(**kw)
+        unknown = set(cls.capabilities) - set(CAPABILITIES)
+        missing = [cap for cap in cls.capabilities if cap in _HOOKS and getattr(cls, _HOOKS[cap]) is getattr(Task, _HOOKS[cap])]
+        if unknown or missing:
+            raise TypeError(f"task {cls.__name__}: unknown capabilities {sorted(unknown)} or no method for {missing}")
+
+    # ---- capabilities -----------------------------------------------------------------------
+    def supports(self, capability: str) -> bool:
+        return capability in self.capabilities
+
+    def require(self, capability: str, key: str) -> None:
+        if not self.supports(capability):
+            raise InputError(f"{key}: the {self.name} task does not support {capability.replace('_', ' ')}.")
+
+    # ---- state saved with the model (lmtune.json / task_state.safetensors) --------------------
+    def state(self) -> dict:
+        return {}
+
+    def set_state(self, state: dict) -> None:
+        pass
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {}
+
+    def set_arrays(self, arrays: dict[str, np.ndarray]) -> None:
+        pass
+
+    # ---- required -----------------------------------------------------------------------------
     def read(self, cfg: Config) -> Splits:
         """Read and validate all data; raise InputError before anything is written."""
+        raise NotImplementedError
 
-    def read_file(self, path: str, cfg: Config, labels: list[str] | None, require_label: bool) -> list:
+    def read_file(self, path: str, cfg: Config, labels: list[str] | None = None, require_label: bool = True) -> list:
         """Read one extra file (evaluate/predict) against the labels the model knows."""
+        raise NotImplementedError
+
+    def from_texts(self, texts: list) -> list:
+        """Unlabeled examples from raw texts (predict, serve)."""
+        raise NotImplementedError
 
     def build_model(self, cfg: Config, labels: list[str]) -> tuple[torch.nn.Module, Any]:
         """Pretrained backbone + a new head, and its tokenizer."""
+        raise NotImplementedError
 
     def load_model(self, model_dir: Path) -> tuple[torch.nn.Module, Any]:
         """A trained model saved in save_pretrained layout."""
+        raise NotImplementedError
 
-    def encode(self, examples: list, tokenizer: Any, max_length: int, labels: list[str] | None) -> Encoded:
-        """Token ids (+ label ids, -100 where unlabeled) and lengths; counts truncation."""
+    def encode(self, examples: list, tokenizer: Any, max_length: int, labels: list[str] | None, **options) -> Encoded:
+        """Token ids (+ label ids, -100 where unlabeled) and lengths; counts truncation. Call it through
+        encode_examples(), which passes the options the task declares."""
+        raise NotImplementedError
 
-    def collate(self, features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]: ...
+    def collate(self, features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
 
     def num_items(self, features: list[dict]) -> int:
         """What the loss is averaged over (examples, or labeled tokens)."""
+        raise NotImplementedError
 
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed (not averaged) loss, so micro-batches add up exactly."""
+        raise NotImplementedError
 
     def unbatch(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
         """Per-example outputs (e.g. logits rows) as numpy arrays."""
+        raise NotImplementedError
 
     def evaluate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
         """Metrics from per-feature outputs; a task whose features are windows of an example merges
         them here (enc maps features to examples). Must contain every name usable as train.metric."""
+        raise NotImplementedError
 
-    def predictions(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> list[dict]: ...
+    def predictions(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> list[dict]:
+        raise NotImplementedError
 
     def report(self, split_metrics: dict[str, dict], labels: list[str], run_dir: Path) -> str:
         """Task-specific Markdown for report.md (tables, plots it writes into run_dir)."""
+        raise NotImplementedError
+
+    # ---- capability hooks (declared in `capabilities`) ------------------------------------------
+    def calibrate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
+        raise NotImplementedError
+
+    def fit_threshold(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str], target: str,
+                      value: float | None, calibrated: bool, **kw) -> dict:
+        raise NotImplementedError
+
+    def fit_scorer(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
+        raise NotImplementedError
+
+    def example_probs(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+
+def task_options(task: Task, cfg: Config) -> dict:
+    """Encoding options a task declares (e.g. NER windows) taken from the config."""
+    return {name: getattr(cfg.data, key) for name, key in task.encode_options.items()}
+
+
+def encode_examples(task: Task, examples: list, tokenizer: Any, cfg: Config, labels: list[str] | None) -> Encoded:
+    """The one way examples are encoded: with the run's max_length and every option the task declares
+    (an encode call that forgot them made the NER label-noise folds ignore window_overlap)."""
+    return task.encode(examples, tokenizer, cfg.data.max_length, labels, **task_options(task, cfg))
 
 
 def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, weight: torch.Tensor | None = None,

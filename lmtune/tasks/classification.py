@@ -21,7 +21,7 @@ from lmtune.evaluate.calibration import metrics as calibration_metrics
 from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, quiet_transformers, resolve_model
-from lmtune.tasks.base import Encoded, Splits, balanced_weights, cross_entropy_sum
+from lmtune.tasks.base import ABSTAIN, CALIBRATE, EXAMPLE_LABELS, LABEL_NOISE, MAHALANOBIS, Task, Encoded, Splits, balanced_weights, cross_entropy_sum
 
 
 def mahalanobis_score(feats: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
@@ -41,11 +41,11 @@ def _sort_labels(labels: set[str]) -> list[str]:
         return sorted(labels)
 
 
-class ClassificationTask:
+class ClassificationTask(Task):
     name = "classification"
     headline = ("accuracy", "macro_f1", "loss")  # report.md / CLI summary columns
     peft_task_type = "SEQ_CLS"
-    example_labels = True  # one label per example: label-noise search and re-sampling apply
+    capabilities = frozenset({CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS})
 
     def __init__(self) -> None:
         self.temperature = 1.0  # fitted on dev after training (temperature scaling); 1.0 = raw softmax

@@ -31,7 +31,7 @@ from lmtune.evaluate.calibration import metrics as calibration_metrics
 from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, quiet_transformers, resolve_model
-from lmtune.tasks.base import Encoded, Splits, balanced_weights, cross_entropy_sum
+from lmtune.tasks.base import ABSTAIN, CALIBRATE, LABEL_NOISE, Encoded, Splits, Task, balanced_weights, cross_entropy_sum
 
 
 log = logging.getLogger("lmtune")
@@ -47,10 +47,11 @@ def _special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
     return [], []
 
 
-class NerTask:
+class NerTask(Task):
     name = "ner"
     headline = ("f1", "precision", "recall", "loss")
     peft_task_type = "TOKEN_CLS"
+    capabilities = frozenset({CALIBRATE, ABSTAIN, LABEL_NOISE})
 
     encode_options = {"stride": "window_overlap", "label_all_subtokens": "label_all_subtokens"}
 
