@@ -41,7 +41,8 @@ from lmtune.models import check_model, count_parameters, freeze, quiet_transform
 from lmtune.peft import finalize as finalize_peft
 from lmtune.peft import (apply_peft, artifact_bytes, base_fingerprint, is_adapter_dir, is_peft, load_adapter, rank_pattern,
                          save_adapter, step_hooks, wrap_loss)
-from lmtune.robust.adversarial import WORD_METHODS, EmbeddingAdversary, WordAdversary
+from lmtune.registry import adversaries, backends
+from lmtune.robust.adversarial import EmbeddingAdversary, WordAdversary
 from lmtune.robust.augment import augment
 from lmtune.robust.text import Synonyms
 from lmtune.tasks import get_task
@@ -345,11 +346,9 @@ def load(run_dir: str | Path, backend: str = "torch") -> Run:
 def _load_onnx(run_dir: Path, backend: str) -> Run:
     from transformers import AutoTokenizer
 
-    from lmtune.backends.onnx import FP32, INT8, OnnxModel
-    files = {"onnx": FP32, "onnx-int8": INT8}
-    if backend not in files:
-        raise InputError(f"backend {backend!r}: choose torch, onnx or onnx-int8.")
-    path = run_dir / "export" / files[backend]
+    from lmtune.backends.onnx import OnnxModel
+    backends.check(backend, "backend")
+    path = run_dir / "export" / backends.meta(backend, "file")
     if not path.is_file():
         raise InputError(f"{path}: no such export; run `lmtune export {run_dir}"
                          f"{' --quantize int8' if backend == 'onnx-int8' else ''}` first.")
@@ -527,7 +526,7 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
             a = cfg.adversarial
             summary["adversarial"] = {"method": a.method, "forward_backward_passes_per_step": adversary.passes,
                                       "forward_only_passes_per_step": adversary.forward_only,
-                                      **({"rate": a.rate, "candidates": a.candidates} if a.method in WORD_METHODS
+                                      **({"rate": a.rate, "candidates": a.candidates} if adversaries.meta(a.method, "kind") == "word"
                                          else {"epsilon": a.epsilon, "alpha": a.alpha, "steps": a.steps})}
         train_keys = (*(("adversarial",) if adversary else ()), "steps", "lr", "head_lr", "peft_method", "trainable_pct",
                       "artifact_mb", "peak_mem_mb", "peak_mem_increase_mb",
@@ -566,7 +565,7 @@ def _adversary(cfg: Config, task, tokenizer, labels: list[str], train: Encoded, 
     method = cfg.adversarial.method
     if method == "none":
         return None
-    if method not in WORD_METHODS:
+    if adversaries.meta(method, "kind") == "embedding":
         return EmbeddingAdversary(cfg.adversarial, cfg.train.seed)
     sources = {}  # id(feature) -> (example, window number), over train and its augmented rows
     for enc in [train, *([extra] if extra else [])]:

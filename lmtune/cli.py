@@ -9,6 +9,7 @@ from pathlib import Path
 
 from lmtune.config import describe_fields, parse_overrides
 from lmtune.errors import InputError
+from lmtune.registry import backends
 
 DEMO_CONFIG = Path(__file__).parent / "demo" / "demo.yaml"
 
@@ -135,15 +136,14 @@ def cmd_export(ns: argparse.Namespace) -> int:
 
 def cmd_attack(ns: argparse.Namespace) -> int:
     from lmtune.api import load
-    from lmtune.config import ATTACKS
+    from lmtune.registry import attacks
     run = load(ns.run_dir)
     overrides = {k: v for k, v in (("budget", ns.budget), ("rate", ns.rate), ("max_examples", ns.max_examples),
                                    ("synonyms", ns.synonyms), ("seed", ns.seed)) if v is not None}
     if ns.methods:
         methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
-        bad = [m for m in methods if m not in ATTACKS]
-        if bad:
-            raise InputError(f"attack: --methods {', '.join(bad)}: choose from {', '.join(ATTACKS)}.")
+        for m in methods:
+            attacks.check(m, "attack: --methods")
         overrides["methods"] = methods
     for key in ("budget", "rate"):
         if key in overrides and not 0 < overrides[key] <= 1:
@@ -216,7 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", default="127.0.0.1")
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument("--workers", type=int, default=1, help="worker processes (each loads the model)")
-    sv.add_argument("--backend", default="auto", choices=["auto", "torch", "onnx", "onnx-int8"])
+    sv.add_argument("--backend", default="auto", choices=["auto", *backends.names()],
+                    help="auto: the run's int8 ONNX export, else its fp32 one, else torch")
     sv.add_argument("--api-key-file", help="file with one API key per line")
     sv.add_argument("--no-auth", action="store_true", help="serve without API keys (local experiments only; "
                                                            "refused on a non-local --host unless --insecure)")

@@ -16,10 +16,9 @@ from typing import Any
 import yaml
 
 from lmtune.errors import InputError
+from lmtune.registry import adversaries, attacks, augmenters, peft_methods
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
-ATTACKS = ("typo", "synonym", "search")
-AUGMENTS = ("synonym", "insert", "swap", "delete", "typo", "mlm", "backtranslate")
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, range: str | None = None) -> Any:
@@ -95,8 +94,7 @@ class TrainConfig:
 
 @dataclass
 class PeftConfig:
-    method: str = _f("none", "Parameter-efficient method; none = full fine-tuning.",
-                     ("none", "lora", "adalora", "ia3", "prefix", "prompt", "adapter"))
+    method: str = _f("none", "Parameter-efficient method; none = full fine-tuning.", peft_methods)
     r: int = _f(8, "LoRA rank.", range=">= 1")
     alpha: int = _f(16, "LoRA / AdaLoRA scaling alpha.", range="> 0")
     dropout: float = _f(0.1, "LoRA / AdaLoRA dropout.", range="[0, 1)")
@@ -137,7 +135,7 @@ class AdversarialConfig:
                              "epsilon), pgd (steps projected steps of size alpha inside an epsilon ball), freelb "
                              "(steps ascent steps, parameter gradients averaged); or on the words: typo / synonym (of "
                              "`candidates` random typo / synonym versions of each example, the one the model finds "
-                             "hardest is trained on next to the clean one).", ("none", "fgm", "pgd", "freelb", "typo", "synonym"))
+                             "hardest is trained on next to the clean one).", adversaries)
     epsilon: float = _f(0.3, "Per-example L2 bound of the embedding perturbation (FreeLB: 0 = unbounded). A word "
                               "embedding of MiniLM/BERT has norm ~1; 1.0 per example stops a MiniLM from learning at all.", range=">= 0")
     alpha: float = _f(0.1, "PGD / FreeLB step size (FreeLB: also the size of the random start).", range="> 0")
@@ -322,17 +320,16 @@ def validate(cfg: Config, where: str = "config") -> None:
     if cfg.data.drop_label_noise and not cfg.data.label_noise_folds:
         raise InputError(f"{where}: data.drop_label_noise needs data.label_noise_folds >= 2 (the search that flags rows).")
     adv = cfg.adversarial
-    if adv.method in ("typo", "synonym") and (not 0 < adv.rate <= 1 or adv.candidates < 1):
+    if adversaries.meta(adv.method, "kind") == "word" and (not 0 < adv.rate <= 1 or adv.candidates < 1):
         raise InputError(f"{where}: adversarial.{adv.method} needs rate in (0, 1] and candidates >= 1; got rate {adv.rate}, "
                          f"candidates {adv.candidates}.")
     embedding_bad = adv.epsilon < 0 or adv.alpha <= 0 or adv.steps < 1 or (adv.method != "freelb" and adv.epsilon == 0)
-    if adv.method in ("fgm", "pgd", "freelb") and embedding_bad:
+    if adversaries.meta(adv.method, "kind") == "embedding" and embedding_bad:
         raise InputError(f"{where}: adversarial needs epsilon > 0 (FreeLB: >= 0), alpha > 0 and steps >= 1; got "
                          f"epsilon {adv.epsilon}, alpha {adv.alpha}, steps {adv.steps}.")
-    for section, known in (("attack", ATTACKS), ("augment", AUGMENTS)):
-        bad = [m for m in getattr(cfg, section).methods if m not in known]
-        if bad:
-            raise InputError(f"{where}: {section}.methods: unknown {', '.join(map(repr, bad))}; choose from {', '.join(known)}.")
+    for section, known in (("attack", attacks), ("augment", augmenters)):
+        for m in getattr(cfg, section).methods:
+            known.check(m, f"{where}: {section}.methods")
     if not 0 < cfg.attack.rate <= 1 or not 0 < cfg.attack.budget <= 1 or not 0 < cfg.augment.prob <= 1:
         raise InputError(f"{where}: attack.rate, attack.budget and augment.prob must be in (0, 1].")
     if cfg.augment.multiplier < 1:

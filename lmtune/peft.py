@@ -19,12 +19,21 @@ from safetensors.torch import load_file, save_file
 
 from lmtune.config import PeftConfig
 from lmtune.errors import InputError
+from lmtune.registry import peft_methods
 
 ADAPTER_FILE = "lmtune_adapter.safetensors"
 ADAPTER_CONFIG = "lmtune_adapter.json"
-MERGEABLE = ("lora", "adalora", "ia3")
-# PEFT methods train few weights and need larger steps than full fine-tuning: lr defaults per method.
-DEFAULT_LR = {"lora": 1e-3, "adalora": 2e-3, "ia3": 5e-3, "prefix": 1e-2, "prompt": 3e-2, "adapter": 1e-3}
+# Which methods can be merged into the weights, and each one's default learning rate, are the
+# registry's metadata (lmtune/registrations.py).
+
+
+def mergeable() -> tuple[str, ...]:
+    return peft_methods.names(mergeable=True)
+
+
+def default_lr(method: str) -> float:
+    """PEFT methods train few weights and need larger steps than full fine-tuning."""
+    return peft_methods.meta(method, "default_lr")
 
 
 def head_modules(model: torch.nn.Module) -> list[str]:
@@ -34,42 +43,66 @@ def head_modules(model: torch.nn.Module) -> list[str]:
 
 
 def apply_peft(model: torch.nn.Module, cfg: PeftConfig, task_type: str, total_steps: int) -> torch.nn.Module:
+    """Wrap the model with the registered builder of cfg.method ("none": full fine-tuning)."""
     if cfg.method == "none":
         return model
-    if cfg.method == "adapter":
-        return add_bottleneck_adapters(model, cfg.adapter_size)
+    return peft_methods.get(cfg.method)(model, cfg, task_type, total_steps)
+
+
+def _common(model: torch.nn.Module, cfg: PeftConfig, task_type: str) -> dict:
+    return {"task_type": task_type, "modules_to_save": head_modules(model)}
+
+
+def _wrap(model: torch.nn.Module, pc, method: str) -> torch.nn.Module:
     import peft as hf_peft
-    heads = head_modules(model)
-    common = {"task_type": task_type, "modules_to_save": heads}
-    if cfg.method in ("lora", "adalora"):
-        # every linear layer of the encoder (not the head): more accurate than peft's query/value
-        # default at the same rank, and still ~1.5% of MiniLM's weights at r=8
-        common["target_modules"] = cfg.target_modules or "all-linear"
-    elif cfg.method == "ia3":
-        common["target_modules"] = cfg.target_modules or None
-    if cfg.method == "lora":
-        pc = hf_peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, **common)
-    elif cfg.method == "adalora":
-        tinit, tfinal = int(cfg.tinit * total_steps), int(cfg.tfinal * total_steps)
-        if tinit >= total_steps - tfinal:
-            raise InputError(f"peft: AdaLoRA needs a budgeting phase; tinit ({tinit}) + tfinal ({tfinal}) steps "
-                             f"leave none of the {total_steps} steps. Lower peft.tinit / peft.tfinal or train longer.")
-        pc = hf_peft.AdaLoraConfig(init_r=cfg.init_r, target_r=cfg.target_r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
-                                   tinit=tinit, tfinal=tfinal, deltaT=cfg.delta_t, total_step=total_steps, **common)
-    elif cfg.method == "ia3":
-        pc = hf_peft.IA3Config(**common)
-    elif cfg.method == "prefix":
-        pc = hf_peft.PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, **common)
-    elif cfg.method == "prompt":
-        pc = hf_peft.PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, **common)
-    else:
-        raise InputError(f"peft.method: unknown method '{cfg.method}'.")
-    if cfg.method == "prefix":
-        expose_past_key_values(model)
     try:
         return hf_peft.get_peft_model(model, pc)
     except ValueError as e:
-        raise InputError(f"peft: cannot apply {cfg.method} to this model: {e}. Set peft.target_modules.") from None
+        raise InputError(f"peft: cannot apply {method} to this model: {e}. Set peft.target_modules.") from None
+
+
+# Builders, one per registered method (lmtune/registrations.py): (model, cfg, task_type, total_steps) -> model.
+def build_lora(model: torch.nn.Module, cfg: PeftConfig, task_type: str, total_steps: int) -> torch.nn.Module:
+    import peft as hf_peft
+    # every linear layer of the encoder (not the head): more accurate than peft's query/value
+    # default at the same rank, and still ~1.5% of MiniLM's weights at r=8
+    pc = hf_peft.LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                            target_modules=cfg.target_modules or "all-linear", **_common(model, cfg, task_type))
+    return _wrap(model, pc, "lora")
+
+
+def build_adalora(model: torch.nn.Module, cfg: PeftConfig, task_type: str, total_steps: int) -> torch.nn.Module:
+    import peft as hf_peft
+    tinit, tfinal = int(cfg.tinit * total_steps), int(cfg.tfinal * total_steps)
+    if tinit >= total_steps - tfinal:
+        raise InputError(f"peft: AdaLoRA needs a budgeting phase; tinit ({tinit}) + tfinal ({tfinal}) steps "
+                         f"leave none of the {total_steps} steps. Lower peft.tinit / peft.tfinal or train longer.")
+    pc = hf_peft.AdaLoraConfig(init_r=cfg.init_r, target_r=cfg.target_r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout,
+                               tinit=tinit, tfinal=tfinal, deltaT=cfg.delta_t, total_step=total_steps,
+                               target_modules=cfg.target_modules or "all-linear", **_common(model, cfg, task_type))
+    return _wrap(model, pc, "adalora")
+
+
+def build_ia3(model: torch.nn.Module, cfg: PeftConfig, task_type: str, total_steps: int) -> torch.nn.Module:
+    import peft as hf_peft
+    return _wrap(model, hf_peft.IA3Config(target_modules=cfg.target_modules or None, **_common(model, cfg, task_type)), "ia3")
+
+
+def build_prefix(model: torch.nn.Module, cfg: PeftConfig, task_type: str, total_steps: int) -> torch.nn.Module:
+    import peft as hf_peft
+    expose_past_key_values(model)
+    pc = hf_peft.PrefixTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, **_common(model, cfg, task_type))
+    return _wrap(model, pc, "prefix")
+
+
+def build_prompt(model: torch.nn.Module, cfg: PeftConfig, task_type: str, total_steps: int) -> torch.nn.Module:
+    import peft as hf_peft
+    pc = hf_peft.PromptTuningConfig(num_virtual_tokens=cfg.num_virtual_tokens, **_common(model, cfg, task_type))
+    return _wrap(model, pc, "prompt")
+
+
+def build_adapter(model: torch.nn.Module, cfg: PeftConfig, task_type: str, total_steps: int) -> torch.nn.Module:
+    return add_bottleneck_adapters(model, cfg.adapter_size)
 
 
 def expose_past_key_values(model: torch.nn.Module) -> None:
@@ -224,9 +257,9 @@ def is_adapter_dir(model_dir: Path) -> bool:
 
 
 def merge(model: torch.nn.Module, method: str) -> torch.nn.Module:
-    if method not in MERGEABLE:
+    if method not in mergeable():
         raise InputError(f"merge: {method} adds inputs or modules that cannot be folded into the weights; "
-                         f"only {', '.join(MERGEABLE)} runs can be merged. Serve the run directory as it is.")
+                         f"only {', '.join(mergeable())} runs can be merged. Serve the run directory as it is.")
     return model.merge_and_unload()
 
 

@@ -46,7 +46,7 @@ def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | No
     prune: 'magnitude:0.3' (zeros) or 'ffn:0.5,heads:0.25' (structured: smaller, faster matrices,
     then `recover_epochs` of distillation from the unpruned model on the run's train split)."""
     from lmtune.api import META, accelerator_for, fit_output_controls, load, save_task_arrays
-    from lmtune.peft import MERGEABLE, is_peft, merge
+    from lmtune.peft import is_peft, merge, mergeable
     if quantize not in (None, "int8"):
         raise InputError(f"--quantize {quantize!r}: only int8 (dynamic quantization) is supported.")
     spec = parse_prune(prune) if prune else {}
@@ -57,9 +57,9 @@ def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | No
     model = run.model.cpu().eval()
     method = run.config.peft.method
     if is_peft(model):
-        if method not in MERGEABLE:
+        if method not in mergeable():
             raise InputError(f"export: a {method} run adds virtual tokens that ONNX export cannot fold in; "
-                             f"export works for full fine-tuning and {', '.join(MERGEABLE)} runs.")
+                             f"export works for full fine-tuning and {', '.join(mergeable())} runs.")
         model = merge(model, method).eval()
     report: dict = {"run_dir": str(run_dir), "task": run.task.name, "merged_adapter": method if method != "none" else None}
     structured = any(k in spec for k in STRUCTURED)

@@ -21,7 +21,6 @@ from lmtune.config import AdversarialConfig
 from lmtune.robust.attack import perturb
 
 PASSES = {"fgm": lambda steps: 2, "pgd": lambda steps: steps + 1, "freelb": lambda steps: steps}
-WORD_METHODS = ("typo", "synonym")
 
 
 def _per_example_norm(t: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -26,6 +26,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmtune.data.readers import is_invisible
 from lmtune.errors import InputError
+from lmtune.registry import backends
 from lmtune.serve.batcher import Batcher, Closed, QueueFull
 from lmtune.serve.protocol import GuardedHttpProtocol
 from lmtune.serve.security import STRUCTURED, PiiFilter, key_ok, load_keys, mask_pii
@@ -93,9 +94,11 @@ class ErrorResponse(BaseModel):
 
 def _pick_backend(run_dir: Path, backend: str) -> str:
     if backend != "auto":
+        backends.check(backend)
         return backend
-    for name, file in (("onnx-int8", "model.int8.onnx"), ("onnx", "model.onnx")):
-        if (run_dir / "export" / file).is_file():
+    for name in sorted(backends.names(), key=lambda n: backends.meta(n, "auto")):
+        file = backends.meta(name, "file")
+        if file is None or (run_dir / "export" / file).is_file():
             return name
     return "torch"
 

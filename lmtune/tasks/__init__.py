@@ -1,27 +1,22 @@
-"""Task registry: a new task is one module plus one line here (spaCy-style)."""
+"""Task registry access: the tasks themselves are registered in lmtune/registrations.py (one module
+plus one line there is a new task)."""
 from __future__ import annotations
 
-import importlib
-
-from lmtune.errors import InputError
-
-_REGISTRY = {
-    "classification": "lmtune.tasks.classification:ClassificationTask",
-    "ner": "lmtune.tasks.ner:NerTask",
-}
+from lmtune.registry import tasks
+from lmtune.tasks.base import Task
 
 
 def register(name: str, target: str) -> None:
     """Register a task class given as 'module:Class' (imported only when used)."""
-    _REGISTRY[name] = target
+    tasks.register(name, target)
 
 
-def get_task(name: str):
-    if name not in _REGISTRY:
-        raise InputError(f"task: unknown task '{name}'. Known tasks: {', '.join(sorted(_REGISTRY))}.")
-    module, cls = _REGISTRY[name].split(":")
-    return getattr(importlib.import_module(module), cls)()
+def get_task(name: str) -> Task:
+    cls = tasks.get(name)
+    if not (isinstance(cls, type) and issubclass(cls, Task)):
+        raise TypeError(f"task '{name}' is registered as {cls!r}, which is not a subclass of lmtune.tasks.base.Task")
+    return cls()
 
 
 def task_names() -> list[str]:
-    return sorted(_REGISTRY)
+    return sorted(tasks.names())

@@ -29,8 +29,8 @@ def resolve_learning_rates(cfg: TrainConfig, model: torch.nn.Module, peft_method
     banking77 after one epoch (bench/classification.py runs); 2e-5..5e-5 is the usual range for
     BERT-base and larger. The head starts from random weights, so it gets 10x the encoder's lr."""
     if peft_method != "none":
-        from lmtune.peft import DEFAULT_LR
-        lr = cfg.lr if cfg.lr is not None else DEFAULT_LR[peft_method]
+        from lmtune.peft import default_lr
+        lr = cfg.lr if cfg.lr is not None else default_lr(peft_method)
         return dataclasses.replace(cfg, lr=lr, head_lr=cfg.head_lr if cfg.head_lr is not None else lr)
     width = getattr(model.config, "hidden_size", 768) or 768
     lr = cfg.lr if cfg.lr is not None else (1e-4 if width < 768 else 5e-5 if width == 768 else 2e-5)

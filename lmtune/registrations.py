@@ -1,0 +1,47 @@
+"""The built-in entries of every registry (lmtune/registry.py). Targets are "module:attribute" strings,
+imported only when used, so this module imports no implementation and config.py can read the names
+without an import cycle. A newcomer adds one module and one line here (or calls register() itself).
+"""
+from __future__ import annotations
+
+from lmtune.registry import adversaries, attacks, augmenters, backends, peft_methods, tasks, trackers
+
+tasks.register("classification", "lmtune.tasks.classification:ClassificationTask")
+tasks.register("ner", "lmtune.tasks.ner:NerTask")
+
+# default_lr: PEFT trains few weights and needs larger steps than full fine-tuning;
+# mergeable: the adapter folds into the weights (lmtune merge, ONNX export)
+peft_methods.register("none", None, default_lr=None, mergeable=False)  # full fine-tuning
+peft_methods.register("lora", "lmtune.peft:build_lora", default_lr=1e-3, mergeable=True)
+peft_methods.register("adalora", "lmtune.peft:build_adalora", default_lr=2e-3, mergeable=True)
+peft_methods.register("ia3", "lmtune.peft:build_ia3", default_lr=5e-3, mergeable=True)
+peft_methods.register("prefix", "lmtune.peft:build_prefix", default_lr=1e-2, mergeable=False)
+peft_methods.register("prompt", "lmtune.peft:build_prompt", default_lr=3e-2, mergeable=False)
+peft_methods.register("adapter", "lmtune.peft:build_adapter", default_lr=1e-3, mergeable=False)
+
+# kind: embedding (a perturbation of the word-embedding output) or word (edited text)
+adversaries.register("none", None, kind=None)
+adversaries.register("fgm", "lmtune.robust.adversarial:EmbeddingAdversary", kind="embedding")
+adversaries.register("pgd", "lmtune.robust.adversarial:EmbeddingAdversary", kind="embedding")
+adversaries.register("freelb", "lmtune.robust.adversarial:EmbeddingAdversary", kind="embedding")
+adversaries.register("typo", "lmtune.robust.adversarial:WordAdversary", kind="word")
+adversaries.register("synonym", "lmtune.robust.adversarial:WordAdversary", kind="word")
+
+# needs_example_labels: the attack scores predictions against one gold label per example
+attacks.register("typo", "lmtune.robust.attack:perturb", needs_example_labels=False)
+attacks.register("synonym", "lmtune.robust.attack:perturb", needs_example_labels=False)
+attacks.register("search", "lmtune.robust.attack:search_attack", needs_example_labels=True)
+
+# kind: word (an edit of the example's words), model (a model rewrites the text)
+for _name in ("synonym", "insert", "swap", "delete", "typo"):
+    augmenters.register(_name, "lmtune.robust.augment:edit", kind="word")
+augmenters.register("mlm", "lmtune.robust.augment:mlm_substitute", kind="model")
+augmenters.register("backtranslate", "lmtune.robust.augment:backtranslate", kind="model")
+
+# file: what the run's export/ folder must hold for the backend (torch: the run's model/);
+# auto: the order in which `--backend auto` tries them (fastest first)
+backends.register("torch", None, file=None, auto=2)
+backends.register("onnx", "lmtune.backends.onnx:OnnxModel", file="model.onnx", auto=1)
+backends.register("onnx-int8", "lmtune.backends.onnx:OnnxModel", file="model.int8.onnx", auto=0)
+
+trackers.register("tensorboard", "lmtune.training.tensorboard:TensorBoardLogger")

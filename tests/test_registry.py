@@ -1,0 +1,62 @@
+"""Registries and the task interface: a new task is one module plus one registration, capabilities
+are declared (and checked when the class is made), and unknown names are clear errors."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+import lmtune
+from lmtune import registry
+from lmtune.config import build_config, validate
+from lmtune.errors import InputError
+from lmtune.tasks import get_task, register
+from lmtune.tasks.base import ABSTAIN, CALIBRATE, Task
+from lmtune.tasks.classification import ClassificationTask
+
+
+class ShoutTask(ClassificationTask):
+    """A throwaway task defined only here: classification of upper-cased text, without abstention."""
+    name = "shout"
+    capabilities = frozenset({CALIBRATE})
+
+    def read(self, cfg):
+        splits = super().read(cfg)
+        for ex in splits.train + splits.dev + splits.test:
+            ex.text = ex.text.upper()
+        return splits
+
+
+def test_a_task_registered_outside_lmtune_trains_end_to_end(tiny_config):
+    register("shout", "tests.test_registry:ShoutTask")
+    cfg = copy.deepcopy(tiny_config)
+    cfg.update(task="shout")
+    cfg["train"].update(max_steps=4)
+    run = lmtune.train(cfg)
+    assert run.metrics["train"]["steps"] == 4 and isinstance(run.task, ShoutTask)
+    assert lmtune.load(run.run_dir).predict(["GREAT FOOD"])[0]["label"] in ("pos", "neg")
+    with pytest.raises(InputError, match="abstain.target: the shout task does not support abstain"):
+        lmtune.train({**cfg, "run_name": "x", "abstain": {"target": "coverage"}})
+
+
+def test_declared_capabilities_need_their_methods():
+    with pytest.raises(TypeError, match="no method for"):
+        type("Broken", (Task,), {"capabilities": frozenset({ABSTAIN})})
+    with pytest.raises(TypeError, match="unknown capabilities"):
+        type("Odd", (Task,), {"capabilities": frozenset({"telepathy"})})
+
+
+def test_unknown_names_are_errors_with_a_suggestion():
+    with pytest.raises(InputError, match=r"unknown task 'clasification'.*Did you mean 'classification'"):
+        get_task("clasification")
+    with pytest.raises(InputError, match=r"peft\.method = 'lorra' is not one of none, lora"):
+        build_config({"peft": {"method": "lorra"}})
+    with pytest.raises(InputError, match=r"attack\.methods: unknown attack 'typos'.*Did you mean 'typo'"):
+        validate(build_config({"attack": {"methods": ["typos"]}}))
+
+
+def test_names_come_from_the_registries():
+    assert registry.peft_methods.names(mergeable=True) == ("lora", "adalora", "ia3")
+    assert registry.adversaries.names(kind="word") == ("typo", "synonym")
+    assert set(registry.backends.names()) == {"torch", "onnx", "onnx-int8"}
+    assert {"classification", "ner"} <= set(registry.tasks.names())
