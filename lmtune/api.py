@@ -26,6 +26,7 @@ from accelerate.utils import broadcast_object_list
 from transformers import set_seed
 
 from lmtune.config import Config, build_config, load_config
+from lmtune.artifacts import META, RunDir, read_meta, restore_task_state, save_task_arrays, update_task_state, write_meta
 from lmtune.audit import audit
 from lmtune.audit import report_section as audit_section
 from lmtune.diagnose import diagnose
@@ -54,25 +55,6 @@ from lmtune.training.memory import PeakMemory
 from lmtune.training.tensorboard import TensorBoardLogger, require_tensorboard
 
 log = logging.getLogger("lmtune")
-META = "lmtune.json"
-TASK_ARRAYS = "task_state.safetensors"  # task state too big for lmtune.json (e.g. the Mahalanobis scorer)
-
-
-def restore_task_state(task, meta: dict, folder: Path) -> None:
-    """The task's saved state: small values from lmtune.json, arrays from safetensors."""
-    task.set_state(meta.get("task_state", {}))
-    if (folder / TASK_ARRAYS).is_file():
-        from safetensors.numpy import load_file
-        task.set_arrays(load_file(folder / TASK_ARRAYS))
-
-
-def save_task_arrays(task, folder: Path) -> None:
-    arrays = task.arrays()
-    if arrays:
-        from safetensors.numpy import save_file
-        save_file({k: v.copy() for k, v in arrays.items()}, folder / TASK_ARRAYS)
-
-
 def fit_output_controls(task, cfg: Config, outputs, encoded: dict, labels: list[str]) -> dict:
     """What the trained model's outputs are tuned with after training, in order: the temperature
     (on dev), the Mahalanobis scorer (on train), the abstention threshold (on dev). outputs(split)
@@ -130,10 +112,6 @@ def _comparable(cfg: Config) -> dict:
     return d
 
 
-def _finished(run_dir: Path) -> bool:
-    return (run_dir / "model" / META).is_file()
-
-
 def _new_run_dir(cfg: Config) -> Path:
     """output_dir/run_name, or a timestamp name made unique: two trainings started in the same
     second get -2, -3 ... (mkdir is the atomic claim, so they can never share a folder)."""
@@ -162,22 +140,22 @@ def _run_dir(cfg: Config, resume: bool | str | Path) -> Path:
         return _new_run_dir(cfg)
     if resume is not True:
         run_dir = Path(resume)
-        if _finished(run_dir):
+        if RunDir(run_dir).finished():
             raise InputError(f"--resume: {run_dir} is a finished run (it has model/{META}); lmtune never rewrites it. "
                              "Start a new run without --resume.")
     else:
         runs = [c.parent.parent for c in Path(cfg.output_dir).glob("*/checkpoints/pointer.json")]
         if cfg.run_name:
             runs = [r for r in runs if r.name == cfg.run_name]
-        unfinished = sorted((r for r in runs if not _finished(r)), key=lambda r: (r / "checkpoints" / "pointer.json").stat().st_mtime)
+        unfinished = sorted((r for r in runs if not RunDir(r).finished()), key=lambda r: (r / "checkpoints" / "pointer.json").stat().st_mtime)
         if not unfinished:
             done = f" ({len(runs)} run(s) there are finished)" if runs else ""
             raise InputError(f"--resume: no unfinished run with a checkpoint under {cfg.output_dir}/{done}. "
                              "Start without --resume, or give the run directory: --resume RUN_DIR.")
         run_dir = unfinished[-1]
         log.info("--resume: continuing %s (the newest unfinished run with a checkpoint)", run_dir)
-    saved = run_dir / "config.yaml"
-    if not (run_dir / "checkpoints" / "pointer.json").is_file() or not saved.is_file():
+    saved = RunDir(run_dir).config
+    if not (RunDir(run_dir).checkpoints / "pointer.json").is_file() or not saved.is_file():
         raise InputError(f"{run_dir}: no checkpoint to resume from.")
     old = _comparable(build_config(yaml.safe_load(saved.read_text())))
     new = _comparable(cfg)
@@ -255,10 +233,7 @@ class Run:
         result = self.task.fit_threshold(self._outputs(enc), enc, self.labels, target, value, calibrated,
                                          **({"score": score} if score else {}))
         if save:
-            meta_path = self.run_dir / "model" / META
-            meta = json.loads(meta_path.read_text())
-            meta["task_state"] = self.task.state()
-            write_json(meta_path, meta)
+            update_task_state(RunDir(self.run_dir).model, self.task)
         return result
 
     def predict_file(self, path: str | Path) -> list[dict]:
@@ -320,11 +295,10 @@ def load(run_dir: str | Path, backend: str = "torch") -> Run:
     run_dir = Path(run_dir)
     if backend != "torch":
         return _load_onnx(run_dir, backend)
-    meta_path = run_dir / "model" / META
-    if not meta_path.is_file():
+    if not RunDir(run_dir).finished():
         raise InputError(f"{run_dir}: not a finished lmtune run (no model/{META}). Train it first, "
                          "or resume it with `lmtune train CONFIG --resume`.")
-    meta = json.loads(meta_path.read_text())
+    meta = read_meta(RunDir(run_dir).model)
     task = get_task(meta["task"])
     restore_task_state(task, meta, run_dir / "model")
     cfg = build_config(meta["config"])
@@ -338,8 +312,7 @@ def load(run_dir: str | Path, backend: str = "torch") -> Run:
         model = load_adapter(model, run_dir / "model")
     else:
         model, tokenizer = task.load_model(run_dir / "model")
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = RunDir(run_dir).read_metrics()
     return Run(run_dir, model.to(_device()).eval(), tokenizer, task, meta["labels"], cfg, metrics)
 
 
@@ -352,13 +325,12 @@ def _load_onnx(run_dir: Path, backend: str) -> Run:
     if not path.is_file():
         raise InputError(f"{path}: no such export; run `lmtune export {run_dir}"
                          f"{' --quantize int8' if backend == 'onnx-int8' else ''}` first.")
-    meta = json.loads((run_dir / "export" / META).read_text())
+    meta = read_meta(RunDir(run_dir).export)
     task = get_task(meta["task"])
     restore_task_state(task, meta, run_dir / "export")
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(run_dir / "export")
-    metrics_path = run_dir / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    metrics = RunDir(run_dir).read_metrics()
     return Run(run_dir, OnnxModel(path), tokenizer, task, meta["labels"], build_config(meta["config"]), metrics)
 
 
@@ -381,7 +353,7 @@ def train(config: Config | dict | str | Path, overrides: dict | None = None, res
     splits = task.read(cfg)  # every input error surfaces here, before anything is written
     check_model(cfg.model.name, cfg.data.max_length)  # a model that cannot load, or too short for max_length
     run_dir = _shared_run_dir(cfg, resume)
-    handler = logging.FileHandler(run_dir / "train.log", encoding="utf-8") if _partial_state().is_main_process else logging.NullHandler()
+    handler = logging.FileHandler(RunDir(run_dir).log, encoding="utf-8") if _partial_state().is_main_process else logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     handler.setLevel(logging.INFO)
     old_level = log.level
@@ -395,7 +367,7 @@ def train(config: Config | dict | str | Path, overrides: dict | None = None, res
     except BaseException:
         # a new run that failed before its first checkpoint has nothing to resume: remove what it
         # wrote instead of leaving a half-written run directory behind
-        if not resume and _partial_state().is_main_process and not (run_dir / "checkpoints" / "pointer.json").is_file():
+        if not resume and _partial_state().is_main_process and not (RunDir(run_dir).checkpoints / "pointer.json").is_file():
             shutil.rmtree(run_dir, ignore_errors=True)
         raise
     finally:
@@ -406,9 +378,10 @@ def train(config: Config | dict | str | Path, overrides: dict | None = None, res
 
 def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
     accelerator = accelerator_for(cfg.train.precision)
+    rd = RunDir(run_dir)
     if accelerator.is_main_process and not resume:
-        write_text(run_dir / "config.yaml", cfg.to_yaml())
-        write_json(run_dir / "splits.json", splits.info)
+        write_text(rd.config, cfg.to_yaml())
+        write_json(rd.splits, splits.info)
     noise = _label_noise(cfg, task, splits, run_dir, accelerator) if cfg.data.label_noise_folds else None
     if noise and cfg.data.drop_label_noise:
         drop = {r["index"] for r in noise["flagged"]}
@@ -449,7 +422,7 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
         extra = encode_examples(task, extra, tokenizer, cfg, splits.labels)
         train_features = train_features + extra.features
     if accelerator.is_main_process:
-        write_json(run_dir / "audit.json", audit_findings)
+        write_json(rd.audit, audit_findings)
     for f in audit_findings:
         if f["severity"] != "info":
             log.warning("data audit: %s (%s): %s. %s", f["check"], f["severity"], f["detail"], f["suggestion"])
@@ -462,7 +435,7 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
     def evaluate_dev(m) -> dict:
         return task.evaluate(outputs(m, "dev"), encoded["dev"], splits.labels)
 
-    ckpt = Checkpoints(run_dir / "checkpoints")
+    ckpt = Checkpoints(rd.checkpoints)
     tb = TensorBoardLogger(run_dir / "tensorboard") if cfg.train.tensorboard and accelerator.is_main_process else None
     resumed_from = json.loads((ckpt.path("last") / "state.json").read_text())["step"] if resume and ckpt.path("last") else None
     t0 = time.perf_counter()
@@ -495,13 +468,13 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
         if is_peft(model):
             base_path = resolve_model(cfg.model.name)
             meta["base_model"] = {"name": cfg.model.name, "path": base_path, "sha256": base_fingerprint(base_path)}
-        with atomic_dir(run_dir / "model") as tmp, quiet_transformers():
+        with atomic_dir(rd.model) as tmp, quiet_transformers():
             save_adapter(model, tmp) if is_peft(model) else model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             save_task_arrays(task, tmp)
-            write_json(tmp / META, meta)
+            write_meta(tmp, meta)
         for split, rows in preds.items():
-            write_jsonl(run_dir / "predictions" / f"{split}.jsonl", rows)
+            write_jsonl(rd.predictions(split), rows)
         summary = {"run_name": run_dir.name, "task": task.name, "model": cfg.model.name,
                    "data": json.dumps({k: v for k, v in splits.info.items() if not k.endswith("_rows")}),
                    "sizes": splits.info["sizes"], "labels": splits.labels, "max_length": cfg.data.max_length,
@@ -519,7 +492,7 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
                    "train_seconds": train_seconds, "eval_seconds": state.eval_seconds,
                    "checkpoint_seconds": state.checkpoint_seconds, "stop_reason": state.stop_reason,
                    "best_step": state.best_step, "best_metric": state.best_metric}
-        summary["artifact_mb"] = artifact_bytes(run_dir / "model") / 2**20
+        summary["artifact_mb"] = artifact_bytes(rd.model) / 2**20
         step_rows = [r["seconds"] for r in state.history if "seconds" in r]
         summary["seconds_per_step"] = sum(step_rows) / max(len(step_rows), 1)
         if adversary:
@@ -537,15 +510,15 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
                    "headline": list(task.headline)}
         findings = diagnose(state.history, lrs.metric, _majority_baseline(splits.dev) if lrs.metric == "accuracy" else None)
         metrics["diagnosis"] = findings
-        write_json(run_dir / "metrics.json", metrics)
-        write_jsonl(run_dir / "history.jsonl", state.history)
+        write_json(rd.metrics, metrics)
+        write_jsonl(rd.history, state.history)
         for f in findings:
             log.warning("fit diagnosis: %s (%s): %s. %s", f["kind"], f["severity"], f["evidence"], f["advice"])
         write_report(run_dir, summary, split_metrics, state.history, lrs.metric,
                      task.report(split_metrics, splits.labels, run_dir) + "\n" + diagnosis_section(findings) + "\n"
                      + audit_section(audit_findings), task.headline)
     accelerator.wait_for_everyone()
-    run = Run(run_dir, model, tokenizer, task, splits.labels, cfg, json.loads((run_dir / "metrics.json").read_text()))
+    run = Run(run_dir, model, tokenizer, task, splits.labels, cfg, rd.read_metrics())
     if cfg.attack.methods and accelerator.is_main_process:
         result = run.attack(cfg.attack.data) if cfg.attack.data else run.attack_examples(splits.dev)
         for name, a in result["attacks"].items():
@@ -602,8 +575,8 @@ COMPARED = ("trainable_pct", "artifact_mb", "peak_mem_mb", "seconds_per_epoch")
 def _compare_with_full(run: Run, cfg: Config, splits) -> None:
     """peft.compare_full: full fine-tuning on the same splits, its figures next to the PEFT run's."""
     sub = run.run_dir / "full_finetune_comparison"
-    if (sub / "metrics.json").is_file():  # finished by an earlier (resumed) call
-        full_metrics = json.loads((sub / "metrics.json").read_text())
+    if RunDir(sub).metrics.is_file():  # finished by an earlier (resumed) call
+        full_metrics = RunDir(sub).read_metrics()
     else:
         shutil.rmtree(sub, ignore_errors=True)  # our own unfinished output, never user data
         sub.mkdir(parents=True)
@@ -616,7 +589,7 @@ def _compare_with_full(run: Run, cfg: Config, splits) -> None:
     rows = {cfg.peft.method: run.metrics, "full": full_metrics}
     table = {name: {metric: m["dev"][metric], **{k: m["train"][k] for k in COMPARED}} for name, m in rows.items()}
     run.metrics["comparison"] = table
-    write_json(run.run_dir / "metrics.json", run.metrics)
+    write_json(RunDir(run.run_dir).metrics, run.metrics)
     lines = ["", "## PEFT vs full fine-tuning (same data, same epochs)", "",
              f"| method | dev {metric} | trainable % | artifact MB | peak memory MB | s / epoch |", "|---|---|---|---|---|---|"]
     lines += [f"| {name} | {r[metric]:.4f} | {r['trainable_pct']:.2f} | {r['artifact_mb']:.1f} | {r['peak_mem_mb']:.0f} | "

@@ -107,20 +107,21 @@ def cmd_audit(args: list[str]) -> int:
 
 
 def cmd_merge(ns: argparse.Namespace) -> int:
-    from lmtune.api import META, load
-    from lmtune.io import atomic_dir, write_json
+    from lmtune.api import load
+    from lmtune.artifacts import read_meta, write_meta
+    from lmtune.io import atomic_dir
     from lmtune.peft import merge
     out = Path(ns.out_dir)
     if out.exists():
         raise InputError(f"{out}: already exists; merge writes a new folder and never overwrites one.")
     run = load(ns.run_dir)
     merged = merge(run.model, run.config.peft.method)
-    meta = json.loads((Path(ns.run_dir) / "model" / META).read_text())
+    meta = read_meta(Path(ns.run_dir) / "model")
     meta["merged_from"] = str(ns.run_dir)
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
         run.tokenizer.save_pretrained(tmp)
-        write_json(tmp / META, meta)
+        write_meta(tmp, meta)
     print(f"merged model: {out}")
     return 0
 

@@ -8,7 +8,6 @@ tokenizer and lmtune.json, so `lmtune serve` (and `lmtune.load`) can run it on o
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from lmtune.artifacts import read_meta, save_task_arrays, write_meta
 from lmtune.backends.onnx import FP32, INT8, OnnxModel
 from lmtune.errors import InputError
 from lmtune.tasks.base import encode_examples
@@ -45,7 +45,7 @@ def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | No
     """Export RUN_DIR's model to RUN_DIR/export and verify it; returns what export.json holds.
     prune: 'magnitude:0.3' (zeros) or 'ffn:0.5,heads:0.25' (structured: smaller, faster matrices,
     then `recover_epochs` of distillation from the unpruned model on the run's train split)."""
-    from lmtune.api import META, accelerator_for, fit_output_controls, load, save_task_arrays
+    from lmtune.api import accelerator_for, fit_output_controls, load
     from lmtune.peft import is_peft, merge, mergeable
     if quantize not in (None, "int8"):
         raise InputError(f"--quantize {quantize!r}: only int8 (dynamic quantization) is supported.")
@@ -116,9 +116,9 @@ def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | No
                 root.setLevel(level)
             report["onnx_int8"] = _verify(OnnxModel(tmp / INT8), ref, probe, outputs, metric, dev)
         run.tokenizer.save_pretrained(tmp)
-        meta = json.loads((run_dir / "model" / META).read_text())
+        meta = read_meta(run_dir / "model")
         meta["task_state"] = run.task.state()  # refitted for a pruned model, else as saved with the run
-        write_json(tmp / META, meta)
+        write_meta(tmp, meta)
         save_task_arrays(run.task, tmp)
         write_json(tmp / "export.json", report)
     for name in ("onnx_fp32", "onnx_int8"):
