@@ -376,156 +376,254 @@ def train(config: Config | dict | str | Path, overrides: dict | None = None, res
         handler.close()
 
 
+@dataclass
+class _Context:
+    """What the stages of a training run hand each other."""
+    cfg: Config
+    task: Any
+    splits: Any
+    rd: RunDir
+    resume: Any
+    callbacks: tuple
+    accelerator: Accelerator
+    noise: dict | None = None
+    model: Any = None
+    tokenizer: Any = None
+    synonyms: Any = None
+    extra: Any = field(default_factory=list)  # augmented train rows (examples, then their encoding)
+    resampled: list | None = None
+    trainable: int = 0
+    total: int = 0
+    lrs: Any = None
+    encoded: dict = field(default_factory=dict)
+    audit_findings: list = field(default_factory=list)
+    train_features: list = field(default_factory=list)
+    collate: Any = None
+    adversary: Any = None
+    ckpt: Any = None
+    resumed_from: int | None = None
+    state: Any = None
+    peak_mem: Any = None
+    train_seconds: float = 0.0
+    outputs_final: Any = None  # the restored model's outputs per split, computed once
+    split_metrics: dict = field(default_factory=dict)
+    preds: dict = field(default_factory=dict)
+    run: Any = None
+
+    @property
+    def main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    def outputs(self, model, split: str) -> list:
+        return predict_outputs(model, self.encoded[split].features, self.collate, self.task.unbatch, self.accelerator.device,
+                               f"eval {split}", self.cfg.train.progress)
+
+
 def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
-    accelerator = accelerator_for(cfg.train.precision)
-    rd = RunDir(run_dir)
-    if accelerator.is_main_process and not resume:
-        write_text(rd.config, cfg.to_yaml())
-        write_json(rd.splits, splits.info)
-    noise = _label_noise(cfg, task, splits, run_dir, accelerator) if cfg.data.label_noise_folds else None
-    if noise and cfg.data.drop_label_noise:
-        drop = {r["index"] for r in noise["flagged"]}
-        splits = dataclasses.replace(splits, train=[ex for i, ex in enumerate(splits.train) if i not in drop],
-                                     info={**splits.info, "dropped_label_noise": len(drop)})
-        log.info("label noise: dropped %d flagged rows from train (%d left)", len(drop), len(splits.train))
-    log.info("run dir %s: %s", run_dir, ", ".join(f"{k} {v}" for k, v in splits.info["sizes"].items()))
+    """The recipe: each stage reads and extends the context; each is short and named for what it does."""
+    ctx = _Context(cfg, task, splits, RunDir(run_dir), resume, callbacks, accelerator_for(cfg.train.precision))
+    for stage in (_record_inputs, _search_label_noise, _build_model, _encode_data, _audit_data, _fit, _restore_best,
+                  _evaluate, _save_model, _write_results, _attack):
+        stage(ctx)
+    return ctx.run
+
+
+def _record_inputs(ctx: _Context) -> None:
+    if ctx.main and not ctx.resume:
+        write_text(ctx.rd.config, ctx.cfg.to_yaml())
+        write_json(ctx.rd.splits, ctx.splits.info)
+
+
+def _search_label_noise(ctx: _Context) -> None:
+    cfg, splits = ctx.cfg, ctx.splits
+    ctx.noise = _label_noise(cfg, ctx.task, splits, ctx.rd.root, ctx.accelerator) if cfg.data.label_noise_folds else None
+    if ctx.noise and cfg.data.drop_label_noise:
+        drop = {r["index"] for r in ctx.noise["flagged"]}
+        ctx.splits = dataclasses.replace(splits, train=[ex for i, ex in enumerate(splits.train) if i not in drop],
+                                         info={**splits.info, "dropped_label_noise": len(drop)})
+        log.info("label noise: dropped %d flagged rows from train (%d left)", len(drop), len(ctx.splits.train))
+    log.info("run dir %s: %s", ctx.rd.root, ", ".join(f"{k} {v}" for k, v in ctx.splits.info["sizes"].items()))
+
+
+def _build_model(ctx: _Context) -> None:
+    """Backbone + head, frozen parts, augmentation and synonyms (from the pretrained embeddings, before
+    PEFT wraps the model), then PEFT and the learning rates."""
+    cfg, task, splits = ctx.cfg, ctx.task, ctx.splits
     set_seed(cfg.train.seed)
-    model, tokenizer = task.build_model(cfg, splits.labels)
+    model, ctx.tokenizer = task.build_model(cfg, splits.labels)
     freeze(model, cfg.model.freeze_embeddings, cfg.model.freeze_layers)
-    resampled = (resample_indices([ex.label for ex in splits.train], cfg.data.resample, cfg.train.seed)
-                 if cfg.data.resample != "none" else None)
+    ctx.resampled = (resample_indices([ex.label for ex in splits.train], cfg.data.resample, cfg.train.seed)
+                     if cfg.data.resample != "none" else None)
     # augmented rows come from train only, after the split: dev and test never see them
-    extra = augment(splits.train, cfg.augment, model, tokenizer) if cfg.augment.methods else []
-    # from the pretrained embeddings, like the augmentation's (before PEFT wraps the model)
-    synonyms = Synonyms(cfg.adversarial.synonyms, model, tokenizer) if cfg.adversarial.method == "synonym" else None
-    steps = total_steps(cfg.train, len(resampled if resampled is not None else splits.train) + len(extra))
-    model = apply_peft(model, cfg.peft, task.peft_task_type, steps)
-    trainable, total = count_parameters(model)
-    lrs = dataclasses.replace(resolve_learning_rates(cfg.train, model, cfg.peft.method),
-                              metric=cfg.train.metric or task.headline[0])
-    log.info("learning rates: encoder %.2g, head %.2g%s; trainable parameters %d of %d (%.2f%%)", lrs.lr, lrs.head_lr,
-             " (defaults)" if cfg.train.lr is None else "", trainable, total, 100 * trainable / total)
-    encoded = {name: encode_examples(task, exs, tokenizer, cfg, splits.labels)
-               for name, exs in (("train", splits.train), ("dev", splits.dev), ("test", splits.test)) if exs}
-    for name, enc in encoded.items():
+    ctx.extra = augment(splits.train, cfg.augment, model, ctx.tokenizer) if cfg.augment.methods else []
+    ctx.synonyms = Synonyms(cfg.adversarial.synonyms, model, ctx.tokenizer) if cfg.adversarial.method == "synonym" else None
+    steps = total_steps(cfg.train, len(ctx.resampled if ctx.resampled is not None else splits.train) + len(ctx.extra))
+    ctx.model = apply_peft(model, cfg.peft, task.peft_task_type, steps)
+    ctx.trainable, ctx.total = count_parameters(ctx.model)
+    ctx.lrs = dataclasses.replace(resolve_learning_rates(cfg.train, ctx.model, cfg.peft.method),
+                                  metric=cfg.train.metric or task.headline[0])
+    log.info("learning rates: encoder %.2g, head %.2g%s; trainable parameters %d of %d (%.2f%%)", ctx.lrs.lr, ctx.lrs.head_lr,
+             " (defaults)" if cfg.train.lr is None else "", ctx.trainable, ctx.total, 100 * ctx.trainable / ctx.total)
+
+
+def _encode_data(ctx: _Context) -> None:
+    cfg, task, splits = ctx.cfg, ctx.task, ctx.splits
+    ctx.encoded = {name: encode_examples(task, exs, ctx.tokenizer, cfg, splits.labels)
+                   for name, exs in (("train", splits.train), ("dev", splits.dev), ("test", splits.test)) if exs}
+    for name, enc in ctx.encoded.items():
         if enc.stats["truncated"]:
             log.warning("%s: %d of %d examples are longer than max_length %d and were truncated",
                         name, enc.stats["truncated"], enc.stats["examples"], cfg.data.max_length)
-    audit_findings = audit(splits, {k: v.stats for k, v in encoded.items()}, cfg.data.max_length)
-    if noise:
-        audit_findings.append(noise_finding(noise, len(splits.train) + splits.info.get("dropped_label_noise", 0)))
-    train_features = encoded["train"].features
-    if resampled is not None:
-        train_features = [train_features[i] for i in resampled]
-        log.info("re-sampled train (%s): %d -> %d examples", cfg.data.resample, len(encoded["train"].features), len(resampled))
-    if extra:
-        extra = encode_examples(task, extra, tokenizer, cfg, splits.labels)
-        train_features = train_features + extra.features
-    if accelerator.is_main_process:
-        write_json(rd.audit, audit_findings)
-    for f in audit_findings:
+    ctx.train_features = ctx.encoded["train"].features
+    if ctx.resampled is not None:
+        ctx.train_features = [ctx.train_features[i] for i in ctx.resampled]
+        log.info("re-sampled train (%s): %d -> %d examples", cfg.data.resample, len(ctx.encoded["train"].features), len(ctx.resampled))
+    if ctx.extra:
+        ctx.extra = encode_examples(task, ctx.extra, ctx.tokenizer, cfg, splits.labels)
+        ctx.train_features = ctx.train_features + ctx.extra.features
+    ctx.collate = functools.partial(task.collate, tokenizer=ctx.tokenizer)
+
+
+def _audit_data(ctx: _Context) -> None:
+    splits = ctx.splits
+    ctx.audit_findings = audit(splits, {k: v.stats for k, v in ctx.encoded.items()}, ctx.cfg.data.max_length)
+    if ctx.noise:
+        ctx.audit_findings.append(noise_finding(ctx.noise, len(splits.train) + splits.info.get("dropped_label_noise", 0)))
+    if ctx.main:
+        write_json(ctx.rd.audit, ctx.audit_findings)
+    for f in ctx.audit_findings:
         if f["severity"] != "info":
             log.warning("data audit: %s (%s): %s. %s", f["check"], f["severity"], f["detail"], f["suggestion"])
-    collate = functools.partial(task.collate, tokenizer=tokenizer)
-    device = accelerator.device
 
-    def outputs(m, split: str) -> list:
-        return predict_outputs(m, encoded[split].features, collate, task.unbatch, device, f"eval {split}", cfg.train.progress)
+
+def _fit(ctx: _Context) -> None:
+    cfg, task = ctx.cfg, ctx.task
 
     def evaluate_dev(m) -> dict:
-        return task.evaluate(outputs(m, "dev"), encoded["dev"], splits.labels)
+        return task.evaluate(ctx.outputs(m, "dev"), ctx.encoded["dev"], ctx.splits.labels)
 
-    ckpt = Checkpoints(rd.checkpoints)
-    tb = TensorBoardLogger(run_dir / "tensorboard") if cfg.train.tensorboard and accelerator.is_main_process else None
-    resumed_from = json.loads((ckpt.path("last") / "state.json").read_text())["step"] if resume and ckpt.path("last") else None
+    ctx.ckpt = Checkpoints(ctx.rd.checkpoints)
+    tb = TensorBoardLogger(ctx.rd.root / "tensorboard") if cfg.train.tensorboard and ctx.main else None
+    last = ctx.ckpt.path("last") if ctx.resume else None
+    ctx.resumed_from = json.loads((last / "state.json").read_text())["step"] if last else None
     t0 = time.perf_counter()
-    adversary = _adversary(cfg, task, tokenizer, splits.labels, encoded["train"], extra, train_features, collate, synonyms)
-    loop_task = LoopTask(collate, wrap_loss(task.loss, model, cfg.peft), task.num_items, evaluate_dev, adversary)
+    ctx.adversary = _adversary(cfg, task, ctx.tokenizer, ctx.splits.labels, ctx.encoded["train"], ctx.extra,
+                               ctx.train_features, ctx.collate, ctx.synonyms)
+    loop_task = LoopTask(ctx.collate, wrap_loss(task.loss, ctx.model, cfg.peft), task.num_items, evaluate_dev, ctx.adversary)
     try:
-        with PeakMemory() as mem:
-            state = train_loop(model, train_features, loop_task, lrs, ckpt, accelerator, resume=bool(resume),
-                               callbacks=(*callbacks, *([tb] if tb else [])), step_hooks=tuple(step_hooks(model, cfg.peft)))
+        with PeakMemory() as ctx.peak_mem:
+            ctx.state = train_loop(ctx.model, ctx.train_features, loop_task, ctx.lrs, ctx.ckpt, ctx.accelerator,
+                                   resume=bool(ctx.resume), callbacks=(*ctx.callbacks, *([tb] if tb else [])),
+                                   step_hooks=tuple(step_hooks(ctx.model, cfg.peft)))
     finally:
         if tb:
             tb.close()
-    train_seconds = time.perf_counter() - t0  # this process only; a resumed run counts its own part
-    model = accelerator.unwrap_model(model)
-    ckpt.load_weights(model, "best")
-    finalize_peft(model)
-    model.eval()
-    final_outputs = functools.cache(lambda split: outputs(model, split))  # dev runs once for the controls and the metrics
-    fit_output_controls(task, cfg, final_outputs, encoded, splits.labels)
+    ctx.train_seconds = time.perf_counter() - t0  # this process only; a resumed run counts its own part
 
-    split_metrics, preds = {}, {}
+
+def _restore_best(ctx: _Context) -> None:
+    """The best checkpoint's weights, then the output controls fitted on them (temperature, scorer,
+    threshold): dev is predicted once for those and for the metrics."""
+    ctx.model = ctx.accelerator.unwrap_model(ctx.model)
+    ctx.ckpt.load_weights(ctx.model, "best")
+    finalize_peft(ctx.model)
+    ctx.model.eval()
+    outputs = functools.cache(lambda split: ctx.outputs(ctx.model, split))
+    ctx.outputs_final = outputs
+    fit_output_controls(ctx.task, ctx.cfg, outputs, ctx.encoded, ctx.splits.labels)
+
+
+def _evaluate(ctx: _Context) -> None:
     for split in ("dev", "test"):
-        if split in encoded:
-            out = final_outputs(split)
-            split_metrics[split] = task.evaluate(out, encoded[split], splits.labels)
-            preds[split] = task.predictions(out, encoded[split], splits.labels)
-    if accelerator.is_main_process:
-        meta = {"task": task.name, "labels": splits.labels, "config": cfg.to_dict(), "lmtune_version": _version(),
-                "task_state": task.state()}
-        if is_peft(model):
-            base_path = resolve_model(cfg.model.name)
-            meta["base_model"] = {"name": cfg.model.name, "path": base_path, "sha256": base_fingerprint(base_path)}
-        with atomic_dir(rd.model) as tmp, quiet_transformers():
-            save_adapter(model, tmp) if is_peft(model) else model.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            save_task_arrays(task, tmp)
-            write_meta(tmp, meta)
-        for split, rows in preds.items():
-            write_jsonl(rd.predictions(split), rows)
-        summary = {"run_name": run_dir.name, "task": task.name, "model": cfg.model.name,
-                   "data": json.dumps({k: v for k, v in splits.info.items() if not k.endswith("_rows")}),
-                   "sizes": splits.info["sizes"], "labels": splits.labels, "max_length": cfg.data.max_length,
-                   "truncation": {k: v.stats for k, v in encoded.items()},
-                   "trainable_params": trainable, "total_params": total, "steps": state.step,
-                   "lr": lrs.lr, "head_lr": lrs.head_lr, "peft_method": cfg.peft.method,
-                   "trainable_pct": 100 * trainable / total, "peak_mem_mb": mem.peak_mb,
-                   "peak_mem_increase_mb": mem.peak_mb - mem.start_mb,
-                   # from the per-step times in the history, which a resumed run carries over from its first
-                   # part: the whole run's speed, not only the resumed part's
-                   "seconds_per_epoch": _seconds_per_epoch(state.history, math.ceil(len(train_features) / cfg.train.batch_size)),
-                   "resumed": ({"from_step": resumed_from, "steps_this_part": state.step - resumed_from,
-                                "seconds_this_part": train_seconds} if resumed_from is not None else None),
-                   "rank_pattern": rank_pattern(model),
-                   "train_seconds": train_seconds, "eval_seconds": state.eval_seconds,
-                   "checkpoint_seconds": state.checkpoint_seconds, "stop_reason": state.stop_reason,
-                   "best_step": state.best_step, "best_metric": state.best_metric}
-        summary["artifact_mb"] = artifact_bytes(rd.model) / 2**20
-        step_rows = [r["seconds"] for r in state.history if "seconds" in r]
-        summary["seconds_per_step"] = sum(step_rows) / max(len(step_rows), 1)
-        if adversary:
-            a = cfg.adversarial
-            summary["adversarial"] = {"method": a.method, "forward_backward_passes_per_step": adversary.passes,
-                                      "forward_only_passes_per_step": adversary.forward_only,
-                                      **({"rate": a.rate, "candidates": a.candidates} if adversaries.meta(a.method, "kind") == "word"
-                                         else {"epsilon": a.epsilon, "alpha": a.alpha, "steps": a.steps})}
-        train_keys = (*(("adversarial",) if adversary else ()), "steps", "lr", "head_lr", "peft_method", "trainable_pct",
-                      "artifact_mb", "peak_mem_mb", "peak_mem_increase_mb",
-                      "seconds_per_epoch", "resumed",
-                      "seconds_per_step", "rank_pattern", "train_seconds", "eval_seconds", "checkpoint_seconds", "stop_reason",
-                      "best_step", "best_metric", "trainable_params", "total_params", "truncation")
-        metrics = {**split_metrics, "train": {k: summary[k] for k in train_keys}, "metric": lrs.metric,
-                   "headline": list(task.headline)}
-        findings = diagnose(state.history, lrs.metric, _majority_baseline(splits.dev) if lrs.metric == "accuracy" else None)
+        if split in ctx.encoded:
+            out = ctx.outputs_final(split)
+            ctx.split_metrics[split] = ctx.task.evaluate(out, ctx.encoded[split], ctx.splits.labels)
+            ctx.preds[split] = ctx.task.predictions(out, ctx.encoded[split], ctx.splits.labels)
+
+
+def _save_model(ctx: _Context) -> None:
+    if not ctx.main:
+        return
+    cfg, task, model = ctx.cfg, ctx.task, ctx.model
+    meta = {"task": task.name, "labels": ctx.splits.labels, "config": cfg.to_dict(), "lmtune_version": _version(),
+            "task_state": task.state()}
+    if is_peft(model):
+        base_path = resolve_model(cfg.model.name)
+        meta["base_model"] = {"name": cfg.model.name, "path": base_path, "sha256": base_fingerprint(base_path)}
+    with atomic_dir(ctx.rd.model) as tmp, quiet_transformers():
+        save_adapter(model, tmp) if is_peft(model) else model.save_pretrained(tmp)
+        ctx.tokenizer.save_pretrained(tmp)
+        save_task_arrays(task, tmp)
+        write_meta(tmp, meta)
+    for split, rows in ctx.preds.items():
+        write_jsonl(ctx.rd.predictions(split), rows)
+
+
+def _train_summary(ctx: _Context) -> dict:
+    cfg, state = ctx.cfg, ctx.state
+    summary = {"run_name": ctx.rd.root.name, "task": ctx.task.name, "model": cfg.model.name,
+               "data": json.dumps({k: v for k, v in ctx.splits.info.items() if not k.endswith("_rows")}),
+               "sizes": ctx.splits.info["sizes"], "labels": ctx.splits.labels, "max_length": cfg.data.max_length,
+               "truncation": {k: v.stats for k, v in ctx.encoded.items()},
+               "trainable_params": ctx.trainable, "total_params": ctx.total, "steps": state.step,
+               "lr": ctx.lrs.lr, "head_lr": ctx.lrs.head_lr, "peft_method": cfg.peft.method,
+               "trainable_pct": 100 * ctx.trainable / ctx.total, "peak_mem_mb": ctx.peak_mem.peak_mb,
+               "peak_mem_increase_mb": ctx.peak_mem.peak_mb - ctx.peak_mem.start_mb,
+               # from the per-step times in the history, which a resumed run carries over from its first
+               # part: the whole run's speed, not only the resumed part's
+               "seconds_per_epoch": _seconds_per_epoch(state.history, math.ceil(len(ctx.train_features) / cfg.train.batch_size)),
+               "resumed": ({"from_step": ctx.resumed_from, "steps_this_part": state.step - ctx.resumed_from,
+                            "seconds_this_part": ctx.train_seconds} if ctx.resumed_from is not None else None),
+               "rank_pattern": rank_pattern(ctx.model),
+               "train_seconds": ctx.train_seconds, "eval_seconds": state.eval_seconds,
+               "checkpoint_seconds": state.checkpoint_seconds, "stop_reason": state.stop_reason,
+               "best_step": state.best_step, "best_metric": state.best_metric}
+    summary["artifact_mb"] = artifact_bytes(ctx.rd.model) / 2**20
+    step_rows = [r["seconds"] for r in state.history if "seconds" in r]
+    summary["seconds_per_step"] = sum(step_rows) / max(len(step_rows), 1)
+    if ctx.adversary:
+        a = cfg.adversarial
+        summary["adversarial"] = {"method": a.method, "forward_backward_passes_per_step": ctx.adversary.passes,
+                                  "forward_only_passes_per_step": ctx.adversary.forward_only,
+                                  **({"rate": a.rate, "candidates": a.candidates} if adversaries.meta(a.method, "kind") == "word"
+                                     else {"epsilon": a.epsilon, "alpha": a.alpha, "steps": a.steps})}
+    return summary
+
+
+TRAIN_KEYS = ("steps", "lr", "head_lr", "peft_method", "trainable_pct", "artifact_mb", "peak_mem_mb", "peak_mem_increase_mb",
+              "seconds_per_epoch", "resumed", "seconds_per_step", "rank_pattern", "train_seconds", "eval_seconds",
+              "checkpoint_seconds", "stop_reason", "best_step", "best_metric", "trainable_params", "total_params", "truncation")
+
+
+def _write_results(ctx: _Context) -> None:
+    """metrics.json, history.jsonl and report.md (main process), then the Run every process returns."""
+    if ctx.main:
+        summary, lrs, state = _train_summary(ctx), ctx.lrs, ctx.state
+        keys = (*(("adversarial",) if ctx.adversary else ()), *TRAIN_KEYS)
+        metrics = {**ctx.split_metrics, "train": {k: summary[k] for k in keys}, "metric": lrs.metric,
+                   "headline": list(ctx.task.headline)}
+        findings = diagnose(state.history, lrs.metric, _majority_baseline(ctx.splits.dev) if lrs.metric == "accuracy" else None)
         metrics["diagnosis"] = findings
-        write_json(rd.metrics, metrics)
-        write_jsonl(rd.history, state.history)
+        write_json(ctx.rd.metrics, metrics)
+        write_jsonl(ctx.rd.history, state.history)
         for f in findings:
             log.warning("fit diagnosis: %s (%s): %s. %s", f["kind"], f["severity"], f["evidence"], f["advice"])
-        write_report(run_dir, summary, split_metrics, state.history, lrs.metric,
-                     task.report(split_metrics, splits.labels, run_dir) + "\n" + diagnosis_section(findings) + "\n"
-                     + audit_section(audit_findings), task.headline)
-    accelerator.wait_for_everyone()
-    run = Run(run_dir, model, tokenizer, task, splits.labels, cfg, rd.read_metrics())
-    if cfg.attack.methods and accelerator.is_main_process:
-        result = run.attack(cfg.attack.data) if cfg.attack.data else run.attack_examples(splits.dev)
-        for name, a in result["attacks"].items():
-            if "skipped" not in a:
-                log.info("attack %s: %s %.4f (clean %.4f)%s", name, result["metric"], a[result["metric"]],
-                         result["clean"][result["metric"]], f", success rate {a['success_rate']:.1%}" if "success_rate" in a else "")
-    return run
+        write_report(ctx.rd.root, summary, ctx.split_metrics, state.history, lrs.metric,
+                     ctx.task.report(ctx.split_metrics, ctx.splits.labels, ctx.rd.root) + "\n" + diagnosis_section(findings) + "\n"
+                     + audit_section(ctx.audit_findings), ctx.task.headline)
+    ctx.accelerator.wait_for_everyone()
+    ctx.run = Run(ctx.rd.root, ctx.model, ctx.tokenizer, ctx.task, ctx.splits.labels, ctx.cfg, ctx.rd.read_metrics())
+
+
+def _attack(ctx: _Context) -> None:
+    cfg, run = ctx.cfg, ctx.run
+    if not (cfg.attack.methods and ctx.main):
+        return
+    result = run.attack(cfg.attack.data) if cfg.attack.data else run.attack_examples(ctx.splits.dev)
+    for name, a in result["attacks"].items():
+        if "skipped" not in a:
+            log.info("attack %s: %s %.4f (clean %.4f)%s", name, result["metric"], a[result["metric"]],
+                     result["clean"][result["metric"]], f", success rate {a['success_rate']:.1%}" if "success_rate" in a else "")
 
 
 def _seconds_per_epoch(history: list[dict], steps_per_epoch: int) -> float:
