@@ -27,13 +27,11 @@ from transformers import set_seed
 
 from lmtune.config import Config, build_config, load_config
 from lmtune.artifacts import META, RunDir, read_meta, restore_task_state, save_task_arrays, update_task_state, write_meta
+from lmtune import results
 from lmtune.audit import audit
-from lmtune.audit import report_section as audit_section
 from lmtune.diagnose import diagnose
-from lmtune.diagnose import report_section as diagnosis_section
 from lmtune.errors import InputError
 from lmtune.evaluate.abstain import DEFAULT_VALUE
-from lmtune.evaluate.report import write_report
 from lmtune.io import atomic_dir, write_json, write_jsonl, write_text
 from lmtune.data.splits import resample_indices
 from lmtune.noise import find_label_issues, out_of_fold_probs
@@ -268,17 +266,14 @@ class Run:
         return self.attack_examples(examples, str(data) if data else "dev", **overrides)
 
     def attack_examples(self, examples: list, source: str = "dev", **overrides) -> dict:
-        from lmtune.robust.attack import report_section, run_attacks
+        from lmtune.robust.attack import run_attacks
         cfg = dataclasses.replace(self.config.attack, **overrides)
         if not cfg.methods:
             cfg = dataclasses.replace(cfg, methods=["typo", "synonym", "search"])
         result = {"data": source, **run_attacks(self, examples, cfg)}
         write_json(self.run_dir / "robustness.json", result)
-        report = self.run_dir / "report.md"
-        if report.is_file():
-            text = report.read_text(encoding="utf-8")
-            text = text.split("\n## Robustness\n")[0].rstrip("\n") + "\n\n"  # a new attack replaces the old section
-            write_text(report, text + report_section(result))
+        if results.path(self.run_dir).is_file():  # a new attack replaces the old section
+            results.update(self.run_dir, robustness=result)
         return result
 
     def _dev_examples(self) -> list:
@@ -608,9 +603,10 @@ def _write_results(ctx: _Context) -> None:
         write_jsonl(ctx.rd.history, state.history)
         for f in findings:
             log.warning("fit diagnosis: %s (%s): %s. %s", f["kind"], f["severity"], f["evidence"], f["advice"])
-        write_report(ctx.rd.root, summary, ctx.split_metrics, state.history, lrs.metric,
-                     ctx.task.report(ctx.split_metrics, ctx.splits.labels, ctx.rd.root) + "\n" + diagnosis_section(findings) + "\n"
-                     + audit_section(ctx.audit_findings), ctx.task.headline)
+        results.write(ctx.rd.root, {"summary": summary, "metrics": ctx.split_metrics, "metric": lrs.metric,
+                                    "headline": list(ctx.task.headline), "diagnosis": findings, "audit": ctx.audit_findings,
+                                    "task_report": ctx.task.report_state()})
+        results.render(ctx.rd.root)
     ctx.accelerator.wait_for_everyone()
     ctx.run = Run(ctx.rd.root, ctx.model, ctx.tokenizer, ctx.task, ctx.splits.labels, ctx.cfg, ctx.rd.read_metrics())
 
@@ -688,12 +684,7 @@ def _compare_with_full(run: Run, cfg: Config, splits) -> None:
     table = {name: {metric: m["dev"][metric], **{k: m["train"][k] for k in COMPARED}} for name, m in rows.items()}
     run.metrics["comparison"] = table
     write_json(RunDir(run.run_dir).metrics, run.metrics)
-    lines = ["", "## PEFT vs full fine-tuning (same data, same epochs)", "",
-             f"| method | dev {metric} | trainable % | artifact MB | peak memory MB | s / epoch |", "|---|---|---|---|---|---|"]
-    lines += [f"| {name} | {r[metric]:.4f} | {r['trainable_pct']:.2f} | {r['artifact_mb']:.1f} | {r['peak_mem_mb']:.0f} | "
-              f"{r['seconds_per_epoch']:.1f} |" for name, r in table.items()]
-    report = run.run_dir / "report.md"
-    write_text(report, report.read_text() + "\n".join(lines) + "\n")
+    results.update(run.run_dir, comparison=table)
 
 
 def _version() -> str:

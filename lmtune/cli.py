@@ -106,6 +106,12 @@ def cmd_audit(args: list[str]) -> int:
     return 1 if strict and "critical" in worst else 0
 
 
+def cmd_report(ns: argparse.Namespace) -> int:
+    from lmtune.results import render
+    print(render(ns.run_dir))
+    return 0
+
+
 def cmd_merge(ns: argparse.Namespace) -> int:
     from lmtune.api import load
     from lmtune.artifacts import read_meta, write_meta
@@ -195,6 +201,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "--strict exits 1 when any finding is critical. --data.label_noise_folds 5 adds "
                                     "label-noise candidates (confident learning on 5-fold out-of-fold predictions).")
     au.add_argument("config", nargs="?")
+    rp = sub.add_parser("report", help="render RUN_DIR/report.md again from RUN_DIR/results.json")
+    rp.add_argument("run_dir")
     mg = sub.add_parser("merge", help="fold a LoRA/AdaLoRA/IA3 adapter into a standalone model folder")
     mg.add_argument("run_dir")
     mg.add_argument("out_dir")
@@ -270,6 +278,8 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_predict(ns)
         if ns.command == "merge":
             return cmd_merge(ns)
+        if ns.command == "report":
+            return cmd_report(ns)
         if ns.command == "export":
             return cmd_export(ns)
         if ns.command == "attack":

@@ -60,3 +60,24 @@ def test_names_come_from_the_registries():
     assert registry.adversaries.names(kind="word") == ("typo", "synonym")
     assert set(registry.backends.names()) == {"torch", "onnx", "onnx-int8"}
     assert {"classification", "ner"} <= set(registry.tasks.names())
+
+
+def test_report_is_rendered_from_the_results_document(tiny_config, capsys):
+    import json
+
+    from lmtune.cli import main
+    cfg = copy.deepcopy(tiny_config)
+    cfg["train"].update(max_steps=4)
+    cfg["abstain"] = {"target": "coverage", "value": 0.9}
+    run = lmtune.train(cfg)
+    doc = json.loads((run.run_dir / "results.json").read_text())
+    assert doc["schema"] == 1 and set(doc["metrics"]) == {"dev", "test"} and doc["summary"]["steps"] == 4
+    assert doc["metrics"]["dev"]["accuracy"] == run.metrics["dev"]["accuracy"]  # metrics.json keeps its keys
+    written = (run.run_dir / "report.md").read_text()
+    (run.run_dir / "report.md").unlink()
+    assert main(["report", str(run.run_dir)]) == 0
+    assert (run.run_dir / "report.md").read_text() == written
+    lmtune.load(run.run_dir).attack(methods=["typo"])  # a later section: the report is rendered again, whole
+    doc = json.loads((run.run_dir / "results.json").read_text())
+    report = (run.run_dir / "report.md").read_text()
+    assert doc["robustness"]["attacks"]["typo"] and report.startswith(written.rstrip("\n")[:200]) and "## Robustness" in report

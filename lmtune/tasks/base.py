@@ -86,6 +86,14 @@ class Task:
     def arrays(self) -> dict[str, np.ndarray]:
         return {}
 
+    def report_state(self) -> dict:
+        """What report() needs beyond the metrics and state() (e.g. calibration curves), as JSON data:
+        saved in results.json so that report.md can be rendered again from data alone."""
+        return {}
+
+    def set_report_state(self, data: dict) -> None:
+        pass
+
     def set_arrays(self, arrays: dict[str, np.ndarray]) -> None:
         pass
 

@@ -66,6 +66,13 @@ class ClassificationTask(Task):
         self.threshold_calibrated = cfg.abstain.calibrated
         self.score = cfg.abstain.score
 
+    def report_state(self) -> dict:
+        return {"calibration": self.calibration, "abstention": self.abstention}
+
+    def set_report_state(self, data: dict) -> None:
+        self.calibration = data.get("calibration", {})
+        self.abstention = data.get("abstention", {})
+
     def state(self) -> dict:
         return {"temperature": self.temperature, "threshold": self.threshold, "threshold_calibrated": self.threshold_calibrated,
                 "oos_label": self.oos_label, "abstain_label": self.abstain_label, "score": self.score}

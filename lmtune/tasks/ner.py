@@ -65,6 +65,14 @@ class NerTask(Task):
         self.class_weight: torch.Tensor | None = None  # train.class_weights auto: inverse tag frequency
         self.focal_gamma = 0.0
 
+    def report_state(self) -> dict:
+        return {"calibration": self.calibration, "abstention": self.abstention, "repairs": self.repairs}
+
+    def set_report_state(self, data: dict) -> None:
+        self.calibration = data.get("calibration", {})
+        self.abstention = data.get("abstention", {})
+        self.repairs = data.get("repairs", [])
+
     def state(self) -> dict:
         return {"tag_scheme": self.scheme, "temperature": self.temperature, "threshold": self.threshold}
 
