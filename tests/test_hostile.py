@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -228,3 +229,25 @@ def test_log_keeps_status_latency_and_ids_and_never_the_texts(run_dir):
 def test_no_auth_on_a_public_host_needs_insecure(run_dir, capsys):
     assert main(["serve", run_dir, "--host", "0.0.0.0", "--no-auth"]) == 2
     assert "--insecure" in capsys.readouterr().err
+
+
+def test_a_model_error_is_one_500_with_its_id_and_the_log_never_quotes_the_text(run_dir, monkeypatch, caplog):
+    from fastapi.testclient import TestClient
+
+    from lmtune.api import Run
+    from lmtune.serve.app import ServeSettings, create_app
+    real = Run.predict
+
+    def failing(self, texts):
+        if any("secret" in t for t in texts):
+            raise ValueError(f"cannot tokenize {texts}")  # an error message that quotes the user's text
+        return real(self, texts)
+
+    monkeypatch.setattr(Run, "predict", failing)
+    monkeypatch.setenv("LMTUNE_API_KEYS", KEY)
+    with caplog.at_level(logging.INFO), TestClient(create_app(ServeSettings(run_dir=run_dir, backend="torch"))) as client:
+        bad = client.post("/v1/predict", json={"texts": ["my secret order 4411"]}, headers=AUTH)
+        good = client.post("/v1/predict", json={"texts": ["fine words"]}, headers=AUTH)
+    assert bad.status_code == 500 and bad.json()["request_id"] == bad.headers["x-request-id"]
+    assert good.status_code == 200
+    assert "ValueError" in caplog.text and "secret" not in caplog.text and "4411" not in caplog.text

@@ -126,6 +126,16 @@ def _json_response(status: int, detail: str, rid: str, extra_headers: list | Non
     return {"type": "http.response.start", "status": status, "headers": headers}, {"type": "http.response.body", "body": body}
 
 
+def error_origin(e: BaseException) -> str:
+    """The exception's type and where it was raised, never its message: messages (a tokenizer's, a
+    JSON decoder's) can quote the user's text, which the log must not hold."""
+    tb = e.__traceback__
+    while tb is not None and tb.tb_next is not None:
+        tb = tb.tb_next
+    where = f" at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}" if tb is not None else ""
+    return f"{type(e).__name__}{where}"
+
+
 def _given_key(headers: dict) -> str | None:
     auth = headers.get(b"authorization", b"").decode("latin-1")
     if auth.lower().startswith("bearer "):
@@ -183,8 +193,8 @@ class _RequestContext:
                     receive = receive_rest
                     return await answer(413, f"request body over {self.max_body} bytes")
             await self.app(scope, receive, send_with_id)
-        except Exception:
-            log.exception("request %s failed", rid, extra={STRUCTURED: True})
+        except Exception as e:
+            log.error("request %s failed: %s", rid, error_origin(e), extra={STRUCTURED: True})
             self.metrics.errors.labels("unhandled").inc()
             if not started:
                 await answer(500, "internal error; the request id is in the server log")
@@ -325,8 +335,8 @@ def create_app(settings: ServeSettings) -> FastAPI:
             raise HTTPException(503, "server busy: the request queue is full, retry shortly", headers={"Retry-After": "1"}) from None
         except Closed:
             raise HTTPException(503, "server shutting down", headers={"Retry-After": "5"}) from None
-        except Exception:  # the model failed on this request's texts alone (the batcher isolates them)
-            log.exception("model call failed for request %s", rid, extra={STRUCTURED: True})
+        except Exception as e:  # the model failed on this request's texts alone (the batcher isolates them)
+            log.error("model call failed for request %s: %s", rid, error_origin(e), extra={STRUCTURED: True})
             metrics.errors.labels("model").inc()
             raise HTTPException(500, "the model failed on this request's texts; the request id is in the server log") from None
         return PredictResponse(request_id=rid, model=run_dir.name, backend=backend, predictions=[Prediction(**r) for r in rows])
