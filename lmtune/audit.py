@@ -16,9 +16,7 @@ _NORM = re.compile(r"[\W_]+", re.UNICODE)
 
 
 def _text(ex) -> str:
-    if hasattr(ex, "tokens"):
-        return " ".join(ex.tokens)
-    return ex.text + (f" [SEP] {ex.text_pair}" if getattr(ex, "text_pair", None) else "")
+    return ex.audit_text()
 
 
 def _norm(text: str) -> str:
@@ -32,13 +30,11 @@ def _f(check: str, severity: str, detail: str, suggestion: str, examples: list[s
 def audit(splits, truncation: dict[str, dict] | None = None, max_length: int | None = None) -> list[dict]:
     out: list[dict] = []
     train = splits.train
-    classification = train and not hasattr(train[0], "tokens")
+    classification = bool(train) and not train[0].labels_per_token
     what = "training examples" if classification else "training entities"
 
-    def kinds(exs) -> Counter:  # classes, or NER entity types (tags are BIO inside)
-        if classification:
-            return Counter(ex.label for ex in exs)
-        return Counter(t[2:] for ex in exs for t in ex.tags or [] if t.startswith("B-"))
+    def kinds(exs) -> Counter:  # classes, or entity types
+        return Counter(u for ex in exs for u in ex.audit_units())
     counts = kinds(train)
     if counts:
         most, least = counts.most_common()[0], counts.most_common()[-1]
@@ -74,7 +70,7 @@ def audit(splits, truncation: dict[str, dict] | None = None, max_length: int | N
         out.append(_f("near_duplicates", "info", f"{near} row(s) in train equal another after lower-casing and "
                       "removing punctuation", "Check whether they are the same example."))
     def gold(e):
-        return e.label if classification else " ".join(e.tags or [])
+        return e.audit_gold()
     if train:
         same = groups
         if not classification:  # tags follow tokens: only the very same token sequence must carry the same tags

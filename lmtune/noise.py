@@ -73,7 +73,7 @@ def find_label_issues(examples: list, labels: list[str], probs: list) -> dict:
     from cleanlab.filter import find_label_issues as cl_find
     from cleanlab.rank import get_label_quality_scores
 
-    if examples and hasattr(examples[0], "tags"):
+    if examples and examples[0].labels_per_token:
         return _token_label_issues(examples, labels, probs)
     probs = np.stack(probs)
     index = {lab: i for i, lab in enumerate(labels)}

@@ -3,7 +3,7 @@ and JSONL text+entity spans. Every sentence keeps its file:line; tags are conver
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lmtune.data.readers import jsonl_lines, parse_jsonl_line, read_text_file
@@ -18,6 +18,25 @@ class NerExample:
     source: str
     text: str | None = None  # the original text, when known (spans input, --text)
     offsets: list[tuple[int, int]] | None = None  # character span of each token in `text`
+
+    labels_per_token = True  # tags follow words: edits must move them, whole-text rewrites cannot
+
+    def audit_text(self) -> str:
+        return " ".join(self.tokens)
+
+    def audit_units(self) -> list[str]:
+        """What the audit counts for balance: the entity types (tags are BIO inside)."""
+        return [t[2:] for t in self.tags or [] if t.startswith("B-")]
+
+    def audit_gold(self) -> str | None:
+        return " ".join(self.tags or [])
+
+    def edit_view(self, cjk: bool | None = None):
+        from lmtune.robust.text import token_words
+        return token_words(self.tokens, self.tags, cjk)
+
+    def with_words(self, w) -> NerExample:
+        return replace(self, tokens=list(w.words), tags=list(w.tags) if w.tags is not None else None, text=None, offsets=None)
 
 
 _CJK = "[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\u3040-\u30ff\uac00-\ud7af]"

@@ -9,7 +9,7 @@ import csv
 import io
 import json
 import unicodedata
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from lmtune.errors import InputError
@@ -21,6 +21,27 @@ class Example:
     label: str | None
     source: str  # "file:line"
     text_pair: str | None = None
+
+    # What data tools see of an example (audit, label-noise search, attacks, augmentation): each kind
+    # of example declares it, so those tools never ask which kind they hold.
+    labels_per_token = False  # one label for the whole text (a rewrite of the text keeps it)
+
+    def audit_text(self) -> str:
+        return self.text + (f" [SEP] {self.text_pair}" if self.text_pair else "")
+
+    def audit_units(self) -> list[str]:
+        """What the audit counts for balance: the class."""
+        return [self.label] if self.label is not None else []
+
+    def audit_gold(self) -> str | None:
+        return self.label
+
+    def edit_view(self, cjk: bool | None = None):
+        from lmtune.robust.text import text_words
+        return text_words(self.text, cjk)
+
+    def with_words(self, w) -> Example:
+        return replace(self, text=w.joiner.join(w.words))
 
 
 def detect_format(path: Path, fmt: str = "auto") -> str:

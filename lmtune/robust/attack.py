@@ -179,7 +179,7 @@ def run_attacks(run, examples: list, cfg: AttackConfig) -> dict:
 
 
 def _text(ex) -> str:
-    return ex.text if getattr(ex, "text", None) else " ".join(ex.tokens)
+    return ex.text if ex.text else ex.audit_text()
 
 
 def report_section(r: dict) -> str:

@@ -14,7 +14,6 @@ import random
 import torch
 
 from lmtune.config import AugmentConfig
-from lmtune.data.ner_readers import NerExample
 from lmtune.errors import InputError
 from lmtune.robust.attack import _eligible, _n_changes, _rng
 from lmtune.robust.text import Synonyms, Words, join_words, split_words, typo
@@ -64,7 +63,7 @@ def edit(ex, method: str, prob: float, synonyms: Synonyms, rng: random.Random):
 def augment(examples: list, cfg: AugmentConfig, model=None, tokenizer=None) -> list:
     """cfg.multiplier new rows per training row, each by one method drawn at random."""
     methods = list(cfg.methods)
-    if "backtranslate" in methods and examples and isinstance(examples[0], NerExample):
+    if "backtranslate" in methods and examples and examples[0].labels_per_token:
         raise InputError("augment.methods: backtranslate cannot keep NER tags aligned to words; use the word-level methods.")
     synonyms = Synonyms(cfg.synonyms, model, tokenizer) if set(methods) & {"synonym", "insert"} else None
     out, pending = [], {"mlm": [], "backtranslate": []}

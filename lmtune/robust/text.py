@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from lmtune.data.ner_readers import NerExample
 
 NEGATIONS = frozenset("not no never nor none nobody nothing neither nowhere without cannot n't isn't aren't wasn't weren't "
                       "don't doesn't didn't won't wouldn't can't couldn't shouldn't hasn't haven't hadn't ain't".split()
@@ -53,11 +52,17 @@ class Words:
 
 
 def split_words(ex, cjk: bool | None = None) -> Words:
-    if isinstance(ex, NerExample):
-        tags = ex.tags or ["O"] * len(ex.tokens)
-        return Words(list(ex.tokens), [t != "O" or _always_protected(w) for w, t in zip(ex.tokens, tags)],
-                     "" if is_cjk("".join(ex.tokens)) and cjk is not False else " ", list(tags) if ex.tags else None)
-    text = ex.text
+    """An example as editable words: what attacks and augmentation may change is the example's own
+    declaration (its edit_view), so no kind of example is special-cased here."""
+    return ex.edit_view(cjk)
+
+
+def join_words(ex, w: Words):
+    return ex.with_words(w)
+
+
+def text_words(text: str, cjk: bool | None = None) -> Words:
+    """A running text as words (Chinese segmented with jieba); numbers, negations and likely names protected."""
     if cjk if cjk is not None else is_cjk(text):
         words = _segment(text)
         return Words(words, [_always_protected(w) or not w.strip() for w in words], "")
@@ -68,11 +73,11 @@ def split_words(ex, cjk: bool | None = None) -> Words:
     return Words(words, protected)
 
 
-def join_words(ex, w: Words):
-    if isinstance(ex, NerExample):
-        return dataclasses.replace(ex, tokens=list(w.words), tags=list(w.tags) if w.tags is not None else None,
-                                   text=None, offsets=None)
-    return dataclasses.replace(ex, text=w.joiner.join(w.words))
+def token_words(tokens: list[str], tags: list[str] | None, cjk: bool | None = None) -> Words:
+    """Tagged tokens as words: entity words are protected, tags move with their words."""
+    shown = tags or ["O"] * len(tokens)
+    return Words(list(tokens), [t != "O" or _always_protected(w) for w, t in zip(tokens, shown)],
+                 "" if is_cjk("".join(tokens)) and cjk is not False else " ", list(tags) if tags else None)
 
 
 def _always_protected(word: str) -> bool:
