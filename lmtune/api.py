@@ -482,6 +482,7 @@ def _encode_data(ctx: _Context) -> None:
 def _audit_data(ctx: _Context) -> None:
     splits = ctx.splits
     ctx.audit_findings = audit(splits, {k: v.stats for k, v in ctx.encoded.items()}, ctx.cfg.data.max_length)
+    ctx.audit_findings += ctx.task.audit_findings(splits)
     if ctx.noise:
         ctx.audit_findings.append(noise_finding(ctx.noise, len(splits.train) + splits.info.get("dropped_label_noise", 0)))
     if ctx.main:

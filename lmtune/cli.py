@@ -90,7 +90,7 @@ def cmd_audit(args: list[str]) -> int:
     cfg = load_config(config, parse_overrides(args))
     task = get_task(cfg.task)
     splits = task.read(cfg)
-    findings = audit(splits)
+    findings = audit(splits) + task.audit_findings(splits)
     if cfg.data.label_noise_folds:
         task.require(LABEL_NOISE, "data.label_noise_folds")
         from lmtune.api import accelerator_for

@@ -39,6 +39,8 @@ class DataConfig:
     text_column: str = _f("text", "Column (or JSON key) holding the text.")
     text_pair_column: str | None = _f(None, "Second text column for sentence-pair tasks.")
     label_column: str = _f("label", "Column (or JSON key) holding the label.")
+    label_separator: str = _f(",", "Multi-label: separator of the labels in one column (a JSON list needs none).")
+    label_columns: list | None = _f(None, "Multi-label: one 0/1 column per label instead of a label column.")
     encoding: str = _f("utf-8", "Text encoding of the data files.")
     split: list = _f([0.7, 0.18, 0.12], "train/dev/test fractions used when only train is given.")
     max_length: int = _f(128, "Max tokens per example; classification truncates (and counts), NER cuts windows.", range=">= 8")

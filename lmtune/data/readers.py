@@ -120,6 +120,18 @@ def _check_label_types(path: Path, rows: list[tuple[int, dict]], label_column: s
                              f"Write every label of '{label_column}' as one type (all numbers or all strings).")
 
 
+def read_rows(path: str | Path, fmt: str = "auto", encoding: str = "utf-8") -> list[tuple[int, dict]]:
+    """A data file's rows as (line, {column: value}), with the same checks as read_examples (for
+    tasks whose labels are not one string per row)."""
+    path = Path(path)
+    fmt = detect_format(path, fmt)
+    text = read_text_file(path, encoding)
+    rows = _jsonl_rows(path, text) if fmt == "jsonl" else _table_rows(path, text, "\t" if fmt == "tsv" else ",")
+    if not rows:
+        raise InputError(f"{path}: no data rows found. The file needs a header and at least one row.")
+    return rows
+
+
 def read_examples(path: str | Path, text_column: str = "text", label_column: str | None = "label",
                   text_pair_column: str | None = None, fmt: str = "auto", encoding: str = "utf-8",
                   require_label: bool = True) -> list[Example]:

@@ -71,6 +71,7 @@ class Entity(BaseModel):
 
 class Prediction(BaseModel):
     label: str | None = Field(None, description="Predicted label; the abstain / out-of-scope label when the model abstains.")
+    labels: list[str] | None = Field(None, description="Multi-label: the predicted label set (each label above its threshold).")
     score: float | None = None
     probabilities: dict[str, float] | None = Field(None, description="Calibrated class probabilities.")
     abstained: bool = False

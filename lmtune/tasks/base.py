@@ -86,6 +86,10 @@ class Task:
     def arrays(self) -> dict[str, np.ndarray]:
         return {}
 
+    def audit_findings(self, splits: Splits) -> list[dict]:
+        """Task-specific data audit findings, beside the generic ones (audit.py's finding format)."""
+        return []
+
     def report_state(self) -> dict:
         """What report() needs beyond the metrics and state() (e.g. calibration curves), as JSON data:
         saved in results.json so that report.md can be rendered again from data alone."""
@@ -163,6 +167,28 @@ class Task:
 
     def example_probs(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> list[np.ndarray]:
         raise NotImplementedError
+
+
+def pad_batch(features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
+    """input_ids / attention_mask (/ token_type_ids) padded to the batch's own longest row.
+    Hand-written: plain tensor ops are several times faster than tokenizer.pad on small CPU
+    batches, and the loop calls it every step."""
+    width = max(f["length"] for f in features)
+    pad = tokenizer.pad_token_id or 0
+    n = len(features)
+    ids = torch.full((n, width), pad, dtype=torch.long)
+    mask = torch.zeros((n, width), dtype=torch.long)
+    types = torch.zeros((n, width), dtype=torch.long) if "token_type_ids" in features[0] else None
+    for i, f in enumerate(features):
+        L = f["length"]
+        ids[i, :L] = torch.tensor(f["input_ids"])
+        mask[i, :L] = 1
+        if types is not None:
+            types[i, :L] = torch.tensor(f["token_type_ids"])
+    batch = {"input_ids": ids, "attention_mask": mask}
+    if types is not None:
+        batch["token_type_ids"] = types
+    return batch
 
 
 def task_options(task: Task, cfg: Config) -> dict:
