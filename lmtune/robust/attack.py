@@ -142,6 +142,7 @@ def run_attacks(run, examples: list, cfg: AttackConfig) -> dict:
            "settings": {"rate": cfg.rate, "budget": cfg.budget, "synonyms": "wordnet" if synonyms.dictionary else "embedding",
                         "seed": cfg.seed}, "attacks": {}}
     classification = task.supports(EXAMPLE_LABELS)
+    clean_decisions = [row[task.decision_key] for row in run.predict_examples(examples)]
     if classification:
         score = Scorer(run)
         gold = np.array([run.labels.index(ex.label) if ex.label in run.labels else -1 for ex in examples])
@@ -153,7 +154,7 @@ def run_attacks(run, examples: list, cfg: AttackConfig) -> dict:
                 continue
             r = search_attack(examples, gold, score, synonyms, cfg.budget, cfg.seed)
             acc = float(clean[metric]) - r["flipped"] / max(len(examples), 1) if metric == "accuracy" else None
-            shown = [{"original": _text(examples[i]), "adversarial": _text(r["adversarial"][i]), "gold": examples[i].label,
+            shown = [{"original": _text(examples[i]), "adversarial": _text(r["adversarial"][i]), "gold": examples[i].audit_gold(),
                       "prediction": run.labels[r["new_label"][i]], "words_changed": r["words_changed"][i]}
                      for i in list(r["adversarial"])[:SHOWN]]
             out["attacks"]["search"] = {
@@ -166,14 +167,20 @@ def run_attacks(run, examples: list, cfg: AttackConfig) -> dict:
         pairs = [perturb(ex, method, cfg.rate, synonyms, _rng(cfg.seed, i, method)) for i, ex in enumerate(examples)]
         attacked = [p[0] for p in pairs]
         m = run.evaluate_examples(attacked)
+        decisions = [r[task.decision_key] for r in run.predict_examples(attacked)]
+        changed = [i for i, (a, b) in enumerate(zip(clean_decisions, decisions)) if a != b]
         row = {metric: m[metric], "avg_words_changed": float(np.mean([p[1] for p in pairs])) if pairs else 0.0,
-               "unchanged_examples": sum(p[1] == 0 for p in pairs)}
+               "unchanged_examples": sum(p[1] == 0 for p in pairs),
+               "changed_rate": len(changed) / max(len(examples), 1)}  # the prediction (label, label set, tags) changed
         if classification:
             pred = score(attacked).argmax(axis=1)
             was_right = clean_pred == gold
             row["success_rate"] = float(((pred != gold) & was_right).sum() / max(was_right.sum(), 1))
-            row["examples"] = [{"original": _text(examples[i]), "adversarial": _text(attacked[i]), "gold": examples[i].label,
+            row["examples"] = [{"original": _text(examples[i]), "adversarial": _text(attacked[i]), "gold": examples[i].audit_gold(),
                                 "prediction": run.labels[pred[i]]} for i in np.flatnonzero((pred != gold) & was_right)[:SHOWN]]
+        else:  # no single gold label: show examples whose prediction changed
+            row["examples"] = [{"original": _text(examples[i]), "adversarial": _text(attacked[i]), "gold": examples[i].audit_gold(),
+                                "before": clean_decisions[i], "after": decisions[i]} for i in changed[:SHOWN]]
         out["attacks"][method] = row
     return out
 
@@ -188,18 +195,20 @@ def report_section(r: dict) -> str:
              f"{r['n']} examples; typo/synonym attacks change {r['settings']['rate']:.0%} of the words (random, seed "
              f"{r['settings']['seed']}); the search attack may change {r['settings']['budget']:.0%} (at least one word); "
              f"substitutes from {r['settings']['synonyms']}. Entities, negations and numbers are never changed.", "",
-             f"| attack | {m} | drop | success rate | avg words changed |", "|---|---|---|---|---|",
-             f"| none (clean) | {r['clean'][m]:.4f} | | | |"]
+             f"| attack | {m} | drop | success rate | prediction changed | avg words changed |", "|---|---|---|---|---|---|",
+             f"| none (clean) | {r['clean'][m]:.4f} | | | | |"]
     for name, a in r["attacks"].items():
         if "skipped" in a:
-            lines.append(f"| {name} | skipped: {a['skipped']} | | | |")
+            lines.append(f"| {name} | skipped: {a['skipped']} | | | | |")
             continue
         drop = f"{r['clean'][m] - a[m]:+.4f}" if a.get(m) is not None else ""
         sr = f"{a['success_rate']:.1%}" if "success_rate" in a else ""
         val = f"{a[m]:.4f}" if a.get(m) is not None else ""
-        lines.append(f"| {name} | {val} | {drop} | {sr} | {a['avg_words_changed']:.2f} |")
+        changed = f"{a['changed_rate']:.1%}" if "changed_rate" in a else ""
+        lines.append(f"| {name} | {val} | {drop} | {sr} | {changed} | {a['avg_words_changed']:.2f} |")
     for name, a in r["attacks"].items():
         if a.get("examples"):
             lines += ["", f"Successful {name} attacks:", ""]
-            lines += [f"- {e['gold']} -> {e['prediction']}: \"{e['original']}\" -> \"{e['adversarial']}\"" for e in a["examples"]]
+            lines += [f"- {e['gold']} -> {e['prediction'] if 'prediction' in e else e['after']}: \"{e['original']}\" -> "
+                      f"\"{e['adversarial']}\"" for e in a["examples"]]
     return "\n".join(lines) + "\n"

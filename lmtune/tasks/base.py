@@ -59,6 +59,7 @@ class Task:
     headline: tuple[str, ...] = ()  # metric names shown in report.md and the CLI summary
     peft_task_type: str = ""  # peft's TaskType for this head
     encode_options: dict[str, str] = {}  # encode() keyword -> data.<key> it comes from (e.g. NER windows)
+    decision_key: str = "label"  # the key of a prediction row that holds the decision (an attack "succeeds" when it changes)
     capabilities: frozenset[str] = frozenset()
 
     def __init_subclass__(cls, **kw) -> None:

@@ -52,6 +52,7 @@ class NerTask(Task):
     headline = ("f1", "precision", "recall", "loss")
     peft_task_type = "TOKEN_CLS"
     capabilities = frozenset({CALIBRATE, ABSTAIN, LABEL_NOISE})
+    decision_key = "tags"
 
     encode_options = {"stride": "window_overlap", "label_all_subtokens": "label_all_subtokens"}
 
