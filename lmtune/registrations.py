@@ -28,16 +28,21 @@ adversaries.register("freelb", "lmtune.robust.adversarial:EmbeddingAdversary", k
 adversaries.register("typo", "lmtune.robust.adversarial:WordAdversary", kind="word")
 adversaries.register("synonym", "lmtune.robust.adversarial:WordAdversary", kind="word")
 
-# needs_example_labels: the attack scores predictions against one gold label per example
-attacks.register("typo", "lmtune.robust.attack:perturb", needs_example_labels=False)
-attacks.register("synonym", "lmtune.robust.attack:perturb", needs_example_labels=False)
-attacks.register("search", "lmtune.robust.attack:search_attack", needs_example_labels=True)
+# kind perturb: the target replaces one word (word, rng, synonyms) -> word, on a random share of the words;
+# kind search: the greedy word-importance attack (needs one gold label per example)
+attacks.register("typo", "lmtune.robust.attack:typo_word", kind="perturb", needs_synonyms=False)
+attacks.register("synonym", "lmtune.robust.attack:synonym_word", kind="perturb", needs_synonyms=True)
+attacks.register("search", "lmtune.robust.attack:search_attack", kind="search")
 
-# kind: word (an edit of the example's words), model (a model rewrites the text)
-for _name in ("synonym", "insert", "swap", "delete", "typo"):
-    augmenters.register(_name, "lmtune.robust.augment:edit", kind="word")
+# kind word: the target edits the example's words (lmtune.robust.augment.edit calls it); kind model:
+# a model substitutes words (mlm) or rewrites the whole text (backtranslate: tags cannot follow)
+augmenters.register("synonym", "lmtune.robust.augment:synonym_edit", kind="word", needs_synonyms=True)
+augmenters.register("insert", "lmtune.robust.augment:insert_edit", kind="word", needs_synonyms=True)
+augmenters.register("swap", "lmtune.robust.augment:swap_edit", kind="word")
+augmenters.register("delete", "lmtune.robust.augment:delete_edit", kind="word")
+augmenters.register("typo", "lmtune.robust.augment:typo_edit", kind="word")
 augmenters.register("mlm", "lmtune.robust.augment:mlm_substitute", kind="model")
-augmenters.register("backtranslate", "lmtune.robust.augment:backtranslate", kind="model")
+augmenters.register("backtranslate", "lmtune.robust.augment:backtranslate", kind="model", rewrites_text=True)
 
 # file: what the run's export/ folder must hold for the backend (torch: the run's model/);
 # auto: the order in which `--backend auto` tries them (fastest first)

@@ -13,6 +13,7 @@ import random
 import numpy as np
 
 from lmtune.config import AttackConfig
+from lmtune.registry import attacks
 from lmtune.robust.text import Synonyms, Words, editable, join_words, split_words, typo
 from lmtune.tasks.base import EXAMPLE_LABELS
 
@@ -33,16 +34,26 @@ def _n_changes(w: Words, share: float) -> int:
     return max(1, math.floor(share * len([x for x in w.words if x.strip()])))
 
 
+# Word replacements of the perturbation attacks, registered in lmtune/registrations.py (kind "perturb").
+def typo_word(word: str, rng: random.Random, synonyms: Synonyms) -> str:
+    return typo(word, rng)
+
+
+def synonym_word(word: str, rng: random.Random, synonyms: Synonyms) -> str:
+    return rng.choice(synonyms(word))
+
+
 def perturb(ex, method: str, share: float, synonyms: Synonyms, rng: random.Random) -> tuple[object, int]:
-    """A random typo / synonym version of one example and how many words it changed."""
+    """A random version of one example by a registered perturbation attack, and how many words it changed."""
+    replace = attacks.get(method)
     w = split_words(ex)
     positions = _eligible(w)
-    if method == "synonym":
+    if attacks.meta(method, "needs_synonyms"):
         positions = [j for j in positions if synonyms(w.words[j])]
     rng.shuffle(positions)
     chosen = positions[: _n_changes(w, share)]
     for j in chosen:
-        w.words[j] = typo(w.words[j], rng) if method == "typo" else rng.choice(synonyms(w.words[j]))
+        w.words[j] = replace(w.words[j], rng, synonyms)
     return join_words(ex, w), len(chosen)
 
 
@@ -148,7 +159,7 @@ def run_attacks(run, examples: list, cfg: AttackConfig) -> dict:
         gold = np.array([run.labels.index(ex.label) if ex.label in run.labels else -1 for ex in examples])
         clean_pred = score(examples).argmax(axis=1)
     for method in cfg.methods:
-        if method == "search":
+        if attacks.meta(method, "kind") == "search":
             if not classification:
                 out["attacks"]["search"] = {"skipped": f"the search attack needs one label per example ({task.name} has tags)"}
                 continue

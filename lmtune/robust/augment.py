@@ -15,58 +15,76 @@ import torch
 
 from lmtune.config import AugmentConfig
 from lmtune.errors import InputError
+from lmtune.registry import augmenters
 from lmtune.robust.attack import _eligible, _n_changes, _rng
 from lmtune.robust.text import Synonyms, Words, join_words, split_words, typo
 
 log = logging.getLogger("lmtune")
-WORD_EDITS = ("synonym", "insert", "swap", "delete", "typo")
+# The word-level edits, registered in lmtune/registrations.py (kind "word"): each gets the example's
+# words, the editable positions (shuffled; only those with synonyms when the edit needs them), how
+# many to change and the rng, and returns the edited words or None.
+def synonym_edit(w: Words, free: list[int], n: int, rng: random.Random, synonyms: Synonyms) -> Words | None:
+    for j in free[:n]:
+        w.words[j] = rng.choice(synonyms(w.words[j]))
+    return w
+
+
+def typo_edit(w: Words, free: list[int], n: int, rng: random.Random, synonyms: Synonyms) -> Words | None:
+    for j in free[:n]:
+        w.words[j] = typo(w.words[j], rng)
+    return w
+
+
+def insert_edit(w: Words, free: list[int], n: int, rng: random.Random, synonyms: Synonyms) -> Words | None:
+    for new in [rng.choice(synonyms(w.words[j])) for j in free[:n]]:
+        # never inside an entity: only before a word that does not continue one
+        slots = [k for k in range(len(w.words) + 1) if w.tags is None or k == len(w.words) or not w.tags[k].startswith("I-")]
+        k = rng.choice(slots)
+        w.words.insert(k, new)
+        w.protected.insert(k, False)
+        if w.tags is not None:
+            w.tags.insert(k, "O")
+    return w
+
+
+def swap_edit(w: Words, free: list[int], n: int, rng: random.Random, synonyms: Synonyms) -> Words | None:
+    if len(free) < 2:
+        return None
+    for _ in range(n):
+        a, b = rng.sample(free, 2)
+        w.words[a], w.words[b] = w.words[b], w.words[a]  # both unprotected, both tagged O in NER
+    return w
+
+
+def delete_edit(w: Words, free: list[int], n: int, rng: random.Random, synonyms: Synonyms) -> Words | None:
+    drop = set(free[: min(n, len(w.words) - 1)])
+    return Words([x for k, x in enumerate(w.words) if k not in drop], [x for k, x in enumerate(w.protected) if k not in drop],
+                 w.joiner, None if w.tags is None else [x for k, x in enumerate(w.tags) if k not in drop])
 
 
 def edit(ex, method: str, prob: float, synonyms: Synonyms, rng: random.Random):
-    """One EDA-style edit of an example; None when the example offers nothing to edit."""
+    """One EDA-style edit of an example by a registered word-level augmenter; None when the example
+    offers nothing to edit."""
     w = split_words(ex)
     free = _eligible(w)
     n = _n_changes(w, prob)
-    if method in ("synonym", "insert"):
+    if augmenters.meta(method, "needs_synonyms"):
         free = [j for j in free if synonyms(w.words[j])]
     if not free:
         return None
     rng.shuffle(free)
-    if method == "synonym":
-        for j in free[:n]:
-            w.words[j] = rng.choice(synonyms(w.words[j]))
-    elif method == "typo":
-        for j in free[:n]:
-            w.words[j] = typo(w.words[j], rng)
-    elif method == "insert":
-        for new in [rng.choice(synonyms(w.words[j])) for j in free[:n]]:
-            # never inside an entity: only before a word that does not continue one
-            slots = [k for k in range(len(w.words) + 1) if w.tags is None or k == len(w.words) or not w.tags[k].startswith("I-")]
-            k = rng.choice(slots)
-            w.words.insert(k, new)
-            w.protected.insert(k, False)
-            if w.tags is not None:
-                w.tags.insert(k, "O")
-    elif method == "swap":
-        if len(free) < 2:
-            return None
-        for _ in range(n):
-            a, b = rng.sample(free, 2)
-            w.words[a], w.words[b] = w.words[b], w.words[a]  # both unprotected, both tagged O in NER
-    elif method == "delete":
-        drop = set(free[: min(n, len(w.words) - 1)])
-        w = Words([x for k, x in enumerate(w.words) if k not in drop], [x for k, x in enumerate(w.protected) if k not in drop],
-                  w.joiner, None if w.tags is None else [x for k, x in enumerate(w.tags) if k not in drop])
-    return join_words(ex, w)
+    edited = augmenters.get(method)(w, free, n, rng, synonyms)
+    return None if edited is None else join_words(ex, edited)
 
 
 def augment(examples: list, cfg: AugmentConfig, model=None, tokenizer=None) -> list:
     """cfg.multiplier new rows per training row, each by one method drawn at random."""
     methods = list(cfg.methods)
-    if "backtranslate" in methods and examples and examples[0].labels_per_token:
-        raise InputError("augment.methods: backtranslate cannot keep NER tags aligned to words; use the word-level methods.")
-    synonyms = Synonyms(cfg.synonyms, model, tokenizer) if set(methods) & {"synonym", "insert"} else None
-    out, pending = [], {"mlm": [], "backtranslate": []}
+    for m in methods:
+        if augmenters.meta(m, "rewrites_text") and examples and examples[0].labels_per_token:
+            raise InputError(f"augment.methods: {m} cannot keep NER tags aligned to words; use the word-level methods.")
+    synonyms = Synonyms(cfg.synonyms, model, tokenizer) if any(augmenters.meta(m, "needs_synonyms") for m in methods) else None
+    out, pending = [], {m: [] for m in methods if augmenters.meta(m, "kind") == "model"}
     for i, ex in enumerate(examples):
         for c in range(cfg.multiplier):
             rng = _rng(cfg.seed, i, f"augment{c}")
@@ -77,9 +95,9 @@ def augment(examples: list, cfg: AugmentConfig, model=None, tokenizer=None) -> l
             new = edit(ex, method, cfg.prob, synonyms, rng)
             if new is not None:
                 out.append(new)
-    if pending["mlm"]:
+    if pending.get("mlm"):
         out += mlm_substitute(pending["mlm"], cfg.mlm_model, cfg.prob)
-    if pending["backtranslate"]:
+    if pending.get("backtranslate"):
         out += backtranslate([ex for ex, _ in pending["backtranslate"]], cfg.translate_to, cfg.translate_back)
     log.info("augmentation: %d new training rows from %d (%s)", len(out), len(examples), ", ".join(methods))
     return out
