@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from lmtune.config import Config
+from lmtune.data.splits import stratified_split
 from lmtune.errors import InputError
 
 
@@ -168,6 +169,19 @@ class Task:
 
     def example_probs(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> list[np.ndarray]:
         raise NotImplementedError
+
+
+def shuffle_split(train: list, test: list | None, fractions: list[float], seed: int, method: str,
+                  source: str) -> tuple[list, list, list, dict]:
+    """Dev (and test, when no test file was given) split off train by a seeded shuffle, for tasks with
+    no single label per example to stratify on; returns train, dev, test and the splits.json record."""
+    fr = fractions if test is None else [fractions[0], fractions[1], 0.0]
+    fr = [f / sum(fr) for f in fr]
+    tr, dv, te = stratified_split([0] * len(train), fr, seed)  # one stratum: a seeded shuffle
+    dev = [train[i] for i in dv]
+    test = test if test is not None else [train[i] for i in te]
+    info = {"method": method, "fractions": fr, "seed": seed, "source": source, "dev_rows": [ex.source for ex in dev]}
+    return [train[i] for i in tr], dev, test, info
 
 
 def pad_batch(features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:

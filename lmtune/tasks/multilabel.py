@@ -25,12 +25,11 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lmtune.config import Config
 from lmtune.data.readers import Example, is_invisible, read_rows
-from lmtune.data.splits import stratified_split
 from lmtune.errors import InputError
 from lmtune.evaluate.report import prf_table
 from lmtune.io import atomic_path
 from lmtune.models import load_config, quiet_transformers, resolve_model
-from lmtune.tasks.base import CALIBRATE, Encoded, Splits, Task, pad_batch
+from lmtune.tasks.base import CALIBRATE, Encoded, Splits, Task, pad_batch, shuffle_split
 
 POS_WEIGHT_CAP = 30.0  # a label seen once in 10,000 rows would otherwise get a weight of 10,000
 _TRUE, _FALSE = ("1", "1.0", "true", "yes"), ("0", "0.0", "false", "no", "")
@@ -160,12 +159,7 @@ class MultiLabelTask(Task):
             info = {"method": "files", "train": d.train, "dev": d.dev, "test": d.test}
         else:
             test = self.read_file(d.test, cfg, labels) if d.test else None
-            fr = d.split if test is None else [d.split[0], d.split[1], 0.0]
-            fr = [f / sum(fr) for f in fr]
-            tr, dv, te = stratified_split([0] * len(train), fr, cfg.train.seed)  # one stratum: a seeded shuffle
-            dev, test, train = [train[i] for i in dv], test if test is not None else [train[i] for i in te], [train[i] for i in tr]
-            info = {"method": "random split", "fractions": fr, "seed": cfg.train.seed, "source": d.train,
-                    "dev_rows": [ex.source for ex in dev]}
+            train, dev, test, info = shuffle_split(train, test, d.split, cfg.train.seed, "random split", d.train)
         if not dev:
             raise InputError(f"{d.train}: too few rows to split off a dev set; give data.dev.")
         info["sizes"] = {"train": len(train), "dev": len(dev), "test": len(test)}

@@ -22,7 +22,6 @@ from transformers import AutoModelForTokenClassification, AutoTokenizer
 
 from lmtune.config import Config
 from lmtune.data.ner_readers import NerExample, convert, example_from_text, read_ner_raw, span_text
-from lmtune.data.splits import stratified_split
 from lmtune.data.tagging import allowed_transitions, bio_labels, count_invalid, detect_scheme, from_bio, spans, split_tag, viterbi
 from lmtune.errors import InputError
 from lmtune.evaluate.abstain import choose_threshold
@@ -31,7 +30,7 @@ from lmtune.evaluate.calibration import metrics as calibration_metrics
 from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, quiet_transformers, resolve_model
-from lmtune.tasks.base import ABSTAIN, CALIBRATE, LABEL_NOISE, Encoded, Splits, Task, balanced_weights, cross_entropy_sum
+from lmtune.tasks.base import ABSTAIN, CALIBRATE, LABEL_NOISE, Encoded, Splits, Task, balanced_weights, cross_entropy_sum, shuffle_split
 
 
 log = logging.getLogger("lmtune")
@@ -121,13 +120,7 @@ class NerTask(Task):
             dev, test = read["dev"], read.get("test", [])
             info = {"method": "files", "train": d.train, "dev": d.dev, "test": d.test}
         else:
-            test = read.get("test")
-            fr = d.split if test is None else [d.split[0], d.split[1], 0.0]
-            fr = [f / sum(fr) for f in fr]
-            tr, dv, te = stratified_split([0] * len(train), fr, cfg.train.seed)  # one stratum: a seeded shuffle
-            dev, test, train = [train[i] for i in dv], test if test is not None else [train[i] for i in te], [train[i] for i in tr]
-            info = {"method": "sentence split", "fractions": fr, "seed": cfg.train.seed, "source": d.train,
-                    "dev_rows": [ex.source for ex in dev]}
+            train, dev, test, info = shuffle_split(train, read.get("test"), d.split, cfg.train.seed, "sentence split", d.train)
         if repairs:
             log.warning("tag scheme %s (detected over %s): %d tag(s) break it and were repaired, e.g. %s",
                         scheme.upper(), ", ".join(files), len(repairs), "; ".join(repairs[:3]))
