@@ -40,17 +40,16 @@ from lmtune.models import check_model, count_parameters, freeze, quiet_transform
 from lmtune.peft import finalize as finalize_peft
 from lmtune.peft import (apply_peft, artifact_bytes, base_fingerprint, is_adapter_dir, is_peft, load_adapter, rank_pattern,
                          save_adapter, step_hooks, wrap_loss)
-from lmtune.registry import adversaries, backends
-from lmtune.robust.adversarial import EmbeddingAdversary, WordAdversary
+from lmtune.registry import adversaries, backends, trackers
+from lmtune.robust.adversarial import AdversaryInputs
 from lmtune.robust.augment import augment
 from lmtune.robust.text import Synonyms
 from lmtune.tasks import get_task
-from lmtune.tasks.base import ABSTAIN, CALIBRATE, EXAMPLE_LABELS, LABEL_NOISE, MAHALANOBIS, Encoded, encode_examples
+from lmtune.tasks.base import ABSTAIN, CALIBRATE, EXAMPLE_LABELS, LABEL_NOISE, MAHALANOBIS, encode_examples
 from lmtune.training.checkpoint import Checkpoints
 from lmtune.training.optim import resolve_learning_rates
 from lmtune.training.loop import LoopTask, predict_outputs, total_steps, train_loop
 from lmtune.training.memory import PeakMemory
-from lmtune.training.tensorboard import TensorBoardLogger, require_tensorboard
 
 log = logging.getLogger("lmtune")
 def fit_output_controls(task, cfg: Config, outputs, encoded: dict, labels: list[str]) -> dict:
@@ -337,8 +336,8 @@ def train(config: Config | dict | str | Path, overrides: dict | None = None, res
     if cfg.train.metric is not None and cfg.train.metric not in task.headline:
         raise InputError(f"train.metric: '{cfg.train.metric}' is not a metric of the {task.name} task "
                          f"(choose from {', '.join(task.headline)}).")
-    if cfg.train.tensorboard:
-        require_tensorboard()
+    for name in tracker_names(cfg):
+        trackers.get(name).require()
     for key, on, capability in (("abstain.target", cfg.abstain.target != "none", ABSTAIN),
                                 ("abstain.score", cfg.abstain.score != "probability", MAHALANOBIS),
                                 ("data.label_noise_folds", cfg.data.label_noise_folds > 0, LABEL_NOISE),
@@ -423,6 +422,11 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
     return ctx.run
 
 
+def tracker_names(cfg: Config) -> list[str]:
+    """train.trackers, plus tensorboard when the older train.tensorboard switch is on."""
+    return list(dict.fromkeys([*cfg.train.trackers, *(["tensorboard"] if cfg.train.tensorboard else [])]))
+
+
 def _record_inputs(ctx: _Context) -> None:
     if ctx.main and not ctx.resume:
         write_text(ctx.rd.config, ctx.cfg.to_yaml())
@@ -451,7 +455,8 @@ def _build_model(ctx: _Context) -> None:
                      if cfg.data.resample != "none" else None)
     # augmented rows come from train only, after the split: dev and test never see them
     ctx.extra = augment(splits.train, cfg.augment, model, ctx.tokenizer) if cfg.augment.methods else []
-    ctx.synonyms = Synonyms(cfg.adversarial.synonyms, model, ctx.tokenizer) if cfg.adversarial.method == "synonym" else None
+    ctx.synonyms = (Synonyms(cfg.adversarial.synonyms, model, ctx.tokenizer)
+                    if adversaries.meta(cfg.adversarial.method, "needs_synonyms") else None)
     steps = total_steps(cfg.train, len(ctx.resampled if ctx.resampled is not None else splits.train) + len(ctx.extra))
     ctx.model = apply_peft(model, cfg.peft, task.peft_task_type, steps)
     ctx.trainable, ctx.total = count_parameters(ctx.model)
@@ -499,21 +504,23 @@ def _fit(ctx: _Context) -> None:
         return task.evaluate(ctx.outputs(m, "dev"), ctx.encoded["dev"], ctx.splits.labels)
 
     ctx.ckpt = Checkpoints(ctx.rd.checkpoints)
-    tb = TensorBoardLogger(ctx.rd.root / "tensorboard") if cfg.train.tensorboard and ctx.main else None
+    active = [trackers.get(name)(ctx.rd.root, cfg) for name in tracker_names(cfg)] if ctx.main else []
     last = ctx.ckpt.path("last") if ctx.resume else None
     ctx.resumed_from = json.loads((last / "state.json").read_text())["step"] if last else None
     t0 = time.perf_counter()
-    ctx.adversary = _adversary(cfg, task, ctx.tokenizer, ctx.splits.labels, ctx.encoded["train"], ctx.extra,
-                               ctx.train_features, ctx.collate, ctx.synonyms)
+    if cfg.adversarial.method != "none":
+        ctx.adversary = adversaries.get(cfg.adversarial.method).build(AdversaryInputs(
+            cfg, task, ctx.tokenizer, ctx.splits.labels, ctx.encoded["train"], ctx.extra, ctx.train_features, ctx.collate,
+            ctx.synonyms))
     loop_task = LoopTask(ctx.collate, wrap_loss(task.loss, ctx.model, cfg.peft), task.num_items, evaluate_dev, ctx.adversary)
     try:
         with PeakMemory() as ctx.peak_mem:
             ctx.state = train_loop(ctx.model, ctx.train_features, loop_task, ctx.lrs, ctx.ckpt, ctx.accelerator,
-                                   resume=bool(ctx.resume), callbacks=(*ctx.callbacks, *([tb] if tb else [])),
+                                   resume=bool(ctx.resume), callbacks=(*ctx.callbacks, *active),
                                    step_hooks=tuple(step_hooks(ctx.model, cfg.peft)))
     finally:
-        if tb:
-            tb.close()
+        for tracker in active:
+            tracker.close()
     ctx.train_seconds = time.perf_counter() - t0  # this process only; a resumed run counts its own part
 
 
@@ -578,11 +585,7 @@ def _train_summary(ctx: _Context) -> dict:
     step_rows = [r["seconds"] for r in state.history if "seconds" in r]
     summary["seconds_per_step"] = sum(step_rows) / max(len(step_rows), 1)
     if ctx.adversary:
-        a = cfg.adversarial
-        summary["adversarial"] = {"method": a.method, "forward_backward_passes_per_step": ctx.adversary.passes,
-                                  "forward_only_passes_per_step": ctx.adversary.forward_only,
-                                  **({"rate": a.rate, "candidates": a.candidates} if adversaries.meta(a.method, "kind") == "word"
-                                     else {"epsilon": a.epsilon, "alpha": a.alpha, "steps": a.steps})}
+        summary["adversarial"] = ctx.adversary.describe()
     return summary
 
 
@@ -626,21 +629,6 @@ def _attack(ctx: _Context) -> None:
 def _seconds_per_epoch(history: list[dict], steps_per_epoch: int) -> float:
     steps = [r["seconds"] for r in history if "seconds" in r]
     return sum(steps) / max(len(steps), 1) * steps_per_epoch
-
-
-def _adversary(cfg: Config, task, tokenizer, labels: list[str], train: Encoded, extra: Encoded | list,
-               features: list[dict], collate, synonyms) -> EmbeddingAdversary | WordAdversary | None:
-    method = cfg.adversarial.method
-    if method == "none":
-        return None
-    if adversaries.meta(method, "kind") == "embedding":
-        return EmbeddingAdversary(cfg.adversarial, cfg.train.seed)
-    sources = {}  # id(feature) -> (example, window number), over train and its augmented rows
-    for enc in [train, *([extra] if extra else [])]:
-        for ex, windows in zip(enc.examples, enc.windows()):
-            sources.update({id(f): (ex, w) for w, f in enumerate(windows)})
-    encode = functools.partial(encode_examples, task, tokenizer=tokenizer, cfg=cfg, labels=labels)
-    return WordAdversary(cfg.adversarial, features, [sources[id(f)] for f in features], encode, collate, synonyms, cfg.train.seed)
 
 
 def _label_noise(cfg: Config, task, splits, run_dir: Path, accelerator) -> dict:

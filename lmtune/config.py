@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 
 from lmtune.errors import InputError
-from lmtune.registry import adversaries, attacks, augmenters, peft_methods
+from lmtune.registry import adversaries, attacks, augmenters, peft_methods, trackers
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
 
@@ -90,7 +90,8 @@ class TrainConfig:
     focal_gamma: float = _f(0.0, "Focal loss gamma (0 = plain cross-entropy; 2 is usual for imbalance).", range=">= 0")
     calibrate: bool = _f(True, "Fit a temperature on dev after training (classification; NER: on each word's tag "
                                "distribution); outputs use calibrated probabilities.")
-    tensorboard: bool = _f(False, "Also log to TensorBoard (needs the tensorboard package).")
+    tensorboard: bool = _f(False, "Also log to TensorBoard (needs the tensorboard package); the same as trackers [tensorboard].")
+    trackers: list = _f([], "Experiment trackers that receive the training history as it grows: tensorboard.")
     progress: str = _f("auto", "Progress display: auto = bars on a terminal, lines otherwise.", ("auto", "bar", "lines", "none"))
 
 
@@ -332,6 +333,8 @@ def validate(cfg: Config, where: str = "config") -> None:
     for section, known in (("attack", attacks), ("augment", augmenters)):
         for m in getattr(cfg, section).methods:
             known.check(m, f"{where}: {section}.methods")
+    for name in cfg.train.trackers:
+        trackers.check(name, f"{where}: train.trackers")
     if not 0 < cfg.attack.rate <= 1 or not 0 < cfg.attack.budget <= 1 or not 0 < cfg.augment.prob <= 1:
         raise InputError(f"{where}: attack.rate, attack.budget and augment.prob must be in (0, 1].")
     if cfg.augment.multiplier < 1:

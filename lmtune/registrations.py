@@ -20,13 +20,14 @@ peft_methods.register("prefix", "lmtune.peft:build_prefix", default_lr=1e-2, mer
 peft_methods.register("prompt", "lmtune.peft:build_prompt", default_lr=3e-2, mergeable=False)
 peft_methods.register("adapter", "lmtune.peft:build_adapter", default_lr=1e-3, mergeable=False)
 
-# kind: embedding (a perturbation of the word-embedding output) or word (edited text)
+# the target is a class with build(AdversaryInputs) and describe(); kind: embedding (a perturbation of
+# the word-embedding output) or word (edited text); needs_synonyms: the recipe builds the synonym table
 adversaries.register("none", None, kind=None)
 adversaries.register("fgm", "lmtune.robust.adversarial:EmbeddingAdversary", kind="embedding")
 adversaries.register("pgd", "lmtune.robust.adversarial:EmbeddingAdversary", kind="embedding")
 adversaries.register("freelb", "lmtune.robust.adversarial:EmbeddingAdversary", kind="embedding")
 adversaries.register("typo", "lmtune.robust.adversarial:WordAdversary", kind="word")
-adversaries.register("synonym", "lmtune.robust.adversarial:WordAdversary", kind="word")
+adversaries.register("synonym", "lmtune.robust.adversarial:WordAdversary", kind="word", needs_synonyms=True)
 
 # kind perturb: the target replaces one word (word, rng, synonyms) -> word, on a random share of the words;
 # kind search: the greedy word-importance attack (needs one gold label per example)
@@ -41,6 +42,7 @@ augmenters.register("insert", "lmtune.robust.augment:insert_edit", kind="word", 
 augmenters.register("swap", "lmtune.robust.augment:swap_edit", kind="word")
 augmenters.register("delete", "lmtune.robust.augment:delete_edit", kind="word")
 augmenters.register("typo", "lmtune.robust.augment:typo_edit", kind="word")
+# a model-kind target takes all its rows at once: (list of (example, rng), AugmentConfig) -> new examples
 augmenters.register("mlm", "lmtune.robust.augment:mlm_substitute", kind="model")
 augmenters.register("backtranslate", "lmtune.robust.augment:backtranslate", kind="model", rewrites_text=True)
 

@@ -75,7 +75,7 @@ adversaries = Registry("adversarial method", "adversarial.method")
 attacks = Registry("attack", "attack.methods")
 augmenters = Registry("augmentation", "augment.methods")
 backends = Registry("prediction backend", "--backend")
-trackers = Registry("tracker", "train.tensorboard")
+trackers = Registry("tracker", "train.trackers")
 
 _loaded = False
 

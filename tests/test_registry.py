@@ -81,3 +81,75 @@ def test_report_is_rendered_from_the_results_document(tiny_config, capsys):
     doc = json.loads((run.run_dir / "results.json").read_text())
     report = (run.run_dir / "report.md").read_text()
     assert doc["robustness"]["attacks"]["typo"] and report.startswith(written.rstrip("\n")[:200]) and "## Robustness" in report
+
+
+class RowsTracker:
+    """A throwaway tracker defined only here: keeps every history row it is handed."""
+    seen: list = []
+    closed = False
+
+    @staticmethod
+    def require():
+        return None
+
+    def __init__(self, run_dir, cfg):
+        self.done = 0
+        RowsTracker.seen, RowsTracker.closed = [], False
+
+    def __call__(self, state):
+        RowsTracker.seen += state.history[self.done:]
+        self.done = len(state.history)
+
+    def close(self):
+        RowsTracker.closed = True
+
+
+class CountingAdversary:
+    """A throwaway adversary defined only here: the plain step, counted (one pass per micro-batch)."""
+    passes = 1
+
+    def __init__(self):
+        self.calls = 0
+
+    @classmethod
+    def build(cls, inputs):
+        assert inputs.features and inputs.tokenizer is not None
+        return cls()
+
+    def describe(self):
+        return {"method": "counting", "calls": self.calls}
+
+    def step(self, model, batch, loss_fn, backward, no_sync=None, items=None):
+        self.calls += 1
+        loss = loss_fn(model, batch)
+        backward(loss)
+        return loss
+
+
+def test_a_tracker_and_an_adversary_registered_outside_lmtune_plug_in(tiny_config):
+    registry.trackers.register("rows", "tests.test_registry:RowsTracker")
+    registry.adversaries.register("counting", "tests.test_registry:CountingAdversary", kind="custom")
+    cfg = copy.deepcopy(tiny_config)
+    cfg["train"].update(max_steps=3, trackers=["rows"])
+    cfg["adversarial"] = {"method": "counting"}
+    run = lmtune.train(cfg)
+    assert [r["step"] for r in RowsTracker.seen if "train_loss" in r] == [1, 2, 3] and RowsTracker.closed
+    assert run.metrics["train"]["adversarial"] == {"method": "counting", "calls": 3}
+    with pytest.raises(InputError, match=r"train\.trackers: unknown tracker 'mlfow'"):
+        validate(build_config({"train": {"trackers": ["mlfow"]}}))
+
+
+def test_a_tracker_whose_package_is_missing_fails_before_training(tiny_config, monkeypatch):
+    import builtins
+    real_import = builtins.__import__
+
+    def no_tensorboard(name, *args, **kwargs):
+        if name.startswith("torch.utils.tensorboard") or name == "tensorboard":
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_tensorboard)
+    cfg = copy.deepcopy(tiny_config)
+    cfg["train"].update(trackers=["tensorboard"])
+    with pytest.raises(InputError, match="tensorboard needs the tensorboard package"):
+        lmtune.train(cfg)

@@ -14,7 +14,8 @@ from lmtune.cli import main
 from lmtune.config import AdversarialConfig, AttackConfig, AugmentConfig
 from lmtune.data.ner_readers import NerExample
 from lmtune.data.readers import Example
-from lmtune.robust.adversarial import EmbeddingAdversary, WordAdversary, example_losses, plain_step
+from lmtune.robust.adversarial import EmbeddingAdversary, WordAdversary, example_losses
+from lmtune.training.loop import plain_step
 from lmtune.robust.attack import perturb, run_attacks
 from lmtune.robust.augment import augment, backtranslate, edit, translate
 from lmtune.robust.text import Synonyms, split_words, typo
@@ -316,7 +317,8 @@ def test_backtranslation_runs_end_to_end_with_a_tiny_random_marian(tmp_path, tin
     out = translate(texts, str(tmp_path / "to"))
     assert len(out) == 2 and all(isinstance(t, str) for t in out)
     examples = [Example(t, lab, f"f:{i}") for i, (t, lab) in enumerate(zip(texts, ["pos", "neg"]))]
-    rows = backtranslate(examples, str(tmp_path / "to"), str(tmp_path / "back"))
+    rows = backtranslate([(ex, None) for ex in examples],
+                         AugmentConfig(translate_to=str(tmp_path / "to"), translate_back=str(tmp_path / "back")))
     source = {ex.source: ex for ex in examples}
     assert len(rows) <= 2
     for r in rows:  # the label travels with its row; unchanged or empty round trips are dropped

@@ -10,15 +10,32 @@ example gets its own perturbation, normalized over its real (non-padding) tokens
 """
 from __future__ import annotations
 
+import functools
 import random
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from lmtune.config import AdversarialConfig
 from lmtune.robust.attack import perturb
+
+@dataclass
+class AdversaryInputs:
+    """What the recipe hands a registered adversary's `build` (lmtune.registrations, adversaries)."""
+    cfg: Any  # lmtune.config.Config
+    task: Any
+    tokenizer: Any
+    labels: list[str]
+    train: Any  # Encoded train split
+    extra: Any  # Encoded augmented rows, or []
+    features: list[dict]  # what the loop trains on (train, re-sampled, plus the augmented rows)
+    collate: Callable
+    synonyms: Any = None
+
 
 PASSES = {"fgm": lambda steps: 2, "pgd": lambda steps: steps + 1, "freelb": lambda steps: steps}
 
@@ -39,6 +56,15 @@ class EmbeddingAdversary:
         self.forward_only = 0  # passes without a backward (WordAdversary's candidate scoring)
         self._delta: torch.Tensor | None = None
         self.last_losses: list[float] = []  # clean, then each adversarial loss of the last step (tests, logs)
+
+    @classmethod
+    def build(cls, inputs: AdversaryInputs) -> EmbeddingAdversary:
+        return cls(inputs.cfg.adversarial, inputs.cfg.train.seed)
+
+    def describe(self) -> dict:
+        """The settings and cost for the run's summary."""
+        return {"method": self.method, "forward_backward_passes_per_step": self.passes, "forward_only_passes_per_step": 0,
+                "epsilon": self.epsilon, "alpha": self.alpha, "steps": self.steps}
 
     @contextmanager
     def _perturbed(self, model):
@@ -127,13 +153,6 @@ def _embedding_module(model) -> torch.nn.Module:
     return inner.get_input_embeddings()
 
 
-def plain_step(model, batch: dict, loss_fn: Callable, backward: Callable[[torch.Tensor], None],
-               no_sync: Callable = nullcontext, items: list[dict] | None = None) -> torch.Tensor:
-    loss = loss_fn(model, batch)
-    backward(loss)
-    return loss
-
-
 def example_losses(outputs, batch: dict) -> torch.Tensor:
     """Cross-entropy on the gold labels summed per example, shape [batch]; -100 labels are ignored.
     Every task here is a transformers head whose `logits` and `labels` share their leading
@@ -166,6 +185,22 @@ class WordAdversary:
         self.calls = 0
         self.last_losses: list[float] = []
         self.last_chosen: list[dict] = []  # the features trained on at the last step (tests, logs)
+
+    @classmethod
+    def build(cls, inputs: AdversaryInputs) -> WordAdversary:
+        from lmtune.tasks.base import encode_examples
+        sources = {}  # id(feature) -> (example, window number), over train and its augmented rows
+        for enc in [inputs.train, *([inputs.extra] if inputs.extra else [])]:
+            for ex, windows in zip(enc.examples, enc.windows()):
+                sources.update({id(f): (ex, w) for w, f in enumerate(windows)})
+        cfg = inputs.cfg
+        encode = functools.partial(encode_examples, inputs.task, tokenizer=inputs.tokenizer, cfg=cfg, labels=inputs.labels)
+        return cls(cfg.adversarial, inputs.features, [sources[id(f)] for f in inputs.features], encode, inputs.collate,
+                   inputs.synonyms, cfg.train.seed)
+
+    def describe(self) -> dict:
+        return {"method": self.method, "forward_backward_passes_per_step": self.passes,
+                "forward_only_passes_per_step": self.forward_only, "rate": self.rate, "candidates": self.candidates}
 
     def _variants(self, items: list[dict]) -> list[list[dict]]:
         """`candidates` perturbed features per item; an item with nothing to change keeps itself."""

@@ -95,20 +95,20 @@ def augment(examples: list, cfg: AugmentConfig, model=None, tokenizer=None) -> l
             new = edit(ex, method, cfg.prob, synonyms, rng)
             if new is not None:
                 out.append(new)
-    if pending.get("mlm"):
-        out += mlm_substitute(pending["mlm"], cfg.mlm_model, cfg.prob)
-    if pending.get("backtranslate"):
-        out += backtranslate([ex for ex, _ in pending["backtranslate"]], cfg.translate_to, cfg.translate_back)
+    for method, items in pending.items():  # a model-kind augmenter edits all its rows at once: one model load
+        if items:
+            out += augmenters.get(method)(items, cfg)
     log.info("augmentation: %d new training rows from %d (%s)", len(out), len(examples), ", ".join(methods))
     return out
 
 
 @torch.inference_mode()
-def mlm_substitute(items: list, model_name: str, prob: float, batch_size: int = 32) -> list:
+def mlm_substitute(items: list, cfg: AugmentConfig, batch_size: int = 32) -> list:
     """Masked-LM contextual substitution: mask some unprotected words and put in one of the LM's top-5
-    whole-word guesses that differs from the original."""
+    whole-word guesses that differs from the original. items: (example, its rng)."""
     from transformers import AutoModelForMaskedLM
-    lm, tok = _load(AutoModelForMaskedLM, model_name)
+    lm, tok = _load(AutoModelForMaskedLM, cfg.mlm_model)
+    prob = cfg.prob
     out = []
     for start in range(0, len(items), batch_size):
         chunk = items[start: start + batch_size]
@@ -136,11 +136,12 @@ def mlm_substitute(items: list, model_name: str, prob: float, batch_size: int = 
 
 
 @torch.inference_mode()
-def backtranslate(examples: list, to_model: str, back_model: str, batch_size: int = 16) -> list:
+def backtranslate(items: list, cfg: AugmentConfig, batch_size: int = 16) -> list:
     """Translate to a pivot language and back (MarianMT or any seq2seq model); the label is kept.
-    Rows whose round trip comes back unchanged or empty are dropped."""
-    texts = translate([ex.text for ex in examples], to_model, batch_size)
-    back = translate(texts, back_model, batch_size)
+    Rows whose round trip comes back unchanged or empty are dropped. items: (example, its rng)."""
+    examples = [ex for ex, _ in items]
+    texts = translate([ex.text for ex in examples], cfg.translate_to, batch_size)
+    back = translate(texts, cfg.translate_back, batch_size)
     import dataclasses
     return [dataclasses.replace(ex, text=t) for ex, t in zip(examples, back) if t.strip() and t.strip() != ex.text.strip()]
 

@@ -15,7 +15,6 @@ import torch
 from accelerate import Accelerator
 
 from lmtune.config import TrainConfig
-from lmtune.robust.adversarial import plain_step
 from lmtune.training.batching import epoch_batches, eval_batches
 from lmtune.training.checkpoint import Checkpoints, TrainState
 from lmtune.training.optim import build_optimizer, build_scheduler
@@ -31,7 +30,15 @@ class LoopTask:
     loss: Callable  # (outputs, batch) -> summed loss
     num_items: Callable[[list[dict]], int]
     evaluate: Callable[[torch.nn.Module], dict] | None  # model -> dev metrics; None: no dev, no checkpoints
-    adversary: Any = None  # robust/adversarial.py: extra passes on perturbed embeddings or words per micro-batch
+    adversary: Any = None  # a registered adversary: its step(...) replaces plain_step (extra passes per micro-batch)
+
+
+def plain_step(model, batch: dict, loss_fn: Callable, backward: Callable[[torch.Tensor], None],
+               no_sync: Callable = nullcontext, items: list[dict] | None = None) -> torch.Tensor:
+    """One micro-batch's forward and backward; an adversary's `step` (same signature) replaces it."""
+    loss = loss_fn(model, batch)
+    backward(loss)
+    return loss
 
 
 def is_better(metric: str, new: float, old: float | None) -> bool:

@@ -1,4 +1,9 @@
-"""Optional TensorBoard logging, as a loop callback: writes history rows not yet written."""
+"""TensorBoard, a registered tracker (lmtune.registrations): a loop callback that writes the
+history rows not yet written.
+
+A tracker is a class with `require()` (raises InputError before training when its package is
+missing), `__init__(run_dir, cfg)`, `__call__(state)` after each step, and `close()`.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,19 +11,19 @@ from pathlib import Path
 from lmtune.errors import InputError
 
 
-def require_tensorboard():
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise InputError("train.tensorboard: the tensorboard package is not installed. "
-                         "pip install 'lmtune[tensorboard]', or set train.tensorboard false.") from None
-    return SummaryWriter
-
-
 class TensorBoardLogger:
-    def __init__(self, log_dir: Path):
-        SummaryWriter = require_tensorboard()
-        self.writer = SummaryWriter(log_dir=str(log_dir))
+    @staticmethod
+    def require():
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise InputError("train.trackers: tensorboard needs the tensorboard package. "
+                             "pip install 'lmtune[tensorboard]', or leave tensorboard out of train.trackers.") from None
+        return SummaryWriter
+
+    def __init__(self, run_dir: Path, cfg=None):
+        SummaryWriter = self.require()
+        self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tensorboard"))
         self.done = 0
 
     def __call__(self, state) -> None:
