@@ -601,7 +601,9 @@ def _write_results(ctx: _Context) -> None:
         keys = (*(("adversarial",) if ctx.adversary else ()), *TRAIN_KEYS)
         metrics = {**ctx.split_metrics, "train": {k: summary[k] for k in keys}, "metric": lrs.metric,
                    "headline": list(ctx.task.headline)}
-        findings = diagnose(state.history, lrs.metric, _majority_baseline(ctx.splits.dev) if lrs.metric == "accuracy" else None)
+        baseline = (_majority_baseline(ctx.splits.dev) if lrs.metric == "accuracy" and ctx.task.supports(EXAMPLE_LABELS)
+                    else None)
+        findings = diagnose(state.history, lrs.metric, baseline)
         metrics["diagnosis"] = findings
         write_json(ctx.rd.metrics, metrics)
         write_jsonl(ctx.rd.history, state.history)
@@ -646,7 +648,8 @@ def _label_noise(cfg: Config, task, splits, run_dir: Path, accelerator) -> dict:
 
 
 def _majority_baseline(examples: list) -> float | None:
-    labels = [getattr(ex, "label", None) for ex in examples]
+    """Accuracy of always answering the most frequent dev label (examples of a task with EXAMPLE_LABELS)."""
+    labels = [ex.label for ex in examples]
     if not labels or None in labels:
         return None
     return max(labels.count(x) for x in set(labels)) / len(labels)
