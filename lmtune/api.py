@@ -45,7 +45,7 @@ from lmtune.robust.adversarial import AdversaryInputs
 from lmtune.robust.augment import augment
 from lmtune.robust.text import Synonyms
 from lmtune.tasks import get_task
-from lmtune.tasks.base import ABSTAIN, CALIBRATE, EXAMPLE_LABELS, LABEL_NOISE, MAHALANOBIS, encode_examples
+from lmtune.tasks.base import ABSTAIN, CALIBRATE, EXAMPLE_LABELS, INTERVALS, LABEL_NOISE, MAHALANOBIS, Encoded, encode_examples
 from lmtune.training.checkpoint import Checkpoints
 from lmtune.training.optim import resolve_learning_rates
 from lmtune.training.loop import LoopTask, predict_outputs, total_steps, train_loop
@@ -60,6 +60,10 @@ def fit_output_controls(task, cfg: Config, outputs, encoded: dict, labels: list[
     if cfg.train.calibrate and task.supports(CALIBRATE):
         c = fitted["calibration"] = task.calibrate(outputs("dev"), encoded["dev"], labels)
         log.info("calibration: temperature %.3f, dev ECE %.4f -> %.4f", c["temperature"], c["dev_ece_before"], c["dev_ece_after"])
+    if task.supports(INTERVALS):
+        i = fitted["intervals"] = task.fit_intervals(outputs("dev"), encoded["dev"], labels)
+        log.info("prediction intervals: +-%.4g at the %.0f%% level (split conformal on %d dev examples)", i["interval_radius"],
+                 100 * i["level"], i["dev_examples"])
     if cfg.abstain.score == "mahalanobis":
         s = fitted["scorer"] = task.fit_scorer(outputs("train"), encoded["train"], labels)
         log.info("abstention score: Mahalanobis distance fitted on %d train examples (%d classes, %d-dim [CLS])",
@@ -206,10 +210,15 @@ class Run:
         """Label and class probabilities for each text (or (text, text_pair) tuple)."""
         if isinstance(texts, str):
             texts = [texts]
+        pairs = self.config.data.text_pair_column is not None
         for i, t in enumerate(texts):
-            first = t[0] if isinstance(t, tuple) else t
-            if not isinstance(first, str) or not first.strip():
+            parts = t if isinstance(t, tuple) else (t,)
+            if any(not isinstance(x, str) or not x.strip() for x in parts):
                 raise InputError(f"text {i + 1}: empty text.")
+            if len(parts) != (2 if pairs else 1):
+                what = ("sentence pairs: give each text with its pair (--pair, or pairs over HTTP)" if pairs
+                        else "single texts: give no pair")
+                raise InputError(f"text {i + 1}: this model reads {what}.")
         return self.predict_examples(self.task.from_texts(list(texts)))
 
     def predict_examples(self, examples: list) -> list[dict]:
@@ -474,13 +483,16 @@ def _encode_data(ctx: _Context) -> None:
         if enc.stats["truncated"]:
             log.warning("%s: %d of %d examples are longer than max_length %d and were truncated",
                         name, enc.stats["truncated"], enc.stats["examples"], cfg.data.max_length)
-    ctx.train_features = ctx.encoded["train"].features
-    if ctx.resampled is not None:
-        ctx.train_features = [ctx.train_features[i] for i in ctx.resampled]
-        log.info("re-sampled train (%s): %d -> %d examples", cfg.data.resample, len(ctx.encoded["train"].features), len(ctx.resampled))
+    train = ctx.encoded["train"]
+    features = train.features
+    if ctx.resampled is not None:  # an example's features (a long text's windows) travel together
+        groups = train.windows()
+        features = [f for i in ctx.resampled for f in groups[i]]
+        log.info("re-sampled train (%s): %d -> %d examples", cfg.data.resample, len(train.examples), len(ctx.resampled))
+    ctx.train_features = task.train_features(Encoded(features, train.examples))
     if ctx.extra:
         ctx.extra = encode_examples(task, ctx.extra, ctx.tokenizer, cfg, splits.labels)
-        ctx.train_features = ctx.train_features + ctx.extra.features
+        ctx.train_features = ctx.train_features + task.train_features(ctx.extra)
     ctx.collate = functools.partial(task.collate, tokenizer=ctx.tokenizer)
 
 

@@ -104,7 +104,14 @@ def audit(splits, truncation: dict[str, dict] | None = None, max_length: int | N
             out.append(_f(f"truncation_{name}", "warning" if share > 0.01 else "info",
                           f"{stats['truncated']} of {stats['examples']} {name} example(s) ({share:.1%}) are longer than "
                           f"max_length {max_length} (longest {stats.get('max_tokens', '?')} tokens) and get cut",
-                          "Raise data.max_length if the end of the text matters."))
+                          "Raise data.max_length, or set data.long_text windows, if the rest of the text matters."))
+        if stats.get("windowed") and "long_tokens" in stats:  # classification with data.long_text windows
+            long = stats["long_tokens"]
+            out.append(_f(f"long_texts_{name}", "info",
+                          f"{stats['windowed']} of {stats['examples']} {name} text(s) are longer than the {max_length}-token "
+                          f"window: median {long['median']} tokens ({long['median'] / max_length:.1f}x the window), longest "
+                          f"{long['max']}; cut into {stats['windows']} overlapping windows in all",
+                          "Nothing is cut; every token is in some window. Raise data.max_length for more context per window."))
     return out
 
 

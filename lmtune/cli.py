@@ -62,8 +62,11 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     from lmtune.api import load
     if bool(ns.input) == bool(ns.text):
         raise InputError("predict: give either --input FILE or --text TEXT (repeatable).")
+    if ns.pair and len(ns.pair) != len(ns.text or []):
+        raise InputError(f"predict: {len(ns.pair)} --pair for {len(ns.text or [])} --text; give one --pair after each --text.")
     run = load(ns.run_dir)
-    chunks = run.predict_file_chunks(ns.input) if ns.input else iter([run.predict(ns.text)])
+    texts = list(zip(ns.text, ns.pair)) if ns.pair else ns.text
+    chunks = run.predict_file_chunks(ns.input) if ns.input else iter([run.predict(texts)])
     if ns.output:
         from lmtune.io import atomic_path
         n = 0
@@ -195,6 +198,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("run_dir")
     pr.add_argument("--input", help="file of texts (CSV/TSV/JSONL with the run's text column)")
     pr.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    pr.add_argument("--pair", action="append", help="the second text of the pair, for a model trained on pairs (one per --text)")
     pr.add_argument("--output", help="write JSONL here instead of standard output")
     au = sub.add_parser("audit", help="check the data of a config: balance, duplicates, conflicts, leakage",
                         description="lmtune audit CONFIG.yaml [--strict] [--section.key VALUE ...]: findings as JSON; "

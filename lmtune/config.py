@@ -48,7 +48,17 @@ class DataConfig:
                          ("auto", "bio", "iob1", "bioes", "bilou", "bmes"))
     tag_column: int = _f(-1, "NER (CoNLL): column holding the tag; -1 = last. The token is column 0.", range=">= -1")
     label_all_subtokens: bool = _f(False, "NER: train on every sub-token of a word (default: the first only).")
-    window_overlap: int | None = _f(None, "NER: sub-tokens shared by consecutive windows of a long sentence; default 1/4 of a window.", range=">= 0")
+    window_overlap: int | None = _f(None, "NER, and classification with long_text windows: sub-tokens shared by consecutive "
+                                          "windows of a long text; default 1/4 of a window.", range=">= 0")
+    long_text: str = _f("truncate", "Classification / multi-label texts longer than max_length: truncate (and count), or "
+                                    "windows (every token in some window; each window is trained on with the text's label, and "
+                                    "the windows' logits are averaged at prediction).", ("truncate", "windows"))
+    max_windows: int = _f(8, "long_text windows: at most this many windows of one text are trained on (evenly spread, "
+                             "first and last kept); prediction uses every window.", range=">= 1")
+    window_pooling: str = _f("mean", "long_text windows: how the windows' logits become the text's: mean, or max per class.",
+                             ("mean", "max"))
+    symmetric_pairs: bool = _f(False, "Sentence pairs whose relation is symmetric (paraphrase, similarity): also train on "
+                                      "each pair in the other order.")
     label_noise_folds: int = _f(0, "Classification: before training, find label-noise candidates by confident learning on "
                                    "k-fold out-of-fold probabilities (k extra fine-tunings); 0 = off.", range=">= 0")
     drop_label_noise: bool = _f(False, "Drop the rows the label-noise search flags from train before training.")
@@ -82,12 +92,15 @@ class TrainConfig:
     group_by_length: bool = _f(True, "Batch examples of similar length together (less padding, faster).")
     seed: int = _f(42, "Seed for splits, data order, dropout and head initialisation.", range=">= 0")
     eval_every: int = _f(0, "Evaluate on dev every N optimizer steps; 0 = once per epoch.", range=">= 0")
-    metric: str | None = _f(None, "Dev metric for early stopping and the best checkpoint; default: accuracy (classification), f1 (NER).",
-                            ("accuracy", "macro_f1", "f1", "precision", "recall", "loss"))
+    metric: str | None = _f(None, "Dev metric for early stopping and the best checkpoint, one of the task's headline metrics; "
+                                  "default: the first (accuracy for classification, f1 for NER, macro_f1 for multi-label, "
+                                  "spearman for regression).")
     patience: int = _f(0, "Stop after this many evaluations without improvement; 0 = never.", range=">= 0")
     class_weights: str = _f("none", "Loss weights: auto = inverse class frequency in train (NER: per tag) for imbalance.",
                             ("none", "auto"))
     focal_gamma: float = _f(0.0, "Focal loss gamma (0 = plain cross-entropy; 2 is usual for imbalance).", range=">= 0")
+    loss: str = _f("auto", "Regression loss on standardized targets: auto (= mse), mse, or huber (robust to outliers).",
+                   ("auto", "mse", "huber"))
     calibrate: bool = _f(True, "Fit a temperature on dev after training (classification; NER: on each word's tag "
                                "distribution); outputs use calibrated probabilities.")
     tensorboard: bool = _f(False, "Also log to TensorBoard (needs the tensorboard package); the same as trackers [tensorboard].")
@@ -128,6 +141,10 @@ class AbstainConfig:
                                    "shared covariance fitted on train after training; far better at out-of-scope inputs the "
                                    "model is confidently wrong about).", ("probability", "mahalanobis"))
     label: str = _f("abstain", "Label predict returns when the model abstains (oos_label instead when that is set).")
+    interval_coverage: float = _f(0.9, "Regression: coverage of the prediction intervals (split conformal prediction on dev).",
+                                  range="(0, 1)")
+    max_interval_width: float | None = _f(None, "Regression: abstain when a prediction's interval is wider than this "
+                                                "(the value is still returned).", range="> 0")
     oos_label: str | None = _f(None, "Label of out-of-scope rows (e.g. oos). In train it is an explicit out-of-scope class; "
                                      "in dev/test only, those rows tune the threshold and measure out-of-scope recall.")
 

@@ -9,6 +9,7 @@ from lmtune.registry import adversaries, attacks, augmenters, backends, peft_met
 tasks.register("classification", "lmtune.tasks.classification:ClassificationTask")
 tasks.register("ner", "lmtune.tasks.ner:NerTask")
 tasks.register("multilabel", "lmtune.tasks.multilabel:MultiLabelTask")
+tasks.register("regression", "lmtune.tasks.regression:RegressionTask")
 
 # default_lr: PEFT trains few weights and needs larger steps than full fine-tuning;
 # mergeable: the adapter folds into the weights (lmtune merge, ONNX export)

@@ -15,6 +15,9 @@ from pathlib import Path
 from lmtune.errors import InputError
 
 
+PAIR_MARK = "\u241e"  # the separator word between a pair's two texts in an edit view (never edited or moved)
+
+
 @dataclass
 class Example:
     text: str
@@ -37,11 +40,20 @@ class Example:
         return self.label
 
     def edit_view(self, cjk: bool | None = None):
-        from lmtune.robust.text import text_words
-        return text_words(self.text, cjk)
+        """The words attacks and augmentation may edit: of the text, and of the pair's second text after a
+        protected separator word, so either text can change and the two come apart again."""
+        from lmtune.robust.text import Words, text_words
+        w = text_words(self.text, cjk)
+        if self.text_pair is None:
+            return w
+        p = text_words(self.text_pair, cjk)
+        return Words(w.words + [PAIR_MARK] + p.words, w.protected + [True] + p.protected, w.joiner)
 
     def with_words(self, w) -> Example:
-        return replace(self, text=w.joiner.join(w.words))
+        if self.text_pair is None:
+            return replace(self, text=w.joiner.join(w.words))
+        cut = w.words.index(PAIR_MARK)
+        return replace(self, text=w.joiner.join(w.words[:cut]), text_pair=w.joiner.join(w.words[cut + 1:]))
 
 
 def detect_format(path: Path, fmt: str = "auto") -> str:

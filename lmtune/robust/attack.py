@@ -67,7 +67,8 @@ class Scorer:
 
     def __call__(self, examples: list) -> np.ndarray:
         self.calls += len(examples)
-        logits = self.run.task.split_outputs(self.run._outputs(self.run._encode(examples)), self.run.labels)[0]
+        enc = self.run._encode(examples)
+        logits = self.run.task.split_outputs(self.run._outputs(enc), enc, self.run.labels)[0]
         z = logits - logits.max(axis=1, keepdims=True)
         p = np.exp(z)
         return p / p.sum(axis=1, keepdims=True)

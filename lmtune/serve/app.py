@@ -57,6 +57,8 @@ class ServeSettings:
 
 class PredictRequest(BaseModel):
     texts: list[str] = Field(..., min_length=1, description="Texts to label (at most max_texts, each at most max_chars).")
+    pairs: list[str] | None = Field(None, description="For a model trained on sentence pairs: the second text of each pair, "
+                                                      "one per text, in the same order.")
 
 
 class Entity(BaseModel):
@@ -73,6 +75,9 @@ class Prediction(BaseModel):
     label: str | None = Field(None, description="Predicted label; the abstain / out-of-scope label when the model abstains.")
     labels: list[str] | None = Field(None, description="Multi-label: the predicted label set (each label above its threshold).")
     score: float | None = None
+    value: float | None = Field(None, description="Regression: the predicted number.")
+    interval: list[float] | None = Field(None, description="Regression: the prediction interval [low, high] (split conformal).")
+    interval_level: float | None = Field(None, description="Regression: the interval's coverage level (e.g. 0.9).")
     probabilities: dict[str, float] | None = Field(None, description="Calibrated class probabilities.")
     abstained: bool = False
     top_label: str | None = Field(None, description="The best class when the model abstained.")
@@ -286,7 +291,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     def predict(texts: list[str]) -> list[dict]:
         rows = run.predict(texts)
         metrics.texts.inc(len(texts))
-        return [{k: v for k, v in r.items() if k not in ("text", "source")} for r in rows]
+        return [{k: v for k, v in r.items() if k not in ("text", "text_pair", "source")} for r in rows]
 
     batcher = Batcher(predict, settings.max_batch_size, settings.max_wait_ms, settings.max_queue, metrics.batch.observe)
 
@@ -323,14 +328,20 @@ def create_app(settings: ServeSettings) -> FastAPI:
         rid = request.state.request_id
         if len(body.texts) > settings.max_texts:
             raise HTTPException(413, f"{len(body.texts)} texts in one request; the limit is {settings.max_texts}")
-        for i, t in enumerate(body.texts):
-            problem = text_problem(t, settings.max_chars)
-            if problem:
-                metrics.errors.labels("bad_text").inc()
-                raise HTTPException(problem[0], f"texts[{i}] {problem[1]}")
+        wants_pairs = run.config.data.text_pair_column is not None
+        if wants_pairs != (body.pairs is not None) or (body.pairs is not None and len(body.pairs) != len(body.texts)):
+            metrics.errors.labels("bad_text").inc()
+            raise HTTPException(422, "this model reads sentence pairs: give pairs, one per text" if wants_pairs
+                                else "this model reads single texts: leave out pairs")
+        for field_name, items in (("texts", body.texts), ("pairs", body.pairs or [])):
+            for i, t in enumerate(items):
+                problem = text_problem(t, settings.max_chars)
+                if problem:
+                    metrics.errors.labels("bad_text").inc()
+                    raise HTTPException(problem[0], f"{field_name}[{i}] {problem[1]}")
         try:
             metrics.queue.set(batcher.pending)
-            rows = await batcher.submit(body.texts)
+            rows = await batcher.submit(list(zip(body.texts, body.pairs)) if body.pairs is not None else body.texts)
         except QueueFull:
             metrics.errors.labels("queue_full").inc()
             raise HTTPException(503, "server busy: the request queue is full, retry shortly", headers={"Retry-After": "1"}) from None

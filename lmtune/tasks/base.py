@@ -49,8 +49,10 @@ ABSTAIN = "abstain"  # fit_threshold(...): an abstention threshold chosen on dev
 MAHALANOBIS = "mahalanobis"  # fit_scorer(...): a Mahalanobis out-of-scope score fitted on train
 LABEL_NOISE = "label_noise"  # example_probs(...): out-of-fold probabilities for the label-noise search
 EXAMPLE_LABELS = "example_labels"  # one label per example: re-sampling, example-level attacks (search)
-CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS)
-_HOOKS = {CALIBRATE: "calibrate", ABSTAIN: "fit_threshold", MAHALANOBIS: "fit_scorer", LABEL_NOISE: "example_probs"}
+INTERVALS = "intervals"  # fit_intervals(outputs, enc, labels): prediction intervals fitted on dev (regression)
+CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, INTERVALS)
+_HOOKS = {CALIBRATE: "calibrate", ABSTAIN: "fit_threshold", MAHALANOBIS: "fit_scorer", LABEL_NOISE: "example_probs",
+          INTERVALS: "fit_intervals"}
 
 
 class Task:
@@ -136,6 +138,10 @@ class Task:
         """What the loss is averaged over (examples, or labeled tokens)."""
         raise NotImplementedError
 
+    def train_features(self, enc: Encoded) -> list[dict]:
+        """The features of the train split that are trained on (all; a windowing task may cap a long text's)."""
+        return enc.features
+
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         """Summed (not averaged) loss, so micro-batches add up exactly."""
         raise NotImplementedError
@@ -168,6 +174,9 @@ class Task:
         raise NotImplementedError
 
     def example_probs(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def fit_intervals(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
         raise NotImplementedError
 
 

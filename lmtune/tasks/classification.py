@@ -11,6 +11,7 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lmtune.config import Config
+from lmtune.data.pairs import pair_findings, symmetric_copies
 from lmtune.data.readers import Example, read_examples
 from lmtune.data.splits import stratified_split
 from lmtune.errors import InputError
@@ -21,6 +22,7 @@ from lmtune.evaluate.calibration import metrics as calibration_metrics
 from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, quiet_transformers, resolve_model
+from lmtune.tasks.windows import encode_windows, pool, training_subset
 from lmtune.tasks.base import (ABSTAIN, CALIBRATE, EXAMPLE_LABELS, LABEL_NOISE, MAHALANOBIS, Encoded, Splits, Task, balanced_weights,
                                cross_entropy_sum, pad_batch)
 
@@ -47,6 +49,7 @@ class ClassificationTask(Task):
     headline = ("accuracy", "macro_f1", "loss")  # report.md / CLI summary columns
     peft_task_type = "SEQ_CLS"
     capabilities = frozenset({CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS})
+    encode_options = {"long_text": "long_text", "overlap": "window_overlap"}
 
     def __init__(self) -> None:
         self.temperature = 1.0  # fitted on dev after training (temperature scaling); 1.0 = raw softmax
@@ -60,12 +63,18 @@ class ClassificationTask(Task):
         self.abstention: dict = {}
         self.score = "probability"  # abstain.score: what the threshold is put on
         self.ood: dict[str, np.ndarray] = {}  # mahalanobis: in-scope class means and the shared precision matrix
+        self.pooling = "mean"  # data.long_text windows: how a text's window outputs are pooled (tasks/windows.py)
+        self.max_windows = 8
 
     def configure(self, cfg: Config) -> None:
         self.oos_label = cfg.abstain.oos_label
         self.abstain_label = cfg.abstain.oos_label or cfg.abstain.label
         self.threshold_calibrated = cfg.abstain.calibrated
         self.score = cfg.abstain.score
+        self.pooling, self.max_windows = cfg.data.window_pooling, cfg.data.max_windows
+        if cfg.data.long_text == "windows" and cfg.data.text_pair_column:
+            raise InputError("data.long_text: windows cut one text; a sentence pair (data.text_pair_column) is truncated. "
+                             "Set data.long_text truncate.")
 
     def report_state(self) -> dict:
         return {"calibration": self.calibration, "abstention": self.abstention}
@@ -76,7 +85,8 @@ class ClassificationTask(Task):
 
     def state(self) -> dict:
         return {"temperature": self.temperature, "threshold": self.threshold, "threshold_calibrated": self.threshold_calibrated,
-                "oos_label": self.oos_label, "abstain_label": self.abstain_label, "score": self.score}
+                "oos_label": self.oos_label, "abstain_label": self.abstain_label, "score": self.score, "pooling": self.pooling,
+                "max_windows": self.max_windows}
 
     def arrays(self) -> dict[str, np.ndarray]:
         """State too big for JSON; saved next to the weights as safetensors."""
@@ -92,11 +102,13 @@ class ClassificationTask(Task):
         self.oos_label = state.get("oos_label")
         self.abstain_label = state.get("abstain_label", "abstain")
         self.score = state.get("score", "probability")
+        self.pooling, self.max_windows = state.get("pooling", "mean"), state.get("max_windows", 8)
 
     # ---- abstention ---------------------------------------------------------------------------
-    def split_outputs(self, outputs: list[np.ndarray], labels: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
-        """Logits, and the [CLS] features that unbatch appends when abstain.score is mahalanobis."""
-        x = np.stack(outputs)
+    def split_outputs(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
+        """Per example (a long text's windows pooled): logits, and the [CLS] features that unbatch appends
+        when abstain.score is mahalanobis."""
+        x = np.stack(pool(outputs, enc.features, len(enc.examples), self.pooling))
         return x[:, :len(labels)], (x[:, len(labels):] if x.shape[1] > len(labels) else None)
 
     def _decisions(self, logits: np.ndarray, feats: np.ndarray | None, labels: list[str], calibrated: bool | None = None):
@@ -119,7 +131,7 @@ class ClassificationTask(Task):
         after 1 epoch, 0.842 out-of-scope recall vs 0.639 for the max-probability threshold at the same
         in-scope accuracy cost."""
         from sklearn.covariance import LedoitWolf  # shrinkage: stays invertible with few examples per class
-        _, feats = self.split_outputs(outputs, labels)
+        _, feats = self.split_outputs(outputs, enc, labels)
         if feats is None:
             raise InputError("abstain.score mahalanobis: the model returned no hidden states.")
         gold = self._gold(enc, labels)
@@ -142,7 +154,7 @@ class ClassificationTask(Task):
                              "abstain.score: mahalanobis.")
         self.score = score or self.score
         self.threshold_calibrated = calibrated
-        conf, pred, in_scope = self._decisions(*self.split_outputs(outputs, labels), labels)
+        conf, pred, in_scope = self._decisions(*self.split_outputs(outputs, enc, labels), labels)
         gold = self._gold(enc, labels)
         self.abstention = choose_threshold(conf, in_scope, pred == gold, self._oos_gold(enc), target, value)
         self.threshold = self.abstention["threshold"]
@@ -150,11 +162,11 @@ class ClassificationTask(Task):
 
     def example_probs(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> list[np.ndarray]:
         """Raw class probabilities per example (the label-noise search's input)."""
-        return list(softmax(self.split_outputs(outputs, labels)[0]))
+        return list(softmax(self.split_outputs(outputs, enc, labels)[0]))
 
     def calibrate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
         """Fit the temperature on dev; every later probability (evaluate, predict, API) uses it."""
-        logits, gold = self.split_outputs(outputs, labels)[0], self._gold(enc, labels)
+        logits, gold = self.split_outputs(outputs, enc, labels)[0], self._gold(enc, labels)
         logits, gold = logits[gold >= 0], gold[gold >= 0]
         t = fit_temperature(logits, gold)
         self.calibration = {"temperature": t, "dev_ece_before": ece(softmax(logits), gold),
@@ -212,6 +224,7 @@ class ClassificationTask(Task):
                     "test_rows": [ex.source for ex in test]}
         if not dev:
             raise InputError(f"{d.train}: too few examples to split off a dev set; give data.dev or more data.")
+        train = train + symmetric_copies(train, d)
         info["sizes"] = {"train": len(train), "dev": len(dev), "test": len(test)}
         self.focal_gamma = cfg.train.focal_gamma
         if cfg.train.class_weights == "auto":
@@ -219,6 +232,9 @@ class ClassificationTask(Task):
             self.class_weight = torch.tensor(w, dtype=torch.float)
             info["class_weights"] = dict(zip(labels, np.round(w, 4).tolist()))
         return Splits(train, dev, test, labels, info)
+
+    def audit_findings(self, splits: Splits) -> list[dict]:
+        return pair_findings(splits)
 
     def from_texts(self, texts: list) -> list[Example]:
         return [Example(t[0], None, "", t[1]) if isinstance(t, tuple) else Example(t, None, "") for t in texts]
@@ -242,17 +258,22 @@ class ClassificationTask(Task):
                     AutoTokenizer.from_pretrained(model_dir))
 
     # ---- encoding and batching --------------------------------------------------------------
-    def encode(self, examples: list[Example], tokenizer: Any, max_length: int,
-               labels: list[str] | None = None) -> Encoded:
+    def encode(self, examples: list[Example], tokenizer: Any, max_length: int, labels: list[str] | None = None,
+               long_text: str = "truncate", overlap: int | None = None) -> Encoded:
         texts = [ex.text for ex in examples]
         pairs = [ex.text_pair for ex in examples] if examples and examples[0].text_pair is not None else None
+        index = {lab: i for i, lab in enumerate(labels or [])}
+        if long_text == "windows" and pairs is None:
+            windows, stats = encode_windows(texts, tokenizer, max_length, overlap)
+            features = [{**f, "example": i, "label": index.get(ex.label, -100) if ex.label is not None else -100}
+                        for i, (ex, ws) in enumerate(zip(examples, windows)) for f in ws]
+            return Encoded(features, examples, stats)
         with quiet_transformers():  # untruncated on purpose, to count what truncation cuts
             untruncated = tokenizer(texts, pairs, add_special_tokens=True)
         full = untruncated["input_ids"]
         too_long = [i for i, ids in enumerate(full) if len(ids) > max_length]
         # tokenize again only when something must be cut (the server pays for every call)
         enc = tokenizer(texts, pairs, truncation=True, max_length=max_length) if too_long else untruncated
-        index = {lab: i for i, lab in enumerate(labels or [])}
         features = []
         for i, ex in enumerate(examples):
             f = {"input_ids": enc["input_ids"][i], "length": len(enc["input_ids"][i]),
@@ -271,6 +292,9 @@ class ClassificationTask(Task):
     def num_items(self, features: list[dict]) -> int:
         return len(features)
 
+    def train_features(self, enc: Encoded) -> list[dict]:
+        return training_subset(enc.features, self.max_windows)
+
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return cross_entropy_sum(outputs.logits, batch["labels"], self.class_weight, self.focal_gamma)
 
@@ -283,7 +307,7 @@ class ClassificationTask(Task):
 
     # ---- metrics and decoding ---------------------------------------------------------------
     def evaluate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
-        (all_logits, feats), all_gold = self.split_outputs(outputs, labels), self._gold(enc, labels)
+        (all_logits, feats), all_gold = self.split_outputs(outputs, enc, labels), self._gold(enc, labels)
         known = all_gold >= 0  # out-of-scope rows of an untrained class only count in the abstention figures
         logits, gold = all_logits[known], all_gold[known]
         pred = logits.argmax(-1)
@@ -312,7 +336,7 @@ class ClassificationTask(Task):
 
     def predictions(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> list[dict]:
         examples = enc.examples
-        logits, feats = self.split_outputs(outputs, labels)
+        logits, feats = self.split_outputs(outputs, enc, labels)
         probs = softmax(logits, self.temperature)
         conf, _, in_scope = self._decisions(logits, feats, labels)
         rows = []

@@ -29,6 +29,7 @@ from lmtune.errors import InputError
 from lmtune.evaluate.report import prf_table
 from lmtune.io import atomic_path
 from lmtune.models import load_config, quiet_transformers, resolve_model
+from lmtune.tasks.windows import encode_windows, pool, training_subset
 from lmtune.tasks.base import CALIBRATE, Encoded, Splits, Task, pad_batch, shuffle_split
 
 POS_WEIGHT_CAP = 30.0  # a label seen once in 10,000 rows would otherwise get a weight of 10,000
@@ -68,18 +69,22 @@ class MultiLabelTask(Task):
     peft_task_type = "SEQ_CLS"
     capabilities = frozenset({CALIBRATE})
     decision_key = "labels"
+    encode_options = {"long_text": "long_text", "overlap": "window_overlap"}
 
     def __init__(self) -> None:
         self.temperatures: list[float] | None = None  # per label, fitted on dev
         self.thresholds: list[float] | None = None  # per label, chosen on dev; None: 0.5 for all
         self.pos_weight: torch.Tensor | None = None
         self.calibration: dict = {}
+        self.pooling, self.max_windows = "mean", 8  # data.long_text windows (tasks/windows.py)
 
     def state(self) -> dict:
-        return {"temperatures": self.temperatures, "thresholds": self.thresholds}
+        return {"temperatures": self.temperatures, "thresholds": self.thresholds, "pooling": self.pooling,
+                "max_windows": self.max_windows}
 
     def set_state(self, state: dict) -> None:
         self.temperatures, self.thresholds = state.get("temperatures"), state.get("thresholds")
+        self.pooling, self.max_windows = state.get("pooling", "mean"), state.get("max_windows", 8)
 
     def report_state(self) -> dict:
         return {"calibration": self.calibration}
@@ -146,6 +151,7 @@ class MultiLabelTask(Task):
 
     def read(self, cfg: Config) -> Splits:
         d = cfg.data
+        self.pooling, self.max_windows = d.window_pooling, d.max_windows
         if not d.train:
             raise InputError("data.train: no training file given. Set data.train or pass --data.train FILE.")
         train = self.read_file(d.train, cfg)
@@ -207,24 +213,41 @@ class MultiLabelTask(Task):
             return AutoModelForSequenceClassification.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
 
     # ---- encoding and batching --------------------------------------------------------------
-    def encode(self, examples: list[MultiLabelExample], tokenizer: Any, max_length: int,
-               labels: list[str] | None = None) -> Encoded:
+    def encode(self, examples: list[MultiLabelExample], tokenizer: Any, max_length: int, labels: list[str] | None = None,
+               long_text: str = "truncate", overlap: int | None = None) -> Encoded:
         texts = [ex.text for ex in examples]
+        if long_text == "windows":
+            windows, stats = encode_windows(texts, tokenizer, max_length, overlap)
+            targets = [self._target(ex, labels) for ex in examples]
+            features = [{**f, "example": i, **({"target": targets[i]} if targets[i] is not None else {})}
+                        for i, ws in enumerate(windows) for f in ws]
+            return Encoded(features, examples, stats)
         with quiet_transformers():
             full = tokenizer(texts, add_special_tokens=True)["input_ids"]
         too_long = sum(len(ids) > max_length for ids in full)
         enc = tokenizer(texts, truncation=True, max_length=max_length) if too_long else {"input_ids": full}
-        index = {lab: i for i, lab in enumerate(labels or [])}
         features = []
         for i, ex in enumerate(examples):
             f = {"input_ids": enc["input_ids"][i], "length": len(enc["input_ids"][i])}
-            if ex.labels is not None and index:
-                f["target"] = [0.0] * len(index)
-                for lab in ex.labels:
-                    f["target"][index[lab]] = 1.0
+            target = self._target(ex, labels)
+            if target is not None:
+                f["target"] = target
             features.append(f)
         return Encoded(features, examples, {"truncated": too_long, "examples": len(examples),
                                             "max_tokens": max((len(x) for x in full), default=0)})
+
+    @staticmethod
+    def _target(ex: MultiLabelExample, labels: list[str] | None) -> list[float] | None:
+        if ex.labels is None or not labels:
+            return None
+        return [1.0 if lab in ex.labels else 0.0 for lab in labels]
+
+    def train_features(self, enc: Encoded) -> list[dict]:
+        return training_subset(enc.features, self.max_windows)
+
+    def _stack(self, outputs: list[np.ndarray], enc: Encoded) -> np.ndarray:
+        """Logits per text (a long text's windows pooled)."""
+        return np.stack(pool(outputs, enc.features, len(enc.examples), self.pooling))
 
     def collate(self, features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
         batch = pad_batch(features, tokenizer)
@@ -265,7 +288,7 @@ class MultiLabelTask(Task):
     def calibrate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
         """A temperature per label (minimum BCE on dev), then a threshold per label (best dev F1 on the
         calibrated probabilities; 0.5 for a label dev never shows)."""
-        logits, gold = np.stack(outputs), self._gold(enc, labels)
+        logits, gold = self._stack(outputs, enc), self._gold(enc, labels)
         x, y = torch.from_numpy(logits).double(), torch.from_numpy(gold).double()
         log_t = torch.zeros(len(labels), dtype=torch.double, requires_grad=True)
         opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
@@ -300,7 +323,7 @@ class MultiLabelTask(Task):
     # ---- metrics and outputs ------------------------------------------------------------------
     def evaluate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
         from sklearn.metrics import accuracy_score, f1_score, hamming_loss, precision_recall_fscore_support
-        logits, gold = np.stack(outputs), self._gold(enc, labels)
+        logits, gold = self._stack(outputs, enc), self._gold(enc, labels)
         probs = self._probs(logits)
         pred = self._decide(probs).astype(int)
         p, r, f, s = precision_recall_fscore_support(gold, pred, average=None, zero_division=0)
@@ -315,7 +338,7 @@ class MultiLabelTask(Task):
                               for j, lab in enumerate(labels)}}
 
     def predictions(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> list[dict]:
-        probs = self._probs(np.stack(outputs))
+        probs = self._probs(self._stack(outputs, enc))
         chosen = self._decide(probs)
         rows = []
         for ex, pr, ch in zip(enc.examples, probs, chosen):

@@ -41,8 +41,11 @@ def plain_step(model, batch: dict, loss_fn: Callable, backward: Callable[[torch.
     return loss
 
 
+LOWER_IS_BETTER = ("loss", "mae", "rmse", "hamming_loss")  # error metrics; every other metric is a score
+
+
 def is_better(metric: str, new: float, old: float | None) -> bool:
-    return old is None or (new < old if metric == "loss" else new > old)
+    return old is None or (new < old if metric in LOWER_IS_BETTER else new > old)
 
 
 def total_steps(cfg: TrainConfig, n_train: int) -> int:
