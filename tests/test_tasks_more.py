@@ -228,3 +228,32 @@ def test_regression_and_windows_through_the_onnx_export(regression_config, tmp_p
     text = " ".join(["the movie was quite long"] * 12) + " but great"
     a, b = run.predict([text])[0], lmtune.load(run.run_dir, backend="onnx").predict([text])[0]
     assert a["label"] == b["label"] and abs(a["score"] - b["score"]) < 1e-3
+
+
+def test_interval_bands_follow_the_models_precision_and_width_abstention_picks_the_wide_ones():
+    """Errors grow with the predicted value: one width for all would over-cover the low end and
+    under-cover the high end; bands of predicted values keep coverage in each."""
+    r = np.random.default_rng(0)
+    task = get_task("regression")
+    task.level, task.max_width = 0.9, 2.0
+
+    def split(n):
+        pred = r.uniform(0, 5, n)
+        gold = pred + r.normal(size=n) * (0.1 + 0.4 * pred)
+        enc = type("E", (), {"examples": [RegressionExample("x", None, "", target=float(g)) for g in gold]})()
+        return [np.array([p]) for p in pred], enc, pred, gold
+    outs, enc, _, _ = split(2000)
+    assert task.fit_intervals(outs, enc, ["value"])["bands"] == 5
+    assert task.radii == sorted(task.radii) and task.radii[-1] > 3 * task.radii[0]
+    outs, enc, pred, gold = split(20000)
+    m = task.evaluate(outs, enc, ["value"])
+    assert abs(m["interval_coverage"] - 0.9) <= 0.02
+    band, inside = np.searchsorted(task.edges, pred, side="right"), np.abs(pred - gold) <= task._radii(pred)
+    for b in range(5):  # coverage holds within each band ...
+        assert abs(inside[band == b].mean() - 0.9) <= 0.04, b
+    one_width = np.abs(pred - gold) <= task.radius  # ... where one width for all over-covers the precise end
+    assert one_width[band == 0].mean() > 0.98 and one_width[band == 4].mean() < 0.85
+    rows = task.predictions(outs[:200], type("E", (), {"examples": enc.examples[:200]})(), ["value"])
+    wide = [row.get("abstained", False) for row in rows]
+    widths = [row["interval"][1] - row["interval"][0] for row in rows]
+    assert any(wide) and not all(wide) and all(w > 2.0 for w, a in zip(widths, wide) if a)
