@@ -21,7 +21,7 @@ from pathlib import Path
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmtune.data.readers import is_invisible
@@ -61,36 +61,13 @@ class PredictRequest(BaseModel):
                                                       "one per text, in the same order.")
 
 
-class Entity(BaseModel):
-    text: str
-    label: str
-    score: float
-    start: int | None = None
-    end: int | None = None
-    token_start: int | None = None
-    token_end: int | None = None
-
-
-class Prediction(BaseModel):
-    label: str | None = Field(None, description="Predicted label; the abstain / out-of-scope label when the model abstains.")
-    labels: list[str] | None = Field(None, description="Multi-label: the predicted label set (each label above its threshold).")
-    score: float | None = None
-    value: float | None = Field(None, description="Regression: the predicted number.")
-    interval: list[float] | None = Field(None, description="Regression: the prediction interval [low, high] (split conformal).")
-    interval_level: float | None = Field(None, description="Regression: the interval's coverage level (e.g. 0.9).")
-    probabilities: dict[str, float] | None = Field(None, description="Calibrated class probabilities.")
-    abstained: bool = False
-    top_label: str | None = Field(None, description="The best class when the model abstained.")
-    entities: list[Entity] | None = Field(None, description="NER: entity spans with character offsets.")
-    abstained_entities: list[Entity] | None = Field(None, description="NER with a threshold: entities scored below it.")
-    tags: list[str] | None = None
-
-
-class PredictResponse(BaseModel):
-    request_id: str
-    model: str
-    backend: str
-    predictions: list[Prediction]
+def response_models(task) -> tuple[type[BaseModel], type[BaseModel]]:
+    """The prediction and response schemas of this run's task, from the fields the task declares."""
+    fields = {name: (ann | None, Field(None, description=desc)) for name, (ann, desc) in task.response_fields().items()}
+    prediction = create_model("Prediction", **fields)
+    response = create_model("PredictResponse", request_id=(str, ...), model=(str, ...), backend=(str, ...),
+                            predictions=(list[prediction], ...))
+    return prediction, response
 
 
 class ErrorResponse(BaseModel):
@@ -323,8 +300,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
     responses = {401: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
                  503: {"model": ErrorResponse}}
 
-    @app.post("/v1/predict", response_model=PredictResponse, responses=responses, dependencies=[Depends(require_key)])
-    async def predict_endpoint(body: PredictRequest, request: Request) -> PredictResponse:
+    prediction_model, response_model = response_models(run.task)
+
+    @app.post("/v1/predict", response_model=response_model, responses=responses, dependencies=[Depends(require_key)])
+    async def predict_endpoint(body: PredictRequest, request: Request):
         rid = request.state.request_id
         if len(body.texts) > settings.max_texts:
             raise HTTPException(413, f"{len(body.texts)} texts in one request; the limit is {settings.max_texts}")
@@ -351,7 +330,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
             log.error("model call failed for request %s: %s", rid, error_origin(e), extra={STRUCTURED: True})
             metrics.errors.labels("model").inc()
             raise HTTPException(500, "the model failed on this request's texts; the request id is in the server log") from None
-        return PredictResponse(request_id=rid, model=run_dir.name, backend=backend, predictions=[Prediction(**r) for r in rows])
+        return response_model(request_id=rid, model=run_dir.name, backend=backend, predictions=[prediction_model(**r) for r in rows])
 
     @app.get("/healthz")
     async def healthz() -> dict:

@@ -162,6 +162,11 @@ class Task:
         """Task-specific Markdown for report.md (tables, plots it writes into run_dir)."""
         raise NotImplementedError
 
+    def response_fields(self) -> dict[str, tuple[Any, str]]:
+        """The fields of one prediction over HTTP: name -> (type, description); the server builds its
+        response schema (and the OpenAPI docs) from them, so it never names a task."""
+        raise NotImplementedError
+
     # ---- capability hooks (declared in `capabilities`) ------------------------------------------
     def calibrate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
         raise NotImplementedError

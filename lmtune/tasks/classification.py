@@ -356,6 +356,13 @@ class ClassificationTask(Task):
             rows.append(row)
         return rows
 
+    def response_fields(self) -> dict[str, tuple[Any, str]]:
+        return {"label": (str, "Predicted label; the abstain / out-of-scope label when the model abstains."),
+                "score": (float, "Calibrated probability of the predicted label."),
+                "probabilities": (dict[str, float], "Calibrated class probabilities."),
+                "abstained": (bool, "True when the model abstained (confidence below the threshold chosen on dev)."),
+                "top_label": (str, "The best class when the model abstained.")}
+
     def report(self, split_metrics: dict[str, dict], labels: list[str], run_dir: Path) -> str:
         lines = []
         for split, m in split_metrics.items():

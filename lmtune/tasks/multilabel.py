@@ -351,6 +351,10 @@ class MultiLabelTask(Task):
             rows.append(row)
         return rows
 
+    def response_fields(self) -> dict[str, tuple[Any, str]]:
+        return {"labels": (list[str], "The predicted label set (each label above its threshold chosen on dev)."),
+                "probabilities": (dict[str, float], "Calibrated probability of every label.")}
+
     def report(self, split_metrics: dict[str, dict], labels: list[str], run_dir: Path) -> str:
         split = "test" if "test" in split_metrics else "dev"
         m = split_metrics[split]

@@ -400,6 +400,21 @@ class NerTask(Task):
             rows.append(row)
         return rows
 
+    def response_fields(self) -> dict[str, tuple[Any, str]]:
+        from pydantic import BaseModel
+
+        class Entity(BaseModel):
+            text: str
+            label: str
+            score: float
+            start: int | None = None  # character offsets (text input)
+            end: int | None = None
+            token_start: int | None = None  # token offsets (token input)
+            token_end: int | None = None
+        return {"entities": (list[Entity], "Entity spans with character offsets and calibrated scores."),
+                "abstained_entities": (list[Entity], "With an abstention threshold: the entities scored below it."),
+                "tags": (list[str], "One tag per word, in the training files' tag scheme.")}
+
     def report(self, split_metrics: dict[str, dict], labels: list[str], run_dir: Path) -> str:
         repaired = (f"; {len(self.repairs)} tag(s) broke it and were repaired (e.g. {self.repairs[0]}; all in "
                     "splits.json)" if self.repairs else "; every sequence is consistent with it")

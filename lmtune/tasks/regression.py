@@ -268,6 +268,12 @@ class RegressionTask(Task):
             rows.append(row)
         return rows
 
+    def response_fields(self) -> dict[str, tuple[Any, str]]:
+        return {"value": (float, "The predicted number."),
+                "interval": (list[float], "The prediction interval [low, high] (split conformal, fitted on dev)."),
+                "interval_level": (float, "The interval's coverage level (e.g. 0.9)."),
+                "abstained": (bool, "True when the interval is wider than abstain.max_interval_width.")}
+
     def report_state(self) -> dict:
         return {"dev_residuals": self.dev_residuals}
 
