@@ -39,6 +39,9 @@ class DataConfig:
     text_column: str = _f("text", "Column (or JSON key) holding the text.")
     text_pair_column: str | None = _f(None, "Second text column for sentence-pair tasks.")
     label_column: str = _f("label", "Column (or JSON key) holding the label.")
+    head_column: str = _f("head", "Relation: column (or JSON key) with the first entity, as its text (located in the sentence) "
+                                  "or a [start, end] character span; without it the text carries <e1>..</e1> <e2>..</e2> markers.")
+    tail_column: str = _f("tail", "Relation: column (or JSON key) with the second entity (as head_column).")
     label_separator: str = _f(",", "Multi-label: separator of the labels in one column (a JSON list needs none).")
     label_columns: list | None = _f(None, "Multi-label: one 0/1 column per label instead of a label column.")
     encoding: str = _f("utf-8", "Text encoding of the data files.")
