@@ -45,7 +45,8 @@ from lmtune.robust.adversarial import AdversaryInputs
 from lmtune.robust.augment import augment
 from lmtune.robust.text import Synonyms
 from lmtune.tasks import get_task
-from lmtune.tasks.base import ABSTAIN, CALIBRATE, EXAMPLE_LABELS, INTERVALS, LABEL_NOISE, MAHALANOBIS, Encoded, encode_examples
+from lmtune.tasks.base import (ABSTAIN, CALIBRATE, DEV_RULES, EXAMPLE_LABELS, INTERVALS, LABEL_NOISE, MAHALANOBIS, Encoded,
+                               encode_examples)
 from lmtune.training.checkpoint import Checkpoints
 from lmtune.training.optim import resolve_learning_rates
 from lmtune.training.loop import LoopTask, predict_outputs, total_steps, train_loop
@@ -64,6 +65,9 @@ def fit_output_controls(task, cfg: Config, outputs, encoded: dict, labels: list[
         i = fitted["intervals"] = task.fit_intervals(outputs("dev"), encoded["dev"], labels)
         log.info("prediction intervals: +-%.4g at the %.0f%% level (split conformal on %d dev examples)", i["interval_radius"],
                  100 * i["level"], i["dev_examples"])
+    if task.supports(DEV_RULES):
+        r = fitted["decision_rules"] = task.fit_decision_rules(outputs("dev"), encoded["dev"], labels)
+        log.info("decision rules fitted on dev: %s", ", ".join(f"{k} {v}" for k, v in r.items()))
     if cfg.abstain.score == "mahalanobis":
         s = fitted["scorer"] = task.fit_scorer(outputs("train"), encoded["train"], labels)
         log.info("abstention score: Mahalanobis distance fitted on %d train examples (%d classes, %d-dim [CLS])",
@@ -210,7 +214,7 @@ class Run:
         """Label and class probabilities for each text (or (text, text_pair) tuple)."""
         if isinstance(texts, str):
             texts = [texts]
-        pairs = self.config.data.text_pair_column is not None
+        pairs = self.task.reads_pairs(self.config)
         for i, t in enumerate(texts):
             parts = t if isinstance(t, tuple) else (t,)
             if any(not isinstance(x, str) or not x.strip() for x in parts):

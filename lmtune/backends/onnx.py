@@ -30,13 +30,14 @@ class OnnxModel:
         self.path = Path(path)
         self.session = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
         self.input_names = [i.name for i in self.session.get_inputs()]
+        self.output_names = [o.name for o in self.session.get_outputs()]  # the task's output_names (+ features)
 
     def __call__(self, **batch: torch.Tensor) -> SimpleNamespace:
         feed = {n: batch[n].cpu().numpy().astype(np.int64) for n in self.input_names}
-        out = self.session.run(None, feed)
-        if len(out) > 1:  # the [CLS] features of a model that abstains on the Mahalanobis score
-            return SimpleNamespace(logits=torch.from_numpy(out[0]), hidden_states=(torch.from_numpy(out[1])[:, None, :],))
-        return SimpleNamespace(logits=torch.from_numpy(out[0]))
+        out = dict(zip(self.output_names, self.session.run(None, feed)))
+        features = out.pop("features", None)  # the [CLS] features of a model that abstains on the Mahalanobis score
+        extra = {"hidden_states": (torch.from_numpy(features)[:, None, :],)} if features is not None else {}
+        return SimpleNamespace(**{n: torch.from_numpy(v) for n, v in out.items()}, **extra)
 
     def eval(self) -> OnnxModel:
         return self

@@ -30,14 +30,14 @@ class _Logits(torch.nn.Module):
     """Positional inputs in, logits out (and the last layer's [CLS] when the model was built to
     return hidden states): the signature the ONNX graph gets."""
 
-    def __init__(self, model: torch.nn.Module, names: list[str]):
+    def __init__(self, model: torch.nn.Module, names: list[str], outputs: tuple[str, ...]):
         super().__init__()
-        self.model, self.names = model, names
+        self.model, self.names, self.outputs = model, names, outputs  # outputs: the task's output_names
         self.features = bool(getattr(model.config, "output_hidden_states", False))
 
     def forward(self, *args: torch.Tensor):
         out = self.model(**dict(zip(self.names, args)))
-        return (out.logits, out.hidden_states[-1][:, 0]) if self.features else out.logits
+        return (*(getattr(out, n) for n in self.outputs), *((out.hidden_states[-1][:, 0],) if self.features else ()))
 
 
 def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | None = None, sample: int = 256,
@@ -97,8 +97,8 @@ def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | No
                 model.set_attn_implementation("eager")
             except (ValueError, ImportError):
                 pass
-        graph = _Logits(model, names)
-        outs = ["logits", "features"] if graph.features else ["logits"]
+        graph = _Logits(model, names, run.task.output_names)
+        outs = [*run.task.output_names, *(["features"] if graph.features else [])]
         torch.onnx.export(graph, tuple(example[n] for n in names), str(tmp / FP32), input_names=names,
                           output_names=outs, opset_version=17, dynamo=False,
                           dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, **{o: {0: "batch"} for o in outs}})

@@ -154,9 +154,8 @@ def _embedding_module(model) -> torch.nn.Module:
 
 
 def example_losses(outputs, batch: dict) -> torch.Tensor:
-    """Cross-entropy on the gold labels summed per example, shape [batch]; -100 labels are ignored.
-    Every task here is a transformers head whose `logits` and `labels` share their leading
-    dimensions (classification [B] / [B, C], NER [B, T] / [B, T, C]), so this needs no task."""
+    """Cross-entropy on the gold labels summed per example, shape [batch]; -100 labels are ignored
+    (Task.example_losses' default: heads whose `logits` and `labels` share their leading dimensions)."""
     logits, labels = outputs.logits.float(), batch["labels"]
     ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="none", ignore_index=-100)
     return ce.view(labels.shape[0], -1).sum(1)
@@ -183,6 +182,7 @@ class WordAdversary:
         self.encode, self.collate, self.synonyms, self.seed = encode, collate, synonyms, seed
         self.passes, self.forward_only = 2, cfg.candidates
         self.calls = 0
+        self.example_losses = example_losses  # the task's, when built by build()
         self.last_losses: list[float] = []
         self.last_chosen: list[dict] = []  # the features trained on at the last step (tests, logs)
 
@@ -195,8 +195,10 @@ class WordAdversary:
                 sources.update({id(f): (ex, w) for w, f in enumerate(windows)})
         cfg = inputs.cfg
         encode = functools.partial(encode_examples, inputs.task, tokenizer=inputs.tokenizer, cfg=cfg, labels=inputs.labels)
-        return cls(cfg.adversarial, inputs.features, [sources[id(f)] for f in inputs.features], encode, inputs.collate,
-                   inputs.synonyms, cfg.train.seed)
+        adversary = cls(cfg.adversarial, inputs.features, [sources[id(f)] for f in inputs.features], encode, inputs.collate,
+                        inputs.synonyms, cfg.train.seed)
+        adversary.example_losses = inputs.task.example_losses
+        return adversary
 
     def describe(self) -> dict:
         return {"method": self.method, "forward_backward_passes_per_step": self.passes,
@@ -228,7 +230,7 @@ class WordAdversary:
         losses = []
         for c in range(self.candidates):  # one batch per candidate: memory stays that of a training step
             batch = {n: t.to(device) for n, t in self.collate([v[c] for v in variants]).items()}
-            losses.append(example_losses(model(**{n: t for n, t in batch.items() if n != "labels"}), batch))
+            losses.append(self.example_losses(model(**{n: t for n, t in batch.items() if n != "labels"}), batch))
         model.train(was_training)
         pick = torch.stack(losses, 1).argmax(1).tolist()
         return [v[j] for v, j in zip(variants, pick)]

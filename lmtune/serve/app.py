@@ -307,7 +307,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         rid = request.state.request_id
         if len(body.texts) > settings.max_texts:
             raise HTTPException(413, f"{len(body.texts)} texts in one request; the limit is {settings.max_texts}")
-        wants_pairs = run.config.data.text_pair_column is not None
+        wants_pairs = run.task.reads_pairs(run.config)
         if wants_pairs != (body.pairs is not None) or (body.pairs is not None and len(body.pairs) != len(body.texts)):
             metrics.errors.labels("bad_text").inc()
             raise HTTPException(422, "this model reads sentence pairs: give pairs, one per text" if wants_pairs

@@ -50,9 +50,10 @@ MAHALANOBIS = "mahalanobis"  # fit_scorer(...): a Mahalanobis out-of-scope score
 LABEL_NOISE = "label_noise"  # example_probs(...): out-of-fold probabilities for the label-noise search
 EXAMPLE_LABELS = "example_labels"  # one label per example: re-sampling, example-level attacks (search)
 INTERVALS = "intervals"  # fit_intervals(outputs, enc, labels): prediction intervals fitted on dev (regression)
-CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, INTERVALS)
+DEV_RULES = "dev_rules"  # fit_decision_rules(outputs, enc, labels): other decision settings fitted on dev (QA's no-answer margin)
+CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, INTERVALS, DEV_RULES)
 _HOOKS = {CALIBRATE: "calibrate", ABSTAIN: "fit_threshold", MAHALANOBIS: "fit_scorer", LABEL_NOISE: "example_probs",
-          INTERVALS: "fit_intervals"}
+          INTERVALS: "fit_intervals", DEV_RULES: "fit_decision_rules"}
 
 
 class Task:
@@ -62,6 +63,7 @@ class Task:
     headline: tuple[str, ...] = ()  # metric names shown in report.md and the CLI summary
     peft_task_type: str = ""  # peft's TaskType for this head
     encode_options: dict[str, str] = {}  # encode() keyword -> data.<key> it comes from (e.g. NER windows)
+    output_names: tuple[str, ...] = ("logits",)  # the model output attributes unbatch reads (and an ONNX export keeps)
     decision_key: str = "label"  # the key of a prediction row that holds the decision (an attack "succeeds" when it changes)
     capabilities: frozenset[str] = frozenset()
 
@@ -146,6 +148,13 @@ class Task:
         """Summed (not averaged) loss, so micro-batches add up exactly."""
         raise NotImplementedError
 
+    def example_losses(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The loss of each example of a batch, shape [batch] (what word-level adversarial training
+        maximizes). Default: cross-entropy of heads whose `logits` and `labels` share their leading dims."""
+        logits, labels = outputs.logits.float(), batch["labels"]
+        ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), reduction="none", ignore_index=-100)
+        return ce.view(labels.shape[0], -1).sum(1)
+
     def unbatch(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
         """Per-example outputs (e.g. logits rows) as numpy arrays."""
         raise NotImplementedError
@@ -161,6 +170,10 @@ class Task:
     def report(self, split_metrics: dict[str, dict], labels: list[str], run_dir: Path) -> str:
         """Task-specific Markdown for report.md (tables, plots it writes into run_dir)."""
         raise NotImplementedError
+
+    def reads_pairs(self, cfg: Config) -> bool:
+        """Whether each input is two texts (predict --pair, the API's pairs)."""
+        return cfg.data.text_pair_column is not None
 
     def response_fields(self) -> dict[str, tuple[Any, str]]:
         """The fields of one prediction over HTTP: name -> (type, description); the server builds its
@@ -182,6 +195,9 @@ class Task:
         raise NotImplementedError
 
     def fit_intervals(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
+        raise NotImplementedError
+
+    def fit_decision_rules(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
         raise NotImplementedError
 
 

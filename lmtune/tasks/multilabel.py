@@ -264,6 +264,9 @@ class MultiLabelTask(Task):
         weight = None if self.pos_weight is None else self.pos_weight.to(logits.device)
         return F.binary_cross_entropy_with_logits(logits, batch["labels"], pos_weight=weight, reduction="sum")
 
+    def example_losses(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.binary_cross_entropy_with_logits(outputs.logits.float(), batch["labels"], reduction="none").sum(1)
+
     def unbatch(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
         return list(outputs.logits.float().cpu().numpy())
 

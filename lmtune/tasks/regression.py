@@ -196,6 +196,9 @@ class RegressionTask(Task):
             return F.huber_loss(pred, batch["labels"], reduction="sum", delta=1.0)
         return F.mse_loss(pred, batch["labels"], reduction="sum")
 
+    def example_losses(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return (outputs.logits.float().view(-1) - batch["labels"]) ** 2
+
     def unbatch(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
         return list(outputs.logits.float().cpu().numpy())
 

@@ -1,0 +1,456 @@
+"""Extractive question answering: the answer to a question as a span of its context (support
+documents, contracts, manuals), English and Chinese.
+
+What this module gets right that the usual scripts do not:
+- contexts longer than the window are cut into windows that overlap by `data.window_overlap`
+  tokens (default a quarter of the window), so an answer cut at one window's edge is whole in the
+  next; each window learns where the answer is, or that it is not there ([CLS]);
+- the answer is decoded over all windows of a question at once: the n-best starts and ends of every
+  window, only spans inside the context, end not before start, at most `max_answer_tokens` long,
+  the best total score wins (per-window decoding, or independent start/end argmaxes, return
+  answers from the wrong window or spans that end before they start);
+- character offsets come from the fast tokenizer's offset mapping into the original context, so a
+  lowercasing, accent-stripping or Chinese tokenizer still returns the exact original substring;
+- SQuAD's official normalization for EM/F1 (lower case, no punctuation or articles); for Chinese,
+  CMRC 2018's character-level F1 (longest common substring) and EM without punctuation;
+- training answers whose offset does not match the context are re-located (the occurrence nearest
+  the given offset) or skipped, and the audit lists them by file and id; nothing wrong is kept;
+- questions without an answer (SQuAD 2.0 style) are learned as [CLS]; a null-score margin is tuned
+  on dev for the best F1, and a score threshold can make predict abstain (abstain.target).
+"""
+from __future__ import annotations
+
+import collections
+import json
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+
+from lmtune.config import Config
+from lmtune.data.readers import Example, read_rows, read_text_file
+from lmtune.errors import InputError
+from lmtune.evaluate.abstain import choose_threshold
+from lmtune.models import load_config, quiet_transformers, resolve_model
+from lmtune.robust.text import is_cjk
+from lmtune.tasks.base import ABSTAIN, DEV_RULES, Encoded, Splits, Task, pad_batch, shuffle_split
+
+N_BEST = 20
+MAX_ANSWER_TOKENS = 30
+_CJK_PUNCT = "，。！？、；：“”‘’（）《》〈〉【】『』「」﹃﹄〔〕…—～·．"
+
+
+@dataclass
+class QAExample(Example):
+    context: str = ""
+    answers: list[dict] = field(default_factory=list)  # [{"text", "start"}]; [] with label "" = no answer
+    qid: str = ""
+
+    def audit_text(self) -> str:
+        return f"{self.text} [SEP] {self.context}"
+
+    def audit_units(self) -> list[str]:
+        return []
+
+    def audit_gold(self) -> str | None:
+        return None if self.label is None else (self.answers[0]["text"] if self.answers else "")
+
+
+# ---- scoring ------------------------------------------------------------------------------------
+def _normalize_en(s: str) -> str:
+    """SQuAD v1.1's official normalization."""
+    s = s.lower()
+    s = "".join(ch for ch in s if ch not in set(string.punctuation))
+    s = re.sub(r"\b(a|an|the)\b", " ", s)
+    return " ".join(s.split())
+
+
+def _tokens_zh(s: str) -> list[str]:
+    """CMRC 2018's mixed segmentation: each Chinese character alone, runs of other letters/digits as words."""
+    out, word = [], ""
+    for ch in s.lower():
+        if ch in _CJK_PUNCT or ch in string.punctuation or ch.isspace():
+            if word:
+                out.append(word)
+            word = ""
+        elif is_cjk(ch):
+            if word:
+                out.append(word)
+            out.append(ch)
+            word = ""
+        else:
+            word += ch
+    return out + ([word] if word else [])
+
+
+def _lcs(a: list[str], b: list[str]) -> int:
+    best, prev = 0, [0] * (len(b) + 1)
+    for x in a:
+        cur = [0] * (len(b) + 1)
+        for j, y in enumerate(b, 1):
+            if x == y:
+                cur[j] = prev[j - 1] + 1
+                best = max(best, cur[j])
+        prev = cur
+    return best
+
+
+def em_f1(pred: str, golds: list[str], chinese: bool) -> tuple[float, float]:
+    """Exact match and F1 of a prediction against its best gold answer (an empty gold list: no answer)."""
+    if not golds:
+        return (float(pred == ""),) * 2
+    if chinese:
+        p = _tokens_zh(pred)
+        scores = []
+        for g in golds:
+            t = _tokens_zh(g)
+            n = _lcs(p, t)
+            f = 0.0 if n == 0 else 2 * (n / len(p)) * (n / len(t)) / (n / len(p) + n / len(t))
+            scores.append((float("".join(p) == "".join(t)), f))
+        return max(s[0] for s in scores), max(s[1] for s in scores)
+    p = _normalize_en(pred).split()
+    em, f1 = 0.0, 0.0
+    for g in golds:
+        t = _normalize_en(g).split()
+        em = max(em, float(p == t))
+        common = sum((collections.Counter(p) & collections.Counter(t)).values())
+        if common:
+            prec, rec = common / len(p), common / len(t)
+            f1 = max(f1, 2 * prec * rec / (prec + rec))
+        elif not p and not t:
+            f1 = max(f1, 1.0)
+    return em, f1
+
+
+# ---- the task -----------------------------------------------------------------------------------
+class QATask(Task):
+    name = "qa"
+    headline = ("f1", "exact_match", "loss")
+    peft_task_type = "QUESTION_ANS"
+    capabilities = frozenset({ABSTAIN, DEV_RULES})
+    encode_options = {"overlap": "window_overlap"}
+    output_names = ("start_logits", "end_logits")
+    decision_key = "answer"
+
+    def __init__(self) -> None:
+        self.null_margin: float | None = None  # no-answer questions seen in train: predict "" when null beats the span by this
+        self.threshold: float | None = None  # abstain below this answer probability (abstain.target, chosen on dev)
+        self.abstention: dict = {}
+        self.data_problems: list[dict] = []  # answers re-located or skipped when reading (the audit lists them)
+
+    def state(self) -> dict:
+        return {"null_margin": self.null_margin, "threshold": self.threshold}
+
+    def set_state(self, state: dict) -> None:
+        self.null_margin, self.threshold = state.get("null_margin"), state.get("threshold")
+
+    def reads_pairs(self, cfg: Config) -> bool:
+        return True  # (question, context)
+
+    # ---- data -------------------------------------------------------------------------------
+    def read_file(self, path: str, cfg: Config, labels: list[str] | None = None,
+                  require_label: bool = True) -> list[QAExample]:
+        """SQuAD JSON ({"data": [{"paragraphs": [{"context", "qas"}]}]}), or rows (JSONL/CSV) with
+        question, context and answers ({"text": [...], "answer_start": [...]} or [{"text", "answer_start"}])."""
+        p = Path(path)
+        if p.suffix.lower() == ".json":
+            try:
+                doc = json.loads(read_text_file(p, cfg.data.encoding))
+            except json.JSONDecodeError as e:
+                raise InputError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}).") from None
+            if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+                raise InputError(f"{path}: a .json QA file must be SQuAD-style: {{\"data\": [{{\"paragraphs\": ...}}]}}.")
+            rows = [(f"id {qa.get('id', '?')}", {"question": qa.get("question"), "context": para.get("context"),
+                                                  "answers": qa.get("answers"), "id": qa.get("id"),
+                                                  "is_impossible": qa.get("is_impossible", False), "title": art.get("title")})
+                    for art in doc["data"] for para in art.get("paragraphs", []) for qa in para.get("qas", [])]
+        else:
+            rows = [(f"line {line}", row) for line, row in read_rows(path, cfg.data.format, cfg.data.encoding)]
+        out = []
+        for where, row in rows:
+            ex = self._example(row, f"{path}: {where}", f"{path}:{row.get('id') or where.split()[-1]}", require_label)
+            if ex is not None:
+                out.append(ex)
+        if not out:
+            raise InputError(f"{path}: no usable questions.")
+        return out
+
+    def _example(self, row: dict, where: str, source: str, require_label: bool) -> QAExample | None:
+        q, ctx = row.get("question"), row.get("context")
+        if not isinstance(q, str) or not q.strip() or not isinstance(ctx, str) or not ctx.strip():
+            raise InputError(f"{where}: needs a non-empty 'question' and 'context'.")
+        raw = row.get("answers")
+        if raw is None:
+            if require_label:
+                raise InputError(f"{where}: no 'answers'; give them (an empty list for a question without an answer).")
+            return QAExample(q.strip(), None, source, context=ctx, qid=str(row.get("id") or ""))
+        if isinstance(raw, dict):
+            raw = [{"text": t, "answer_start": s} for t, s in zip(raw.get("text", []), raw.get("answer_start", []))]
+        answers = []
+        for a in raw:
+            text, start = a.get("text"), a.get("answer_start", -1)
+            if not isinstance(text, str) or not text.strip():
+                continue
+            start = start if isinstance(start, int) else -1
+            if ctx[start:start + len(text)] != text or start < 0:
+                found = [m.start() for m in re.finditer(re.escape(text), ctx)]
+                what = "re-located" if found else "skipped"
+                self.data_problems.append({"where": source, "answer": text, "given_start": start, "fix": what})
+                if not found:
+                    continue
+                start = min(found, key=lambda s: abs(s - start))
+            answers.append({"text": text, "start": start})
+        if raw and not answers:
+            return None  # every answer of the question is unusable: the question is dropped (and listed)
+        return QAExample(q.strip(), "answer" if answers else "", source, context=ctx, answers=answers,
+                         qid=str(row.get("id") or ""))
+
+    def read(self, cfg: Config) -> Splits:
+        d = cfg.data
+        self.data_problems = []
+        if not d.train:
+            raise InputError("data.train: no training file given. Set data.train or pass --data.train FILE.")
+        train = self.read_file(d.train, cfg)
+        if d.dev:
+            dev = self.read_file(d.dev, cfg)
+            test = self.read_file(d.test, cfg) if d.test else []
+            info = {"method": "files", "train": d.train, "dev": d.dev, "test": d.test}
+        else:  # by context: questions on one passage never straddle train and dev
+            test = self.read_file(d.test, cfg) if d.test else None
+            contexts = list(dict.fromkeys(ex.context for ex in train))
+            tr, dv, te, info = shuffle_split([Example(c, None, c[:40]) for c in contexts], None if test is None else [],
+                                             d.split, cfg.train.seed, "random split by context", d.train)
+            side = {**{ex.text: "train" for ex in tr}, **{ex.text: "dev" for ex in dv}, **{ex.text: "test" for ex in te}}
+            parts = {"train": [], "dev": [], "test": []}
+            for ex in train:
+                parts[side[ex.context]].append(ex)
+            train, dev = parts["train"], parts["dev"]
+            test = test if test is not None else parts["test"]
+            info.pop("dev_rows", None)
+        if not dev:
+            raise InputError(f"{d.train}: too few questions to split off a dev set; give data.dev.")
+        info["sizes"] = {"train": len(train), "dev": len(dev), "test": len(test)}
+        info["answer_problems"] = len(self.data_problems)
+        self.null_margin = 0.0 if any(ex.label == "" for ex in train) else None
+        return Splits(train, dev, test, ["start", "end"], info)
+
+    def from_texts(self, texts: list) -> list[QAExample]:
+        return [QAExample(q, None, "", context=c) for q, c in texts]
+
+    def audit_findings(self, splits: Splits) -> list[dict]:
+        if not self.data_problems:
+            return []
+        skipped = [p for p in self.data_problems if p["fix"] == "skipped"]
+        return [{"check": "answer_offsets", "severity": "warning",
+                 "detail": f"{len(self.data_problems)} answer(s) whose offset does not match the context: "
+                           f"{len(self.data_problems) - len(skipped)} re-located to the nearest occurrence of their text, "
+                           f"{len(skipped)} skipped (their text is not in the context)",
+                 "suggestion": "Fix the answer_start values (offsets count characters of the context).",
+                 "examples": [f"{p['where']}: {p['answer']!r} at {p['given_start']} ({p['fix']})" for p in self.data_problems]}]
+
+    # ---- model ------------------------------------------------------------------------------
+    def build_model(self, cfg: Config, labels: list[str]) -> tuple[torch.nn.Module, Any]:
+        config = load_config(cfg.model.name, cfg.model.dropout)
+        path = resolve_model(cfg.model.name)
+        with quiet_transformers():
+            return AutoModelForQuestionAnswering.from_pretrained(path, config=config), AutoTokenizer.from_pretrained(path)
+
+    def load_model(self, model_dir: Path) -> tuple[torch.nn.Module, Any]:
+        with quiet_transformers():
+            return AutoModelForQuestionAnswering.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+
+    # ---- encoding: windows over the context ---------------------------------------------------
+    def encode(self, examples: list[QAExample], tokenizer: Any, max_length: int, labels: list[str] | None = None,
+               overlap: int | None = None) -> Encoded:
+        if not getattr(tokenizer, "is_fast", False):
+            raise InputError("task qa needs a fast tokenizer (character offsets); this model has none.")
+        q_len = max((len(x) for x in tokenizer([ex.text for ex in examples], add_special_tokens=False)["input_ids"]), default=0)
+        if q_len + 8 > max_length // 2:
+            raise InputError(f"a question of {q_len} tokens leaves too little of data.max_length {max_length} for the context; "
+                             "raise data.max_length.")
+        stride = overlap if overlap is not None else max(max_length // 4, 8)
+        with quiet_transformers():
+            enc = tokenizer([ex.text for ex in examples], [ex.context for ex in examples], truncation="only_second",
+                            max_length=max_length, stride=stride, return_overflowing_tokens=True,
+                            return_offsets_mapping=True)
+        features, windowed = [], collections.Counter()
+        for k, ids in enumerate(enc["input_ids"]):
+            i = enc["overflow_to_sample_mapping"][k]
+            seq = enc.sequence_ids(k)
+            offsets = [o if s == 1 else None for o, s in zip(enc["offset_mapping"][k], seq)]
+            windowed[i] += 1
+            f = {"input_ids": ids, "length": len(ids), "example": i, "offsets": offsets}
+            if "token_type_ids" in enc:
+                f["token_type_ids"] = enc["token_type_ids"][k]
+            ex = examples[i]
+            if ex.label is not None:
+                f["start"], f["end"] = self._target(ex, offsets)
+            features.append(f)
+        return Encoded(features, examples, {"examples": len(examples), "truncated": 0, "windows": len(features),
+                                            "windowed": sum(n > 1 for n in windowed.values()),
+                                            "max_tokens": max((len(f["input_ids"]) for f in features), default=0)})
+
+    @staticmethod
+    def _target(ex: QAExample, offsets: list) -> tuple[int, int]:
+        """Token start/end of the first answer when this window holds all of it, else (0, 0): [CLS]."""
+        if not ex.answers:
+            return 0, 0
+        a = ex.answers[0]
+        s, e = a["start"], a["start"] + len(a["text"])
+        inside = [k for k, o in enumerate(offsets) if o is not None]
+        if not inside or offsets[inside[0]][0] > s or offsets[inside[-1]][1] < e:
+            return 0, 0
+        start = next(k for k in inside if offsets[k][1] > s)
+        end = next(k for k in reversed(inside) if offsets[k][0] < e)
+        return start, end
+
+    def collate(self, features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
+        batch = pad_batch(features, tokenizer)
+        if "start" in features[0]:
+            batch["labels"] = torch.tensor([[f["start"], f["end"]] for f in features], dtype=torch.long)
+        return batch
+
+    def num_items(self, features: list[dict]) -> int:
+        return len(features)
+
+    def example_losses(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        y = batch["labels"]
+        return (F.cross_entropy(outputs.start_logits.float(), y[:, 0], reduction="none")
+                + F.cross_entropy(outputs.end_logits.float(), y[:, 1], reduction="none")) / 2
+
+    def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self.example_losses(outputs, batch).sum()
+
+    def unbatch(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
+        s, e = outputs.start_logits.float().cpu().numpy(), outputs.end_logits.float().cpu().numpy()
+        n = batch["attention_mask"].sum(1).tolist()
+        return [np.stack([s[i, :n[i]], e[i, :n[i]]]) for i in range(len(n))]
+
+    # ---- decoding -----------------------------------------------------------------------------
+    def _decode(self, outputs: list[np.ndarray], enc: Encoded) -> list[dict]:
+        """Per question: the best valid span over all its windows, its probability among the n-best
+        candidates, and the null ([CLS]) score margin."""
+        best: list[dict] = []
+        for ex, windows in zip(enc.examples, self._windows(outputs, enc)):
+            cands, null = [], -np.inf
+            for f, out in windows:
+                s, e, offsets = out[0], out[1], f["offsets"]
+                null = max(null, float(s[0] + e[0]))
+                starts = [k for k in np.argsort(-s)[:N_BEST] if k < len(offsets) and offsets[k] is not None]
+                ends = [k for k in np.argsort(-e)[:N_BEST] if k < len(offsets) and offsets[k] is not None]
+                for a in starts:
+                    for b in ends:
+                        if a <= b < a + MAX_ANSWER_TOKENS:
+                            cands.append((float(s[a] + e[b]), offsets[a][0], offsets[b][1]))
+            if not cands:
+                best.append({"answer": "", "start": None, "end": None, "score": 0.0, "margin": np.inf})
+                continue
+            scores = np.array([c[0] for c in cands])
+            probs = np.exp(scores - scores.max())
+            probs /= probs.sum()
+            k = int(scores.argmax())
+            _, cs, ce = cands[k]
+            best.append({"answer": ex.context[cs:ce], "start": int(cs), "end": int(ce), "score": float(probs[k]),
+                         "margin": float(null - scores[k])})
+        return best
+
+    @staticmethod
+    def _windows(outputs: list[np.ndarray], enc: Encoded) -> list[list[tuple[dict, np.ndarray]]]:
+        out: list[list] = [[] for _ in enc.examples]
+        for f, o in zip(enc.features, outputs):
+            out[f["example"]].append((f, o))
+        return out
+
+    def _answered(self, d: dict) -> bool:
+        return self.null_margin is None or d["margin"] < self.null_margin
+
+    def _chinese(self, enc: Encoded) -> bool:
+        return bool(enc.examples) and is_cjk(enc.examples[0].context[:200])
+
+    # ---- capability hooks ---------------------------------------------------------------------
+    def fit_threshold(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str], target: str,
+                      value: float | None, calibrated: bool = True, **kw) -> dict:
+        """An answer-probability threshold on dev for the target (correct = exact match)."""
+        decoded = self._decode(outputs, enc)
+        zh = self._chinese(enc)
+        conf = np.array([d["score"] for d in decoded])
+        correct = np.array([em_f1(d["answer"], [a["text"] for a in ex.answers], zh)[0] == 1.0
+                            for d, ex in zip(decoded, enc.examples)])
+        self.abstention = choose_threshold(conf, np.ones(len(conf), bool), correct, np.zeros(len(conf), bool), target, value)
+        self.threshold = self.abstention["threshold"]
+        return self.abstention
+
+    def fit_decision_rules(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
+        """With no-answer questions in train: the null margin with the best dev F1."""
+        if self.null_margin is None:
+            return {"no_answer": "none in train"}
+        decoded, zh = self._decode(outputs, enc), self._chinese(enc)
+        golds = [[a["text"] for a in ex.answers] for ex in enc.examples]
+        best = (-1.0, 0.0)
+        for m in sorted({0.0, *(d["margin"] for d in decoded if np.isfinite(d["margin"]))}):
+            f1 = np.mean([em_f1(d["answer"] if d["margin"] < m + 1e-9 else "", g, zh)[1] for d, g in zip(decoded, golds)])
+            best = max(best, (float(f1), m + 1e-6))
+        self.null_margin = best[1]
+        return {"null_margin": round(self.null_margin, 4), "dev_f1": round(best[0], 4)}
+
+    # ---- metrics and outputs ------------------------------------------------------------------
+    def evaluate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
+        decoded, zh = self._decode(outputs, enc), self._chinese(enc)
+        ems, f1s = [], []
+        for d, ex in zip(decoded, enc.examples):
+            em, f1 = em_f1(d["answer"] if self._answered(d) else "", [a["text"] for a in ex.answers], zh)
+            ems.append(em)
+            f1s.append(f1)
+        losses = []
+        for f, out in zip(enc.features, outputs):
+            if "start" in f:
+                ls = torch.log_softmax(torch.from_numpy(out), -1)
+                losses.append(-float(ls[0, f["start"]] + ls[1, f["end"]]) / 2)
+        m = {"exact_match": float(np.mean(ems)) if ems else 0.0, "f1": float(np.mean(f1s)) if f1s else 0.0,
+             "loss": float(np.mean(losses)) if losses else 0.0, "n": len(ems), "windows": len(enc.features),
+             "scoring": "cmrc2018 (characters)" if zh else "squad v1.1"}
+        if self.threshold is not None:
+            kept = [k for k, d in enumerate(decoded) if d["score"] >= self.threshold]
+            m["coverage"] = len(kept) / max(len(decoded), 1)
+            m["exact_match_answered"] = float(np.mean([ems[k] for k in kept])) if kept else 0.0
+        return m
+
+    def predictions(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> list[dict]:
+        rows = []
+        for d, ex in zip(self._decode(outputs, enc), enc.examples):
+            answered = self._answered(d)
+            row = {"text": ex.text, "answer": d["answer"] if answered else "", "start": d["start"] if answered else None,
+                   "end": d["end"] if answered else None, "score": round(d["score"], 6)}
+            if self.threshold is not None and d["score"] < self.threshold:
+                row["abstained"] = True
+            if ex.label is not None:
+                row["gold"] = [a["text"] for a in ex.answers]
+            if ex.qid:
+                row["id"] = ex.qid
+            if ex.source:
+                row["source"] = ex.source
+            rows.append(row)
+        return rows
+
+    def response_fields(self) -> dict[str, tuple[Any, str]]:
+        return {"answer": (str, "The answer: a span of the context ('' when the model finds none)."),
+                "start": (int, "Character offset of the answer in the context."),
+                "end": (int, "Character offset just after the answer."),
+                "score": (float, "Probability of the answer among the n-best spans of all windows."),
+                "abstained": (bool, "True when the score is below the threshold chosen on dev.")}
+
+    def report(self, split_metrics: dict[str, dict], labels: list[str], run_dir: Path) -> str:
+        lines = ["### Question answering", "", "| split | exact match | F1 | questions | windows | scoring |", "|---|---|---|---|---|---|"]
+        for split, m in split_metrics.items():
+            lines.append(f"| {split} | {m['exact_match']:.4f} | {m['f1']:.4f} | {m['n']} | {m['windows']} | {m['scoring']} |")
+        lines += ["", "Answers are decoded over all windows of a question (n-best starts and ends, spans inside the context, "
+                  f"at most {MAX_ANSWER_TOKENS} tokens)."]
+        if self.null_margin is not None:
+            lines.append(f"No-answer margin tuned on dev: {self.null_margin:.3f}.")
+        return "\n".join(lines) + "\n"
