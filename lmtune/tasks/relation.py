@@ -59,9 +59,16 @@ class RelationExample(Example):
     def audit_text(self) -> str:
         return self.marked()
 
+    @property
+    def nested(self) -> bool:
+        return self.e1[0] < self.e2[1] and self.e2[0] < self.e1[1]
+
     def edit_view(self, cjk: bool | None = None):
-        """Attacks and augmentation edit the words around the entities; the entities and the markers stay."""
+        """Attacks and augmentation edit the words around the entities; the entities and the markers stay
+        (a sentence whose entities nest is left as it is)."""
         from lmtune.robust.text import Words, text_words
+        if self.nested:
+            return Words([self.text], [True], "")
         (a, b), (c, d) = sorted([self.e1, self.e2])
         pieces = [self.text[:a], self.text[a:b], self.text[b:c], self.text[c:d], self.text[d:]]
         words, protected, joiner = [], [], None
@@ -73,6 +80,8 @@ class RelationExample(Example):
         return Words(words, protected, joiner if joiner is not None else " ")
 
     def with_words(self, w) -> RelationExample:
+        if self.nested:
+            return self
         pieces, cur = [], []
         for word in w.words:
             if word.startswith("\u241e"):
@@ -185,7 +194,7 @@ class RelationTask(ClassificationTask):
         if d.head_column in row or d.tail_column in row:
             text = raw
             e1 = self._locate(text, row.get(d.head_column), d.head_column, where)
-            e2 = self._locate(text, row.get(d.tail_column), d.tail_column, where)
+            e2 = self._locate(text, row.get(d.tail_column), d.tail_column, where, avoid=e1)
         else:
             tags = list(_TAGGED.finditer(raw))
             if sorted(m.group(1) for m in tags) != ["1", "2"]:
@@ -199,12 +208,12 @@ class RelationTask(ClassificationTask):
                 last = m.end()
             text += raw[last:]
             e1, e2 = spans["1"], spans["2"]
-        if e1[0] < e2[1] and e2[0] < e1[1]:
-            raise InputError(f"{where}: the two entities overlap ({text[e1[0]:e1[1]]!r}, {text[e2[0]:e2[1]]!r}).")
         return RelationExample(text, label, source, e1=e1, e2=e2)
 
     @staticmethod
-    def _locate(text: str, value: Any, col: str, where: str) -> tuple[int, int]:
+    def _locate(text: str, value: Any, col: str, where: str, avoid: tuple[int, int] | None = None) -> tuple[int, int]:
+        """A [start, end] span as given, or the first occurrence of the entity's text that does not
+        overlap `avoid` (the other entity; FinRE's 联华 inside 联华超市), else its first occurrence (nested)."""
         if isinstance(value, list) and len(value) == 2 and all(isinstance(x, int) for x in value):
             s, e = value
             if not 0 <= s < e <= len(text):
@@ -212,9 +221,11 @@ class RelationTask(ClassificationTask):
             return s, e
         if not isinstance(value, str) or not value.strip():
             raise InputError(f"{where}: '{col}' must be the entity's text or its [start, end] character span.")
-        at = text.find(value)
-        if at < 0:
+        found = [m.start() for m in re.finditer(re.escape(value), text)]
+        if not found:
             raise InputError(f"{where}: entity {value!r} ('{col}') does not occur in the text.")
+        free = [s for s in found if avoid is None or s + len(value) <= avoid[0] or s >= avoid[1]]
+        at = (free or found)[0]
         return at, at + len(value)
 
     def read_file(self, path: str, cfg: Config, labels: list[str] | None = None,
@@ -266,7 +277,6 @@ class RelationTask(ClassificationTask):
         texts = [ex.marked(*(f" {m} " for m in MARKERS)) for ex in examples]
         with quiet_transformers():
             full = tokenizer(texts, add_special_tokens=True)
-        e1_id, e2_id = tokenizer.convert_tokens_to_ids([MARKERS[0], MARKERS[2]])
         index = {lab: i for i, lab in enumerate(labels or [])}
         features, cut = [], 0
         for i, ex in enumerate(examples):
@@ -277,7 +287,6 @@ class RelationTask(ClassificationTask):
             f = {"input_ids": ids, "length": len(ids), "label": index.get(ex.label, -100) if ex.label is not None else -100}
             if "token_type_ids" in full:
                 f["token_type_ids"] = [0] * len(ids)
-            assert e1_id in ids and e2_id in ids
             features.append(f)
         return Encoded(features, examples, {"truncated": cut, "examples": len(examples),
                                             "max_tokens": max((len(x) for x in full["input_ids"]), default=0)})
