@@ -261,7 +261,8 @@ class RelationTask(ClassificationTask):
                                  label2id={lab: i for i, lab in enumerate(labels)})
             encoder = AutoModel.from_pretrained(path, config=config, add_pooling_layer=False) \
                 if config.model_type == "bert" else AutoModel.from_pretrained(path, config=config)
-        encoder.resize_token_embeddings(len(tokenizer))  # new rows start at the mean embedding
+        with quiet_transformers():  # new rows start near the mean embedding (transformers says so at length)
+            encoder.resize_token_embeddings(len(tokenizer))
         ids = tokenizer.convert_tokens_to_ids(list(MARKERS))
         encoder.config.e1_token_id, encoder.config.e2_token_id = ids[0], ids[2]
         encoder.config.relation_markers = list(MARKERS)
