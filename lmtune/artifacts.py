@@ -2,7 +2,7 @@
 metadata (lmtune.json) and the task state saved beside a model (model/, export/, a merged folder).
 
     RUN_DIR/config.yaml  splits.json  audit.json  train.log  history.jsonl  metrics.json  report.md
-            checkpoints/  model/ (lmtune.json, task_state.safetensors, weights, tokenizer)
+            checkpoints/  model/ (lmtune.json, task_state.safetensors, weights, tokenizer, README.md: the model card)
             predictions/{dev,test}.jsonl  export/ (the same metadata + ONNX files)
 """
 from __future__ import annotations
@@ -33,6 +33,7 @@ class RunDir:
     checkpoints = property(lambda self: self.root / "checkpoints")
     model = property(lambda self: self.root / "model")
     export = property(lambda self: self.root / "export")
+    card = property(lambda self: self.root / "model" / "README.md")  # the Hub model card
 
     def predictions(self, split: str) -> Path:
         return self.root / "predictions" / f"{split}.jsonl"

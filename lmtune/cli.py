@@ -61,13 +61,16 @@ def cmd_evaluate(ns: argparse.Namespace) -> int:
 def cmd_predict(ns: argparse.Namespace) -> int:
     from lmtune.api import load
     if bool(ns.input) == bool(ns.text):
-        raise InputError("predict: give either --input FILE or --text TEXT (repeatable).")
+        raise InputError("predict: give either --input FILE (- for standard input) or --text TEXT (repeatable).")
     if ns.pair and len(ns.pair) != len(ns.text or []):
         raise InputError(f"predict: {len(ns.pair)} --pair for {len(ns.text or [])} --text; give one --pair after each --text.")
     run = load(ns.run_dir)
     texts = list(zip(ns.text, ns.pair)) if ns.pair else ns.text
-    chunks = run.predict_file_chunks(ns.input) if ns.input else iter([run.predict(texts)])
-    if ns.output:
+    if ns.input == "-":
+        chunks = run.predict_stream(sys.stdin)
+    else:
+        chunks = run.predict_file_chunks(ns.input) if ns.input else iter([run.predict(texts)])
+    if ns.output and ns.output != "-":
         from lmtune.io import atomic_path
         n = 0
         with atomic_path(ns.output) as tmp, open(tmp, "w", encoding="utf-8") as fh:  # the old output stays until this is complete
@@ -164,6 +167,51 @@ def cmd_attack(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_init(ns: argparse.Namespace) -> int:
+    from lmtune.io import write_text
+    from lmtune.scaffold import inspect, render
+    out = Path(ns.output or "lmtune.yaml")
+    if out.exists() and not ns.force:
+        raise InputError(f"{out}: already exists; give --output NEW.yaml or --force to replace it.")
+    info = inspect(ns.data_file)
+    text = render(info, ns.task)
+    write_text(out, text)
+    print(json.dumps({k: v for k, v in info.items() if k != "file"}, indent=2, ensure_ascii=False), file=sys.stderr)
+    print(f"wrote {out}: check the lines marked 'guess', then `lmtune train {out}`", file=sys.stderr)
+    return 0
+
+
+def cmd_runs(ns: argparse.Namespace) -> int:
+    from lmtune.runs import format_runs, list_runs
+    rows = list_runs(ns.dir)
+    print(json.dumps(rows, indent=2) if ns.json else format_runs(rows))
+    return 0
+
+
+def cmd_compare(ns: argparse.Namespace) -> int:
+    from lmtune.runs import compare, format_compare
+    c = compare(ns.run_a, ns.run_b)
+    print(json.dumps(c, indent=2) if ns.json else format_compare(c))
+    return 0
+
+
+def cmd_push(ns: argparse.Namespace) -> int:
+    from lmtune.hub import push
+    print(f"pushed: {push(ns.run_dir, ns.repo_id, ns.private)}")
+    return 0
+
+
+def cmd_completion(ns: argparse.Namespace) -> int:
+    import shtab
+    print(shtab.complete(build_parser(), shell=ns.shell))
+    return 0
+
+
+def cmd_config(ns: argparse.Namespace) -> int:
+    print(describe_fields())
+    return 0
+
+
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
@@ -184,6 +232,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmtune", description="Fine-tune, evaluate and serve pretrained language models.")
+    p.add_argument("--version", action="version", version=f"lmtune {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     t = sub.add_parser("train", help="fine-tune from a config file", description=TRAIN_HELP + describe_fields(),
                        formatter_class=argparse.RawDescriptionHelpFormatter, add_help=True)
@@ -194,12 +243,15 @@ def build_parser() -> argparse.ArgumentParser:
     e = sub.add_parser("evaluate", help="metrics of a trained run on a labeled file")
     e.add_argument("run_dir")
     e.add_argument("--data", required=True, help="labeled file with the run's text/label columns")
-    pr = sub.add_parser("predict", help="predict labels; writes JSONL")
+    pr = sub.add_parser("predict", help="predict with a trained run (any task); one JSON line per input",
+                        description="Predictions as JSONL: labels, spans, scores or answers with their probabilities, "
+                                    "intervals or abstentions, as the run's task gives them.")
     pr.add_argument("run_dir")
-    pr.add_argument("--input", help="file of texts (CSV/TSV/JSONL with the run's text column)")
-    pr.add_argument("--text", action="append", help="a text to classify (repeatable)")
+    pr.add_argument("--input", help="file with the run's columns (CSV/TSV/JSONL/parquet), or - for standard input: one JSON "
+                                    "object or one plain text per line, read and predicted as it streams")
+    pr.add_argument("--text", action="append", help="a text to predict on (repeatable)")
     pr.add_argument("--pair", action="append", help="the second text of the pair, for a model trained on pairs (one per --text)")
-    pr.add_argument("--output", help="write JSONL here instead of standard output")
+    pr.add_argument("--output", help="write JSONL to this file (written whole, then renamed); - or absent: standard output")
     au = sub.add_parser("audit", help="check the data of a config: balance, duplicates, conflicts, leakage",
                         description="lmtune audit CONFIG.yaml [--strict] [--section.key VALUE ...]: findings as JSON; "
                                     "--strict exits 1 when any finding is critical. --data.label_noise_folds 5 adds "
@@ -258,7 +310,41 @@ def build_parser() -> argparse.ArgumentParser:
     at.add_argument("--max-examples", type=int)
     at.add_argument("--seed", type=int)
     sub.add_parser("config", help="list every config key with its default and meaning")
+    it = sub.add_parser("init", help="inspect a labeled file and write a commented config to start from")
+    it.add_argument("data_file")
+    it.add_argument("--task", help="the task, when the guess from the columns is wrong")
+    it.add_argument("--output", help="config file to write (default lmtune.yaml)")
+    it.add_argument("--force", action="store_true", help="replace an existing config file")
+    rs = sub.add_parser("runs", help="list runs: task, model, date, headline metrics, status")
+    rs.add_argument("dir", nargs="?", default="runs", help="the output_dir holding the runs (default: runs)")
+    rs.add_argument("--json", action="store_true")
+    cp = sub.add_parser("compare", help="two runs side by side: config differences and metric differences")
+    cp.add_argument("run_a")
+    cp.add_argument("run_b")
+    cp.add_argument("--json", action="store_true")
+    pu = sub.add_parser("push", help="upload RUN_DIR/model (weights, tokenizer, model card) to a Hugging Face Hub repo",
+                        description="Needs a token (HF_TOKEN or `hf auth login`); creates the repo when missing.")
+    pu.add_argument("run_dir")
+    pu.add_argument("repo_id")
+    pu.add_argument("--private", action="store_true")
+    co = sub.add_parser("completion", help="print a shell completion script: eval \"$(lmtune completion bash)\"")
+    co.add_argument("shell", choices=["bash", "zsh"])
     return p
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+    try:
+        return version("lmtune")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+# subcommand -> function(argparse.Namespace) -> exit status; train, demo and audit take free-form
+# --section.key overrides and are parsed before argparse sees them
+COMMANDS = {"evaluate": cmd_evaluate, "predict": cmd_predict, "merge": cmd_merge, "report": cmd_report, "export": cmd_export,
+            "attack": cmd_attack, "serve": cmd_serve, "config": cmd_config, "init": cmd_init, "runs": cmd_runs,
+            "compare": cmd_compare, "push": cmd_push, "completion": cmd_completion}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -276,25 +362,7 @@ def main(argv: list[str] | None = None) -> int:
                 config = rest.pop(0)
             return cmd_train(rest, config)
         ns = parser.parse_args(argv)
-        if ns.command == "evaluate":
-            return cmd_evaluate(ns)
-        if ns.command == "predict":
-            return cmd_predict(ns)
-        if ns.command == "merge":
-            return cmd_merge(ns)
-        if ns.command == "report":
-            return cmd_report(ns)
-        if ns.command == "export":
-            return cmd_export(ns)
-        if ns.command == "attack":
-            return cmd_attack(ns)
-        if ns.command == "serve":
-            return cmd_serve(ns)
-        if ns.command == "config":
-            print(describe_fields())
-            return 0
-        parser.print_help()
-        return 2
+        return COMMANDS[ns.command](ns)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -31,9 +31,15 @@ def _f(default: Any, help: str, choices: tuple | None = None, range: str | None 
 
 @dataclass
 class DataConfig:
-    train: str | None = _f(None, "Training file (CSV, TSV or JSONL). Required.")
+    train: str | None = _f(None, "Training file (CSV, TSV, JSONL; parquet, arrow or a datasets save_to_disk folder). Required "
+                                 "unless data.hub is set.")
     dev: str | None = _f(None, "Dev file; if absent (and test absent) train is split.")
     test: str | None = _f(None, "Test file; if absent (and dev absent) train is split.")
+    hub: str | None = _f(None, "A dataset on the Hugging Face Hub, loaded with datasets.load_dataset; its splits fill data.train / "
+                               "dev / test left unset (see data.hub_split_map).")
+    hub_config: str | None = _f(None, "data.hub: the dataset's configuration (subset) name.")
+    hub_split_map: dict | None = _f(None, "data.hub: which Hub split is lmtune's train / dev / test; default "
+                                          "{train: train, dev: validation, test: test}; a null split is not used.")
     format: str = _f("auto", "File format; auto picks by extension (NER: .jsonl -> jsonl, else conll).",
                      ("auto", "csv", "tsv", "jsonl", "conll"))
     text_column: str = _f("text", "Column (or JSON key) holding the text.")
@@ -107,7 +113,9 @@ class TrainConfig:
     calibrate: bool = _f(True, "Fit a temperature on dev after training (classification; NER: on each word's tag "
                                "distribution); outputs use calibrated probabilities.")
     tensorboard: bool = _f(False, "Also log to TensorBoard (needs the tensorboard package); the same as trackers [tensorboard].")
-    trackers: list = _f([], "Experiment trackers that receive the training history as it grows: tensorboard.")
+    trackers: list = _f([], "Experiment trackers (main process only) of the config, every step's metrics, the final metrics "
+                            "and the report, plots and model card. mlflow: MLFLOW_TRACKING_URI, else OUTPUT_DIR/mlflow.db; "
+                            "wandb: honours WANDB_MODE=offline; tensorboard: RUN_DIR/tensorboard.")
     progress: str = _f("auto", "Progress display: auto = bars on a terminal, lines otherwise.", ("auto", "bar", "lines", "none"))
 
 
@@ -287,7 +295,8 @@ def build_config(raw: dict | None = None, overrides: dict[str, Any] | None = Non
                     raise InputError(f"{source}: unknown key '{key}'.{_did_you_mean(key, list(known))}")
                 key = leaf[0]
             value = _coerce(key, value, known[key], source)
-            if key in ("data.train", "data.dev", "data.test", "attack.data") and value and rel is not None:
+            if (key in ("data.train", "data.dev", "data.test", "attack.data") and value and rel is not None
+                    and not str(value).startswith(("hub:", "memory:"))):
                 p = Path(value)
                 value = str(p if p.is_absolute() else (rel / p))
             values[key] = value
@@ -298,8 +307,25 @@ def build_config(raw: dict | None = None, overrides: dict[str, Any] | None = Non
         for part in path:
             obj = getattr(obj, part)
         setattr(obj, leaf, value)
+    _hub_splits(cfg.data, where)
     validate(cfg, where)
     return cfg
+
+
+HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}
+
+
+def _hub_splits(d: DataConfig, where: str) -> None:
+    """data.hub fills the split files left unset with Hub split sources (lmtune.data.hf_datasets)."""
+    if not d.hub:
+        return
+    from lmtune.data.hf_datasets import hub_source
+    unknown = set(d.hub_split_map or {}) - set(HUB_SPLITS)
+    if unknown:
+        raise InputError(f"{where}: data.hub_split_map: unknown split(s) {', '.join(sorted(unknown))}; use train, dev, test.")
+    for split, hub_split in {**HUB_SPLITS, **(d.hub_split_map or {})}.items():
+        if getattr(d, split) is None and hub_split:
+            setattr(d, split, hub_source(d.hub, d.hub_config, str(hub_split)))
 
 
 def _in_range(value: float, spec: str) -> bool:

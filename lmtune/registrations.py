@@ -55,4 +55,6 @@ backends.register("torch", None, file=None, auto=2)
 backends.register("onnx", "lmtune.backends.onnx:OnnxModel", file="model.onnx", auto=1)
 backends.register("onnx-int8", "lmtune.backends.onnx:OnnxModel", file="model.int8.onnx", auto=0)
 
-trackers.register("tensorboard", "lmtune.training.tensorboard:TensorBoardLogger")
+trackers.register("tensorboard", "lmtune.tracking.tensorboard:TensorBoardLogger")
+trackers.register("mlflow", "lmtune.tracking.mlflow:MLflowTracker")
+trackers.register("wandb", "lmtune.tracking.wandb:WandbTracker")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from lmtune.artifacts import RunDir, read_meta, restore_task_state
 from lmtune.audit import report_section as audit_section
+from lmtune.card import render_card
 from lmtune.diagnose import report_section as diagnosis_section
 from lmtune.errors import InputError
 from lmtune.evaluate.report import write_report
@@ -58,7 +59,7 @@ def comparison_section(table: dict[str, dict], metric: str) -> str:
 
 
 def render(run_dir: str | Path) -> Path:
-    """report.md from results.json and the saved model's task state alone."""
+    """report.md and the model card from results.json and the saved model's task state alone."""
     rd = RunDir(run_dir)
     results = read(rd.root)
     meta = read_meta(rd.model)
@@ -73,5 +74,6 @@ def render(run_dir: str | Path) -> Path:
         from lmtune.robust.attack import report_section
         sections.append("\n" + report_section(results["robustness"]))
     history = [json.loads(line) for line in rd.history.read_text().splitlines()] if rd.history.is_file() else []
+    render_card(rd.root, results)
     return write_report(rd.root, results["summary"], results["metrics"], history, results["metric"], "\n".join(sections),
                         tuple(results["headline"]))

@@ -83,6 +83,13 @@ def test_readme_demo_command_on_the_packaged_model(tmp_path):
     assert model.config.num_hidden_layers == 6 and model.config.hidden_size == 384
     assert set(model.config.id2label.values()) == {"negative", "neutral", "positive"}
     assert (run_dir / "report.md").is_file() and (run_dir / "confusion_matrix_test.png").is_file()
+    # the model card: the Hub's parser reads it, and its metrics are metrics.json's
+    from huggingface_hub import ModelCard
+    card = ModelCard.load(run_dir / "model" / "README.md")
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    shown = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
+    assert shown[("test", "accuracy")] == metrics["test"]["accuracy"] and shown[("dev", "macro_f1")] == metrics["dev"]["macro_f1"]
+    assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2" and card.data.pipeline_tag == "text-classification"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")) + [ROOT / "lmtune" / "demo" / "demo.yaml"],

@@ -13,6 +13,7 @@ from lmtune.errors import InputError
 from lmtune.tasks import get_task, register
 from lmtune.tasks.base import ABSTAIN, CALIBRATE, Task
 from lmtune.tasks.classification import ClassificationTask
+from lmtune.tracking import Tracker
 
 
 class ShoutTask(ClassificationTask):
@@ -83,25 +84,26 @@ def test_report_is_rendered_from_the_results_document(tiny_config, capsys):
     assert doc["robustness"]["attacks"]["typo"] and report.startswith(written.rstrip("\n")[:200]) and "## Robustness" in report
 
 
-class RowsTracker:
+class RowsTracker(Tracker):
     """A throwaway tracker defined only here: keeps every history row it is handed."""
     seen: list = []
+    final: dict = {}
     closed = False
 
-    @staticmethod
-    def require():
-        return None
-
     def __init__(self, run_dir, cfg):
+        super().__init__(run_dir, cfg)
         self.done = 0
-        RowsTracker.seen, RowsTracker.closed = [], False
+        RowsTracker.seen, RowsTracker.final, RowsTracker.closed = [], {}, False
 
     def __call__(self, state):
         RowsTracker.seen += state.history[self.done:]
         self.done = len(state.history)
 
-    def close(self):
-        RowsTracker.closed = True
+    def finish(self, results, files):
+        RowsTracker.final = {"metrics": results["metrics"], "files": [f.name for f in files]}
+
+    def close(self, failed=False):
+        RowsTracker.closed = not failed
 
 
 class CountingAdversary:
@@ -134,6 +136,7 @@ def test_a_tracker_and_an_adversary_registered_outside_lmtune_plug_in(tiny_confi
     cfg["adversarial"] = {"method": "counting"}
     run = lmtune.train(cfg)
     assert [r["step"] for r in RowsTracker.seen if "train_loss" in r] == [1, 2, 3] and RowsTracker.closed
+    assert "test" in RowsTracker.final["metrics"] and "report.md" in RowsTracker.final["files"]
     assert run.metrics["train"]["adversarial"] == {"method": "counting", "calls": 3}
     with pytest.raises(InputError, match=r"train\.trackers: unknown tracker 'mlfow'"):
         validate(build_config({"train": {"trackers": ["mlfow"]}}))

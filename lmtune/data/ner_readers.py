@@ -6,7 +6,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from lmtune.data.readers import jsonl_lines, parse_jsonl_line, read_text_file
+from lmtune.data.readers import jsonl_lines, parse_jsonl_line, read_rows, read_text_file
 from lmtune.data.tagging import check_tag, detect_scheme, split_tag, to_bio
 from lmtune.errors import InputError
 
@@ -69,6 +69,9 @@ def detect_ner_format(path: Path, fmt: str) -> str:
 def read_ner_raw(path: str | Path, fmt: str = "auto", tag_column: int = -1, encoding: str = "utf-8",
                  require_tags: bool = True) -> list[tuple]:
     """Sentences as read, tags still in the file's own scheme: (tokens, tags, source, text, offsets, tag_lines)."""
+    from lmtune.data.hf_datasets import is_dataset_source
+    if is_dataset_source(path):
+        return _dataset(str(path))
     path = Path(path)
     fmt = detect_ner_format(path, fmt)
     text = read_text_file(path, encoding)
@@ -192,22 +195,33 @@ def _jsonl(path: Path, text: str, require_tags: bool) -> list[tuple]:
     for n, line in enumerate(jsonl_lines(text), 1):
         if not line.strip():
             continue
-        where = f"{path}: line {n}"
-        obj = parse_jsonl_line(path, n, line)
-        if not isinstance(obj, dict):
-            raise InputError(f"{where}: expected an object with tokens+tags or text+entities.")
-        if "tokens" in obj:
-            tokens, tags = obj["tokens"], obj.get("tags")
-            if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t.strip() for t in tokens):
-                raise InputError(f"{where}: 'tokens' must be a non-empty list of non-empty strings.")
-            if tags is not None and (not isinstance(tags, list) or len(tags) != len(tokens)):
-                raise InputError(f"{where}: 'tags' must be a list as long as 'tokens' ({len(tokens)}).")
-            out.append((tokens, tags, where, None, None, None))
-        elif "text" in obj:
-            out.append(_from_spans(obj, where, require_tags))
-        else:
-            raise InputError(f"{where}: expected keys 'tokens' (+ 'tags') or 'text' (+ 'entities').")
+        out.append(_sentence(parse_jsonl_line(path, n, line), f"{path}: line {n}", require_tags))
     return out
+
+
+def _dataset(path: str) -> list[tuple]:
+    """A dataset's rows: tokens + tags (or the Hub's usual ner_tags, ClassLabel names), or text + entities."""
+    out = []
+    for n, obj in read_rows(path):
+        if "tags" not in obj and "ner_tags" in obj:
+            obj = {**obj, "tags": obj["ner_tags"]}
+        out.append(_sentence(obj, f"{path}: row {n}", True))
+    return out
+
+
+def _sentence(obj: object, where: str, require_tags: bool) -> tuple:
+    if not isinstance(obj, dict):
+        raise InputError(f"{where}: expected an object with tokens+tags or text+entities.")
+    if "tokens" in obj:
+        tokens, tags = obj["tokens"], obj.get("tags")
+        if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t.strip() for t in tokens):
+            raise InputError(f"{where}: 'tokens' must be a non-empty list of non-empty strings.")
+        if tags is not None and (not isinstance(tags, list) or len(tags) != len(tokens)):
+            raise InputError(f"{where}: 'tags' must be a list as long as 'tokens' ({len(tokens)}).")
+        return (tokens, tags, where, None, None, None)
+    if "text" in obj:
+        return _from_spans(obj, where, require_tags)
+    raise InputError(f"{where}: expected keys 'tokens' (+ 'tags') or 'text' (+ 'entities').")
 
 
 def _from_spans(obj: dict, where: str, require_tags: bool) -> tuple:

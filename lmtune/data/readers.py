@@ -132,9 +132,19 @@ def _check_label_types(path: Path, rows: list[tuple[int, dict]], label_column: s
                              f"Write every label of '{label_column}' as one type (all numbers or all strings).")
 
 
+def row_unit(path: str | Path) -> str:
+    """What a row number counts in error messages: lines of a text file, rows of a dataset."""
+    from lmtune.data.hf_datasets import is_dataset_source
+    return "row" if is_dataset_source(path) else "line"
+
+
 def read_rows(path: str | Path, fmt: str = "auto", encoding: str = "utf-8") -> list[tuple[int, dict]]:
     """A data file's rows as (line, {column: value}), with the same checks as read_examples (for
-    tasks whose labels are not one string per row)."""
+    tasks whose labels are not one string per row). Datasets (parquet, arrow, saved, hub) give
+    (row, {column: value}) with ClassLabel values as names."""
+    from lmtune.data.hf_datasets import dataset_rows, is_dataset_source
+    if is_dataset_source(path):
+        return dataset_rows(path)
     path = Path(path)
     fmt = detect_format(path, fmt)
     text = read_text_file(path, encoding)
@@ -147,17 +157,21 @@ def read_rows(path: str | Path, fmt: str = "auto", encoding: str = "utf-8") -> l
 def read_examples(path: str | Path, text_column: str = "text", label_column: str | None = "label",
                   text_pair_column: str | None = None, fmt: str = "auto", encoding: str = "utf-8",
                   require_label: bool = True) -> list[Example]:
-    """Read one file. `require_label=False` allows unlabeled input (prediction)."""
-    path = Path(path)
-    fmt = detect_format(path, fmt)
-    text = read_text_file(path, encoding)
-    rows = _jsonl_rows(path, text) if fmt == "jsonl" else _table_rows(path, text, "\t" if fmt == "tsv" else ",")
-    if fmt == "jsonl":
-        _check_label_types(path, rows, label_column)
+    """Read one file (or dataset). `require_label=False` allows unlabeled input (prediction)."""
+    unit = row_unit(path)
+    if unit == "row":
+        rows = read_rows(path)
+    else:
+        path = Path(path)
+        fmt = detect_format(path, fmt)
+        text = read_text_file(path, encoding)
+        rows = _jsonl_rows(path, text) if fmt == "jsonl" else _table_rows(path, text, "\t" if fmt == "tsv" else ",")
+        if fmt == "jsonl":
+            _check_label_types(path, rows, label_column)
     wanted = [c for c in (text_column, text_pair_column) if c] + ([label_column] if require_label and label_column else [])
     examples = []
     for line, row in rows:
-        where = f"{path}: line {line}"
+        where = f"{path}: {unit} {line}"
         for col in wanted:
             if col not in row:
                 cols = ", ".join(map(repr, row)) or "none"

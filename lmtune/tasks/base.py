@@ -61,6 +61,7 @@ class Task:
     to this interface. Subclasses implement the required methods and declare their capabilities."""
     name: str = ""
     headline: tuple[str, ...] = ()  # metric names shown in report.md and the CLI summary
+    hub_pipeline: str = "text-classification"  # the Hub's pipeline tag, for the model card
     peft_task_type: str = ""  # peft's TaskType for this head
     encode_options: dict[str, str] = {}  # encode() keyword -> data.<key> it comes from (e.g. NER windows)
     output_names: tuple[str, ...] = ("logits",)  # the model output attributes unbatch reads (and an ONNX export keeps)

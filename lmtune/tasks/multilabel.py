@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from lmtune.config import Config
-from lmtune.data.readers import Example, is_invisible, read_rows
+from lmtune.data.readers import Example, is_invisible, read_rows, row_unit
 from lmtune.errors import InputError
 from lmtune.evaluate.report import prf_table
 from lmtune.io import atomic_path
@@ -133,8 +133,9 @@ class MultiLabelTask(Task):
         d = cfg.data
         known = set(labels) if labels is not None else None
         examples = []
+        unit = row_unit(path)
         for line, row in read_rows(path, d.format, d.encoding):
-            where = f"{path}: line {line}"
+            where = f"{path}: {unit} {line}"
             text = row.get(d.text_column)
             if d.text_column not in row:
                 raise InputError(f"{where}: no column '{d.text_column}' (columns are: {', '.join(map(repr, row))}). "

@@ -50,6 +50,7 @@ class NerTask(Task):
     name = "ner"
     headline = ("f1", "precision", "recall", "loss")
     peft_task_type = "TOKEN_CLS"
+    hub_pipeline = "token-classification"
     capabilities = frozenset({CALIBRATE, ABSTAIN, LABEL_NOISE})
     decision_key = "tags"
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForQuestionAnswering, AutoTokenizer
 
 from lmtune.config import Config
-from lmtune.data.readers import Example, read_rows, read_text_file
+from lmtune.data.readers import Example, read_rows, read_text_file, row_unit
 from lmtune.errors import InputError
 from lmtune.evaluate.abstain import choose_threshold
 from lmtune.models import load_config, quiet_transformers, resolve_model
@@ -133,6 +133,7 @@ class QATask(Task):
     name = "qa"
     headline = ("f1", "exact_match", "loss")
     peft_task_type = "QUESTION_ANS"
+    hub_pipeline = "question-answering"
     capabilities = frozenset({ABSTAIN, DEV_RULES})
     encode_options = {"overlap": "window_overlap"}
     output_names = ("start_logits", "end_logits")
@@ -171,7 +172,8 @@ class QATask(Task):
                                                   "is_impossible": qa.get("is_impossible", False), "title": art.get("title")})
                     for art in doc["data"] for para in art.get("paragraphs", []) for qa in para.get("qas", [])]
         else:
-            rows = [(f"line {line}", row) for line, row in read_rows(path, cfg.data.format, cfg.data.encoding)]
+            unit = row_unit(path)
+            rows = [(f"{unit} {line}", row) for line, row in read_rows(path, cfg.data.format, cfg.data.encoding)]
         out = []
         for where, row in rows:
             ex = self._example(row, f"{path}: {where}", f"{path}:{row.get('id') or where.split()[-1]}", require_label)

@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from lmtune.config import Config
-from lmtune.data.readers import Example, _field, is_invisible, read_rows
+from lmtune.data.readers import Example, _field, is_invisible, read_rows, row_unit
 from lmtune.errors import InputError
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, quiet_transformers, resolve_model
@@ -231,10 +231,11 @@ class RelationTask(ClassificationTask):
     def read_file(self, path: str, cfg: Config, labels: list[str] | None = None,
                   require_label: bool = True) -> list[RelationExample]:
         out = []
+        unit = row_unit(path)
         for line, row in read_rows(path, cfg.data.format, cfg.data.encoding):
-            ex = self._example(row, cfg, f"{path}: line {line}", f"{path}:{line}", require_label)
+            ex = self._example(row, cfg, f"{path}: {unit} {line}", f"{path}:{line}", require_label)
             if labels is not None and ex.label is not None and ex.label not in labels:
-                raise InputError(f"{path}: line {line}: label '{ex.label}' never appears in the training data.")
+                raise InputError(f"{path}: {unit} {line}: label '{ex.label}' never appears in the training data.")
             out.append(ex)
         return out
 
