@@ -43,7 +43,7 @@ def test_cli_train_predict_evaluate(tiny_config, tmp_path, capsys):
     assert metrics["n"] == 32
 
     assert main(["predict", str(run_dir)]) == 2
-    assert "either --input FILE or --text" in capsys.readouterr().err
+    assert "either --input FILE (- for standard input) or --text" in capsys.readouterr().err
     assert main(["evaluate", str(tmp_path), "--data", "x.csv"]) == 2
     assert "not a finished lmtune run" in capsys.readouterr().err
 

@@ -212,26 +212,26 @@ def test_wandb_offline_files_hold_the_metrics(tiny_config, monkeypatch):
     cfg["train"].update(trackers=["wandb"])
     run = lmtune.train(cfg)
     (offline,) = (run.run_dir / "wandb").glob("offline-run-*")
-    summary = json.loads((offline / "files" / "wandb-summary.json").read_text())
-    assert summary["test_accuracy"] == run.metrics["test"]["accuracy"] and "train_loss" in summary
-    history = _wandb_history(next(offline.glob("*.wandb")))
+    history, summary = _wandb_records(next(offline.glob("*.wandb")))
     assert [h["_step"] for h in history if "train_loss" in h] == [1, 2, 3, 4]
-    assert (offline / "files" / "report.md").is_file()
+    assert summary["test_accuracy"] == run.metrics["test"]["accuracy"]
+    assert (offline / "files" / "report.md").is_file() and (offline / "files" / "model" / "README.md").is_file()
 
 
-def _wandb_history(path: Path) -> list[dict]:
-    """The history records of an offline run file, read with wandb's own datastore reader."""
-    from wandb.proto import wandb_internal_pb2
-    from wandb.sdk.internal import datastore
-    ds = datastore.DataStore()
-    ds.open_for_scan(str(path))
-    rows = []
-    while (data := ds.scan_data()) is not None:
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(data)
-        if rec.WhichOneof("record_type") == "history":
-            rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in rec.history.item})
-    return rows
+def _wandb_records(path: Path) -> tuple[list[dict], dict]:
+    """The history rows and the final summary of an offline run file, as wandb's own reader
+    (`wandb leet inspect --json`, the Go core's transaction-log reader) prints its records."""
+    exe = Path(sys.executable).parent / "wandb"
+    proc = subprocess.run([str(exe), "leet", "inspect", str(path), "--json"], capture_output=True, text=True, timeout=120,
+                          check=True)
+    rows, summary = [], {}
+    for line in proc.stdout.splitlines():
+        rec = json.loads(line)
+        if rec.get("type") == "history":
+            rows.append(rec["history"]["item"])
+        elif rec.get("type") == "summary":
+            summary.update(rec["summary"].get("update", {}))
+    return rows, summary
 
 
 def test_tensorboard_event_files_hold_the_train_loss(tiny_config):

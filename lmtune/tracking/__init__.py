@@ -36,18 +36,20 @@ class Tracker:
         pass
 
 
-def flat_params(cfg: Any) -> dict[str, str]:
-    """The resolved config as `section.key -> text` (trackers store parameters as strings)."""
-    out: dict[str, str] = {}
-
-    def walk(d: dict, prefix: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                out[f"{prefix}{k}"] = str(v)
-    walk(cfg.to_dict(), "")
+def flat_config(cfg: Any) -> dict[str, Any]:
+    """The resolved config as `section.key -> value`."""
+    out: dict[str, Any] = {}
+    for section, value in cfg.to_dict().items():
+        if isinstance(value, dict):
+            out.update({f"{section}.{k}": v for k, v in value.items()})
+        else:
+            out[section] = value
     return out
+
+
+def flat_params(cfg: Any) -> dict[str, str]:
+    """The config as text, for trackers that store parameters as strings (MLflow)."""
+    return {k: str(v) for k, v in flat_config(cfg).items()}
 
 
 def step_metrics(row: dict) -> dict[str, float]:

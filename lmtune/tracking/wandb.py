@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 
 from lmtune.errors import InputError
-from lmtune.tracking import Tracker, final_metrics, flat_params, step_metrics
+from lmtune.tracking import Tracker, final_metrics, flat_config, step_metrics
 
 
 class WandbTracker(Tracker):
@@ -28,7 +28,7 @@ class WandbTracker(Tracker):
         wandb = self.require()
         self.run_dir = Path(run_dir)
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "lmtune"), name=self.run_dir.name, dir=str(self.run_dir),
-                              config=flat_params(cfg), tags=[cfg.task], reinit="create_new")
+                              config=flat_config(cfg), tags=[cfg.task], reinit="create_new")
         self.done = 0
 
     def __call__(self, state) -> None:
