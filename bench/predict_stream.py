@@ -4,9 +4,9 @@ command on one text (the model's own footprint), one process each, measured by t
 The run: the demo (packaged MiniLM on the bundled reviews, 1 epoch) unless --run is given. The
 stream: --lines lines (default 200,000) written to the command's stdin as it reads them, half JSON
 objects with the text column and half plain texts, review-like sentences of 5-40 words; its stdout
-goes through a counter (every prediction line is parsed). Peak RSS of each child comes from
-getrusage(RUSAGE_CHILDREN).ru_maxrss after it exits (the footprint child runs first, so the second
-reading is the stream's peak when larger). Criterion (issue 22): stream peak - footprint <= 300 MB.
+goes through a counter (every prediction line is parsed). Peak RSS of each command is its own
+ru_maxrss, from os.wait4 on that child (the kernel's high-water mark of its resident memory).
+Criterion (issue 22): stream peak - footprint <= 300 MB.
 
 Last line JSON: {"predict_stream": {"lines": N, "footprint_mb": F, "peak_mb": P, "over_footprint_mb": D,
 "seconds": S, "lines_per_s": R}}
@@ -16,8 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import random
-import resource
 import subprocess
 import sys
 import tempfile
@@ -39,8 +39,11 @@ def demo_run(out: Path) -> Path:
     return run.run_dir
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+def wait_peak_mb(proc: subprocess.Popen) -> tuple[int, float]:
+    """Exit status and peak RSS of this child alone (ru_maxrss is in KiB on Linux)."""
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, usage.ru_maxrss / 1024
 
 
 def feed(stdin, n: int, seed: int = 0) -> None:
@@ -61,9 +64,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(ns.run) if ns.run else demo_run(Path(tmp))
         cmd = [sys.executable, "-m", "lmtune", "predict", str(run_dir)]
-        one = subprocess.run([*cmd, "--text", "works as described"], capture_output=True, text=True, check=True)
-        assert json.loads(one.stdout)["label"]
-        footprint = peak_rss_mb()
+        one = subprocess.Popen([*cmd, "--text", "works as described"], stdout=subprocess.PIPE, text=True)
+        assert json.loads(one.stdout.read())["label"]
+        rc, footprint = wait_peak_mb(one)
+        assert rc == 0
         t0 = time.perf_counter()
         proc = subprocess.Popen([*cmd, "--input", "-", "--output", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True)
@@ -72,10 +76,10 @@ def main() -> None:
         count = sum(1 for line in proc.stdout if json.loads(line)["label"])
         writer.join()
         err = proc.stderr.read()
-        if proc.wait() != 0:
+        rc, peak = wait_peak_mb(proc)
+        if rc != 0:
             raise SystemExit(f"predict failed: {err[-2000:]}")
         seconds = time.perf_counter() - t0
-        peak = peak_rss_mb()
     assert count == ns.lines, (count, ns.lines)
     print(f"predict one text: peak RSS {footprint:.0f} MB | predict {ns.lines} stdin lines: peak RSS {peak:.0f} MB "
           f"(+{peak - footprint:.0f} MB over the footprint; criterion <= 300) in {seconds:.1f}s, {ns.lines / seconds:.0f} lines/s",
