@@ -6,6 +6,7 @@ import re
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from lmtune.data.hf_datasets import is_dataset_source
 from lmtune.data.readers import jsonl_lines, parse_jsonl_line, read_rows, read_text_file
 from lmtune.data.tagging import check_tag, detect_scheme, split_tag, to_bio
 from lmtune.errors import InputError
@@ -69,7 +70,6 @@ def detect_ner_format(path: Path, fmt: str) -> str:
 def read_ner_raw(path: str | Path, fmt: str = "auto", tag_column: int = -1, encoding: str = "utf-8",
                  require_tags: bool = True) -> list[tuple]:
     """Sentences as read, tags still in the file's own scheme: (tokens, tags, source, text, offsets, tag_lines)."""
-    from lmtune.data.hf_datasets import is_dataset_source
     if is_dataset_source(path):
         return _dataset(str(path))
     path = Path(path)

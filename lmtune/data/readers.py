@@ -12,6 +12,7 @@ import unicodedata
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from lmtune.data.hf_datasets import dataset_rows, is_dataset_source
 from lmtune.errors import InputError
 
 
@@ -134,7 +135,6 @@ def _check_label_types(path: Path, rows: list[tuple[int, dict]], label_column: s
 
 def row_unit(path: str | Path) -> str:
     """What a row number counts in error messages: lines of a text file, rows of a dataset."""
-    from lmtune.data.hf_datasets import is_dataset_source
     return "row" if is_dataset_source(path) else "line"
 
 
@@ -142,7 +142,6 @@ def read_rows(path: str | Path, fmt: str = "auto", encoding: str = "utf-8") -> l
     """A data file's rows as (line, {column: value}), with the same checks as read_examples (for
     tasks whose labels are not one string per row). Datasets (parquet, arrow, saved, hub) give
     (row, {column: value}) with ClassLabel values as names."""
-    from lmtune.data.hf_datasets import dataset_rows, is_dataset_source
     if is_dataset_source(path):
         return dataset_rows(path)
     path = Path(path)
