@@ -28,7 +28,7 @@ from transformers import set_seed
 
 from lmtune.config import Config, build_config, load_config
 from lmtune.artifacts import META, RunDir, read_meta, restore_task_state, save_task_arrays, update_task_state, write_meta
-from lmtune import results
+from lmtune import continual, results
 from lmtune.audit import audit
 from lmtune.diagnose import diagnose
 from lmtune.errors import InputError
@@ -317,6 +317,16 @@ class Run:
             results.update(self.run_dir, robustness=result)
         return result
 
+    def drift(self, data: str | Path, alpha: float = 0.05, max_examples: int = 1000, permutations: int = 500) -> dict:
+        """Does a new file differ from the run's training data (lmtune.drift)? Written to RUN_DIR/drift.json
+        and as the Drift section of report.md."""
+        from lmtune.drift import check
+        result = check(self, data, alpha, max_examples, permutations)
+        write_json(self.run_dir / "drift.json", result)
+        if results.path(self.run_dir).is_file():
+            results.update(self.run_dir, drift=result)
+        return result
+
     def _dev_examples(self) -> list:
         """The run's dev split, re-read from its data files as recorded in splits.json."""
         splits = self.task.read(self.config)
@@ -406,6 +416,9 @@ def train(config: Config | dict | str | Path, overrides: dict | None = None, res
         if on:
             task.require(capability, key)
     splits = task.read(cfg)  # every input error surfaces here, before anything is written
+    previous = None
+    if cfg.continual.from_run:
+        splits, previous = continual.prepare(cfg, task, splits)
     check_model(cfg.model.name, cfg.data.max_length)  # a model that cannot load, or too short for max_length
     run_dir = _shared_run_dir(cfg, resume)
     handler = logging.FileHandler(RunDir(run_dir).log, encoding="utf-8") if _partial_state().is_main_process else logging.NullHandler()
@@ -415,7 +428,7 @@ def train(config: Config | dict | str | Path, overrides: dict | None = None, res
     log.setLevel(logging.INFO)  # train.log always gets the full story; the console keeps its own level
     log.addHandler(handler)
     try:
-        run = _train(cfg, task, splits, run_dir, resume, callbacks)
+        run = _train(cfg, task, splits, run_dir, resume, callbacks, previous)
         if cfg.peft.compare_full and cfg.peft.method != "none":
             _compare_with_full(run, cfg, splits)
         return run
@@ -465,6 +478,10 @@ class _Context:
     preds: dict = field(default_factory=dict)
     run: Any = None
     trackers: list = field(default_factory=list)
+    previous: Any = None  # continual.Previous: the run this one continues
+    head: list = field(default_factory=list)  # its per-label head tensors (no L2-SP on them)
+    continual: dict | None = None  # forgetting figures
+    drift_reference: dict | None = None  # what the serve drift monitor compares traffic with
 
     @property
     def main(self) -> bool:
@@ -475,12 +492,13 @@ class _Context:
                                f"eval {split}", self.cfg.train.progress)
 
 
-def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks) -> Run:
+def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks, previous=None) -> Run:
     """The recipe: each stage reads and extends the context; each is short and named for what it does."""
-    ctx = _Context(cfg, task, splits, RunDir(run_dir), resume, callbacks, accelerator_for(cfg.train.precision))
+    ctx = _Context(cfg, task, splits, RunDir(run_dir), resume, callbacks, accelerator_for(cfg.train.precision),
+                   previous=previous)
     try:
         for stage in (_record_inputs, _search_label_noise, _build_model, _encode_data, _audit_data, _start_trackers, _fit,
-                      _restore_best, _evaluate, _save_model, _write_results, _attack, _finish_trackers):
+                      _restore_best, _evaluate, _measure_forgetting, _drift_reference, _save_model, _write_results, _attack, _finish_trackers):
             stage(ctx)
     except BaseException:
         for tracker in ctx.trackers:
@@ -520,6 +538,11 @@ def _build_model(ctx: _Context) -> None:
     cfg, task, splits = ctx.cfg, ctx.task, ctx.splits
     set_seed(cfg.train.seed)
     model, ctx.tokenizer = task.build_model(cfg, splits.labels)
+    if ctx.previous:  # the old run's weights, its head rows kept (before freezing, augmentation and PEFT)
+        continual.load_previous(ctx.previous, load)
+        ctx.head = continual.warm_start(model, ctx.previous, splits.labels)
+        log.info("continual: started from %s (%d labels kept, %d new)", ctx.previous.run_dir,
+                 len(set(ctx.previous.labels) & set(splits.labels)), len(set(splits.labels) - set(ctx.previous.labels)))
     freeze(model, cfg.model.freeze_embeddings, cfg.model.freeze_layers)
     ctx.resampled = (resample_indices([ex.label for ex in splits.train], cfg.data.resample, cfg.train.seed)
                      if cfg.data.resample != "none" else None)
@@ -602,7 +625,10 @@ def _fit(ctx: _Context) -> None:
         ctx.adversary = adversaries.get(cfg.adversarial.method).build(AdversaryInputs(
             cfg, task, ctx.tokenizer, ctx.splits.labels, ctx.encoded["train"], ctx.extra, ctx.train_features, ctx.collate,
             ctx.synonyms))
-    loop_task = LoopTask(ctx.collate, wrap_loss(task.loss, ctx.model, cfg.peft), task.num_items, evaluate_dev, ctx.adversary)
+    loss = wrap_loss(task.loss, ctx.model, cfg.peft)
+    if ctx.previous:
+        loss = continual.l2sp_loss(loss, ctx.model, ctx.previous, cfg.continual.l2sp, ctx.head)
+    loop_task = LoopTask(ctx.collate, loss, task.num_items, evaluate_dev, ctx.adversary)
     with PeakMemory() as ctx.peak_mem:
         ctx.state = train_loop(ctx.model, ctx.train_features, loop_task, ctx.lrs, ctx.ckpt, ctx.accelerator,
                                resume=bool(ctx.resume), callbacks=(*ctx.callbacks, *ctx.trackers),
@@ -630,9 +656,34 @@ def _evaluate(ctx: _Context) -> None:
             ctx.preds[split] = ctx.task.predictions(out, ctx.encoded[split], ctx.splits.labels)
 
 
+def _measure_forgetting(ctx: _Context) -> None:
+    """A continued run: its metric on the old run's test split, next to the old model's."""
+    prev = ctx.previous
+    if not prev or not prev.old_test:
+        return
+    enc = encode_examples(ctx.task, prev.old_test, ctx.tokenizer, ctx.cfg, ctx.splits.labels)
+    out = predict_outputs(ctx.model, enc.features, ctx.collate, ctx.task.unbatch, ctx.accelerator.device, "eval old test",
+                          ctx.cfg.train.progress)
+    metric = ctx.lrs.metric
+    ctx.continual = continual.forgetting(prev, ctx.task.evaluate(out, enc, ctx.splits.labels), metric)
+    if "forgetting" in ctx.continual:
+        log.info("continual: old test %s %.4f -> %.4f (forgetting %.4f)", metric, ctx.continual["before"],
+                 ctx.continual["after"], ctx.continual["forgetting"])
+
+
+def _drift_reference(ctx: _Context) -> None:
+    if ctx.main and ctx.splits.dev and "dev" in ctx.preds:
+        from lmtune.drift import reference_arrays
+        ctx.drift_reference = reference_arrays(ctx.model, ctx.task, ctx.tokenizer, ctx.cfg, ctx.splits.labels, ctx.splits.dev,
+                                               ctx.preds["dev"])
+
+
 def _save_model(ctx: _Context) -> None:
     if not ctx.main:
         return
+    if ctx.previous and is_peft(ctx.model):  # an adapter over the old run's weights: only the merged model stands alone
+        from lmtune.peft import merge
+        ctx.model = merge(ctx.model, ctx.cfg.peft.method)
     cfg, task, model = ctx.cfg, ctx.task, ctx.model
     meta = {"task": task.name, "labels": ctx.splits.labels, "config": cfg.to_dict(), "lmtune_version": _version(),
             "task_state": task.state()}
@@ -643,6 +694,10 @@ def _save_model(ctx: _Context) -> None:
         save_adapter(model, tmp) if is_peft(model) else model.save_pretrained(tmp)
         ctx.tokenizer.save_pretrained(tmp)
         save_task_arrays(task, tmp)
+        if ctx.drift_reference:
+            from safetensors.numpy import save_file
+            from lmtune.drift import REFERENCE
+            save_file(ctx.drift_reference, str(tmp / REFERENCE))
         write_meta(tmp, meta)
     for split, rows in ctx.preds.items():
         write_jsonl(ctx.rd.predictions(split), rows)
@@ -686,7 +741,7 @@ def _write_results(ctx: _Context) -> None:
         summary, lrs, state = _train_summary(ctx), ctx.lrs, ctx.state
         keys = (*(("adversarial",) if ctx.adversary else ()), *TRAIN_KEYS)
         metrics = {**ctx.split_metrics, "train": {k: summary[k] for k in keys}, "metric": lrs.metric,
-                   "headline": list(ctx.task.headline)}
+                   "headline": list(ctx.task.headline), **({"continual": ctx.continual} if ctx.continual else {})}
         baseline = (_majority_baseline(ctx.splits.dev) if lrs.metric == "accuracy" and ctx.task.supports(EXAMPLE_LABELS)
                     else None)
         findings = diagnose(state.history, lrs.metric, baseline)
@@ -697,7 +752,8 @@ def _write_results(ctx: _Context) -> None:
             log.warning("fit diagnosis: %s (%s): %s. %s", f["kind"], f["severity"], f["evidence"], f["advice"])
         results.write(ctx.rd.root, {"summary": summary, "metrics": ctx.split_metrics, "metric": lrs.metric,
                                     "headline": list(ctx.task.headline), "diagnosis": findings, "audit": ctx.audit_findings,
-                                    "task_report": ctx.task.report_state()})
+                                    "task_report": ctx.task.report_state(),
+                                    **({"continual": ctx.continual} if ctx.continual else {})})
         results.render(ctx.rd.root)
     ctx.accelerator.wait_for_everyone()
     ctx.run = Run(ctx.rd.root, ctx.model, ctx.tokenizer, ctx.task, ctx.splits.labels, ctx.cfg, ctx.rd.read_metrics())

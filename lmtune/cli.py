@@ -44,6 +44,11 @@ def cmd_train(args: list[str], config: str | None) -> int:
         else:
             resume = True
             del args[i]
+    if "--from" in args:  # continual fine-tuning: the same as --continual.from_run RUN_DIR
+        i = args.index("--from")
+        if i + 1 >= len(args) or args[i + 1].startswith("--"):
+            raise InputError("train: --from needs the finished run directory to continue from.")
+        args[i] = "--continual.from_run"
     run = train(config, overrides=parse_overrides(args), resume=resume)
     _print_headline(run)
     return 0
@@ -110,6 +115,25 @@ def cmd_audit(args: list[str]) -> int:
     print(f"{len(findings)} finding(s): " + ", ".join(f"{s} {sum(f['severity'] == s for f in findings)}"
                                                     for s in ("critical", "warning", "info") if s in worst), file=sys.stderr)
     return 1 if strict and "critical" in worst else 0
+
+
+def cmd_pretrain(args: list[str]) -> int:
+    from lmtune.config import load_config
+    from lmtune.pretrain import pretrain, summary
+    config = args.pop(0) if args and not args[0].startswith("--") else None
+    print(summary(pretrain(load_config(config, parse_overrides(args)))))
+    return 0
+
+
+def cmd_drift(ns: argparse.Namespace) -> int:
+    from lmtune.api import load
+    from lmtune.drift import report_section
+    run = load(ns.run_dir)
+    run.config.train.progress = "none"
+    result = run.drift(ns.data, ns.alpha, ns.max_examples, ns.permutations)
+    print(json.dumps(result, indent=2, ensure_ascii=False) if ns.json else report_section(result))
+    print(f"wrote {Path(ns.run_dir) / 'drift.json'}", file=sys.stderr)
+    return 0
 
 
 def cmd_report(ns: argparse.Namespace) -> int:
@@ -327,6 +351,21 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("run_dir")
     pu.add_argument("repo_id")
     pu.add_argument("--private", action="store_true")
+    dr = sub.add_parser("drift", help="does new data differ from a run's training data? labels, inputs, confidence, vocabulary",
+                        description="Compares --data with the run's training data (re-read from its recorded sources): "
+                                    "label shift (chi-squared), input shift (MMD on the fine-tuned encoder's embeddings, "
+                                    "permutation p-value; domain-classifier AUC), confidence shift, vocabulary and length. "
+                                    "Writes RUN_DIR/drift.json and a Drift section in report.md.")
+    dr.add_argument("run_dir")
+    dr.add_argument("--data", required=True, help="the new file, with the run's text column (labels optional)")
+    dr.add_argument("--alpha", type=float, default=0.05, help="significance level of the tests")
+    dr.add_argument("--max-examples", type=int, default=1000, help="examples sampled from each side")
+    dr.add_argument("--permutations", type=int, default=500)
+    dr.add_argument("--json", action="store_true", help="print the whole result as JSON")
+    sub.add_parser("pretrain", help="continue masked-LM pretraining on unlabeled in-domain text (pretrain.* keys)",
+                   description="lmtune pretrain CONFIG.yaml [--pretrain.files '[a.txt]'] [--section.key VALUE ...]: writes "
+                               "OUTPUT_DIR/RUN/model (use it as model.name) and pretrain.json with held-out perplexity "
+                               "before and after.")
     co = sub.add_parser("completion", help="print a shell completion script: eval \"$(lmtune completion bash)\"")
     co.add_argument("shell", choices=["bash", "zsh"])
     return p
@@ -340,11 +379,11 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-# subcommand -> function(argparse.Namespace) -> exit status; train, demo and audit take free-form
+# subcommand -> function(argparse.Namespace) -> exit status; train, demo, audit and pretrain take free-form
 # --section.key overrides and are parsed before argparse sees them
 COMMANDS = {"evaluate": cmd_evaluate, "predict": cmd_predict, "merge": cmd_merge, "report": cmd_report, "export": cmd_export,
             "attack": cmd_attack, "serve": cmd_serve, "config": cmd_config, "init": cmd_init, "runs": cmd_runs,
-            "compare": cmd_compare, "push": cmd_push, "completion": cmd_completion}
+            "compare": cmd_compare, "push": cmd_push, "completion": cmd_completion, "drift": cmd_drift}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -355,6 +394,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "audit" and not any(a in ("-h", "--help") for a in argv):
             return cmd_audit(argv[1:])
+        if argv and argv[0] == "pretrain" and not any(a in ("-h", "--help") for a in argv):
+            return cmd_pretrain(argv[1:])
         if argv and argv[0] in ("train", "demo") and not any(a in ("-h", "--help") for a in argv):
             rest = argv[1:]
             config = str(DEMO_CONFIG) if argv[0] == "demo" else None

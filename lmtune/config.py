@@ -204,6 +204,30 @@ class AugmentConfig:
 
 
 @dataclass
+class ContinualConfig:
+    from_run: str | None = _f(None, "Continue from a finished run's weights (full or PEFT; `lmtune train CONFIG --from RUN_DIR`): "
+                                    "the same model.name, labels extended (old head rows kept, new ones initialised).")
+    missing_labels: str = _f("error", "Old labels with no example in the new train data (after replay): error, keep them in "
+                                      "the head, or drop them.", ("error", "keep", "drop"))
+    replay: float = _f(0.0, "Share of the old run's training data (re-read from its recorded sources) added to train, seeded; "
+                            "0 = no replay.", range="[0, 1]")
+    l2sp: float = _f(0.0, "L2-SP strength: alpha/2 * ||w - w_old||^2 over the weights shared with the old run, added to "
+                          "every optimizer step's loss; 0 = off.", range=">= 0")
+
+
+@dataclass
+class PretrainConfig:
+    files: list = _f([], "`lmtune pretrain`: unlabeled text files (.txt: one text per line; CSV/TSV/JSONL/parquet: "
+                         "the data.text_column column).")
+    mlm_probability: float = _f(0.15, "Share of tokens (whole words with whole_word_mask) masked, drawn anew every batch.",
+                                range="(0, 1)")
+    whole_word_mask: bool = _f(True, "Mask every sub-token of a chosen word together (Chinese words by jieba segmentation).")
+    heldout: float = _f(0.05, "Share of the texts held out for perplexity (at most 2,000).", range="(0, 1)")
+    max_minutes: float = _f(0.0, "Stop after this many minutes of training (0 = train.epochs / train.max_steps only).",
+                            range=">= 0")
+
+
+@dataclass
 class Config:
     task: str = _f("classification", "Task type from the task registry.")
     output_dir: str = _f("runs", "Folder that receives run directories.")
@@ -216,6 +240,8 @@ class Config:
     adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
     attack: AttackConfig = field(default_factory=AttackConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    continual: ContinualConfig = field(default_factory=ContinualConfig)
+    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -225,7 +251,8 @@ class Config:
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "peft": PeftConfig, "abstain": AbstainConfig,
-            "adversarial": AdversarialConfig, "attack": AttackConfig, "augment": AugmentConfig}
+            "adversarial": AdversarialConfig, "attack": AttackConfig, "augment": AugmentConfig,
+            "continual": ContinualConfig, "pretrain": PretrainConfig}
 
 
 def all_keys() -> dict[str, dataclasses.Field]:
@@ -295,10 +322,12 @@ def build_config(raw: dict | None = None, overrides: dict[str, Any] | None = Non
                     raise InputError(f"{source}: unknown key '{key}'.{_did_you_mean(key, list(known))}")
                 key = leaf[0]
             value = _coerce(key, value, known[key], source)
-            if (key in ("data.train", "data.dev", "data.test", "attack.data") and value and rel is not None
-                    and not str(value).startswith(("hub:", "memory:"))):
+            if (key in ("data.train", "data.dev", "data.test", "attack.data", "continual.from_run") and value
+                    and rel is not None and not str(value).startswith(("hub:", "memory:"))):
                 p = Path(value)
                 value = str(p if p.is_absolute() else (rel / p))
+            if key == "pretrain.files" and rel is not None:
+                value = [str(p if (p := Path(v)).is_absolute() else rel / p) for v in value]
             values[key] = value
     cfg = Config()
     for key, value in values.items():

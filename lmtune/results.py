@@ -70,6 +70,12 @@ def render(run_dir: str | Path) -> Path:
                 audit_section(results["audit"])]
     if results.get("comparison"):
         sections.append("\n" + comparison_section(results["comparison"], results["metric"]))
+    if results.get("continual"):
+        from lmtune.continual import report_section as continual_section
+        sections.append("\n" + continual_section(results["continual"]))
+    if results.get("drift"):
+        from lmtune.drift import report_section as drift_section
+        sections.append("\n" + drift_section(results["drift"]))
     if results.get("robustness"):
         from lmtune.robust.attack import report_section
         sections.append("\n" + report_section(results["robustness"]))

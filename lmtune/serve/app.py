@@ -97,6 +97,13 @@ class _Metrics:
         self.texts = Counter("lmtune_texts_total", "Texts predicted", registry=self.registry)
         self.errors = Counter("lmtune_errors_total", "Errors by kind", ["kind"], registry=self.registry)
         self.queue = Gauge("lmtune_queue_texts", "Texts waiting or in the model", registry=self.registry)
+        # drift of live traffic against the reference saved with the model (lmtune.drift.DriftMonitor)
+        self.drift_pvalue = Gauge("lmtune_drift_pvalue", "MMD permutation p-value of the recent requests' embeddings vs "
+                                  "the training reference (NaN until the window fills)", registry=self.registry)
+        self.drift_window = Gauge("lmtune_drift_window_texts", "Requests in the drift window", registry=self.registry)
+        self.abstain_rate = Gauge("lmtune_abstain_rate", "Share of the recent predictions that abstained", registry=self.registry)
+        self.mean_confidence = Gauge("lmtune_mean_confidence", "Mean top-class probability of the recent predictions",
+                                     registry=self.registry)
 
 
 PROTECTED = ("/v1/predict", "/metrics")  # paths that need an API key
@@ -264,10 +271,14 @@ def create_app(settings: ServeSettings) -> FastAPI:
         run.model = OnnxModel(run.model.path, settings.threads, spin=False)
     run.config.train.progress = "none"
     metrics = _Metrics()
+    from lmtune.drift import DriftMonitor
+    monitor = DriftMonitor.for_run(run)
 
     def predict(texts: list[str]) -> list[dict]:
         rows = run.predict(texts)
         metrics.texts.inc(len(texts))
+        if monitor:
+            monitor.observe(texts, rows)
         return [{k: v for k, v in r.items() if k not in ("text", "text_pair", "source")} for r in rows]
 
     batcher = Batcher(predict, settings.max_batch_size, settings.max_wait_ms, settings.max_queue, metrics.batch.observe)
@@ -345,6 +356,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
     @app.get("/metrics", dependencies=[Depends(require_key)], responses={401: {"model": ErrorResponse}})
     async def metrics_endpoint() -> Response:
         metrics.queue.set(batcher.pending)
+        if monitor:  # embeds the requests that arrived since the last scrape, off the event loop
+            g = await asyncio.to_thread(monitor.refresh)
+            metrics.drift_pvalue.set(g["pvalue"])
+            metrics.drift_window.set(g["window"])
+            metrics.abstain_rate.set(g["abstain_rate"])
+            metrics.mean_confidence.set(g["mean_confidence"])
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(StarletteHTTPException)

@@ -51,7 +51,8 @@ LABEL_NOISE = "label_noise"  # example_probs(...): out-of-fold probabilities for
 EXAMPLE_LABELS = "example_labels"  # one label per example: re-sampling, example-level attacks (search)
 INTERVALS = "intervals"  # fit_intervals(outputs, enc, labels): prediction intervals fitted on dev (regression)
 DEV_RULES = "dev_rules"  # fit_decision_rules(outputs, enc, labels): other decision settings fitted on dev (QA's no-answer margin)
-CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, INTERVALS, DEV_RULES)
+CONTINUAL = "continual"  # a head with one row per label: a run can continue another's (continual.from_run), labels extended
+CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, INTERVALS, DEV_RULES, CONTINUAL)
 _HOOKS = {CALIBRATE: "calibrate", ABSTAIN: "fit_threshold", MAHALANOBIS: "fit_scorer", LABEL_NOISE: "example_probs",
           INTERVALS: "fit_intervals", DEV_RULES: "fit_decision_rules"}
 

@@ -23,7 +23,7 @@ from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, quiet_transformers, resolve_model
 from lmtune.tasks.windows import encode_windows, pool, training_subset
-from lmtune.tasks.base import (ABSTAIN, CALIBRATE, EXAMPLE_LABELS, LABEL_NOISE, MAHALANOBIS, Encoded, Splits, Task, balanced_weights,
+from lmtune.tasks.base import (ABSTAIN, CALIBRATE, CONTINUAL, EXAMPLE_LABELS, LABEL_NOISE, MAHALANOBIS, Encoded, Splits, Task, balanced_weights,
                                cross_entropy_sum, pad_batch)
 
 
@@ -48,7 +48,7 @@ class ClassificationTask(Task):
     name = "classification"
     headline = ("accuracy", "macro_f1", "loss")  # report.md / CLI summary columns
     peft_task_type = "SEQ_CLS"
-    capabilities = frozenset({CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS})
+    capabilities = frozenset({CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, CONTINUAL})
     encode_options = {"long_text": "long_text", "overlap": "window_overlap"}
 
     def __init__(self) -> None:
