@@ -125,7 +125,8 @@ def warm_start(model: torch.nn.Module, prev: Previous, labels: list[str]) -> lis
     other tensor is copied. Returns the names of the per-label head tensors."""
     index = {lab: i for i, lab in enumerate(prev.labels)}
     shared = [(i, index[lab]) for i, lab in enumerate(labels) if lab in index]
-    new_rows, old_rows = torch.tensor([a for a, _ in shared]), torch.tensor([b for _, b in shared])
+    new_rows = torch.tensor([a for a, _ in shared], dtype=torch.long)
+    old_rows = torch.tensor([b for _, b in shared], dtype=torch.long)
     base = getattr(model, "base_model_prefix", "") + "."
     state = model.state_dict()
     unmatched = [k for k in prev.state if k not in state]
