@@ -15,7 +15,7 @@ import lmtune
 from lmtune.cli import main
 from lmtune.drift import mmd_test
 from lmtune.serve.app import ServeSettings, create_app
-from tests.conftest import FILL, NEG, POS, toy_rows, write_csv
+from tests.conftest import FILL, toy_rows, write_csv
 
 TOPICS = {"bank": ["loan", "account", "card", "transfer"], "travel": ["flight", "hotel", "train", "visa"]}
 
