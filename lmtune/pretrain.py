@@ -59,7 +59,11 @@ def read_texts(cfg: Config) -> list[str]:
 def segment(text: str) -> list[str]:
     """Words for whole-word masking: jieba's segmentation for Chinese text, whitespace otherwise."""
     if _CJK.search(text):
-        import jieba
+        try:
+            import jieba
+        except ImportError:
+            raise InputError("pretrain: whole-word masking of Chinese text segments words with jieba: pip install "
+                             "'lmtune[robust]', or set pretrain.whole_word_mask false.") from None
         return [w for w in jieba.lcut(text) if w.strip()]
     return text.split()
 
