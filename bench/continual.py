@@ -80,11 +80,20 @@ def bench_drift(work: Path, out: dict, a_run) -> None:
     out.setdefault("tapt", {})["without"] = round(run.metrics["dev"]["accuracy"], 4)
     finance_file = write(work / "finance.csv", finance(), header=("text",))
     same = run.drift(work / "sst2_dev.csv")
+    # a control from the same distribution as the run's training data: SST-2 train sentences outside the sample
+    sample = set(random.Random(SEED).sample(sst2("train"), 4000))
+    rest = [r for r in sst2("train") if r not in sample]
+    control = run.drift(write(work / "sst2_heldout_train.csv", random.Random(SEED + 1).sample(rest, 872)))
     other = run.drift(finance_file)
     ab = a_run.drift(work / "banking_b_train.csv")
     out["drift"] = {"sst2_vs_dev_p": same["input_shift"]["p_value"], "sst2_vs_finance_p": other["input_shift"]["p_value"],
-                    "banking_a_vs_b_p": ab["input_shift"]["p_value"]}
-    for name, r in (("sst2 train vs sst2 dev", same), ("sst2 train vs financial phrasebank", other),
+                    "banking_a_vs_b_p": ab["input_shift"]["p_value"], "sst2_vs_heldout_train_p": control["input_shift"]["p_value"],
+                    "sst2_vs_dev_domain_auc": same["input_shift"]["domain_auc"]}
+    tokens = (same["vocabulary_shift"]["train"]["mean_tokens"], same["vocabulary_shift"]["new"]["mean_tokens"])
+    print(f"sst2: mean tokens of the training sample {tokens[0]:.1f}, of dev {tokens[1]:.1f} (train holds phrases, dev "
+          f"whole sentences); domain classifier AUC train vs dev {same['input_shift']['domain_auc']:.3f}", flush=True)
+    for name, r in (("sst2 train vs sst2 dev", same), ("sst2 train vs 872 other sst2 train sentences", control),
+                    ("sst2 train vs financial phrasebank", other),
                     ("banking77 A vs B", ab)):
         ls = f", label shift p {r['label_shift']['p_value']:.3g}" if "label_shift" in r else ""
         print(f"drift {name}: input shift p {r['input_shift']['p_value']:.4f} (domain AUC "
