@@ -348,7 +348,18 @@ def load(run_dir: str | Path, backend: str = "torch") -> Run:
     task = get_task(meta["task"])
     restore_task_state(task, meta, run_dir / "model")
     cfg = build_config(meta["config"])
-    if is_adapter_dir(run_dir / "model"):
+    if "ensemble" in meta:  # an ensemble run (lmtune ensemble): its members' models, averaged
+        from transformers import AutoTokenizer
+
+        from lmtune.search.members import EnsembleModel
+        e = meta["ensemble"]
+        gone = [m for m in e["members"] if not RunDir(m).finished()]
+        if gone:
+            raise InputError(f"{run_dir}: ensemble member {gone[0]} is gone; an ensemble reads its members where it was built.")
+        with quiet_transformers():
+            tokenizer = AutoTokenizer.from_pretrained(run_dir / "model")
+        model = EnsembleModel([load(m).model for m in e["members"]], e["weights"], e["temperatures"])
+    elif is_adapter_dir(run_dir / "model"):
         base = meta.get("base_model", {})
         path = resolve_model(cfg.model.name)
         if base.get("sha256") and base_fingerprint(path) not in (None, base["sha256"]):
@@ -419,6 +430,12 @@ def train(config: Config | dict | str | Path, overrides: dict | None = None, res
     previous = None
     if cfg.continual.from_run:
         splits, previous = continual.prepare(cfg, task, splits)
+    return train_splits(cfg, task, splits, resume, callbacks, previous)
+
+
+def train_splits(cfg: Config, task, splits, resume: bool | str | Path = False, callbacks: tuple = (), previous=None) -> Run:
+    """Fine-tune on splits already read (train() reads them from the config; `lmtune cv` makes its folds):
+    the run directory, its train.log, and the clean-up of a run that fails before its first checkpoint."""
     check_model(cfg.model.name, cfg.data.max_length)  # a model that cannot load, or too short for max_length
     run_dir = _shared_run_dir(cfg, resume)
     handler = logging.FileHandler(RunDir(run_dir).log, encoding="utf-8") if _partial_state().is_main_process else logging.NullHandler()

@@ -125,6 +125,62 @@ def cmd_pretrain(args: list[str]) -> int:
     return 0
 
 
+def _pop(args: list[str], flag: str, kind=str, default=None):
+    """Take `--flag VALUE` (or a bare `--flag` when kind is bool) out of free-form override args."""
+    if flag not in args:
+        return default
+    i = args.index(flag)
+    if kind is bool:
+        del args[i]
+        return True
+    if i + 1 >= len(args):
+        raise InputError(f"{flag} needs a value.")
+    try:
+        value = kind(args[i + 1])
+    except ValueError:
+        raise InputError(f"{flag}: expected a {kind.__name__}, got {args[i + 1]!r}.") from None
+    del args[i:i + 2]
+    return value
+
+
+def cmd_tune(args: list[str]) -> int:
+    from lmtune.config import load_config
+    from lmtune.search.tune import tune
+    trials = _pop(args, "--trials", int)
+    if trials is None:
+        raise InputError("tune: give --trials N (the number of trials of the study, all workers together).")
+    timeout, soup = _pop(args, "--timeout", float), _pop(args, "--soup", bool, False)
+    prune, resume = not _pop(args, "--no-prune", bool, False), _pop(args, "--resume", bool, False)
+    config = args.pop(0) if args and not args[0].startswith("--") else None
+    result = tune(load_config(config, parse_overrides(args)), trials, timeout, prune, soup, resume)
+    best = result["best"]
+    print(json.dumps({"best_trial": best["number"], f"dev_{result['metric']}": best["dev"], "params": best["params"],
+                      "complete": result["complete"], "pruned": result["pruned"], "run_dir": best["run_dir"]}, indent=2))
+    return 0
+
+
+def cmd_cv(args: list[str]) -> int:
+    from lmtune.config import load_config
+    from lmtune.search.combine import cv, render_cv
+    folds = _pop(args, "--folds", int, 5)
+    no_ensemble = _pop(args, "--no-ensemble", bool, False)
+    config = args.pop(0) if args and not args[0].startswith("--") else None
+    print(render_cv(cv(load_config(config, parse_overrides(args)), folds, not no_ensemble)))
+    return 0
+
+
+def cmd_ensemble(ns: argparse.Namespace) -> int:
+    from lmtune.search.combine import ensemble
+    print(json.dumps(ensemble(ns.run_dirs, ns.out, ns.weights, ns.dev), indent=2))
+    return 0
+
+
+def cmd_soup(ns: argparse.Namespace) -> int:
+    from lmtune.search.combine import soup
+    print(json.dumps(soup(ns.run_dirs, ns.out, ns.greedy), indent=2))
+    return 0
+
+
 def cmd_drift(ns: argparse.Namespace) -> int:
     from lmtune.api import load
     from lmtune.drift import report_section
@@ -366,6 +422,25 @@ def build_parser() -> argparse.ArgumentParser:
                    description="lmtune pretrain CONFIG.yaml [--pretrain.files '[a.txt]'] [--section.key VALUE ...]: writes "
                                "OUTPUT_DIR/RUN/model (use it as model.name) and pretrain.json with held-out perplexity "
                                "before and after.")
+    sub.add_parser("tune", help="hyperparameter search (Optuna TPE, pruning); each trial a run dir under OUTPUT_DIR/RUN_NAME",
+                   description="lmtune tune CONFIG.yaml --trials N [--timeout S] [--soup] [--no-prune] [--resume] "
+                               "[--section.key VALUE ...]: tune.space (default by model width), tune.pruner, tune.storage. "
+                               "Start it N times to run N workers on one study. --resume re-queues trials a stopped "
+                               "worker left running. Writes study.json, study.md, history.png, best.yaml.")
+    sub.add_parser("cv", help="stratified (or grouped) k-fold cross-validation, and an ensemble of the fold models",
+                   description="lmtune cv CONFIG.yaml [--folds 5] [--no-ensemble] [--section.key VALUE ...]: folds over "
+                               "train + dev (data.group_column keeps groups together); writes OUTPUT_DIR/RUN_NAME (default "
+                               "cv)/fold-K, cv.json, cv.md, oof.jsonl and ensemble/.")
+    en = sub.add_parser("ensemble", help="a run dir that averages its members' calibrated probabilities")
+    en.add_argument("run_dirs", nargs="+")
+    en.add_argument("--out", required=True, help="the new run directory")
+    en.add_argument("--weights", choices=["uniform", "dev"], default="uniform",
+                    help="dev: weights that minimise the dev log-loss (needs a shared dev split or --dev)")
+    en.add_argument("--dev", help="labeled file to fit weights, temperature and abstention on (default: the members' shared dev)")
+    so = sub.add_parser("soup", help="average the weights of runs of one base model into one run dir (model soup)")
+    so.add_argument("run_dirs", nargs="+")
+    so.add_argument("--out", required=True, help="the new run directory")
+    so.add_argument("--greedy", action="store_true", help="add a run (best dev first) only if the soup's dev metric does not drop")
     co = sub.add_parser("completion", help="print a shell completion script: eval \"$(lmtune completion bash)\"")
     co.add_argument("shell", choices=["bash", "zsh"])
     return p
@@ -379,11 +454,12 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-# subcommand -> function(argparse.Namespace) -> exit status; train, demo, audit and pretrain take free-form
+# subcommand -> function(argparse.Namespace) -> exit status; train, demo, audit, pretrain, tune and cv take free-form
 # --section.key overrides and are parsed before argparse sees them
 COMMANDS = {"evaluate": cmd_evaluate, "predict": cmd_predict, "merge": cmd_merge, "report": cmd_report, "export": cmd_export,
             "attack": cmd_attack, "serve": cmd_serve, "config": cmd_config, "init": cmd_init, "runs": cmd_runs,
-            "compare": cmd_compare, "push": cmd_push, "completion": cmd_completion, "drift": cmd_drift}
+            "compare": cmd_compare, "push": cmd_push, "completion": cmd_completion, "drift": cmd_drift,
+            "ensemble": cmd_ensemble, "soup": cmd_soup}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -394,8 +470,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if argv and argv[0] == "audit" and not any(a in ("-h", "--help") for a in argv):
             return cmd_audit(argv[1:])
-        if argv and argv[0] == "pretrain" and not any(a in ("-h", "--help") for a in argv):
-            return cmd_pretrain(argv[1:])
+        free_form = {"pretrain": cmd_pretrain, "tune": cmd_tune, "cv": cmd_cv}  # take --section.key overrides
+        if argv and argv[0] in free_form and not any(a in ("-h", "--help") for a in argv):
+            return free_form[argv[0]](argv[1:])
         if argv and argv[0] in ("train", "demo") and not any(a in ("-h", "--help") for a in argv):
             rest = argv[1:]
             config = str(DEMO_CONFIG) if argv[0] == "demo" else None

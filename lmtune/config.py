@@ -68,6 +68,8 @@ class DataConfig:
                              ("mean", "max"))
     symmetric_pairs: bool = _f(False, "Sentence pairs whose relation is symmetric (paraphrase, similarity): also train on "
                                       "each pair in the other order.")
+    group_column: str | None = _f(None, "`lmtune cv`: column whose rows must stay in one fold (a user, a document, a "
+                                        "conversation): grouped stratified folds.")
     label_noise_folds: int = _f(0, "Classification: before training, find label-noise candidates by confident learning on "
                                    "k-fold out-of-fold probabilities (k extra fine-tunings); 0 = off.", range=">= 0")
     drop_label_noise: bool = _f(False, "Drop the rows the label-noise search flags from train before training.")
@@ -228,6 +230,20 @@ class PretrainConfig:
 
 
 @dataclass
+class TuneConfig:
+    space: dict | None = _f(None, "`lmtune tune` search space: config key -> [low, high] (two ints: an integer range), [low, high, "
+                                  "log], or {choices: [...]}; default by model width: train.lr, train.batch_size, "
+                                  "train.epochs, train.warmup_ratio, train.weight_decay (and peft.r for LoRA / AdaLoRA).")
+    pruner: str = _f("successive_halving", "Stop unpromising trials from their dev metric at each evaluation: successive_halving "
+                                           "(asynchronous, the most aggressive), hyperband, median, or none.",
+                     ("successive_halving", "hyperband", "median", "none"))
+    storage: str | None = _f(None, "Where the study lives, shared by workers: a journal file (default STUDY_DIR/study.journal, one "
+                                   "machine) or a database URL (postgresql://..., across machines).")
+    seed: int = _f(0, "Seed of the TPE sampler.", range=">= 0")
+    startup_trials: int = _f(4, "Random trials before TPE starts modelling the results.", range=">= 1")
+
+
+@dataclass
 class Config:
     task: str = _f("classification", "Task type from the task registry.")
     output_dir: str = _f("runs", "Folder that receives run directories.")
@@ -242,6 +258,7 @@ class Config:
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -252,7 +269,7 @@ class Config:
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "peft": PeftConfig, "abstain": AbstainConfig,
             "adversarial": AdversarialConfig, "attack": AttackConfig, "augment": AugmentConfig,
-            "continual": ContinualConfig, "pretrain": PretrainConfig}
+            "continual": ContinualConfig, "pretrain": PretrainConfig, "tune": TuneConfig}
 
 
 def all_keys() -> dict[str, dataclasses.Field]:

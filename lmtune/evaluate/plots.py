@@ -53,3 +53,24 @@ def confusion_matrix(cm: np.ndarray, labels: list[str], path: Path, title: str) 
     ax.set_title(title)
     fig.tight_layout()
     _save(fig, path)
+
+
+def optimization_history(numbers: list[int], values: list[float], states: list[str], metric: str, path: Path) -> None:
+    """Each trial's dev metric (pruned trials at their last report, hollow) and the best so far."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    done = [(n, v) for n, v, s in zip(numbers, values, states) if s == "complete"]
+    pruned = [(n, v) for n, v, s in zip(numbers, values, states) if s != "complete"]
+    if done:
+        ax.scatter(*zip(*done), color="tab:blue", label="complete", zorder=3)
+        best, run = [], None
+        for n, v in done:
+            run = v if run is None or v > run else run
+            best.append((n, run))
+        ax.step(*zip(*best), where="post", color="tab:red", label="best so far")
+    if pruned:
+        ax.scatter(*zip(*pruned), facecolors="none", edgecolors="tab:gray", label="pruned (last report)", zorder=3)
+    ax.set_xlabel("trial")
+    ax.set_ylabel(f"dev {metric}")
+    ax.legend(loc="lower right")
+    ax.grid(alpha=0.3)
+    _save(fig, path)

@@ -52,7 +52,8 @@ EXAMPLE_LABELS = "example_labels"  # one label per example: re-sampling, example
 INTERVALS = "intervals"  # fit_intervals(outputs, enc, labels): prediction intervals fitted on dev (regression)
 DEV_RULES = "dev_rules"  # fit_decision_rules(outputs, enc, labels): other decision settings fitted on dev (QA's no-answer margin)
 CONTINUAL = "continual"  # a head with one row per label: a run can continue another's (continual.from_run), labels extended
-CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, INTERVALS, DEV_RULES, CONTINUAL)
+ENSEMBLE = "ensemble"  # softmax logits over the labels, one row per example: members' probabilities can be averaged
+CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, INTERVALS, DEV_RULES, CONTINUAL, ENSEMBLE)
 _HOOKS = {CALIBRATE: "calibrate", ABSTAIN: "fit_threshold", MAHALANOBIS: "fit_scorer", LABEL_NOISE: "example_probs",
           INTERVALS: "fit_intervals", DEV_RULES: "fit_decision_rules"}
 

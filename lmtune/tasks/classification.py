@@ -23,8 +23,8 @@ from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, quiet_transformers, resolve_model
 from lmtune.tasks.windows import encode_windows, pool, training_subset
-from lmtune.tasks.base import (ABSTAIN, CALIBRATE, CONTINUAL, EXAMPLE_LABELS, LABEL_NOISE, MAHALANOBIS, Encoded, Splits, Task, balanced_weights,
-                               cross_entropy_sum, pad_batch)
+from lmtune.tasks.base import (ABSTAIN, CALIBRATE, CONTINUAL, ENSEMBLE, EXAMPLE_LABELS, LABEL_NOISE, MAHALANOBIS, Encoded, Splits, Task,
+                               balanced_weights, cross_entropy_sum, pad_batch)
 
 
 def mahalanobis_score(feats: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
@@ -48,7 +48,7 @@ class ClassificationTask(Task):
     name = "classification"
     headline = ("accuracy", "macro_f1", "loss")  # report.md / CLI summary columns
     peft_task_type = "SEQ_CLS"
-    capabilities = frozenset({CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, CONTINUAL})
+    capabilities = frozenset({CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, CONTINUAL, ENSEMBLE})
     encode_options = {"long_text": "long_text", "overlap": "window_overlap"}
 
     def __init__(self) -> None:
