@@ -440,7 +440,7 @@ def build_parser() -> argparse.ArgumentParser:
     so = sub.add_parser("soup", help="average the weights of runs of one base model into one run dir (model soup)")
     so.add_argument("run_dirs", nargs="+")
     so.add_argument("--out", required=True, help="the new run directory")
-    so.add_argument("--greedy", action="store_true", help="add a run (best dev first) only if the soup's dev metric does not drop")
+    so.add_argument("--greedy", action="store_true", help="add a run (best dev first) only if it improves the soup's dev metric")
     co = sub.add_parser("completion", help="print a shell completion script: eval \"$(lmtune completion bash)\"")
     co.add_argument("shell", choices=["bash", "zsh"])
     return p

@@ -6,7 +6,7 @@
   uniform or fitted on dev), recalibrated and with abstention refitted when the members share a dev
   split none of them trained on (or one is given).
 - soup: the weights of runs fine-tuned from the same base model averaged into one ordinary run
-  (uniform, or greedy: a run joins only if the soup's dev metric does not drop), at one model's cost.
+  (uniform, or greedy: a run joins only if it improves the soup's dev metric), at one model's cost.
 """
 from __future__ import annotations
 
@@ -287,7 +287,7 @@ def soup(run_dirs: list, out: str | Path, greedy: bool = False) -> dict:
         for j in range(1, len(states)):
             _load_average(base.model, [states[i] for i in chosen + [j]])
             value = base.evaluate_examples(dev)[metric]
-            kept = sign * value >= sign * best_value
+            kept = sign * value > sign * best_value  # strictly better: a tie adds risk and no evidence
             steps.append({"run_dir": str(runs[order[j]].run_dir), "dev": value, "kept": kept})
             if kept:
                 chosen.append(j)
