@@ -173,26 +173,27 @@ def _sample(items: list, k: int, seed: int) -> list:
 # ---- the check -------------------------------------------------------------------------------
 def check(run: Any, new_file: str, alpha: float = 0.05, max_examples: int = 1000, permutations: int = 500,
           seed: int = 0) -> dict:
-    """Compare NEW_FILE with the run's training data (re-read from its recorded sources)."""
+    """Compare NEW_FILE with the run's data (re-read from its recorded sources). The embedding and
+    confidence tests use the dev split as the reference: the model never trained on it, like new data,
+    while its own training examples look different to it (memorised) even when nothing drifted."""
     cfg, task = run.config, run.task
     new = task.read_file(str(new_file), cfg, None, require_label=False)  # new labels are findings, not errors
     splits = task.read(cfg)
-    ref = _sample(splits.train, max_examples, seed)
+    ref = _sample(splits.dev, max_examples, seed)
     cur = _sample(new, max_examples, seed + 1)
     x = embed(run.model, task, run.tokenizer, cfg, run.labels, ref)
     y = embed(run.model, task, run.tokenizer, cfg, run.labels, cur)
     mmd = mmd_test(x, y, permutations, seed)
-    result: dict = {"reference": {"source": str(cfg.data.train), "examples": len(splits.train), "sampled": len(ref)},
+    result: dict = {"reference": {"source": str(cfg.data.dev or cfg.data.train), "split": "dev", "examples": len(splits.dev),
+                                  "train_examples": len(splits.train), "sampled": len(ref)},
                     "new": {"source": str(new_file), "examples": len(new), "sampled": len(cur)}, "alpha": alpha,
                     "input_shift": {**mmd, "test": "mmd", "domain_auc": domain_auc(x, y, seed), "shifted": mmd["p_value"] < alpha}}
     labels = label_shift([ex.label for ex in splits.train], [ex.label for ex in new], alpha)
     if labels is not None:
         result["label_shift"] = labels
     if task.supports(ABSTAIN):  # tasks whose predictions carry a top-class probability ("score")
-        result["confidence_shift"] = confidence_shift(run.predict_examples(_sample(splits.dev, max_examples, seed)),
-                                                      run.predict_examples(cur), alpha)
-    result["vocabulary_shift"] = vocabulary_shift(splits.train, _sample(splits.dev, max_examples, seed), cur,
-                                                  run.tokenizer, cfg.data.max_length)
+        result["confidence_shift"] = confidence_shift(run.predict_examples(ref), run.predict_examples(cur), alpha)
+    result["vocabulary_shift"] = vocabulary_shift(splits.train, ref, cur, run.tokenizer, cfg.data.max_length)
     result["findings"] = _findings(result)
     result["shifted"] = bool(result["findings"])
     return result
@@ -225,8 +226,9 @@ def _findings(r: dict) -> list[dict]:
 
 def report_section(r: dict) -> str:
     verdict = "shift found" if r["shifted"] else "no shift found"
-    lines = ["## Drift", "", f"`{r['new']['source']}` ({r['new']['examples']} examples) against the training data "
-             f"({r['reference']['examples']}): **{verdict}** (alpha {r['alpha']}).", "",
+    lines = ["## Drift", "", f"`{r['new']['source']}` ({r['new']['examples']} examples) against the run's data (labels: train, "
+             f"{r['reference'].get('train_examples', '?')}; inputs and confidence: dev, {r['reference']['examples']}): **{verdict}** "
+             f"(alpha {r['alpha']}).", "",
              "| view | statistic | p-value | shifted |", "|---|---|---|---|"]
     i = r["input_shift"]
     lines.append(f"| input (embeddings) | MMD² {i['mmd2']:.4g}, domain AUC {i['domain_auc']:.3f} | {i['p_value']:.3g} | "
