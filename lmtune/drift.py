@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from lmtune.errors import InputError
-from lmtune.tasks.base import ABSTAIN, encode_examples
+from lmtune.tasks.base import encode_examples
 from lmtune.training.batching import eval_batches
 from lmtune.training.loop import inputs
 
@@ -62,6 +62,7 @@ def embed(model: Any, task: Any, tokenizer: Any, cfg: Any, labels: list[str], ex
         batch = {k: t.to(device) for k, t in collate([enc.features[i] for i in idx]).items()}
         hidden = model(**inputs(batch), output_hidden_states=True).hidden_states[-1].float()
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+        hidden = hidden[:, -mask.shape[1]:]  # prompt tuning prepends virtual tokens the mask does not cover
         vecs = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu().numpy()
         for i, v in zip(idx, vecs):
             pooled[i] = v
@@ -159,6 +160,11 @@ def vocabulary_shift(train: list, dev: list, new: list, tokenizer: Any, max_leng
     return {"reference": ref, "train": trained, "new": cur, "length_ratio": ratio, "shifted": bool(shifted)}
 
 
+def _scored(task: Any) -> bool:
+    """Whether each prediction carries one confidence ("score" among the fields the task declares)."""
+    return "score" in task.response_fields()
+
+
 def _text(ex: Any) -> str:
     return ex.text + (" " + ex.text_pair if getattr(ex, "text_pair", None) else "")
 
@@ -191,7 +197,7 @@ def check(run: Any, new_file: str, alpha: float = 0.05, max_examples: int = 1000
     labels = label_shift([ex.label for ex in splits.train], [ex.label for ex in new], alpha)
     if labels is not None:
         result["label_shift"] = labels
-    if task.supports(ABSTAIN):  # tasks whose predictions carry a top-class probability ("score")
+    if _scored(task):
         result["confidence_shift"] = confidence_shift(run.predict_examples(ref), run.predict_examples(cur), alpha)
     result["vocabulary_shift"] = vocabulary_shift(splits.train, ref, cur, run.tokenizer, cfg.data.max_length)
     result["findings"] = _findings(result)
@@ -256,7 +262,7 @@ def reference_arrays(model: Any, task: Any, tokenizer: Any, cfg: Any, labels: li
     dev's scores and abstentions (tasks with a top-class probability)."""
     sample = _sample(list(range(len(dev))), REFERENCE_SIZE, 0)
     out = {"embeddings": embed(model, task, tokenizer, cfg, labels, [dev[i] for i in sample])}
-    if task.supports(ABSTAIN):
+    if _scored(task):
         out["scores"] = np.array([r["score"] for r in dev_rows], dtype=np.float32)
         out["abstained"] = np.array([bool(r.get("abstained")) for r in dev_rows], dtype=np.float32)
     return out
