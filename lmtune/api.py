@@ -689,10 +689,14 @@ def _measure_forgetting(ctx: _Context) -> None:
 
 
 def _drift_reference(ctx: _Context) -> None:
+    """What `lmtune serve` compares live traffic with; a model that cannot be embedded serves without it."""
     if ctx.main and ctx.splits.dev and "dev" in ctx.preds:
         from lmtune.drift import reference_arrays
-        ctx.drift_reference = reference_arrays(ctx.model, ctx.task, ctx.tokenizer, ctx.cfg, ctx.splits.labels, ctx.splits.dev,
-                                               ctx.preds["dev"])
+        try:
+            ctx.drift_reference = reference_arrays(ctx.model, ctx.task, ctx.tokenizer, ctx.cfg, ctx.splits.labels,
+                                                   ctx.splits.dev, ctx.preds["dev"])
+        except InputError as e:
+            log.info("no drift reference saved (%s)", e)
 
 
 def _save_model(ctx: _Context) -> None:
@@ -711,11 +715,14 @@ def _save_model(ctx: _Context) -> None:
         save_adapter(model, tmp) if is_peft(model) else model.save_pretrained(tmp)
         ctx.tokenizer.save_pretrained(tmp)
         save_task_arrays(task, tmp)
-        if ctx.drift_reference:
-            from safetensors.numpy import save_file
-            from lmtune.drift import REFERENCE
-            save_file(ctx.drift_reference, str(tmp / REFERENCE))
         write_meta(tmp, meta)
+    if ctx.drift_reference:  # beside the model, not in it: it is monitoring data, not part of the artifact
+        from safetensors.numpy import save_file
+
+        from lmtune.drift import REFERENCE
+        from lmtune.io import atomic_path
+        with atomic_path(ctx.rd.root / REFERENCE) as tmp_ref:
+            save_file(ctx.drift_reference, str(tmp_ref))
     for split, rows in ctx.preds.items():
         write_jsonl(ctx.rd.predictions(split), rows)
 

@@ -4,6 +4,7 @@ metadata (lmtune.json) and the task state saved beside a model (model/, export/,
     RUN_DIR/config.yaml  splits.json  audit.json  train.log  history.jsonl  metrics.json  report.md
             checkpoints/  model/ (lmtune.json, task_state.safetensors, weights, tokenizer, README.md: the model card)
             predictions/{dev,test}.jsonl  export/ (the same metadata + ONNX files)
+            drift_reference.safetensors (dev embeddings and scores for the serve drift monitor)
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ classifier's cross-validated AUC as the effect size), confidence shift (top-prob
 abstention rates, Mann-Whitney U) and vocabulary/length shift (unseen words, unknown tokens,
 truncation, length). `lmtune drift RUN_DIR --data FILE` writes RUN_DIR/drift.json and a report
 section; the serve monitor keeps a rolling window of request embeddings and confidences against the
-reference saved with the model (model/drift_reference.safetensors, dev embeddings and scores).
+reference training saves beside the model (RUN_DIR/drift_reference.safetensors: dev embeddings and scores).
 """
 from __future__ import annotations
 
@@ -60,7 +60,11 @@ def embed(model: Any, task: Any, tokenizer: Any, cfg: Any, labels: list[str], ex
     pooled: list = [None] * len(enc.features)
     for idx in eval_batches(enc.lengths, 1024, 32):
         batch = {k: t.to(device) for k, t in collate([enc.features[i] for i in idx]).items()}
-        hidden = model(**inputs(batch), output_hidden_states=True).hidden_states[-1].float()
+        states = getattr(model(**inputs(batch), output_hidden_states=True), "hidden_states", None)
+        if not states:
+            raise InputError("drift: this model returns no hidden states, so its inputs cannot be embedded for the "
+                             "input-shift test.")
+        hidden = states[-1].float()
         mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
         hidden = hidden[:, -mask.shape[1]:]  # prompt tuning prepends virtual tokens the mask does not cover
         vecs = ((hidden * mask).sum(1) / mask.sum(1).clamp(min=1)).cpu().numpy()
@@ -286,7 +290,7 @@ class DriftMonitor:
 
     @classmethod
     def for_run(cls, run: Any, **kw) -> DriftMonitor | None:
-        path = Path(run.run_dir) / "model" / REFERENCE
+        path = Path(run.run_dir) / REFERENCE
         if not path.is_file():
             log.info("drift monitor off: %s has no %s (trained before lmtune saved one)", run.run_dir, REFERENCE)
             return None

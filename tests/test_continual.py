@@ -137,7 +137,7 @@ def test_mmd_test_is_calibrated_and_has_power():
 
 
 def test_serve_drift_gauges_move_when_traffic_changes_domain(old_run):
-    assert (old_run.run_dir / "model" / "drift_reference.safetensors").is_file()
+    assert (old_run.run_dir / "drift_reference.safetensors").is_file()
     client = TestClient(create_app(ServeSettings(run_dir=str(old_run.run_dir), backend="torch", no_auth=True)))
 
     def gauges() -> dict:
