@@ -717,12 +717,12 @@ def _save_model(ctx: _Context) -> None:
         save_task_arrays(task, tmp)
         write_meta(tmp, meta)
     if ctx.drift_reference:  # beside the model, not in it: it is monitoring data, not part of the artifact
-        from safetensors.numpy import save_file
+        from safetensors.numpy import save
 
         from lmtune.drift import REFERENCE
         from lmtune.io import atomic_path
-        with atomic_path(ctx.rd.root / REFERENCE) as tmp_ref:
-            save_file(ctx.drift_reference, str(tmp_ref))
+        with atomic_path(ctx.rd.root / REFERENCE) as tmp_ref:  # bytes into the temp: it keeps the run's file mode
+            tmp_ref.write_bytes(save(ctx.drift_reference))
     for split, rows in ctx.preds.items():
         write_jsonl(ctx.rd.predictions(split), rows)
 
