@@ -202,6 +202,7 @@ class Run:
     labels: list[str]
     config: Config
     metrics: dict = field(default_factory=dict)
+    backend: str = "torch"  # what runs the model: torch, or an export (onnx, onnx-int8)
 
     def _encode(self, examples: list) -> Any:
         return encode_examples(self.task, examples, self.tokenizer, self.config, self.labels)
@@ -213,6 +214,9 @@ class Run:
 
     def predict(self, texts: str | Sequence[str] | Sequence[tuple[str, str]]) -> list[dict]:
         """Label and class probabilities for each text (or (text, text_pair) tuple)."""
+        return self.predict_examples(self._from_texts(texts))
+
+    def _from_texts(self, texts: str | Sequence[str] | Sequence[tuple[str, str]]) -> list:
         if isinstance(texts, str):
             texts = [texts]
         pairs = self.task.reads_pairs(self.config)
@@ -224,7 +228,31 @@ class Run:
                 what = ("sentence pairs: give each text with its pair (--pair, or pairs over HTTP)" if pairs
                         else "single texts: give no pair")
                 raise InputError(f"text {i + 1}: this model reads {what}.")
-        return self.predict_examples(self.task.from_texts(list(texts)))
+        return self.task.from_texts(list(texts))
+
+    def explain(self, texts: str | Sequence[str] | Sequence[tuple[str, str]], label: str | None = None,
+                method: str = "auto", steps: int = 32) -> list[dict]:
+        """Predictions with word attributions (lmtune.explain): Integrated Gradients on the torch backend,
+        occlusion on the others; for the predicted label, or `label`."""
+        return self.explain_examples(self._from_texts(texts), label, method, steps)
+
+    def explain_examples(self, examples: list, label: str | None = None, method: str = "auto", steps: int = 32) -> list[dict]:
+        from lmtune.explain import Explainer
+        return Explainer(self, method, steps).explain(examples, label)
+
+    def explain_report(self, data: str | Path | None = None, max_examples: int = 300, method: str = "auto",
+                       steps: int = 32, share: float = 0.2) -> dict:
+        """Explain a labeled file (default: the run's test split): per-class words, example explanations and
+        their faithfulness; written to RUN_DIR/explain.json and the Explanations section of report.md."""
+        from lmtune.explain import analyse
+        examples = (self.task.read_file(str(data), self.config, self.labels, require_label=True) if data
+                    else self._split_examples("test"))
+        result = analyse(self, examples, str(data) if data else "test", max_examples, method, steps, share,
+                         progress=self.config.train.progress)
+        write_json(self.run_dir / "explain.json", result)
+        if results.path(self.run_dir).is_file():
+            results.update(self.run_dir, explain=result)
+        return result
 
     def predict_examples(self, examples: list) -> list[dict]:
         enc = self._encode(examples)
@@ -327,12 +355,40 @@ class Run:
             results.update(self.run_dir, drift=result)
         return result
 
+    def fairness(self, data: str | Path | None = None, split: str = "test", swap: str | None = None,
+                 slices: list[str] | None = None) -> dict:
+        """Slice metrics (columns of the data; default data.slice_columns) and counterfactual term swaps
+        (a built-in list, en or zh, or a file) on a labeled file or a split of the run (lmtune.fairness);
+        written to RUN_DIR/fairness.json and report.md."""
+        from lmtune.fairness import SwapList, counterfactual, slice_metrics, slices_of
+        columns = self.config.data.slice_columns if slices is None else slices
+        if not columns and not swap:
+            raise InputError("fairness: give --swap LIST (en, zh or a file) and/or --slices COLUMNS "
+                             "(or set data.slice_columns).")
+        swaps = SwapList.named(swap, self.config.data.encoding) if swap else None  # a bad list fails before any work
+        examples = (self.task.read_file(str(data), self.config, self.labels, require_label=bool(columns)) if data
+                    else self._split_examples(split))
+        result: dict = {"data": str(data) if data else split}
+        if columns:
+            self.task.require(EXAMPLE_LABELS, "fairness --slices")
+            values = slices_of(self.config, examples, columns)
+            result["slices"] = slice_metrics(self.predict_examples(examples), values, seed=self.config.train.seed)
+        if swaps:
+            result["counterfactual"] = counterfactual(self, examples, swaps)
+        write_json(self.run_dir / "fairness.json", result)
+        if results.path(self.run_dir).is_file():
+            results.update(self.run_dir, fairness=result)
+        return result
+
     def _dev_examples(self) -> list:
-        """The run's dev split, re-read from its data files as recorded in splits.json."""
-        splits = self.task.read(self.config)
-        if not splits.dev:
-            raise InputError(f"{self.run_dir}: the run has no dev split; give --data FILE to attack.")
-        return splits.dev
+        return self._split_examples("dev")
+
+    def _split_examples(self, split: str) -> list:
+        """A split of the run (dev or test), re-read from its data files as recorded in splits.json."""
+        examples = getattr(self.task.read(self.config), split)
+        if not examples:
+            raise InputError(f"{self.run_dir}: the run has no {split} split; give --data FILE.")
+        return examples
 
 
 def load(run_dir: str | Path, backend: str = "torch") -> Run:
@@ -388,7 +444,7 @@ def _load_onnx(run_dir: Path, backend: str) -> Run:
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(run_dir / "export")
     metrics = RunDir(run_dir).read_metrics()
-    return Run(run_dir, OnnxModel(path), tokenizer, task, meta["labels"], build_config(meta["config"]), metrics)
+    return Run(run_dir, OnnxModel(path), tokenizer, task, meta["labels"], build_config(meta["config"]), metrics, backend)
 
 
 def dataset_overrides(data: Any) -> dict[str, str]:
@@ -499,6 +555,8 @@ class _Context:
     head: list = field(default_factory=list)  # its per-label head tensors (no L2-SP on them)
     continual: dict | None = None  # forgetting figures
     drift_reference: dict | None = None  # what the serve drift monitor compares traffic with
+    slice_values: tuple | None = None  # data.slice_columns: (split, {column: value per example})
+    slices: dict | None = None  # per-slice metrics of that split
 
     @property
     def main(self) -> bool:
@@ -515,7 +573,8 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks, previous
                    previous=previous)
     try:
         for stage in (_record_inputs, _search_label_noise, _build_model, _encode_data, _audit_data, _start_trackers, _fit,
-                      _restore_best, _evaluate, _measure_forgetting, _drift_reference, _save_model, _write_results, _attack, _finish_trackers):
+                      _restore_best, _evaluate, _measure_slices, _measure_forgetting, _drift_reference, _save_model, _write_results,
+                      _attack, _finish_trackers):
             stage(ctx)
     except BaseException:
         for tracker in ctx.trackers:
@@ -533,6 +592,11 @@ def tracker_names(cfg: Config) -> list[str]:
 
 
 def _record_inputs(ctx: _Context) -> None:
+    if ctx.cfg.data.slice_columns:  # read before training, so a missing column fails fast
+        from lmtune.fairness import slices_of
+        ctx.task.require(EXAMPLE_LABELS, "data.slice_columns")
+        split = "test" if ctx.splits.test else "dev"
+        ctx.slice_values = (split, slices_of(ctx.cfg, getattr(ctx.splits, split), ctx.cfg.data.slice_columns))
     if ctx.main and not ctx.resume:
         write_text(ctx.rd.config, ctx.cfg.to_yaml())
         write_json(ctx.rd.splits, ctx.splits.info)
@@ -673,6 +737,13 @@ def _evaluate(ctx: _Context) -> None:
             ctx.preds[split] = ctx.task.predictions(out, ctx.encoded[split], ctx.splits.labels)
 
 
+def _measure_slices(ctx: _Context) -> None:
+    if ctx.slice_values and ctx.main:
+        from lmtune.fairness import slice_metrics
+        split, values = ctx.slice_values
+        ctx.slices = {"split": split, **slice_metrics(ctx.preds[split], values, seed=ctx.cfg.train.seed)}
+
+
 def _measure_forgetting(ctx: _Context) -> None:
     """A continued run: its metric on the old run's test split, next to the old model's."""
     prev = ctx.previous
@@ -777,7 +848,8 @@ def _write_results(ctx: _Context) -> None:
         results.write(ctx.rd.root, {"summary": summary, "metrics": ctx.split_metrics, "metric": lrs.metric,
                                     "headline": list(ctx.task.headline), "diagnosis": findings, "audit": ctx.audit_findings,
                                     "task_report": ctx.task.report_state(),
-                                    **({"continual": ctx.continual} if ctx.continual else {})})
+                                    **({"continual": ctx.continual} if ctx.continual else {}),
+                                    **({"slices": ctx.slices} if ctx.slices else {})})
         results.render(ctx.rd.root)
     ctx.accelerator.wait_for_everyone()
     ctx.run = Run(ctx.rd.root, ctx.model, ctx.tokenizer, ctx.task, ctx.splits.labels, ctx.cfg, ctx.rd.read_metrics())

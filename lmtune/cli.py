@@ -71,7 +71,12 @@ def cmd_predict(ns: argparse.Namespace) -> int:
         raise InputError(f"predict: {len(ns.pair)} --pair for {len(ns.text or [])} --text; give one --pair after each --text.")
     run = load(ns.run_dir)
     texts = list(zip(ns.text, ns.pair)) if ns.pair else ns.text
-    if ns.input == "-":
+    if ns.explain:  # the same rows, each with its word attributions
+        if ns.input == "-":
+            raise InputError("predict --explain reads --input FILE or --text, not standard input.")
+        chunks = (iter([run.explain(texts)]) if texts else
+                  (run.explain_examples(c) for c in _chunks(run.task.read_file(ns.input, run.config, run.labels, False))))
+    elif ns.input == "-":
         chunks = run.predict_stream(sys.stdin)
     else:
         chunks = run.predict_file_chunks(ns.input) if ns.input else iter([run.predict(texts)])
@@ -87,6 +92,45 @@ def cmd_predict(ns: argparse.Namespace) -> int:
         for rows in chunks:
             sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             sys.stdout.flush()
+    return 0
+
+
+def _chunks(items: list, size: int = 64):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+def cmd_explain(ns: argparse.Namespace) -> int:
+    from lmtune.api import load
+    from lmtune.explain import report_section
+    if ns.text and (ns.input or ns.data):
+        raise InputError("explain: give --text TEXT (repeatable) or --input FILE, or neither to explain the run's test split.")
+    if ns.pair and len(ns.pair) != len(ns.text or []):
+        raise InputError(f"explain: {len(ns.pair)} --pair for {len(ns.text or [])} --text; give one --pair after each --text.")
+    run = load(ns.run_dir, backend=ns.backend)
+    if ns.text or ns.input:
+        texts = list(zip(ns.text, ns.pair)) if ns.pair else ns.text
+        chunks = (iter([run.explain(texts, ns.label, ns.method, ns.steps)]) if texts else
+                  (run.explain_examples(c, ns.label, ns.method, ns.steps)
+                   for c in _chunks(run.task.read_file(ns.input, run.config, run.labels, False))))
+        for rows in chunks:
+            sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        return 0
+    result = run.explain_report(ns.data, ns.max_examples, ns.method, ns.steps, ns.share)
+    print(json.dumps(result, indent=2, ensure_ascii=False) if ns.json else report_section(result))
+    print(f"wrote {Path(ns.run_dir) / 'explain.json'}", file=sys.stderr)
+    return 0
+
+
+def cmd_fairness(ns: argparse.Namespace) -> int:
+    from lmtune.api import load
+    from lmtune.fairness import report_section
+    run = load(ns.run_dir)
+    run.config.train.progress = "none"
+    slices = [c.strip() for c in ns.slices.split(",") if c.strip()] if ns.slices else None
+    result = run.fairness(ns.data, ns.split, ns.swap, slices)
+    print(json.dumps(result, indent=2, ensure_ascii=False) if ns.json else report_section(result))
+    print(f"wrote {Path(ns.run_dir) / 'fairness.json'}", file=sys.stderr)
     return 0
 
 
@@ -303,7 +347,8 @@ def cmd_serve(ns: argparse.Namespace) -> int:
     settings = ServeSettings(run_dir=ns.run_dir, backend=ns.backend, key_file=ns.api_key_file, no_auth=ns.no_auth,
                              max_batch_size=ns.max_batch_size, max_wait_ms=ns.max_wait_ms, max_queue=ns.max_queue,
                              max_texts=ns.max_texts, max_chars=ns.max_chars, max_body_bytes=ns.max_body_bytes, threads=ns.threads,
-                             header_timeout_s=ns.header_timeout, body_timeout_s=ns.body_timeout, max_connections=ns.max_connections)
+                             header_timeout_s=ns.header_timeout, body_timeout_s=ns.body_timeout, max_connections=ns.max_connections,
+                             explain_per_minute=ns.explain_per_minute)
     if ns.workers == 1:
         create_app(settings)  # fail fast on a bad run dir or missing keys, before uvicorn starts
     serve(settings, ns.host, ns.port, ns.workers)
@@ -332,6 +377,37 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--text", action="append", help="a text to predict on (repeatable)")
     pr.add_argument("--pair", action="append", help="the second text of the pair, for a model trained on pairs (one per --text)")
     pr.add_argument("--output", help="write JSONL to this file (written whole, then renamed); - or absent: standard output")
+    pr.add_argument("--explain", action="store_true", help="add word attributions for the predicted label (see lmtune explain)")
+    xp = sub.add_parser("explain", help="which words drove a prediction (Integrated Gradients), and how faithful that is",
+                        description="With --text/--input: predictions with word attributions as JSONL. Without: explains the "
+                                    "run's test split (or --data FILE): the words that drive each label, coloured examples, "
+                                    "and faithfulness (comprehensiveness / sufficiency vs random words and attention); writes "
+                                    "RUN_DIR/explain.json and an Explanations section in report.md.")
+    xp.add_argument("run_dir")
+    xp.add_argument("--text", action="append", help="a text to explain (repeatable)")
+    xp.add_argument("--pair", action="append", help="the second text of the pair, for a model trained on pairs (one per --text)")
+    xp.add_argument("--input", help="file with the run's columns: every row explained (JSONL out)")
+    xp.add_argument("--data", help="labeled file to analyse instead of the run's test split")
+    xp.add_argument("--label", help="explain this label instead of the predicted one")
+    xp.add_argument("--method", choices=["auto", "ig", "occlusion"], default="auto",
+                    help="auto: Integrated Gradients on the torch backend, occlusion (word removal) on ONNX")
+    xp.add_argument("--backend", default="torch", choices=backends.names())
+    xp.add_argument("--steps", type=int, default=32, help="Integrated Gradients steps")
+    xp.add_argument("--max-examples", type=int, default=300, help="examples analysed (a seeded sample)")
+    xp.add_argument("--share", type=float, default=0.2, help="share of top words for the faithfulness measures")
+    xp.add_argument("--json", action="store_true", help="print the whole analysis as JSON")
+    fa = sub.add_parser("fairness", help="per-slice metrics with intervals, and counterfactual term swaps (he <-> she ...)",
+                        description="Slices: accuracy per value of each --slices column (default data.slice_columns), the gap to "
+                                    "overall with a 95%% bootstrap interval, significantly worse slices flagged. --swap en|zh|FILE: "
+                                    "swaps gendered terms (built-in English / Chinese lists, or a CSV whose header names the "
+                                    "two groups and whose rows are term pairs) and reports how many predictions change. "
+                                    "Writes RUN_DIR/fairness.json and report.md sections.")
+    fa.add_argument("run_dir")
+    fa.add_argument("--data", help="labeled file with the run's columns (default: the run's --split)")
+    fa.add_argument("--split", choices=["test", "dev"], default="test")
+    fa.add_argument("--swap", help="en, zh, or a CSV/TSV file of term pairs (header: the two groups)")
+    fa.add_argument("--slices", help="comma-separated columns of the data (default: data.slice_columns)")
+    fa.add_argument("--json", action="store_true")
     au = sub.add_parser("audit", help="check the data of a config: balance, duplicates, conflicts, leakage",
                         description="lmtune audit CONFIG.yaml [--strict] [--section.key VALUE ...]: findings as JSON; "
                                     "--strict exits 1 when any finding is critical. --data.label_noise_folds 5 adds "
@@ -376,6 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-queue", type=int, default=2048, help="texts waiting before requests get 503")
     sv.add_argument("--max-texts", type=int, default=64, help="texts per request")
     sv.add_argument("--max-chars", type=int, default=2000, help="characters per text")
+    sv.add_argument("--explain-per-minute", type=int, default=30,
+                    help="/v1/predict?explain=true requests per minute and API key (0: explanations off)")
     sv.add_argument("--max-body-bytes", type=int, default=1_000_000)
     sv.add_argument("--threads", type=int, help="model threads per worker (default: cores / workers)")
     at = sub.add_parser("attack", help="robustness report: accuracy under typo / synonym / word-importance attacks",
@@ -458,7 +536,8 @@ def _version() -> str:
 # --section.key overrides and are parsed before argparse sees them
 COMMANDS = {"evaluate": cmd_evaluate, "predict": cmd_predict, "merge": cmd_merge, "report": cmd_report, "export": cmd_export,
             "attack": cmd_attack, "serve": cmd_serve, "config": cmd_config, "init": cmd_init, "runs": cmd_runs,
-            "compare": cmd_compare, "push": cmd_push, "completion": cmd_completion, "drift": cmd_drift,
+            "compare": cmd_compare, "push": cmd_push, "completion": cmd_completion, "drift": cmd_drift, "explain": cmd_explain,
+            "fairness": cmd_fairness,
             "ensemble": cmd_ensemble, "soup": cmd_soup}
 
 

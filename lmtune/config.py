@@ -70,6 +70,9 @@ class DataConfig:
                                       "each pair in the other order.")
     group_column: str | None = _f(None, "`lmtune cv`: column whose rows must stay in one fold (a user, a document, a "
                                         "conversation): grouped stratified folds.")
+    slice_columns: list = _f([], "Columns of the data (product, region, channel, language) whose values are slices: "
+                                 "per-slice test metrics, the gap to the overall metric with a bootstrap interval, and "
+                                 "the slices significantly worse, in results and report.md.")
     label_noise_folds: int = _f(0, "Classification: before training, find label-noise candidates by confident learning on "
                                    "k-fold out-of-fold probabilities (k extra fine-tunings); 0 = off.", range=">= 0")
     drop_label_noise: bool = _f(False, "Drop the rows the label-noise search flags from train before training.")

@@ -50,8 +50,9 @@ augmenters.register("mlm", "lmtune.robust.augment:mlm_substitute", kind="model")
 augmenters.register("backtranslate", "lmtune.robust.augment:backtranslate", kind="model", rewrites_text=True)
 
 # file: what the run's export/ folder must hold for the backend (torch: the run's model/);
-# auto: the order in which `--backend auto` tries them (fastest first)
-backends.register("torch", None, file=None, auto=2)
+# auto: the order in which `--backend auto` tries them (fastest first); gradients: explain can use
+# Integrated Gradients (else occlusion)
+backends.register("torch", None, file=None, auto=2, gradients=True)
 backends.register("onnx", "lmtune.backends.onnx:OnnxModel", file="model.onnx", auto=1)
 backends.register("onnx-int8", "lmtune.backends.onnx:OnnxModel", file="model.int8.onnx", auto=0)
 

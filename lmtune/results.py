@@ -76,6 +76,16 @@ def render(run_dir: str | Path) -> Path:
     if results.get("drift"):
         from lmtune.drift import report_section as drift_section
         sections.append("\n" + drift_section(results["drift"]))
+    if results.get("slices") or results.get("fairness"):
+        from lmtune.fairness import report_section as fairness_section
+        from lmtune.fairness import slices_section
+        if results.get("slices") and not (results.get("fairness") or {}).get("slices"):
+            sections.append("\n" + slices_section(results["slices"]))
+        if results.get("fairness"):
+            sections.append("\n" + fairness_section(results["fairness"]))
+    if results.get("explain"):
+        from lmtune.explain import report_section as explain_section
+        sections.append("\n" + explain_section(results["explain"], rd.root))
     if results.get("robustness"):
         from lmtune.robust.attack import report_section
         sections.append("\n" + report_section(results["robustness"]))

@@ -153,6 +153,29 @@ def read_rows(path: str | Path, fmt: str = "auto", encoding: str = "utf-8") -> l
     return rows
 
 
+def column_values(examples: list, column: str, key: str, fmt: str = "auto", encoding: str = "utf-8",
+                  missing: str | None = None) -> list[str]:
+    """Another column's value for each example, read from the example's source file (its row number is
+    in ex.source): data.group_column, data.slice_columns. A row without it is an error naming `key`,
+    or gets `missing` when given."""
+    rows: dict[str, dict] = {}
+    out = []
+    for ex in examples:
+        path, _, line = ex.source.rpartition(":")
+        if path not in rows:
+            rows[path] = {str(n): r for n, r in read_rows(path, fmt, encoding)}
+        row = rows[path].get(line, {})
+        if column not in row or row[column] is None or str(row[column]).strip() == "":
+            if missing is None or column not in row:
+                cols = ", ".join(map(repr, row)) or "none"
+                raise InputError(f"{ex.source}: no value in column '{column}' ({key}; columns are: {cols}). "
+                                 f"Fill it in or change {key}.")
+            out.append(missing)
+        else:
+            out.append(str(row[column]))
+    return out
+
+
 def read_examples(path: str | Path, text_column: str = "text", label_column: str | None = "label",
                   text_pair_column: str | None = None, fmt: str = "auto", encoding: str = "utf-8",
                   require_label: bool = True) -> list[Example]:

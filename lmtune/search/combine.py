@@ -41,18 +41,8 @@ def _groups(cfg: Config, examples: list) -> list[str] | None:
     """data.group_column's value for each example, read from its source file (row numbers match)."""
     if not cfg.data.group_column:
         return None
-    from lmtune.data.readers import read_rows
-    rows: dict[str, dict] = {}
-    out = []
-    for ex in examples:
-        path, _, line = ex.source.rpartition(":")
-        if path not in rows:
-            rows[path] = {str(n): r for n, r in read_rows(path, cfg.data.format, cfg.data.encoding)}
-        row = rows[path].get(line, {})
-        if cfg.data.group_column not in row:
-            raise InputError(f"{ex.source}: no column '{cfg.data.group_column}' (data.group_column).")
-        out.append(str(row[cfg.data.group_column]))
-    return out
+    from lmtune.data.readers import column_values
+    return column_values(examples, cfg.data.group_column, "data.group_column", cfg.data.format, cfg.data.encoding)
 
 
 def fold_indices(labels: list[str], groups: list[str] | None, k: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:

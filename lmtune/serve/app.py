@@ -8,17 +8,20 @@ for PII whatever logged them.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import logging
+import math
 import os
 import re
+import threading
 import time
 import uuid
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field, create_model
@@ -28,6 +31,7 @@ from lmtune.data.readers import is_invisible
 from lmtune.errors import InputError
 from lmtune.registry import backends
 from lmtune.serve.batcher import Batcher, Closed, QueueFull
+from lmtune.tasks.base import EXPLAIN
 from lmtune.serve.protocol import GuardedHttpProtocol
 from lmtune.serve.security import STRUCTURED, PiiFilter, key_ok, load_keys, mask_pii
 
@@ -52,6 +56,7 @@ class ServeSettings:
     body_timeout_s: float = 30.0  # and the body within this after the head
     max_connections: int = 1000  # open connections (also kept below the open-file limit)
     threads: int | None = None
+    explain_per_minute: int = 30  # ?explain=true requests per minute and API key (Integrated Gradients is ~50x a prediction)
     extra: dict = field(default_factory=dict)
 
 
@@ -61,9 +66,18 @@ class PredictRequest(BaseModel):
                                                       "one per text, in the same order.")
 
 
+class Explanation(BaseModel):
+    label: str = Field(..., description="The label (or 'value') explained.")
+    method: str = Field(..., description="ig (Integrated Gradients on the embeddings) or occlusion (word removal).")
+    attributions: list[tuple[str, float]] = Field(..., description="[word, attribution] in text order; positive words "
+                                                                    "push towards the label.")
+
+
 def response_models(task) -> tuple[type[BaseModel], type[BaseModel]]:
     """The prediction and response schemas of this run's task, from the fields the task declares."""
     fields = {name: (ann | None, Field(None, description=desc)) for name, (ann, desc) in task.response_fields().items()}
+    if task.supports(EXPLAIN):
+        fields["explanations"] = (list[Explanation] | None, Field(None, description="With ?explain=true: word attributions."))
     prediction = create_model("Prediction", **fields)
     response = create_model("PredictResponse", request_id=(str, ...), model=(str, ...), backend=(str, ...),
                             predictions=(list[prediction], ...))
@@ -282,6 +296,13 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return [{k: v for k, v in r.items() if k not in ("text", "text_pair", "source")} for r in rows]
 
     batcher = Batcher(predict, settings.max_batch_size, settings.max_wait_ms, settings.max_queue, metrics.batch.observe)
+    explain_lock, explain_calls = threading.Lock(), RateLimiter(settings.explain_per_minute, 60.0)
+
+    def explain_rows(texts: list) -> list[dict]:
+        with explain_lock:  # one explanation at a time: each is a batch of its own (n_steps x tokens)
+            rows = run.explain(texts)
+        metrics.texts.inc(len(texts))
+        return [{k: v for k, v in r.items() if k not in ("text", "text_pair", "source")} for r in rows]
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -314,8 +335,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
     prediction_model, response_model = response_models(run.task)
 
     @app.post("/v1/predict", response_model=response_model, responses=responses, dependencies=[Depends(require_key)])
-    async def predict_endpoint(body: PredictRequest, request: Request):
-        rid = request.state.request_id
+    async def predict_endpoint(body: PredictRequest, request: Request,
+                               explain: bool = Query(False, description="add word attributions (rate-limited per API key)")):
+        rid, explain_wanted = request.state.request_id, explain
         if len(body.texts) > settings.max_texts:
             raise HTTPException(413, f"{len(body.texts)} texts in one request; the limit is {settings.max_texts}")
         wants_pairs = run.task.reads_pairs(run.config)
@@ -329,9 +351,18 @@ def create_app(settings: ServeSettings) -> FastAPI:
                 if problem:
                     metrics.errors.labels("bad_text").inc()
                     raise HTTPException(problem[0], f"{field_name}[{i}] {problem[1]}")
+        texts = list(zip(body.texts, body.pairs)) if body.pairs is not None else body.texts
+        if explain_wanted:
+            if not run.task.supports(EXPLAIN):
+                raise HTTPException(422, f"the {run.task.name} task has no explanations")
+            wait = explain_calls.take(_given_key(dict(request.scope["headers"])) or "")
+            if wait:
+                metrics.errors.labels("rate_limited").inc()
+                raise HTTPException(429, f"explanations are limited to {settings.explain_per_minute} requests a minute",
+                                    headers={"Retry-After": str(math.ceil(wait))})
         try:
             metrics.queue.set(batcher.pending)
-            rows = await batcher.submit(list(zip(body.texts, body.pairs)) if body.pairs is not None else body.texts)
+            rows = await (asyncio.to_thread(explain_rows, texts) if explain_wanted else batcher.submit(texts))
         except QueueFull:
             metrics.errors.labels("queue_full").inc()
             raise HTTPException(503, "server busy: the request queue is full, retry shortly", headers={"Retry-After": "1"}) from None
@@ -370,6 +401,27 @@ def create_app(settings: ServeSettings) -> FastAPI:
                             exc.status_code, headers=exc.headers)
 
     return app
+
+
+class RateLimiter:
+    """At most `limit` calls per `period` seconds for each key (a sliding window); take() says how long
+    to wait, 0 when the call may go ahead. A limit of 0 refuses every call."""
+
+    def __init__(self, limit: int, period: float) -> None:
+        self.limit, self.period = limit, period
+        self.calls: dict[str, collections.deque] = collections.defaultdict(collections.deque)
+        self.lock = threading.Lock()
+
+    def take(self, key: str) -> float:
+        now = time.monotonic()
+        with self.lock:
+            q = self.calls[key]
+            while q and q[0] <= now - self.period:
+                q.popleft()
+            if len(q) >= self.limit:
+                return self.period - (now - q[0]) if q else self.period
+            q.append(now)
+            return 0.0
 
 
 def _guard(settings: ServeSettings) -> None:

@@ -53,9 +53,10 @@ INTERVALS = "intervals"  # fit_intervals(outputs, enc, labels): prediction inter
 DEV_RULES = "dev_rules"  # fit_decision_rules(outputs, enc, labels): other decision settings fitted on dev (QA's no-answer margin)
 CONTINUAL = "continual"  # a head with one row per label: a run can continue another's (continual.from_run), labels extended
 ENSEMBLE = "ensemble"  # softmax logits over the labels, one row per example: members' probabilities can be averaged
-CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, INTERVALS, DEV_RULES, CONTINUAL, ENSEMBLE)
+EXPLAIN = "explain"  # explain_targets(row, labels, label) / target_score(logits, target): what attributions explain (lmtune.explain)
+CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, INTERVALS, DEV_RULES, CONTINUAL, ENSEMBLE, EXPLAIN)
 _HOOKS = {CALIBRATE: "calibrate", ABSTAIN: "fit_threshold", MAHALANOBIS: "fit_scorer", LABEL_NOISE: "example_probs",
-          INTERVALS: "fit_intervals", DEV_RULES: "fit_decision_rules"}
+          INTERVALS: "fit_intervals", DEV_RULES: "fit_decision_rules", EXPLAIN: "explain_targets"}
 
 
 class Task:
@@ -201,6 +202,18 @@ class Task:
         raise NotImplementedError
 
     def fit_decision_rules(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
+        raise NotImplementedError
+
+    def explain_targets(self, row: dict, labels: list[str], label: str | None = None) -> list[dict]:
+        """What to attribute for one prediction row: [{"name": shown name, "index": output column}], the
+        predicted label(s) by default or `label` when given (an unknown label is an InputError)."""
+        raise NotImplementedError
+
+    def target_score(self, logits: torch.Tensor, target: dict, log_odds: bool = False) -> torch.Tensor:
+        """The number an explanation is about, per row of a batch of sequence-level outputs [batch, ...]:
+        the calibrated probability of the target class (faithfulness is measured on it), or with log_odds
+        its log-odds, which attributions explain because it does not saturate (the gradients of a
+        probability near 1 vanish along most of the Integrated Gradients path); differentiable."""
         raise NotImplementedError
 
 

@@ -23,7 +23,7 @@ from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, quiet_transformers, resolve_model
 from lmtune.tasks.windows import encode_windows, pool, training_subset
-from lmtune.tasks.base import (ABSTAIN, CALIBRATE, CONTINUAL, ENSEMBLE, EXAMPLE_LABELS, LABEL_NOISE, MAHALANOBIS, Encoded, Splits, Task,
+from lmtune.tasks.base import (ABSTAIN, CALIBRATE, CONTINUAL, ENSEMBLE, EXAMPLE_LABELS, EXPLAIN, LABEL_NOISE, MAHALANOBIS, Encoded, Splits, Task,
                                balanced_weights, cross_entropy_sum, pad_batch)
 
 
@@ -48,7 +48,7 @@ class ClassificationTask(Task):
     name = "classification"
     headline = ("accuracy", "macro_f1", "loss")  # report.md / CLI summary columns
     peft_task_type = "SEQ_CLS"
-    capabilities = frozenset({CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, CONTINUAL, ENSEMBLE})
+    capabilities = frozenset({CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, CONTINUAL, ENSEMBLE, EXPLAIN})
     encode_options = {"long_text": "long_text", "overlap": "window_overlap"}
 
     def __init__(self) -> None:
@@ -355,6 +355,21 @@ class ClassificationTask(Task):
                 row["source"] = ex.source
             rows.append(row)
         return rows
+
+    # ---- explanations -------------------------------------------------------------------------
+    def explain_targets(self, row: dict, labels: list[str], label: str | None = None) -> list[dict]:
+        name = label or row.get("top_label", row["label"])  # an abstained row explains its best class
+        if name not in labels:
+            raise InputError(f"explain label {name!r}: not a class of this model ({', '.join(labels)}).")
+        return [{"name": name, "index": labels.index(name), "classes": len(labels)}]
+
+    def target_score(self, logits: torch.Tensor, target: dict, log_odds: bool = False) -> torch.Tensor:
+        # calibrated, as predict reports it; output rows may carry [CLS] features after the logits
+        z = logits[:, :target["classes"]].float() / self.temperature
+        if not log_odds:
+            return torch.softmax(z, -1)[:, target["index"]]
+        others = torch.cat([z[:, :target["index"]], z[:, target["index"] + 1:]], 1)
+        return z[:, target["index"]] - torch.logsumexp(others, 1)
 
     def response_fields(self) -> dict[str, tuple[Any, str]]:
         return {"label": (str, "Predicted label; the abstain / out-of-scope label when the model abstains."),

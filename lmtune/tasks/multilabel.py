@@ -30,7 +30,7 @@ from lmtune.evaluate.report import prf_table
 from lmtune.io import atomic_path
 from lmtune.models import load_config, quiet_transformers, resolve_model
 from lmtune.tasks.windows import encode_windows, pool, training_subset
-from lmtune.tasks.base import CALIBRATE, Encoded, Splits, Task, pad_batch, shuffle_split
+from lmtune.tasks.base import CALIBRATE, EXPLAIN, Encoded, Splits, Task, pad_batch, shuffle_split
 
 POS_WEIGHT_CAP = 30.0  # a label seen once in 10,000 rows would otherwise get a weight of 10,000
 _TRUE, _FALSE = ("1", "1.0", "true", "yes"), ("0", "0.0", "false", "no", "")
@@ -67,7 +67,7 @@ class MultiLabelTask(Task):
     name = "multilabel"
     headline = ("macro_f1", "micro_f1", "samples_f1", "subset_accuracy", "hamming_loss", "loss")
     peft_task_type = "SEQ_CLS"
-    capabilities = frozenset({CALIBRATE})
+    capabilities = frozenset({CALIBRATE, EXPLAIN})
     decision_key = "labels"
     encode_options = {"long_text": "long_text", "overlap": "window_overlap"}
 
@@ -354,6 +354,17 @@ class MultiLabelTask(Task):
                 row["source"] = ex.source
             rows.append(row)
         return rows
+
+    def explain_targets(self, row: dict, labels: list[str], label: str | None = None) -> list[dict]:
+        if label is not None and label not in labels:
+            raise InputError(f"explain label {label!r}: not a label of this model ({', '.join(labels)}).")
+        names = [label] if label else row["labels"] or [max(row["probabilities"], key=row["probabilities"].get)]
+        return [{"name": n, "index": labels.index(n)} for n in names]
+
+    def target_score(self, logits: torch.Tensor, target: dict, log_odds: bool = False) -> torch.Tensor:
+        t = self.temperatures[target["index"]] if self.temperatures else 1.0
+        z = logits[:, target["index"]].float() / t
+        return z if log_odds else torch.sigmoid(z)
 
     def response_fields(self) -> dict[str, tuple[Any, str]]:
         return {"labels": (list[str], "The predicted label set (each label above its threshold chosen on dev)."),

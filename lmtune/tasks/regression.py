@@ -33,7 +33,7 @@ from lmtune.data.readers import Example, read_examples
 from lmtune.errors import InputError
 from lmtune.io import atomic_path
 from lmtune.models import load_config, quiet_transformers, resolve_model
-from lmtune.tasks.base import INTERVALS, Encoded, Splits, Task, pad_batch, shuffle_split
+from lmtune.tasks.base import EXPLAIN, INTERVALS, Encoded, Splits, Task, pad_batch, shuffle_split
 
 TARGET = "value"  # the one output of the head
 ROWS_PER_BAND = 200  # dev rows per band of predicted values (at most MAX_BANDS): enough for a stable 90-95% quantile
@@ -63,7 +63,7 @@ class RegressionTask(Task):
     name = "regression"
     headline = ("spearman", "pearson", "mae", "rmse", "loss")
     peft_task_type = "SEQ_CLS"
-    capabilities = frozenset({INTERVALS})
+    capabilities = frozenset({INTERVALS, EXPLAIN})
     decision_key = "value"
 
     def __init__(self) -> None:
@@ -270,6 +270,12 @@ class RegressionTask(Task):
                 row["source"] = ex.source
             rows.append(row)
         return rows
+
+    def explain_targets(self, row: dict, labels: list[str], label: str | None = None) -> list[dict]:
+        return [{"name": "value", "index": 0}]
+
+    def target_score(self, logits: torch.Tensor, target: dict, log_odds: bool = False) -> torch.Tensor:
+        return logits[:, 0].float() * self.std + self.mean  # in the target's own units
 
     def response_fields(self) -> dict[str, tuple[Any, str]]:
         return {"value": (float, "The predicted number."),
