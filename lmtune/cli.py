@@ -134,6 +134,15 @@ def cmd_fairness(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ui(ns: argparse.Namespace) -> int:
+    from lmtune.ui.app import UiSettings, check_binding, serve_ui, ui_token
+    token = ui_token(ns.token_file)
+    check_binding(ns.host, token)
+    print(f"lmtune ui on http://{ns.host}:{ns.port}/ (runs: {ns.runs_dir}; Ctrl-C stops)", file=sys.stderr)
+    serve_ui(UiSettings(runs_dir=ns.runs_dir, workdir=".", token=token), ns.host, ns.port)
+    return 0
+
+
 def cmd_audit(args: list[str]) -> int:
     from lmtune.audit import audit
     from lmtune.config import load_config
@@ -396,6 +405,14 @@ def build_parser() -> argparse.ArgumentParser:
     xp.add_argument("--max-examples", type=int, default=300, help="examples analysed (a seeded sample)")
     xp.add_argument("--share", type=float, default=0.2, help="share of top words for the faithfulness measures")
     xp.add_argument("--json", action="store_true", help="print the whole analysis as JSON")
+    ui = sub.add_parser("ui", help="a local web dashboard: runs, run pages, compare, try it, train from the browser",
+                        description="Serves the dashboard from the installed package (no internet needed). Binds to "
+                                    "127.0.0.1; another --host needs a token (LMTUNE_UI_TOKEN or --token-file). Files are "
+                                    "picked and uploaded under the current directory.")
+    ui.add_argument("runs_dir", nargs="?", default="runs", help="the output_dir holding the runs (default: runs)")
+    ui.add_argument("--host", default="127.0.0.1")
+    ui.add_argument("--port", type=int, default=7860)
+    ui.add_argument("--token-file", help="file whose first line is the token")
     fa = sub.add_parser("fairness", help="per-slice metrics with intervals, and counterfactual term swaps (he <-> she ...)",
                         description="Slices: accuracy per value of each --slices column (default data.slice_columns), the gap to "
                                     "overall with a 95%% bootstrap interval, significantly worse slices flagged. --swap en|zh|FILE: "
@@ -537,7 +554,7 @@ def _version() -> str:
 COMMANDS = {"evaluate": cmd_evaluate, "predict": cmd_predict, "merge": cmd_merge, "report": cmd_report, "export": cmd_export,
             "attack": cmd_attack, "serve": cmd_serve, "config": cmd_config, "init": cmd_init, "runs": cmd_runs,
             "compare": cmd_compare, "push": cmd_push, "completion": cmd_completion, "drift": cmd_drift, "explain": cmd_explain,
-            "fairness": cmd_fairness,
+            "fairness": cmd_fairness, "ui": cmd_ui,
             "ensemble": cmd_ensemble, "soup": cmd_soup}
 
 

@@ -36,8 +36,10 @@ def summary(rd: RunDir) -> dict:
     split = "test" if metrics.get("test") else "dev"
     headline = {k: metrics[split][k] for k in metrics.get("headline", []) if k != "loss" and k in metrics.get(split, {})}
     when = datetime.fromtimestamp(rd.config.stat().st_mtime if rd.config.is_file() else rd.root.stat().st_mtime, timezone.utc)
+    data = cfg.get("data", {}) or {}
     return {"run": rd.root.name, "path": str(rd.root), "task": cfg.get("task", "?"), "model": cfg.get("model", {}).get("name", "?"),
-            "date": when.strftime("%Y-%m-%d %H:%M"), "status": status(rd), "split": split if headline else "", "metrics": headline}
+            "data": str(data.get("train") or data.get("hub") or ""), "date": when.strftime("%Y-%m-%d %H:%M"), "status": status(rd),
+            "split": split if headline else "", "metrics": headline, "duration_s": metrics.get("train", {}).get("train_seconds")}
 
 
 def list_runs(root: str | Path) -> list[dict]:
