@@ -120,7 +120,9 @@ def create_ui(settings: UiSettings) -> FastAPI:
         entities = [{"html": views.entity_html(r["text"], r["entities"]), "gold": r.get("gold")}
                     for r in d["test_rows"] if "entities" in r and isinstance(r.get("text"), str)][:20]
         data_cfg = (yaml.safe_load(d["config"]) or {}).get("data", {}) if d["config"] else {}
-        return page("run.html", d=d, split=split, m=m, charts=charts,
+        explained = [{"name": kind, "html": views.attribution_html(e["attributions"]), "label": e.get("label"), "gold": e.get("gold")}
+                     for kind, exs in (d["results"].get("explain") or {}).get("examples", {}).items() for e in exs]
+        return page("run.html", d=d, split=split, m=m, charts=charts, explained=explained,
                     confusion=views.confusion_table(m.get("confusion_matrix", []), d["labels"]), entities=entities,
                     pairs=bool(data_cfg.get("text_pair_column")), data_cfg=data_cfg)
 

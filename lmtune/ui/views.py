@@ -166,3 +166,13 @@ def entity_html(text: str, entities: list[dict], gold: list[dict] | None = None)
         pos = m["end"]
     out.append(escape(text[pos:]))
     return "".join(out)
+
+
+def attribution_html(attributions: list[list]) -> str:
+    """Words on a green (towards the label) or red (against) background, as strong as their attribution."""
+    top = max((abs(a) for _, a in attributions), default=1.0) or 1.0
+    out = []
+    for w, a in attributions:
+        rgb = "44,160,44" if a >= 0 else "214,39,40"
+        out.append(f'<span class="attr" style="background: rgba({rgb},{min(abs(a) / top, 1):.2f})" title="{a:+.4g}">{escape(w)}</span>')
+    return " ".join(out)
