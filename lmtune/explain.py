@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import random
-import re
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -35,33 +34,10 @@ from lmtune.errors import InputError
 from lmtune.registry import backends
 from lmtune.tasks.base import EXPLAIN
 
-_LATIN = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]+", re.UNICODE)  # words with their apostrophes; punctuation apart
-_CJK = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
 METHODS = ("auto", "ig", "occlusion")
 
 
-# ---- words ---------------------------------------------------------------------------------------
-def word_spans(text: str) -> list[tuple[int, int]]:
-    """(start, end) of each word: Chinese runs segmented by jieba when installed (else characters)."""
-    spans: list[tuple[int, int]] = []
-    pos = 0
-    for m in _CJK.finditer(text):
-        spans += [(pos + a.start(), pos + a.end()) for a in _LATIN.finditer(text[pos:m.start()])]
-        spans += [(m.start() + a, m.start() + b) for a, b in _cjk_spans(m.group())]
-        pos = m.end()
-    spans += [(pos + a.start(), pos + a.end()) for a in _LATIN.finditer(text[pos:])]
-    return spans
-
-
-def _cjk_spans(run: str) -> list[tuple[int, int]]:
-    try:
-        import jieba
-    except ImportError:  # the robust extra is not installed: characters are the words
-        return [(i, i + 1) for i in range(len(run))]
-    jieba.setLogLevel(60)
-    return [(a, b) for _, a, b in jieba.tokenize(run)]
-
-
+# ---- words ----------------------------------------------------------------------------------------
 @dataclass
 class Segmented:
     """An example's texts and their words: (segment, start, end) per word; segment 1 is the pair's text."""
@@ -70,8 +46,7 @@ class Segmented:
 
     @classmethod
     def of(cls, example: Any) -> Segmented:
-        texts = (example.text,) if getattr(example, "text_pair", None) is None else (example.text, example.text_pair)
-        return cls(texts, [(s, a, b) for s, t in enumerate(texts) for a, b in word_spans(t)])
+        return cls(*example.explain_view())
 
     @property
     def words(self) -> list[str]:
@@ -104,6 +79,9 @@ class Explainer:
                              "or the torch backend.")
         self.run, self.steps = run, steps
         self.method = method if method != "auto" else ("ig" if has_gradients else "occlusion")
+        if run.task.explain_tokens and self.method != "ig":
+            raise InputError(f"explain: the {run.task.name} task's explanations (per entity) need Integrated Gradients on "
+                             "the torch backend; occlusion explains whole-text predictions only.")
 
     # -- scores through the run's own predict path (any backend) --
     def scores(self, texts: list[tuple[str, ...]], targets: list[dict], log_odds: bool = False) -> np.ndarray:
@@ -156,6 +134,10 @@ class Explainer:
         model = run.model
         device = next(model.parameters()).device
         inputs, token_word = self._inputs(seg)
+        if "word" in target:  # a token-level target (an entity): the first token of its first word
+            if target["word"] not in token_word:
+                return np.zeros(len(seg.spans))  # cut off by max_length
+            target = {**target, "position": token_word.index(target["word"])}
         inputs = {k: v.to(device) for k, v in inputs.items()}
         ids = inputs.pop("input_ids")
         special = torch.tensor([w is None for w in token_word], device=device)
@@ -212,7 +194,8 @@ class Explainer:
             row["explanations"] = []
             for target in self.run.task.explain_targets(row, self.run.labels, label):
                 a = self.attributions(ex, seg, target) if seg.spans else np.zeros(0)
-                row["explanations"].append({"label": target["name"], "method": self.method,
+                row["explanations"].append({"label": target["name"], **({"entity": target["entity"]} if "entity" in target else {}),
+                                            "method": self.method,
                                             "attributions": [[w, float(f"{x:.4g}")] for w, x in zip(seg.words, a)]})
         return rows
 
@@ -298,8 +281,11 @@ def analyse(run: Any, examples: list, source: str, max_examples: int = 300, meth
     bar.close()
     seconds = (time.perf_counter() - t0) / max(len(examples), 1)
     torch_model = isinstance(run.model, torch.nn.Module)
-    faith = faithfulness(explainer, examples, rows, share, seed, attention=torch_model)
-    picked = {name: [_example(rows[i]) for i in idx] for name, idx in _pick(rows).items()}
+    # removing words moves the tokens a token-level target sits on: faithfulness is measured for text-level ones
+    faith = None if run.task.explain_tokens else faithfulness(explainer, examples, rows, share, seed, attention=torch_model)
+    picked = {name: [_example(rows[i]) for i in idx if rows[i]["explanations"]] for name, idx in _pick(rows).items()}
+    if run.task.explain_tokens:
+        picked = {"entities": [_example(r) for r in rows if r["explanations"]][:6]}
     return {"data": source, "method": explainer.method, "steps": steps if explainer.method == "ig" else None,
             "n": len(rows), "seconds_per_example": round(seconds, 4), "faithfulness": faith,
             "class_words": class_words(rows), "examples": picked}
@@ -307,7 +293,10 @@ def analyse(run: Any, examples: list, source: str, max_examples: int = 300, meth
 
 def _example(row: dict) -> dict:
     keep = ("text", "text_pair", "label", "score", "gold", "value")
-    return {**{k: row[k] for k in keep if k in row}, "attributions": row["explanations"][0]["attributions"]}
+    e = row["explanations"][0]
+    label = f"{e['entity']} ({e['label']})" if "entity" in e else row.get("label", e["label"])
+    keep = keep if "entity" not in e else ("text",)  # an NER row's gold is a tag list, not a label
+    return {**{k: row[k] for k in keep if k in row}, "label": label, "attributions": e["attributions"]}
 
 
 def report_section(result: dict, run_dir: Path | None = None) -> str:
@@ -318,18 +307,24 @@ def report_section(result: dict, run_dir: Path | None = None) -> str:
              f"{result['n']} examples of {result['data']} explained by "
              + ("Integrated Gradients on the embeddings" + f" ({result['steps']} steps)" if main == "ig" else "occlusion (word removal)")
              + f", {result['seconds_per_example']:.3f} s each. Attributions are of the predicted label's log-odds; positive "
-               "words push towards it.", "",
-             f"Faithfulness at the top {100 * f['share']:.0f}% of words (ERASER; higher comprehensiveness and lower "
-             "sufficiency mean the highlighted words are what the model uses):", "",
-             "| words chosen by | comprehensiveness | sufficiency |", "|---|---|---|"]
-    for name in (main, "attention", "random"):
-        if name in f:
-            lines.append(f"| {name} | {f[name]['comprehensiveness']} | {f[name]['sufficiency']} |")
-    if main in f and "random" in f and f[main]["comprehensiveness"] is not None:
-        ratio = f[main]["comprehensiveness"] / f["random"]["comprehensiveness"] if f["random"]["comprehensiveness"] else math.inf
-        verdict = "trust the colours" if ratio >= 2 else "treat the colours with caution: they are not far from random words"
-        lines += ["", f"Removing the top words hurts {ratio:.1f}x as much as removing random ones: {verdict}."]
-    lines += ["", "Words that drive each label (mean attribution, times seen):", ""]
+               "words push towards it.", ""]
+    if f is None:
+        lines += ["Explanations are per entity (of its first word's tag); faithfulness (word removal) is measured for "
+                  "whole-text predictions only.", ""]
+    else:
+        lines += [f"Faithfulness at the top {100 * f['share']:.0f}% of words (ERASER; higher comprehensiveness and lower "
+                  "sufficiency mean the highlighted words are what the model uses):", "",
+                  "| words chosen by | comprehensiveness | sufficiency |", "|---|---|---|"]
+        for name in (main, "attention", "random"):
+            if name in f:
+                lines.append(f"| {name} | {f[name]['comprehensiveness']} | {f[name]['sufficiency']} |")
+        if main in f and "random" in f and f[main]["comprehensiveness"] is not None:
+            rnd = f["random"]["comprehensiveness"]
+            ratio = f[main]["comprehensiveness"] / rnd if rnd else math.inf
+            verdict = "trust the colours" if ratio >= 2 else "treat the colours with caution: they are not far from random words"
+            lines += ["", f"Removing the top words hurts {ratio:.1f}x as much as removing random ones: {verdict}."]
+        lines.append("")
+    lines += ["Words that drive each label (mean attribution, times seen):", ""]
     for label, words in result["class_words"].items():
         lines.append(f"- **{label}**: " + ", ".join(f"{w} ({m:+.3g}, {n})" for w, m, n in words))
     lines.append("")

@@ -11,7 +11,8 @@ from fastapi.testclient import TestClient
 import lmtune
 from lmtune.cli import main
 from lmtune.data.readers import Example
-from lmtune.explain import Segmented, word_spans
+from lmtune.explain import Segmented
+from lmtune.robust.text import word_spans
 from lmtune.fairness import SwapList, slice_metrics
 from lmtune.serve.app import ServeSettings, create_app
 from tests.conftest import NEG, POS, toy_rows, write_csv
@@ -174,3 +175,24 @@ def test_explanations_over_http_are_authenticated_and_rate_limited(run, monkeypa
         assert limited.status_code == 429 and int(limited.headers["Retry-After"]) >= 1
         assert c.post("/v1/predict", json=body, headers=AUTH).status_code == 200  # plain predictions are not limited
         assert "explanations" in json.dumps(c.get("/openapi.json").json())
+
+
+def test_ner_explains_each_entity(tmp_path, tiny_model):
+    sents = "\n\n".join(["Peter B-PER\nlives O\nin O\nParis B-LOC", "Anna B-PER\nvisits O\nRome B-LOC"] * 20)
+    (tmp_path / "train.conll").write_text(sents + "\n")
+    r = lmtune.train({"task": "ner", "output_dir": str(tmp_path), "run_name": "ner",
+                      "data": {"train": str(tmp_path / "train.conll"), "dev": str(tmp_path / "train.conll"), "max_length": 32},
+                      "model": {"name": tiny_model},
+                      "train": {"epochs": 8, "batch_size": 8, "lr": 3e-3, "progress": "none", "seed": 1, "calibrate": False}})
+    row = r.explain(["Peter lives in Paris"])[0]
+    found = {(e["entity"], e["label"]): e for e in row["explanations"]}
+    assert set(found) == {("Peter", "PER"), ("Paris", "LOC")}
+    for (entity, _), e in found.items():
+        assert [w for w, _ in e["attributions"]] == ["Peter", "lives", "in", "Paris"]
+        assert max(e["attributions"], key=lambda wa: abs(wa[1]))[0] == entity  # an entity is mostly its own word
+    assert [e["entity"] for e in r.explain(["Peter lives in Paris"], label="LOC")[0]["explanations"]] == ["Paris"]
+    with pytest.raises(lmtune.InputError, match="need Integrated Gradients"):
+        r.explain(["Peter lives in Paris"], method="occlusion")
+    result = r.explain_report(str(tmp_path / "train.conll"), max_examples=10)
+    assert result["faithfulness"] is None and result["examples"]["entities"]
+    assert "per entity" in (r.run_dir / "report.md").read_text()

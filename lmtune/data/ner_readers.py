@@ -36,6 +36,16 @@ class NerExample:
         from lmtune.robust.text import token_words
         return token_words(self.tokens, self.tags, cjk)
 
+    def explain_view(self) -> tuple[tuple[str, ...], list[tuple[int, int, int]]]:
+        """The example's own words (entity word indices match): in its text when known, else joined by spaces."""
+        if self.text is not None and self.offsets is not None:
+            return (self.text,), [(0, a, b) for a, b in self.offsets]
+        spans, pos = [], 0
+        for tok in self.tokens:
+            spans.append((0, pos, pos + len(tok)))
+            pos += len(tok) + 1
+        return (" ".join(self.tokens),), spans
+
     def with_words(self, w) -> NerExample:
         return replace(self, tokens=list(w.words), tags=list(w.tags) if w.tags is not None else None, text=None, offsets=None)
 

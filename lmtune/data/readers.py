@@ -50,6 +50,12 @@ class Example:
         p = text_words(self.text_pair, cjk)
         return Words(w.words + [PAIR_MARK] + p.words, w.protected + [True] + p.protected, w.joiner)
 
+    def explain_view(self) -> tuple[tuple[str, ...], list[tuple[int, int, int]]]:
+        """What an explanation colours: the texts (a pair's two) and their words as (text index, start, end)."""
+        from lmtune.robust.text import word_spans
+        texts = (self.text,) if self.text_pair is None else (self.text, self.text_pair)
+        return texts, [(s, a, b) for s, t in enumerate(texts) for a, b in word_spans(t)]
+
     def with_words(self, w) -> Example:
         if self.text_pair is None:
             return replace(self, text=w.joiner.join(w.words))

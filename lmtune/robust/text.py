@@ -80,6 +80,32 @@ def token_words(tokens: list[str], tags: list[str] | None, cjk: bool | None = No
                  "" if is_cjk("".join(tokens)) and cjk is not False else " ", list(tags) if tags else None)
 
 
+_LATIN = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]+", re.UNICODE)  # words with their apostrophes; punctuation apart
+_CJK_RUN = re.compile("[\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff]+")
+
+
+def word_spans(text: str) -> list[tuple[int, int]]:
+    """(start, end) of each word of a running text, punctuation apart (what explanations colour):
+    Chinese runs segmented by jieba when installed, else characters."""
+    spans: list[tuple[int, int]] = []
+    pos = 0
+    for m in _CJK_RUN.finditer(text):
+        spans += [(pos + a.start(), pos + a.end()) for a in _LATIN.finditer(text[pos:m.start()])]
+        spans += [(m.start() + a, m.start() + b) for a, b in _cjk_spans(m.group())]
+        pos = m.end()
+    spans += [(pos + a.start(), pos + a.end()) for a in _LATIN.finditer(text[pos:])]
+    return spans
+
+
+def _cjk_spans(run: str) -> list[tuple[int, int]]:
+    try:
+        import jieba
+    except ImportError:  # the robust extra is not installed: characters are the words
+        return [(i, i + 1) for i in range(len(run))]
+    jieba.setLogLevel(60)
+    return [(a, b) for _, a, b in jieba.tokenize(run)]
+
+
 def _always_protected(word: str) -> bool:
     return any(ch.isdigit() for ch in word) or word.lower().strip(".,!?;:\"'") in NEGATIONS
 

@@ -69,6 +69,7 @@ class Task:
     encode_options: dict[str, str] = {}  # encode() keyword -> data.<key> it comes from (e.g. NER windows)
     output_names: tuple[str, ...] = ("logits",)  # the model output attributes unbatch reads (and an ONNX export keeps)
     decision_key: str = "label"  # the key of a prediction row that holds the decision (an attack "succeeds" when it changes)
+    explain_tokens: bool = False  # EXPLAIN targets sit on tokens (NER's entities): gradients only, no occlusion or faithfulness
     capabilities: frozenset[str] = frozenset()
 
     def __init_subclass__(cls, **kw) -> None:
@@ -276,6 +277,14 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, weight: torch.
         plain = ce if weight is None else F.cross_entropy(logits, labels, reduction="none", ignore_index=-100)
         ce = ce * (1 - torch.exp(-plain)) ** focal_gamma
     return ce.sum()
+
+
+def class_score(z: torch.Tensor, index: int, log_odds: bool) -> torch.Tensor:
+    """Rows of (temperature-scaled) logits [N, C]: the probability of class `index`, or its log-odds
+    (z_index - logsumexp of the others), which does not saturate."""
+    if not log_odds:
+        return torch.softmax(z, -1)[:, index]
+    return z[:, index] - torch.logsumexp(torch.cat([z[:, :index], z[:, index + 1:]], 1), 1)
 
 
 def balanced_weights(counts: np.ndarray) -> np.ndarray:

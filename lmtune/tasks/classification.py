@@ -24,7 +24,7 @@ from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, quiet_transformers, resolve_model
 from lmtune.tasks.windows import encode_windows, pool, training_subset
 from lmtune.tasks.base import (ABSTAIN, CALIBRATE, CONTINUAL, ENSEMBLE, EXAMPLE_LABELS, EXPLAIN, LABEL_NOISE, MAHALANOBIS, Encoded, Splits, Task,
-                               balanced_weights, cross_entropy_sum, pad_batch)
+                               balanced_weights, class_score, cross_entropy_sum, pad_batch)
 
 
 def mahalanobis_score(feats: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
@@ -365,11 +365,7 @@ class ClassificationTask(Task):
 
     def target_score(self, logits: torch.Tensor, target: dict, log_odds: bool = False) -> torch.Tensor:
         # calibrated, as predict reports it; output rows may carry [CLS] features after the logits
-        z = logits[:, :target["classes"]].float() / self.temperature
-        if not log_odds:
-            return torch.softmax(z, -1)[:, target["index"]]
-        others = torch.cat([z[:, :target["index"]], z[:, target["index"] + 1:]], 1)
-        return z[:, target["index"]] - torch.logsumexp(others, 1)
+        return class_score(logits[:, :target["classes"]].float() / self.temperature, target["index"], log_odds)
 
     def response_fields(self) -> dict[str, tuple[Any, str]]:
         return {"label": (str, "Predicted label; the abstain / out-of-scope label when the model abstains."),

@@ -30,7 +30,8 @@ from lmtune.evaluate.calibration import metrics as calibration_metrics
 from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, quiet_transformers, resolve_model
-from lmtune.tasks.base import ABSTAIN, CALIBRATE, LABEL_NOISE, Encoded, Splits, Task, balanced_weights, cross_entropy_sum, shuffle_split
+from lmtune.tasks.base import (ABSTAIN, CALIBRATE, EXPLAIN, LABEL_NOISE, Encoded, Splits, Task, balanced_weights, class_score,
+                               cross_entropy_sum, shuffle_split)
 
 
 log = logging.getLogger("lmtune")
@@ -51,7 +52,8 @@ class NerTask(Task):
     headline = ("f1", "precision", "recall", "loss")
     peft_task_type = "TOKEN_CLS"
     hub_pipeline = "token-classification"
-    capabilities = frozenset({CALIBRATE, ABSTAIN, LABEL_NOISE})
+    capabilities = frozenset({CALIBRATE, ABSTAIN, LABEL_NOISE, EXPLAIN})
+    explain_tokens = True
     decision_key = "tags"
 
     encode_options = {"stride": "window_overlap", "label_all_subtokens": "label_all_subtokens"}
@@ -376,6 +378,17 @@ class NerTask(Task):
                 "errors": error_kinds(gold, pred, enc.examples),
                 **calibration_metrics(*self._word_table(raw, enc, labels), self.temperature),  # of each word's tag
                 **({"abstention": self._abstention_metrics(decoded, enc)} if self.threshold is not None else {})}
+
+    # ---- explanations: one per entity, of its first word's B- tag ------------------------------------
+    def explain_targets(self, row: dict, labels: list[str], label: str | None = None) -> list[dict]:
+        if label is not None and f"B-{label}" not in labels:
+            types = sorted({t[2:] for t in labels if t.startswith("B-")})
+            raise InputError(f"explain label {label!r}: not an entity type of this model ({', '.join(types)}).")
+        return [{"name": e["label"], "entity": e["text"], "word": e["token_start"], "index": labels.index(f"B-{e['label']}")}
+                for e in row["entities"] if label is None or e["label"] == label]
+
+    def target_score(self, logits: torch.Tensor, target: dict, log_odds: bool = False) -> torch.Tensor:
+        return class_score(logits[:, target["position"]].float() / self.temperature, target["index"], log_odds)
 
     def predictions(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> list[dict]:
         decoded, _ = self.decode(outputs, enc, labels)
