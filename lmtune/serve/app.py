@@ -330,6 +330,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                                 headers={"WWW-Authenticate": "Bearer"})
 
     responses = {401: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
+                 429: {"model": ErrorResponse, "description": "too many ?explain=true requests (see Retry-After)"},
                  503: {"model": ErrorResponse}}
 
     prediction_model, response_model = response_models(run.task)
