@@ -210,3 +210,16 @@ def test_train_inspect_try_and_compare_in_the_browser(browser, ui_url, workdir, 
     assert "data.train" in browser.find_element(By.ID, "compare-config").text
     assert browser.find_elements(By.CSS_SELECTOR, "#compare-curves svg.chart path.series")
     _screenshot(browser, "compare")
+
+
+def test_ner_run_page_marks_predicted_and_gold_entities(tmp_path, tiny_model):
+    sents = "\n\n".join(["Peter B-PER\nlives O\nin O\nParis B-LOC", "Anna B-PER\nvisits O\nRome B-LOC"] * 20)
+    (tmp_path / "train.conll").write_text(sents + "\n")
+    lmtune.train({"task": "ner", "output_dir": str(tmp_path / "runs"), "run_name": "ner",
+                  "data": {"train": str(tmp_path / "train.conll"), "test": str(tmp_path / "train.conll"), "max_length": 32},
+                  "model": {"name": tiny_model},
+                  "train": {"epochs": 8, "batch_size": 8, "lr": 3e-3, "progress": "none", "seed": 1, "calibrate": False}})
+    page = _client(tmp_path).get("/run/ner").text
+    section = page[page.index('id="ner-sentences"'):]
+    assert 'class="ent gold" title="predicted PER, gold PER">Peter<sub>PER</sub>' in section
+    assert "per_type" not in section and "Per class" in page  # the per-type table is there too

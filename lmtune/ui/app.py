@@ -117,8 +117,9 @@ def create_ui(settings: UiSettings) -> FastAPI:
         charts = [views.line_chart({k: v for k, v in curves.items() if k in ("train_loss", "dev_loss")}, "loss"),
                   views.line_chart({k: v for k, v in curves.items() if k.startswith("dev_") and k != "dev_loss"
                                     and not k.startswith("dev_ece")}, "dev metrics")]
-        entities = [{"html": views.entity_html(r["text"], r["entities"]), "gold": r.get("gold")}
-                    for r in d["test_rows"] if "entities" in r and isinstance(r.get("text"), str)][:20]
+        entities = [views.entity_html(r["text"], r["entities"]) if isinstance(r.get("text"), str)
+                    else views.tagged_html(r["tokens"], r.get("tags", []), r.get("gold"))
+                    for r in d["test_rows"] if "entities" in r][:20]
         data_cfg = (yaml.safe_load(d["config"]) or {}).get("data", {}) if d["config"] else {}
         explained = [{"name": kind, "html": views.attribution_html(e["attributions"]), "label": e.get("label"), "gold": e.get("gold")}
                      for kind, exs in (d["results"].get("explain") or {}).get("examples", {}).items() for e in exs]

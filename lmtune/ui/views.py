@@ -152,8 +152,22 @@ def confusion_table(matrix: list[list[int]], labels: list[str]) -> str:
             + "".join(rows) + "</table>")
 
 
+def tagged_html(tokens: list[str], tags: list[str], gold: list[str] | None) -> str:
+    """Tokens with predicted entity words marked (type below) and gold entity words underlined; a word the
+    model missed or typed wrongly is outlined in red."""
+    out = []
+    for i, tok in enumerate(tokens):
+        p = tags[i].split("-", 1)[-1] if i < len(tags) and tags[i] != "O" else None
+        g = gold[i].split("-", 1)[-1] if gold and i < len(gold) and gold[i] != "O" else None
+        cls = " ".join(c for c, on in (("ent", p), ("gold", g), ("wrong", p != g)) if on)
+        title = f"predicted {p or 'O'}, gold {g or 'O'}" if gold else f"predicted {p or 'O'}"
+        body = escape(tok) + (f"<sub>{escape(p)}</sub>" if p else "")
+        out.append(f'<mark class="{cls}" title="{escape(title)}">{body}</mark>' if cls else escape(tok))
+    return " ".join(out)
+
+
 def entity_html(text: str, entities: list[dict], gold: list[dict] | None = None) -> str:
-    """A sentence with predicted entities marked (and missed gold ones underlined)."""
+    """A sentence with predicted entities marked."""
     marks = sorted(({"start": e["start"], "end": e["end"], "label": e.get("label", e.get("type", "")), "cls": "ent"}
                     for e in entities if "start" in e), key=lambda m: m["start"])
     out, pos = [], 0
