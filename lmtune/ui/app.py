@@ -205,13 +205,17 @@ def create_ui(settings: UiSettings) -> FastAPI:
             tmp.write_bytes(bytes(data))
         return {"path": str(target.relative_to(workdir)), "bytes": len(data)}
 
+    def existing_file(body: dict) -> Path:
+        path = confined(workdir, str(body.get("path", "")))
+        if not path.is_file():
+            raise HTTPException(404, f"{body.get('path')}: no such file")
+        return path
+
     @app.post("/api/init")
     async def api_init(request: Request):
         from lmtune.scaffold import inspect, render
         body = await request.json()
-        path = confined(workdir, str(body.get("path", "")))
-        if not path.is_file():
-            raise HTTPException(404, f"{body.get('path')}: no such file")
+        path = existing_file(body)
         try:
             return {"config": render(inspect(path), body.get("task") or None)}
         except InputError as e:
@@ -265,9 +269,7 @@ def create_ui(settings: UiSettings) -> FastAPI:
     @app.post("/api/clean")
     async def api_clean(request: Request):
         body = await request.json()
-        path = confined(workdir, str(body.get("path", "")))
-        if not path.is_file():
-            raise HTTPException(404, f"{body.get('path')}: no such file")
+        path = existing_file(body)
         try:
             return clean_copy(path, list(body.get("actions", [])), workdir / "cleaned", str(body.get("label_column") or "label"))
         except InputError as e:
