@@ -223,3 +223,20 @@ def test_ner_run_page_marks_predicted_and_gold_entities(tmp_path, tiny_model):
     section = page[page.index('id="ner-sentences"'):]
     assert 'class="ent gold" title="predicted PER, gold PER">Peter<sub>PER</sub>' in section
     assert "per_type" not in section and "Per class" in page  # the per-type table is there too
+
+
+def test_a_training_job_can_be_stopped_and_a_bad_config_is_refused(workdir, pretrained_tiny):
+    c = _client(workdir)
+    bad = c.post("/api/jobs", json={"config": "train:\n  epochz: 3\n"}, headers=POST)
+    assert bad.status_code == 422 and "epochz" in bad.json()["detail"]
+    cfg = {"data": {"train": str(workdir / "train.csv"), "max_length": 32}, "model": {"name": pretrained_tiny},
+           "run_name": "to-stop", "train": {"epochs": 40, "batch_size": 8, "lr": 3e-3}}
+    job = c.post("/api/jobs", json={"config": yaml.safe_dump(cfg)}, headers=POST).json()
+    deadline = time.time() + 120
+    while c.get(f"/api/jobs/{job['id']}").json()["step"] is None and time.time() < deadline:
+        time.sleep(0.5)
+    assert c.get(f"/api/jobs/{job['id']}").json()["status"] == "running"
+    state = c.post(f"/api/jobs/{job['id']}/stop", headers=POST).json()
+    assert state["status"] == "stopped" and state["step"] < state["total"]
+    events = c.get(f"/api/jobs/{job['id']}/events").text  # the stream ends with the final state
+    assert "event: done" in events and '"status": "stopped"' in events
