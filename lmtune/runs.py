@@ -26,8 +26,13 @@ def status(rd: RunDir) -> str:
     return "stopped early" if reason.startswith("early stopping") else "finished"
 
 
+# libyaml's safe loader when PyYAML was built with it: ~20x faster, which the dashboard's runs page needs
+# (200 runs: 1.2 s of pure-Python YAML parsing before)
+_LOADER = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
+
 def _config(rd: RunDir) -> dict:
-    return yaml.safe_load(rd.config.read_text()) or {} if rd.config.is_file() else {}
+    return yaml.load(rd.config.read_text(), Loader=_LOADER) or {} if rd.config.is_file() else {}
 
 
 def summary(rd: RunDir) -> dict:
