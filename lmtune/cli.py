@@ -74,8 +74,7 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     if ns.explain:  # the same rows, each with its word attributions
         if ns.input == "-":
             raise InputError("predict --explain reads --input FILE or --text, not standard input.")
-        chunks = (iter([run.explain(texts)]) if texts else
-                  (run.explain_examples(c) for c in _chunks(run.task.read_file(ns.input, run.config, run.labels, False))))
+        chunks = _explained(run, texts, ns.input)
     elif ns.input == "-":
         chunks = run.predict_stream(sys.stdin)
     else:
@@ -95,9 +94,14 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     return 0
 
 
-def _chunks(items: list, size: int = 64):
-    for i in range(0, len(items), size):
-        yield items[i:i + size]
+def _explained(run, texts: list | None, path: str | None, label: str | None = None, method: str = "auto", steps: int = 32):
+    """Explained prediction rows of --text TEXTs, or of a file (read and checked whole first), 64 rows at a time."""
+    if texts:
+        yield run.explain(texts, label, method, steps)
+        return
+    examples = run.task.read_file(path, run.config, run.labels, False)
+    for i in range(0, len(examples), 64):
+        yield run.explain_examples(examples[i:i + 64], label, method, steps)
 
 
 def cmd_explain(ns: argparse.Namespace) -> int:
@@ -110,10 +114,7 @@ def cmd_explain(ns: argparse.Namespace) -> int:
     run = load(ns.run_dir, backend=ns.backend)
     if ns.text or ns.input:
         texts = list(zip(ns.text, ns.pair)) if ns.pair else ns.text
-        chunks = (iter([run.explain(texts, ns.label, ns.method, ns.steps)]) if texts else
-                  (run.explain_examples(c, ns.label, ns.method, ns.steps)
-                   for c in _chunks(run.task.read_file(ns.input, run.config, run.labels, False))))
-        for rows in chunks:
+        for rows in _explained(run, texts, ns.input, ns.label, ns.method, ns.steps):
             sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
         return 0
     result = run.explain_report(ns.data, ns.max_examples, ns.method, ns.steps, ns.share)

@@ -293,7 +293,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         metrics.texts.inc(len(texts))
         if monitor:
             monitor.observe(texts, rows)
-        return [{k: v for k, v in r.items() if k not in ("text", "text_pair", "source")} for r in rows]
+        return _public(rows)
 
     batcher = Batcher(predict, settings.max_batch_size, settings.max_wait_ms, settings.max_queue, metrics.batch.observe)
     explain_lock, explain_calls = threading.Lock(), RateLimiter(settings.explain_per_minute, 60.0)
@@ -302,7 +302,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         with explain_lock:  # one explanation at a time: each is a batch of its own (n_steps x tokens)
             rows = run.explain(texts)
         metrics.texts.inc(len(texts))
-        return [{k: v for k, v in r.items() if k not in ("text", "text_pair", "source")} for r in rows]
+        return _public(rows)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -402,6 +402,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
                             exc.status_code, headers=exc.headers)
 
     return app
+
+
+def _public(rows: list[dict]) -> list[dict]:
+    """Prediction rows without the request's own texts (the response does not echo them)."""
+    return [{k: v for k, v in r.items() if k not in ("text", "text_pair", "source")} for r in rows]
 
 
 class RateLimiter:

@@ -11,7 +11,6 @@ import math
 from html import escape
 from pathlib import Path
 
-import yaml
 
 from lmtune.artifacts import RunDir
 from lmtune.runs import compare, list_runs
@@ -78,25 +77,19 @@ def run_details(root: Path, name: str) -> dict:
 
 
 def compare_runs(root: Path, names: list[str]) -> dict:
-    """Config and metric differences of the first run against each other one, and their curves."""
+    """Config and metric differences of the first run against each other one (lmtune.runs.compare, which
+    reads each run once), and their curves."""
     pairs = [compare(root / names[0], root / n) for n in names[1:]]
-    keys = sorted({k for p in pairs for k in p["config"]})
-    configs = [_flat_config(root / n) for n in names]
-    metric_keys = sorted({k for p in pairs for k in p["metrics"]})
-    metrics = {k: [_metric(root / n, k) for n in names] for k in metric_keys}
-    return {"names": names, "config": {k: [c.get(k) for c in configs] for k in keys}, "metrics": metrics,
+    config: dict[str, list] = {}
+    for k in sorted({k for p in pairs for k in p["config"]}):
+        first = next(p["config"][k][0] for p in pairs if k in p["config"])
+        config[k] = [first] + [p["config"][k][1] if k in p["config"] else first for p in pairs]
+    metrics: dict[str, list] = {}
+    for k in sorted({k for p in pairs for k in p["metrics"]}):
+        first = next(p["metrics"][k]["a"] for p in pairs if k in p["metrics"])
+        metrics[k] = [first] + [p["metrics"][k]["b"] if k in p["metrics"] else None for p in pairs]
+    return {"names": names, "config": config, "metrics": metrics,
             "curves": {n: curves(history(RunDir(root / n))) for n in names}}
-
-
-def _flat_config(path: Path) -> dict:
-    from lmtune.runs import _flat
-    cfg = yaml.safe_load((path / "config.yaml").read_text()) if (path / "config.yaml").is_file() else {}
-    return _flat(cfg or {})
-
-
-def _metric(path: Path, key: str):
-    split, _, name = key.partition(".")
-    return RunDir(path).read_metrics().get(split, {}).get(name)
 
 
 # ---- SVG ------------------------------------------------------------------------------------------
