@@ -369,12 +369,14 @@ class Run:
         examples = (self.task.read_file(str(data), self.config, self.labels, require_label=bool(columns)) if data
                     else self._split_examples(split))
         result: dict = {"data": str(data) if data else split}
+        rows = None
         if columns:
             self.task.require(EXAMPLE_LABELS, "fairness --slices")
             values = slices_of(self.config, examples, columns)
-            result["slices"] = slice_metrics(self.predict_examples(examples), values, seed=self.config.train.seed)
+            rows = self.predict_examples(examples)
+            result["slices"] = slice_metrics(rows, values, seed=self.config.train.seed)
         if swaps:
-            result["counterfactual"] = counterfactual(self, examples, swaps)
+            result["counterfactual"] = counterfactual(self, examples, swaps, rows=rows)
         write_json(self.run_dir / "fairness.json", result)
         if results.path(self.run_dir).is_file():
             results.update(self.run_dir, fairness=result)

@@ -100,14 +100,16 @@ def _swapped_example(task: Any, ex: Any, swaps: SwapList) -> tuple[Any, set[str]
     return task.from_texts([(text, pair) if pair is not None else text])[0], g1 | g2
 
 
-def counterfactual(run: Any, examples: list, swaps: SwapList, max_shown: int = 5) -> dict:
-    """Predictions before and after swapping the list's terms in every example that has any."""
+def counterfactual(run: Any, examples: list, swaps: SwapList, max_shown: int = 5, rows: list[dict] | None = None) -> dict:
+    """Predictions before and after swapping the list's terms in every example that has any (`rows`: the
+    examples' predictions when the caller already has them)."""
     run.task.require(EXAMPLE_LABELS, "fairness --swap")
-    found = [(ex, s) for ex in examples if (s := _swapped_example(run.task, ex, swaps)) is not None]
+    found = [(i, ex, s) for i, ex in enumerate(examples) if (s := _swapped_example(run.task, ex, swaps)) is not None]
     out: dict = {"list": swaps.name, "groups": list(swaps.groups), "examples": len(examples), "with_terms": len(found)}
     if not found:
         return {**out, "changed": None, "mean_shift": None, "per_group": {}, "shown": []}
-    before = run.predict_examples([ex for ex, _ in found])
+    before = [rows[i] for i, _, _ in found] if rows is not None else run.predict_examples([ex for _, ex, _ in found])
+    found = [(ex, s) for _, ex, s in found]
     after = run.predict_examples([s[0] for _, s in found])
     key = run.task.decision_key
     changed = np.array([b[key] != a[key] for b, a in zip(before, after)])
