@@ -494,7 +494,7 @@ def train(config: Config | dict | str | Path, overrides: dict | None = None, res
 def train_splits(cfg: Config, task, splits, resume: bool | str | Path = False, callbacks: tuple = (), previous=None) -> Run:
     """Fine-tune on splits already read (train() reads them from the config; `lmtune cv` makes its folds):
     the run directory, its train.log, and the clean-up of a run that fails before its first checkpoint."""
-    check_model(cfg.model.name, cfg.data.max_length)  # a model that cannot load, or too short for max_length
+    check_model(cfg.model.name, cfg.data.max_length, cfg.model.gguf_file)  # a model that cannot load, or too short for max_length
     run_dir = _shared_run_dir(cfg, resume)
     handler = logging.FileHandler(RunDir(run_dir).log, encoding="utf-8") if _partial_state().is_main_process else logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))

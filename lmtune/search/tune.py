@@ -34,7 +34,7 @@ PEFT_WITH_RANK = ("lora", "adalora")
 def default_space(cfg: Config) -> dict:
     """The usual search ranges, centred on lmtune's own defaults for the model's width."""
     from lmtune.models import load_config
-    width = getattr(load_config(cfg.model.name), "hidden_size", 768) or 768
+    width = getattr(load_config(cfg.model.name, gguf=cfg.model.gguf_file), "hidden_size", 768) or 768
     lr = [3e-5, 3e-4, "log"] if width < 768 else [1e-5, 1e-4, "log"] if width == 768 else [5e-6, 5e-5, "log"]
     if cfg.peft.method != "none":
         from lmtune.peft import default_lr

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.metrics import accuracy_score, classification_report, confusion_matrix, f1_score
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
 from lmtune.config import Config
 from lmtune.data.pairs import pair_findings, symmetric_copies
@@ -21,7 +21,7 @@ from lmtune.evaluate.calibration import ece, fit_temperature, softmax
 from lmtune.evaluate.calibration import metrics as calibration_metrics
 from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
-from lmtune.models import load_config, quiet_transformers, resolve_model
+from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.windows import encode_windows, pool, training_subset
 from lmtune.tasks.base import (ABSTAIN, CALIBRATE, CONTINUAL, ENSEMBLE, EXAMPLE_LABELS, EXPLAIN, LABEL_NOISE, MAHALANOBIS, Encoded, Splits, Task,
                                balanced_weights, class_score, cross_entropy_sum, pad_batch)
@@ -245,17 +245,12 @@ class ClassificationTask(Task):
         # loaded (or exported) model returns it too
         config = load_config(cfg.model.name, cfg.model.dropout, num_labels=len(labels),
                              id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)},
+                             gguf=cfg.model.gguf_file,
                              **({"output_hidden_states": True} if self.score == "mahalanobis" else {}))
-        path = resolve_model(cfg.model.name)
-        with quiet_transformers():
-            model = AutoModelForSequenceClassification.from_pretrained(path, config=config)
-            tokenizer = AutoTokenizer.from_pretrained(path)
-        return model, tokenizer
+        return load_pretrained(AutoModelForSequenceClassification, cfg.model.name, config, cfg.model.gguf_file)
 
     def load_model(self, model_dir: Path) -> tuple[torch.nn.Module, Any]:
-        with quiet_transformers():
-            return (AutoModelForSequenceClassification.from_pretrained(model_dir),
-                    AutoTokenizer.from_pretrained(model_dir))
+        return load_pretrained(AutoModelForSequenceClassification, str(model_dir))
 
     # ---- encoding and batching --------------------------------------------------------------
     def encode(self, examples: list[Example], tokenizer: Any, max_length: int, labels: list[str] | None = None,

@@ -21,14 +21,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
 from lmtune.config import Config
 from lmtune.data.readers import Example, is_invisible, read_rows, row_unit
 from lmtune.errors import InputError
 from lmtune.evaluate.report import prf_table
 from lmtune.io import atomic_path
-from lmtune.models import load_config, quiet_transformers, resolve_model
+from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.windows import encode_windows, pool, training_subset
 from lmtune.tasks.base import CALIBRATE, EXPLAIN, Encoded, Splits, Task, pad_batch, shuffle_split
 
@@ -204,14 +204,12 @@ class MultiLabelTask(Task):
     # ---- model ------------------------------------------------------------------------------
     def build_model(self, cfg: Config, labels: list[str]) -> tuple[torch.nn.Module, Any]:
         config = load_config(cfg.model.name, cfg.model.dropout, num_labels=len(labels), problem_type="multi_label_classification",
-                             id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)})
-        path = resolve_model(cfg.model.name)
-        with quiet_transformers():
-            return AutoModelForSequenceClassification.from_pretrained(path, config=config), AutoTokenizer.from_pretrained(path)
+                             id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)},
+                             gguf=cfg.model.gguf_file)
+        return load_pretrained(AutoModelForSequenceClassification, cfg.model.name, config, cfg.model.gguf_file)
 
     def load_model(self, model_dir: Path) -> tuple[torch.nn.Module, Any]:
-        with quiet_transformers():
-            return AutoModelForSequenceClassification.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+        return load_pretrained(AutoModelForSequenceClassification, str(model_dir))
 
     # ---- encoding and batching --------------------------------------------------------------
     def encode(self, examples: list[MultiLabelExample], tokenizer: Any, max_length: int, labels: list[str] | None = None,

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoModelForTokenClassification, AutoTokenizer
+from transformers import AutoModelForTokenClassification
 
 from lmtune.config import Config
 from lmtune.data.ner_readers import NerExample, convert, example_from_text, read_ner_raw, span_text
@@ -29,7 +29,7 @@ from lmtune.evaluate.calibration import ece, fit_temperature, softmax
 from lmtune.evaluate.calibration import metrics as calibration_metrics
 from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
-from lmtune.models import load_config, quiet_transformers, resolve_model
+from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.base import (ABSTAIN, CALIBRATE, EXPLAIN, LABEL_NOISE, Encoded, Splits, Task, balanced_weights, class_score,
                                cross_entropy_sum, shuffle_split)
 
@@ -145,18 +145,16 @@ class NerTask(Task):
     # ---- model ------------------------------------------------------------------------------
     def build_model(self, cfg: Config, labels: list[str]) -> tuple[torch.nn.Module, Any]:
         config = load_config(cfg.model.name, cfg.model.dropout, num_labels=len(labels),
-                             id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)})
-        path = resolve_model(cfg.model.name)
-        with quiet_transformers():
-            model = AutoModelForTokenClassification.from_pretrained(path, config=config)
-            tokenizer = AutoTokenizer.from_pretrained(path)
+                             id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)}, gguf=cfg.model.gguf_file)
+        # byte-level BPE tokenizers (GPT-2, Llama 3, SmolLM) take pre-split words only with a prefix space
+        model, tokenizer = load_pretrained(AutoModelForTokenClassification, cfg.model.name, config, cfg.model.gguf_file,
+                                           add_prefix_space=True)
         if not getattr(tokenizer, "is_fast", False):
             raise InputError(f"model.name: {cfg.model.name} has no fast tokenizer; NER needs word ids for alignment.")
         return model, tokenizer
 
     def load_model(self, model_dir: Path) -> tuple[torch.nn.Module, Any]:
-        with quiet_transformers():
-            return AutoModelForTokenClassification.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+        return load_pretrained(AutoModelForTokenClassification, str(model_dir), add_prefix_space=True)
 
     # ---- encoding: sub-word alignment and windows ---------------------------------------------
     def encode(self, examples: list[NerExample], tokenizer: Any, max_length: int,

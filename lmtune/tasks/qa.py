@@ -31,13 +31,13 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForQuestionAnswering, AutoTokenizer
+from transformers import AutoModelForQuestionAnswering
 
 from lmtune.config import Config
 from lmtune.data.readers import Example, read_rows, read_text_file, row_unit
 from lmtune.errors import InputError
 from lmtune.evaluate.abstain import choose_threshold
-from lmtune.models import load_config, quiet_transformers, resolve_model
+from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.robust.text import is_cjk
 from lmtune.tasks.base import ABSTAIN, DEV_RULES, Encoded, Splits, Task, pad_batch, shuffle_split
 
@@ -258,14 +258,11 @@ class QATask(Task):
 
     # ---- model ------------------------------------------------------------------------------
     def build_model(self, cfg: Config, labels: list[str]) -> tuple[torch.nn.Module, Any]:
-        config = load_config(cfg.model.name, cfg.model.dropout)
-        path = resolve_model(cfg.model.name)
-        with quiet_transformers():
-            return AutoModelForQuestionAnswering.from_pretrained(path, config=config), AutoTokenizer.from_pretrained(path)
+        config = load_config(cfg.model.name, cfg.model.dropout, gguf=cfg.model.gguf_file)
+        return load_pretrained(AutoModelForQuestionAnswering, cfg.model.name, config, cfg.model.gguf_file)
 
     def load_model(self, model_dir: Path) -> tuple[torch.nn.Module, Any]:
-        with quiet_transformers():
-            return AutoModelForQuestionAnswering.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+        return load_pretrained(AutoModelForQuestionAnswering, str(model_dir))
 
     # ---- encoding: windows over the context ---------------------------------------------------
     def encode(self, examples: list[QAExample], tokenizer: Any, max_length: int, labels: list[str] | None = None,

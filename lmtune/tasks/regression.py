@@ -25,14 +25,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForSequenceClassification
 
 from lmtune.config import Config
 from lmtune.data.pairs import pair_findings, symmetric_copies
 from lmtune.data.readers import Example, read_examples
 from lmtune.errors import InputError
 from lmtune.io import atomic_path
-from lmtune.models import load_config, quiet_transformers, resolve_model
+from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.base import EXPLAIN, INTERVALS, Encoded, Splits, Task, pad_batch, shuffle_split
 
 TARGET = "value"  # the one output of the head
@@ -152,14 +152,11 @@ class RegressionTask(Task):
     # ---- model ------------------------------------------------------------------------------
     def build_model(self, cfg: Config, labels: list[str]) -> tuple[torch.nn.Module, Any]:
         config = load_config(cfg.model.name, cfg.model.dropout, num_labels=1, problem_type="regression",
-                             id2label={0: TARGET}, label2id={TARGET: 0})
-        path = resolve_model(cfg.model.name)
-        with quiet_transformers():
-            return AutoModelForSequenceClassification.from_pretrained(path, config=config), AutoTokenizer.from_pretrained(path)
+                             id2label={0: TARGET}, label2id={TARGET: 0}, gguf=cfg.model.gguf_file)
+        return load_pretrained(AutoModelForSequenceClassification, cfg.model.name, config, cfg.model.gguf_file)
 
     def load_model(self, model_dir: Path) -> tuple[torch.nn.Module, Any]:
-        with quiet_transformers():
-            return AutoModelForSequenceClassification.from_pretrained(model_dir), AutoTokenizer.from_pretrained(model_dir)
+        return load_pretrained(AutoModelForSequenceClassification, str(model_dir))
 
     # ---- encoding and batching --------------------------------------------------------------
     def encode(self, examples: list[RegressionExample], tokenizer: Any, max_length: int,
