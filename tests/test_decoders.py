@@ -87,6 +87,13 @@ def test_decoder_classification_pads_right_and_pools_the_last_real_token(tmp_pat
     again = lmtune.load(run.run_dir)  # the pad token travels with the saved tokenizer and config
     assert again.predict([short])[0]["label"] == run.predict([short])[0]["label"]
     assert again.tokenizer.pad_token == EOS
+    # the ONNX export (traced with right padding) matches PyTorch, and explanations run on the decoder
+    assert main(["export", str(run.run_dir)]) == 0
+    assert json.loads((run.run_dir / "export" / "export.json").read_text())["onnx_fp32"]["max_abs_logit_diff"] < 1e-4
+    onnx = lmtune.load(run.run_dir, backend="onnx")
+    assert onnx.predict([short])[0]["probabilities"] == pytest.approx(run.predict([short])[0]["probabilities"], abs=1e-4)
+    words = [w for w, _ in run.explain([short])[0]["explanations"][0]["attributions"]]
+    assert words == short.split()
 
 
 def test_decoder_multilabel_and_regression(tmp_path, tiny_decoder):
