@@ -89,3 +89,18 @@ def test_two_process_run_resumes_after_a_crash_to_the_same_weights(ddp_config, t
     resumed = _launch(tmp_path, cfg, resume=True)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert _max_diff(_weights(run_dir), _weights(_single(ddp_config))) < 1e-5
+
+
+def test_two_process_resume_with_dropout_restores_each_ranks_random_state(ddp_config, tmp_path):
+    """Dropout draws a different mask on each rank: a resumed run equals an uninterrupted one only if
+    every rank gets its own random state back, not the main process's."""
+    cfg = copy.deepcopy(ddp_config)
+    cfg["model"]["dropout"] = 0.1
+    whole = _launch(tmp_path, {**cfg, "run_name": "whole"})
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    crashed = _launch(tmp_path, {**cfg, "run_name": "again"}, crash_at=10)
+    assert crashed.returncode != 0
+    resumed = _launch(tmp_path, {**cfg, "run_name": "again"}, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    out = Path(cfg["output_dir"])
+    assert _max_diff(_weights(out / "again"), _weights(out / "whole")) < 1e-5
