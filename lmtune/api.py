@@ -6,6 +6,7 @@ predictions/, report.md with its PNGs, and train.log.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -502,8 +503,10 @@ def train_splits(cfg: Config, task, splits, resume: bool | str | Path = False, c
     old_level = log.level
     log.setLevel(logging.INFO)  # train.log always gets the full story; the console keeps its own level
     log.addHandler(handler)
+    marker = RunDir(run_dir).mark_running() if _partial_state().is_main_process else contextlib.nullcontext()
     try:
-        run = _train(cfg, task, splits, run_dir, resume, callbacks, previous)
+        with marker:  # `lmtune runs` and the dashboard tell a run in progress from an interrupted one
+            run = _train(cfg, task, splits, run_dir, resume, callbacks, previous)
         if cfg.peft.compare_full and cfg.peft.method != "none":
             _compare_with_full(run, cfg, splits)
         return run

@@ -5,10 +5,15 @@ metadata (lmtune.json) and the task state saved beside a model (model/, export/,
             checkpoints/  model/ (lmtune.json, task_state.safetensors, weights, tokenizer, README.md: the model card)
             predictions/{dev,test}.jsonl  export/ (the same metadata + ONNX files)
             drift_reference.safetensors (dev embeddings and scores for the serve drift monitor)
+            running.json ({pid, host} while a process trains the run)
 """
 from __future__ import annotations
 
 import json
+import os
+import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +40,7 @@ class RunDir:
     model = property(lambda self: self.root / "model")
     export = property(lambda self: self.root / "export")
     card = property(lambda self: self.root / "model" / "README.md")  # the Hub model card
+    running_marker = property(lambda self: self.root / "running.json")  # {pid, host} while a process trains it
 
     def predictions(self, split: str) -> Path:
         return self.root / "predictions" / f"{split}.jsonl"
@@ -42,6 +48,33 @@ class RunDir:
     def finished(self) -> bool:
         """Training wrote the model's metadata last, so its presence means the run finished."""
         return (self.model / META).is_file()
+
+    def running(self) -> bool:
+        """A live process on this machine is training the run: its marker names a pid that exists here.
+        A marker left by a killed process (or one from another machine) does not count."""
+        try:
+            marker = json.loads(self.running_marker.read_text())
+        except (OSError, ValueError):
+            return False
+        if marker.get("host") != socket.gethostname():
+            return False
+        try:
+            os.kill(int(marker["pid"]), 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            return False
+        except (PermissionError, KeyError, ValueError, TypeError):
+            return isinstance(marker.get("pid"), int)  # exists, owned by another user
+        return True
+
+    @contextmanager
+    def mark_running(self) -> Iterator[None]:
+        """running.json for as long as this process trains the run (removed however training ends)."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.running_marker.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))
+        try:
+            yield
+        finally:
+            self.running_marker.unlink(missing_ok=True)
 
     def read_metrics(self) -> dict:
         return json.loads(self.metrics.read_text()) if self.metrics.is_file() else {}

@@ -17,9 +17,10 @@ from lmtune.errors import InputError
 
 
 def status(rd: RunDir) -> str:
-    """finished, stopped early, diverged, or interrupted (no final model: killed, crashed or still running)."""
+    """finished, stopped early, diverged, running (a live process on this machine trains it), or
+    interrupted (no final model: killed or crashed)."""
     if not rd.finished():
-        return "interrupted"
+        return "running" if rd.running() else "interrupted"
     reason = rd.read_metrics().get("train", {}).get("stop_reason", "")
     if reason.startswith("non-finite"):
         return "diverged"

@@ -290,11 +290,37 @@ def test_runs_lists_status_and_compare_shows_differences(tiny_config, capsys):
     assert rows["b"]["metrics"]["accuracy"] == b.metrics["test"]["accuracy"] and rows["b"]["task"] == "classification"
     assert main(["runs", tiny_config["output_dir"]]) == 0
     assert "interrupted" in capsys.readouterr().out
+    assert not (a.run_dir / "running.json").exists()  # removed when training ended
     assert main(["compare", str(a.run_dir), str(b.run_dir), "--json"]) == 0
     c = json.loads(capsys.readouterr().out)
     assert c["config"]["train.lr"] == [0.003, 0.001] and c["config"]["train.max_steps"] == [4, 6]
     assert c["metrics"]["test.accuracy"]["b_minus_a"] == pytest.approx(b.metrics["test"]["accuracy"] - a.metrics["test"]["accuracy"])
     assert "train" not in [k.split(".")[0] for k in c["metrics"]]
+
+
+def test_runs_tell_a_run_in_progress_from_an_interrupted_one(tiny_config, tmp_path):
+    import socket
+    import subprocess
+    import sys
+
+    from lmtune.artifacts import RunDir
+    from lmtune.runs import status
+    seen = []
+
+    def look(state):  # while training: this very process is the live trainer
+        seen.append(status(RunDir(Path(tiny_config["output_dir"]) / "t")))
+        if (Path(tiny_config["output_dir"]) / "t" / "checkpoints" / "pointer.json").is_file():
+            raise SystemExit(3)  # then the run dies like a killed one, after a checkpoint
+
+    with pytest.raises(SystemExit):
+        lmtune.train({**tiny_config, "train": {**tiny_config["train"], "eval_every": 2}}, callbacks=(look,))
+    assert seen[0] == "running"
+    rd = RunDir(Path(tiny_config["output_dir"]) / "t")
+    assert status(rd) == "interrupted" and not rd.running_marker.exists()
+    # a marker left by a process that no longer exists (kill -9) does not count
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True, check=True).stdout
+    rd.running_marker.write_text(json.dumps({"pid": int(dead), "host": socket.gethostname()}))
+    assert status(rd) == "interrupted"
 
 
 def test_init_inspects_a_file_and_writes_a_config_that_loads(tmp_path, capsys):

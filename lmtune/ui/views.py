@@ -72,7 +72,7 @@ def run_details(root: Path, name: str) -> dict:
         noise = [json.loads(x) for x in noise_file.read_text().splitlines()[:200] if x.strip()]
     return {"name": name, "config": rd.config.read_text() if rd.config.is_file() else "", "results": results,
             "metrics": metrics, "labels": labels, "task": meta.get("task") or results.get("summary", {}).get("task", "?"),
-            "history": history(rd), "finished": rd.finished(), "test_rows": test_rows, "label_noise": noise,
+            "history": history(rd), "finished": rd.finished(), "running": rd.running(), "test_rows": test_rows, "label_noise": noise,
             "export": _read_json(rd.export / "export.json", None)}
 
 

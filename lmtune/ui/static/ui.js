@@ -54,7 +54,7 @@ if (filter) {
   if (table.dataset.refresh === "1") {
     setInterval(async () => {
       const runs = await call("GET", "/api/runs");
-      const busy = runs.some(r => r.status === "interrupted");
+      const busy = runs.some(r => r.status === "running");
       const known = new Set(Array.from(table.tBodies[0].rows).map(r => r.dataset.run));
       if (runs.some(r => !known.has(r.run)) || !busy) location.reload();
       runs.forEach(r => { const row = table.querySelector(`tr[data-run="${CSS.escape(r.run)}"]`);
