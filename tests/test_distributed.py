@@ -104,3 +104,25 @@ def test_two_process_resume_with_dropout_restores_each_ranks_random_state(ddp_co
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     out = Path(cfg["output_dir"])
     assert _max_diff(_weights(out / "again"), _weights(out / "whole")) < 1e-5
+
+
+@pytest.mark.parametrize("name", ["ddp", "multi_node", "fsdp"])
+def test_the_documented_accelerate_configs_parse_into_the_launch_they_promise(name):
+    """README's `accelerate launch --config_file examples/accelerate/NAME.yaml -m lmtune train CONFIG`:
+    accelerate reads each example and turns it into torchrun's arguments and environment (what it
+    would start, without starting it)."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+    config = Path(__file__).resolve().parent.parent / "examples" / "accelerate" / f"{name}.yaml"
+    argv = ["--config_file", str(config), *(["--machine_rank", "1"] if name == "multi_node" else []),
+            "-m", "lmtune", "train", "cfg.yaml"]
+    args = _validate_launch_command(launch_command_parser().parse_args(argv))[0]
+    assert args.module and args.training_script == "lmtune" and args.training_script_args == ["train", "cfg.yaml"]
+    env = prepare_multi_gpu_env(args)
+    if name == "multi_node":  # 2 nodes x 8 processes; this is node 1, meeting node 0 at its address
+        assert (args.nnodes, args.node_rank, args.nproc_per_node) == ("2", 1, "8")
+        assert "10.0.0.1" in f"{getattr(args, 'master_addr', '')}{getattr(args, 'rdzv_endpoint', '')}"
+    elif name == "fsdp":  # full state dicts: checkpoints and model/ stay plain safetensors
+        assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_STATE_DICT_TYPE"] == "FULL_STATE_DICT"
+    else:
+        assert args.multi_gpu and int(args.num_processes) == 8 and "ACCELERATE_USE_FSDP" not in env
