@@ -1,6 +1,7 @@
 """Crash-safe checkpoints: full training state in step folders, pointed to by one small file.
 
-Layout: checkpoints/step-000120/{model.safetensors, optimizer.pt, scheduler.pt, rng.pt, state.json}
+Layout: checkpoints/step-000120/{model.safetensors, optimizer.pt, scheduler.pt, rng.pt + host_rng.json (every
+process's random state, by rank), state.json}
 and checkpoints/pointer.json = {"last": "step-000120", "best": "step-000080"}.
 A new checkpoint is written under a temp name, renamed into place, and only then does the pointer
 (replaced atomically) name it; a crash at any moment leaves the previous pointer and its folders intact.
@@ -8,6 +9,7 @@ A new checkpoint is written under a temp name, renamed into place, and only then
 from __future__ import annotations
 
 import json
+import logging
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -18,6 +20,8 @@ import torch
 from safetensors.torch import load_model, save_model
 
 from lmtune.io import atomic_dir, write_json
+
+log = logging.getLogger("lmtune")
 
 
 @dataclass
@@ -35,7 +39,7 @@ class TrainState:
     history: list = field(default_factory=list)
 
 
-def _rng_state() -> dict:
+def rng_state() -> dict:
     state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
@@ -56,17 +60,18 @@ class Checkpoints:
         name = self.pointer().get(which)
         return self.root / name if name else None
 
-    def save(self, model, optimizer, scheduler, state: TrainState, is_best: bool) -> Path:
+    def save(self, model, optimizer, scheduler, state: TrainState, is_best: bool, rng_states: list[dict] | None = None) -> Path:
+        """rng_states: every process's random state, by rank (all_rng_states); this process's alone by default."""
         name = f"step-{state.step:06d}"
         target = self.root / name
         with atomic_dir(target) as tmp:
             save_model(model, str(tmp / "model.safetensors"))
             torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-            rng = _rng_state()
-            torch.save({"torch": rng["torch"], "cuda": rng.get("cuda", [])}, tmp / "rng.pt")
-            (tmp / "host_rng.json").write_text(json.dumps({"numpy": _jsonable(rng["numpy"]),
-                                                           "python": _jsonable(rng["python"])}))
+            ranks = rng_states or [rng_state()]
+            torch.save({"ranks": [{"torch": r["torch"], "cuda": r.get("cuda", [])} for r in ranks]}, tmp / "rng.pt")
+            (tmp / "host_rng.json").write_text(json.dumps(
+                {"ranks": [{"numpy": _jsonable(r["numpy"]), "python": _jsonable(r["python"])} for r in ranks]}))
             (tmp / "state.json").write_text(json.dumps(asdict(state)))
         pointer = self.pointer()
         pointer["last"] = name
@@ -85,20 +90,37 @@ class Checkpoints:
         path = self.path(which)
         load_model(model, str(path / "model.safetensors"))
 
-    def load_state(self, model, optimizer, scheduler) -> TrainState:
-        """Restore everything for an exact resume: weights, optimizer, schedule, RNGs, counters."""
+    def load_state(self, model, optimizer, scheduler, rank: int = 0) -> TrainState:
+        """Restore everything for an exact resume: weights, optimizer, schedule, this process's RNGs
+        (each rank its own: dropout and sampling draw differently per rank), counters."""
         path = self.path("last")
         load_model(model, str(path / "model.safetensors"))
         optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        rng = torch.load(path / "rng.pt", weights_only=True)
-        torch.set_rng_state(rng["torch"])
-        if rng.get("cuda") and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
-        host = json.loads((path / "host_rng.json").read_text())
-        np.random.set_state(_unjson(host["numpy"]))
-        random.setstate(_unjson(host["python"]))
+        devices = torch.load(path / "rng.pt", weights_only=True)
+        hosts = json.loads((path / "host_rng.json").read_text())
+        devices, hosts = devices.get("ranks", [devices]), hosts.get("ranks", [hosts])  # checkpoints before per-rank states
+        if rank >= len(devices):
+            log.warning("resume: the checkpoint holds random states for %d process(es); process %d starts from "
+                        "process 0's (same weights and data order; dropout masks differ from an uninterrupted run)",
+                        len(devices), rank)
+            rank = 0
+        torch.set_rng_state(devices[rank]["torch"])
+        if devices[rank].get("cuda") and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(devices[rank]["cuda"])
+        np.random.set_state(_unjson(hosts[rank]["numpy"]))
+        random.setstate(_unjson(hosts[rank]["python"]))
         return TrainState(**json.loads((path / "state.json").read_text()))
+
+
+def all_rng_states(accelerator) -> list[dict]:
+    """Every process's random state, by rank (a collective: all processes call it at the same point)."""
+    state = rng_state()
+    if accelerator.num_processes == 1:
+        return [state]
+    states: list = [None] * accelerator.num_processes
+    torch.distributed.all_gather_object(states, state)
+    return states
 
 
 def _jsonable(x):

@@ -16,7 +16,7 @@ from accelerate import Accelerator
 
 from lmtune.config import TrainConfig
 from lmtune.training.batching import epoch_batches, eval_batches
-from lmtune.training.checkpoint import Checkpoints, TrainState
+from lmtune.training.checkpoint import Checkpoints, TrainState, all_rng_states
 from lmtune.training.optim import build_optimizer, build_scheduler
 from lmtune.training.progress import Progress
 
@@ -60,7 +60,8 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)  # stepped by us once per optimizer step
     model, optimizer = accelerator.prepare(model, optimizer)
-    state = ckpt.load_state(accelerator.unwrap_model(model), optimizer, scheduler) if resume and ckpt else TrainState()
+    state = (ckpt.load_state(accelerator.unwrap_model(model), optimizer, scheduler, accelerator.process_index)
+             if resume and ckpt else TrainState())
     lengths = [f["length"] for f in features]
     rank, world = accelerator.process_index, accelerator.num_processes
     eval_every = cfg.eval_every or math.ceil(len(features) / cfg.batch_size)
@@ -164,8 +165,9 @@ def _evaluate_and_checkpoint(model, optimizer, scheduler, task: LoopTask, cfg: T
     elif state.step >= steps:
         state.finished, state.stop_reason = True, f"reached {steps} steps"
     t0 = time.perf_counter()
+    rng_states = all_rng_states(accelerator)  # every process takes part; the main one writes them all
     if accelerator.is_main_process:  # saved once, by the main process
-        ckpt.save(accelerator.unwrap_model(model), optimizer, scheduler, state, improved)
+        ckpt.save(accelerator.unwrap_model(model), optimizer, scheduler, state, improved, rng_states)
     state.checkpoint_seconds += time.perf_counter() - t0
     accelerator.wait_for_everyone()
 
