@@ -63,7 +63,7 @@ def tiny_decoder(request, tmp_path_factory) -> str:
 
 def _train(tmp_path: Path, model: str, task: str, data: dict, **extra) -> lmtune.Run:
     cfg = {"task": task, "output_dir": str(tmp_path / "runs"), "run_name": task, "model": {"name": model},
-           "data": {**data, "max_length": 32},
+           "data": {"max_length": 32, **data},
            "train": {"epochs": 8, "batch_size": 8, "lr": 5e-3, "head_lr": 5e-3, "progress": "none", "seed": 1}}
     for section, values in extra.items():
         cfg.setdefault(section, {}).update(values)
@@ -156,3 +156,17 @@ def test_packaged_smollm2_gguf_trains_lora_and_saves_safetensors(tmp_path):
     assert main(["merge", str(run.run_dir), str(merged)]) == 0
     conf = json.loads((merged / "config.json").read_text())
     assert "quantization_config" not in conf and (merged / "model.safetensors").is_file()
+
+
+def test_decoder_extractive_qa_maps_spans_back_to_the_context(tmp_path, tiny_decoder):
+    from tests.test_qa import _qa_rows
+    data = {}
+    for name, n, seed in (("train", 160, 1), ("dev", 40, 2), ("test", 40, 3)):
+        path = tmp_path / f"qa_{name}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in _qa_rows(n, seed)))
+        data[name] = str(path)
+    run = _train(tmp_path, tiny_decoder, "qa", {**data, "max_length": 64}, train={"epochs": 8, "lr": 3e-3, "head_lr": 3e-3})
+    assert run.metrics["test"]["f1"] > 0.5, run.metrics["test"]
+    q, ctx = "what color is the bird?", "the bird is green and it felt quite good"
+    row = run.predict([(q, ctx)])[0]
+    assert row["answer"] == ctx[row["start"]:row["end"]]  # offsets through byte-level pieces land on characters
