@@ -56,14 +56,15 @@ class RunDir:
             marker = json.loads(self.running_marker.read_text())
         except (OSError, ValueError):
             return False
-        if marker.get("host") != socket.gethostname():
+        pid = marker.get("pid") if isinstance(marker, dict) else None
+        if not isinstance(pid, int) or marker.get("host") != socket.gethostname():
             return False
         try:
-            os.kill(int(marker["pid"]), 0)  # signal 0: only asks whether the process exists
+            os.kill(pid, 0)  # signal 0: only asks whether the process exists
         except ProcessLookupError:
             return False
-        except (PermissionError, KeyError, ValueError, TypeError):
-            return isinstance(marker.get("pid"), int)  # exists, owned by another user
+        except PermissionError:  # it exists, owned by another user
+            pass
         return True
 
     @contextmanager
