@@ -60,25 +60,30 @@ def run(model: str, data: dict, work: Path, name: str, peft: dict | None = None)
             "train_s": round(t["train_seconds"] - t["eval_seconds"] - t["checkpoint_seconds"], 1)}
 
 
+def results(work: Path, limit: int = 0) -> tuple[dict, dict]:
+    """(decoder, encoder) results on the seeded SST-2 sample; bench/generation.py calls it too."""
+    rows = random.Random(SEED).sample(sst2("train"), 4000)
+    dev = sst2("dev")
+    if limit:
+        rows, dev = rows[:limit], dev[:limit]
+    data = {"train": write(work / "train.csv", rows), "dev": write(work / "dev.csv", dev)}
+    dec = run(DECODER, data, work, "smollm2-lora", {"method": "lora"})
+    print(f"SmolLM2-135M LoRA: SST-2 dev accuracy {dec['accuracy']:.4f}, train {dec['train_s']:.0f}s", flush=True)
+    enc = run(DEFAULT_MODEL, data, work, "minilm")
+    print(f"MiniLM full fine-tuning: SST-2 dev accuracy {enc['accuracy']:.4f}, train {enc['train_s']:.0f}s; "
+          f"decoder - encoder {100 * (dec['accuracy'] - enc['accuracy']):+.1f} points, "
+          f"train time {dec['train_s'] / enc['train_s']:.1f}x", flush=True)
+    return dec, enc
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--limit", type=int, default=0, help="cap train and dev at N rows (a quick check, not the benchmark)")
     ns = ap.parse_args()
     if not SHARED.is_dir():
         sys.exit(f"benchmark data not found at {SHARED}")
-    rows = random.Random(SEED).sample(sst2("train"), 4000)
-    dev = sst2("dev")
-    if ns.limit:
-        rows, dev = rows[:ns.limit], dev[:ns.limit]
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        data = {"train": write(work / "train.csv", rows), "dev": write(work / "dev.csv", dev)}
-        dec = run(DECODER, data, work, "smollm2-lora", {"method": "lora"})
-        print(f"SmolLM2-135M LoRA: SST-2 dev accuracy {dec['accuracy']:.4f}, train {dec['train_s']:.0f}s", flush=True)
-        enc = run(DEFAULT_MODEL, data, work, "minilm")
-        print(f"MiniLM full fine-tuning: SST-2 dev accuracy {enc['accuracy']:.4f}, train {enc['train_s']:.0f}s; "
-              f"decoder - encoder {100 * (dec['accuracy'] - enc['accuracy']):+.1f} points, "
-              f"train time {dec['train_s'] / enc['train_s']:.1f}x", flush=True)
+        dec, enc = results(Path(tmp), ns.limit)
     print(json.dumps({"sst2_decoder": dec, "sst2_encoder": enc}))
 
 

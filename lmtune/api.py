@@ -47,8 +47,8 @@ from lmtune.robust.adversarial import AdversaryInputs
 from lmtune.robust.augment import augment
 from lmtune.robust.text import Synonyms
 from lmtune.tasks import get_task
-from lmtune.tasks.base import (ABSTAIN, CALIBRATE, DEV_RULES, EXAMPLE_LABELS, INTERVALS, LABEL_NOISE, MAHALANOBIS, Encoded,
-                               encode_examples)
+from lmtune.tasks.base import (ABSTAIN, CALIBRATE, DEV_RULES, EXAMPLE_LABELS, GENERATE, INTERVALS, LABEL_NOISE, MAHALANOBIS,
+                               Encoded, encode_examples)
 from lmtune.training.checkpoint import Checkpoints
 from lmtune.training.optim import resolve_learning_rates
 from lmtune.training.loop import LoopTask, predict_outputs, total_steps, train_loop
@@ -256,8 +256,18 @@ class Run:
         return result
 
     def predict_examples(self, examples: list) -> list[dict]:
+        if self.task.supports(GENERATE):
+            return self.task.generation_rows(examples, self.generate_examples(examples))
         enc = self._encode(examples)
         return self.task.predictions(self._outputs(enc), enc, self.labels)
+
+    def generate_examples(self, examples: list, settings: dict | None = None, max_new_tokens: int | None = None,
+                          streamer: Any = None) -> list[dict]:
+        """A generating task's outputs, with the decoding chosen on dev (or `settings`)."""
+        self.task.require(GENERATE, "generate")
+        self.model.to(_device())
+        return self.task.generate(self.model, self.tokenizer, examples, _device(), settings, self.config.train.progress,
+                                  max_new_tokens, streamer)
 
     def tune_abstention(self, data: str | Path, target: str, value: float | None = None, calibrated: bool = True,
                         save: bool = False, score: str | None = None) -> dict:
@@ -323,6 +333,8 @@ class Run:
         enc = self._encode(examples)
         metrics = self.task.evaluate(self._outputs(enc), enc, self.labels)
         metrics["truncated"] = enc.stats["truncated"]
+        if self.task.supports(GENERATE):
+            metrics.update(self.task.score_generations(examples, self.generate_examples(examples)))
         return metrics
 
     def attack(self, data: str | Path | None = None, **overrides) -> dict:
@@ -578,7 +590,7 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks, previous
                    previous=previous)
     try:
         for stage in (_record_inputs, _search_label_noise, _build_model, _encode_data, _audit_data, _start_trackers, _fit,
-                      _restore_best, _evaluate, _measure_slices, _measure_forgetting, _drift_reference, _save_model, _write_results,
+                      _restore_best, _choose_decoding, _evaluate, _measure_slices, _measure_forgetting, _drift_reference, _save_model, _write_results,
                       _attack, _finish_trackers):
             stage(ctx)
     except BaseException:
@@ -734,12 +746,44 @@ def _restore_best(ctx: _Context) -> None:
     fit_output_controls(ctx.task, ctx.cfg, outputs, ctx.encoded, ctx.splits.labels)
 
 
+def _choose_decoding(ctx: _Context) -> None:
+    """A generating task's decoding settings, searched on a seeded sample of dev (main process)."""
+    g = ctx.cfg.generate
+    if not (ctx.task.supports(GENERATE) and ctx.main and g.search_trials and ctx.splits.dev):
+        return
+    dev = _sample(ctx.splits.dev, g.search_examples, ctx.cfg.train.seed)
+    found = ctx.task.fit_decoding(ctx.model, ctx.tokenizer, dev, ctx.accelerator.device, ctx.cfg.train.seed, g.search_trials,
+                                  ctx.cfg.train.progress)
+    log.info("decoding chosen on %d dev examples: %s", len(dev), ", ".join(f"{k} {v}" for k, v in found["chosen"].items()) or "greedy")
+
+
+def _sample(examples: list, n: int, seed: int) -> list:
+    if not n or n >= len(examples):
+        return examples
+    import random
+    return [examples[i] for i in sorted(random.Random(seed).sample(range(len(examples)), n))]
+
+
 def _evaluate(ctx: _Context) -> None:
     for split in ("dev", "test"):
         if split in ctx.encoded:
             out = ctx.outputs_final(split)
             ctx.split_metrics[split] = ctx.task.evaluate(out, ctx.encoded[split], ctx.splits.labels)
             ctx.preds[split] = ctx.task.predictions(out, ctx.encoded[split], ctx.splits.labels)
+    if ctx.task.supports(GENERATE) and ctx.main:
+        _generate_split(ctx, "test" if ctx.splits.test else "dev")
+
+
+def _generate_split(ctx: _Context, split: str) -> None:
+    """A generating task's outputs on the test split (dev without one), scored against the references;
+    the outputs are saved beside them as that split's predictions."""
+    examples = _sample(getattr(ctx.splits, split), ctx.cfg.generate.eval_examples, ctx.cfg.train.seed)
+    generated = ctx.task.generate(ctx.model, ctx.tokenizer, examples, ctx.accelerator.device, progress=ctx.cfg.train.progress)
+    scored = ctx.task.score_generations(examples, generated)
+    ctx.split_metrics[split].update(scored)
+    ctx.preds[split] = ctx.task.generation_rows(examples, generated)
+    log.info("%s: generated %d outputs: ROUGE-L %.4f, repetition loops %.1f%%, hit max_new_tokens %.1f%%", split, len(examples),
+             scored.get("rougeL", float("nan")), 100 * scored["repeat_share"], 100 * scored["truncated_share"])
 
 
 def _measure_slices(ctx: _Context) -> None:
@@ -856,6 +900,9 @@ def _write_results(ctx: _Context) -> None:
                                     **({"continual": ctx.continual} if ctx.continual else {}),
                                     **({"slices": ctx.slices} if ctx.slices else {})})
         results.render(ctx.rd.root)
+        if ctx.task.supports(GENERATE):  # the outputs' control checks and the decoding chosen, as data
+            write_json(ctx.rd.root / "generation.json", {"decoding": ctx.task.decoding, "search": ctx.task.search,
+                                                         "splits": {k: m for k, m in ctx.split_metrics.items() if "rougeL" in m}})
     ctx.accelerator.wait_for_everyone()
     ctx.run = Run(ctx.rd.root, ctx.model, ctx.tokenizer, ctx.task, ctx.splits.labels, ctx.cfg, ctx.rd.read_metrics())
 

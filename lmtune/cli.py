@@ -27,7 +27,7 @@ def _print_headline(run) -> None:
     for split in ("dev", "test"):
         m = run.metrics.get(split)
         if m:
-            shown = "  ".join(f"{k} {m[k]:.4f}" for k in run.metrics.get("headline", []) if k != "loss")
+            shown = "  ".join(f"{k} {m[k]:.4f}" for k in run.metrics.get("headline", []) if k != "loss" and k in m)
             print(f"{split}: {shown}  (n={m['n']})")
     print(f"report: {run.run_dir / 'report.md'}")
 
@@ -349,6 +349,38 @@ def cmd_config(ns: argparse.Namespace) -> int:
 LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
+def cmd_chat(ns: argparse.Namespace) -> int:
+    """An interactive terminal chat with a generation run: each reply streams as it is generated, with
+    the decoding chosen on dev; the conversation so far is the prompt (the tokenizer's chat template)."""
+    from transformers import TextStreamer
+
+    from lmtune.api import load
+    from lmtune.tasks.base import GENERATE
+    run = load(ns.run_dir)
+    run.task.require(GENERATE, "chat")
+    run.config.train.progress = "none"
+    history: list[dict] = [{"role": "system", "content": ns.system}] if ns.system else []
+    print(f"chat with {Path(ns.run_dir).name}: an empty line or /exit ends, /reset starts over", file=sys.stderr)
+    while True:
+        try:
+            line = input("you> ").strip()
+        except EOFError:
+            break
+        if not line or line == "/exit":
+            break
+        if line == "/reset":
+            history = history[:1] if ns.system else []
+            continue
+        history.append({"role": "user", "content": line})
+        print("model> ", end="", flush=True)
+        streamer = TextStreamer(run.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        out = run.generate_examples([run.task.from_messages(history)], max_new_tokens=ns.max_new_tokens, streamer=streamer)[0]
+        if not out["finished"]:
+            print(f"[stopped at {out['tokens']} tokens]", file=sys.stderr)
+        history.append({"role": "assistant", "content": out["text"]})
+    return 0
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     from lmtune.serve.app import ServeSettings, create_app, serve
     if ns.no_auth and ns.host not in LOCAL_HOSTS and not ns.insecure:
@@ -358,7 +390,7 @@ def cmd_serve(ns: argparse.Namespace) -> int:
                              max_batch_size=ns.max_batch_size, max_wait_ms=ns.max_wait_ms, max_queue=ns.max_queue,
                              max_texts=ns.max_texts, max_chars=ns.max_chars, max_body_bytes=ns.max_body_bytes, threads=ns.threads,
                              header_timeout_s=ns.header_timeout, body_timeout_s=ns.body_timeout, max_connections=ns.max_connections,
-                             explain_per_minute=ns.explain_per_minute)
+                             explain_per_minute=ns.explain_per_minute, max_new_tokens=ns.max_new_tokens)
     if ns.workers == 1:
         create_app(settings)  # fail fast on a bad run dir or missing keys, before uvicorn starts
     serve(settings, ns.host, ns.port, ns.workers)
@@ -448,7 +480,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--recover-epochs", type=int, default=1,
                     help="epochs of distillation on the run's train split after ffn/heads pruning (0: none)")
     ex.add_argument("--sample", type=int, default=256, help="dev examples for the logit comparison")
-    sv = sub.add_parser("serve", help="serve a run over HTTP (FastAPI): /v1/predict, /healthz, /readyz, /metrics",
+    ch = sub.add_parser("chat", help="chat in the terminal with a generation run (replies stream as they are generated)")
+    ch.add_argument("run_dir")
+    ch.add_argument("--max-new-tokens", type=int, default=None, help="tokens per reply at most (default: the run's)")
+    ch.add_argument("--system", default=None, help="a system message to start the conversation with")
+    sv = sub.add_parser("serve", help="serve a run over HTTP (FastAPI): /v1/predict (/v1/generate), /healthz, /readyz, /metrics",
                         description="API keys come from LMTUNE_API_KEYS (comma-separated) or --api-key-file; calls "
                                     "without a valid key get 401. Uses RUN_DIR/export (ONNX, int8 first) when present.")
     sv.add_argument("run_dir")
@@ -473,6 +509,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--explain-per-minute", type=int, default=30,
                     help="/v1/predict?explain=true requests per minute and API key (0: explanations off)")
     sv.add_argument("--max-body-bytes", type=int, default=1_000_000)
+    sv.add_argument("--max-new-tokens", type=int, default=256, help="generation runs: the most tokens one /v1/generate "
+                                                                    "request may ask for")
     sv.add_argument("--threads", type=int, help="model threads per worker (default: cores / workers)")
     at = sub.add_parser("attack", help="robustness report: accuracy under typo / synonym / word-importance attacks",
                         description="Attacks a trained run on --data (default: its dev split); writes RUN_DIR/robustness.json "
@@ -555,7 +593,7 @@ def _version() -> str:
 COMMANDS = {"evaluate": cmd_evaluate, "predict": cmd_predict, "merge": cmd_merge, "report": cmd_report, "export": cmd_export,
             "attack": cmd_attack, "serve": cmd_serve, "config": cmd_config, "init": cmd_init, "runs": cmd_runs,
             "compare": cmd_compare, "push": cmd_push, "completion": cmd_completion, "drift": cmd_drift, "explain": cmd_explain,
-            "fairness": cmd_fairness, "ui": cmd_ui,
+            "fairness": cmd_fairness, "ui": cmd_ui, "chat": cmd_chat,
             "ensemble": cmd_ensemble, "soup": cmd_soup}
 
 

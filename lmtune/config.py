@@ -249,6 +249,29 @@ class TuneConfig:
 
 
 @dataclass
+class GenerateConfig:
+    format: str = _f("auto", "task generation: how rows are read: instruction (Alpaca: instruction, input, output), chat "
+                             "(messages: [{role, content}], the last assistant turn is the target), source_target "
+                             "(data.text_column -> data.label_column, e.g. dialogue -> summary); auto picks by the first row's keys.",
+                     ("auto", "instruction", "chat", "source_target"))
+    instruction: str = _f("Summarize the following text.", "source_target: the instruction put before each source text.")
+    reference_columns: list = _f([], "source_target: extra reference columns of an eval file (e.g. [summary1, summary2, summary3]); "
+                                     "ROUGE takes the best reference per example.")
+    packing: bool = _f(False, "Pack several short training examples into one row (position ids restart at each example, so "
+                              "attention never crosses examples); fewer pad tokens, same loss.")
+    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, about 30% more time.")
+    max_new_tokens: int = _f(64, "Most tokens generated per output (the server caps requests at its own limit).", range=">= 1")
+    search_trials: int = _f(6, "Decoding settings tried on dev after training (seeded; greedy is always one): the best ROUGE-L "
+                               "among settings that pass the repetition and length checks is saved for predict and serve; 0 = greedy.",
+                            range=">= 0")
+    search_examples: int = _f(40, "Dev examples the decoding search generates for.", range=">= 1")
+    eval_examples: int = _f(0, "Test examples generated for ROUGE after training (0 = all).", range=">= 0")
+    label_set: list = _f([], "Targets that are labels: decoding is constrained to these strings and exact match is reported.")
+    json_schema: str | None = _f(None, "A JSON schema file the outputs must follow: the share that parses and validates is reported.")
+    stop: list = _f([], "Stop strings: generation ends when one is produced (it is cut from the output).")
+
+
+@dataclass
 class Config:
     task: str = _f("classification", "Task type from the task registry.")
     output_dir: str = _f("runs", "Folder that receives run directories.")
@@ -264,6 +287,7 @@ class Config:
     continual: ContinualConfig = field(default_factory=ContinualConfig)
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
+    generate: GenerateConfig = field(default_factory=GenerateConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -274,7 +298,8 @@ class Config:
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "peft": PeftConfig, "abstain": AbstainConfig,
             "adversarial": AdversarialConfig, "attack": AttackConfig, "augment": AugmentConfig,
-            "continual": ContinualConfig, "pretrain": PretrainConfig, "tune": TuneConfig}
+            "continual": ContinualConfig, "pretrain": PretrainConfig, "tune": TuneConfig,
+            "generate": GenerateConfig}
 
 
 def all_keys() -> dict[str, dataclasses.Field]:
@@ -351,6 +376,8 @@ def build_config(raw: dict | None = None, overrides: dict[str, Any] | None = Non
             if key == "pretrain.files" and rel is not None:
                 value = [str(p if (p := Path(v)).is_absolute() else rel / p) for v in value]
             values[key] = value
+    for key, value in _task_defaults(values.get("task", Config.task)).items():
+        values.setdefault(key, value)
     cfg = Config()
     for key, value in values.items():
         obj = cfg
@@ -361,6 +388,15 @@ def build_config(raw: dict | None = None, overrides: dict[str, Any] | None = Non
     _hub_splits(cfg.data, where)
     validate(cfg, where)
     return cfg
+
+
+def _task_defaults(task: str) -> dict[str, Any]:
+    """The task's own defaults (Task.config_defaults) for keys the user did not set, e.g. LoRA for a
+    decoder's generation task; an unknown task is left to validate() to report."""
+    from lmtune.registry import tasks
+    if task not in tasks.names():
+        return {}
+    return dict(tasks.get(task).config_defaults)
 
 
 HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}

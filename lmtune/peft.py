@@ -39,7 +39,10 @@ def default_lr(method: str) -> float:
 def head_modules(model: torch.nn.Module) -> list[str]:
     """Top-level modules with weights outside the base model: the task head (e.g. 'classifier')."""
     prefix = getattr(model, "base_model_prefix", "")
-    return [name for name, mod in model.named_children() if name != prefix and any(True for _ in mod.parameters())]
+    # a language model's output layer is pretrained (often tied to the input embeddings): not a new head
+    lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    return [name for name, mod in model.named_children()
+            if name != prefix and mod is not lm_head and any(True for _ in mod.parameters())]
 
 
 def apply_peft(model: torch.nn.Module, cfg: PeftConfig, task_type: str, total_steps: int) -> torch.nn.Module:

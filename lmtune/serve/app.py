@@ -1,6 +1,7 @@
 """The HTTP service: `lmtune serve RUN_DIR` (FastAPI + uvicorn).
 
-POST /v1/predict (API key), GET /healthz, GET /readyz, GET /metrics (Prometheus, API key), and the
+POST /v1/predict (API key), POST /v1/generate for generation runs (API key; server-sent token events),
+GET /healthz, GET /readyz, GET /metrics (Prometheus, API key), and the
 OpenAPI docs at /docs. Requests are coalesced by the dynamic batcher; the model is the run's ONNX
 export when there is one (int8 first), else PyTorch. Texts are never logged; log lines are masked
 for PII whatever logged them.
@@ -22,7 +23,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -31,7 +32,7 @@ from lmtune.data.readers import is_invisible
 from lmtune.errors import InputError
 from lmtune.registry import backends
 from lmtune.serve.batcher import Batcher, Closed, QueueFull
-from lmtune.tasks.base import EXPLAIN
+from lmtune.tasks.base import EXPLAIN, GENERATE
 from lmtune.serve.protocol import GuardedHttpProtocol
 from lmtune.serve.security import STRUCTURED, PiiFilter, key_ok, load_keys, mask_pii
 
@@ -57,6 +58,8 @@ class ServeSettings:
     max_connections: int = 1000  # open connections (also kept below the open-file limit)
     threads: int | None = None
     explain_per_minute: int = 30  # ?explain=true requests per minute and API key (Integrated Gradients is ~50x a prediction)
+    max_new_tokens: int = 256  # /v1/generate: a request's max_new_tokens is capped at this
+    max_generate_queue: int = 16  # /v1/generate requests waiting for the model (one generates at a time) before 503
     extra: dict = field(default_factory=dict)
 
 
@@ -64,6 +67,23 @@ class PredictRequest(BaseModel):
     texts: list[str] = Field(..., min_length=1, description="Texts to label (at most max_texts, each at most max_chars).")
     pairs: list[str] | None = Field(None, description="For a model trained on sentence pairs: the second text of each pair, "
                                                       "one per text, in the same order.")
+
+
+class GenerateRequest(BaseModel):
+    text: str = Field(..., description="The prompt (at most max_chars characters); the run's instruction and chat "
+                                       "template are applied as in training.")
+    max_new_tokens: int | None = Field(None, ge=1, description="Tokens to generate at most (default: the run's; capped by "
+                                                               "the server's --max-new-tokens).")
+    stream: bool = Field(True, description="Server-sent events, one `token` event per piece of text and a final `done` event "
+                                           "with the whole output; false: one JSON response.")
+
+
+class GenerateResponse(BaseModel):
+    request_id: str
+    model: str
+    output: str = Field(..., description="The generated text.")
+    tokens: int = Field(..., description="Tokens generated.")
+    finished: bool = Field(..., description="False when generation stopped at max_new_tokens.")
 
 
 class Explanation(BaseModel):
@@ -120,7 +140,7 @@ class _Metrics:
                                      registry=self.registry)
 
 
-PROTECTED = ("/v1/predict", "/metrics")  # paths that need an API key
+PROTECTED = ("/v1/predict", "/v1/generate", "/metrics")  # paths that need an API key
 KNOWN_PATHS = (*PROTECTED, "/healthz", "/readyz")
 
 
@@ -375,6 +395,9 @@ def create_app(settings: ServeSettings) -> FastAPI:
             raise HTTPException(500, "the model failed on this request's texts; the request id is in the server log") from None
         return response_model(request_id=rid, model=run_dir.name, backend=backend, predictions=[prediction_model(**r) for r in rows])
 
+    if run.task.supports(GENERATE):
+        _add_generate(app, run, settings, metrics, responses, require_key)
+
     @app.get("/healthz")
     async def healthz() -> dict:
         return {"status": "ok"}
@@ -406,7 +429,63 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
 def _public(rows: list[dict]) -> list[dict]:
     """Prediction rows without the request's own texts (the response does not echo them)."""
-    return [{k: v for k, v in r.items() if k not in ("text", "text_pair", "source")} for r in rows]
+    return [{k: v for k, v in r.items() if k not in ("text", "text_pair", "source", "prompt")} for r in rows]
+
+
+def _add_generate(app: FastAPI, run, settings: ServeSettings, metrics: _Metrics, responses: dict, require_key) -> None:
+    """POST /v1/generate: one prompt, tokens streamed as server-sent events while the model generates
+    (transformers' TextIteratorStreamer, the generation in a worker thread). One generation runs at a
+    time (each takes the cores); up to max_generate_queue wait, more get 503."""
+    from transformers import TextIteratorStreamer
+    gate, waiting = threading.Lock(), [0]
+    count_lock = threading.Lock()
+
+    def generate(text: str, max_new: int, streamer) -> dict:
+        try:
+            with gate:
+                out = run.generate_examples(run.task.from_texts([text]), max_new_tokens=max_new, streamer=streamer)[0]
+        finally:
+            with count_lock:
+                waiting[0] -= 1
+        metrics.texts.inc()
+        return out
+
+    @app.post("/v1/generate", response_model=GenerateResponse, dependencies=[Depends(require_key)],
+              responses={**responses, 200: {"content": {"text/event-stream": {}}, "description": "the output (JSON), or "
+                                                 "server-sent events: `token` {text}, then `done` {output, tokens, finished}"}})
+    async def generate_endpoint(body: GenerateRequest, request: Request):
+        rid = request.state.request_id
+        problem = text_problem(body.text, settings.max_chars)
+        if problem:
+            metrics.errors.labels("bad_text").inc()
+            raise HTTPException(problem[0], f"text {problem[1]}")
+        max_new = min(body.max_new_tokens or run.task.max_new_tokens, settings.max_new_tokens)
+        with count_lock:
+            if waiting[0] >= settings.max_generate_queue:
+                metrics.errors.labels("queue_full").inc()
+                raise HTTPException(503, "server busy: too many generations waiting, retry shortly", headers={"Retry-After": "2"})
+            waiting[0] += 1
+        if not body.stream:
+            out = await asyncio.to_thread(generate, body.text, max_new, None)
+            return GenerateResponse(request_id=rid, model=Path(settings.run_dir).name, **out)
+        streamer = TextIteratorStreamer(run.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
+        job = asyncio.ensure_future(asyncio.to_thread(generate, body.text, max_new, streamer))
+
+        async def events():
+            try:
+                while True:
+                    piece = await asyncio.to_thread(next, streamer, None)
+                    if piece is None:
+                        break
+                    if piece:
+                        yield f"event: token\ndata: {json.dumps({'text': piece})}\n\n"
+                out = await job
+                yield f"event: done\ndata: {json.dumps({'request_id': rid, **out})}\n\n"
+            except Exception as e:  # the model failed mid-stream: the client gets an error event, the log no text
+                log.error("generation failed for request %s: %s", rid, error_origin(e), extra={STRUCTURED: True})
+                metrics.errors.labels("model").inc()
+                yield f"event: error\ndata: {json.dumps({'request_id': rid, 'detail': 'generation failed'})}\n\n"
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
 
 class RateLimiter:

@@ -54,9 +54,11 @@ DEV_RULES = "dev_rules"  # fit_decision_rules(outputs, enc, labels): other decis
 CONTINUAL = "continual"  # a head with one row per label: a run can continue another's (continual.from_run), labels extended
 ENSEMBLE = "ensemble"  # softmax logits over the labels, one row per example: members' probabilities can be averaged
 EXPLAIN = "explain"  # explain_targets(row, labels, label) / target_score(logits, target): what attributions explain (lmtune.explain)
-CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, INTERVALS, DEV_RULES, CONTINUAL, ENSEMBLE, EXPLAIN)
+GENERATE = "generate"  # generate / fit_decoding / score_generations / generation_rows: outputs are generated text (decoders)
+CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, INTERVALS, DEV_RULES, CONTINUAL, ENSEMBLE, EXPLAIN,
+                GENERATE)
 _HOOKS = {CALIBRATE: "calibrate", ABSTAIN: "fit_threshold", MAHALANOBIS: "fit_scorer", LABEL_NOISE: "example_probs",
-          INTERVALS: "fit_intervals", DEV_RULES: "fit_decision_rules", EXPLAIN: "explain_targets"}
+          INTERVALS: "fit_intervals", DEV_RULES: "fit_decision_rules", EXPLAIN: "explain_targets", GENERATE: "generate"}
 
 
 class Task:
@@ -71,6 +73,8 @@ class Task:
     decision_key: str = "label"  # the key of a prediction row that holds the decision (an attack "succeeds" when it changes)
     explain_tokens: bool = False  # EXPLAIN targets sit on tokens (NER's entities): gradients only, no occlusion or faithfulness
     capabilities: frozenset[str] = frozenset()
+    config_defaults: dict[str, Any] = {}  # dotted config key -> this task's default, where the user set none
+
 
     def __init_subclass__(cls, **kw) -> None:
         super().__init_subclass__(**kw)
@@ -215,6 +219,26 @@ class Task:
         the calibrated probability of the target class (faithfulness is measured on it), or with log_odds
         its log-odds, which attributions explain because it does not saturate (the gradients of a
         probability near 1 vanish along most of the Integrated Gradients path); differentiable."""
+        raise NotImplementedError
+
+
+    def generate(self, model, tokenizer: Any, examples: list, device: torch.device, settings: dict | None = None,
+                 progress: str = "auto", max_new_tokens: int | None = None, streamer: Any = None) -> list[dict]:
+        """Generated outputs, one {"text", "tokens", "finished"} per example, with the decoding settings
+        saved with the model (overridden by `settings`); `streamer` receives the tokens of a single example."""
+        raise NotImplementedError
+
+    def fit_decoding(self, model, tokenizer: Any, examples: list, device: torch.device, seed: int, trials: int,
+                     progress: str = "auto") -> dict:
+        """Choose the decoding settings on dev examples; they are saved with the model."""
+        raise NotImplementedError
+
+    def score_generations(self, examples: list, generated: list[dict]) -> dict:
+        """Metrics of generated outputs against the examples' references, and the output checks."""
+        raise NotImplementedError
+
+    def generation_rows(self, examples: list, generated: list[dict]) -> list[dict]:
+        """Prediction rows: each output beside its prompt and references."""
         raise NotImplementedError
 
 

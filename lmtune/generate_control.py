@@ -1,0 +1,302 @@
+"""Generated output under control: generation in batches, the checks that tell whether outputs can be
+trusted (repetition loops, length, invented entities and numbers, format), and the seeded search on
+dev that picks the decoding settings predict and serve use.
+
+Each check is a plain function of texts, so the report, the search and the tests share one
+definition of "a loop" or "an invented number".
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+from typing import Any
+
+import numpy as np
+import torch
+from transformers import GenerationConfig
+
+from lmtune.robust.text import is_cjk
+from lmtune.training.progress import Progress
+
+LOOP_REPEATS = 3  # an n-gram said this many times back to back (or a 4-gram this many times anywhere) is a loop
+CHECKS = {"repeat_share": 0.05, "length_ratio": (0.5, 2.0), "truncated_share": 0.2}  # what a setting must pass (or be no worse than greedy)
+_NUMBER = re.compile(r"\d[\d,.:/]*\d|\d")
+_NAME = re.compile(r"\b[A-Z][a-zA-Z]+\b")
+# capitalised only because they start a sentence: never counted as names
+_FUNCTION_WORDS = set("a an the he she they it we i you this that these those there then but and so someone everyone "
+                      "nobody his her their its our my your".split())
+
+
+# ---- generation ----------------------------------------------------------------------------------
+def generate_outputs(task, model, tokenizer: Any, examples: list, device: torch.device, settings: dict,
+                     max_new_tokens: int, progress: str = "auto", streamer: Any = None) -> list[dict]:
+    """Outputs in the examples' order: prompts sorted by length and left-padded in batches (a decoder
+    continues from the last position of each row), each batch seeded, so sampling is repeatable."""
+    prompts = [task.prompt_ids(ex, tokenizer) for ex in examples]
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    size = 1 if streamer is not None else (64 if device.type == "cuda" else 16)
+    batches = [order[i:i + size] for i in range(0, len(order), size)]
+    eos = tokenizer.eos_token_id
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else eos
+    limit = int(settings.get("max_new_tokens") or max_new_tokens)
+    config = generation_config(settings, min(limit, max_new_tokens), pad, eos)
+    out: list[dict] = [{}] * len(prompts)
+    bar = Progress(len(batches), progress if len(batches) >= 5 else "none", "generate")
+    was_training = model.training
+    model.eval()
+    for n, idx in enumerate(batches, 1):
+        width = max(len(prompts[i]) for i in idx)
+        ids = torch.full((len(idx), width), pad, dtype=torch.long)
+        mask = torch.zeros((len(idx), width), dtype=torch.long)
+        for r, i in enumerate(idx):
+            ids[r, width - len(prompts[i]):] = torch.tensor(prompts[i])
+            mask[r, width - len(prompts[i]):] = 1
+        torch.manual_seed(int(settings.get("seed", 0)) + n)
+        extra = {}
+        if task.label_set:
+            extra["prefix_allowed_tokens_fn"] = label_constraint(tokenizer, task.label_set, width)
+        if task.stop:
+            extra.update(stop_strings=task.stop, tokenizer=tokenizer)
+        with torch.inference_mode():
+            gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
+                                 streamer=streamer, **extra)
+        for r, i in enumerate(idx):
+            out[i] = _decoded(gen[r, width:].tolist(), tokenizer, eos, pad, task.stop)
+        bar.update(n)
+    bar.close()
+    model.train(was_training)
+    return out
+
+
+def generation_config(settings: dict, max_new_tokens: int, pad: int | None, eos: int | None) -> GenerationConfig:
+    """A complete GenerationConfig from lmtune's settings, so nothing comes from the checkpoint's own
+    generation defaults (an instruct model's sampling temperature, say) unless it was chosen here."""
+    sample = float(settings.get("temperature") or 0.0) > 0
+    kw: dict = {"max_new_tokens": max_new_tokens, "do_sample": sample, "pad_token_id": pad, "eos_token_id": eos,
+                "repetition_penalty": float(settings.get("repetition_penalty") or 1.0),
+                "no_repeat_ngram_size": int(settings.get("no_repeat_ngram_size") or 0)}
+    if sample:
+        kw.update(temperature=float(settings["temperature"]), top_p=float(settings.get("top_p") or 1.0), top_k=0)
+    else:
+        kw.update(temperature=None, top_p=None, top_k=None)
+    return GenerationConfig(**kw)
+
+
+def _decoded(tokens: list[int], tokenizer: Any, eos: int | None, pad: int | None, stop: list[str]) -> dict:
+    finished = False
+    for k, t in enumerate(tokens):
+        if t == eos or (t == pad and pad != eos):
+            tokens, finished = tokens[:k], True
+            break
+    text = tokenizer.decode(tokens, skip_special_tokens=True)
+    for s in stop:
+        if s in text:
+            text, finished = text[:text.index(s)], True
+    return {"text": text.strip(), "tokens": len(tokens), "finished": finished}
+
+
+def label_constraint(tokenizer: Any, labels: list[str], prompt_width: int):
+    """transformers' prefix_allowed_tokens_fn for outputs that must be one of `labels`: a trie of the
+    labels' token ids; once a label is complete only the end of text is allowed."""
+    eos = tokenizer.eos_token_id
+    trie: dict = {}
+    for label in labels:
+        node = trie
+        for t in tokenizer(label, add_special_tokens=False)["input_ids"]:
+            node = node.setdefault(t, {})
+        node[eos] = {}
+
+    def allowed(batch_id: int, input_ids: torch.Tensor) -> list[int]:
+        node = trie
+        for t in input_ids[prompt_width:].tolist():
+            node = node.get(t)
+            if node is None or t == eos:
+                return [eos]
+        return list(node) or [eos]
+    return allowed
+
+
+# ---- checks --------------------------------------------------------------------------------------
+def units(text: str) -> list[str]:
+    """What lengths and n-grams count: characters for Chinese, lower-cased words otherwise."""
+    if is_cjk(text):
+        return [ch for ch in text if not ch.isspace()]
+    return re.findall(r"\w+|[^\w\s]", text.lower())
+
+
+def has_loop(text: str) -> bool:
+    """A repetition loop: some n-gram (n <= 8) said LOOP_REPEATS times back to back (a word 4 times), or
+    a 4-gram LOOP_REPEATS times anywhere. Ordinary summaries and answers do neither."""
+    u = units(text)
+    for n in range(1, 9):
+        need = LOOP_REPEATS + (1 if n == 1 else 0)
+        for i in range(len(u) - n * need + 1):
+            if all(u[i + k * n:i + (k + 1) * n] == u[i:i + n] for k in range(1, need)):
+                return True
+    grams = [tuple(u[i:i + 4]) for i in range(len(u) - 3)]
+    return bool(grams) and max(grams.count(g) for g in set(grams)) >= LOOP_REPEATS
+
+
+def distinct(texts: list[str], n: int) -> float:
+    grams = [tuple(u[i:i + n]) for t in texts for u in [units(t)] for i in range(len(u) - n + 1)]
+    return len(set(grams)) / len(grams) if grams else 0.0
+
+
+def invented(output: str, sources: list[str]) -> list[str]:
+    """Numbers, and capitalised words (names, places, organisations; not pronouns or articles), of the
+    output that appear in none of the sources (the input and the references), case-insensitively."""
+    joined = " ".join(sources).lower()
+    seen = set(re.findall(r"\w+", joined))
+    found = [m.group() for m in _NUMBER.finditer(output)]
+    if not is_cjk(output):
+        found += [m.group() for m in _NAME.finditer(output) if m.group().lower() not in _FUNCTION_WORDS]
+    return sorted({w for w in found if w.lower() not in seen and w.lower() not in joined})
+
+
+def rouge(references: list[list[str]], outputs: list[str]) -> dict:
+    """Mean ROUGE-1/2/L F-measure, each output against its best reference (rouge-score's score_multi);
+    Chinese is scored by characters (rouge-score's default tokenizer drops CJK)."""
+    from rouge_score import rouge_scorer
+    zh = any(is_cjk(r) for refs in references for r in refs[:1])
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=not zh,
+                                      tokenizer=_CharTokenizer() if zh else None)
+    sums = {"rouge1": 0.0, "rouge2": 0.0, "rougeL": 0.0}
+    for refs, out in zip(references, outputs):
+        s = scorer.score_multi(refs, out)
+        for k in sums:
+            sums[k] += s[k].fmeasure
+    n = max(len(outputs), 1)
+    return {k: v / n for k, v in sums.items()} | {"scoring": "rouge-score, characters" if zh else "rouge-score, stemmed words"}
+
+
+class _CharTokenizer:
+    def tokenize(self, text: str) -> list[str]:
+        return [ch for ch in text.lower() if ch.isalnum()]
+
+
+def score(examples: list, generated: list[dict], label_set: list[str] | None = None, json_schema: str | None = None) -> dict:
+    """ROUGE against every reference, and the control checks, of generated outputs."""
+    texts = [g["text"] for g in generated]
+    m: dict = {"n": len(texts)}
+    labeled = [(ex, t) for ex, t in zip(examples, texts) if ex.references]
+    if labeled:
+        m.update(rouge([ex.references for ex, _ in labeled], [t for _, t in labeled]))
+        ratios = [len(units(t)) / max(np.mean([len(units(r)) for r in ex.references]), 1) for ex, t in labeled]
+        m["length_ratio"] = float(np.mean(ratios))
+        m["exact_match"] = float(np.mean([t.strip() in [r.strip() for r in ex.references] for ex, t in labeled]))
+    loops = [k for k, t in enumerate(texts) if has_loop(t)]
+    m["repeat_share"] = len(loops) / max(len(texts), 1)
+    m["distinct_1"], m["distinct_2"] = distinct(texts, 1), distinct(texts, 2)
+    m["truncated_share"] = float(np.mean([not g["finished"] for g in generated])) if generated else 0.0
+    m["mean_tokens"] = float(np.mean([g["tokens"] for g in generated])) if generated else 0.0
+    made_up = [(k, invented(t, [ex.context, *ex.references])) for k, (ex, t) in enumerate(zip(examples, texts))]
+    made_up = [(k, w) for k, w in made_up if w]
+    m["invented_share"] = len(made_up) / max(len(texts), 1)
+    m["examples"] = {"loops": [texts[k][:300] for k in loops[:3]],
+                     "invented": [{"output": texts[k][:300], "not_in_input_or_reference": w} for k, w in made_up[:5]]}
+    if label_set:
+        m["in_label_set"] = float(np.mean([t.strip() in label_set for t in texts])) if texts else 0.0
+    if json_schema:
+        m.update(json_adherence(texts, json_schema))
+    return m
+
+
+def json_adherence(texts: list[str], schema_path: str) -> dict:
+    """Share of outputs that parse as JSON, and that validate against the schema (jsonschema-rs)."""
+    import jsonschema_rs
+    from pathlib import Path
+    validator = jsonschema_rs.validator_for(json.loads(Path(schema_path).read_text(encoding="utf-8")))
+    parsed = []
+    for t in texts:
+        try:
+            parsed.append(json.loads(t))
+        except ValueError:
+            parsed.append(_INVALID)
+    ok = [p is not _INVALID for p in parsed]
+    valid = [o and validator.is_valid(p) for o, p in zip(ok, parsed)]
+    n = max(len(texts), 1)
+    return {"json_parses": sum(ok) / n, "json_valid": sum(valid) / n}
+
+
+_INVALID = object()
+
+
+# ---- the decoding search -------------------------------------------------------------------------
+def candidates(seed: int, trials: int, cap: int, reference_tokens: list[int]) -> list[dict]:
+    """Greedy, then `trials` distinct settings drawn with a seeded generator: repetition penalty,
+    no-repeat n-gram size, sampling temperature / top-p (greedy two times in three), and a length cap
+    from the dev references (1.5x their 95th percentile) or the configured one."""
+    rng = random.Random(seed)
+    fit = int(min(cap, max(8, 1.5 * np.percentile(reference_tokens, 95)))) if reference_tokens else cap
+    out, seen = [{}], {"{}"}
+    for _ in range(trials * 20):
+        if len(out) > trials:
+            break
+        s = {"repetition_penalty": rng.choice([1.0, 1.05, 1.1, 1.2, 1.3]), "no_repeat_ngram_size": rng.choice([0, 3, 4]),
+             "max_new_tokens": rng.choice([cap, fit])}
+        if rng.random() < 1 / 3:
+            s.update(temperature=rng.choice([0.3, 0.5, 0.7]), top_p=rng.choice([0.9, 0.95]), seed=seed)
+        s = {k: v for k, v in s.items() if not (k == "repetition_penalty" and v == 1.0 or k == "no_repeat_ngram_size" and v == 0
+                                                 or k == "max_new_tokens" and v == cap)}
+        key = json.dumps(s, sort_keys=True)
+        if key not in seen:
+            seen.add(key)
+            out.append(s)
+    return out
+
+
+def passes(m: dict, greedy: dict) -> bool:
+    """The repetition and length checks: each within its bound, or no worse than greedy decoding."""
+    lo, hi = CHECKS["length_ratio"]
+    ratio_ok = lo <= m.get("length_ratio", 1.0) <= hi or abs(m.get("length_ratio", 1.0) - 1) <= abs(greedy.get("length_ratio", 1.0) - 1)
+    return (m["repeat_share"] <= max(CHECKS["repeat_share"], greedy["repeat_share"]) and ratio_ok
+            and m["truncated_share"] <= max(CHECKS["truncated_share"], greedy["truncated_share"]))
+
+
+def search_decoding(task, model, tokenizer: Any, examples: list, device: torch.device, seed: int, trials: int,
+                    progress: str = "auto") -> dict:
+    """Try greedy and `trials` seeded settings on dev examples; keep the best ROUGE-L among those that
+    pass the checks (greedy when none beats it)."""
+    ref_tokens = [len(tokenizer(ex.references[0], add_special_tokens=False)["input_ids"]) for ex in examples if ex.references]
+    rows = []
+    for s in candidates(seed, trials, task.max_new_tokens, ref_tokens):
+        generated = generate_outputs(task, model, tokenizer, examples, device, s, task.max_new_tokens, progress)
+        m = score(examples, generated, task.label_set, task.json_schema)
+        rows.append({"settings": s, **{k: m.get(k) for k in ("rougeL", "repeat_share", "length_ratio", "truncated_share",
+                                                              "invented_share")}})
+    greedy = rows[0]
+    for r in rows:
+        r["passed"] = passes(r, greedy)
+    best = max((r for r in rows if r["passed"]), key=lambda r: r["rougeL"] or 0.0, default=greedy)
+    return {"chosen": best["settings"], "trials": rows, "examples": len(examples), "seed": seed,
+            "objective": "rougeL", "checks": {k: list(v) if isinstance(v, tuple) else v for k, v in CHECKS.items()}}
+
+
+# ---- report --------------------------------------------------------------------------------------
+def report_section(split_metrics: dict[str, dict], search: dict, decoding: dict) -> str:
+    lines = ["### Generation", "", "| split | ROUGE-1 | ROUGE-2 | ROUGE-L | loops | distinct-2 | length ratio | hit max tokens | "
+             "invented names/numbers | examples |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for split, m in split_metrics.items():
+        if "rougeL" not in m:
+            continue
+        lines.append(f"| {split} | {m['rouge1']:.4f} | {m['rouge2']:.4f} | {m['rougeL']:.4f} | {m['repeat_share']:.1%} | "
+                     f"{m['distinct_2']:.3f} | {m.get('length_ratio', 0):.2f} | {m['truncated_share']:.1%} | "
+                     f"{m['invented_share']:.1%} | {m['n']} |")
+    lines += ["", "Loops: an n-gram repeated back to back (or a 4-gram three times). Invented: numbers and capitalised names "
+              "of an output found in neither its input nor its references. Scored with " +
+              next((m.get("scoring", "") for m in split_metrics.values() if "scoring" in m), "rouge-score") + "."]
+    if search:
+        lines += ["", f"Decoding settings searched on {search['examples']} dev examples (seed {search['seed']}; the best "
+                  "ROUGE-L among settings that pass the repetition and length checks):", "",
+                  "| settings | ROUGE-L | loops | length ratio | hit max tokens | passed |", "|---|---|---|---|---|---|"]
+        for r in search["trials"]:
+            name = ", ".join(f"{k} {v}" for k, v in r["settings"].items() if k != "seed") or "greedy"
+            lines.append(f"| {name} | {r['rougeL'] or 0:.4f} | {r['repeat_share']:.1%} | {r['length_ratio'] or 0:.2f} | "
+                         f"{r['truncated_share']:.1%} | {'yes' if r['passed'] else 'no'} |")
+    chosen = ", ".join(f"{k} {v}" for k, v in decoding.items()) or "greedy"
+    lines += ["", f"Decoding used by predict and serve: {chosen}."]
+    for split, m in split_metrics.items():
+        for ex in m.get("examples", {}).get("invented", [])[:3]:
+            lines.append(f"- {split}, invented {', '.join(ex['not_in_input_or_reference'])}: {ex['output'][:160]!r}")
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,388 @@
+"""Generation: supervised fine-tuning of a decoder (causal LM) on instructions, chat turns or
+source -> target pairs (dialogue -> summary), with output that is measured and kept under control.
+
+What this module gets right that the usual scripts do not:
+- the loss is on the response tokens only (the prompt is context, not something to learn), and the
+  LM head is applied only where there is a target: transformers' boolean `logits_to_keep` projects
+  those positions alone, so the 49k-wide vocabulary is never computed for prompt tokens (on a
+  dialogue -> summary set ~85% of the tokens); a plain SFT script computes and discards them;
+- optional packing of short examples into one row, with position ids restarting at each example:
+  transformers then builds a block-diagonal causal mask, so no example attends to another's tokens
+  (concatenating rows without that leaks context between examples);
+- prompts go through the tokenizer's own chat template when it has one (the format the instruct
+  model was tuned on), else a plain "### Instruction / ### Response" template; a prompt too long for
+  data.max_length loses the middle of its text, never the response header or the target;
+- after training, decoding settings (repetition penalty, no-repeat n-gram size, sampling) are
+  chosen on dev by a seeded search that maximises ROUGE-L among settings whose outputs do not loop
+  and keep a sane length (lmtune.generate_control), saved with the model and used by predict/serve;
+- the test split is generated and scored with ROUGE-1/2/L (rouge-score; characters for Chinese)
+  against every reference, with the control checks (repetition loops, distinct-n, length, invented
+  entities and numbers, format adherence) in generation.json and report.md.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
+
+from lmtune.config import Config
+from lmtune.data.readers import Example, read_rows, row_unit
+from lmtune.errors import InputError
+from lmtune.models import load_config, load_pretrained
+from lmtune.tasks.base import GENERATE, Encoded, Splits, Task, shuffle_split
+
+PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
+
+
+@dataclass
+class GenerationExample(Example):
+    messages: list[dict] = field(default_factory=list)  # the prompt as chat turns (the last one the user's)
+    references: list[str] = field(default_factory=list)  # every acceptable target ([] when unlabeled)
+    context: str = ""  # the input text the output may draw names and numbers from
+
+    def audit_units(self) -> list[str]:
+        return []  # no classes
+
+    def audit_gold(self) -> str | None:
+        return self.label
+
+
+class GenerationTask(Task):
+    name = "generation"
+    headline = ("loss", "perplexity", "rougeL", "rouge1", "rouge2")
+    peft_task_type = "CAUSAL_LM"
+    hub_pipeline = "text-generation"
+    capabilities = frozenset({GENERATE})
+    decision_key = "output"
+    # LoRA by default (a decoder's full fine-tuning on a laptop-class machine is rarely what one wants),
+    # long enough for a dialogue and its summary, 8 per step and lr 2e-4: the usual LoRA SFT recipe
+    config_defaults = {"peft.method": "lora", "data.max_length": 1024, "train.batch_size": 8, "train.lr": 2e-4,
+                       "train.epochs": 1}
+
+    def __init__(self) -> None:
+        self.format = "source_target"
+        self.instruction = ""
+        self.max_new_tokens = 64
+        self.decoding: dict = {}  # chosen on dev (generate_control.search); greedy until then
+        self.label_set: list[str] = []
+        self.json_schema: str | None = None
+        self.stop: list[str] = []
+        self.packing = False
+        self.search: dict = {}  # the decoding search's table, for the report and generation.json
+
+    # ---- state ---------------------------------------------------------------------------------
+    def state(self) -> dict:
+        return {"format": self.format, "instruction": self.instruction, "max_new_tokens": self.max_new_tokens,
+                "decoding": self.decoding, "label_set": self.label_set, "json_schema": self.json_schema, "stop": self.stop}
+
+    def set_state(self, state: dict) -> None:
+        for k in ("format", "instruction", "max_new_tokens", "decoding", "label_set", "json_schema", "stop"):
+            if k in state:
+                setattr(self, k, state[k])
+
+    def report_state(self) -> dict:
+        return {"search": self.search}
+
+    def set_report_state(self, data: dict) -> None:
+        self.search = data.get("search", {})
+
+    def configure(self, cfg: Config) -> None:
+        g = cfg.generate
+        self.instruction, self.max_new_tokens, self.packing = g.instruction, g.max_new_tokens, g.packing
+        self.label_set, self.json_schema, self.stop = list(g.label_set), g.json_schema, list(g.stop)
+
+    def reads_pairs(self, cfg: Config) -> bool:
+        return False
+
+    # ---- data ----------------------------------------------------------------------------------
+    def read_file(self, path: str, cfg: Config, labels: list[str] | None = None,
+                  require_label: bool = True) -> list[GenerationExample]:
+        self.configure(cfg)
+        rows = read_rows(path, cfg.data.format, cfg.data.encoding)
+        if not rows:
+            raise InputError(f"{path}: no rows.")
+        fmt = cfg.generate.format if cfg.generate.format != "auto" else _detect_format(rows[0][1], cfg)
+        if fmt is None:
+            raise InputError(f"{path}: {row_unit(path)} {rows[0][0]}: cannot tell the format: expected 'instruction' and "
+                             f"'output' (Alpaca), 'messages' (chat), or the '{cfg.data.text_column}' column (source_target: "
+                             "set data.text_column / data.label_column). Or set generate.format.")
+        self.format = fmt
+        unit = row_unit(path)
+        return [self._example(row, fmt, cfg, f"{path}: {unit} {line}", f"{path}:{line}", require_label) for line, row in rows]
+
+    def _example(self, row: dict, fmt: str, cfg: Config, where: str, source: str, require: bool) -> GenerationExample:
+        if fmt == "chat":
+            msgs = row.get("messages")
+            if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                                 and m.get("role") in ("system", "user", "assistant") for m in msgs):
+                raise InputError(f"{where}: 'messages' must be a non-empty list of {{role: system|user|assistant, content}}.")
+            labeled = msgs[-1]["role"] == "assistant"
+            prompt = msgs[:-1] if labeled else msgs
+            if not prompt or prompt[-1]["role"] != "user":
+                raise InputError(f"{where}: the conversation must end with a user turn (and then, to train on, the assistant's).")
+            refs = [msgs[-1]["content"]] if labeled else []
+            context = "\n".join(m["content"] for m in prompt)
+        elif fmt == "instruction":
+            ins = row.get("instruction")
+            if not isinstance(ins, str) or not ins.strip():
+                raise InputError(f"{where}: needs a non-empty 'instruction'.")
+            extra = row.get("input") or ""
+            context = f"{ins}\n\n{extra}" if extra.strip() else ins
+            prompt = [{"role": "user", "content": context}]
+            out = row.get("output")
+            refs = [out] if isinstance(out, str) and out.strip() else []
+        else:
+            src = row.get(cfg.data.text_column)
+            if not isinstance(src, str) or not src.strip():
+                raise InputError(f"{where}: no text in column '{cfg.data.text_column}' (data.text_column).")
+            context = src
+            prompt = [{"role": "user", "content": f"{self.instruction}\n\n{src}" if self.instruction else src}]
+            cols = [cfg.data.label_column, *cfg.generate.reference_columns]
+            refs = [row[c].strip() for c in cols if isinstance(row.get(c), str) and row[c].strip()]
+        if require and not refs:
+            raise InputError(f"{where}: no target to train or score on ({_target_name(fmt, cfg)}).")
+        return GenerationExample(context, refs[0] if refs else None, source, messages=prompt, references=refs, context=context)
+
+    def read(self, cfg: Config) -> Splits:
+        d = cfg.data
+        if not d.train:
+            raise InputError("data.train: no training file given. Set data.train or pass --data.train FILE.")
+        train = self.read_file(d.train, cfg)
+        if d.dev:
+            dev = self.read_file(d.dev, cfg)
+            test = self.read_file(d.test, cfg) if d.test else []
+            info = {"method": "files", "train": d.train, "dev": d.dev, "test": d.test}
+        else:
+            test = self.read_file(d.test, cfg) if d.test else None
+            train, dev, test, info = shuffle_split(train, test, d.split, cfg.train.seed, "random split", d.train)
+        if not dev:
+            raise InputError(f"{d.train}: too few rows to split off a dev set; give data.dev.")
+        info["sizes"] = {"train": len(train), "dev": len(dev), "test": len(test)}
+        info["format"] = self.format
+        return Splits(train, dev, test, ["output"], info)
+
+    def from_texts(self, texts: list) -> list[GenerationExample]:
+        out = []
+        for t in texts:
+            content = f"{self.instruction}\n\n{t}" if self.format == "source_target" and self.instruction else t
+            out.append(GenerationExample(t, None, "", messages=[{"role": "user", "content": content}], context=t))
+        return out
+
+    def from_messages(self, messages: list[dict]) -> GenerationExample:
+        """A conversation so far (ending with the user's turn) as one prompt: `lmtune chat`."""
+        return GenerationExample(messages[-1]["content"], None, "", messages=list(messages), context="\n".join(
+            m["content"] for m in messages))
+
+    # ---- model ---------------------------------------------------------------------------------
+    def build_model(self, cfg: Config, labels: list[str]) -> tuple[torch.nn.Module, Any]:
+        config = load_config(cfg.model.name, cfg.model.dropout, gguf=cfg.model.gguf_file)
+        model, tokenizer = load_pretrained(AutoModelForCausalLM, cfg.model.name, config, cfg.model.gguf_file)
+        if cfg.generate.gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return _no_forward_cache(model), tokenizer
+
+    def load_model(self, model_dir: Path) -> tuple[torch.nn.Module, Any]:
+        model, tokenizer = load_pretrained(AutoModelForCausalLM, str(model_dir))
+        return _no_forward_cache(model), tokenizer
+
+    # ---- encoding --------------------------------------------------------------------------------
+    def prompt_ids(self, ex: GenerationExample, tokenizer: Any) -> list[int]:
+        """The prompt as the model was tuned to read it: its chat template, or the plain one."""
+        if getattr(tokenizer, "chat_template", None):
+            ids = tokenizer.apply_chat_template(ex.messages, add_generation_prompt=True, tokenize=True)
+            return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
+        text = PLAIN_TEMPLATE.format(prompt="\n\n".join(m["content"] for m in ex.messages))
+        return tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def encode(self, examples: list[GenerationExample], tokenizer: Any, max_length: int, labels: list[str] | None = None,
+               **options) -> Encoded:
+        """Prompt + target + end-of-text; labels on the target tokens only. A prompt that leaves no room
+        loses the middle of its tokens (its start and its response header stay); a target longer than
+        half of max_length is cut (and counted)."""
+        eos = tokenizer.eos_token_id
+        features, cut = [], 0
+        for k, ex in enumerate(examples):
+            prompt = self.prompt_ids(ex, tokenizer)
+            target: list[int] = []
+            if ex.label is not None:
+                target = tokenizer(ex.label, add_special_tokens=False)["input_ids"][: max_length // 2] + ([eos] if eos is not None else [])
+            room = max_length - len(target)
+            if len(prompt) > room:
+                head = room // 2
+                prompt = prompt[:head] + prompt[len(prompt) - (room - head):]
+                cut += 1
+            f = {"input_ids": prompt + target, "length": len(prompt) + len(target), "prompt_length": len(prompt),
+                 "example": k}
+            features.append(f)
+        return Encoded(features, examples, {"examples": len(examples), "truncated": cut})
+
+    def train_features(self, enc: Encoded) -> list[dict]:
+        return pack(enc.features, max(f["length"] for f in enc.features)) if self.packing else enc.features
+
+    def collate(self, features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
+        """Right-padded rows; labels[i, p] is the token at p + 1 where that is a target (-100 elsewhere),
+        and logits_to_keep marks those positions, so the LM head runs on them alone. Packed rows
+        (several examples) carry restarting position ids and no attention mask, from which
+        transformers builds the block-diagonal causal mask."""
+        width = max(f["length"] for f in features)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        n = len(features)
+        ids = torch.full((n, width), pad, dtype=torch.long)
+        labels = torch.full((n, width), -100, dtype=torch.long)
+        mask = torch.zeros((n, width), dtype=torch.long)
+        packed = any("starts" in f for f in features)
+        pos = torch.zeros((n, width), dtype=torch.long)
+        for i, f in enumerate(features):
+            L = f["length"]
+            row = torch.tensor(f["input_ids"])
+            ids[i, :L] = row
+            mask[i, :L] = 1
+            starts = f.get("starts", [0])
+            bounds = [*starts, L]
+            for (a, b), p in zip(zip(bounds, bounds[1:]), f.get("prompt_lengths", [f["prompt_length"]])):
+                pos[i, a:b] = torch.arange(b - a)
+                t0 = a + p  # first target token of this example
+                if t0 < b:
+                    labels[i, t0 - 1:b - 1] = row[t0:b]
+            if L < width:  # the padding is a sequence of its own (packed rows have no attention mask)
+                pos[i, L:] = torch.arange(width - L)
+        batch = {"input_ids": ids}
+        if packed:
+            batch["position_ids"] = pos
+        else:
+            batch["attention_mask"] = mask
+        if (labels != -100).any():
+            batch["labels"] = labels
+            batch["logits_to_keep"] = labels != -100
+        return batch
+
+    def num_items(self, features: list[dict]) -> int:
+        return sum(f.get("targets", f["length"] - f["prompt_length"]) for f in features)
+
+    def _token_losses(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        targets = batch["labels"][batch["logits_to_keep"]]
+        logits = outputs.logits.float().reshape(-1, outputs.logits.size(-1))
+        return F.cross_entropy(logits, targets, reduction="none")
+
+    def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        return self._token_losses(outputs, batch).sum()
+
+    def example_losses(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        rows = batch["logits_to_keep"].nonzero()[:, 0]
+        return torch.zeros(batch["input_ids"].shape[0], device=rows.device).index_add_(0, rows, self._token_losses(outputs, batch))
+
+    def unbatch(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
+        """Per row: [summed negative log-likelihood of its targets, number of targets]."""
+        n = batch["input_ids"].shape[0]
+        if "labels" not in batch:
+            return [np.zeros(2) for _ in range(n)]
+        nll = self.example_losses(outputs, batch).cpu().numpy()
+        count = batch["logits_to_keep"].sum(1).cpu().numpy()
+        return [np.array([nll[i], count[i]], dtype=float) for i in range(n)]
+
+    # ---- metrics -------------------------------------------------------------------------------
+    def evaluate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
+        """Teacher-forced loss per target token and perplexity; generation metrics are added by
+        score_generations after training (generating every dev example at each evaluation would cost
+        more than the training)."""
+        total = np.sum(outputs, axis=0) if outputs else np.zeros(2)
+        loss = float(total[0] / total[1]) if total[1] else 0.0
+        return {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0))), "n": len(enc.examples),
+                "target_tokens": int(total[1])}
+
+    def predictions(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> list[dict]:
+        rows = []
+        for ex, out in zip(enc.examples, outputs):
+            row = {"prompt": ex.context, "loss": round(float(out[0] / out[1]), 6) if out[1] else None}
+            if ex.source:
+                row["source"] = ex.source
+            rows.append(row)
+        return rows
+
+    def response_fields(self) -> dict[str, tuple[Any, str]]:
+        return {"output": (str, "The generated text."),
+                "tokens": (int, "Tokens generated."),
+                "finished": (bool, "False when generation stopped at max_new_tokens rather than at the end of text.")}
+
+    # ---- generation (GENERATE) ------------------------------------------------------------------
+    def generate(self, model, tokenizer: Any, examples: list[GenerationExample], device: torch.device,
+                 settings: dict | None = None, progress: str = "auto", max_new_tokens: int | None = None,
+                 streamer: Any = None) -> list[dict]:
+        from lmtune.generate_control import generate_outputs
+        return generate_outputs(self, model, tokenizer, examples, device, {**self.decoding, **(settings or {})},
+                                max_new_tokens or self.max_new_tokens, progress, streamer)
+
+    def fit_decoding(self, model, tokenizer: Any, examples: list[GenerationExample], device: torch.device, seed: int,
+                     trials: int, progress: str = "auto") -> dict:
+        from lmtune.generate_control import search_decoding
+        self.search = search_decoding(self, model, tokenizer, examples, device, seed, trials, progress)
+        self.decoding = self.search["chosen"]
+        return self.search
+
+    def score_generations(self, examples: list[GenerationExample], generated: list[dict]) -> dict:
+        from lmtune.generate_control import score
+        return score(examples, generated, self.label_set, self.json_schema)
+
+    def generation_rows(self, examples: list[GenerationExample], generated: list[dict]) -> list[dict]:
+        rows = []
+        for ex, g in zip(examples, generated):
+            row = {"prompt": ex.context, "output": g["text"], "tokens": g["tokens"], "finished": g["finished"]}
+            if ex.references:
+                row["references"] = ex.references
+            if ex.source:
+                row["source"] = ex.source
+            rows.append(row)
+        return rows
+
+    def report(self, split_metrics: dict[str, dict], labels: list[str], run_dir: Path) -> str:
+        from lmtune.generate_control import report_section
+        return report_section(split_metrics, self.search, self.decoding)
+
+
+def _no_forward_cache(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain forward pass (training, dev loss) builds no KV cache: transformers only reads packed rows'
+    restarting position ids as example boundaries when there is no cache, and a cache there is waste.
+    generate() turns it on for itself (GenerationConfig.use_cache)."""
+    model.config.use_cache = False
+    return model
+
+
+def _detect_format(row: dict, cfg: Config) -> str | None:
+    if "messages" in row:
+        return "chat"
+    if "instruction" in row:
+        return "instruction"
+    if cfg.data.text_column in row:
+        return "source_target"
+    return None
+
+
+def _target_name(fmt: str, cfg: Config) -> str:
+    return {"chat": "a last turn with role assistant", "instruction": "a non-empty 'output'"}.get(
+        fmt, f"column '{cfg.data.label_column}' (data.label_column) or generate.reference_columns")
+
+
+def pack(features: list[dict], max_length: int) -> list[dict]:
+    """First-fit-decreasing packing of examples into rows of at most max_length tokens. Each packed row
+    keeps where its examples start and their prompt lengths (collate restarts the positions there)."""
+    rows: list[dict] = []
+    for f in sorted(features, key=lambda f: -f["length"]):
+        row = next((r for r in rows if r["length"] + f["length"] <= max_length), None)
+        if row is None:
+            row = {"input_ids": [], "length": 0, "starts": [], "prompt_lengths": [], "targets": 0, "examples": []}
+            rows.append(row)
+        row["starts"].append(row["length"])
+        row["examples"].append(f["example"])
+        row["prompt_lengths"].append(f["prompt_length"])
+        row["input_ids"] = row["input_ids"] + f["input_ids"]
+        row["length"] += f["length"]
+        row["targets"] += f["length"] - f["prompt_length"]
+    for r in rows:
+        r["prompt_length"] = r["prompt_lengths"][0]
+    return rows

@@ -1,0 +1,299 @@
+"""task generation on a tiny random Llama (and GPT-2): loss on the response only, packing without
+cross-talk, the decoding search, the output checks, predict/reload, and the formats' errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+import lmtune
+from lmtune.cli import main
+from lmtune.config import build_config
+from lmtune.errors import InputError
+from lmtune.generate_control import distinct, has_loop, invented, label_constraint, rouge
+from lmtune.tasks import get_task
+from lmtune.tasks.generation import pack
+from lmtune.training.loop import inputs
+from tests.conftest import toy_rows
+from tests.test_decoders import _bpe_tokenizer
+
+SUMMARY = {"pos": "the food was great", "neg": "the service was awful"}
+
+
+def _save_tiny(path: Path, kind: str = "llama") -> str:
+    tok = _bpe_tokenizer(bos=kind == "llama")
+    torch.manual_seed(0)
+    if kind == "llama":
+        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                          num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tok.eos_token_id,
+                          bos_token_id=tok.bos_token_id)
+        LlamaForCausalLM(cfg).save_pretrained(path)
+    else:
+        cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=256,
+                         eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
+        GPT2LMHeadModel(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> str:
+    return _save_tiny(tmp_path_factory.mktemp("tiny-llama-gen"))
+
+
+def _rows(n: int, seed: int) -> list[dict]:
+    return [{"text": t, "summary": SUMMARY[label]} for t, label in toy_rows(n, seed)]
+
+
+def _write(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+def _cfg(tmp_path: Path, model: str, **generate) -> dict:
+    data = {k: _write(tmp_path / f"{k}.jsonl", _rows(n, s)) for k, n, s in (("train", 240, 1), ("dev", 32, 2), ("test", 32, 3))}
+    return {"task": "generation", "output_dir": str(tmp_path / "runs"), "run_name": "gen", "model": {"name": model},
+            "data": {**data, "label_column": "summary", "max_length": 128},
+            "generate": {"instruction": "", "max_new_tokens": 12, "search_trials": 2, "search_examples": 16, **generate},
+            "peft": {"method": "none"},
+            "train": {"epochs": 8, "lr": 1e-2, "progress": "none", "seed": 1}}
+
+
+def test_task_defaults_are_lora_and_long_inputs_unless_set():
+    cfg = build_config({"task": "generation"})
+    assert (cfg.peft.method, cfg.data.max_length, cfg.train.lr) == ("lora", 1024, 2e-4)
+    cfg = build_config({"task": "generation", "peft": {"method": "none"}, "data": {"max_length": 256}})
+    assert (cfg.peft.method, cfg.data.max_length) == ("none", 256)
+    assert build_config({}).peft.method == "none"  # other tasks keep theirs
+
+
+def _plain_cfg():
+    return build_config({"task": "generation", "data": {"label_column": "summary"}, "generate": {"instruction": ""}})
+
+
+def _batch(task, tokenizer, examples, max_length=128, packed=False):
+    enc = task.encode(examples, tokenizer, max_length)
+    features = pack(enc.features, max_length) if packed else enc.features
+    return enc, task.collate(features, tokenizer)
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_loss_is_on_response_tokens_only_and_equals_full_logits(tmp_path, kind):
+    """The LM head runs only where a target is (logits_to_keep): the summed loss equals the cross-entropy
+    of the full logits at the response positions, and the prompt's tokens cost nothing."""
+    model_dir = _save_tiny(tmp_path / kind, kind)
+    task = get_task("generation")
+    task.format, task.instruction = "source_target", ""
+    model, tok = task.load_model(Path(model_dir))
+    examples = task.read_file(_write(tmp_path / "d.jsonl", _rows(6, 4)), _plain_cfg())
+    enc, batch = _batch(task, tok, examples)
+    loss = task.loss(model(**inputs(batch)), batch)
+    full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    manual = 0.0
+    for i, f in enumerate(enc.features):
+        p, L = f["prompt_length"], f["length"]
+        target = torch.tensor(f["input_ids"][p:L])
+        manual += torch.nn.functional.cross_entropy(full[i, p - 1:L - 1].float(), target, reduction="sum")
+        assert tok.decode(f["input_ids"][p:L], skip_special_tokens=True).strip() == examples[i].label
+    assert torch.allclose(loss, manual, rtol=1e-4), (loss, manual)
+    assert task.num_items(enc.features) == int((batch["labels"] != -100).sum())
+
+
+@pytest.mark.parametrize("kind", ["llama", "gpt2"])
+def test_packing_keeps_examples_apart(tmp_path, kind):
+    """Packed rows (position ids restarting, no attention mask) give every example the same loss as
+    alone: attention does not cross examples."""
+    model_dir = _save_tiny(tmp_path / kind, kind)
+    task = get_task("generation")
+    task.format, task.instruction = "source_target", ""
+    model, tok = task.load_model(Path(model_dir))
+    examples = task.read_file(_write(tmp_path / "d.jsonl", _rows(8, 5)), _plain_cfg())
+    enc, plain = _batch(task, tok, examples)
+    assert enc.stats["truncated"] == 0
+    packed_rows = pack(enc.features, 200)
+    assert len(packed_rows) < len(enc.features)
+    packed = task.collate(packed_rows, tok)
+    assert "attention_mask" not in packed
+    alone = torch.stack([task.loss(model(**inputs(b)), b) for f in enc.features for b in [task.collate([f], tok)]])
+    plain_losses = task.example_losses(model(**inputs(plain)), plain)
+    assert torch.allclose(plain_losses, alone, atol=1e-3)
+    order = [i for r in packed_rows for i in r["examples"]]
+    packed_losses = _per_example(task, model, packed, packed_rows)
+    assert torch.allclose(packed_losses, alone[order], atol=1e-4)
+    # the same rows attending across examples (a full mask) come out 10x further off: the check can fail
+    leaky = {**packed, "attention_mask": torch.ones_like(packed["input_ids"])}
+    off = (_per_example(task, model, leaky, packed_rows) - alone[order]).abs().max()
+    assert off > 10 * (packed_losses - alone[order]).abs().max() and off > 1e-4
+    assert task.num_items(packed_rows) == task.num_items(enc.features)
+
+
+def _per_example(task, model, batch, rows) -> torch.Tensor:
+    """Each packed example's summed target loss, in packing order."""
+    targets = batch["labels"][batch["logits_to_keep"]]
+    logits = model(**inputs(batch)).logits.float()
+    per_token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    where = batch["logits_to_keep"].nonzero()
+    out = []
+    for r, row in enumerate(rows):
+        bounds = [*row["starts"], row["length"]]
+        for a, b in zip(bounds, bounds[1:]):
+            sel = (where[:, 0] == r) & (where[:, 1] >= a) & (where[:, 1] < b)
+            out.append(per_token[sel].sum())
+    return torch.stack(out)
+
+
+def test_generation_run_learns_searches_decoding_and_saves_outputs(tmp_path, tiny_llama):
+    run = lmtune.train(_cfg(tmp_path, tiny_llama, packing=True))
+    test = run.metrics["test"]
+    assert test["rougeL"] >= 0.9 and test["exact_match"] >= 0.8, test
+    assert test["repeat_share"] == 0.0 and test["truncated_share"] <= 0.1
+    g = json.loads((run.run_dir / "generation.json").read_text())
+    assert len(g["search"]["trials"]) == 3 and g["search"]["trials"][0]["settings"] == {}
+    assert g["decoding"] == g["search"]["chosen"] and g["splits"]["test"]["rougeL"] == test["rougeL"]
+    rows = [json.loads(x) for x in (run.run_dir / "predictions" / "test.jsonl").read_text().splitlines()]
+    assert len(rows) == 32 and all({"prompt", "output", "references"} <= set(r) for r in rows)
+    report = (run.run_dir / "report.md").read_text()
+    assert "### Generation" in report and "Decoding used by predict and serve" in report
+    # predict generates with the saved decoding; a reloaded run gives the same outputs
+    out = run.predict(["the food was great really", "it was awful"])
+    assert [r["output"] for r in out] == [SUMMARY["pos"], SUMMARY["neg"]]
+    again = lmtune.load(run.run_dir)
+    assert again.task.decoding == run.task.decoding
+    assert [r["output"] for r in again.predict(["the food was great really", "it was awful"])] == [r["output"] for r in out]
+    assert again.evaluate(tmp_path / "test.jsonl")["rougeL"] == pytest.approx(test["rougeL"])
+
+
+def test_lora_generation_run_reloads_from_its_adapter(tmp_path, tiny_llama):
+    cfg = _cfg(tmp_path, tiny_llama, search_trials=0)
+    cfg["peft"] = {"method": "lora", "r": 8}
+    cfg["train"]["epochs"] = 2
+    run = lmtune.train(cfg)
+    assert (run.run_dir / "model" / "adapter_model.safetensors").is_file()
+    assert not any("lm_head" in k for k in json.loads((run.run_dir / "model" / "adapter_config.json").read_text())
+                   .get("modules_to_save") or [])
+    out = run.predict(["the food was great"])
+    assert out[0]["output"] == lmtune.load(run.run_dir).predict(["the food was great"])[0]["output"]
+
+
+def test_predict_cli_generates(tmp_path, tiny_llama, capsys):
+    cfg = _cfg(tmp_path, tiny_llama, search_trials=0)
+    cfg["train"]["epochs"] = 1
+    run = lmtune.train(cfg)
+    assert main(["predict", str(run.run_dir), "--text", "the food was great"]) == 0
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(row) >= {"output", "tokens", "finished"}
+
+
+def test_formats_chat_and_instruction_and_their_errors(tmp_path):
+    task = get_task("generation")
+    cfg = build_config({"task": "generation"})
+    chat = _write(tmp_path / "chat.jsonl", [{"messages": [{"role": "system", "content": "Be brief."},
+                                                          {"role": "user", "content": "Hi"},
+                                                          {"role": "assistant", "content": "Hello."}]}])
+    ex = task.read_file(chat, cfg)[0]
+    assert task.format == "chat" and ex.label == "Hello." and [m["role"] for m in ex.messages] == ["system", "user"]
+    alpaca = _write(tmp_path / "alpaca.jsonl", [{"instruction": "Add", "input": "2 and 3", "output": "5"}])
+    ex = task.read_file(alpaca, cfg)[0]
+    assert task.format == "instruction" and ex.label == "5" and "2 and 3" in ex.messages[0]["content"]
+    bad = _write(tmp_path / "bad.jsonl", [{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]},
+                                          {"messages": [{"role": "robot", "content": "Hi"}]}])
+    with pytest.raises(InputError, match=r"bad.jsonl: line 2: 'messages' must be"):
+        task.read_file(bad, cfg)
+    missing = _write(tmp_path / "missing.jsonl", [{"instruction": "Add", "output": "5"}, {"instruction": "Sub"}])
+    with pytest.raises(InputError, match=r"missing.jsonl: line 2: no target"):
+        task.read_file(missing, cfg)
+    # test files with several references: all are kept for ROUGE
+    multi = _write(tmp_path / "multi.jsonl", [{"dialogue": "A: hi", "summary1": "x", "summary2": "y"}])
+    cfg = build_config({"task": "generation", "data": {"text_column": "dialogue", "label_column": "summary"},
+                        "generate": {"reference_columns": ["summary1", "summary2"]}})
+    assert task.read_file(multi, cfg)[0].references == ["x", "y"]
+
+
+def test_output_checks():
+    assert has_loop("the cat sat the cat sat the cat sat on the mat")
+    assert has_loop("no no no no")
+    assert not has_loop("#Person1# asks #Person2# to book a table for two at seven; #Person2# agrees.")
+    assert distinct(["a b a b"], 1) == 0.5
+    assert invented("Tom paid 40 dollars to Mary.", ["#Person1#: Mary, here are 40 dollars.", "Someone pays Mary."]) == ["Tom"]
+    r = rouge([["the cat sat on the mat", "a dog"]], ["the cat sat on a mat"])
+    assert 0.8 < r["rougeL"] < 1.0
+    assert rouge([["今天天气很好"]], ["今天天气不错"])["rougeL"] == pytest.approx(2 * (4 / 6) * (4 / 6) / (8 / 6))
+
+
+def test_label_set_constrains_an_untrained_model(tmp_path, tiny_llama):
+    """Constrained decoding: even a random model's outputs are one of the labels."""
+    task = get_task("generation")
+    task.format, task.instruction, task.label_set = "source_target", "", ["the food was great", "the service was awful"]
+    model, tok = task.load_model(Path(tiny_llama))
+    examples = task.from_texts([t for t, _ in toy_rows(6, 9)])
+    out = task.generate(model, tok, examples, torch.device("cpu"), max_new_tokens=12, progress="none")
+    assert all(o["text"] in task.label_set for o in out), out
+    allowed = label_constraint(tok, ["ab"], 0)
+    assert allowed(0, torch.tensor(tok("ab", add_special_tokens=False)["input_ids"])) == [tok.eos_token_id]
+
+
+@pytest.fixture(scope="module")
+def gen_run(tmp_path_factory, tiny_llama) -> lmtune.Run:
+    tmp = tmp_path_factory.mktemp("gen-run")
+    cfg = _cfg(tmp, tiny_llama, search_trials=0)
+    cfg["train"]["epochs"] = 6
+    return lmtune.train(cfg)
+
+
+def _events(text: str) -> list[tuple[str, dict]]:
+    out = []
+    for block in text.strip().split("\n\n"):
+        lines = dict(line.split(": ", 1) for line in block.splitlines())
+        out.append((lines["event"], json.loads(lines["data"])))
+    return out
+
+
+def test_generate_endpoint_streams_tokens_with_auth_and_limits(gen_run, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from lmtune.serve.app import ServeSettings, create_app
+    monkeypatch.setenv("LMTUNE_API_KEYS", "k-123-long-enough-key")
+    app = create_app(ServeSettings(run_dir=str(gen_run.run_dir), backend="torch", max_new_tokens=5, max_chars=100))
+    auth = {"Authorization": "Bearer k-123-long-enough-key"}
+    with TestClient(app) as client:
+        assert client.post("/v1/generate", json={"text": "the food was great"}).status_code == 401
+        assert client.post("/v1/generate", json={"text": "x" * 101}, headers=auth).status_code == 413
+        assert client.post("/v1/generate", json={"text": "  "}, headers=auth).status_code == 422
+        with client.stream("POST", "/v1/generate", json={"text": "the food was great", "max_new_tokens": 50},
+                           headers=auth) as r:
+            assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+            events = _events(r.read().decode())
+        kinds = [k for k, _ in events]
+        assert kinds[-1] == "done" and kinds.count("token") >= 2, events
+        done = events[-1][1]
+        # the server caps max_new_tokens; the streamed pieces add up to the final output
+        assert done["tokens"] <= 5 and not done["finished"]
+        assert "".join(d["text"] for k, d in events if k == "token").strip() == done["output"]
+        whole = client.post("/v1/generate", json={"text": "the food was great", "stream": False, "max_new_tokens": 50},
+                            headers=auth).json()
+        assert whole["output"] == done["output"] and whole["tokens"] == done["tokens"]
+        full = gen_run.predict(["the food was great"])[0]["output"]
+        assert full.startswith(done["output"])
+        assert "/v1/generate" in client.get("/openapi.json").json()["paths"]
+        # /v1/predict answers generation runs too, without echoing the prompt
+        p = client.post("/v1/predict", json={"texts": ["the food was great"]}, headers=auth).json()["predictions"][0]
+        assert p["output"] == full and "prompt" not in p
+
+
+def test_chat_streams_replies_and_keeps_the_conversation(gen_run, monkeypatch, capsys):
+    lines = iter(["the food was great", "it was awful", ""])
+    monkeypatch.setattr("builtins.input", lambda prompt="": next(lines))
+    seen = []
+    real = lmtune.Run.generate_examples
+
+    def spy(self, examples, *a, **kw):
+        seen.append([m["role"] for m in examples[0].messages])
+        return real(self, examples, *a, **kw)
+    monkeypatch.setattr(lmtune.Run, "generate_examples", spy)
+    assert main(["chat", str(gen_run.run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert out.count("model> ") == 2 and SUMMARY["pos"] in out
+    assert seen == [["user"], ["user", "assistant", "user"]]
