@@ -13,7 +13,7 @@ import lmtune
 from lmtune.cli import main
 from lmtune.config import build_config
 from lmtune.errors import InputError
-from lmtune.generate_control import distinct, has_loop, invented, label_constraint, rouge
+from lmtune.generate_control import candidates, distinct, has_loop, invented, label_constraint, passes, rouge
 from lmtune.tasks import get_task
 from lmtune.tasks.generation import pack
 from lmtune.training.loop import inputs
@@ -176,6 +176,13 @@ def test_lora_generation_run_reloads_from_its_adapter(tmp_path, tiny_llama):
                    .get("modules_to_save") or [])
     out = run.predict(["the food was great"])
     assert out[0]["output"] == lmtune.load(run.run_dir).predict(["the food was great"])[0]["output"]
+    # merged into its base for export: a plain causal LM that generates the same
+    merged_dir = tmp_path / "merged"
+    assert main(["merge", str(run.run_dir), str(merged_dir)]) == 0
+    model, tok = run.task.load_model(merged_dir)
+    assert not any("lora" in k for k in model.state_dict())
+    again = run.task.generate(model, tok, run.task.from_texts(["the food was great"]), torch.device("cpu"), progress="none")
+    assert again[0]["text"] == out[0]["output"]
 
 
 def test_predict_cli_generates(tmp_path, tiny_llama, capsys):
@@ -297,3 +304,17 @@ def test_chat_streams_replies_and_keeps_the_conversation(gen_run, monkeypatch, c
     out = capsys.readouterr().out
     assert out.count("model> ") == 2 and SUMMARY["pos"] in out
     assert seen == [["user"], ["user", "assistant", "user"]]
+
+
+def test_decoding_candidates_and_checks():
+    c = candidates(seed=3, trials=6, cap=64, reference_tokens=[20, 30, 32, 34, 40])
+    assert c[0] == {} and len(c) == 7 and len({json.dumps(x, sort_keys=True) for x in c}) == 7
+    assert c == candidates(seed=3, trials=6, cap=64, reference_tokens=[20, 30, 32, 34, 40])  # seeded
+    assert {x.get("max_new_tokens", 64) for x in c} <= {64, 48, 37}
+    looping = {"repeat_share": 0.3, "length_ratio": 1.1, "truncated_share": 0.1}
+    clean = {"repeat_share": 0.02, "length_ratio": 1.2, "truncated_share": 0.1}
+    long = {"repeat_share": 0.0, "length_ratio": 3.0, "truncated_share": 0.9}
+    assert passes(clean, [looping, clean, long]) and not passes(looping, [looping, clean, long])
+    assert not passes(long, [looping, clean, long])
+    # when nothing reaches a bound, the best tried sets it
+    assert passes(looping, [looping, {**looping, "repeat_share": 0.28}])

@@ -448,7 +448,7 @@ def _add_generate(app: FastAPI, run, settings: ServeSettings, metrics: _Metrics,
             with count_lock:
                 waiting[0] -= 1
         metrics.texts.inc()
-        return out
+        return {"output": out["text"], "tokens": out["tokens"], "finished": out["finished"]}
 
     @app.post("/v1/generate", response_model=GenerateResponse, dependencies=[Depends(require_key)],
               responses={**responses, 200: {"content": {"text/event-stream": {}}, "description": "the output (JSON), or "

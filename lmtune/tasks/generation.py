@@ -153,6 +153,8 @@ class GenerationTask(Task):
         d = cfg.data
         if not d.train:
             raise InputError("data.train: no training file given. Set data.train or pass --data.train FILE.")
+        if cfg.generate.json_schema:
+            _check_schema(cfg.generate.json_schema)
         train = self.read_file(d.train, cfg)
         if d.dev:
             dev = self.read_file(d.dev, cfg)
@@ -315,8 +317,11 @@ class GenerationTask(Task):
                  settings: dict | None = None, progress: str = "auto", max_new_tokens: int | None = None,
                  streamer: Any = None) -> list[dict]:
         from lmtune.generate_control import generate_outputs
-        return generate_outputs(self, model, tokenizer, examples, device, {**self.decoding, **(settings or {})},
-                                max_new_tokens or self.max_new_tokens, progress, streamer)
+        chosen = {**self.decoding, **(settings or {})}
+        if max_new_tokens:  # asked for explicitly (a request, the chat): it replaces the length cap chosen on dev
+            chosen.pop("max_new_tokens", None)
+        return generate_outputs(self, model, tokenizer, examples, device, chosen, max_new_tokens or self.max_new_tokens,
+                                progress, streamer)
 
     def fit_decoding(self, model, tokenizer: Any, examples: list[GenerationExample], device: torch.device, seed: int,
                      trials: int, progress: str = "auto") -> dict:
@@ -351,6 +356,21 @@ def _no_forward_cache(model: torch.nn.Module) -> torch.nn.Module:
     generate() turns it on for itself (GenerationConfig.use_cache)."""
     model.config.use_cache = False
     return model
+
+
+def _check_schema(path: str) -> None:
+    """generate.json_schema must be a readable JSON schema before anything is trained."""
+    import json
+
+    import jsonschema_rs
+    try:
+        jsonschema_rs.validator_for(json.loads(Path(path).read_text(encoding="utf-8")))
+    except OSError as e:
+        raise InputError(f"generate.json_schema: cannot read {path}: {e.strerror}.") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}).") from None
+    except (ValueError, jsonschema_rs.ValidationError) as e:
+        raise InputError(f"{path}: not a valid JSON schema ({str(e).splitlines()[0]}).") from None
 
 
 def _detect_format(row: dict, cfg: Config) -> str | None:
