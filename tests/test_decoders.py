@@ -42,23 +42,27 @@ def _bpe_tokenizer(bos: bool) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, **({"bos_token": "<s>"} if bos else {}))
 
 
-@pytest.fixture(scope="session", params=["llama", "gpt2"])
-def tiny_decoder(request, tmp_path_factory) -> str:
-    path = tmp_path_factory.mktemp(f"tiny-{request.param}")
-    tok = _bpe_tokenizer(bos=request.param == "llama")
+def save_tiny_decoder(path: Path, kind: str, positions: int = 128) -> str:
+    """A tiny random Llama or GPT-2 causal LM with the toy byte-level BPE tokenizer, saved at path."""
+    tok = _bpe_tokenizer(bos=kind == "llama")
     torch.manual_seed(0)
-    if request.param == "llama":
+    if kind == "llama":
         cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,
+                          num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=positions,
                           eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
         LlamaForCausalLM(cfg).save_pretrained(path)
     else:
-        cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=128,
+        cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=positions,
                          eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
         GPT2LMHeadModel(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     assert tok.pad_token is None
     return str(path)
+
+
+@pytest.fixture(scope="session", params=["llama", "gpt2"])
+def tiny_decoder(request, tmp_path_factory) -> str:
+    return save_tiny_decoder(tmp_path_factory.mktemp(f"tiny-{request.param}"), request.param)
 
 
 def _train(tmp_path: Path, model: str, task: str, data: dict, **extra) -> lmtune.Run:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
 import lmtune
 from lmtune.cli import main
@@ -18,25 +17,13 @@ from lmtune.tasks import get_task
 from lmtune.tasks.generation import pack
 from lmtune.training.loop import inputs
 from tests.conftest import toy_rows
-from tests.test_decoders import _bpe_tokenizer
+from tests.test_decoders import save_tiny_decoder
 
 SUMMARY = {"pos": "the food was great", "neg": "the service was awful"}
 
 
 def _save_tiny(path: Path, kind: str = "llama") -> str:
-    tok = _bpe_tokenizer(bos=kind == "llama")
-    torch.manual_seed(0)
-    if kind == "llama":
-        cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                          num_key_value_heads=2, max_position_embeddings=256, eos_token_id=tok.eos_token_id,
-                          bos_token_id=tok.bos_token_id)
-        LlamaForCausalLM(cfg).save_pretrained(path)
-    else:
-        cfg = GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, n_positions=256,
-                         eos_token_id=tok.eos_token_id, bos_token_id=tok.eos_token_id)
-        GPT2LMHeadModel(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    return save_tiny_decoder(path, kind, positions=256)
 
 
 @pytest.fixture(scope="module")
@@ -74,6 +61,14 @@ def _plain_cfg():
     return build_config({"task": "generation", "data": {"label_column": "summary"}, "generate": {"instruction": ""}})
 
 
+def _tiny_task(tmp_path: Path, kind: str, rows: list[dict]):
+    """The generation task, a tiny random decoder of `kind` and the rows read as source -> summary."""
+    task = get_task("generation")
+    task.format, task.instruction = "source_target", ""
+    model, tok = task.load_model(Path(_save_tiny(tmp_path / kind, kind)))
+    return task, model, tok, task.read_file(_write(tmp_path / "d.jsonl", rows), _plain_cfg())
+
+
 def _batch(task, tokenizer, examples, max_length=128, packed=False):
     enc = task.encode(examples, tokenizer, max_length)
     features = pack(enc.features, max_length) if packed else enc.features
@@ -84,11 +79,7 @@ def _batch(task, tokenizer, examples, max_length=128, packed=False):
 def test_loss_is_on_response_tokens_only_and_equals_full_logits(tmp_path, kind):
     """The LM head runs only where a target is (logits_to_keep): the summed loss equals the cross-entropy
     of the full logits at the response positions, and the prompt's tokens cost nothing."""
-    model_dir = _save_tiny(tmp_path / kind, kind)
-    task = get_task("generation")
-    task.format, task.instruction = "source_target", ""
-    model, tok = task.load_model(Path(model_dir))
-    examples = task.read_file(_write(tmp_path / "d.jsonl", _rows(6, 4)), _plain_cfg())
+    task, model, tok, examples = _tiny_task(tmp_path, kind, _rows(6, 4))
     enc, batch = _batch(task, tok, examples)
     loss = task.loss(model(**inputs(batch)), batch)
     full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
@@ -106,11 +97,7 @@ def test_loss_is_on_response_tokens_only_and_equals_full_logits(tmp_path, kind):
 def test_packing_keeps_examples_apart(tmp_path, kind):
     """Packed rows (position ids restarting, no attention mask) give every example the same loss as
     alone: attention does not cross examples."""
-    model_dir = _save_tiny(tmp_path / kind, kind)
-    task = get_task("generation")
-    task.format, task.instruction = "source_target", ""
-    model, tok = task.load_model(Path(model_dir))
-    examples = task.read_file(_write(tmp_path / "d.jsonl", _rows(8, 5)), _plain_cfg())
+    task, model, tok, examples = _tiny_task(tmp_path, kind, _rows(8, 5))
     enc, plain = _batch(task, tok, examples)
     assert enc.stats["truncated"] == 0
     packed_rows = pack(enc.features, 200)

@@ -242,6 +242,19 @@ class Task:
         raise NotImplementedError
 
 
+def dev_and_test(task: Task, cfg: Config, train: list, labels: list[str] | None = None) -> tuple[list, list, list, dict]:
+    """train, dev, test and the splits.json record for tasks without a label to stratify on: the dev
+    (and test) files when given, else a seeded shuffle split of train (test kept when given)."""
+    d = cfg.data
+    extra = () if labels is None else (labels,)
+    if d.dev:
+        dev = task.read_file(d.dev, cfg, *extra)
+        test = task.read_file(d.test, cfg, *extra) if d.test else []
+        return train, dev, test, {"method": "files", "train": d.train, "dev": d.dev, "test": d.test}
+    test = task.read_file(d.test, cfg, *extra) if d.test else None
+    return shuffle_split(train, test, d.split, cfg.train.seed, "random split", d.train)
+
+
 def shuffle_split(train: list, test: list | None, fractions: list[float], seed: int, method: str,
                   source: str) -> tuple[list, list, list, dict]:
     """Dev (and test, when no test file was given) split off train by a seeded shuffle, for tasks with

@@ -35,7 +35,7 @@ from lmtune.config import Config
 from lmtune.data.readers import Example, read_rows, row_unit
 from lmtune.errors import InputError
 from lmtune.models import load_config, load_pretrained
-from lmtune.tasks.base import GENERATE, Encoded, Splits, Task, shuffle_split
+from lmtune.tasks.base import GENERATE, Encoded, Splits, Task, dev_and_test
 
 PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 
@@ -155,14 +155,7 @@ class GenerationTask(Task):
             raise InputError("data.train: no training file given. Set data.train or pass --data.train FILE.")
         if cfg.generate.json_schema:
             _check_schema(cfg.generate.json_schema)
-        train = self.read_file(d.train, cfg)
-        if d.dev:
-            dev = self.read_file(d.dev, cfg)
-            test = self.read_file(d.test, cfg) if d.test else []
-            info = {"method": "files", "train": d.train, "dev": d.dev, "test": d.test}
-        else:
-            test = self.read_file(d.test, cfg) if d.test else None
-            train, dev, test, info = shuffle_split(train, test, d.split, cfg.train.seed, "random split", d.train)
+        train, dev, test, info = dev_and_test(self, cfg, self.read_file(d.train, cfg))
         if not dev:
             raise InputError(f"{d.train}: too few rows to split off a dev set; give data.dev.")
         info["sizes"] = {"train": len(train), "dev": len(dev), "test": len(test)}

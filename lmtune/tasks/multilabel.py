@@ -30,7 +30,7 @@ from lmtune.evaluate.report import prf_table
 from lmtune.io import atomic_path
 from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.windows import encode_windows, pool, training_subset
-from lmtune.tasks.base import CALIBRATE, EXPLAIN, Encoded, Splits, Task, pad_batch, shuffle_split
+from lmtune.tasks.base import CALIBRATE, EXPLAIN, Encoded, Splits, Task, dev_and_test, pad_batch
 
 POS_WEIGHT_CAP = 30.0  # a label seen once in 10,000 rows would otherwise get a weight of 10,000
 _TRUE, _FALSE = ("1", "1.0", "true", "yes"), ("0", "0.0", "false", "no", "")
@@ -160,13 +160,7 @@ class MultiLabelTask(Task):
         labels = list(d.label_columns) if d.label_columns else sorted(counts)
         if len(labels) < 2:
             raise InputError(f"{d.train}: {len(labels)} label(s) in the training data; multi-label needs at least 2.")
-        if d.dev:
-            dev = self.read_file(d.dev, cfg, labels)
-            test = self.read_file(d.test, cfg, labels) if d.test else []
-            info = {"method": "files", "train": d.train, "dev": d.dev, "test": d.test}
-        else:
-            test = self.read_file(d.test, cfg, labels) if d.test else None
-            train, dev, test, info = shuffle_split(train, test, d.split, cfg.train.seed, "random split", d.train)
+        train, dev, test, info = dev_and_test(self, cfg, train, labels)
         if not dev:
             raise InputError(f"{d.train}: too few rows to split off a dev set; give data.dev.")
         info["sizes"] = {"train": len(train), "dev": len(dev), "test": len(test)}

@@ -33,7 +33,7 @@ from lmtune.data.readers import Example, read_examples
 from lmtune.errors import InputError
 from lmtune.io import atomic_path
 from lmtune.models import load_config, load_pretrained, quiet_transformers
-from lmtune.tasks.base import EXPLAIN, INTERVALS, Encoded, Splits, Task, pad_batch, shuffle_split
+from lmtune.tasks.base import EXPLAIN, INTERVALS, Encoded, Splits, Task, dev_and_test, pad_batch
 
 TARGET = "value"  # the one output of the head
 ROWS_PER_BAND = 200  # dev rows per band of predicted values (at most MAX_BANDS): enough for a stable 90-95% quantile
@@ -116,14 +116,7 @@ class RegressionTask(Task):
         d = cfg.data
         if not d.train:
             raise InputError("data.train: no training file given. Set data.train or pass --data.train FILE.")
-        train = self.read_file(d.train, cfg)
-        if d.dev:
-            dev = self.read_file(d.dev, cfg)
-            test = self.read_file(d.test, cfg) if d.test else []
-            info = {"method": "files", "train": d.train, "dev": d.dev, "test": d.test}
-        else:
-            test = self.read_file(d.test, cfg) if d.test else None
-            train, dev, test, info = shuffle_split(train, test, d.split, cfg.train.seed, "random split", d.train)
+        train, dev, test, info = dev_and_test(self, cfg, self.read_file(d.train, cfg))
         if len(dev) < 10:
             raise InputError(f"{d.dev or d.train}: {len(dev)} dev rows; the prediction intervals are fitted on dev and need "
                              "at least 10 (a few hundred for a stable interval). Give data.dev or more data.")
