@@ -202,11 +202,27 @@ def score(examples: list, generated: list[dict], label_set: list[str] | None = N
     return m
 
 
+def load_schema(path: str):
+    """The jsonschema-rs validator of generate.json_schema; an unreadable file, bad JSON or an invalid
+    schema is an InputError naming the file (checked before training, used again for scoring)."""
+    from pathlib import Path
+
+    import jsonschema_rs
+
+    from lmtune.errors import InputError
+    try:
+        return jsonschema_rs.validator_for(json.loads(Path(path).read_text(encoding="utf-8")))
+    except OSError as e:
+        raise InputError(f"generate.json_schema: cannot read {path}: {e.strerror}.") from None
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}).") from None
+    except (ValueError, jsonschema_rs.ValidationError) as e:
+        raise InputError(f"{path}: not a valid JSON schema ({str(e).splitlines()[0]}).") from None
+
+
 def json_adherence(texts: list[str], schema_path: str) -> dict:
     """Share of outputs that parse as JSON, and that validate against the schema (jsonschema-rs)."""
-    import jsonschema_rs
-    from pathlib import Path
-    validator = jsonschema_rs.validator_for(json.loads(Path(schema_path).read_text(encoding="utf-8")))
+    validator = load_schema(schema_path)
     parsed = []
     for t in texts:
         try:

@@ -154,7 +154,8 @@ class GenerationTask(Task):
         if not d.train:
             raise InputError("data.train: no training file given. Set data.train or pass --data.train FILE.")
         if cfg.generate.json_schema:
-            _check_schema(cfg.generate.json_schema)
+            from lmtune.generate_control import load_schema
+            load_schema(cfg.generate.json_schema)  # a bad schema fails before anything is trained
         train, dev, test, info = dev_and_test(self, cfg, self.read_file(d.train, cfg))
         if not dev:
             raise InputError(f"{d.train}: too few rows to split off a dev set; give data.dev.")
@@ -341,6 +342,14 @@ class GenerationTask(Task):
     def report(self, split_metrics: dict[str, dict], labels: list[str], run_dir: Path) -> str:
         from lmtune.generate_control import report_section
         return report_section(split_metrics, self.search, self.decoding)
+
+
+def _no_forward_cache(model: torch.nn.Module) -> torch.nn.Module:
+    """A plain forward pass (training, dev loss) builds no KV cache: transformers only reads packed rows'
+    restarting position ids as example boundaries when there is no cache, and a cache there is waste.
+    generate() turns it on for itself (GenerationConfig.use_cache)."""
+    model.config.use_cache = False
+    return model
 
 
 def _no_forward_cache(model: torch.nn.Module) -> torch.nn.Module:
