@@ -21,6 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import yaml
 from accelerate import Accelerator, PartialState
@@ -47,7 +48,7 @@ from lmtune.robust.adversarial import AdversaryInputs
 from lmtune.robust.augment import augment
 from lmtune.robust.text import Synonyms
 from lmtune.tasks import get_task
-from lmtune.tasks.base import (ABSTAIN, CALIBRATE, DEV_RULES, EXAMPLE_LABELS, GENERATE, INTERVALS, LABEL_NOISE, MAHALANOBIS,
+from lmtune.tasks.base import (ABSTAIN, CALIBRATE, DEV_RULES, EXAMPLE_LABELS, GENERATE, INDEX, INTERVALS, LABEL_NOISE, MAHALANOBIS,
                                Encoded, encode_examples)
 from lmtune.training.checkpoint import Checkpoints
 from lmtune.training.optim import resolve_learning_rates
@@ -269,6 +270,35 @@ class Run:
         return self.task.generate(self.model, self.tokenizer, examples, _device(), settings, self.config.train.progress,
                                   max_new_tokens, streamer)
 
+    def embed(self, texts: Sequence[str], documents: bool = False) -> np.ndarray:
+        """A retrieval run's unit-length embeddings [texts, hidden] of queries (or of documents)."""
+        self.task.require(INDEX, "embed")
+        return embed_texts(self.task, self.model, self.tokenizer, self.config, list(texts), documents, _device())
+
+    def search(self, queries: str | Sequence[str], k: int = 10, exclude: list[set[int]] | None = None) -> list[list[dict]]:
+        """Each query's k best documents of the run's index: [{document, score, id?}], best first;
+        `exclude` leaves out index rows per query."""
+        self.task.require(INDEX, "search")
+        if self.task.index is None:
+            raise InputError(f"{self.run_dir}: the run has no index/; build one with `lmtune search {self.run_dir} --corpus FILE`.")
+        queries = [queries] if isinstance(queries, str) else list(queries)
+        for i, q in enumerate(queries):
+            if not isinstance(q, str) or not q.strip():
+                raise InputError(f"query {i + 1}: empty text.")
+        hits = self.task.index.search(self.embed(queries), k, exclude)
+        return [self.task.index.rows(h) for h in hits]
+
+    def build_index(self, corpus: str | Path) -> int:
+        """Embed a corpus file (retrieval.corpus_column / corpus_id_column) into the run's index/ (replacing it)."""
+        from lmtune.tasks.retrieval import read_corpus
+        self.task.require(INDEX, "index")
+        r = self.config.retrieval
+        rows = read_corpus(str(corpus), r.corpus_column, r.corpus_id_column, self.config)
+        index = build_index(self.task, self.model, self.tokenizer, self.config, rows, _device())
+        index.save(self.run_dir)
+        self.task.set_index(index)
+        return len(rows)
+
     def tune_abstention(self, data: str | Path, target: str, value: float | None = None, calibrated: bool = True,
                         save: bool = False, score: str | None = None) -> dict:
         """Choose the abstention threshold on a labeled file (e.g. dev with out-of-scope rows) for a new
@@ -441,7 +471,26 @@ def load(run_dir: str | Path, backend: str = "torch") -> Run:
     else:
         model, tokenizer = task.load_model(run_dir / "model")
     metrics = RunDir(run_dir).read_metrics()
+    if task.supports(INDEX):
+        from lmtune.index import load_index
+        task.set_index(load_index(run_dir))
     return Run(run_dir, model.to(_device()).eval(), tokenizer, task, meta["labels"], cfg, metrics)
+
+
+def embed_texts(task, model, tokenizer, cfg: Config, texts: list[str], documents: bool, device: torch.device) -> np.ndarray:
+    """Unit-length embeddings of an INDEX task's queries (or documents), in order."""
+    examples = task.documents(texts) if documents else task.from_texts(texts)
+    enc = encode_examples(task, examples, tokenizer, cfg, None)
+    model.to(device)
+    out = predict_outputs(model, enc.features, functools.partial(task.collate, tokenizer=tokenizer), task.unbatch, device,
+                          "embed", cfg.train.progress)
+    return np.stack([o[1 if documents else 0] for o in out]) if out else np.zeros((0, 0), np.float32)
+
+
+def build_index(task, model, tokenizer, cfg: Config, rows: list[dict], device: torch.device):
+    from lmtune.index import Index
+    ids = [str(r["id"]) for r in rows] if rows and "id" in rows[0] else None
+    return Index([r["text"] for r in rows], ids, embed_texts(task, model, tokenizer, cfg, [r["text"] for r in rows], True, device))
 
 
 def _load_onnx(run_dir: Path, backend: str) -> Run:
@@ -590,7 +639,7 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks, previous
                    previous=previous)
     try:
         for stage in (_record_inputs, _search_label_noise, _build_model, _encode_data, _audit_data, _start_trackers, _fit,
-                      _restore_best, _choose_decoding, _evaluate, _measure_slices, _measure_forgetting, _drift_reference, _save_model, _write_results,
+                      _restore_best, _choose_decoding, _evaluate, _build_index, _measure_slices, _measure_forgetting, _drift_reference, _save_model, _write_results,
                       _attack, _finish_trackers):
             stage(ctx)
     except BaseException:
@@ -784,6 +833,17 @@ def _generate_split(ctx: _Context, split: str) -> None:
     ctx.preds[split] = ctx.task.generation_rows(examples, generated)
     log.info("%s: generated %d outputs: ROUGE-L %.4f, repetition loops %.1f%%, hit max_new_tokens %.1f%%", split, len(examples),
              scored.get("rougeL", float("nan")), 100 * scored["repeat_share"], 100 * scored["truncated_share"])
+
+
+def _build_index(ctx: _Context) -> None:
+    """A retrieval run's documents embedded with the final model, saved in RUN/index/ (main process)."""
+    if not (ctx.task.supports(INDEX) and ctx.main):
+        return
+    rows = ctx.task.corpus(ctx.cfg, ctx.splits)
+    index = build_index(ctx.task, ctx.model, ctx.tokenizer, ctx.cfg, rows, ctx.accelerator.device)
+    index.save(ctx.rd.root)
+    ctx.task.set_index(index)
+    log.info("index: %d documents embedded into %s", len(rows), ctx.rd.root / "index")
 
 
 def _measure_slices(ctx: _Context) -> None:

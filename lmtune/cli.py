@@ -381,6 +381,21 @@ def cmd_chat(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(ns: argparse.Namespace) -> int:
+    """A retrieval run's best documents for each query: one JSON line {query, results} per query."""
+    from lmtune.api import load
+    if not ns.query and not ns.corpus:
+        raise InputError("search: give --query TEXT (repeatable), and/or --corpus FILE to (re)build the run's index.")
+    run = load(ns.run_dir)
+    if ns.corpus:
+        n = run.build_index(ns.corpus)
+        print(f"index: {n} documents from {ns.corpus} written to {Path(ns.run_dir) / 'index'}", file=sys.stderr)
+    if ns.query:
+        for q, rows in zip(ns.query, run.search(ns.query, ns.k)):
+            print(json.dumps({"query": q, "results": rows}, ensure_ascii=False))
+    return 0
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     from lmtune.serve.app import ServeSettings, create_app, serve
     if ns.no_auth and ns.host not in LOCAL_HOSTS and not ns.insecure:
@@ -484,6 +499,11 @@ def build_parser() -> argparse.ArgumentParser:
     ch.add_argument("run_dir")
     ch.add_argument("--max-new-tokens", type=int, default=None, help="tokens per reply at most (default: the run's)")
     ch.add_argument("--system", default=None, help="a system message to start the conversation with")
+    se = sub.add_parser("search", help="a retrieval run's best documents for a query, from the run's index (or a new corpus)")
+    se.add_argument("run_dir")
+    se.add_argument("--query", action="append", default=[], help="a query (repeatable)")
+    se.add_argument("--k", type=int, default=10, help="documents per query")
+    se.add_argument("--corpus", default=None, help="embed this file's documents (retrieval.corpus_column) as the run's new index first")
     sv = sub.add_parser("serve", help="serve a run over HTTP (FastAPI): /v1/predict (/v1/generate), /healthz, /readyz, /metrics",
                         description="API keys come from LMTUNE_API_KEYS (comma-separated) or --api-key-file; calls "
                                     "without a valid key get 401. Uses RUN_DIR/export (ONNX, int8 first) when present.")
@@ -593,7 +613,7 @@ def _version() -> str:
 COMMANDS = {"evaluate": cmd_evaluate, "predict": cmd_predict, "merge": cmd_merge, "report": cmd_report, "export": cmd_export,
             "attack": cmd_attack, "serve": cmd_serve, "config": cmd_config, "init": cmd_init, "runs": cmd_runs,
             "compare": cmd_compare, "push": cmd_push, "completion": cmd_completion, "drift": cmd_drift, "explain": cmd_explain,
-            "fairness": cmd_fairness, "ui": cmd_ui, "chat": cmd_chat,
+            "fairness": cmd_fairness, "ui": cmd_ui, "chat": cmd_chat, "search": cmd_search,
             "ensemble": cmd_ensemble, "soup": cmd_soup}
 
 

@@ -272,6 +272,18 @@ class GenerateConfig:
 
 
 @dataclass
+class RetrievalConfig:
+    hard_negatives: int = _f(1, "task retrieval: BM25 hard negatives per training query, mined from the training documents "
+                                "(the best-scoring ones not relevant to the query); 0 = in-batch negatives only.", range=">= 0")
+    negative_column: str | None = _f(None, "task retrieval: a column of given hard negatives (one text, or a JSON list of texts); "
+                                           "rows that have them are not mined.")
+    corpus: str | None = _f(None, "task retrieval: the documents the run's index holds (`lmtune search`, predict); default: every "
+                                  "distinct document of train, dev and test.")
+    corpus_column: str = _f("text", "retrieval.corpus: the column that holds each document's text.")
+    corpus_id_column: str | None = _f(None, "retrieval.corpus: a column of document ids, returned with each result.")
+
+
+@dataclass
 class Config:
     task: str = _f("classification", "Task type from the task registry.")
     output_dir: str = _f("runs", "Folder that receives run directories.")
@@ -288,6 +300,7 @@ class Config:
     pretrain: PretrainConfig = field(default_factory=PretrainConfig)
     tune: TuneConfig = field(default_factory=TuneConfig)
     generate: GenerateConfig = field(default_factory=GenerateConfig)
+    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -299,7 +312,7 @@ class Config:
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "peft": PeftConfig, "abstain": AbstainConfig,
             "adversarial": AdversarialConfig, "attack": AttackConfig, "augment": AugmentConfig,
             "continual": ContinualConfig, "pretrain": PretrainConfig, "tune": TuneConfig,
-            "generate": GenerateConfig}
+            "generate": GenerateConfig, "retrieval": RetrievalConfig}
 
 
 def all_keys() -> dict[str, dataclasses.Field]:

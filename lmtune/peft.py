@@ -38,6 +38,8 @@ def default_lr(method: str) -> float:
 
 def head_modules(model: torch.nn.Module) -> list[str]:
     """Top-level modules with weights outside the base model: the task head (e.g. 'classifier')."""
+    if getattr(model, "base_model", None) is model:  # a bare encoder (AutoModel): no head at all
+        return []
     prefix = getattr(model, "base_model_prefix", "")
     # a language model's output layer is pretrained (often tied to the input embeddings): not a new head
     lm_head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None

@@ -13,6 +13,7 @@ tasks.register("regression", "lmtune.tasks.regression:RegressionTask")
 tasks.register("relation", "lmtune.tasks.relation:RelationTask")
 tasks.register("qa", "lmtune.tasks.qa:QATask")
 tasks.register("generation", "lmtune.tasks.generation:GenerationTask")
+tasks.register("retrieval", "lmtune.tasks.retrieval:RetrievalTask")
 
 # default_lr: PEFT trains few weights and needs larger steps than full fine-tuning;
 # mergeable: the adapter folds into the weights (lmtune merge, ONNX export)

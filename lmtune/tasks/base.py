@@ -55,10 +55,12 @@ CONTINUAL = "continual"  # a head with one row per label: a run can continue ano
 ENSEMBLE = "ensemble"  # softmax logits over the labels, one row per example: members' probabilities can be averaged
 EXPLAIN = "explain"  # explain_targets(row, labels, label) / target_score(logits, target): what attributions explain (lmtune.explain)
 GENERATE = "generate"  # generate / fit_decoding / score_generations / generation_rows: outputs are generated text (decoders)
+INDEX = "index"  # corpus / documents / set_index: queries are ranked against an index of embedded documents (lmtune.index)
 CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, INTERVALS, DEV_RULES, CONTINUAL, ENSEMBLE, EXPLAIN,
-                GENERATE)
+                GENERATE, INDEX)
 _HOOKS = {CALIBRATE: "calibrate", ABSTAIN: "fit_threshold", MAHALANOBIS: "fit_scorer", LABEL_NOISE: "example_probs",
-          INTERVALS: "fit_intervals", DEV_RULES: "fit_decision_rules", EXPLAIN: "explain_targets", GENERATE: "generate"}
+          INTERVALS: "fit_intervals", DEV_RULES: "fit_decision_rules", EXPLAIN: "explain_targets", GENERATE: "generate",
+          INDEX: "corpus"}
 
 
 class Task:
@@ -239,6 +241,18 @@ class Task:
 
     def generation_rows(self, examples: list, generated: list[dict]) -> list[dict]:
         """Prediction rows: each output beside its prompt and references."""
+        raise NotImplementedError
+
+    def corpus(self, cfg: Config, splits: Splits) -> list[dict]:
+        """The documents the run's index holds after training: [{"text", "id"?}]."""
+        raise NotImplementedError
+
+    def documents(self, texts: list[str]) -> list:
+        """Examples of documents alone, to embed into an index."""
+        raise NotImplementedError
+
+    def set_index(self, index: Any) -> None:
+        """The run's index (lmtune.index.Index): predictions of bare queries rank against it."""
         raise NotImplementedError
 
 
