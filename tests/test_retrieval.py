@@ -1,0 +1,180 @@
+"""task retrieval: the bi-encoder loss and its masking, the ranking metrics, BM25 against rank-bm25,
+a full run that learns a toy FAQ mapping, its index, `lmtune search` and predict."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import AutoTokenizer, BertConfig, BertModel
+
+import lmtune
+from lmtune.bm25 import BM25, tokenize
+from lmtune.cli import main
+from lmtune.config import DEFAULT_MODEL, build_config
+from lmtune.errors import InputError
+from lmtune.models import resolve_model
+from lmtune.tasks import get_task
+from lmtune.tasks.retrieval import RetrievalExample, mine_negatives, ranking_metrics
+
+# a query word maps to a document word it never appears with: lexical overlap cannot solve it, learning must
+TOPICS = [("password", "credentials"), ("refund", "reimbursement"), ("delivery", "shipping"), ("invoice", "billing"),
+          ("login", "signin"), ("cancel", "termination"), ("upgrade", "premium"), ("address", "location"),
+          ("discount", "coupon"), ("warranty", "guarantee"), ("battery", "charging"), ("screen", "display")]
+FILL = ["how", "do", "i", "my", "the", "can", "you", "help", "with", "please", "what", "is", "about", "a"]
+
+
+def faq_rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        q, d = TOPICS[i % len(TOPICS)]
+        words = [rng.choice(FILL) for _ in range(rng.randint(2, 8))]
+        words.insert(rng.randint(0, len(words)), q)
+        out.append({"query": " ".join(words), "document": f"our answer on {d} for customers"})
+    return out
+
+
+def _write(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def tiny_encoder(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("tiny-encoder")
+    tok = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL))
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tok.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(path)
+    tok.save_pretrained(path)
+    return str(path)
+
+
+def _cfg(tmp_path: Path, model: str, **extra) -> dict:
+    data = {"train": _write(tmp_path / "train.jsonl", faq_rows(240, 1)), "dev": _write(tmp_path / "dev.jsonl", faq_rows(48, 2)),
+            "test": _write(tmp_path / "test.jsonl", faq_rows(48, 3)), "max_length": 32}
+    return {"task": "retrieval", "output_dir": str(tmp_path / "runs"), "run_name": "r", "data": data, "model": {"name": model},
+            "train": {"epochs": 6, "batch_size": 8, "lr": 1e-3, "progress": "none", "seed": 1}, **extra}
+
+
+def test_bm25_scores_equal_rank_bm25():
+    from rank_bm25 import BM25Okapi
+    rng = random.Random(0)
+    words = [f"w{i}" for i in range(200)]
+    docs = [[rng.choice(words) for _ in range(rng.randint(1, 30))] for _ in range(300)]
+    queries = [[rng.choice(words) for _ in range(rng.randint(1, 5))] for _ in range(40)] + [["w1", "w1", "unseen"]]
+    ref = np.array([BM25Okapi(docs).get_scores(q) for q in queries])
+    assert np.allclose(BM25(docs).scores(queries), ref, atol=1e-9)
+    assert (BM25(docs).top(queries, 3)[:, 0] == ref.argmax(1)).mean() > 0.95  # ties may order differently
+    assert tokenize("Hello, World 42 中文") == ["hello", "world", "42", "中", "文"]
+
+
+def test_mined_negatives_are_never_relevant_to_their_query():
+    train = [RetrievalExample("reset password", "password reset steps", "f:1"),
+             RetrievalExample("reset password", "password help page", "f:2"),  # a second relevant document
+             RetrievalExample("refund money", "refund policy money back", "f:3"),
+             RetrievalExample("ship parcel", "parcel shipping times", "f:4")]
+    assert mine_negatives(train, 1) == 4
+    for ex in train:
+        relevant = {e.label for e in train if e.text == ex.text}
+        assert ex.negatives and not set(ex.negatives) & relevant
+    assert train[0].negatives == ["refund policy money back"] or train[0].negatives[0] not in relevant
+
+
+def test_ranking_metrics_by_hand():
+    scores = np.array([[0.9, 0.8, 0.1], [0.1, 0.2, 0.9], [0.5, 0.9, 0.1]])
+    m = ranking_metrics(scores, [{0}, {1}, {0, 1}])
+    assert m["recall_1"] == pytest.approx((1 + 0 + 0.5) / 3)
+    assert m["mrr_10"] == pytest.approx((1 + 0.5 + 1) / 3)
+    ndcg_2 = (1 / np.log2(3)) / 1  # relevant at rank 2 of one relevant
+    assert m["ndcg_10"] == pytest.approx((1 + ndcg_2 + 1) / 3)
+    assert m["recall_5"] == 1.0
+
+
+def test_loss_masks_a_shared_document_and_equals_the_cross_entropy_by_hand(tiny_encoder):
+    task = get_task("retrieval")
+    tok = AutoTokenizer.from_pretrained(tiny_encoder)
+    model = BertModel.from_pretrained(tiny_encoder)
+    examples = [RetrievalExample("reset my password", "password steps", "f:1", negatives=["refund rules"]),
+                RetrievalExample("forgot password", "password steps", "f:2"),  # the same document as row 1
+                RetrievalExample("money back", "refund rules", "f:3")]
+    enc = task.encode(examples, tok, 32)
+    batch = task.collate(enc.features, tok)
+    assert batch["labels"].shape == (3 + 3 + 1, 3)
+    out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    losses = task.example_losses(out, batch)
+    # by hand: rows 0-2 queries, 3-5 positives, 6 the negative (the same text as row 5's document)
+    emb = F.normalize((out.last_hidden_state * batch["attention_mask"].unsqueeze(-1)).sum(1)
+                      / batch["attention_mask"].sum(1, keepdim=True), dim=-1)
+    s = 20 * emb[:3] @ emb[3:].T
+    want = [F.cross_entropy(s[0, [0, 2, 3]].unsqueeze(0), torch.tensor([0])),  # its twin's copy (column 1) masked
+            F.cross_entropy(s[1, [1, 2, 3]].unsqueeze(0), torch.tensor([0])),  # likewise column 0
+            F.cross_entropy(s[2, [0, 1, 2]].unsqueeze(0), torch.tensor([2]))]  # the negative is its own document: masked
+    assert torch.allclose(losses, torch.stack(want), atol=1e-5)
+    assert task.loss(out, batch).item() == pytest.approx(losses.sum().item(), rel=1e-6)
+
+
+def test_retrieval_run_learns_and_searches_its_index(tmp_path, tiny_encoder, capsys):
+    untrained = get_task("retrieval")
+    cfg = build_config(_cfg(tmp_path, tiny_encoder))
+    splits = untrained.read(cfg)
+    assert splits.info["hard_negatives"]["mined"] == 240
+    run = lmtune.train(_cfg(tmp_path, tiny_encoder))
+    m = run.metrics["test"]
+    assert m["ndcg_10"] >= 0.9 and m["recall_1"] >= 0.8 and m["documents"] == 12 and m["n"] == 48
+    assert run.metrics["dev"]["ndcg_10"] > run.metrics["dev"]["recall_1"] - 1e-9
+    assert (run.run_dir / "index" / "documents.jsonl").is_file()
+    hits = run.search(["what about my refund please", "the screen is dark"], k=3)
+    assert hits[0][0]["document"] == "our answer on reimbursement for customers"
+    assert hits[1][0]["document"] == "our answer on display for customers"
+    assert len(hits[0]) == 3 and hits[0][0]["score"] >= hits[0][1]["score"]
+    assert "### Retrieval" in (run.run_dir / "report.md").read_text()
+    rows = [json.loads(x) for x in (run.run_dir / "predictions" / "test.jsonl").read_text().splitlines()]
+    assert rows[0]["gold_rank"] >= 1 and rows[0]["results"][0]["document"]
+
+    # reload: the same ranking from the saved model and index; predict ranks against the index
+    again = lmtune.load(run.run_dir)
+    assert again.search(["what about my refund please"], k=3)[0] == hits[0]
+    assert again.predict(["please cancel it"])[0]["results"][0]["document"] == "our answer on termination for customers"
+
+    # a new corpus with ids, through the CLI
+    corpus = tmp_path / "corpus.csv"
+    corpus.write_text("doc_id,text\nA,our answer on coupon for customers\nB,our answer on shipping for customers\n", encoding="utf-8")
+    again.config.retrieval.corpus_id_column = "doc_id"
+    assert again.build_index(str(corpus)) == 2
+    assert lmtune.load(run.run_dir).search("any discount for me", k=1)[0][0]["id"] == "A"
+    assert main(["search", str(run.run_dir), "--query", "any discount for me", "--k", "2"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["query"] == "any discount for me" and line["results"][0]["id"] == "A" and len(line["results"]) == 2
+
+
+def test_lora_on_a_bare_encoder_trains_no_head(tmp_path, tiny_encoder):
+    from lmtune.peft import head_modules
+    assert head_modules(BertModel.from_pretrained(tiny_encoder)) == []
+    run = lmtune.train(_cfg(tmp_path, tiny_encoder, peft={"method": "lora", "r": 4}))
+    assert run.metrics["test"]["ndcg_10"] > 0
+    assert lmtune.load(run.run_dir).search("refund please", k=1)[0]
+
+
+def test_bad_inputs_are_line_numbered_errors(tmp_path, tiny_encoder):
+    cfg = _cfg(tmp_path, tiny_encoder)
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "a", "document": "b"}\n{"query": "c"}\n', encoding="utf-8")
+    cfg["data"]["train"] = str(bad)
+    with pytest.raises(InputError, match=r"bad.jsonl: line 2: no column 'document'"):
+        get_task("retrieval").read(build_config(cfg))
+    negs = tmp_path / "negs.jsonl"
+    negs.write_text('{"query": "a", "document": "b", "neg": "x"}\n{"query": "c", "document": "d", "neg": "[1, 2"}\n', encoding="utf-8")
+    cfg = _cfg(tmp_path, tiny_encoder, retrieval={"negative_column": "neg"})
+    cfg["data"]["train"] = str(negs)
+    with pytest.raises(InputError, match=r"negs.jsonl: line 2: 'neg' starts with '\[' but is not a JSON list"):
+        get_task("retrieval").read(build_config(cfg))
+    cfg = _cfg(tmp_path, tiny_encoder, retrieval={"corpus": str(tmp_path / "missing.csv")})
+    with pytest.raises(InputError):
+        get_task("retrieval").read(build_config(cfg))
+    assert main(["search", str(tmp_path), "--k", "2"]) == 2
