@@ -396,6 +396,24 @@ def cmd_search(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_recommend(ns: argparse.Namespace) -> int:
+    """The recommendation app (lmtune.apps.recommend): fit a config, or rank items for a user."""
+    from lmtune.apps import recommend
+    if ns.recommend_command == "fit":
+        result = recommend.fit(ns.config)
+        t = result["test"]
+        print(f"run dir: {result['run_dir']}")
+        for name in ("model", "popularity", "bm25"):
+            print(f"test {name}: ndcg_10 {t[name]['ndcg_10']:.4f}  recall_10 {t[name]['recall_10']:.4f}  recall_20 {t[name]['recall_20']:.4f}")
+        return 0
+    if bool(ns.user) == bool(ns.history):
+        raise InputError("recommend rank: give either --user USER or --history ITEM,ITEM,...")
+    history = [x.strip() for x in ns.history.split(",") if x.strip()] if ns.history else None
+    for row in recommend.rank(ns.run_dir, ns.user, history, ns.k):
+        print(json.dumps(row, ensure_ascii=False))
+    return 0
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     from lmtune.serve.app import ServeSettings, create_app, serve
     if ns.no_auth and ns.host not in LOCAL_HOSTS and not ns.insecure:
@@ -504,6 +522,15 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--query", action="append", default=[], help="a query (repeatable)")
     se.add_argument("--k", type=int, default=10, help="documents per query")
     se.add_argument("--corpus", default=None, help="embed this file's documents (retrieval.corpus_column) as the run's new index first")
+    rc = sub.add_parser("recommend", help="text-based recommendation app: fit a two-tower model on interactions, rank items for a user")
+    rsub = rc.add_subparsers(dest="recommend_command", required=True)
+    rf = rsub.add_parser("fit", help="train, then compare with popularity and BM25 on a leave-last-out split (recommend.json)")
+    rf.add_argument("config", help="the app's YAML (see lmtune/apps/recommend/example.yaml)")
+    rr = rsub.add_parser("rank", help="the top items for a user (or a list of item ids), items already taken excluded")
+    rr.add_argument("run_dir")
+    rr.add_argument("--user", default=None)
+    rr.add_argument("--history", default=None, help="comma-separated item ids, oldest first")
+    rr.add_argument("--k", type=int, default=10)
     sv = sub.add_parser("serve", help="serve a run over HTTP (FastAPI): /v1/predict (/v1/generate), /healthz, /readyz, /metrics",
                         description="API keys come from LMTUNE_API_KEYS (comma-separated) or --api-key-file; calls "
                                     "without a valid key get 401. Uses RUN_DIR/export (ONNX, int8 first) when present.")
@@ -613,7 +640,7 @@ def _version() -> str:
 COMMANDS = {"evaluate": cmd_evaluate, "predict": cmd_predict, "merge": cmd_merge, "report": cmd_report, "export": cmd_export,
             "attack": cmd_attack, "serve": cmd_serve, "config": cmd_config, "init": cmd_init, "runs": cmd_runs,
             "compare": cmd_compare, "push": cmd_push, "completion": cmd_completion, "drift": cmd_drift, "explain": cmd_explain,
-            "fairness": cmd_fairness, "ui": cmd_ui, "chat": cmd_chat, "search": cmd_search,
+            "fairness": cmd_fairness, "ui": cmd_ui, "chat": cmd_chat, "search": cmd_search, "recommend": cmd_recommend,
             "ensemble": cmd_ensemble, "soup": cmd_soup}
 
 

@@ -1,0 +1,185 @@
+"""Applications built on lmtune's public API, measured against their baselines in the same process.
+
+retrieval: SQuAD v1.1 dev (the train file is missing), articles split as in bench/qa.py (seeded shuffle:
+  30% test articles, a tenth of the rest dev, the other train articles' questions, a seeded sample of
+  --train). Queries: questions; corpus: every paragraph of the test articles; a question's relevant
+  document is its own paragraph. lmtune: task retrieval on the packaged all-MiniLM-L6-v2 (in-batch + one
+  BM25 hard negative per question, max_length 256 as the checkpoint's sentence-transformers config).
+  Peers: the same MiniLM un-tuned (mean pooling + normalize, what sentence-transformers runs for it,
+  written with transformers here) and BM25 (rank-bm25 BM25Okapi on lowercased words). recall@5 of all three.
+recommend: ../shared/data/amazon_scientific (Industrial & Scientific 5-core, the shipped leave-last-out
+  split) through `lmtune.apps.recommend`: a two-tower (shared-weight) bi-encoder from the text of a
+  user's history (most recent item first) to the next item's text, trained on every prefix -> next pair
+  of the training part, early stopping on the valid targets. Test: each user's history before the last
+  item ranks all 1,585 items; items already in the history are excluded (so the 25 test targets that
+  repeat an earlier purchase count as misses for every system). Peers: popularity (interaction counts of
+  the histories) and BM25 (history text as the query over the item texts), same exclusion. NDCG@10.
+assistant: not built yet (null).
+
+Last line JSON: {"retrieval": {"recall5": R, "recall5_untuned": R, "recall5_bm25": R},
+                 "assistant": null, "recommend": {"ndcg10": N, "ndcg10_popularity": N, "ndcg10_bm25": N}}
+Usage: python bench/apps.py [--only retrieval,recommend] [--train 3000] [--epochs 1]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+SHARED = ROOT.parent / "shared" / "data"
+sys.path.insert(0, str(ROOT))
+
+from lmtune import train  # noqa: E402
+from lmtune.config import DEFAULT_MODEL  # noqa: E402
+from lmtune.models import quiet_transformers, resolve_model  # noqa: E402
+from lmtune.tasks.retrieval import ranking_metrics  # noqa: E402
+
+SEED, MAX_LEN = 42, 256
+
+
+def squad_split(n_train: int) -> tuple[list, list, list]:
+    """(question, paragraph) rows of the train, dev and test articles, as bench/qa.py splits them."""
+    arts = [[(qa["question"], p["context"]) for p in a["paragraphs"] for qa in p["qas"]]
+            for a in json.loads((SHARED / "squad" / "dev-v1.1.json").read_text(encoding="utf-8"))["data"]]
+    order = list(range(len(arts)))
+    random.Random(SEED).shuffle(order)
+    n_test = int(0.3 * len(order))
+    test_arts, rest = order[:n_test], order[n_test:]
+    n_dev = max(1, len(rest) // 10)
+    dev = [q for i in rest[:n_dev] for q in arts[i]]
+    train_q = [q for i in rest[n_dev:] for q in arts[i]]
+    if n_train and n_train < len(train_q):
+        train_q = random.Random(SEED).sample(train_q, n_train)
+    return train_q, random.Random(SEED).sample(dev, min(600, len(dev))), [q for i in test_arts for q in arts[i]]
+
+
+def write(path: Path, rows: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8")
+    return str(path)
+
+
+@torch.inference_mode()
+def untuned_embed(model_path: str, texts: list[str], batch: int = 32) -> np.ndarray:
+    """sentence-transformers' all-MiniLM-L6-v2 pipeline (Transformer 256 tokens, mean pooling, Normalize)."""
+    from transformers import AutoModel, AutoTokenizer
+    with quiet_transformers():
+        tok, model = AutoTokenizer.from_pretrained(model_path), AutoModel.from_pretrained(model_path).eval()
+    order = np.argsort([len(t) for t in texts])
+    out = np.zeros((len(texts), model.config.hidden_size), np.float32)
+    for i in range(0, len(texts), batch):
+        idx = order[i:i + batch]
+        enc = tok([texts[j] for j in idx], padding=True, truncation=True, max_length=MAX_LEN, return_tensors="pt")
+        h = model(**enc).last_hidden_state
+        m = enc["attention_mask"].unsqueeze(-1).float()
+        out[idx] = torch.nn.functional.normalize((h * m).sum(1) / m.sum(1), dim=-1).numpy()
+    return out
+
+
+def bm25_scores(corpus: list[str], queries: list[str]) -> np.ndarray:
+    from rank_bm25 import BM25Okapi
+
+    from lmtune.bm25 import tokenize
+    bm25 = BM25Okapi([tokenize(d) for d in corpus])
+    return np.stack([bm25.get_scores(tokenize(q)) for q in queries])
+
+
+def bench_retrieval(ns: argparse.Namespace, work: Path) -> dict:
+    tr, dv, te = squad_split(ns.train)
+    corpus = list(dict.fromkeys(p for _, p in te))
+    where = {p: i for i, p in enumerate(corpus)}
+    queries: dict[str, set[int]] = {}
+    for q, p in te:
+        queries.setdefault(q, set()).add(where[p])
+    qs, rel = list(queries), list(queries.values())
+    model = resolve_model(DEFAULT_MODEL)
+    t0 = time.perf_counter()
+    bm = ranking_metrics(bm25_scores(corpus, qs), rel)
+    t_bm25 = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    untuned = ranking_metrics(untuned_embed(model, qs) @ untuned_embed(model, corpus).T, rel)
+    t_untuned = time.perf_counter() - t0
+    files = {k: write(work / f"squad_{k}.jsonl", [{"query": q, "document": p} for q, p in rows])
+             for k, rows in (("train", tr), ("dev", dv), ("test", te))}
+    run = train({"task": "retrieval", "output_dir": str(work / "runs"), "run_name": "retrieval", "model": {"name": model},
+                 "data": {**files, "max_length": MAX_LEN},
+                 "train": {"epochs": ns.epochs, "batch_size": ns.batch, "seed": SEED, "progress": "none",
+                           **({"lr": ns.lr} if ns.lr else {})}})
+    t0 = time.perf_counter()
+    tuned = ranking_metrics(run.embed(qs) @ run.embed(corpus, documents=True).T, rel)
+    t_tuned = time.perf_counter() - t0
+    print(f"retrieval (SQuAD, {len(tr)} train questions, {len(qs)} test questions over {len(corpus)} test paragraphs): "
+          f"recall@5 lmtune {tuned['recall_5']:.4f} | un-tuned MiniLM {untuned['recall_5']:.4f} ({100 * (tuned['recall_5'] - untuned['recall_5']):+.1f} "
+          f"points) | BM25 {bm['recall_5']:.4f} ({100 * (tuned['recall_5'] - bm['recall_5']):+.1f} points); NDCG@10 {tuned['ndcg_10']:.4f} / "
+          f"{untuned['ndcg_10']:.4f} / {bm['ndcg_10']:.4f}; train {run.metrics['train']['train_seconds']:.0f}s, test ranking "
+          f"{t_tuned:.1f}s / {t_untuned:.1f}s / {t_bm25:.1f}s", flush=True)
+    return {"recall5": round(tuned["recall_5"], 4), "recall5_untuned": round(untuned["recall_5"], 4), "recall5_bm25": round(bm["recall_5"], 4),
+            "ndcg10": round(tuned["ndcg_10"], 4), "ndcg10_untuned": round(untuned["ndcg_10"], 4), "ndcg10_bm25": round(bm["ndcg_10"], 4)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", default="retrieval,recommend")
+    ap.add_argument("--train", type=int, default=3000, help="SQuAD training questions (seeded sample)")
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch", type=int, default=32)
+    ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--rec-epochs", type=int, default=1)
+    ap.add_argument("--rec-max-length", type=int, default=128, help="tokens of a history (newest items first) and of an item")
+    ap.add_argument("--history-items", type=int, default=5)
+    ns = ap.parse_args()
+    out: dict = {"retrieval": None, "assistant": None, "recommend": None}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in ns.only.split(","):
+            torch.manual_seed(SEED)
+            out[name] = {"retrieval": bench_retrieval, "recommend": bench_recommend}[name](ns, Path(tmp))
+    print(json.dumps(out))
+
+
+def amazon_files(work: Path) -> tuple[Path, Path]:
+    """The RecBole files as the app reads them: items.jsonl {item_id, text} and interactions.tsv
+    (user_id, item_id) in each user's order (test history + test target = the whole sequence)."""
+    d = SHARED / "amazon_scientific"
+    asin = dict(line.split("\t") for line in (d / "Scientific.item2index").read_text(encoding="utf-8").splitlines())
+    text = dict(line.split("\t", 1) for line in (d / "Scientific.text").read_text(encoding="utf-8").splitlines()[1:])
+    items = work / "items.jsonl"
+    write(items, [{"item_id": idx, "text": text[a].strip()} for a, idx in asin.items()])
+    rows = ["user_id\titem_id"]
+    for line in (d / "Scientific.test.inter").read_text(encoding="utf-8").splitlines()[1:]:
+        user, hist, target = line.split("\t")
+        rows += [f"{user}\t{i}" for i in (*hist.split(), target)]
+    inter = work / "interactions.tsv"
+    inter.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    return items, inter
+
+
+def bench_recommend(ns: argparse.Namespace, work: Path) -> dict:
+    from lmtune.apps import recommend
+    items, inter = amazon_files(work)
+    cfg = recommend.RecommendConfig(items=str(items), interactions=str(inter), history_items=ns.history_items,
+                                    output_dir=str(work / "runs"), run_name="recommend",
+                                    lmtune={"model": {"name": resolve_model(DEFAULT_MODEL)}, "data": {"max_length": ns.rec_max_length},
+                                            "train": {"epochs": ns.rec_epochs, "batch_size": ns.batch, "seed": SEED, "progress": "none",
+                                                      **({"lr": ns.lr} if ns.lr else {})}})
+    t0 = time.perf_counter()
+    result = recommend.fit(cfg)
+    t = result["test"]
+    best = max(t["popularity"]["ndcg_10"], t["bm25"]["ndcg_10"])
+    print(f"recommend (Amazon Scientific, {result['split']['users']} users, {result['split']['items']} items, "
+          f"{result['split']['train_pairs']} train pairs; {result['split']['repeat_targets_unreachable']} repeat targets excluded): NDCG@10 "
+          f"lmtune {t['model']['ndcg_10']:.4f} | popularity {t['popularity']['ndcg_10']:.4f} | BM25 {t['bm25']['ndcg_10']:.4f} | "
+          f"vs the better baseline {100 * (t['model']['ndcg_10'] / best - 1):+.1f}% relative; recall@10 {t['model']['recall_10']:.4f} / "
+          f"{t['popularity']['recall_10']:.4f} / {t['bm25']['recall_10']:.4f}; {time.perf_counter() - t0:.0f}s", flush=True)
+    return {"ndcg10": round(t["model"]["ndcg_10"], 4), "ndcg10_popularity": round(t["popularity"]["ndcg_10"], 4),
+            "ndcg10_bm25": round(t["bm25"]["ndcg_10"], 4), "recall10": round(t["model"]["recall_10"], 4)}
+
+
+if __name__ == "__main__":
+    main()
