@@ -639,8 +639,8 @@ def _train(cfg: Config, task, splits, run_dir: Path, resume, callbacks, previous
                    previous=previous)
     try:
         for stage in (_record_inputs, _search_label_noise, _build_model, _encode_data, _audit_data, _start_trackers, _fit,
-                      _restore_best, _choose_decoding, _evaluate, _build_index, _measure_slices, _measure_forgetting, _drift_reference, _save_model, _write_results,
-                      _attack, _finish_trackers):
+                      _restore_best, _choose_decoding, _evaluate, _build_index, _measure_slices, _measure_forgetting, _drift_reference,
+                      _save_model, _write_results, _attack, _finish_trackers):
             stage(ctx)
     except BaseException:
         for tracker in ctx.trackers:
