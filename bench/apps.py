@@ -117,7 +117,8 @@ def bench_retrieval(ns: argparse.Namespace, work: Path) -> dict:
     t_tuned = time.perf_counter() - t0
     print(f"retrieval (SQuAD, {len(tr)} train questions, {len(qs)} test questions over {len(corpus)} test paragraphs): "
           f"recall@5 lmtune {tuned['recall_5']:.4f} | un-tuned MiniLM {untuned['recall_5']:.4f} "
-          f"({100 * (tuned['recall_5'] - untuned['recall_5']):+.1f} points) | BM25 {bm['recall_5']:.4f} ({100 * (tuned['recall_5'] - bm['recall_5']):+.1f} points); NDCG@10 {tuned['ndcg_10']:.4f} / "
+          f"({100 * (tuned['recall_5'] - untuned['recall_5']):+.1f} points) | "
+          f"BM25 {bm['recall_5']:.4f} ({100 * (tuned['recall_5'] - bm['recall_5']):+.1f} points); NDCG@10 {tuned['ndcg_10']:.4f} / "
           f"{untuned['ndcg_10']:.4f} / {bm['ndcg_10']:.4f}; train {run.metrics['train']['train_seconds']:.0f}s, test ranking "
           f"{t_tuned:.1f}s / {t_untuned:.1f}s / {t_bm25:.1f}s", flush=True)
     return {"recall5": round(tuned["recall_5"], 4), "recall5_untuned": round(untuned["recall_5"], 4), "recall5_bm25": round(bm["recall_5"], 4),
