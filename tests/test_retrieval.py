@@ -178,3 +178,18 @@ def test_bad_inputs_are_line_numbered_errors(tmp_path, tiny_encoder):
     with pytest.raises(InputError):
         get_task("retrieval").read(build_config(cfg))
     assert main(["search", str(tmp_path), "--k", "2"]) == 2
+
+
+def test_search_over_http(tmp_path, tiny_encoder, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from lmtune.serve.app import ServeSettings, create_app
+    run = lmtune.train(_cfg(tmp_path, tiny_encoder))
+    monkeypatch.setenv("LMTUNE_API_KEYS", "test-key-0123456789abcdef")
+    with TestClient(create_app(ServeSettings(run_dir=str(run.run_dir), backend="torch"))) as c:
+        assert c.post("/v1/predict", json={"texts": ["refund please"]}).status_code == 401
+        r = c.post("/v1/predict", json={"texts": ["what about my refund please"]},
+                   headers={"Authorization": "Bearer test-key-0123456789abcdef"})
+    assert r.status_code == 200, r.text
+    results = r.json()["predictions"][0]["results"]
+    assert results[0]["document"] == "our answer on reimbursement for customers" and len(results) == 10
