@@ -414,6 +414,23 @@ def cmd_recommend(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_assistant(ns: argparse.Namespace) -> int:
+    """The customer-service assistant app (lmtune.apps.assistant): serve it, or measure its routing on a labeled file."""
+    from lmtune.apps import assistant
+    cfg = assistant.load_config(ns.config)
+    if ns.assistant_command == "evaluate":
+        result = assistant.Assistant(cfg).evaluate(ns.data)
+        print(json.dumps(result))
+        return 0
+    from lmtune.apps.assistant.server import serve
+    from lmtune.serve.app import ServeSettings
+    if ns.no_auth and ns.host not in LOCAL_HOSTS:
+        raise InputError(f"assistant serve: --no-auth on {ns.host} would let anyone on the network use it. Bind to 127.0.0.1.")
+    serve(cfg, ServeSettings(run_dir=cfg.intents, key_file=ns.api_key_file, no_auth=ns.no_auth, max_chars=ns.max_chars,
+                             max_body_bytes=ns.max_body_bytes), ns.host, ns.port)
+    return 0
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     from lmtune.serve.app import ServeSettings, create_app, serve
     if ns.no_auth and ns.host not in LOCAL_HOSTS and not ns.insecure:
@@ -531,6 +548,19 @@ def build_parser() -> argparse.ArgumentParser:
     rr.add_argument("--user", default=None)
     rr.add_argument("--history", default=None, help="comma-separated item ids, oldest first")
     rr.add_argument("--k", type=int, default=10)
+    asp = sub.add_parser("assistant", help="customer-service assistant app: intent routing, FAQ answers, hand-off (see Applications)")
+    asub = asp.add_subparsers(dest="assistant_command", required=True)
+    aserve = asub.add_parser("serve", help="POST /v1/chat, a chat page at /, /healthz, /metrics; API keys as lmtune serve")
+    aserve.add_argument("config", help="the app's YAML (see lmtune/apps/assistant/example.yaml)")
+    aserve.add_argument("--host", default="127.0.0.1")
+    aserve.add_argument("--port", type=int, default=8010)
+    aserve.add_argument("--api-key-file", help="file with one API key per line (else LMTUNE_API_KEYS)")
+    aserve.add_argument("--no-auth", action="store_true", help="serve without API keys (localhost only)")
+    aserve.add_argument("--max-chars", type=int, default=2000, help="characters per message")
+    aserve.add_argument("--max-body-bytes", type=int, default=100_000)
+    aev = asub.add_parser("evaluate", help="routing accuracy on a labeled file (right answer, or hand-off for out-of-scope)")
+    aev.add_argument("config")
+    aev.add_argument("--data", required=True, help="labeled messages in the intent run's columns")
     sv = sub.add_parser("serve", help="serve a run over HTTP (FastAPI): /v1/predict (/v1/generate), /healthz, /readyz, /metrics",
                         description="API keys come from LMTUNE_API_KEYS (comma-separated) or --api-key-file; calls "
                                     "without a valid key get 401. Uses RUN_DIR/export (ONNX, int8 first) when present.")
@@ -640,7 +670,7 @@ def _version() -> str:
 COMMANDS = {"evaluate": cmd_evaluate, "predict": cmd_predict, "merge": cmd_merge, "report": cmd_report, "export": cmd_export,
             "attack": cmd_attack, "serve": cmd_serve, "config": cmd_config, "init": cmd_init, "runs": cmd_runs,
             "compare": cmd_compare, "push": cmd_push, "completion": cmd_completion, "drift": cmd_drift, "explain": cmd_explain,
-            "fairness": cmd_fairness, "ui": cmd_ui, "chat": cmd_chat, "search": cmd_search, "recommend": cmd_recommend,
+            "fairness": cmd_fairness, "ui": cmd_ui, "chat": cmd_chat, "search": cmd_search, "recommend": cmd_recommend, "assistant": cmd_assistant,
             "ensemble": cmd_ensemble, "soup": cmd_soup}
 
 

@@ -120,7 +120,7 @@ def _pick_backend(run_dir: Path, backend: str) -> str:
     return "torch"
 
 
-class _Metrics:
+class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("lmtune_requests_total", "HTTP requests", ["endpoint", "status"], registry=self.registry)
@@ -160,7 +160,7 @@ def error_origin(e: BaseException) -> str:
     return f"{type(e).__name__}{where}"
 
 
-def _given_key(headers: dict) -> str | None:
+def given_key(headers: dict) -> str | None:
     auth = headers.get(b"authorization", b"").decode("latin-1")
     if auth.lower().startswith("bearer "):
         return auth[7:].strip()
@@ -168,7 +168,7 @@ def _given_key(headers: dict) -> str | None:
     return key.decode("latin-1") if key is not None else None
 
 
-class _RequestContext:
+class RequestContext:
     """Pure ASGI middleware (BaseHTTPMiddleware costs too much per request), in this order: request
     id; API key (before the body is read, so an unauthenticated client learns nothing about parsing);
     body size, declared or streamed (chunked bodies are read here, up to the limit, so an oversize
@@ -176,8 +176,10 @@ class _RequestContext:
     into a response becomes a 500 with the request id. Metrics and one access-log line without any
     text of the request."""
 
-    def __init__(self, app, metrics: _Metrics, max_body_bytes: int, keys: list[str]):
+    def __init__(self, app, metrics: Metrics, max_body_bytes: int, keys: list[str], protected: tuple[str, ...] = PROTECTED,
+                 known_paths: tuple[str, ...] = KNOWN_PATHS):
         self.app, self.metrics, self.max_body, self.keys = app, metrics, max_body_bytes, keys
+        self.protected, self.known_paths = protected, known_paths  # another app on this middleware names its own
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
@@ -203,7 +205,7 @@ class _RequestContext:
                 await send_with_id(message)
 
         try:
-            if self.keys and scope["path"] in PROTECTED and not key_ok(_given_key(headers), self.keys):
+            if self.keys and scope["path"] in self.protected and not key_ok(given_key(headers), self.keys):
                 self.metrics.errors.labels("unauthorized").inc()
                 return await answer(401, "missing or invalid API key (Authorization: Bearer KEY, or X-API-Key: KEY)",
                                     [(b"www-authenticate", b"Bearer")])
@@ -226,7 +228,7 @@ class _RequestContext:
             elapsed = time.perf_counter() - t0
             route = scope.get("route")
             # answered here (401, 413) before routing: label known paths by name, anything else "other"
-            endpoint = route.path if route is not None else scope["path"] if scope["path"] in KNOWN_PATHS else "other"
+            endpoint = route.path if route is not None else scope["path"] if scope["path"] in self.known_paths else "other"
             self.metrics.requests.labels(endpoint, str(status)).inc()
             self.metrics.latency.labels(endpoint).observe(elapsed)
             if status >= 500:
@@ -304,7 +306,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         from lmtune.backends.onnx import OnnxModel
         run.model = OnnxModel(run.model.path, settings.threads, spin=False)
     run.config.train.progress = "none"
-    metrics = _Metrics()
+    metrics = Metrics()
     from lmtune.drift import DriftMonitor
     monitor = DriftMonitor.for_run(run)
 
@@ -337,14 +339,14 @@ def create_app(settings: ServeSettings) -> FastAPI:
     app = FastAPI(title="lmtune", version="1", lifespan=lifespan,
                   description=f"Predictions of the fine-tuned model in {run_dir.name} ({run.task.name}).")
 
-    app.add_middleware(_RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes, keys=keys)
+    app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes, keys=keys)
 
     def require_key(request: Request) -> None:
         """The middleware checks the key before the body is read; this declares it in the OpenAPI docs
         (and checks again, so a route added outside PROTECTED is still guarded)."""
         if not keys:
             return
-        if not key_ok(_given_key(dict(request.scope["headers"])), keys):
+        if not key_ok(given_key(dict(request.scope["headers"])), keys):
             metrics.errors.labels("unauthorized").inc()
             raise HTTPException(401, "missing or invalid API key (Authorization: Bearer KEY, or X-API-Key: KEY)",
                                 headers={"WWW-Authenticate": "Bearer"})
@@ -376,7 +378,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         if explain_wanted:
             if not run.task.supports(EXPLAIN):
                 raise HTTPException(422, f"the {run.task.name} task has no explanations")
-            wait = explain_calls.take(_given_key(dict(request.scope["headers"])) or "")
+            wait = explain_calls.take(given_key(dict(request.scope["headers"])) or "")
             if wait:
                 metrics.errors.labels("rate_limited").inc()
                 raise HTTPException(429, f"explanations are limited to {settings.explain_per_minute} requests a minute",
@@ -432,7 +434,7 @@ def _public(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("text", "text_pair", "source", "prompt")} for r in rows]
 
 
-def _add_generate(app: FastAPI, run, settings: ServeSettings, metrics: _Metrics, responses: dict, require_key) -> None:
+def _add_generate(app: FastAPI, run, settings: ServeSettings, metrics: Metrics, responses: dict, require_key) -> None:
     """POST /v1/generate: one prompt, tokens streamed as server-sent events while the model generates
     (transformers' TextIteratorStreamer, the generation in a worker thread). One generation runs at a
     time (each takes the cores); up to max_generate_queue wait, more get 503."""
@@ -509,20 +511,20 @@ class RateLimiter:
             return 0.0
 
 
-def _guard(settings: ServeSettings) -> None:
+def configure_protocol(settings: ServeSettings) -> None:
     GuardedHttpProtocol.configure(settings.header_timeout_s, settings.body_timeout_s, settings.max_connections)
 
 
 def from_env() -> FastAPI:
     """uvicorn factory for --workers > 1 (each worker process builds its own app)."""
     settings = ServeSettings(**json.loads(os.environ[SETTINGS_ENV]))
-    _guard(settings)
+    configure_protocol(settings)
     return create_app(settings)
 
 
 def serve(settings: ServeSettings, host: str = "127.0.0.1", port: int = 8000, workers: int = 1) -> None:
     import uvicorn
-    _guard(settings)
+    configure_protocol(settings)
     # access_log off: the request middleware already logs one line per request (with its id, PII-masked);
     # the guarded protocol bounds header and body read time and the number of connections
     kwargs = {"host": host, "port": port, "timeout_graceful_shutdown": 30, "log_level": "info", "access_log": False,

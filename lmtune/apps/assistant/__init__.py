@@ -1,0 +1,177 @@
+"""A customer-service assistant on lmtune: every message is routed by an intent run that knows when it
+does not know, and answered from an FAQ file, or handed off to a person.
+
+Routes (the first that applies):
+1. intent: the intent run is confident (it does not abstain, and the label is not the out-of-scope
+   label) and the FAQ has an answer for that intent -> that answer;
+2. faq: otherwise, with a retrieval run, the message is searched against the FAQ entries; the best
+   entry is answered when its cosine score reaches the threshold chosen on dev (the one that routes
+   the most dev messages right: the right answer, or a hand-off for an out-of-scope one);
+3. handoff: otherwise the fallback text, with `handoff: true`.
+`lmtune assistant serve` puts it behind the same API keys, size limits, request ids, metrics and
+PII-masked access log as `lmtune serve`, with sessions and a small chat page
+(lmtune/apps/assistant/server.py). Example config: lmtune/apps/assistant/example.yaml.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from lmtune.data.readers import read_rows
+from lmtune.errors import InputError
+
+log = logging.getLogger("lmtune.assistant")
+EXAMPLE = Path(__file__).with_name("example.yaml")
+FALLBACK = "I'm not sure I can help with that. Let me pass you to a colleague."
+
+
+@dataclass
+class AssistantConfig:
+    intents: str = ""  # run dir: classification with abstention (abstain.* keys) and, ideally, an out-of-scope label
+    faq: str = ""  # file: one row per answer, with its intent (and optionally a question to search)
+    faq_intent_column: str = "intent"
+    faq_answer_column: str = "answer"
+    faq_question_column: str | None = None  # what the retriever searches (default: the answer)
+    retriever: str | None = None  # run dir of a task retrieval run
+    dev: str | None = None  # labeled messages (data.text_column / label_column of the intent run) to choose the threshold
+    oos_label: str = "oos"
+    fallback: str = FALLBACK
+    retrieval_threshold: float | None = None  # chosen on dev when dev is given; else retrieval never answers
+
+
+def load_config(path: str | Path) -> AssistantConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: file not found. Start from {EXAMPLE}.")
+    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    known = {f.name for f in dataclasses.fields(AssistantConfig)}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise InputError(f"{path}: unknown key(s) {', '.join(unknown)}; the keys are {', '.join(sorted(known))}.")
+    cfg = AssistantConfig(**raw)
+    for key in ("intents", "faq", "retriever", "dev"):
+        value = getattr(cfg, key)
+        if value and not Path(value).is_absolute():
+            setattr(cfg, key, str(path.parent / value))
+    return cfg
+
+
+def read_faq(cfg: AssistantConfig) -> list[dict]:
+    """FAQ rows {intent, answer, question}; one answer per intent (the first row wins)."""
+    out: list[dict] = []
+    seen: set[str] = set()
+    for line, row in read_rows(cfg.faq):
+        for col in (cfg.faq_intent_column, cfg.faq_answer_column, *([cfg.faq_question_column] if cfg.faq_question_column else [])):
+            if col not in row:
+                raise InputError(f"{cfg.faq}: line {line}: no column '{col}' (columns are: {', '.join(map(repr, row))}). "
+                                 "Set faq_intent_column / faq_answer_column / faq_question_column.")
+        intent, answer = str(row[cfg.faq_intent_column]).strip(), str(row[cfg.faq_answer_column] or "").strip()
+        if not answer:
+            raise InputError(f"{cfg.faq}: line {line}: the answer is empty. Give every FAQ row an answer.")
+        if intent in seen:
+            continue
+        seen.add(intent)
+        out.append({"intent": intent, "answer": answer,
+                    "question": str(row[cfg.faq_question_column]).strip() if cfg.faq_question_column else answer})
+    if not out:
+        raise InputError(f"{cfg.faq}: no FAQ rows.")
+    return out
+
+
+class Assistant:
+    def __init__(self, cfg: AssistantConfig) -> None:
+        import lmtune
+        from lmtune.tasks.base import ABSTAIN, INDEX
+        if not cfg.intents or not cfg.faq:
+            raise InputError("assistant: give the intent run (intents) and the FAQ file (faq).")
+        self.cfg = cfg
+        self.faq = read_faq(cfg)
+        self.by_intent = {row["intent"]: row for row in self.faq}
+        self.intents = lmtune.load(cfg.intents)
+        self.intents.task.require(ABSTAIN, "assistant intents")
+        self.intents.config.train.progress = "none"
+        unknown = sorted(set(self.by_intent) - set(self.intents.labels))
+        if unknown:
+            raise InputError(f"{cfg.faq}: intent(s) {', '.join(unknown[:5])} are not labels of the intent run {cfg.intents}.")
+        self.missing = sorted(set(self.intents.labels) - set(self.by_intent) - {cfg.oos_label})
+        self.retriever = None
+        self.faq_emb: np.ndarray | None = None
+        if cfg.retriever:
+            self.retriever = lmtune.load(cfg.retriever)
+            self.retriever.task.require(INDEX, "assistant retriever")
+            self.retriever.config.train.progress = "none"
+            self.faq_emb = self.retriever.embed([row["question"] for row in self.faq], documents=True)
+        self.threshold = cfg.retrieval_threshold
+        if cfg.dev and self.retriever is not None and self.threshold is None:
+            self.threshold = self.choose_threshold(cfg.dev)
+
+    # ---- routing ----------------------------------------------------------------------------------
+    def _candidates(self, messages: list[str]) -> tuple[list[dict], np.ndarray | None]:
+        preds = self.intents.predict(messages)
+        if self.retriever is None:
+            return preds, None
+        return preds, self.retriever.embed(messages) @ self.faq_emb.T
+
+    def _route(self, pred: dict, sims: np.ndarray | None, threshold: float | None) -> dict:
+        label, abstained = pred.get("label"), bool(pred.get("abstained"))
+        scores = {"intent": label, "intent_score": round(float(pred.get("score", 0.0)), 4),
+                  "abstained": abstained}
+        if not abstained and label != self.cfg.oos_label and label in self.by_intent:
+            return {"route": "intent", "intent": label, "answer": self.by_intent[label]["answer"], "handoff": False, "scores": scores}
+        if sims is not None:
+            j = int(np.argmax(sims))
+            scores["retrieval_score"] = round(float(sims[j]), 4)
+            if threshold is not None and sims[j] >= threshold:
+                row = self.faq[j]
+                return {"route": "faq", "intent": row["intent"], "answer": row["answer"], "handoff": False, "scores": scores}
+        return {"route": "handoff", "intent": None, "answer": self.cfg.fallback, "handoff": True, "scores": scores}
+
+    def route(self, messages: list[str]) -> list[dict]:
+        """One routed answer per message: {route, intent, answer, handoff, scores}."""
+        preds, sims = self._candidates(messages)
+        return [self._route(p, None if sims is None else sims[i], self.threshold) for i, p in enumerate(preds)]
+
+    def correct(self, routed: dict, gold: str) -> bool:
+        """Right answer for an in-scope message, hand-off for an out-of-scope one."""
+        if gold == self.cfg.oos_label or gold not in self.by_intent:
+            return routed["handoff"]
+        return not routed["handoff"] and routed["answer"] == self.by_intent[gold]["answer"]
+
+    def _labeled(self, path: str) -> tuple[list[str], list[str]]:
+        examples = self.intents.task.read_file(path, self.intents.config, self.intents.labels + [self.cfg.oos_label],
+                                               require_label=True)
+        return [ex.text for ex in examples], [ex.label for ex in examples]
+
+    def choose_threshold(self, dev: str) -> float | None:
+        """The retrieval score threshold that routes the most dev messages right (ties: the highest)."""
+        texts, gold = self._labeled(dev)
+        preds, sims = self._candidates(texts)
+        if sims is None:
+            return None
+        cands = sorted({round(float(s.max()), 4) for s in sims} | {float("inf")})
+        best, best_t = -1, None
+        for t in cands:
+            ok = sum(self.correct(self._route(p, sims[i], t), g) for i, (p, g) in enumerate(zip(preds, gold)))
+            if ok >= best:
+                best, best_t = ok, t
+        log.info("assistant: retrieval threshold %s chosen on %d dev messages (%d routed right)", best_t, len(texts), best)
+        return None if best_t == float("inf") else best_t
+
+    def evaluate(self, path: str, batch: int = 256) -> dict:
+        """Routing accuracy on a labeled file, overall and by route."""
+        texts, gold = self._labeled(path)
+        routed = [r for i in range(0, len(texts), batch) for r in self.route(texts[i:i + batch])]
+        ok = [self.correct(r, g) for r, g in zip(routed, gold)]
+        oos = [g == self.cfg.oos_label for g in gold]
+        by_route: dict[str, int] = {}
+        for r in routed:
+            by_route[r["route"]] = by_route.get(r["route"], 0) + 1
+        return {"routing_accuracy": float(np.mean(ok)), "n": len(ok),
+                "in_scope_accuracy": float(np.mean([o for o, s in zip(ok, oos) if not s])) if not all(oos) else None,
+                "oos_handoff_recall": float(np.mean([o for o, s in zip(ok, oos) if s])) if any(oos) else None,
+                "routes": by_route, "threshold": self.threshold}

@@ -1,0 +1,159 @@
+"""`lmtune assistant serve CONFIG`: POST /v1/chat {message, session_id?} -> {session_id, route, answer,
+handoff, intent, scores, turn}; GET / (a small chat page), /healthz, /metrics (API key).
+
+The middleware, API keys, body limit, request ids, Prometheus metrics and PII-masked access log are
+lmtune serve's own (lmtune.serve.app); concurrent messages are coalesced by its dynamic batcher.
+Every answer is logged with its route and scores, never with the message or the answer text.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+import re
+import threading
+import uuid
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from lmtune.apps.assistant import Assistant, AssistantConfig
+from lmtune.errors import InputError
+from lmtune.serve.app import ErrorResponse, Metrics, RequestContext, ServeSettings, given_key, text_problem
+from lmtune.serve.batcher import Batcher, Closed, QueueFull
+from lmtune.serve.security import STRUCTURED, PiiFilter, key_ok, load_keys
+
+log = logging.getLogger("lmtune.assistant")
+PAGE = Path(__file__).with_name("chat.html")
+PROTECTED = ("/v1/chat", "/metrics")
+_SESSION = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+MAX_SESSIONS = 10_000  # the oldest sessions are forgotten beyond this (memory stays bounded)
+
+
+class ChatRequest(BaseModel):
+    message: str = Field(..., description="The user's message.")
+    session_id: str | None = Field(None, description="Continue a session (letters, digits, . _ -; at most 64); a new one is made when absent.")
+
+
+class ChatResponse(BaseModel):
+    request_id: str
+    session_id: str
+    turn: int
+    route: str = Field(..., description="intent (the intent run answered), faq (FAQ retrieval answered) or handoff")
+    answer: str
+    handoff: bool = Field(..., description="True when a person should take over")
+    intent: str | None
+    scores: dict
+
+
+class Sessions:
+    """Turn counts per session id, least recently used forgotten first."""
+
+    def __init__(self, limit: int = MAX_SESSIONS) -> None:
+        self._turns: collections.OrderedDict[str, int] = collections.OrderedDict()
+        self.limit, self._lock = limit, threading.Lock()
+
+    def next_turn(self, session: str) -> int:
+        with self._lock:
+            turn = self._turns.pop(session, 0) + 1
+            self._turns[session] = turn
+            while len(self._turns) > self.limit:
+                self._turns.popitem(last=False)
+            return turn
+
+
+def create_app(cfg: AssistantConfig, settings: ServeSettings) -> FastAPI:
+    keys = [] if settings.no_auth else load_keys(settings.key_file)
+    if not keys and not settings.no_auth:
+        raise InputError("assistant serve: no API key configured. Set LMTUNE_API_KEYS (comma-separated) or --api-key-file; "
+                         "--no-auth serves without keys (local experiments only).")
+    assistant = Assistant(cfg)
+    metrics = Metrics()
+    routes = Counter("lmtune_assistant_routes_total", "Answers by route", ["route"], registry=metrics.registry)
+    sessions = Sessions()
+
+    def route(messages: list[str]) -> list[dict]:
+        out = assistant.route(messages)
+        metrics.texts.inc(len(messages))
+        return out
+
+    batcher = Batcher(route, settings.max_batch_size, settings.max_wait_ms, settings.max_queue, metrics.batch.observe)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        for h in logging.getLogger().handlers + logging.getLogger("uvicorn").handlers:
+            h.addFilter(PiiFilter())
+        batcher.start()
+        log.info("assistant: intents %s, %d FAQ answers, retriever %s, threshold %s, %s", Path(cfg.intents).name, len(assistant.faq),
+                 Path(cfg.retriever).name if cfg.retriever else "none", assistant.threshold, "API-key auth" if keys else "NO AUTH")
+        yield
+        await batcher.close()
+
+    app = FastAPI(title="lmtune assistant", version="1", lifespan=lifespan)
+    app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes, keys=keys, protected=PROTECTED,
+                       known_paths=(*PROTECTED, "/", "/healthz"))
+
+    def require_key(request: Request) -> None:
+        if keys and not key_ok(given_key(dict(request.scope["headers"])), keys):
+            raise HTTPException(401, "missing or invalid API key (Authorization: Bearer KEY, or X-API-Key: KEY)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    responses = {401: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
+                 503: {"model": ErrorResponse}}
+
+    @app.post("/v1/chat", response_model=ChatResponse, responses=responses, dependencies=[Depends(require_key)])
+    async def chat(body: ChatRequest, request: Request) -> ChatResponse:
+        rid = request.state.request_id
+        problem = text_problem(body.message, settings.max_chars)
+        if problem:
+            metrics.errors.labels("bad_text").inc()
+            raise HTTPException(problem[0], f"message {problem[1]}")
+        if body.session_id is not None and not _SESSION.match(body.session_id):
+            raise HTTPException(422, "session_id: letters, digits, '.', '_' and '-' only, at most 64")
+        session = body.session_id or uuid.uuid4().hex
+        try:
+            out = (await batcher.submit([body.message]))[0]
+        except QueueFull:
+            metrics.errors.labels("queue_full").inc()
+            raise HTTPException(503, "server busy: the request queue is full, retry shortly", headers={"Retry-After": "1"}) from None
+        except Closed:
+            raise HTTPException(503, "server shutting down", headers={"Retry-After": "5"}) from None
+        turn = sessions.next_turn(session)
+        routes.labels(out["route"]).inc()
+        log.info("chat id=%s session=%s turn=%d route=%s intent=%s scores=%s", rid, session, turn, out["route"], out["intent"],
+                 out["scores"], extra={STRUCTURED: True})
+        return ChatResponse(request_id=rid, session_id=session, turn=turn, **out)
+
+    @app.get("/", response_class=HTMLResponse)
+    async def page() -> str:
+        return PAGE.read_text(encoding="utf-8")
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
+    @app.get("/metrics", dependencies=[Depends(require_key)], responses={401: {"model": ErrorResponse}})
+    async def metrics_endpoint() -> Response:
+        metrics.queue.set(batcher.pending)
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"detail": exc.detail, "request_id": getattr(request.state, "request_id", None)},
+                            exc.status_code, headers=exc.headers)
+
+    return app
+
+
+def serve(cfg: AssistantConfig, settings: ServeSettings, host: str = "127.0.0.1", port: int = 8010) -> None:
+    import uvicorn
+
+    from lmtune.serve.app import configure_protocol
+    from lmtune.serve.protocol import GuardedHttpProtocol
+    configure_protocol(settings)
+    uvicorn.run(create_app(cfg, settings), host=host, port=port, log_level="info", access_log=False, http=GuardedHttpProtocol,
+                timeout_keep_alive=5, timeout_graceful_shutdown=30)
