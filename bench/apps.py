@@ -14,11 +14,17 @@ recommend: ../shared/data/amazon_scientific (Industrial & Scientific 5-core, the
   item ranks all 1,585 items; items already in the history are excluded (so the 25 test targets that
   repeat an earlier purchase count as misses for every system). Peers: popularity (interaction counts of
   the histories) and BM25 (history text as the query over the item texts), same exclusion. NDCG@10.
-assistant: not built yet (null).
+assistant: ../shared/data/clinc150 (data_full.json). Intent run: classification on train + oos_train (an
+  explicit oos class), packaged MiniLM, --assistant-epochs, abstention on the Mahalanobis score with
+  target accuracy_loss 0.015 chosen on val + oos_val. FAQ: one answer per intent, generated from its
+  name ("Here is how we can help with <intent words>."). Routing accuracy on test + oos_test: an
+  in-scope message is right when it gets its intent's answer, an out-of-scope one when it is handed
+  off. Latency: `lmtune assistant serve` in its own process, 16 concurrent aiohttp clients sending
+  --chat-requests test messages to /v1/chat one at a time; p50/p99 over all requests.
 
 Last line JSON: {"retrieval": {"recall5": R, "recall5_untuned": R, "recall5_bm25": R},
-                 "assistant": null, "recommend": {"ndcg10": N, "ndcg10_popularity": N, "ndcg10_bm25": N}}
-Usage: python bench/apps.py [--only retrieval,recommend] [--train 3000] [--epochs 1]
+                 "assistant": {"routing_acc": A, "p99_ms": T}, "recommend": {"ndcg10": N, "ndcg10_popularity": N, "ndcg10_bm25": N}}
+Usage: python bench/apps.py [--only retrieval,assistant,recommend] [--train 3000] [--epochs 1]
 """
 from __future__ import annotations
 
@@ -125,13 +131,103 @@ def bench_retrieval(ns: argparse.Namespace, work: Path) -> dict:
             "ndcg10": round(tuned["ndcg_10"], 4), "ndcg10_untuned": round(untuned["ndcg_10"], 4), "ndcg10_bm25": round(bm["ndcg_10"], 4)}
 
 
+def clinc_files(work: Path) -> dict[str, str]:
+    import csv
+    data = json.loads((SHARED / "clinc150" / "data_full.json").read_text(encoding="utf-8"))
+    out = {}
+    for name, parts in (("train", ("train", "oos_train")), ("dev", ("val", "oos_val")), ("test", ("test", "oos_test"))):
+        path = work / f"clinc_{name}.csv"
+        with open(path, "w", newline="", encoding="utf-8") as fh:
+            w = csv.writer(fh)
+            w.writerow(["text", "label"])
+            w.writerows(row for part in parts for row in data[part])
+        out[name] = str(path)
+    intents = sorted({y for _, y in data["train"]})
+    faq = work / "clinc_faq.csv"
+    with open(faq, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(["intent", "answer"])
+        w.writerows((y, f"Here is how we can help with {y.replace('_', ' ')}.") for y in intents)
+    out["faq"] = str(faq)
+    return out
+
+
+def chat_latency(config: Path, messages: list[str], n: int, clients: int = 16) -> dict:
+    import asyncio
+    import os
+    import subprocess
+
+    import aiohttp
+
+    from bench.serve_load import free_port, wait_ready
+    port, key = free_port(), "bench-key-0123456789abcdef"
+    proc = subprocess.Popen([sys.executable, "-m", "lmtune", "assistant", "serve", str(config), "--port", str(port)],
+                            env={**os.environ, "LMTUNE_API_KEYS": key}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        wait_ready(port, proc, "/healthz")
+        latencies, errors = [], 0
+        counter = iter(range(n))
+
+        async def run() -> float:
+            nonlocal errors
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=clients),
+                                             timeout=aiohttp.ClientTimeout(total=120)) as client:
+                async def worker():
+                    nonlocal errors
+                    for i in counter:
+                        t0 = time.perf_counter()
+                        async with client.post(f"http://127.0.0.1:{port}/v1/chat", json={"message": messages[i % len(messages)]},
+                                               headers={"Authorization": f"Bearer {key}"}) as r:
+                            await r.read()
+                            errors += r.status != 200
+                        latencies.append(time.perf_counter() - t0)
+                t0 = time.perf_counter()
+                await asyncio.gather(*(worker() for _ in range(clients)))
+                return time.perf_counter() - t0
+        wall = asyncio.run(run())
+    finally:
+        proc.terminate()
+        proc.wait(30)
+    ms = 1000 * np.array(latencies)
+    return {"p50_ms": round(float(np.percentile(ms, 50)), 1), "p99_ms": round(float(np.percentile(ms, 99)), 1),
+            "rps": round(n / wall, 1), "errors": errors}
+
+
+def bench_assistant(ns: argparse.Namespace, work: Path) -> dict:
+    import yaml
+
+    from lmtune.apps import assistant
+    files = clinc_files(work)
+    t0 = time.perf_counter()
+    run = train({"output_dir": str(work / "runs"), "run_name": "intents", "model": {"name": resolve_model(DEFAULT_MODEL)},
+                 "data": {"train": files["train"], "dev": files["dev"]},
+                 "train": {"epochs": ns.assistant_epochs, "seed": SEED, "progress": "none"},
+                 "abstain": {"oos_label": "oos", "score": "mahalanobis", "target": "accuracy_loss", "value": 0.015}})
+    train_s = time.perf_counter() - t0
+    config = work / "assistant.yaml"
+    config.write_text(yaml.safe_dump({"intents": str(run.run_dir), "faq": files["faq"]}), encoding="utf-8")
+    result = assistant.Assistant(assistant.load_config(config)).evaluate(files["test"])
+    import csv
+    with open(files["test"], newline="", encoding="utf-8") as fh:
+        msgs = [row["text"] for row in csv.DictReader(fh)]
+    lat = chat_latency(config, msgs, ns.chat_requests)
+    print(f"assistant (CLINC150: {result['n']} test + oos_test messages; intent run {train_s:.0f}s): routing accuracy "
+          f"{result['routing_accuracy']:.4f} (in-scope {result['in_scope_accuracy']:.4f}, out-of-scope handed off "
+          f"{result['oos_handoff_recall']:.4f}; routes {result['routes']}) | /v1/chat, 16 concurrent clients, {ns.chat_requests} "
+          f"requests: p50 {lat['p50_ms']} ms, p99 {lat['p99_ms']} ms, {lat['rps']} req/s, {lat['errors']} errors", flush=True)
+    return {"routing_acc": round(result["routing_accuracy"], 4), "p99_ms": lat["p99_ms"], "p50_ms": lat["p50_ms"],
+            "in_scope_acc": round(result["in_scope_accuracy"], 4), "oos_handoff": round(result["oos_handoff_recall"], 4)}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", default="retrieval,recommend")
+    ap.add_argument("--only", default="retrieval,assistant,recommend")
     ap.add_argument("--train", type=int, default=3000, help="SQuAD training questions (seeded sample)")
     ap.add_argument("--epochs", type=int, default=1)
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--lr", type=float, default=None)
+    ap.add_argument("--assistant-epochs", type=int, default=3)
+    ap.add_argument("--chat-requests", type=int, default=1000)
     ap.add_argument("--rec-epochs", type=int, default=1)
     ap.add_argument("--rec-max-length", type=int, default=128, help="tokens of a history (newest items first) and of an item")
     ap.add_argument("--history-items", type=int, default=5)
@@ -140,7 +236,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for name in ns.only.split(","):
             torch.manual_seed(SEED)
-            out[name] = {"retrieval": bench_retrieval, "recommend": bench_recommend}[name](ns, Path(tmp))
+            out[name] = {"retrieval": bench_retrieval, "assistant": bench_assistant, "recommend": bench_recommend}[name](ns, Path(tmp))
     print(json.dumps(out))
 
 
