@@ -431,6 +431,22 @@ def cmd_assistant(ns: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_monitor(ns: argparse.Namespace) -> int:
+    """The news monitor app (lmtune.apps.monitor): process the watched folder once, or serve and keep polling it."""
+    from lmtune.apps import monitor
+    cfg, rules = monitor.load_config(ns.config)
+    mon = monitor.Monitor(cfg, rules)
+    if ns.once:
+        print(json.dumps(mon.process_folder()))
+        return 0
+    from lmtune.apps.monitor.server import serve
+    from lmtune.serve.app import ServeSettings
+    if ns.no_auth and ns.host not in LOCAL_HOSTS:
+        raise InputError(f"monitor: --no-auth on {ns.host} would let anyone on the network use it. Bind to 127.0.0.1.")
+    serve(mon, ServeSettings(run_dir=cfg.sentiment, key_file=ns.api_key_file, no_auth=ns.no_auth), ns.host, ns.port)
+    return 0
+
+
 def cmd_serve(ns: argparse.Namespace) -> int:
     from lmtune.serve.app import ServeSettings, create_app, serve
     if ns.no_auth and ns.host not in LOCAL_HOSTS and not ns.insecure:
@@ -561,6 +577,13 @@ def build_parser() -> argparse.ArgumentParser:
     aev = asub.add_parser("evaluate", help="routing accuracy on a labeled file (right answer, or hand-off for out-of-scope)")
     aev.add_argument("config")
     aev.add_argument("--data", required=True, help="labeled messages in the intent run's columns")
+    mo = sub.add_parser("monitor", help="news sentiment monitor app: companies, sentiment, alert rules, a page (see Applications)")
+    mo.add_argument("config", help="the app's YAML (see lmtune/apps/monitor/example.yaml)")
+    mo.add_argument("--once", action="store_true", help="process the watched folder once and exit (no server)")
+    mo.add_argument("--host", default="127.0.0.1")
+    mo.add_argument("--port", type=int, default=8020)
+    mo.add_argument("--api-key-file", help="file with one API key per line (else LMTUNE_API_KEYS)")
+    mo.add_argument("--no-auth", action="store_true", help="serve without API keys (localhost only)")
     sv = sub.add_parser("serve", help="serve a run over HTTP (FastAPI): /v1/predict (/v1/generate), /healthz, /readyz, /metrics",
                         description="API keys come from LMTUNE_API_KEYS (comma-separated) or --api-key-file; calls "
                                     "without a valid key get 401. Uses RUN_DIR/export (ONNX, int8 first) when present.")
@@ -670,7 +693,8 @@ def _version() -> str:
 COMMANDS = {"evaluate": cmd_evaluate, "predict": cmd_predict, "merge": cmd_merge, "report": cmd_report, "export": cmd_export,
             "attack": cmd_attack, "serve": cmd_serve, "config": cmd_config, "init": cmd_init, "runs": cmd_runs,
             "compare": cmd_compare, "push": cmd_push, "completion": cmd_completion, "drift": cmd_drift, "explain": cmd_explain,
-            "fairness": cmd_fairness, "ui": cmd_ui, "chat": cmd_chat, "search": cmd_search, "recommend": cmd_recommend, "assistant": cmd_assistant,
+            "fairness": cmd_fairness, "ui": cmd_ui, "chat": cmd_chat, "search": cmd_search,
+            "recommend": cmd_recommend, "assistant": cmd_assistant, "monitor": cmd_monitor,
             "ensemble": cmd_ensemble, "soup": cmd_soup}
 
 
