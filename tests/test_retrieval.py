@@ -193,3 +193,10 @@ def test_search_over_http(tmp_path, tiny_encoder, monkeypatch):
     assert r.status_code == 200, r.text
     results = r.json()["predictions"][0]["results"]
     assert results[0]["document"] == "our answer on reimbursement for customers" and len(results) == 10
+
+
+def test_a_bare_encoder_has_no_head_learning_rate(tiny_encoder):
+    from lmtune.config import TrainConfig
+    from lmtune.training.optim import param_groups
+    groups = param_groups(BertModel.from_pretrained(tiny_encoder), TrainConfig(lr=1e-4, head_lr=1e-3))
+    assert {g["lr"] for g in groups} == {1e-4}  # every weight is pretrained: none gets the head's 10x

@@ -43,6 +43,9 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     the new head (outside the base model) gets head_lr."""
     n = getattr(model.config, "num_hidden_layers", 0) or 0
     base_prefix = getattr(model, "base_model_prefix", "") + "."
+    get_base = getattr(model, "get_base_model", None)  # a peft wrapper
+    inner = get_base() if callable(get_base) else model
+    bare = getattr(inner, "base_model", None) is inner  # a backbone alone (AutoModel, task retrieval): no new head
     no_decay = _no_decay_names(model)
     if cfg.lr is None or cfg.head_lr is None:
         cfg = resolve_learning_rates(cfg, model)
@@ -52,7 +55,7 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
         if not p.requires_grad:
             continue
         name = name.removeprefix("base_model.model.")  # a peft-wrapped model
-        if not name.startswith(base_prefix):
+        if not bare and not name.startswith(base_prefix):
             lr = head_lr
         else:
             m = _LAYER.search(name)
