@@ -53,14 +53,14 @@ def _sentences() -> dict[str, list[str]]:
 
 
 def _stream(sents: dict[str, list[str]]) -> list[dict]:
-    """5 items per company per hour (calm: 90% positive or neutral), and 12 negative items for BURST
+    """6 items per company per hour (calm: 95% positive or neutral), and 12 negative items for BURST
     in the half hour after BURST_AT."""
     rng = random.Random(7)
     items = []
     for h in range(48):
         for c in COMPANIES:
-            for k in range(5):
-                label = "negative" if rng.random() < 0.1 else rng.choice(["positive", "neutral"])
+            for k in range(6):
+                label = "negative" if rng.random() < 0.05 else rng.choice(["positive", "neutral"])
                 t = START + timedelta(hours=h, seconds=rng.randrange(3600))
                 items.append({"id": f"{c}-{h}-{k}", "time": t.isoformat() + "Z", "text": f"{c} : {rng.choice(sents[label])}"})
     for k in range(12):
@@ -150,8 +150,8 @@ def _config(tmp_path: Path, runs: dict, url: str, hook: str) -> Path:
     conf = tmp_path / "monitor.yaml"
     conf.write_text(yaml.safe_dump({"ner": runs["ner"], "sentiment": runs["sentiment"], "database": url, "watch": "inbox",
                                     "webhook": hook, "rules": [
-                                        {"name": "negative_burst", "kind": "negative_share", "window": "1h", "threshold": 0.6, "min_items": 5},
-                                        {"name": "unusual", "kind": "zscore", "window": "1h", "baseline": "24h", "threshold": 4, "min_items": 6}]}),
+                                        {"name": "negative_burst", "kind": "negative_share", "window": "1h", "threshold": 0.75, "min_items": 6},
+                                        {"name": "unusual", "kind": "zscore", "window": "1h", "baseline": "24h", "threshold": 5, "min_items": 6}]}),
                     encoding="utf-8")
     return conf
 

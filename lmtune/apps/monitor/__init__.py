@@ -16,7 +16,8 @@ before it, so a replayed stream raises the same alerts as a live one.
 Rules (YAML list, each {name, kind, window, min_items, threshold, ...}):
 - negative_share: the share of the company's items in the window that are negative >= threshold;
 - zscore: that share's z-score against the company's own windows over the `baseline` before (its mean
-  and standard deviation, the deviation floored at `min_std`) >= threshold.
+  and standard deviation, the deviation floored at `min_std`, 0.1) >= threshold, once at least half
+  of the baseline's windows hold items.
 An episode starts when a rule becomes true for a company (one alert) and ends when it is false again.
 """
 from __future__ import annotations
@@ -60,7 +61,7 @@ class Rule:
     threshold: float
     min_items: int = 5
     baseline: timedelta = timedelta(hours=24)
-    min_std: float = 0.05
+    min_std: float = 0.1
 
 
 @dataclass
@@ -112,7 +113,7 @@ def parse_rules(rows: list, where: str) -> list[Rule]:
         if "threshold" not in r or "window" not in r:
             raise InputError(f"{at}: give window and threshold.")
         rules.append(Rule(str(r.get("name") or f"{r['kind']}_{i}"), r["kind"], duration(r["window"], at), float(r["threshold"]),
-                          int(r.get("min_items", 5)), duration(r.get("baseline", "24h"), at), float(r.get("min_std", 0.05))))
+                          int(r.get("min_items", 5)), duration(r.get("baseline", "24h"), at), float(r.get("min_std", 0.1))))
     if len({r.name for r in rules}) != len(rules):
         raise InputError(f"{where}: two rules share a name; names identify alert episodes.")
     return rules
@@ -262,7 +263,9 @@ class Monitor:
         std = max(float(np.std(shares)) if len(shares) > 1 else 0.0, rule.min_std)
         z = (share - mean) / std
         detail.update({"baseline_mean": round(mean, 4), "baseline_std": round(std, 4), "baseline_windows": len(shares), "z": round(z, 3)})
-        return z >= rule.threshold, z, detail
+        # a baseline needs history: at least half of its windows must hold items (a new company has none)
+        enough = len(shares) >= max(3, int(rule.baseline / rule.window) // 2)
+        return enough and z >= rule.threshold, z, detail
 
     def _evaluate(self, conn, entity: str, now: datetime) -> int:
         fired = 0
