@@ -341,15 +341,16 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes, keys=keys)
 
-    def require_key(request: Request) -> None:
-        """The middleware checks the key before the body is read; this declares it in the OpenAPI docs
-        (and checks again, so a route added outside PROTECTED is still guarded)."""
-        if not keys:
-            return
-        if not key_ok(given_key(dict(request.scope["headers"])), keys):
-            metrics.errors.labels("unauthorized").inc()
-            raise HTTPException(401, "missing or invalid API key (Authorization: Bearer KEY, or X-API-Key: KEY)",
-                                headers={"WWW-Authenticate": "Bearer"})
+    def scrape() -> None:
+        metrics.queue.set(batcher.pending)
+        if monitor:  # embeds the requests that arrived since the last scrape (off the event loop)
+            g = monitor.refresh()
+            metrics.drift_pvalue.set(g["pvalue"])
+            metrics.drift_window.set(g["window"])
+            metrics.abstain_rate.set(g["abstain_rate"])
+            metrics.mean_confidence.set(g["mean_confidence"])
+
+    require_key = add_service_routes(app, metrics, keys, scrape)
 
     responses = {401: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
                  429: {"model": ErrorResponse, "description": "too many ?explain=true requests (see Retry-After)"},
@@ -400,25 +401,36 @@ def create_app(settings: ServeSettings) -> FastAPI:
     if run.task.supports(GENERATE):
         _add_generate(app, run, settings, metrics, responses, require_key)
 
-    @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok"}
-
     @app.get("/readyz", responses={503: {"model": ErrorResponse}})
     async def readyz() -> dict:
         if batcher.closed or batcher._task is None:
             raise HTTPException(503, "not ready")
         return {"status": "ready", "model": run_dir.name, "backend": backend, "queue_texts": batcher.pending}
 
+    return app
+
+
+def add_service_routes(app: FastAPI, metrics: Metrics, keys: list[str], on_scrape=None):
+    """What every lmtune service shares (serve, and the apps' servers): /healthz, /metrics (API key;
+    `on_scrape` refreshes gauges first, off the event loop) and JSON errors that carry the request id.
+    Returns the API-key dependency for the service's own routes: the middleware checks the key before
+    the body is read; this declares it in the OpenAPI docs (and checks again, so a route added outside
+    the protected paths is still guarded)."""
+
+    def require_key(request: Request) -> None:
+        if keys and not key_ok(given_key(dict(request.scope["headers"])), keys):
+            metrics.errors.labels("unauthorized").inc()
+            raise HTTPException(401, "missing or invalid API key (Authorization: Bearer KEY, or X-API-Key: KEY)",
+                                headers={"WWW-Authenticate": "Bearer"})
+
+    @app.get("/healthz")
+    async def healthz() -> dict:
+        return {"status": "ok"}
+
     @app.get("/metrics", dependencies=[Depends(require_key)], responses={401: {"model": ErrorResponse}})
     async def metrics_endpoint() -> Response:
-        metrics.queue.set(batcher.pending)
-        if monitor:  # embeds the requests that arrived since the last scrape, off the event loop
-            g = await asyncio.to_thread(monitor.refresh)
-            metrics.drift_pvalue.set(g["pvalue"])
-            metrics.drift_window.set(g["window"])
-            metrics.abstain_rate.set(g["abstain_rate"])
-            metrics.mean_confidence.set(g["mean_confidence"])
+        if on_scrape is not None:
+            await asyncio.to_thread(on_scrape)
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @app.exception_handler(StarletteHTTPException)
@@ -426,7 +438,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return JSONResponse({"detail": exc.detail, "request_id": getattr(request.state, "request_id", None)},
                             exc.status_code, headers=exc.headers)
 
-    return app
+    return require_key
 
 
 def _public(rows: list[dict]) -> list[dict]:

@@ -14,14 +14,13 @@ PII-masked access log as `lmtune serve`, with sessions and a small chat page
 """
 from __future__ import annotations
 
-import dataclasses
 import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import yaml
 
+from lmtune.apps import load_app_config
 from lmtune.data.readers import read_rows
 from lmtune.errors import InputError
 
@@ -45,20 +44,7 @@ class AssistantConfig:
 
 
 def load_config(path: str | Path) -> AssistantConfig:
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found. Start from {EXAMPLE}.")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    known = {f.name for f in dataclasses.fields(AssistantConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise InputError(f"{path}: unknown key(s) {', '.join(unknown)}; the keys are {', '.join(sorted(known))}.")
-    cfg = AssistantConfig(**raw)
-    for key in ("intents", "faq", "retriever", "dev"):
-        value = getattr(cfg, key)
-        if value and not Path(value).is_absolute():
-            setattr(cfg, key, str(path.parent / value))
-    return cfg
+    return load_app_config(path, AssistantConfig, ("intents", "faq", "retriever", "dev"), EXAMPLE)
 
 
 def read_faq(cfg: AssistantConfig) -> list[dict]:

@@ -16,16 +16,15 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from fastapi.responses import HTMLResponse
+from prometheus_client import Counter
 from pydantic import BaseModel, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmtune.apps.assistant import Assistant, AssistantConfig
 from lmtune.errors import InputError
-from lmtune.serve.app import ErrorResponse, Metrics, RequestContext, ServeSettings, given_key, text_problem
+from lmtune.serve.app import ErrorResponse, Metrics, RequestContext, ServeSettings, add_service_routes, text_problem
 from lmtune.serve.batcher import Batcher, Closed, QueueFull
-from lmtune.serve.security import STRUCTURED, PiiFilter, key_ok, load_keys
+from lmtune.serve.security import STRUCTURED, PiiFilter, load_keys
 
 log = logging.getLogger("lmtune.assistant")
 PAGE = Path(__file__).with_name("chat.html")
@@ -97,10 +96,7 @@ def create_app(cfg: AssistantConfig, settings: ServeSettings) -> FastAPI:
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes, keys=keys, protected=PROTECTED,
                        known_paths=(*PROTECTED, "/", "/healthz"))
 
-    def require_key(request: Request) -> None:
-        if keys and not key_ok(given_key(dict(request.scope["headers"])), keys):
-            raise HTTPException(401, "missing or invalid API key (Authorization: Bearer KEY, or X-API-Key: KEY)",
-                                headers={"WWW-Authenticate": "Bearer"})
+    require_key = add_service_routes(app, metrics, keys, lambda: metrics.queue.set(batcher.pending))
 
     responses = {401: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
                  503: {"model": ErrorResponse}}
@@ -131,20 +127,6 @@ def create_app(cfg: AssistantConfig, settings: ServeSettings) -> FastAPI:
     @app.get("/", response_class=HTMLResponse)
     async def page() -> str:
         return PAGE.read_text(encoding="utf-8")
-
-    @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/metrics", dependencies=[Depends(require_key)], responses={401: {"model": ErrorResponse}})
-    async def metrics_endpoint() -> Response:
-        metrics.queue.set(batcher.pending)
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail, "request_id": getattr(request.state, "request_id", None)},
-                            exc.status_code, headers=exc.headers)
 
     return app
 

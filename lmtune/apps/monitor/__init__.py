@@ -22,7 +22,6 @@ An episode starts when a rule becomes true for a company (one alert) and ends wh
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import re
@@ -35,8 +34,8 @@ from typing import Any
 
 import numpy as np
 import sqlalchemy as sa
-import yaml
 
+from lmtune.apps import load_app_config
 from lmtune.apps.monitor import db
 from lmtune.errors import InputError
 
@@ -82,18 +81,7 @@ class MonitorConfig:
 
 def load_config(path: str | Path) -> tuple[MonitorConfig, list[Rule]]:
     path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found. Start from {EXAMPLE}.")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    known = {f.name for f in dataclasses.fields(MonitorConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise InputError(f"{path}: unknown key(s) {', '.join(unknown)}; the keys are {', '.join(sorted(known))}.")
-    cfg = MonitorConfig(**raw)
-    for key in ("ner", "sentiment", "watch"):
-        value = getattr(cfg, key)
-        if value and not Path(value).is_absolute():
-            setattr(cfg, key, str(path.parent / value))
+    cfg = load_app_config(path, MonitorConfig, ("ner", "sentiment", "watch"), EXAMPLE)
     if cfg.database.startswith("sqlite:///") and not cfg.database.startswith("sqlite:////"):
         rel = cfg.database[len("sqlite:///"):]
         if rel and rel != ":memory:":

@@ -10,16 +10,15 @@ import threading
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, HTTPException, Request
-from fastapi.responses import HTMLResponse, JSONResponse, Response
-from prometheus_client import CONTENT_TYPE_LATEST, Counter, generate_latest
+from fastapi import Depends, FastAPI, HTTPException
+from fastapi.responses import HTMLResponse
+from prometheus_client import Counter
 from pydantic import BaseModel, Field
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmtune.apps.monitor import Monitor, items_of_rows
 from lmtune.errors import InputError
-from lmtune.serve.app import ErrorResponse, Metrics, RequestContext, ServeSettings, given_key
-from lmtune.serve.security import PiiFilter, key_ok, load_keys
+from lmtune.serve.app import ErrorResponse, Metrics, RequestContext, ServeSettings, add_service_routes
+from lmtune.serve.security import PiiFilter, load_keys
 
 log = logging.getLogger("lmtune.monitor")
 PAGE = Path(__file__).with_name("page.html")
@@ -63,10 +62,7 @@ def create_app(monitor: Monitor, settings: ServeSettings, watch: bool = True) ->
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes, keys=keys, protected=PROTECTED,
                        known_paths=(*PROTECTED, "/", "/healthz"))
 
-    def require_key(request: Request) -> None:
-        if keys and not key_ok(given_key(dict(request.scope["headers"])), keys):
-            raise HTTPException(401, "missing or invalid API key (Authorization: Bearer KEY, or X-API-Key: KEY)",
-                                headers={"WWW-Authenticate": "Bearer"})
+    require_key = add_service_routes(app, metrics, keys, None)
 
     @app.post("/v1/items", dependencies=[Depends(require_key)], responses={401: {"model": ErrorResponse}, 422: {"model": ErrorResponse}})
     async def post_items(body: ItemsRequest) -> dict:
@@ -97,19 +93,6 @@ def create_app(monitor: Monitor, settings: ServeSettings, watch: bool = True) ->
     @app.get("/v1/alerts", dependencies=[Depends(require_key)])
     async def alerts() -> list:
         return await asyncio.to_thread(monitor.alerts)
-
-    @app.get("/healthz")
-    async def healthz() -> dict:
-        return {"status": "ok"}
-
-    @app.get("/metrics", dependencies=[Depends(require_key)])
-    async def metrics_endpoint() -> Response:
-        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return JSONResponse({"detail": exc.detail, "request_id": getattr(request.state, "request_id", None)},
-                            exc.status_code, headers=exc.headers)
 
     return app
 

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import yaml
 
+from lmtune.apps import load_app_config
 from lmtune.data.readers import read_rows
 from lmtune.errors import InputError
 from lmtune.io import write_json, write_jsonl
@@ -52,21 +52,10 @@ class RecommendConfig:
 
 def load_config(path: str | Path) -> RecommendConfig:
     """The app's YAML: unknown keys are errors; relative paths resolve against the file's folder."""
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"{path}: file not found. Start from {EXAMPLE}.")
-    raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    known = {f.name for f in dataclasses.fields(RecommendConfig)}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise InputError(f"{path}: unknown key(s) {', '.join(unknown)}; the keys are {', '.join(sorted(known))}.")
-    cfg = RecommendConfig(**raw)
+    cfg = load_app_config(path, RecommendConfig, ("items", "interactions"), EXAMPLE)
     for key in ("items", "interactions"):
-        value = getattr(cfg, key)
-        if not value:
+        if not getattr(cfg, key):
             raise InputError(f"{path}: '{key}' is missing: give the {key} file.")
-        if not Path(value).is_absolute():
-            setattr(cfg, key, str(path.parent / value))
     if cfg.history_items < 1:
         raise InputError(f"{path}: history_items must be at least 1, got {cfg.history_items}.")
     return cfg
