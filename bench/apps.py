@@ -10,7 +10,8 @@ retrieval: SQuAD v1.1 dev (the train file is missing), articles split as in benc
 recommend: ../shared/data/amazon_scientific (Industrial & Scientific 5-core, the shipped leave-last-out
   split) through `lmtune.apps.recommend`: a two-tower (shared-weight) bi-encoder from the text of a
   user's history (most recent item first) to the next item's text, trained on every prefix -> next pair
-  of the training part, early stopping on the valid targets. Test: each user's history before the last
+  of the training part (--rec-max-length 64 tokens: about the newest item and a half; in-batch negatives
+  only), early stopping on the valid targets. Test: each user's history before the last
   item ranks all 1,585 items; items already in the history are excluded (so the 25 test targets that
   repeat an earlier purchase count as misses for every system). Peers: popularity (interaction counts of
   the histories) and BM25 (history text as the query over the item texts), same exclusion. NDCG@10.
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import sys
 import tempfile
 import time
@@ -52,19 +52,10 @@ SEED, MAX_LEN = 42, 256
 
 
 def squad_split(n_train: int) -> tuple[list, list, list]:
-    """(question, paragraph) rows of the train, dev and test articles, as bench/qa.py splits them."""
-    arts = [[(qa["question"], p["context"]) for p in a["paragraphs"] for qa in p["qas"]]
-            for a in json.loads((SHARED / "squad" / "dev-v1.1.json").read_text(encoding="utf-8"))["data"]]
-    order = list(range(len(arts)))
-    random.Random(SEED).shuffle(order)
-    n_test = int(0.3 * len(order))
-    test_arts, rest = order[:n_test], order[n_test:]
-    n_dev = max(1, len(rest) // 10)
-    dev = [q for i in rest[:n_dev] for q in arts[i]]
-    train_q = [q for i in rest[n_dev:] for q in arts[i]]
-    if n_train and n_train < len(train_q):
-        train_q = random.Random(SEED).sample(train_q, n_train)
-    return train_q, random.Random(SEED).sample(dev, min(600, len(dev))), [q for i in test_arts for q in arts[i]]
+    """(question, paragraph) rows of the train, dev and test articles, split as bench/qa.py splits them."""
+    from bench.qa import articles, split
+    parts = split(articles([SHARED / "squad" / "dev-v1.1.json"]), n_train)
+    return tuple([(q["question"], q["context"]) for q in rows] for rows in parts)
 
 
 def write(path: Path, rows: list[dict]) -> str:
@@ -229,8 +220,9 @@ def main() -> None:
     ap.add_argument("--assistant-epochs", type=int, default=3)
     ap.add_argument("--chat-requests", type=int, default=1000)
     ap.add_argument("--rec-epochs", type=int, default=1)
-    ap.add_argument("--rec-max-length", type=int, default=128, help="tokens of a history (newest items first) and of an item")
-    ap.add_argument("--history-items", type=int, default=5)
+    ap.add_argument("--rec-max-length", type=int, default=64, help="tokens of a history (newest items first) and of an item")
+    ap.add_argument("--history-items", type=int, default=3)
+    ap.add_argument("--rec-hard-negatives", type=int, default=0)
     ns = ap.parse_args()
     out: dict = {"retrieval": None, "assistant": None, "recommend": None}
     with tempfile.TemporaryDirectory() as tmp:
@@ -263,6 +255,7 @@ def bench_recommend(ns: argparse.Namespace, work: Path) -> dict:
     cfg = recommend.RecommendConfig(items=str(items), interactions=str(inter), history_items=ns.history_items,
                                     output_dir=str(work / "runs"), run_name="recommend",
                                     lmtune={"model": {"name": resolve_model(DEFAULT_MODEL)}, "data": {"max_length": ns.rec_max_length},
+                                            "retrieval": {"hard_negatives": ns.rec_hard_negatives},
                                             "train": {"epochs": ns.rec_epochs, "batch_size": ns.batch, "seed": SEED, "progress": "none",
                                                       **({"lr": ns.lr} if ns.lr else {})}})
     t0 = time.perf_counter()
