@@ -104,7 +104,8 @@ def test_loss_masks_a_shared_document_and_equals_the_cross_entropy_by_hand(tiny_
                 RetrievalExample("forgot password", "password steps", "f:2"),  # the same document as row 1
                 RetrievalExample("money back", "refund rules", "f:3")]
     enc = task.encode(examples, tok, 32)
-    batch = task.collate(enc.features, tok)
+    assert task.collate(enc.features, tok)["labels"].shape == (3 + 2 + 1, 3)  # outside training a document is embedded once
+    batch = task.collate(task.train_features(enc), tok)
     assert batch["labels"].shape == (3 + 3 + 1, 3)
     out = model(**{k: v for k, v in batch.items() if k != "labels"})
     losses = task.example_losses(out, batch)

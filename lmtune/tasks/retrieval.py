@@ -219,29 +219,37 @@ class RetrievalTask(Task):
             cut = list(too_long)
             ids.update(zip(cut, tokenizer(cut, truncation=True, max_length=max_length)["input_ids"]))
         doc_id = {t: i for i, t in enumerate(texts)}  # the same text is the same document, wherever it appears
-        features = []
+        features, seen = [], set()
         for ex in examples:
+            first = ex.label is not None and (ex.label not in seen or not ex.text)  # a document alone is always embedded
+            seen.add(ex.label)
             f = {"query": ids[ex.text] if ex.text else None,
-                 "doc": ids[ex.label] if ex.label is not None else None,
+                 "doc": ids[ex.label] if ex.label is not None else None, "doc_first": first,
                  "doc_id": doc_id[ex.label] if ex.label is not None else -1,
                  "negatives": [ids[n] for n in ex.negatives], "negative_ids": [doc_id[n] for n in ex.negatives]}
-            f["length"] = max(len(x) for x in (f["query"], f["doc"], *f["negatives"]) if x is not None)
+            f["train_length"] = max(len(x) for x in (f["query"], f["doc"], *f["negatives"]) if x is not None)
+            f["length"] = max(len(x) for x in (f["query"], f["doc"] if first else None, *f["negatives"]) if x is not None)
             features.append(f)
         stats = {"truncated": sum(ex.text in too_long or ex.label in too_long for ex in examples), "examples": len(examples),
                  "max_tokens": max((len(x) for x in full), default=0)}
         return Encoded(features, examples, stats)
 
+    def train_features(self, enc: Encoded) -> list[dict]:
+        # every query's own document row, even a repeated one
+        return [{**f, "train": True, "length": f["train_length"]} for f in enc.features]
+
     def collate(self, features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
         """Queries, then documents, then hard negatives, as rows of one padded batch (one forward
         pass); "labels" says each row's role, example and document id (the loop never feeds it to
-        the model)."""
+        the model). Outside training a document is embedded once, at its first example: a passage
+        with five questions costs one row, not five."""
         rows, roles = [], []
         for i, f in enumerate(features):
             if f["query"] is not None:
                 rows.append(f["query"])
                 roles.append((QUERY, i, -1))
         for i, f in enumerate(features):
-            if f["doc"] is not None:
+            if f["doc"] is not None and (f.get("train") or f["doc_first"]):
                 rows.append(f["doc"])
                 roles.append((POSITIVE, i, f["doc_id"]))
         for i, f in enumerate(features):
