@@ -180,9 +180,11 @@ class Monitor:
         self.deliver_pending()
 
     # ---- ingestion ------------------------------------------------------------------------------
-    def processed(self, keys: list[str]) -> set[str]:
+    def processed(self, keys: list[str], chunk: int = 500) -> set[str]:
+        """The keys already in the ledger (asked a chunk at a time: SQLite bounds a statement's parameters)."""
         with self.engine.connect() as conn:
-            return {r[0] for r in conn.execute(sa.select(db.ledger.c.key).where(db.ledger.c.key.in_(keys)))} if keys else set()
+            return {r[0] for i in range(0, len(keys), chunk)
+                    for r in conn.execute(sa.select(db.ledger.c.key).where(db.ledger.c.key.in_(keys[i:i + chunk])))}
 
     def ingest(self, items: list[Item]) -> dict:
         """Process the items not yet in the ledger, a batch per transaction; returns counts."""
