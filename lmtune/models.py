@@ -118,6 +118,14 @@ def load_config(name: str, dropout: float | None = None, gguf: str | None = None
     return config
 
 
+def is_bare_backbone(model: torch.nn.Module) -> bool:
+    """A backbone alone (AutoModel, as task retrieval trains it), possibly inside a peft wrapper: every
+    weight is pretrained and there is no new head."""
+    get_base = getattr(model, "get_base_model", None)  # a peft wrapper
+    inner = get_base() if callable(get_base) else model
+    return getattr(inner, "base_model", None) is inner
+
+
 def load_pretrained(auto_cls: Any, name: str, config: PretrainedConfig | None = None, gguf: str | None = None,
                     **tokenizer_kwargs: Any) -> tuple[torch.nn.Module, Any]:
     """(model, tokenizer) of a hub id, a folder or a run's model/: GGUF weights dequantized into an

@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 
 from lmtune.config import PeftConfig
 from lmtune.errors import InputError
+from lmtune.models import is_bare_backbone
 from lmtune.registry import peft_methods
 
 ADAPTER_FILE = "lmtune_adapter.safetensors"
@@ -38,7 +39,7 @@ def default_lr(method: str) -> float:
 
 def head_modules(model: torch.nn.Module) -> list[str]:
     """Top-level modules with weights outside the base model: the task head (e.g. 'classifier')."""
-    if getattr(model, "base_model", None) is model:  # a bare encoder (AutoModel): no head at all
+    if is_bare_backbone(model):  # a bare encoder (AutoModel): no head at all
         return []
     prefix = getattr(model, "base_model_prefix", "")
     # a language model's output layer is pretrained (often tied to the input embeddings): not a new head

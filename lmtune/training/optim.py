@@ -8,6 +8,7 @@ import torch
 from transformers import get_scheduler
 
 from lmtune.config import TrainConfig
+from lmtune.models import is_bare_backbone
 
 _LAYER = re.compile(r"\.(?:layer|layers|block|blocks|h)\.(\d+)\.")
 
@@ -43,9 +44,7 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
     the new head (outside the base model) gets head_lr."""
     n = getattr(model.config, "num_hidden_layers", 0) or 0
     base_prefix = getattr(model, "base_model_prefix", "") + "."
-    get_base = getattr(model, "get_base_model", None)  # a peft wrapper
-    inner = get_base() if callable(get_base) else model
-    bare = getattr(inner, "base_model", None) is inner  # a backbone alone (AutoModel, task retrieval): no new head
+    bare = is_bare_backbone(model)
     no_decay = _no_decay_names(model)
     if cfg.lr is None or cfg.head_lr is None:
         cfg = resolve_learning_rates(cfg, model)
