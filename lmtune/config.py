@@ -277,6 +277,10 @@ class RetrievalConfig:
                                 "(the best-scoring ones not relevant to the query); 0 = in-batch negatives only.", range=">= 0")
     negative_column: str | None = _f(None, "task retrieval: a column of given hard negatives (one text, or a JSON list of texts); "
                                            "rows that have them are not mined.")
+    logq_correction: bool = _f(False, "task retrieval: subtract each document's log frequency among the training positives from "
+                                      "its in-batch logit (Yi et al. 2019, sampling-bias correction). In-batch negatives are "
+                                      "sampled as often as a document is a positive, so without it frequent documents (popular "
+                                      "items) are pushed down; turn it on when positives repeat a lot (recommendation).")
     corpus: str | None = _f(None, "task retrieval: the documents the run's index holds (`lmtune search`, predict); default: every "
                                   "distinct document of train, dev and test.")
     corpus_column: str = _f("text", "retrieval.corpus: the column that holds each document's text.")

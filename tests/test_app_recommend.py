@@ -6,6 +6,7 @@ import json
 import random
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -41,6 +42,30 @@ def test_leave_last_out_split():
     assert recommend.history_text(["1", "2", "3"], {"1": "a", "2": "b", "3": "c"}, 2) == "c | b"
 
 
+def test_user_vector_weights_the_newest_items_first():
+    emb = np.eye(4)
+    ids = ["a", "b", "c", "d"]
+    assert recommend.user_vectors([["a", "b", "c"]], emb, ids, 0.0, 20).tolist() == [[0, 0, 1, 0]]  # the newest alone
+    assert np.allclose(recommend.user_vectors([["a", "b", "c"]], emb, ids, 1.0, 20), [[1 / 3, 1 / 3, 1 / 3, 0]])
+    assert np.allclose(recommend.user_vectors([["a", "b", "c"]], emb, ids, 0.5, 2), [[0, 1 / 3, 2 / 3, 0]])  # n=2: a is cut
+
+
+def test_choose_ranker_adds_popularity_only_when_valid_says_so():
+    """Item embeddings that carry nothing (orthogonal), targets that are the popular items: the
+    popularity weight chosen on valid is positive; a config that fixes the settings is obeyed."""
+    ids = [str(i) for i in range(30)]
+    emb = np.eye(30)
+    rng = random.Random(0)
+    valid = [([str(rng.randrange(20)) for _ in range(3)], str(rng.randrange(27, 30))) for _ in range(50)]
+    log_count = np.log1p(np.array([100.0 if i >= 27 else 1.0 for i in range(30)]))  # the last ids: a tie-break never finds them
+    cfg = recommend.RecommendConfig(items="x", interactions="y")
+    ranker, score = recommend.choose_ranker(cfg, valid, emb, ids, log_count)
+    assert ranker.popularity_weight > 0 and score > 0.5
+    cfg.decay, cfg.popularity_weight = 0.3, 0.0
+    fixed, fixed_score = recommend.choose_ranker(cfg, valid, emb, ids, log_count)
+    assert (fixed.decay, fixed.popularity_weight) == (0.3, 0.0) and fixed_score < score
+
+
 def test_recommend_fit_and_rank(tmp_path, tiny_encoder, capsys):  # noqa: F811
     items, inter = _files(tmp_path)
     conf = tmp_path / "rec.yaml"
@@ -56,6 +81,10 @@ def test_recommend_fit_and_rank(tmp_path, tiny_encoder, capsys):  # noqa: F811
                                "repeat_targets_unreachable": 0}
     t = result["test"]
     assert t["model"]["ndcg_10"] > t["popularity"]["ndcg_10"] + 0.2  # popularity knows no themes
+    assert t["model_without_popularity"]["recall_10"] >= 0.8
+    chosen = result["chosen_on_valid"]
+    assert chosen["decay"] in recommend.DECAYS and chosen["popularity_weight"] in recommend.POPULARITY_WEIGHTS
+    assert chosen["bm25_history_items"] in recommend.BM25_HISTORIES
     assert t["model"]["recall_10"] >= 0.8  # 8 items per theme, 4 in the history: the other 4 fill the top 10
     rows = [json.loads(x) for x in (tmp_path / "runs" / "rec" / "recommend_test.jsonl").read_text().splitlines()]
     seqs = recommend.read_sequences(recommend.load_config(conf), recommend.read_items(recommend.load_config(conf)))
@@ -68,6 +97,7 @@ def test_recommend_fit_and_rank(tmp_path, tiny_encoder, capsys):  # noqa: F811
     assert not {r["item_id"] for r in top} & set(seqs["u0"])
     by_history = recommend.rank(tmp_path / "runs" / "rec", history=["2-0", "2-1"], k=2)
     assert [r["item_id"][:2] for r in by_history] == ["2-", "2-"]
+    assert by_history[0]["score"] >= by_history[1]["score"]
 
 
 def test_recommend_bad_inputs(tmp_path):

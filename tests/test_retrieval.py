@@ -3,6 +3,7 @@ a full run that learns a toy FAQ mapping, its index, `lmtune search` and predict
 from __future__ import annotations
 
 import json
+import math
 import random
 from pathlib import Path
 
@@ -104,9 +105,9 @@ def test_loss_masks_a_shared_document_and_equals_the_cross_entropy_by_hand(tiny_
                 RetrievalExample("forgot password", "password steps", "f:2"),  # the same document as row 1
                 RetrievalExample("money back", "refund rules", "f:3")]
     enc = task.encode(examples, tok, 32)
-    assert task.collate(enc.features, tok)["labels"].shape == (3 + 2 + 1, 3)  # outside training a document is embedded once
+    assert task.collate(enc.features, tok)["labels"].shape == (3 + 2 + 1, 4)  # outside training a document is embedded once
     batch = task.collate(task.train_features(enc), tok)
-    assert batch["labels"].shape == (3 + 3 + 1, 3)
+    assert batch["labels"].shape == (3 + 3 + 1, 4)
     out = model(**{k: v for k, v in batch.items() if k != "labels"})
     losses = task.example_losses(out, batch)
     # by hand: rows 0-2 queries, 3-5 positives, 6 the negative (the same text as row 5's document)
@@ -118,6 +119,44 @@ def test_loss_masks_a_shared_document_and_equals_the_cross_entropy_by_hand(tiny_
             F.cross_entropy(s[2, [0, 1, 2]].unsqueeze(0), torch.tensor([2]))]  # the negative is its own document: masked
     assert torch.allclose(losses, torch.stack(want), atol=1e-5)
     assert task.loss(out, batch).item() == pytest.approx(losses.sum().item(), rel=1e-6)
+
+
+def test_logq_correction_adds_minus_log_frequency_to_each_positive_column(tiny_encoder):
+    """retrieval.logq_correction: a document that is the positive of 2 of 3 training queries gets -log(2/3)
+    added to its in-batch logit, one that is positive once -log(1/3); mined negatives get nothing."""
+    from lmtune.config import Config
+    task = get_task("retrieval")
+    cfg = Config(task="retrieval")
+    cfg.retrieval.logq_correction, cfg.retrieval.hard_negatives = True, 0
+    train = [RetrievalExample("reset my password", "password steps", "f:1", negatives=["refund rules"]),
+             RetrievalExample("forgot password", "password steps", "f:2"),
+             RetrievalExample("money back", "refund rules", "f:3")]
+    counts = {"password steps": 2, "refund rules": 1}
+    task._neg_log_q = {d: math.log(3 / n) for d, n in counts.items()}  # what read() sets from the train split
+    tok = AutoTokenizer.from_pretrained(tiny_encoder)
+    model = BertModel.from_pretrained(tiny_encoder)
+    batch = task.collate(task.train_features(task.encode(train, tok, 32)), tok)
+    assert batch["labels"][:, 3].tolist() == [0, 0, 0, round(1000 * math.log(1.5)), round(1000 * math.log(1.5)),
+                                              round(1000 * math.log(3)), 0]
+    out = model(**{k: v for k, v in batch.items() if k != "labels"})
+    emb = F.normalize((out.last_hidden_state * batch["attention_mask"].unsqueeze(-1)).sum(1)
+                      / batch["attention_mask"].sum(1, keepdim=True), dim=-1)
+    s = 20 * emb[:3] @ emb[3:].T + torch.tensor([math.log(1.5), math.log(1.5), math.log(3), 0.0], dtype=emb.dtype)
+    want = [F.cross_entropy(s[0, [0, 2, 3]].unsqueeze(0), torch.tensor([0])),
+            F.cross_entropy(s[1, [1, 2, 3]].unsqueeze(0), torch.tensor([0])),
+            F.cross_entropy(s[2, [0, 1, 2]].unsqueeze(0), torch.tensor([2]))]
+    assert torch.allclose(task.example_losses(out, batch), torch.stack(want), atol=1e-3)  # -log q travels in 1/1000ths
+
+
+def test_a_corpus_with_ids_keeps_two_items_that_share_a_text(tmp_path):
+    from lmtune.config import Config
+    from lmtune.tasks.retrieval import read_corpus
+    f = tmp_path / "items.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in [{"item_id": "a", "text": "red mug"}, {"item_id": "b", "text": "red mug"},
+                                                       {"item_id": "a", "text": "blue mug"}]), encoding="utf-8")
+    assert read_corpus(str(f), "text", "item_id", Config(task="retrieval")) == [{"text": "red mug", "id": "a"},
+                                                                                   {"text": "red mug", "id": "b"}]
+    assert read_corpus(str(f), "text", None, Config(task="retrieval")) == [{"text": "red mug"}, {"text": "blue mug"}]
 
 
 def test_retrieval_run_learns_and_searches_its_index(tmp_path, tiny_encoder, capsys):

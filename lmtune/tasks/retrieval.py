@@ -19,6 +19,8 @@ sentence-transformers trainer is not used; the saved model/ is a plain transform
 from __future__ import annotations
 
 import json
+import math
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -38,6 +40,7 @@ RELEVANT = "relevant"  # the one "label": a document is relevant to the query or
 SCALE = 20.0  # cosine similarity x 20: MultipleNegativesRankingLoss's default, what MiniLM was trained with
 KS = (1, 5, 10)
 QUERY, POSITIVE, NEGATIVE = 0, 1, 2  # the role of a row of a batch
+LOGQ_UNIT = 1000  # labels is a long tensor: a row's -log q travels in it as round(-log q * LOGQ_UNIT)
 
 
 @dataclass
@@ -109,6 +112,7 @@ class RetrievalTask(Task):
         self.pooling = "mean"
         self.index = None  # lmtune.index.Index of the run, set by load()
         self._corpus: list[dict] | None = None  # retrieval.corpus as read (and checked) before training
+        self._neg_log_q: dict[str, float] = {}  # retrieval.logq_correction: -log(share of train positives) per document
 
     def state(self) -> dict:
         return {"pooling": self.pooling}
@@ -164,6 +168,9 @@ class RetrievalTask(Task):
         r = cfg.retrieval
         self._corpus = read_corpus(r.corpus, r.corpus_column, r.corpus_id_column, cfg) if r.corpus else None  # errors before training
         mined = mine_negatives(train, r.hard_negatives)
+        if r.logq_correction:
+            counts = Counter(ex.label for ex in train)
+            self._neg_log_q = {doc: math.log(len(train) / n) for doc, n in counts.items()}
         info["sizes"] = {"train": len(train), "dev": len(dev), "test": len(test)}
         info["documents"] = {split: len({ex.label for ex in rows}) for split, rows in (("train", train), ("dev", dev), ("test", test))}
         info["hard_negatives"] = {"per_query": cfg.retrieval.hard_negatives, "mined": mined,
@@ -226,6 +233,7 @@ class RetrievalTask(Task):
             f = {"query": ids[ex.text] if ex.text else None,
                  "doc": ids[ex.label] if ex.label is not None else None, "doc_first": first,
                  "doc_id": doc_id[ex.label] if ex.label is not None else -1,
+                 "neg_log_q": round(self._neg_log_q.get(ex.label, 0.0) * LOGQ_UNIT),
                  "negatives": [ids[n] for n in ex.negatives], "negative_ids": [doc_id[n] for n in ex.negatives]}
             f["train_length"] = max(len(x) for x in (f["query"], f["doc"], *f["negatives"]) if x is not None)
             f["length"] = max(len(x) for x in (f["query"], f["doc"] if first else None, *f["negatives"]) if x is not None)
@@ -240,22 +248,23 @@ class RetrievalTask(Task):
 
     def collate(self, features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
         """Queries, then documents, then hard negatives, as rows of one padded batch (one forward
-        pass); "labels" says each row's role, example and document id (the loop never feeds it to
+        pass); "labels" says each row's role, example, document id and -log q (LOGQ_UNIT; 0 without
+        retrieval.logq_correction) (the loop never feeds it to
         the model). Outside training a document is embedded once, at its first example: a passage
         with five questions costs one row, not five."""
         rows, roles = [], []
         for i, f in enumerate(features):
             if f["query"] is not None:
                 rows.append(f["query"])
-                roles.append((QUERY, i, -1))
+                roles.append((QUERY, i, -1, 0))
         for i, f in enumerate(features):
             if f["doc"] is not None and (f.get("train") or f["doc_first"]):
                 rows.append(f["doc"])
-                roles.append((POSITIVE, i, f["doc_id"]))
+                roles.append((POSITIVE, i, f["doc_id"], f.get("neg_log_q", 0)))
         for i, f in enumerate(features):
             for ids, did in zip(f["negatives"], f["negative_ids"]):
                 rows.append(ids)
-                roles.append((NEGATIVE, i, did))
+                roles.append((NEGATIVE, i, did, 0))  # mined, not sampled by frequency: no correction
         width = max(len(r) for r in rows)
         pad = tokenizer.pad_token_id or 0
         input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
@@ -285,7 +294,7 @@ class RetrievalTask(Task):
         target = is_pos.float().argmax(1)
         own_doc = roles[d_rows, 2][target]
         same_doc = roles[d_rows, 2].unsqueeze(0) == own_doc.unsqueeze(1)
-        scores = SCALE * emb[q_rows] @ emb[d_rows].T
+        scores = SCALE * emb[q_rows] @ emb[d_rows].T + roles[d_rows, 3].to(emb.dtype).unsqueeze(0) / LOGQ_UNIT
         scores = scores.masked_fill(same_doc & ~is_pos, float("-inf"))
         return F.cross_entropy(scores, target, reduction="none")
 
@@ -297,7 +306,7 @@ class RetrievalTask(Task):
         emb, roles = self._embeddings(outputs, batch).cpu().numpy(), batch["labels"].cpu().numpy()
         n = int(roles[:, 1].max()) + 1
         out = np.full((n, 2, emb.shape[1]), np.nan, dtype=np.float32)
-        for row, (role, i, _) in enumerate(roles):
+        for row, (role, i, *_) in enumerate(roles):
             if role in (QUERY, POSITIVE):
                 out[i, 0 if role == QUERY else 1] = emb[row]
         return list(out)
@@ -389,12 +398,13 @@ def mine_negatives(train: list[RetrievalExample], per_query: int) -> int:
 
 
 def read_corpus(path: str, column: str, id_column: str | None, cfg: Config) -> list[dict]:
-    """retrieval.corpus: the documents an index holds, one per row ({"text", "id"?}); duplicates kept once."""
+    """retrieval.corpus: the documents an index holds, one per row ({"text", "id"?}). Without ids a repeated text
+    is kept once; with ids each id is kept once, so two items that share a text stay two rankable items."""
     rows = read_examples(path, column, id_column, None, cfg.data.format, cfg.data.encoding, require_label=bool(id_column))
     if not rows:
         raise InputError(f"{path}: the corpus holds no documents.")
     seen: dict[str, dict] = {}
     for ex in rows:
-        seen.setdefault(ex.text, {"text": ex.text, **({"id": ex.label} if id_column else {})})
+        seen.setdefault(ex.label if id_column else ex.text, {"text": ex.text, **({"id": ex.label} if id_column else {})})
     return list(seen.values())
 

@@ -1,18 +1,28 @@
 """Text-based recommendation on lmtune: `lmtune recommend fit CONFIG` trains a two-tower bi-encoder
-(task retrieval; both towers share the encoder) from the text of a user's history, newest item first,
-to the text of the item they took next, ranks every item for each user with the items they already
-have excluded, and compares it with popularity and BM25 on a leave-last-out split.
-`lmtune recommend rank RUN --user U` recommends for one user.
+(task retrieval; both towers share the encoder) on item -> next item pairs of the users' sequences,
+ranks every item for each user with the items they already have excluded, and compares it with
+popularity and BM25 on a leave-last-out split. `lmtune recommend rank RUN --user U` recommends for one user.
+
+The user tower is the recency-weighted mean of the embeddings of the user's last `history_items`
+items (weight decay**k for the k-th newest), the pooled user representation of two-tower recommenders
+(Covington et al. 2016). Every item is embedded once, alone, so a long history costs nothing at query
+time and is never cut by max_length. To a user's score of an item is added popularity_weight *
+log(1 + the item's count in the training part): in-batch negatives are drawn as often as an item is
+bought, so a two-tower model learns to push frequent items down, and the run is also trained with
+retrieval.logq_correction (Yi et al. 2019). decay and popularity_weight are chosen on the valid
+targets unless the config fixes them.
 
 Split (leave-last-out, the usual protocol of sequential recommendation): per user with at least 3
 interactions, test = the last item (history: everything before it), valid = the one before (early
-stopping), train = every prefix -> next pair of the rest. Items already in a user's history are
-never recommended; a test target that repeats an earlier item is therefore a miss for every system,
-and recommend.json counts them.
+stopping, and the choice of decay and popularity_weight), train = every prefix -> next pair of the
+rest. Items already in a user's history are never recommended; a test target that repeats an earlier
+item is therefore a miss for every system, and recommend.json counts them. BM25 (the history's text
+as the query) gets its number of history items chosen on valid as well.
 
 Outputs in the run directory: the retrieval run itself (model/, index/ of every item with its id),
-recommend.json (config, split sizes, test NDCG@10 / recall@10 / recall@20 of the model and of both
-baselines) and recommend_test.jsonl (each test user's top 10).
+recommend.json (config, the settings chosen on valid, split sizes, test NDCG@10 / recall@10 /
+recall@20 of the model, of the model without the popularity term, and of both baselines) and
+recommend_test.jsonl (each test user's top 10).
 """
 from __future__ import annotations
 
@@ -45,6 +55,8 @@ class RecommendConfig:
     item_column: str = "item_id"
     time_column: str | None = None
     history_items: int = 20
+    decay: float | None = None  # weight of the k-th newest history item = decay**k; None: chosen on valid
+    popularity_weight: float | None = None  # weight of log(1 + training count) added to a score; None: chosen on valid
     output_dir: str = "runs"
     run_name: str | None = None
     lmtune: dict = field(default_factory=dict)
@@ -58,6 +70,10 @@ def load_config(path: str | Path) -> RecommendConfig:
             raise InputError(f"{path}: '{key}' is missing: give the {key} file.")
     if cfg.history_items < 1:
         raise InputError(f"{path}: history_items must be at least 1, got {cfg.history_items}.")
+    if cfg.decay is not None and not 0 <= cfg.decay <= 1:
+        raise InputError(f"{path}: decay must be between 0 and 1 (or null: chosen on valid), got {cfg.decay}.")
+    if cfg.popularity_weight is not None and cfg.popularity_weight < 0:
+        raise InputError(f"{path}: popularity_weight must be >= 0 (or null: chosen on valid), got {cfg.popularity_weight}.")
     return cfg
 
 
@@ -119,6 +135,11 @@ def history_text(history: list[str], items: dict[str, str], n: int) -> str:
 
 
 # ---- ranking and metrics --------------------------------------------------------------------------
+DECAYS = (0.0, 0.3, 0.5, 0.7, 0.85, 1.0)  # 0: the newest item alone; 1: the plain mean of the history
+POPULARITY_WEIGHTS = (0.0, 0.01, 0.02, 0.04, 0.08, 0.16)  # cosine units per log(1 + count)
+BM25_HISTORIES = (1, 2, 3, 5, 10, 20)
+
+
 def metrics_at(ranked: list[list[str]], targets: list[str]) -> dict:
     ndcg, r10, r20 = [], [], []
     for row, t in zip(ranked, targets):
@@ -148,7 +169,72 @@ def bm25_item_scores(queries: list[str], ids: list[str], items: dict[str, str]) 
     return BM25([tokenize(items[x]) for x in ids]).scores([tokenize(q) for q in queries])
 
 
+def log_counts(split: Split, ids: list[str]) -> np.ndarray:
+    """log(1 + count) of each item in the training part (every user's items before their last two),
+    the part no valid or test target is in."""
+    counts = Counter(x for hist, _ in split.valid for x in hist)
+    return np.log1p(np.array([counts.get(x, 0) for x in ids], dtype=np.float64))
+
+
+def user_vectors(histories: list[list[str]], embeddings: np.ndarray, ids: list[str], decay: float, n: int) -> np.ndarray:
+    """The user tower: the mean of the last n history items' embeddings, the k-th newest weighted decay**k."""
+    where = {x: j for j, x in enumerate(ids)}
+    out = np.zeros((len(histories), embeddings.shape[1]), dtype=np.float64)
+    for i, hist in enumerate(histories):
+        rows = [where[x] for x in reversed(hist[-n:])]
+        w = float(decay) ** np.arange(len(rows))  # 0.0 ** 0 == 1: decay 0 is the newest item alone
+        out[i] = w @ embeddings[rows] / w.sum()
+    return out
+
+
+@dataclass
+class Ranker:
+    """How the model scores items for a user: the settings chosen on valid."""
+    decay: float
+    popularity_weight: float
+
+    def scores(self, histories: list[list[str]], embeddings: np.ndarray, ids: list[str], log_count: np.ndarray,
+               n: int) -> np.ndarray:
+        return user_vectors(histories, embeddings, ids, self.decay, n) @ embeddings.T + self.popularity_weight * log_count
+
+
+def ndcg(scores: np.ndarray, ids: list[str], rows: list[tuple[list[str], str]]) -> float:
+    return metrics_at(top_items(scores, ids, [set(h) for h, _ in rows], k=K), [t for _, t in rows])["ndcg_10"]
+
+
+def choose_ranker(cfg: RecommendConfig, valid: list[tuple[list[str], str]], embeddings: np.ndarray, ids: list[str],
+                  log_count: np.ndarray, weights: tuple[float, ...] | None = None) -> tuple[Ranker, float]:
+    """The (decay, popularity_weight) of the grid (or the config's) with the best valid NDCG@10; ties go to the
+    first (the smaller decay, then the smaller weight)."""
+    hist = [h for h, _ in valid]
+    best: tuple[Ranker, float] | None = None
+    for decay in (cfg.decay,) if cfg.decay is not None else DECAYS:
+        base = user_vectors(hist, embeddings, ids, decay, cfg.history_items) @ embeddings.T
+        for w in weights or ((cfg.popularity_weight,) if cfg.popularity_weight is not None else POPULARITY_WEIGHTS):
+            score = ndcg(base + w * log_count, ids, valid)
+            if best is None or score > best[1]:
+                best = (Ranker(decay, w), score)
+    return best
+
+
+def choose_bm25_history(valid: list[tuple[list[str], str]], ids: list[str], items: dict[str, str]) -> int:
+    """BM25's number of history items (the query text) with the best valid NDCG@10: the baseline gets the same care."""
+    hist = [h for h, _ in valid]
+    return max(BM25_HISTORIES, key=lambda n: (ndcg(bm25_item_scores([history_text(h, items, n) for h in hist], ids, items),
+                                                   ids, valid), -n))
+
+
 # ---- the commands ---------------------------------------------------------------------------------
+def run_config(cfg: RecommendConfig, data_dir: Path) -> dict:
+    """The retrieval run's config: the app's defaults (no BM25 hard negatives: item texts of one category
+    look alike without being next; log-q correction), under the user's `lmtune` keys."""
+    over = cfg.lmtune or {}
+    return {**over, "task": "retrieval", "output_dir": cfg.output_dir, "run_name": cfg.run_name or "recommend",
+            "data": {**over.get("data", {}), "train": str(data_dir / "train.jsonl"), "dev": str(data_dir / "dev.jsonl")},
+            "retrieval": {"hard_negatives": 0, "logq_correction": True, **over.get("retrieval", {}),
+                          "corpus": str(data_dir / "items.jsonl"), "corpus_column": "text", "corpus_id_column": "item_id"}}
+
+
 def fit(config: str | Path | RecommendConfig) -> dict:
     """Train, rank every test user, compare with the baselines; returns (and writes) recommend.json."""
     import lmtune
@@ -158,20 +244,13 @@ def fit(config: str | Path | RecommendConfig) -> dict:
     if len(split.valid) < 2 or not split.train:
         raise InputError(f"{cfg.interactions}: {len(split.test)} user(s) with 3 or more interactions; leave-last-out needs "
                          "several (each gives a train, a valid and a test item).")
-    run_name = cfg.run_name or "recommend"
-    data_dir = Path(cfg.output_dir) / f"{run_name}.data"  # the pairs the run was trained on, kept for evaluate / resume
+    data_dir = Path(cfg.output_dir) / f"{cfg.run_name or 'recommend'}.data"  # the pairs the run was trained on, kept for evaluate / resume
     data_dir.mkdir(parents=True, exist_ok=True)
-    pairs = {name: [{"query": history_text(h, items, cfg.history_items), "document": items[t]} for h, t in rows]
-             for name, rows in (("train", split.train), ("dev", split.valid))}
-    for name, rows in pairs.items():
-        write_jsonl(data_dir / f"{name}.jsonl", rows)
+    # the item tower's pairs: the newest item of a history -> the next item (the user tower pools item embeddings)
+    for name, rows in (("train", split.train), ("dev", split.valid)):
+        write_jsonl(data_dir / f"{name}.jsonl", [{"query": items[h[-1]], "document": items[t]} for h, t in rows])
     write_jsonl(data_dir / "items.jsonl", [{"item_id": k, "text": v} for k, v in items.items()])
-    over = cfg.lmtune or {}
-    run_cfg = {**over, "task": "retrieval", "output_dir": cfg.output_dir, "run_name": run_name,
-               "data": {**over.get("data", {}), "train": str(data_dir / "train.jsonl"), "dev": str(data_dir / "dev.jsonl")},
-               "retrieval": {**over.get("retrieval", {}), "corpus": str(data_dir / "items.jsonl"), "corpus_column": "text",
-                             "corpus_id_column": "item_id"}}
-    run = lmtune.train(run_cfg)
+    run = lmtune.train(run_config(cfg, data_dir))
     result = evaluate(run, cfg, items, split)
     write_json(run.run_dir / "recommend.json", result)
     return result
@@ -179,23 +258,30 @@ def fit(config: str | Path | RecommendConfig) -> dict:
 
 def evaluate(run, cfg: RecommendConfig, items: dict[str, str], split: Split) -> dict:
     users = list(split.test)
-    hist = [split.test[u][0] for u in users]
-    targets = [split.test[u][1] for u in users]
+    test = [split.test[u] for u in users]
+    hist, targets = [h for h, _ in test], [t for _, t in test]
     seen = [set(h) for h in hist]
-    queries = [history_text(h, items, cfg.history_items) for h in hist]
     index = run.task.index
-    ids = index.ids
-    model_top = top_items(run.embed(queries) @ index.embeddings.T, ids, seen)
+    ids, emb = index.ids, index.embeddings.astype(np.float64)
+    count = log_counts(split, ids)
+    ranker, valid_ndcg = choose_ranker(cfg, split.valid, emb, ids, count)
+    text_only, _ = choose_ranker(cfg, split.valid, emb, ids, count, weights=(0.0,))
+    bm25_n = choose_bm25_history(split.valid, ids, items)
+    model_top = top_items(ranker.scores(hist, emb, ids, count, cfg.history_items), ids, seen)
     systems = {"model": model_top,
+               "model_without_popularity": top_items(text_only.scores(hist, emb, ids, count, cfg.history_items), ids, seen),
                "popularity": top_items(popularity_scores(split, ids, len(users)), ids, seen),
-               "bm25": top_items(bm25_item_scores(queries, ids, items), ids, seen)}
+               "bm25": top_items(bm25_item_scores([history_text(h, items, bm25_n) for h in hist], ids, items), ids, seen)}
     scores = {name: metrics_at(top, targets) for name, top in systems.items()}
     write_jsonl(run.run_dir / "recommend_test.jsonl",
                 [{"user": u, "target": t, "top": top[:K]} for u, t, top in zip(users, targets, model_top)])
     repeats = sum(t in s for t, s in zip(targets, seen))
-    log.info("recommend: test NDCG@10 model %.4f, popularity %.4f, BM25 %.4f (%d users, %d repeat targets excluded)",
-             scores["model"]["ndcg_10"], scores["popularity"]["ndcg_10"], scores["bm25"]["ndcg_10"], len(users), repeats)
+    log.info("recommend: test NDCG@10 model %.4f (without the popularity term %.4f), popularity %.4f, BM25 %.4f "
+             "(%d users, %d repeat targets excluded)", scores["model"]["ndcg_10"], scores["model_without_popularity"]["ndcg_10"],
+             scores["popularity"]["ndcg_10"], scores["bm25"]["ndcg_10"], len(users), repeats)
     return {"config": dataclasses.asdict(cfg), "run_dir": str(run.run_dir),
+            "chosen_on_valid": {"decay": ranker.decay, "popularity_weight": ranker.popularity_weight, "valid_ndcg_10": valid_ndcg,
+                                "decay_without_popularity": text_only.decay, "bm25_history_items": bm25_n},
             "split": {"users": len(users), "items": len(items), "train_pairs": len(split.train), "valid": len(split.valid),
                       "test": len(users), "repeat_targets_unreachable": repeats},
             "test": scores, "protocol": "leave-last-out; all items ranked; items in the user's history excluded"}
@@ -211,17 +297,22 @@ def rank(run_dir: str | Path, user: str | None = None, history: list[str] | None
     meta = run_dir / "recommend.json"
     if not meta.is_file():
         raise InputError(f"{run_dir}: no recommend.json; train it with `lmtune recommend fit CONFIG`.")
-    cfg = RecommendConfig(**json.loads(meta.read_text(encoding="utf-8"))["config"])
+    saved = json.loads(meta.read_text(encoding="utf-8"))
+    cfg = RecommendConfig(**saved["config"])
     items = read_items(cfg)
+    seqs = read_sequences(cfg, items)
     if history is None:
-        seqs = read_sequences(cfg, items)
         if user not in seqs:
             raise InputError(f"user {user!r} has no interactions in {cfg.interactions}.")
         history = seqs[user]
     unknown = [x for x in history if x not in items]
     if unknown:
         raise InputError(f"item {unknown[0]!r} is not in {cfg.items}.")
-    run = lmtune.load(run_dir)
-    hits = run.search([history_text(history, items, cfg.history_items)], k, exclude=[
-        {j for j, x in enumerate(run.task.index.ids) if x in set(history)}])[0]
-    return [{"item_id": h["id"], "text": h["document"], "score": h["score"]} for h in hits]
+    index = lmtune.load(run_dir).task.index
+    ids, emb = index.ids, index.embeddings.astype(np.float64)
+    chosen = saved["chosen_on_valid"]
+    ranker = Ranker(chosen["decay"], chosen["popularity_weight"])
+    scores = ranker.scores([history], emb, ids, log_counts(leave_last_out(seqs), ids), cfg.history_items)
+    top = top_items(scores, ids, [set(history)], k=k)[0]
+    where = {x: j for j, x in enumerate(ids)}
+    return [{"item_id": x, "text": items[x], "score": float(scores[0, where[x]])} for x in top]
