@@ -14,13 +14,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 
 from lmtune.robust.text import is_cjk
 from lmtune.training.progress import Progress
 
 LOOP_REPEATS = 3  # an n-gram said this many times back to back (or a 4-gram this many times anywhere) is a loop
-CHECKS = {"repeat_share": 0.05, "length_ratio": (0.5, 2.0), "truncated_share": 0.2}  # what a setting must pass (see passes)
+CHECKS = {"repeat_share": 0.05, "length_ratio": (0.5, 2.0), "truncated_share": 0.2,
+          "invented_margin": 0.1}  # what a setting must pass (see passes)
 _NUMBER = re.compile(r"\d[\d,.:/]*\d|\d")
 _NAME = re.compile(r"\b[A-Z][a-zA-Z]+\b")
 # capitalised only because they start a sentence: never counted as names
@@ -54,6 +55,9 @@ def generate_outputs(task, model, tokenizer: Any, examples: list, device: torch.
             mask[r, width - len(prompts[i]):] = 1
         torch.manual_seed(int(settings.get("seed", 0)) + n)
         extra = {}
+        penalties = ResponsePenalties.from_settings(settings, width)
+        if penalties is not None:
+            extra["logits_processor"] = LogitsProcessorList([penalties])
         if task.label_set:
             extra["prefix_allowed_tokens_fn"] = label_constraint(tokenizer, task.label_set, width)
         if task.stop:
@@ -71,16 +75,49 @@ def generate_outputs(task, model, tokenizer: Any, examples: list, device: torch.
 
 def generation_config(settings: dict, max_new_tokens: int, pad: int | None, eos: int | None) -> GenerationConfig:
     """A complete GenerationConfig from lmtune's settings, so nothing comes from the checkpoint's own
-    generation defaults (an instruct model's sampling temperature, say) unless it was chosen here."""
+    generation defaults (an instruct model's sampling temperature, say) unless it was chosen here.
+    repetition_penalty and no_repeat_ngram_size are not transformers' (ResponsePenalties applies them)."""
     sample = float(settings.get("temperature") or 0.0) > 0
     kw: dict = {"max_new_tokens": max_new_tokens, "do_sample": sample, "pad_token_id": pad, "eos_token_id": eos,
-                "repetition_penalty": float(settings.get("repetition_penalty") or 1.0),
-                "no_repeat_ngram_size": int(settings.get("no_repeat_ngram_size") or 0)}
+                "repetition_penalty": 1.0, "no_repeat_ngram_size": 0}
     if sample:
         kw.update(temperature=float(settings["temperature"]), top_p=float(settings.get("top_p") or 1.0), top_k=0)
     else:
         kw.update(temperature=None, top_p=None, top_k=None)
     return GenerationConfig(**kw)
+
+
+class ResponsePenalties(LogitsProcessor):
+    """repetition_penalty and no_repeat_ngram_size over the generated tokens only. transformers' own
+    processors read the whole input_ids, and a decoder's input_ids start with the prompt: its
+    repetition penalty then punishes copying from the input (the names and phrases a summary must
+    reuse) and its n-gram block forbids every n-gram of the prompt (DialogSum's `#Person1#` tags after
+    one use). Left padding gives every row of a batch the same prompt width, `start`."""
+
+    def __init__(self, start: int, penalty: float = 1.0, ngram: int = 0) -> None:
+        self.start, self.penalty, self.ngram = start, penalty, ngram
+
+    @classmethod
+    def from_settings(cls, settings: dict, start: int) -> ResponsePenalties | None:
+        penalty, ngram = float(settings.get("repetition_penalty") or 1.0), int(settings.get("no_repeat_ngram_size") or 0)
+        return cls(start, penalty, ngram) if penalty != 1.0 or ngram > 0 else None
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        gen = input_ids[:, self.start:]
+        if not gen.shape[1]:
+            return scores
+        scores = scores.clone()
+        if self.penalty != 1.0:  # CTRL's rule, as transformers applies it: shrink a seen token's logit toward "less likely"
+            seen = scores.gather(1, gen)
+            scores.scatter_(1, gen, torch.where(seen < 0, seen * self.penalty, seen / self.penalty))
+        if self.ngram > 0 and gen.shape[1] >= self.ngram - 1:
+            n = self.ngram
+            for r, row in enumerate(gen.tolist()):
+                prefix = tuple(row[len(row) - n + 1:]) if n > 1 else ()
+                banned = [row[i + n - 1] for i in range(len(row) - n + 1) if tuple(row[i:i + n - 1]) == prefix]
+                if banned:
+                    scores[r, banned] = float("-inf")
+        return scores
 
 
 def _decoded(tokens: list[int], tokenizer: Any, eos: int | None, pad: int | None, stop: list[str]) -> dict:
@@ -267,18 +304,21 @@ def candidates(seed: int, trials: int, cap: int, reference_tokens: list[int]) ->
 
 
 def passes(m: dict, trials: list[dict]) -> bool:
-    """The repetition and length checks, each against a fixed bound or, when no setting reaches it,
-    against the best setting tried: loops at most 5% (or within 5 points of the fewest), length ratio
-    within 0.5-2 (or within 0.25 of the closest to 1), outputs cut by the length cap at most 20% (or
-    within 10 points of the fewest). A setting that loops more than another could avoid never wins."""
+    """The repetition, length and invention checks, each against a fixed bound or, when no setting
+    reaches it, against the best setting tried: loops at most 5% (or within 5 points of the fewest),
+    length ratio within 0.5-2 (or within 0.25 of the closest to 1), outputs cut by the length cap at
+    most 20% (or within 10 points of the fewest), outputs with invented names or numbers within 10
+    points of the fewest. A setting that loops or invents more than another could avoid never wins."""
     lo, hi = CHECKS["length_ratio"]
     fewest_loops = min(t["repeat_share"] for t in trials)
     closest = min(abs((t.get("length_ratio") or 1.0) - 1) for t in trials)
     fewest_cut = min(t["truncated_share"] for t in trials)
+    fewest_invented = min(t.get("invented_share") or 0.0 for t in trials)
     ratio = m.get("length_ratio") or 1.0
     return (m["repeat_share"] <= max(CHECKS["repeat_share"], fewest_loops + 0.05)
             and (lo <= ratio <= hi or abs(ratio - 1) <= closest + 0.25)
-            and m["truncated_share"] <= max(CHECKS["truncated_share"], fewest_cut + 0.1))
+            and m["truncated_share"] <= max(CHECKS["truncated_share"], fewest_cut + 0.1)
+            and (m.get("invented_share") or 0.0) <= fewest_invented + CHECKS["invented_margin"])
 
 
 def search_decoding(task, model, tokenizer: Any, examples: list, device: torch.device, seed: int, trials: int,

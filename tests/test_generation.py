@@ -12,7 +12,16 @@ import lmtune
 from lmtune.cli import main
 from lmtune.config import build_config
 from lmtune.errors import InputError
-from lmtune.generate_control import candidates, distinct, has_loop, invented, label_constraint, passes, rouge
+from lmtune.generate_control import (
+    ResponsePenalties,
+    candidates,
+    distinct,
+    has_loop,
+    invented,
+    label_constraint,
+    passes,
+    rouge,
+)
 from lmtune.tasks import get_task
 from lmtune.tasks.generation import pack
 from lmtune.training.loop import inputs
@@ -305,3 +314,25 @@ def test_decoding_candidates_and_checks():
     assert not passes(long, [looping, clean, long])
     # when nothing reaches a bound, the best tried sets it
     assert passes(looping, [looping, {**looping, "repeat_share": 0.28}])
+    inventive = {**clean, "invented_share": 0.5}
+    assert not passes(inventive, [inventive, {**clean, "invented_share": 0.2}])  # invents more than another setting
+    assert passes({**clean, "invented_share": 0.25}, [inventive, {**clean, "invented_share": 0.2}])
+
+
+def test_repetition_controls_leave_the_prompt_out():
+    """The n-gram block and the repetition penalty look at the generated tokens only: a prompt's
+    n-gram may be copied, and a token seen only in the prompt keeps its logit; transformers' own
+    n-gram processor, given the same ids, bans the copy."""
+    from transformers import NoRepeatNGramLogitsProcessor
+    prompt, generated = [5, 6, 7, 5], [9, 9, 8, 9]  # prompt "5 6" ends with 5; the answer has said "9 8" ... "9"
+    ids = torch.tensor([prompt + generated])
+    scores = torch.tensor([[2.0] * 10])
+    out = ResponsePenalties(start=len(prompt), ngram=2)(ids, scores.clone())
+    assert out[0, 8] == float("-inf") and out[0, 9] == float("-inf")  # "9 8" and "9 9" were generated
+    assert out[0, 6] == 2.0  # "9 6"? never said: free
+    copy = torch.tensor([prompt + [5]])  # the answer starts copying "5 6" from the prompt
+    assert ResponsePenalties(start=len(prompt), ngram=2)(copy, scores.clone())[0, 6] == 2.0
+    assert NoRepeatNGramLogitsProcessor(2)(copy, scores.clone())[0, 6] == float("-inf")
+    pen = ResponsePenalties(start=len(prompt), penalty=2.0)(ids, torch.tensor([[2.0] * 8 + [-2.0, 2.0]]))
+    assert pen[0, 5] == 2.0 and pen[0, 9] == 1.0 and pen[0, 8] == -4.0  # prompt token untouched; generated ones pushed down
+    assert ResponsePenalties.from_settings({"temperature": 0.5}, 4) is None
