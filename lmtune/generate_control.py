@@ -88,14 +88,17 @@ def generation_config(settings: dict, max_new_tokens: int, pad: int | None, eos:
 
 
 class ResponsePenalties(LogitsProcessor):
-    """repetition_penalty and no_repeat_ngram_size over the generated tokens only. transformers' own
+    """repetition_penalty and no_repeat_ngram_size that leave the prompt out. transformers' own
     processors read the whole input_ids, and a decoder's input_ids start with the prompt: its
     repetition penalty then punishes copying from the input (the names and phrases a summary must
-    reuse) and its n-gram block forbids every n-gram of the prompt (DialogSum's `#Person1#` tags after
-    one use). Left padding gives every row of a batch the same prompt width, `start`."""
+    reuse) and its n-gram block forbids every n-gram of the prompt. Here the penalty falls on tokens
+    the answer has already generated, and the block on n-grams it has already generated unless the
+    prompt holds them too, so DialogSum's `#Person1#` can be written again and again while a phrase of
+    the model's own cannot loop. Left padding gives every row of a batch the same prompt width, `start`."""
 
     def __init__(self, start: int, penalty: float = 1.0, ngram: int = 0) -> None:
         self.start, self.penalty, self.ngram = start, penalty, ngram
+        self._prompt_ngrams: list[set[tuple[int, ...]]] | None = None  # per row, built at the first step
 
     @classmethod
     def from_settings(cls, settings: dict, start: int) -> ResponsePenalties | None:
@@ -112,9 +115,13 @@ class ResponsePenalties(LogitsProcessor):
             scores.scatter_(1, gen, torch.where(seen < 0, seen * self.penalty, seen / self.penalty))
         if self.ngram > 0 and gen.shape[1] >= self.ngram - 1:
             n = self.ngram
+            if self._prompt_ngrams is None:
+                prompts = input_ids[:, :self.start].tolist()
+                self._prompt_ngrams = [{tuple(p[i:i + n]) for i in range(len(p) - n + 1)} for p in prompts]
             for r, row in enumerate(gen.tolist()):
                 prefix = tuple(row[len(row) - n + 1:]) if n > 1 else ()
-                banned = [row[i + n - 1] for i in range(len(row) - n + 1) if tuple(row[i:i + n - 1]) == prefix]
+                banned = [row[i + n - 1] for i in range(len(row) - n + 1)
+                          if tuple(row[i:i + n - 1]) == prefix and (*prefix, row[i + n - 1]) not in self._prompt_ngrams[r]]
                 if banned:
                     scores[r, banned] = float("-inf")
         return scores

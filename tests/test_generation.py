@@ -320,9 +320,9 @@ def test_decoding_candidates_and_checks():
 
 
 def test_repetition_controls_leave_the_prompt_out():
-    """The n-gram block and the repetition penalty look at the generated tokens only: a prompt's
-    n-gram may be copied, and a token seen only in the prompt keeps its logit; transformers' own
-    n-gram processor, given the same ids, bans the copy."""
+    """The repetition penalty looks at the generated tokens only, and the n-gram block at generated
+    n-grams the prompt does not hold: a prompt's n-gram may be copied (again and again), a token seen
+    only in the prompt keeps its logit; transformers' own n-gram processor, given the same ids, bans the copy."""
     from transformers import NoRepeatNGramLogitsProcessor
     prompt, generated = [5, 6, 7, 5], [9, 9, 8, 9]  # prompt "5 6" ends with 5; the answer has said "9 8" ... "9"
     ids = torch.tensor([prompt + generated])
@@ -333,6 +333,8 @@ def test_repetition_controls_leave_the_prompt_out():
     copy = torch.tensor([prompt + [5]])  # the answer starts copying "5 6" from the prompt
     assert ResponsePenalties(start=len(prompt), ngram=2)(copy, scores.clone())[0, 6] == 2.0
     assert NoRepeatNGramLogitsProcessor(2)(copy, scores.clone())[0, 6] == float("-inf")
+    again = torch.tensor([prompt + [5, 6, 1, 5]])  # "5 6" copied once already: copying it again is allowed
+    assert ResponsePenalties(start=len(prompt), ngram=2)(again, scores.clone())[0, 6] == 2.0
     pen = ResponsePenalties(start=len(prompt), penalty=2.0)(ids, torch.tensor([[2.0] * 8 + [-2.0, 2.0]]))
     assert pen[0, 5] == 2.0 and pen[0, 9] == 1.0 and pen[0, 8] == -4.0  # prompt token untouched; generated ones pushed down
     assert ResponsePenalties.from_settings({"temperature": 0.5}, 4) is None
