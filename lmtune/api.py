@@ -48,7 +48,7 @@ from lmtune.robust.adversarial import AdversaryInputs
 from lmtune.robust.augment import augment
 from lmtune.robust.text import Synonyms
 from lmtune.tasks import get_task
-from lmtune.tasks.base import (ABSTAIN, CALIBRATE, DEV_RULES, EXAMPLE_LABELS, GENERATE, INDEX, INTERVALS, LABEL_NOISE, MAHALANOBIS,
+from lmtune.tasks.base import (ABSTAIN, CALIBRATE, DEV_RULES, EXAMPLE_LABELS, GENERATE, INDEX, INTERVALS, LABEL_NOISE, MAHALANOBIS, RERANK,
                                Encoded, encode_examples)
 from lmtune.training.checkpoint import Checkpoints
 from lmtune.training.optim import resolve_learning_rates
@@ -275,9 +275,12 @@ class Run:
         self.task.require(INDEX, "embed")
         return embed_texts(self.task, self.model, self.tokenizer, self.config, list(texts), documents, _device())
 
-    def search(self, queries: str | Sequence[str], k: int = 10, exclude: list[set[int]] | None = None) -> list[list[dict]]:
+    def search(self, queries: str | Sequence[str], k: int = 10, exclude: list[set[int]] | None = None,
+               reranker: Run | None = None, depth: int = 50, rerank_label: str | None = None) -> list[list[dict]]:
         """Each query's k best documents of the run's index: [{document, score, id?}], best first;
-        `exclude` leaves out index rows per query."""
+        `exclude` leaves out index rows per query. With `reranker` (a pair run: lmtune.rerank) the
+        index's `depth` best are re-ordered by the pair run's relevance, which each row gets as
+        rerank_score (score stays the bi-encoder's)."""
         self.task.require(INDEX, "search")
         if self.task.index is None:
             raise InputError(f"{self.run_dir}: the run has no index/; build one with `lmtune search {self.run_dir} --corpus FILE`.")
@@ -285,8 +288,20 @@ class Run:
         for i, q in enumerate(queries):
             if not isinstance(q, str) or not q.strip():
                 raise InputError(f"query {i + 1}: empty text.")
-        hits = self.task.index.search(self.embed(queries), k, exclude)
-        return [self.task.index.rows(h) for h in hits]
+        hits = self.task.index.search(self.embed(queries), max(k, depth) if reranker else k, exclude)
+        rows = [self.task.index.rows(h) for h in hits]
+        if reranker is None:
+            return rows
+        from lmtune.rerank import rerank
+        return rerank(reranker, queries, rows, k, rerank_label)
+
+    def relevance(self, pairs: Sequence[tuple[str, str]], label: str | None = None) -> list[float]:
+        """A pair run's relevance of each (query, document): the relevant label's probability, or a
+        regression run's value (capability rerank)."""
+        self.task.require(RERANK, "rerank")
+        if not self.task.reads_pairs(self.config):
+            raise InputError(f"{self.run_dir}: not a pair run (data.text_pair_column was not set): it cannot score (query, document).")
+        return self.task.relevance(self.predict(list(pairs)), self.labels, label) if pairs else []
 
     def build_index(self, corpus: str | Path) -> int:
         """Embed a corpus file (retrieval.corpus_column / corpus_id_column) into the run's index/ (replacing it)."""

@@ -391,7 +391,9 @@ def cmd_search(ns: argparse.Namespace) -> int:
         n = run.build_index(ns.corpus)
         print(f"index: {n} documents from {ns.corpus} written to {Path(ns.run_dir) / 'index'}", file=sys.stderr)
     if ns.query:
-        for q, rows in zip(ns.query, run.search(ns.query, ns.k)):
+        reranker = load(ns.reranker) if ns.reranker else None
+        for q, rows in zip(ns.query, run.search(ns.query, ns.k, reranker=reranker, depth=ns.rerank_depth,
+                                                rerank_label=ns.rerank_label)):
             print(json.dumps({"query": q, "results": rows}, ensure_ascii=False))
     return 0
 
@@ -555,6 +557,9 @@ def build_parser() -> argparse.ArgumentParser:
     se.add_argument("--query", action="append", default=[], help="a query (repeatable)")
     se.add_argument("--k", type=int, default=10, help="documents per query")
     se.add_argument("--corpus", default=None, help="embed this file's documents (retrieval.corpus_column) as the run's new index first")
+    se.add_argument("--reranker", default=None, metavar="PAIR_RUN", help="re-order the index's best with this pair run (a cross-encoder)")
+    se.add_argument("--rerank-depth", type=int, default=50, help="candidates per query the reranker re-orders")
+    se.add_argument("--rerank-label", default=None, help="the pair run's label that means relevant (default: 1/true/yes/relevant ...)")
     rc = sub.add_parser("recommend", help="text-based recommendation app: fit a two-tower model on interactions, rank items for a user")
     rsub = rc.add_subparsers(dest="recommend_command", required=True)
     rf = rsub.add_parser("fit", help="train, then compare with popularity and BM25 on a leave-last-out split (recommend.json)")

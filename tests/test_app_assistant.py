@@ -16,7 +16,7 @@ from lmtune.apps import assistant
 from lmtune.apps.assistant.server import create_app
 from lmtune.errors import InputError
 from lmtune.serve.app import ServeSettings
-from tests.test_retrieval import TOPICS, _cfg, faq_rows, tiny_encoder  # noqa: F401  (the fixture)
+from tests.test_retrieval import TOPICS, _cfg, faq_rows, tiny_encoder, train_pair_run  # noqa: F401  (the fixture)
 
 KEY = "test-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -81,7 +81,38 @@ def test_retrieval_route_and_its_threshold(app_config):
     def right(t):
         return sum(a.correct(a._route(p, all_sims[i], t), g) for i, (p, g) in enumerate(zip(preds, gold)))
     chosen = a.threshold if a.threshold is not None else float("inf")
-    assert all(right(chosen) >= right(t) for t in (-1.0, 0.0, 0.5, 0.9, float("inf")))
+    cands = sorted({round(float(s.max()), 4) for s in all_sims} | {float("inf")})  # the thresholds worth trying
+    counts = {t: right(t) for t in cands}
+    best = max(counts.values())
+    assert chosen == max(t for t, c in counts.items() if c == best)  # the sorted-score count agrees with routing each message
+    assert all(right(t) <= best for t in (-1.0, 0.0, 0.5, 0.9))
+
+
+def test_a_reranker_reorders_the_faq_candidates_and_its_score_is_thresholded(app_config, tmp_path, tiny_encoder):  # noqa: F811
+    pairs = train_pair_run(tmp_path, tiny_encoder)
+    cfg = assistant.load_config(app_config)
+    cfg.reranker, cfg.rerank_depth = str(pairs.run_dir), 3
+    a = assistant.Assistant(cfg)
+    texts, gold = a._labeled(cfg.dev)
+    preds, scores = a._candidates(texts)
+    plain = a.retriever.embed(texts) @ a.faq_emb.T
+    for i, p in enumerate(preds):
+        finite = np.flatnonzero(np.isfinite(scores[i]))
+        if a._intent_answers(p):
+            assert len(finite) == 0  # answered by the intent run: never reranked
+            continue
+        assert set(finite) == set(np.argsort(-plain[i], kind="stable")[:3])  # the retriever's 3 best, rescored
+        want = pairs.relevance([(texts[i], a.faq[j]["question"]) for j in finite])
+        assert scores[i, finite] == pytest.approx(want, abs=1e-6)
+    assert a.threshold is None or 0.0 <= a.threshold <= 1.0  # chosen on dev among the pair run's probabilities
+    routed = a.route(texts)
+    for r, row in zip(routed, scores):
+        if r["route"] == "faq":  # the entry answered is the reranker's best, not the retriever's
+            assert a.faq[int(np.argmax(row))]["answer"] == r["answer"] and r["scores"]["retrieval_score"] >= a.threshold
+    bad = app_config.parent / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"intents": cfg.intents, "faq": "faq.csv", "reranker": str(pairs.run_dir)}), encoding="utf-8")
+    with pytest.raises(InputError, match="give retriever too"):
+        assistant.load_config(bad)
 
 
 def test_chat_service(app_config, monkeypatch, caplog):

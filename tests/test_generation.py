@@ -15,6 +15,7 @@ from lmtune.errors import InputError
 from lmtune.generate_control import (
     ResponsePenalties,
     candidates,
+    choose_setting,
     distinct,
     has_loop,
     invented,
@@ -317,6 +318,15 @@ def test_decoding_candidates_and_checks():
     inventive = {**clean, "invented_share": 0.5}
     assert not passes(inventive, [inventive, {**clean, "invented_share": 0.2}])  # invents more than another setting
     assert passes({**clean, "invented_share": 0.25}, [inventive, {**clean, "invented_share": 0.2}])
+    # when no setting passes every check (each bound set by a different setting), the fewest failures win, not greedy
+    rows = [{"settings": {}, "rougeL": 0.172, "repeat_share": 0.375, "length_ratio": 2.1, "truncated_share": 0.9, "invented_share": 0.0},
+            {"settings": {"a": 1}, "rougeL": 0.194, "repeat_share": 0.1, "length_ratio": 1.9, "truncated_share": 0.8, "invented_share": 0.0},
+            {"settings": {"b": 1}, "rougeL": 0.191, "repeat_share": 0.0, "length_ratio": 1.6, "truncated_share": 0.875, "invented_share": 0.0},
+            {"settings": {"c": 1}, "rougeL": 0.179, "repeat_share": 0.025, "length_ratio": 1.4, "truncated_share": 0.5,
+             "invented_share": 0.325}]
+    best = choose_setting(rows)
+    assert best["settings"] == {"b": 1} and best["failed"] == ["truncated_share"]
+    assert rows[0]["failed"] == ["repeat_share", "length_ratio", "truncated_share"] and not any(r["passed"] for r in rows)
 
 
 def test_repetition_controls_leave_the_prompt_out():

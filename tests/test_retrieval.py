@@ -240,3 +240,54 @@ def test_a_bare_encoder_has_no_head_learning_rate(tiny_encoder):
     from lmtune.training.optim import param_groups
     groups = param_groups(BertModel.from_pretrained(tiny_encoder), TrainConfig(lr=1e-4, head_lr=1e-3))
     assert {g["lr"] for g in groups} == {1e-4}  # every weight is pretrained: none gets the head's 10x
+
+
+PREFERRED = {f"our answer on {d} for customers" for _, d in TOPICS[:6]}  # what the test pair run learns to call relevant
+
+
+def train_pair_run(tmp_path: Path, model: str) -> lmtune.Run:
+    """A real pair run (classification on text_pair) with a preference a tiny random encoder learns in
+    seconds: (query, document) is "1" when the document is one of the first six topics' answers,
+    whatever the query. So a reranker built on it must lift those documents over the index's order."""
+    rng = random.Random(4)
+    docs = [f"our answer on {d} for customers" for _, d in TOPICS]
+
+    def pair_rows(rows):
+        return [{"a": r["query"], "b": doc, "relevant": "1" if doc in PREFERRED else "0"}
+                for r in rows for doc in rng.sample(docs, 2)]
+    return lmtune.train({"output_dir": str(tmp_path / "runs"), "run_name": "pairs", "model": {"name": model},
+                         "data": {"train": _write(tmp_path / "ptrain.jsonl", pair_rows(faq_rows(240, 5))),
+                                  "dev": _write(tmp_path / "pdev.jsonl", pair_rows(faq_rows(48, 6))),
+                                  "test": _write(tmp_path / "ptest.jsonl", pair_rows(faq_rows(48, 7))),
+                                  "text_column": "a", "text_pair_column": "b", "label_column": "relevant", "max_length": 32},
+                         "train": {"epochs": 6, "batch_size": 16, "lr": 3e-3, "head_lr": 3e-3, "progress": "none", "seed": 1}})
+
+
+def test_a_pair_run_reranks_the_index_candidates(tmp_path, tiny_encoder, capsys):
+    """Retrieve then rerank: the index proposes its 12 best, a pair run re-orders them. The result is
+    the same candidates in the pair run's own order (its probabilities, sorted), so the documents it
+    prefers come first whatever the index said; the CLI and the errors say the same."""
+    run = lmtune.train(_cfg(tmp_path, tiny_encoder))
+    pairs = train_pair_run(tmp_path, tiny_encoder)
+    assert pairs.metrics["test"]["accuracy"] >= 0.95
+    queries = [r["query"] for r in faq_rows(24, 3)]
+    plain = run.search(queries, k=12)
+    reranked = run.search(queries, k=6, reranker=pairs, depth=12)
+    assert any(r["document"] not in PREFERRED for hits in plain for r in hits[:6])
+    for q, before, after in zip(queries, plain, reranked):
+        assert len(after) == 6 and {r["document"] for r in after} <= {r["document"] for r in before}
+        assert {r["document"] for r in after} == PREFERRED  # the pair run's six preferred, out of the index's twelve
+        probs = [p["probabilities"]["1"] for p in pairs.predict([(q, r["document"]) for r in after])]
+        assert [r["rerank_score"] for r in after] == pytest.approx(probs, abs=1e-5)
+        assert probs == sorted(probs, reverse=True)
+        assert all("score" in r for r in after)  # the bi-encoder's score is kept
+    assert pairs.relevance([]) == []
+
+    assert main(["search", str(run.run_dir), "--query", queries[0], "--k", "2", "--reranker", str(pairs.run_dir),
+                 "--rerank-depth", "12"]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert len(line["results"]) == 2 and all(r["document"] in PREFERRED for r in line["results"])
+    with pytest.raises(InputError, match="does not support rerank"):
+        run.search(queries[:1], reranker=run)
+    with pytest.raises(InputError, match="is not one of the pair run's labels"):
+        run.search(queries[:1], reranker=pairs, rerank_label="yes")

@@ -56,11 +56,12 @@ ENSEMBLE = "ensemble"  # softmax logits over the labels, one row per example: me
 EXPLAIN = "explain"  # explain_targets(row, labels, label) / target_score(logits, target): what attributions explain (lmtune.explain)
 GENERATE = "generate"  # generate / fit_decoding / score_generations / generation_rows: outputs are generated text (decoders)
 INDEX = "index"  # corpus / documents / set_index: queries are ranked against an index of embedded documents (lmtune.index)
+RERANK = "rerank"  # relevance(rows, labels, label): a pair run scores how well text_pair answers text (lmtune.rerank)
 CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, INTERVALS, DEV_RULES, CONTINUAL, ENSEMBLE, EXPLAIN,
-                GENERATE, INDEX)
+                GENERATE, INDEX, RERANK)
 _HOOKS = {CALIBRATE: "calibrate", ABSTAIN: "fit_threshold", MAHALANOBIS: "fit_scorer", LABEL_NOISE: "example_probs",
           INTERVALS: "fit_intervals", DEV_RULES: "fit_decision_rules", EXPLAIN: "explain_targets", GENERATE: "generate",
-          INDEX: "corpus"}
+          INDEX: "corpus", RERANK: "relevance"}
 
 
 class Task:
@@ -92,6 +93,10 @@ class Task:
     def require(self, capability: str, key: str) -> None:
         if not self.supports(capability):
             raise InputError(f"{key}: the {self.name} task does not support {capability.replace('_', ' ')}.")
+
+    def relevance(self, rows: list[dict], labels: list[str], label: str | None = None) -> list[float]:
+        """RERANK: one relevance score per prediction row of a (query, document) pair, higher = more relevant."""
+        raise NotImplementedError
 
     # ---- state saved with the model (lmtune.json / task_state.safetensors) --------------------
     def state(self) -> dict:

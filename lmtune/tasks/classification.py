@@ -23,8 +23,8 @@ from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.windows import encode_windows, pool, training_subset
-from lmtune.tasks.base import (ABSTAIN, CALIBRATE, CONTINUAL, ENSEMBLE, EXAMPLE_LABELS, EXPLAIN, LABEL_NOISE, MAHALANOBIS, Encoded, Splits, Task,
-                               balanced_weights, class_score, cross_entropy_sum, pad_batch)
+from lmtune.tasks.base import (ABSTAIN, CALIBRATE, CONTINUAL, ENSEMBLE, EXAMPLE_LABELS, EXPLAIN, LABEL_NOISE, MAHALANOBIS, RERANK, Encoded,
+                               Splits, Task, balanced_weights, class_score, cross_entropy_sum, pad_batch)
 
 
 def mahalanobis_score(feats: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
@@ -48,7 +48,7 @@ class ClassificationTask(Task):
     name = "classification"
     headline = ("accuracy", "macro_f1", "loss")  # report.md / CLI summary columns
     peft_task_type = "SEQ_CLS"
-    capabilities = frozenset({CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, CONTINUAL, ENSEMBLE, EXPLAIN})
+    capabilities = frozenset({CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, CONTINUAL, ENSEMBLE, EXPLAIN, RERANK})
     encode_options = {"long_text": "long_text", "overlap": "window_overlap"}
 
     def __init__(self) -> None:
@@ -351,6 +351,14 @@ class ClassificationTask(Task):
             rows.append(row)
         return rows
 
+    def relevance(self, rows: list[dict], labels: list[str], label: str | None = None) -> list[float]:
+        """The probability of the relevant label (`label`, else "1" / "true" / "yes" / "relevant" / "positive" /
+        "duplicate" / "paraphrase" / "entailment" when the run has exactly one of them)."""
+        label = label or relevant_label(labels)
+        if label not in labels:
+            raise InputError(f"rerank label {label!r} is not one of the pair run's labels ({', '.join(labels)}).")
+        return [float(r["probabilities"][label]) for r in rows]
+
     # ---- explanations -------------------------------------------------------------------------
     def explain_targets(self, row: dict, labels: list[str], label: str | None = None) -> list[dict]:
         name = label or row.get("top_label", row["label"])  # an abstained row explains its best class
@@ -403,3 +411,14 @@ class ClassificationTask(Task):
         points = {s: (m["coverage"], m["selective_accuracy"]) for s, m in split_metrics.items() if self.threshold is not None}
         coverage_plot({s: m["coverage_curve"] for s, m in split_metrics.items()}, points, run_dir / "coverage.png")
         return lines + ["", "![coverage / accuracy](coverage.png)", ""]
+
+
+RELEVANT_NAMES = ("1", "true", "yes", "relevant", "positive", "duplicate", "paraphrase", "entailment")
+
+
+def relevant_label(labels: list[str]) -> str:
+    found = [x for x in labels if x.lower() in RELEVANT_NAMES]
+    if len(found) != 1:
+        raise InputError(f"rerank: which of the pair run's labels ({', '.join(labels)}) means 'relevant'? Give it with "
+                         "--rerank-label LABEL.")
+    return found[0]

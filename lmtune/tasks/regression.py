@@ -33,7 +33,7 @@ from lmtune.data.readers import Example, read_examples
 from lmtune.errors import InputError
 from lmtune.io import atomic_path
 from lmtune.models import load_config, load_pretrained, quiet_transformers
-from lmtune.tasks.base import EXPLAIN, INTERVALS, Encoded, Splits, Task, dev_and_test, pad_batch
+from lmtune.tasks.base import EXPLAIN, INTERVALS, RERANK, Encoded, Splits, Task, dev_and_test, pad_batch
 
 TARGET = "value"  # the one output of the head
 ROWS_PER_BAND = 200  # dev rows per band of predicted values (at most MAX_BANDS): enough for a stable 90-95% quantile
@@ -63,7 +63,7 @@ class RegressionTask(Task):
     name = "regression"
     headline = ("spearman", "pearson", "mae", "rmse", "loss")
     peft_task_type = "SEQ_CLS"
-    capabilities = frozenset({INTERVALS, EXPLAIN})
+    capabilities = frozenset({INTERVALS, EXPLAIN, RERANK})
     decision_key = "value"
 
     def __init__(self) -> None:
@@ -240,6 +240,10 @@ class RegressionTask(Task):
             m["interval_coverage"] = float((np.abs(err) <= radii).mean())
         m["points"] = {"pred": [round(float(x), 4) for x in pred[:2000]], "gold": [round(float(x), 4) for x in gold[:2000]]}
         return m
+
+    def relevance(self, rows: list[dict], labels: list[str], label: str | None = None) -> list[float]:
+        """The predicted value (a similarity score, as STS-B's): higher = more relevant."""
+        return [float(r["value"]) for r in rows]
 
     def predictions(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> list[dict]:
         rows = []

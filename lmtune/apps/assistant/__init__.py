@@ -6,7 +6,9 @@ Routes (the first that applies):
    label) and the FAQ has an answer for that intent -> that answer;
 2. faq: otherwise, with a retrieval run, the message is searched against the FAQ entries; the best
    entry is answered when its cosine score reaches the threshold chosen on dev (the one that routes
-   the most dev messages right: the right answer, or a hand-off for an out-of-scope one);
+   the most dev messages right: the right answer, or a hand-off for an out-of-scope one). With a
+   reranker (a pair run: lmtune.rerank) the retriever's `rerank_depth` best entries are re-ordered
+   by the pair run, and the threshold applies to its relevance score instead;
 3. handoff: otherwise the fallback text, with `handoff: true`.
 `lmtune assistant serve` puts it behind the same API keys, size limits, request ids, metrics and
 PII-masked access log as `lmtune serve`, with sessions and a small chat page
@@ -37,6 +39,9 @@ class AssistantConfig:
     faq_answer_column: str = "answer"
     faq_question_column: str | None = None  # what the retriever searches (default: the answer)
     retriever: str | None = None  # run dir of a task retrieval run
+    reranker: str | None = None  # run dir of a pair run (capability rerank) that re-orders the retriever's best entries
+    rerank_depth: int = 5
+    rerank_label: str | None = None  # the pair run's label that means relevant (default: 1 / true / yes / relevant ...)
     dev: str | None = None  # labeled messages (data.text_column / label_column of the intent run) to choose the threshold
     oos_label: str = "oos"
     fallback: str = FALLBACK
@@ -44,7 +49,12 @@ class AssistantConfig:
 
 
 def load_config(path: str | Path) -> AssistantConfig:
-    return load_app_config(path, AssistantConfig, ("intents", "faq", "retriever", "dev"), EXAMPLE)
+    cfg = load_app_config(path, AssistantConfig, ("intents", "faq", "retriever", "reranker", "dev"), EXAMPLE)
+    if cfg.reranker and not cfg.retriever:
+        raise InputError(f"{path}: reranker re-orders the retriever's candidates; give retriever too.")
+    if cfg.rerank_depth < 1:
+        raise InputError(f"{path}: rerank_depth must be at least 1, got {cfg.rerank_depth}.")
+    return cfg
 
 
 def read_faq(cfg: AssistantConfig) -> list[dict]:
@@ -72,7 +82,7 @@ def read_faq(cfg: AssistantConfig) -> list[dict]:
 class Assistant:
     def __init__(self, cfg: AssistantConfig) -> None:
         import lmtune
-        from lmtune.tasks.base import ABSTAIN, INDEX
+        from lmtune.tasks.base import ABSTAIN, INDEX, RERANK
         if not cfg.intents or not cfg.faq:
             raise InputError("assistant: give the intent run (intents) and the FAQ file (faq).")
         self.cfg = cfg
@@ -92,22 +102,46 @@ class Assistant:
             self.retriever.task.require(INDEX, "assistant retriever")
             self.retriever.config.train.progress = "none"
             self.faq_emb = self.retriever.embed([row["question"] for row in self.faq], documents=True)
+        self.reranker = None
+        if cfg.reranker:
+            self.reranker = lmtune.load(cfg.reranker)
+            self.reranker.task.require(RERANK, "assistant reranker")
+            self.reranker.config.train.progress = "none"
         self.threshold = cfg.retrieval_threshold
         if cfg.dev and self.retriever is not None and self.threshold is None:
             self.threshold = self.choose_threshold(cfg.dev)
 
     # ---- routing ----------------------------------------------------------------------------------
     def _candidates(self, messages: list[str]) -> tuple[list[dict], np.ndarray | None]:
+        """The intent run's predictions and, with a retriever, each message's score for every FAQ entry:
+        cosine, or with a reranker its relevance for the retriever's best entries (-inf for the rest),
+        computed only for the messages the intent run does not answer."""
         preds = self.intents.predict(messages)
         if self.retriever is None:
             return preds, None
-        return preds, self.retriever.embed(messages) @ self.faq_emb.T
+        sims = self.retriever.embed(messages) @ self.faq_emb.T
+        if self.reranker is None:
+            return preds, sims
+        todo = [i for i, p in enumerate(preds) if not self._intent_answers(p)]
+        depth = min(self.cfg.rerank_depth, sims.shape[1])
+        top = {i: np.argsort(-sims[i], kind="stable")[:depth] for i in todo}
+        pairs = [(messages[i], self.faq[j]["question"]) for i in todo for j in top[i]]
+        relevance = iter(self.reranker.relevance(pairs, self.cfg.rerank_label))
+        reranked = np.full(sims.shape, -np.inf)
+        for i in todo:
+            for j in top[i]:
+                reranked[i, j] = next(relevance)
+        return preds, reranked
+
+    def _intent_answers(self, pred: dict) -> bool:
+        label = pred.get("label")
+        return not pred.get("abstained") and label != self.cfg.oos_label and label in self.by_intent
 
     def _route(self, pred: dict, sims: np.ndarray | None, threshold: float | None) -> dict:
         label, abstained = pred.get("label"), bool(pred.get("abstained"))
         scores = {"intent": label, "intent_score": round(float(pred.get("score", 0.0)), 4),
                   "abstained": abstained}
-        if not abstained and label != self.cfg.oos_label and label in self.by_intent:
+        if self._intent_answers(pred):
             return {"route": "intent", "intent": label, "answer": self.by_intent[label]["answer"], "handoff": False, "scores": scores}
         if sims is not None:
             j = int(np.argmax(sims))
@@ -134,17 +168,33 @@ class Assistant:
         return [ex.text for ex in examples], [ex.label for ex in examples]
 
     def choose_threshold(self, dev: str) -> float | None:
-        """The retrieval score threshold that routes the most dev messages right (ties: the highest)."""
+        """The retrieval score threshold that routes the most dev messages right (ties: the highest).
+        A message the intent run answers is right or wrong whatever the threshold; any other one is
+        answered from the FAQ when its best score reaches the threshold, else handed off. So each
+        message is routed twice (FAQ, hand-off) and every candidate is counted from sorted scores:
+        O(n log n), not a re-routing of every message per candidate."""
         texts, gold = self._labeled(dev)
         preds, sims = self._candidates(texts)
         if sims is None:
             return None
+        fixed, faq_ok, handoff_ok, best_score = 0, [], [], []
+        for p, s, g in zip(preds, sims, gold):
+            as_faq = self._route(p, s, float("-inf"))
+            if as_faq["route"] == "intent":
+                fixed += self.correct(as_faq, g)
+                continue
+            faq_ok.append(self.correct(as_faq, g))
+            handoff_ok.append(self.correct(self._route(p, s, None), g))
+            best_score.append(float(s.max()))
+        order = np.argsort(best_score, kind="stable")
+        scores_sorted = np.asarray(best_score, dtype=np.float64)[order]
+        handoff_before = np.concatenate([[0], np.cumsum(np.asarray(handoff_ok, dtype=int)[order])])
+        faq_before = np.concatenate([[0], np.cumsum(np.asarray(faq_ok, dtype=int)[order])])
         cands = sorted({round(float(s.max()), 4) for s in sims} | {float("inf")})
-        best, best_t = -1, None
-        for t in cands:
-            ok = sum(self.correct(self._route(p, sims[i], t), g) for i, (p, g) in enumerate(zip(preds, gold)))
-            if ok >= best:
-                best, best_t = ok, t
+        below = np.searchsorted(scores_sorted, cands, side="left")  # messages whose best score is under t: handed off
+        right = fixed + handoff_before[below] + (faq_before[-1] - faq_before[below])
+        k = len(cands) - 1 - int(np.argmax(right[::-1]))  # the highest threshold among the best
+        best, best_t = int(right[k]), cands[k]
         log.info("assistant: retrieval threshold %s chosen on %d dev messages (%d routed right)", best_t, len(texts), best)
         return None if best_t == float("inf") else best_t
 
