@@ -44,6 +44,7 @@ from lmtune.peft import finalize as finalize_peft
 from lmtune.peft import (apply_peft, artifact_bytes, base_fingerprint, is_adapter_dir, is_peft, load_adapter, rank_pattern,
                          save_adapter, step_hooks, wrap_loss)
 from lmtune.registry import adversaries, backends, trackers
+from lmtune.rerank import rerank
 from lmtune.robust.adversarial import AdversaryInputs
 from lmtune.robust.augment import augment
 from lmtune.robust.text import Synonyms
@@ -290,10 +291,7 @@ class Run:
                 raise InputError(f"query {i + 1}: empty text.")
         hits = self.task.index.search(self.embed(queries), max(k, depth) if reranker else k, exclude)
         rows = [self.task.index.rows(h) for h in hits]
-        if reranker is None:
-            return rows
-        from lmtune.rerank import rerank
-        return rerank(reranker, queries, rows, k, rerank_label)
+        return rows if reranker is None else rerank(reranker, queries, rows, k, rerank_label)
 
     def relevance(self, pairs: Sequence[tuple[str, str]], label: str | None = None) -> list[float]:
         """A pair run's relevance of each (query, document): the relevant label's probability, or a

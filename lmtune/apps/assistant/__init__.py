@@ -25,6 +25,7 @@ import numpy as np
 from lmtune.apps import load_app_config
 from lmtune.data.readers import read_rows
 from lmtune.errors import InputError
+from lmtune.rerank import rerank
 
 log = logging.getLogger("lmtune.assistant")
 EXAMPLE = Path(__file__).with_name("example.yaml")
@@ -124,13 +125,12 @@ class Assistant:
             return preds, sims
         todo = [i for i, p in enumerate(preds) if not self._intent_answers(p)]
         depth = min(self.cfg.rerank_depth, sims.shape[1])
-        top = {i: np.argsort(-sims[i], kind="stable")[:depth] for i in todo}
-        pairs = [(messages[i], self.faq[j]["question"]) for i in todo for j in top[i]]
-        relevance = iter(self.reranker.relevance(pairs, self.cfg.rerank_label))
+        candidates = [[{"document": self.faq[j]["question"], "entry": int(j)} for j in np.argsort(-sims[i], kind="stable")[:depth]]
+                      for i in todo]
         reranked = np.full(sims.shape, -np.inf)
-        for i in todo:
-            for j in top[i]:
-                reranked[i, j] = next(relevance)
+        for i, hits in zip(todo, rerank(self.reranker, [messages[i] for i in todo], candidates, depth, self.cfg.rerank_label)):
+            for hit in hits:
+                reranked[i, hit["entry"]] = hit["rerank_score"]
         return preds, reranked
 
     def _intent_answers(self, pred: dict) -> bool:
