@@ -206,15 +206,27 @@ def choose_ranker(cfg: RecommendConfig, valid: list[tuple[list[str], str]], embe
                   log_count: np.ndarray, weights: tuple[float, ...] | None = None) -> tuple[Ranker, float]:
     """The (decay, popularity_weight) of the grid (or the config's) with the best valid NDCG@10; ties go to the
     first (the smaller decay, then the smaller weight)."""
+    ranker, score, _ = choose_rankers(cfg, valid, embeddings, ids, log_count, weights)
+    return ranker, score
+
+
+def choose_rankers(cfg: RecommendConfig, valid: list[tuple[list[str], str]], embeddings: np.ndarray, ids: list[str],
+                   log_count: np.ndarray, weights: tuple[float, ...] | None = None) -> tuple[Ranker, float, Ranker]:
+    """choose_ranker's best, its valid NDCG@10, and the best with no popularity term, from one pass over the
+    decays (each decay's user vectors are computed once)."""
+    weights = weights or ((cfg.popularity_weight,) if cfg.popularity_weight is not None else POPULARITY_WEIGHTS)
     hist = [h for h, _ in valid]
     best: tuple[Ranker, float] | None = None
+    text_only: tuple[Ranker, float] | None = None
     for decay in (cfg.decay,) if cfg.decay is not None else DECAYS:
         base = user_vectors(hist, embeddings, ids, decay, cfg.history_items) @ embeddings.T
-        for w in weights or ((cfg.popularity_weight,) if cfg.popularity_weight is not None else POPULARITY_WEIGHTS):
+        for w in dict.fromkeys((*weights, 0.0)):
             score = ndcg(base + w * log_count, ids, valid)
-            if best is None or score > best[1]:
+            if w in weights and (best is None or score > best[1]):
                 best = (Ranker(decay, w), score)
-    return best
+            if w == 0.0 and (text_only is None or score > text_only[1]):
+                text_only = (Ranker(decay, 0.0), score)
+    return best[0], best[1], text_only[0]
 
 
 def choose_bm25_history(valid: list[tuple[list[str], str]], ids: list[str], items: dict[str, str]) -> int:
@@ -264,8 +276,7 @@ def evaluate(run, cfg: RecommendConfig, items: dict[str, str], split: Split) -> 
     index = run.task.index
     ids, emb = index.ids, index.embeddings.astype(np.float64)
     count = log_counts(split, ids)
-    ranker, valid_ndcg = choose_ranker(cfg, split.valid, emb, ids, count)
-    text_only, _ = choose_ranker(cfg, split.valid, emb, ids, count, weights=(0.0,))
+    ranker, valid_ndcg, text_only = choose_rankers(cfg, split.valid, emb, ids, count)
     bm25_n = choose_bm25_history(split.valid, ids, items)
     model_top = top_items(ranker.scores(hist, emb, ids, count, cfg.history_items), ids, seen)
     systems = {"model": model_top,
