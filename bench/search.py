@@ -3,12 +3,13 @@ the packaged MiniLM. Data from ../shared/data/banking77: a seeded 5,000-example 
 splits dev off it as usual) and the official test set.
 
 - baseline: lmtune's defaults, one run.
-- tune: 12 trials of `lmtune tune` (default search space, TPE seed 0) with pruning (successive halving
-  from the dev metric at every half epoch), and the same 12 trials without pruning (same sampler seed):
+- tune: 12 trials of `lmtune tune` (default search space: lr, batch size, warmup, weight decay; every
+  trial trains the default 3 epochs; TPE seed 0) with pruning (successive halving from the dev metric
+  at every half epoch), and the same 12 trials without pruning (same sampler seed):
   the best trial's test accuracy, and the wall time of each study; the peer of the pruned study is the
   unpruned one.
-- cv + ensemble: 5-fold `lmtune cv` with the pruned study's best config, and the ensemble of the five
-  fold models (averaged calibrated probabilities), on test.
+- cv + ensemble: 5-fold `lmtune cv` with the pruned study's best config (each fold its own seed), and
+  the ensemble of the five fold models (averaged calibrated probabilities), on test.
 - soup: greedy soup of the pruned study's complete trials; its test accuracy, and its predict time on
   test next to the best single trial's.
 

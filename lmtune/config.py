@@ -238,7 +238,8 @@ class PretrainConfig:
 class TuneConfig:
     space: dict | None = _f(None, "`lmtune tune` search space: config key -> [low, high] (two ints: an integer range), [low, high, "
                                   "log], or {choices: [...]}; default by model width: train.lr, train.batch_size, "
-                                  "train.epochs, train.warmup_ratio, train.weight_decay (and peft.r for LoRA / AdaLoRA).")
+                                  "train.warmup_ratio, train.weight_decay (and peft.r for LoRA / AdaLoRA); every trial trains "
+                                  "train.epochs, the pruner stopping the unpromising ones early.")
     pruner: str = _f("successive_halving", "Stop unpromising trials from their dev metric at each evaluation: successive_halving "
                                            "(asynchronous, the most aggressive), hyperband, median, or none.",
                      ("successive_halving", "hyperband", "median", "none"))

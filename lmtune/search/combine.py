@@ -74,7 +74,11 @@ def cv(cfg: Config, folds: int, make_ensemble: bool = True) -> dict:
         info = {"method": f"cv fold {k + 1} of {folds}", "seed": cfg.train.seed, "group_column": cfg.data.group_column,
                 "dev_rows": [pool[i].source for i in held], "sizes": {"train": len(fit), "dev": len(held), "test": len(splits.test)}}
         fold_splits = Splits([pool[i] for i in fit], [pool[i] for i in held], splits.test, splits.labels, info)
-        fold_cfg = build_config({**cfg.to_dict(), "output_dir": str(root), "run_name": f"fold-{k + 1}"})
+        d = cfg.to_dict()
+        # Each fold its own seed (head initialisation, dropout, batch order): members that differ
+        # in more than their data disagree more, and their average gains more (Lakshminarayanan et al. 2017).
+        d["train"] = {**d["train"], "seed": cfg.train.seed + k}
+        fold_cfg = build_config({**d, "output_dir": str(root), "run_name": f"fold-{k + 1}"})
         log.info("cv: fold %d/%d: train %d, held out %d", k + 1, folds, len(fit), len(held))
         run = train_splits(fold_cfg, task, fold_splits)
         rows.append({"fold": k + 1, "run_dir": str(run.run_dir), "dev": _headline(run.metrics, "dev"),
