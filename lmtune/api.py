@@ -511,17 +511,26 @@ def _load_onnx(run_dir: Path, backend: str) -> Run:
 
     from lmtune.backends.onnx import OnnxModel
     backends.check(backend, "backend")
-    path = run_dir / "export" / backends.meta(backend, "file")
-    if not path.is_file():
-        raise InputError(f"{path}: no such export; run `lmtune export {run_dir}"
+    export, file = RunDir(run_dir).export, backends.meta(backend, "file")
+    meta = read_meta(export) if (export / META).is_file() else {}
+    # an ensemble's export names its members, each exported in its own run directory
+    paths = [Path(m) / "export" / file for m in meta["ensemble"]["members"]] if "ensemble" in meta else [export / file]
+    missing = [p for p in paths if not p.is_file()]
+    if missing or not meta:
+        raise InputError(f"{missing[0] if missing else export / file}: no such export; run `lmtune export {run_dir}"
                          f"{' --quantize int8' if backend == 'onnx-int8' else ''}` first.")
-    meta = read_meta(RunDir(run_dir).export)
+    if "ensemble" in meta:
+        from lmtune.search.members import EnsembleModel
+        e = meta["ensemble"]
+        model = EnsembleModel([OnnxModel(p) for p in paths], e["weights"], e["temperatures"])
+    else:
+        model = OnnxModel(paths[0])
     task = get_task(meta["task"])
     restore_task_state(task, meta, run_dir / "export")
     with quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(run_dir / "export")
     metrics = RunDir(run_dir).read_metrics()
-    return Run(run_dir, OnnxModel(path), tokenizer, task, meta["labels"], build_config(meta["config"]), metrics, backend)
+    return Run(run_dir, model, tokenizer, task, meta["labels"], build_config(meta["config"]), metrics, backend)
 
 
 def dataset_overrides(data: Any) -> dict[str, str]:

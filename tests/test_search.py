@@ -51,6 +51,13 @@ def test_tune_runs_trials_as_run_dirs_prunes_and_summarises(tmp_path, tiny_model
     assert len(json.loads((study / "study.json").read_text())["trials"]) == 6
 
 
+def test_default_space_leaves_epochs_to_the_pruner(tiny_model):
+    from lmtune.config import build_config
+    from lmtune.search.tune import default_space
+    space = default_space(build_config({"model": {"name": tiny_model}, "data": {"train": "x.csv"}}))
+    assert "train.epochs" not in space and {"train.lr", "train.batch_size"} <= set(space)
+
+
 def test_pruning_stops_a_bad_trial_early(tmp_path, pretrained_tiny):
     from lmtune.config import build_config
     from lmtune.search.tune import tune
@@ -76,18 +83,18 @@ def test_two_workers_share_one_study_without_duplicating_trials(tmp_path, tiny_m
     cfg = _config(tmp_path, tiny_model, run_name="shared", tune={"space": SPACE, "startup_trials": 2, "pruner": "none"})
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    workers = [subprocess.Popen([sys.executable, "-m", "lmtune", "tune", str(tmp_path / "c.yaml"), "--trials", "6"],
+    workers = [subprocess.Popen([sys.executable, "-m", "lmtune", "tune", str(tmp_path / "c.yaml"), "--trials", "12"],
                                 cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
     outs = [w.communicate(timeout=600) for w in workers]
     assert all(w.returncode == 0 for w in workers), [o[1][-2000:] for o in outs]
     study = tmp_path / "runs" / "shared"
     result = json.loads((study / "study.json").read_text())
     done = [t for t in result["trials"] if t["state"] in ("complete", "pruned")]
-    assert len(done) == 6 and len({t["run_dir"] for t in done}) == 6
+    assert len(done) == 12 and len({t["run_dir"] for t in done}) == 12
     assert sorted(p.name for p in study.glob("trial-*") if (p / "model" / "lmtune.json").is_file()) == \
         sorted(Path(t["run_dir"]).name for t in done)
     logs = "".join(o[1] for o in outs)
-    assert sum("tune: trial" in line and "dev accuracy" in line for line in logs.splitlines()) == 6
+    assert sum("tune: trial" in line and "dev accuracy" in line for line in logs.splitlines()) == 12
     assert all("tune: trial" in o[1] for o in outs), "each worker ran trials"
 
 
@@ -103,6 +110,8 @@ def test_cv_folds_oof_predictions_and_ensemble(tmp_path, tiny_model, capsys):
     oof = [json.loads(line) for line in (root / "oof.jsonl").read_text().splitlines()]
     assert sorted(o["index"] for o in oof) == list(range(r["examples"]))  # every example predicted once, by the fold that held it out
     assert {o["fold"] for o in oof} == {1, 2, 3} and all("probabilities" in o for o in oof)
+    seeds = [yaml.safe_load((Path(f["run_dir"]) / "config.yaml").read_text())["train"]["seed"] for f in r["folds"]]
+    assert seeds == [1, 2, 3]  # each member its own seed (the split itself is seeded by train.seed)
     e = r["ensemble"]
     assert not e["recalibrated"]  # folds share no dev split none of them trained on
     run = lmtune.load(e["run_dir"])
@@ -160,6 +169,23 @@ def test_ensemble_averages_recalibrates_and_serves(tmp_path, two_runs):
     with client:
         r = client.post("/v1/predict", json={"texts": texts})
         assert r.status_code == 200 and len(r.json()["predictions"]) == 2
+
+
+def test_exporting_an_ensemble_exports_each_member_and_runs_on_onnxruntime(tmp_path, two_runs, capsys):
+    out = tmp_path / "ens"
+    assert main(["ensemble", *[str(r.run_dir) for r in two_runs], "--out", str(out), "--weights", "dev"]) == 0
+    assert main(["export", str(out), "--prune", "magnitude:0.3"]) == 2  # prune the members, not the ensemble
+    assert not (out / "export").exists()
+    assert main(["export", str(out)]) == 0
+    report = json.loads((out / "export" / "export.json").read_text())
+    assert all((Path(r.run_dir) / "export" / "model.onnx").is_file() for r in two_runs)
+    assert set(report["members"]) == {str(Path(r.run_dir).resolve()) for r in two_runs}
+    assert report["onnx_fp32"]["max_abs_logit_diff"] < 1e-3 and report["onnx_fp32"]["dev"]["accuracy"] == report["pytorch"]["dev"]["accuracy"]
+    texts = ["the food was good", "really awful day", "an ordinary afternoon"]
+    on_torch, on_onnx = lmtune.load(out).predict(texts), lmtune.load(out, backend="onnx").predict(texts)
+    for a, b in zip(on_torch, on_onnx):
+        assert a["label"] == b["label"]
+        assert all(abs(a["probabilities"][k] - b["probabilities"][k]) < 1e-4 for k in a["probabilities"])
 
 
 def test_ensemble_and_soup_refuse_mismatched_members(tmp_path, two_runs, tiny_model, capsys):

@@ -54,6 +54,8 @@ def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | No
         raise InputError(f"--recover-epochs must be >= 0, got {recover_epochs}.")
     run_dir = Path(run_dir)
     run = load(run_dir)
+    if "ensemble" in read_meta(run_dir / "model"):  # lmtune ensemble's run: its members are exported
+        return _export_ensemble(run, quantize, prune, sample)
     model = run.model.cpu().eval()
     method = run.config.peft.method
     if is_peft(model):
@@ -126,6 +128,49 @@ def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | No
             r = report[name]
             log.info("%s: max |logit diff| %.2e on %d examples; dev %s", name, r["max_abs_logit_diff"], len(probe),
                      ", ".join(f"{k} {ref_metric[k]:.4f} -> {v:.4f}" for k, v in r["dev"].items()))
+    return report
+
+
+def _export_ensemble(run, quantize: str | None, prune: str | None, sample: int) -> dict:
+    """An ensemble's export: every member exported into its own run directory (export_run, as for any
+    run), and RUN_DIR/export holding the ensemble's metadata that names them, so `load(RUN_DIR,
+    backend="onnx")` and `lmtune serve --backend onnx` average the members on onnxruntime. Verified
+    like a single model: the ONNX ensemble against the PyTorch one on a dev sample."""
+    from lmtune.backends.onnx import OnnxModel
+    from lmtune.search.members import EnsembleModel
+    if prune:
+        raise InputError("export: an ensemble is not pruned; prune its members (`lmtune export MEMBER --prune ...`) "
+                         "and build the ensemble from them.")
+    meta = read_meta(run.run_dir / "model")
+    e = meta["ensemble"]
+    report: dict = {"run_dir": str(run.run_dir), "task": run.task.name, "ensemble": True,
+                    "members": {m: export_run(m, quantize=quantize, sample=sample) for m in e["members"]}}
+    dev = _encoded(run, ("dev",))["dev"]
+    collate = functools.partial(run.task.collate, tokenizer=run.tokenizer)
+
+    def outputs(m, features):
+        return predict_outputs(m, features, collate, run.task.unbatch, torch.device("cpu"), progress="none")
+
+    def metric(outs) -> dict:
+        m = run.task.evaluate(outs, dev, run.labels)
+        return {k: m[k] for k in run.task.headline if k in m}
+
+    probe = dev.features[:sample]
+    ref = outputs(run.model.cpu().eval(), probe)
+    report["pytorch"] = {"dev": metric(outputs(run.model, dev.features))}
+    with atomic_dir(run.run_dir / "export") as tmp:
+        for name, file in (("onnx_fp32", FP32), ("onnx_int8", INT8)):
+            if name == "onnx_int8" and not quantize:
+                continue
+            onnx = EnsembleModel([OnnxModel(Path(m) / "export" / file) for m in e["members"]], e["weights"], e["temperatures"])
+            got = outputs(onnx, probe)
+            report[name] = {"files": [str(Path(m) / "export" / file) for m in e["members"]], "sample": len(probe),
+                            "max_abs_logit_diff": max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(got, ref)),
+                            "dev": metric(outputs(onnx, dev.features))}
+        run.tokenizer.save_pretrained(tmp)
+        write_meta(tmp, meta)
+        save_task_arrays(run.task, tmp)
+        write_json(tmp / "export.json", report)
     return report
 
 

@@ -16,7 +16,9 @@ class EnsembleModel(torch.nn.Module):
 
     def __init__(self, members: list[torch.nn.Module], weights: list[float], temperatures: list[float]):
         super().__init__()
-        self.members = torch.nn.ModuleList(members)
+        # torch modules are registered (to(), eval() reach them); an exported ensemble's members are
+        # onnxruntime sessions (lmtune.backends.onnx.OnnxModel), which hold no parameters
+        self.members = torch.nn.ModuleList(members) if all(isinstance(m, torch.nn.Module) for m in members) else list(members)
         self.register_buffer("weights", torch.tensor(weights, dtype=torch.float) / sum(weights))
         self.register_buffer("temperatures", torch.tensor(temperatures, dtype=torch.float))
 
