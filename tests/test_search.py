@@ -169,6 +169,11 @@ def test_ensemble_averages_recalibrates_and_serves(tmp_path, two_runs):
     with client:
         r = client.post("/v1/predict", json={"texts": texts})
         assert r.status_code == 200 and len(r.json()["predictions"]) == 2
+    from lmtune.ui.app import UiSettings, create_ui  # the dashboard lists, shows and predicts with it like any run
+    ui = TestClient(create_ui(UiSettings(runs_dir=str(tmp_path), workdir=str(tmp_path))))
+    assert "ens" in {r["run"] for r in ui.get("/api/runs").json()} and ui.get("/run/ens").status_code == 200
+    r = ui.post("/api/run/ens/predict", json={"text": texts[0]}, headers={"X-Lmtune-UI": "1"})
+    assert r.status_code == 200 and r.json()["label"] == got[0]["label"]
 
 
 def test_exporting_an_ensemble_exports_each_member_and_runs_on_onnxruntime(tmp_path, two_runs, capsys):
