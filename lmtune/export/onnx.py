@@ -67,14 +67,7 @@ def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | No
     structured = any(k in spec for k in STRUCTURED)
     encoded = _encoded(run, ("dev", "train") if structured else ("dev",))
     dev = encoded["dev"]
-    collate = functools.partial(run.task.collate, tokenizer=run.tokenizer)
-
-    def outputs(m, features):
-        return predict_outputs(m, features, collate, run.task.unbatch, torch.device("cpu"), progress="none")
-
-    def metric(outs) -> dict:
-        m = run.task.evaluate(outs, dev, run.labels)
-        return {k: m[k] for k in run.task.headline if k in m}
+    collate, outputs, metric = _checks(run, dev)
 
     report["pytorch"] = {"dev": metric(outputs(model, dev.features))}  # the run's model, before any pruning
     if "magnitude" in spec:
@@ -146,14 +139,7 @@ def _export_ensemble(run, quantize: str | None, prune: str | None, sample: int) 
     report: dict = {"run_dir": str(run.run_dir), "task": run.task.name, "ensemble": True,
                     "members": {m: export_run(m, quantize=quantize, sample=sample) for m in e["members"]}}
     dev = _encoded(run, ("dev",))["dev"]
-    collate = functools.partial(run.task.collate, tokenizer=run.tokenizer)
-
-    def outputs(m, features):
-        return predict_outputs(m, features, collate, run.task.unbatch, torch.device("cpu"), progress="none")
-
-    def metric(outs) -> dict:
-        m = run.task.evaluate(outs, dev, run.labels)
-        return {k: m[k] for k in run.task.headline if k in m}
+    _, outputs, metric = _checks(run, dev)
 
     probe = dev.features[:sample]
     ref = outputs(run.model.cpu().eval(), probe)
@@ -172,6 +158,20 @@ def _export_ensemble(run, quantize: str | None, prune: str | None, sample: int) 
         save_task_arrays(run.task, tmp)
         write_json(tmp / "export.json", report)
     return report
+
+
+def _checks(run, dev):
+    """The run's collate, outputs(model, features) on CPU, and metric(outputs) on its dev split: what
+    every before/after comparison of an export uses."""
+    collate = functools.partial(run.task.collate, tokenizer=run.tokenizer)
+
+    def outputs(m, features):
+        return predict_outputs(m, features, collate, run.task.unbatch, torch.device("cpu"), progress="none")
+
+    def metric(outs) -> dict:
+        m = run.task.evaluate(outs, dev, run.labels)
+        return {k: m[k] for k in run.task.headline if k in m}
+    return collate, outputs, metric
 
 
 def _verify(onnx_model: OnnxModel, ref: list, probe: list, outputs, metric, dev) -> dict:
