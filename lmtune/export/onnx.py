@@ -148,11 +148,9 @@ def _export_ensemble(run, quantize: str | None, prune: str | None, sample: int) 
         for name, file in (("onnx_fp32", FP32), ("onnx_int8", INT8)):
             if name == "onnx_int8" and not quantize:
                 continue
-            onnx = EnsembleModel([OnnxModel(Path(m) / "export" / file) for m in e["members"]], e["weights"], e["temperatures"])
-            got = outputs(onnx, probe)
-            report[name] = {"files": [str(Path(m) / "export" / file) for m in e["members"]], "sample": len(probe),
-                            "max_abs_logit_diff": max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(got, ref)),
-                            "dev": metric(outputs(onnx, dev.features))}
+            files = [Path(m) / "export" / file for m in e["members"]]
+            onnx = EnsembleModel([OnnxModel(f) for f in files], e["weights"], e["temperatures"])
+            report[name] = {"files": [str(f) for f in files], **_agreement(onnx, ref, probe, outputs, metric, dev)}
         run.tokenizer.save_pretrained(tmp)
         write_meta(tmp, meta)
         save_task_arrays(run.task, tmp)
@@ -175,10 +173,15 @@ def _checks(run, dev):
 
 
 def _verify(onnx_model: OnnxModel, ref: list, probe: list, outputs, metric, dev) -> dict:
-    got = outputs(onnx_model, probe)
+    return {"file": onnx_model.path.name, "bytes": onnx_model.path.stat().st_size,
+            **_agreement(onnx_model, ref, probe, outputs, metric, dev)}
+
+
+def _agreement(model, ref: list, probe: list, outputs, metric, dev) -> dict:
+    """How closely an exported model reproduces the PyTorch outputs `ref` on `probe`, and its dev metric."""
+    got = outputs(model, probe)
     diff = max(float(np.abs(np.asarray(a) - np.asarray(b)).max()) for a, b in zip(got, ref))
-    return {"file": onnx_model.path.name, "bytes": onnx_model.path.stat().st_size, "max_abs_logit_diff": diff,
-            "sample": len(probe), "dev": metric(outputs(onnx_model, dev.features))}
+    return {"max_abs_logit_diff": diff, "sample": len(probe), "dev": metric(outputs(model, dev.features))}
 
 
 def _encoded(run, names: tuple[str, ...]) -> dict:
