@@ -67,7 +67,7 @@ class DataConfig:
     window_pooling: str = _f("mean", "long_text windows: how the windows' logits become the text's: mean, or max per class.",
                              ("mean", "max"))
     symmetric_pairs: bool = _f(False, "Sentence pairs whose relation is symmetric (paraphrase, similarity): also train on "
-                                      "each pair in the other order.")
+                                      "each pair in the other order; classification also predicts both orders and averages the logits.")
     group_column: str | None = _f(None, "`lmtune cv`: column whose rows must stay in one fold (a user, a document, a "
                                         "conversation): grouped stratified folds.")
     slice_columns: list = _f([], "Columns of the data (product, region, channel, language) whose values are slices: "

@@ -148,6 +148,19 @@ def test_pair_classification_trains_symmetric_and_attacks_edit_either_text(tmp_p
     cfg["attack"] = {"methods": ["typo"], "rate": 0.5}
     run = lmtune.train(cfg)
     assert json.loads((run.run_dir / "splits.json").read_text())["sizes"]["train"] == 128  # each pair in both orders
+    # predicted in both orders, logits averaged: the answer does not depend on the order, also after loading
+    pairs = [("the food was good", "the day was lovely"), ("a terrible film", "what a great idea"), ("same", "same")]
+
+    def logits(model, rows):
+        enc = model._encode(model._from_texts(rows))
+        return enc, model.task.split_outputs(model._outputs(enc), enc, model.labels)[0]
+
+    for model in (run, lmtune.load(run.run_dir)):
+        enc, ab = logits(model, pairs)
+        assert [f.get("swapped", False) for f in enc.features] == [False, True, False, True, False]  # (A, A) once
+        assert np.allclose(ab, logits(model, [(b, a) for a, b in pairs])[1], atol=1e-5)
+    run.task.symmetric = False  # one order only: the same model's logits do depend on the order
+    assert not np.allclose(logits(run, pairs)[1], logits(run, [(b, a) for a, b in pairs])[1], atol=1e-5)
     attacked = json.loads((run.run_dir / "robustness.json").read_text())
     assert attacked["attacks"]["typo"]["avg_words_changed"] >= 1
     ex = Example("the food was good", "same", "f:2", "the day was lovely")

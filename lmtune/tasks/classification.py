@@ -65,6 +65,7 @@ class ClassificationTask(Task):
         self.ood: dict[str, np.ndarray] = {}  # mahalanobis: in-scope class means and the shared precision matrix
         self.pooling = "mean"  # data.long_text windows: how a text's window outputs are pooled (tasks/windows.py)
         self.max_windows = 8
+        self.symmetric = False  # data.symmetric_pairs: a pair is predicted in both orders, logits averaged
 
     def configure(self, cfg: Config) -> None:
         self.oos_label = cfg.abstain.oos_label
@@ -72,6 +73,7 @@ class ClassificationTask(Task):
         self.threshold_calibrated = cfg.abstain.calibrated
         self.score = cfg.abstain.score
         self.pooling, self.max_windows = cfg.data.window_pooling, cfg.data.max_windows
+        self.symmetric = bool(cfg.data.symmetric_pairs and cfg.data.text_pair_column)
         if cfg.data.long_text == "windows" and cfg.data.text_pair_column:
             raise InputError("data.long_text: windows cut one text; a sentence pair (data.text_pair_column) is truncated. "
                              "Set data.long_text truncate.")
@@ -86,7 +88,7 @@ class ClassificationTask(Task):
     def state(self) -> dict:
         return {"temperature": self.temperature, "threshold": self.threshold, "threshold_calibrated": self.threshold_calibrated,
                 "oos_label": self.oos_label, "abstain_label": self.abstain_label, "score": self.score, "pooling": self.pooling,
-                "max_windows": self.max_windows}
+                "max_windows": self.max_windows, "symmetric": self.symmetric}
 
     def arrays(self) -> dict[str, np.ndarray]:
         """State too big for JSON; saved next to the weights as safetensors."""
@@ -103,12 +105,14 @@ class ClassificationTask(Task):
         self.abstain_label = state.get("abstain_label", "abstain")
         self.score = state.get("score", "probability")
         self.pooling, self.max_windows = state.get("pooling", "mean"), state.get("max_windows", 8)
+        self.symmetric = bool(state.get("symmetric", False))
 
     # ---- abstention ---------------------------------------------------------------------------
     def split_outputs(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
         """Per example (a long text's windows pooled): logits, and the [CLS] features that unbatch appends
         when abstain.score is mahalanobis."""
-        x = np.stack(pool(outputs, enc.features, len(enc.examples), self.pooling))
+        how = "mean" if self.symmetric else self.pooling  # a pair in both orders: the average evidence
+        x = np.stack(pool(outputs, enc.features, len(enc.examples), how))
         return x[:, :len(labels)], (x[:, len(labels):] if x.shape[1] > len(labels) else None)
 
     def _decisions(self, logits: np.ndarray, feats: np.ndarray | None, labels: list[str], calibrated: bool | None = None):
@@ -263,21 +267,10 @@ class ClassificationTask(Task):
             features = [{**f, "example": i, "label": index.get(ex.label, -100) if ex.label is not None else -100}
                         for i, (ex, ws) in enumerate(zip(examples, windows)) for f in ws]
             return Encoded(features, examples, stats)
-        with quiet_transformers():  # untruncated on purpose, to count what truncation cuts
-            untruncated = tokenizer(texts, pairs, add_special_tokens=True)
-        full = untruncated["input_ids"]
-        too_long = [i for i, ids in enumerate(full) if len(ids) > max_length]
-        # tokenize again only when something must be cut (the server pays for every call)
-        enc = tokenizer(texts, pairs, truncation=True, max_length=max_length) if too_long else untruncated
-        features = []
-        for i, ex in enumerate(examples):
-            f = {"input_ids": enc["input_ids"][i], "length": len(enc["input_ids"][i]),
-                 "label": index.get(ex.label, -100) if ex.label is not None else -100}
-            if "token_type_ids" in enc:
-                f["token_type_ids"] = enc["token_type_ids"][i]
-            features.append(f)
-        return Encoded(features, examples, {"truncated": len(too_long), "examples": len(examples),
-                                            "max_tokens": max((len(x) for x in full), default=0)})
+        features, stats = _encode_truncated(texts, pairs, examples, index, tokenizer, max_length)
+        if pairs is not None and self.symmetric:
+            features = _with_swapped(features, examples, index, tokenizer, max_length)
+        return Encoded(features, examples, stats)
 
     def collate(self, features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
         batch = pad_batch(features, tokenizer)
@@ -288,7 +281,9 @@ class ClassificationTask(Task):
         return len(features)
 
     def train_features(self, enc: Encoded) -> list[dict]:
-        return training_subset(enc.features, self.max_windows)
+        # symmetric pairs train on both orders through their symmetric copies (read), not on the swapped
+        # features that encode adds for prediction
+        return training_subset([f for f in enc.features if not f.get("swapped")], self.max_windows)
 
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return cross_entropy_sum(outputs.logits, batch["labels"], self.class_weight, self.focal_gamma)
@@ -422,3 +417,39 @@ def relevant_label(labels: list[str]) -> str:
         raise InputError(f"rerank: which of the pair run's labels ({', '.join(labels)}) means 'relevant'? Give it with "
                          "--rerank-label LABEL.")
     return found[0]
+
+
+def _encode_truncated(texts: list[str], pairs: list[str] | None, examples: list[Example], index: dict[str, int],
+                      tokenizer: Any, max_length: int) -> tuple[list[dict], dict]:
+    """One feature per text (or pair), cut at max_length, and how much truncation cut."""
+    with quiet_transformers():  # untruncated on purpose, to count what truncation cuts
+        untruncated = tokenizer(texts, pairs, add_special_tokens=True)
+    full = untruncated["input_ids"]
+    too_long = [i for i, ids in enumerate(full) if len(ids) > max_length]
+    # tokenize again only when something must be cut (the server pays for every call)
+    enc = tokenizer(texts, pairs, truncation=True, max_length=max_length) if too_long else untruncated
+    features = []
+    for i, ex in enumerate(examples):
+        f = {"input_ids": enc["input_ids"][i], "length": len(enc["input_ids"][i]),
+             "label": index.get(ex.label, -100) if ex.label is not None else -100}
+        if "token_type_ids" in enc:
+            f["token_type_ids"] = enc["token_type_ids"][i]
+        features.append(f)
+    return features, {"truncated": len(too_long), "examples": len(examples), "max_tokens": max((len(x) for x in full), default=0)}
+
+
+def _with_swapped(features: list[dict], examples: list[Example], index: dict[str, int], tokenizer: Any,
+                  max_length: int) -> list[dict]:
+    """Each pair's feature followed by the same pair in the other order (identical pairs have none), both
+    naming their example, so that split_outputs averages them. For a symmetric relation a model's answer
+    should not depend on the order; trained on both orders it still does a little, and averaging the two
+    removes that noise (test-time augmentation, as in the symmetric sentence-pair models of the STS and
+    paraphrase literature)."""
+    swapped, _ = _encode_truncated([ex.text_pair for ex in examples], [ex.text for ex in examples], examples, index,
+                                   tokenizer, max_length)
+    out = []
+    for i, (ex, f, g) in enumerate(zip(examples, features, swapped)):
+        out.append({**f, "example": i, "window": 0})
+        if ex.text != ex.text_pair:
+            out.append({**g, "example": i, "window": 1, "swapped": True})
+    return out
