@@ -155,7 +155,9 @@ def test_pair_classification_trains_symmetric_and_attacks_edit_either_text(tmp_p
         enc = model._encode(model._from_texts(rows))
         return enc, model.task.split_outputs(model._outputs(enc), enc, model.labels)[0]
 
-    for model in (run, lmtune.load(run.run_dir)):
+    from lmtune.export.onnx import export_run
+    export_run(run.run_dir)
+    for model in (run, lmtune.load(run.run_dir), lmtune.load(run.run_dir, backend="onnx")):
         enc, ab = logits(model, pairs)
         assert [f.get("swapped", False) for f in enc.features] == [False, True, False, True, False]  # (A, A) once
         assert np.allclose(ab, logits(model, [(b, a) for a, b in pairs])[1], atol=1e-5)
