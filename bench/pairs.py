@@ -19,7 +19,9 @@ lmtune's in-loop dev evaluation and checkpoint write are subtracted).
 
 Last line JSON: {"mrpc": {"lmtune": {"accuracy": A, "f1": F, "train_s": S}, "peer": {...}},
 "lcqmc": {...}, "stsb": {"lmtune": {"spearman": R, "coverage_90": C, "train_s": S}, "peer": {"spearman": R, "train_s": S}}}
-Usage: python bench/pairs.py [--only mrpc,lcqmc,stsb] [--limit N]
+--symmetric sets data.symmetric_pairs on lmtune's side of the classification sets (both orders trained on
+and averaged at prediction; MRPC and LCQMC relations are symmetric); the peer is unchanged.
+Usage: python bench/pairs.py [--only mrpc,lcqmc,stsb] [--limit N] [--symmetric]
 """
 from __future__ import annotations
 
@@ -117,7 +119,8 @@ def run_peer(model_path: str, train_rows, test_rows, regression: bool) -> dict:
             "train_s": round(train_s, 1)}
 
 
-def run_lmtune(model_path: str, train_rows, dev_rows, test_rows, regression: bool, workdir: Path) -> dict:
+def run_lmtune(model_path: str, train_rows, dev_rows, test_rows, regression: bool, workdir: Path,
+               symmetric: bool = False) -> dict:
     files = {}
     for name, rows in (("train", train_rows), ("dev", dev_rows), ("test", test_rows)):
         files[name] = workdir / f"{name}.jsonl"
@@ -126,7 +129,7 @@ def run_lmtune(model_path: str, train_rows, dev_rows, test_rows, regression: boo
     cfg = {"task": "regression" if regression else "classification", "output_dir": str(workdir / "runs"), "run_name": "bench",
            "model": {"name": model_path},
            "data": {**{k: str(v) for k, v in files.items()}, "text_column": "a", "text_pair_column": "b", "label_column": "y",
-                    "max_length": MAX_LEN},
+                    "max_length": MAX_LEN, "symmetric_pairs": symmetric},
            "train": {"epochs": 1, "batch_size": BATCH, "seed": SEED, "progress": "none"}}
     run = train(cfg)
     t, m = run.metrics["train"], run.metrics["test"]
@@ -143,6 +146,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", default="mrpc,lcqmc,stsb")
     ap.add_argument("--limit", type=int, default=0, help="cap every split at N rows (a quick check, not the benchmark)")
+    ap.add_argument("--symmetric", action="store_true", help="lmtune: data.symmetric_pairs on mrpc / lcqmc")
     ns = ap.parse_args()
     minilm = resolve_model(DEFAULT_MODEL)
     out = {}
@@ -164,7 +168,7 @@ def main() -> None:
         torch.manual_seed(SEED)
         peer = run_peer(model, tr, te, regression)
         with tempfile.TemporaryDirectory() as tmp:
-            ours = run_lmtune(model, tr, dv, te, regression, Path(tmp))
+            ours = run_lmtune(model, tr, dv, te, regression, Path(tmp), ns.symmetric and not regression)
         key = "spearman" if regression else "accuracy"
         extra = (f", 90% intervals cover {ours['coverage_90']:.4f} of test (width {ours['interval_width']})" if regression
                  else f", F1 {ours['f1']:.4f} vs {peer['f1']:.4f}")
