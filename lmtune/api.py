@@ -797,7 +797,7 @@ def _fit(ctx: _Context) -> None:
     loss = wrap_loss(task.loss, ctx.model, cfg.peft)
     if ctx.previous:
         loss = continual.l2sp_loss(loss, ctx.model, ctx.previous, cfg.continual.l2sp, ctx.head)
-    loop_task = LoopTask(ctx.collate, loss, task.num_items, evaluate_dev, ctx.adversary)
+    loop_task = LoopTask(ctx.collate, loss, task.num_items, evaluate_dev, ctx.adversary, task.pad_values(ctx.tokenizer))
     with PeakMemory() as ctx.peak_mem:
         ctx.state = train_loop(ctx.model, ctx.train_features, loop_task, ctx.lrs, ctx.ckpt, ctx.accelerator,
                                resume=bool(ctx.resume), callbacks=(*ctx.callbacks, *ctx.trackers),

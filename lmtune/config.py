@@ -124,6 +124,19 @@ class TrainConfig:
                             "and the report, plots and model card. mlflow: MLFLOW_TRACKING_URI, else OUTPUT_DIR/mlflow.db; "
                             "wandb: honours WANDB_MODE=offline; tensorboard: RUN_DIR/tensorboard.")
     progress: str = _f("auto", "Progress display: auto = bars on a terminal, lines otherwise.", ("auto", "bar", "lines", "none"))
+    # the fast path (lmtune/training/fast.py): each piece on by default with CUDA, each can be switched off
+    compile: str = _f("auto", "torch.compile the model for training steps (shapes static per length bucket); auto = default "
+                              "mode on a GPU, off on CPU; reduce-overhead adds CUDA graphs.",
+                      ("auto", "off", "default", "reduce-overhead", "max-autotune"))
+    length_buckets: str = _f("auto", "Pad each training batch up to the next of a few static lengths (16, 32, 64, ...; "
+                                     "masked, labels ignored: the same loss), so a compiled model sees few shapes; auto = on "
+                                     "when the model is compiled.", ("auto", "on", "off"))
+    sync_free: str = _f("auto", "Keep step losses and gradient norms on the device and read them every 50 steps and at "
+                                "evaluations (no host-device wait per step; a non-finite loss then stops the run at the "
+                                "next read); auto = on a GPU.", ("auto", "on", "off"))
+    prefetch: str = _f("auto", "Collate the next batches in a background thread and copy them through pinned memory; "
+                               "auto = on a GPU.", ("auto", "on", "off"))
+    fused_optimizer: bool = _f(True, "Fused AdamW (one kernel for all parameters) where torch has it.")
 
 
 @dataclass

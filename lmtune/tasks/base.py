@@ -156,6 +156,12 @@ class Task:
         """What the loss is averaged over (examples, or labeled tokens)."""
         raise NotImplementedError
 
+    def pad_values(self, tokenizer: Any) -> dict[str, int] | None:
+        """The collated batch's keys with a sequence dimension and the value that pads each, when
+        padding a batch wider changes neither outputs nor loss (the fast path's length buckets);
+        None (the default) when it would, or when the task has not said."""
+        return None
+
     def train_features(self, enc: Encoded) -> list[dict]:
         """The features of the train split that are trained on (all; a windowing task may cap a long text's)."""
         return enc.features
@@ -285,6 +291,11 @@ def shuffle_split(train: list, test: list | None, fractions: list[float], seed: 
     test = test if test is not None else [train[i] for i in te]
     info = {"method": method, "fractions": fr, "seed": seed, "source": source, "dev_rows": [ex.source for ex in dev]}
     return [train[i] for i in tr], dev, test, info
+
+
+def input_pad_values(tokenizer: Any) -> dict[str, int]:
+    """What pad_batch pads the model inputs with (Task.pad_values of tasks whose batches it makes)."""
+    return {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0, "token_type_ids": 0}
 
 
 def pad_batch(features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:

@@ -24,7 +24,7 @@ from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.windows import encode_windows, pool, training_subset
 from lmtune.tasks.base import (ABSTAIN, CALIBRATE, CONTINUAL, ENSEMBLE, EXAMPLE_LABELS, EXPLAIN, LABEL_NOISE, MAHALANOBIS, RERANK, Encoded,
-                               Splits, Task, balanced_weights, class_score, cross_entropy_sum, pad_batch)
+                               Splits, Task, balanced_weights, class_score, cross_entropy_sum, input_pad_values, pad_batch)
 
 
 def mahalanobis_score(feats: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
@@ -276,6 +276,9 @@ class ClassificationTask(Task):
         batch = pad_batch(features, tokenizer)
         batch["labels"] = torch.tensor([f["label"] for f in features], dtype=torch.long)
         return batch
+
+    def pad_values(self, tokenizer: Any) -> dict[str, int] | None:
+        return input_pad_values(tokenizer)
 
     def num_items(self, features: list[dict]) -> int:
         return len(features)

@@ -30,7 +30,7 @@ from lmtune.evaluate.report import prf_table
 from lmtune.io import atomic_path
 from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.windows import encode_windows, pool, training_subset
-from lmtune.tasks.base import CALIBRATE, EXPLAIN, Encoded, Splits, Task, dev_and_test, pad_batch
+from lmtune.tasks.base import CALIBRATE, EXPLAIN, Encoded, Splits, Task, dev_and_test, input_pad_values, pad_batch
 
 POS_WEIGHT_CAP = 30.0  # a label seen once in 10,000 rows would otherwise get a weight of 10,000
 _TRUE, _FALSE = ("1", "1.0", "true", "yes"), ("0", "0.0", "false", "no", "")
@@ -247,6 +247,9 @@ class MultiLabelTask(Task):
         if "target" in features[0]:
             batch["labels"] = torch.tensor([f["target"] for f in features], dtype=torch.float)
         return batch
+
+    def pad_values(self, tokenizer: Any) -> dict[str, int] | None:
+        return input_pad_values(tokenizer)
 
     def num_items(self, features: list[dict]) -> int:
         return len(features)

@@ -31,7 +31,7 @@ from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.base import (ABSTAIN, CALIBRATE, EXPLAIN, LABEL_NOISE, Encoded, Splits, Task, balanced_weights, class_score,
-                               cross_entropy_sum, shuffle_split)
+                               cross_entropy_sum, input_pad_values, shuffle_split)
 
 
 log = logging.getLogger("lmtune")
@@ -234,6 +234,9 @@ class NerTask(Task):
             mask[i, :L] = 1
             labels[i, :L] = torch.tensor(f["labels"])
         return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+    def pad_values(self, tokenizer: Any) -> dict[str, int] | None:
+        return {**input_pad_values(tokenizer), "labels": -100}
 
     def num_items(self, features: list[dict]) -> int:
         return max(1, sum(sum(1 for x in f["labels"] if x != -100) for f in features))

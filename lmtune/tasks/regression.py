@@ -33,7 +33,7 @@ from lmtune.data.readers import Example, read_examples
 from lmtune.errors import InputError
 from lmtune.io import atomic_path
 from lmtune.models import load_config, load_pretrained, quiet_transformers
-from lmtune.tasks.base import EXPLAIN, INTERVALS, RERANK, Encoded, Splits, Task, dev_and_test, pad_batch
+from lmtune.tasks.base import EXPLAIN, INTERVALS, RERANK, Encoded, Splits, Task, dev_and_test, input_pad_values, pad_batch
 
 TARGET = "value"  # the one output of the head
 ROWS_PER_BAND = 200  # dev rows per band of predicted values (at most MAX_BANDS): enough for a stable 90-95% quantile
@@ -176,6 +176,9 @@ class RegressionTask(Task):
         if "target" in features[0]:
             batch["labels"] = torch.tensor([f["target"] for f in features], dtype=torch.float)
         return batch
+
+    def pad_values(self, tokenizer: Any) -> dict[str, int] | None:
+        return input_pad_values(tokenizer)
 
     def num_items(self, features: list[dict]) -> int:
         return len(features)

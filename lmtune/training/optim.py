@@ -67,6 +67,8 @@ def param_groups(model: torch.nn.Module, cfg: TrainConfig) -> list[dict]:
 
 def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     groups = param_groups(model, cfg)
+    if not cfg.fused_optimizer:
+        return torch.optim.AdamW(groups)
     try:  # fused AdamW (one kernel for all parameters) exists for CPU and CUDA in recent torch
         return torch.optim.AdamW(groups, fused=True)
     except (RuntimeError, TypeError):

@@ -1,0 +1,157 @@
+"""The training loop's fast path (train.compile, length_buckets, sync_free, prefetch): the same
+optimisation as without it. Only its speed needs a GPU (bench/gpu_epoch.py); these run on CPU."""
+from __future__ import annotations
+
+import copy
+import json
+
+import pytest
+import torch
+from accelerate import Accelerator
+from transformers import AutoModelForTokenClassification, AutoTokenizer
+
+import lmtune
+from lmtune.config import TrainConfig
+from lmtune.tasks.base import input_pad_values
+from lmtune.training.fast import FastPath, Prefetcher, bucket_widths, pad_to_bucket
+from lmtune.training.loop import LoopTask, train_loop
+from tests.test_ner import toy_ner, write_conll
+
+ON = {"compile": "default", "length_buckets": "on", "sync_free": "on", "prefetch": "on"}
+OFF = {"compile": "off", "length_buckets": "off", "sync_free": "off", "prefetch": "off"}
+
+
+def _weights(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().float().clone() for k, v in model.state_dict().items()}
+
+
+def _long_ner(n: int, seed: int) -> list[tuple[list[str], list[str]]]:
+    """Toy sentences of 5 to ~30 sub-tokens: batches fall in more than one length bucket."""
+    short = toy_ner(3 * n, seed)
+    return [(short[i][0] + short[i + 1][0] * (i // 3 % 3), short[i][1] + short[i + 1][1] * (i // 3 % 3)) for i in range(0, 3 * n, 3)]
+
+
+def _config(task: str, tiny_config: dict, tmp_path) -> dict:
+    cfg = copy.deepcopy(tiny_config)
+    cfg["model"]["dropout"] = 0.0  # padding shifts a dropout mask's random draws; without dropout the runs must agree
+    cfg["train"].update(max_steps=14, eval_every=7, lr=3e-4, head_lr=3e-4, calibrate=False)
+    if task == "ner":
+        cfg["task"] = "ner"
+        cfg["data"] = {k: str(write_conll(tmp_path / f"{k}.conll", _long_ner(n, s)))
+                       for k, n, s in (("train", 80, 1), ("dev", 24, 2), ("test", 24, 3))}
+    return cfg
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("task", ["classification", "ner"])
+def test_the_fast_path_trains_to_the_same_weights_with_few_compiles(task, tiny_config, tmp_path, caplog):
+    import torch._dynamo
+    cfg = _config(task, tiny_config, tmp_path)
+    plain = lmtune.train({**cfg, "run_name": "plain", "train": {**cfg["train"], **OFF}})
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    fast = lmtune.train({**cfg, "run_name": "fast", "train": {**cfg["train"], **ON}})
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    a, b = _weights(plain.model), _weights(fast.model)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    rows = [[json.loads(x) for x in (r.run_dir / "history.jsonl").read_text().splitlines()] for r in (plain, fast)]
+    losses = [[h["train_loss"] for h in hist if "train_loss" in h] for hist in rows]
+    assert len(losses[0]) == len(losses[1]) == 14 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    # at most one graph per (bucket, batch size), the epoch's last batch being the only smaller one: the
+    # NER data's widths fall in two or three buckets (16, 32, its longest), the classification data's in one
+    assert (2 if task == "ner" else 1) <= graphs <= 6, graphs
+
+
+def _ner_features(n: int, seed: int, tok) -> list[dict]:
+    """Tokenized toy NER sentences (first sub-token labelled), lengths 3..~25."""
+    out = []
+    for words, tags in toy_ner(n, seed):
+        enc = tok(words, is_split_into_words=True, truncation=True, max_length=64)
+        ids = enc["input_ids"]
+        seen, labels = set(), []
+        for w in enc.word_ids():
+            labels.append(-100 if w is None or w in seen else (0 if tags[w] == "O" else 1))
+            seen.add(w)
+        out.append({"input_ids": ids, "labels": labels, "length": len(ids)})
+    return out
+
+
+def _collate(features: list[dict], tok) -> dict:
+    width = max(f["length"] for f in features)
+    ids = torch.full((len(features), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    labels = torch.full_like(ids, -100)
+    for i, f in enumerate(features):
+        ids[i, :f["length"]] = torch.tensor(f["input_ids"])
+        mask[i, :f["length"]] = 1
+        labels[i, :f["length"]] = torch.tensor(f["labels"])
+    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+
+
+def test_length_buckets_keep_each_batchs_sentences_and_pad_to_a_bucket(tiny_model):
+    tok = AutoTokenizer.from_pretrained(tiny_model)
+    features = _ner_features(60, 5, tok)
+    pads = {**input_pad_values(tok), "labels": -100}
+    for switches, expect_buckets in ((OFF, False), ({**OFF, "length_buckets": "on", "prefetch": "on"}, True)):
+        seen: list[tuple] = []
+
+        def collate(items, seen=seen):
+            seen.append(tuple(tuple(f["input_ids"]) for f in items))
+            return _collate(items, tok)
+
+        widths: list[int] = []
+        torch.manual_seed(0)
+        model = AutoModelForTokenClassification.from_pretrained(tiny_model, num_labels=2)
+
+        def loss(outputs, batch, widths=widths):
+            widths.append(batch["labels"].shape[1])
+            return torch.nn.functional.cross_entropy(outputs.logits.flatten(0, 1), batch["labels"].flatten(),
+                                                     reduction="sum")
+
+        cfg = TrainConfig(epochs=2, batch_size=8, lr=1e-3, head_lr=1e-3, progress="none", **switches)
+        task = LoopTask(collate, loss, lambda fs: sum(x != -100 for f in fs for x in f["labels"]), None, pad_values=pads)
+        train_loop(model, features, task, cfg, None, Accelerator(cpu=True))
+        if not expect_buckets:
+            plain_batches, plain_widths = list(seen), list(widths)
+        else:
+            assert seen == plain_batches  # the same sentences, in the same order, form each batch
+            buckets = bucket_widths(max(f["length"] for f in features))
+            assert all(w in buckets for w in widths) and widths != plain_widths
+            assert all(w >= p for w, p in zip(widths, plain_widths))
+
+
+def test_pad_to_bucket_pads_declared_keys_with_their_values_only():
+    batch = {"input_ids": torch.ones(2, 5, dtype=torch.long), "attention_mask": torch.ones(2, 5, dtype=torch.long),
+             "labels": torch.zeros(2, 5, dtype=torch.long), "other": torch.zeros(2, 3)}
+    out = pad_to_bucket(batch, (4, 8, 16), {"input_ids": 7, "attention_mask": 0, "labels": -100})
+    assert out["input_ids"].shape == (2, 8) and out["input_ids"][:, 5:].eq(7).all() and out["input_ids"][:, :5].eq(1).all()
+    assert out["attention_mask"][:, 5:].eq(0).all() and out["labels"][:, 5:].eq(-100).all()
+    assert out["other"] is batch["other"]
+    assert pad_to_bucket(batch, (4,), {"input_ids": 0})["input_ids"].shape == (2, 5)  # wider than every bucket: as is
+    assert bucket_widths(100) == (16, 32, 64, 104) and bucket_widths(10) == (16,)
+
+
+def test_the_prefetcher_keeps_order_and_raises_the_threads_error():
+    steps = [[[i], [i + 100]] for i in range(30)]
+    got = list(Prefetcher(steps, lambda idx: idx[0], depth=2))
+    assert got == [[i, i + 100] for i in range(30)]
+
+    def broken(idx):
+        if idx[0] == 5:
+            raise ValueError("bad batch")
+        return idx[0]
+    feed = Prefetcher(steps, broken)
+    with pytest.raises(ValueError, match="bad batch"):
+        list(feed)
+
+
+def test_auto_turns_the_fast_path_on_with_cuda_only_and_says_why_a_piece_is_off(caplog):
+    from lmtune.training.fast import resolve
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert resolve(TrainConfig(), cpu, 40, {}) == FastPath(None, (), False, False)
+    assert resolve(TrainConfig(), cuda, 40, {}) == FastPath("default", (16, 32, 40), True, True)
+    with caplog.at_level("INFO", logger="lmtune"):
+        assert resolve(TrainConfig(), cuda, 40, None, "hooks change the forward pass") == FastPath(None, (), True, True)
+        assert resolve(TrainConfig(compile="reduce-overhead"), cpu, 40, None).compile_mode == "default"
+    assert "train.compile off: hooks" in caplog.text and "CUDA graphs need a GPU" in caplog.text
+    assert "length buckets off" in caplog.text
