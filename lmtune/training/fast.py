@@ -13,14 +13,11 @@ import logging
 import queue
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from lmtune.config import TrainConfig
-from lmtune.models import transformer_layers
 
 log = logging.getLogger("lmtune")
 
@@ -56,7 +53,7 @@ def resolve(cfg: TrainConfig, device: torch.device, longest: int, pad_values: di
     """The pieces that apply here. `no_compile`: why this run cannot be compiled (hooks that change
     the forward pass), or None. Each piece switched off for a reason is said once in the log."""
     cuda = device.type == "cuda"
-    mode = ("default" if cuda else None) if cfg.compile == "auto" else (None if cfg.compile == "off" else cfg.compile)
+    mode = ("reduce-overhead" if cuda else None) if cfg.compile == "auto" else (None if cfg.compile == "off" else cfg.compile)
     if mode and no_compile:
         log.info("fast path: train.compile off: %s", no_compile)
         mode = None
@@ -86,35 +83,15 @@ def pad_to_bucket(batch: dict[str, torch.Tensor], buckets: tuple[int, ...], pad_
     return out
 
 
-@contextmanager
-def compiled_layers(model: torch.nn.Module, fast: FastPath) -> Iterator[None]:
-    """For the loop's duration, the model's transformer layers are compiled in place, each with the
-    same code (regional compilation: one layer is traced and its graph serves the whole stack, so
-    BERT-base compiles in 11 s instead of 72 s for the whole model, CPU, one shape), static shapes
-    (one graph per bucket and batch size; the recompile limit is raised to that). Evaluation inside
-    runs eager (`eager()`), and the layers are plain modules again afterwards (export, predict)."""
-    layers = transformer_layers(model) if fast.compile_mode else None
-    if fast.compile_mode and layers is None:
-        log.info("fast path: train.compile off: no stack of transformer layers found in %s", type(model).__name__)
-    if not layers:
-        yield
-        return
-    import torch._dynamo
-    limit = 2 * max(1, len(fast.buckets)) + 2
-    torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, limit)
-    torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, limit * 4)
-    for layer in layers:
-        layer.compile(mode=fast.compile_mode, dynamic=False)
-    try:
-        yield
-    finally:
-        for layer in layers:  # nn.Module.compile keeps its compiled call here; there is no public way back
-            layer._compiled_call_impl = None
-
-
-def eager() -> Any:
-    """Compiled code runs eager inside (evaluation: its batch shapes vary and would each compile)."""
-    return torch.compiler.set_stance("force_eager")
+def compile_model(model: torch.nn.Module, fast: FastPath) -> torch.nn.Module:
+    """A compiled view of the whole model for training steps; it shares the parameters, and the eager
+    module still evaluates, saves and exports. One compile with dynamic shapes serves every bucket;
+    under reduce-overhead each bucket shape gets its own CUDA graph (recorded, not recompiled).
+    Whole-model rather than per-layer: on the H200 host, compiling each layer alone left 45 ms of
+    host time per BERT-base step (the Python between layers); one graph per step removes it."""
+    if fast.compile_mode is None:
+        return model
+    return torch.compile(model, mode=fast.compile_mode, dynamic=True)
 
 
 _DONE = object()

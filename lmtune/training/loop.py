@@ -18,7 +18,7 @@ from accelerate import Accelerator
 from lmtune.config import TrainConfig
 from lmtune.training.batching import epoch_batches, eval_batches
 from lmtune.training.checkpoint import Checkpoints, TrainState, all_rng_states
-from lmtune.training.fast import FastPath, Prefetcher, StepLog, compiled_layers, eager, pad_to_bucket, to_device
+from lmtune.training.fast import FastPath, Prefetcher, StepLog, compile_model, pad_to_bucket, to_device
 from lmtune.training.fast import resolve as resolve_fast
 from lmtune.training.optim import build_optimizer, build_scheduler
 from lmtune.training.progress import Progress
@@ -78,65 +78,65 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
     progress = Progress(steps, cfg.progress, "train", start=state.step, enabled=accelerator.is_main_process)
     fast = resolve_fast(cfg, accelerator.device, max(lengths), task.pad_values,
                         "hooks change the forward pass" if task.adversary is not None or step_hooks else None)
+    stepper = compile_model(model, fast)  # the eager `model` still evaluates and saves
     log_rows = StepLog(fast.sync_free)
     make_batch = functools.partial(_device_batch, features, task, fast, accelerator.device)
     model.train()
-    with compiled_layers(accelerator.unwrap_model(model), fast):
-        while state.step < steps and not state.finished:
-            batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, state.epoch, cfg.group_by_length)
-            # every process sees the whole global batch, takes its shard, and normalizes the summed
-            # loss by the global item count: exact for any micro-batch split and process count
-            todo = [micro_batches(b, rank, world, cfg.grad_accum) for b in batches[state.batch_in_epoch:]]
-            feed = Prefetcher(todo, make_batch) if fast.prefetch else ([make_batch(i) for i in m] for m in todo)
-            for global_batch, micro, device_batches in zip(batches[state.batch_in_epoch:], todo, feed):
-                t0 = time.perf_counter()
-                scale = world / task.num_items([features[i] for i in global_batch])
-                loss_sum = torch.zeros((), device=accelerator.device)
-                step_fn = task.adversary.step if task.adversary is not None else plain_step
-                for k, (idx, batch) in enumerate(zip(micro, device_batches)):
-                    sync = accelerator.no_sync(model) if k < len(micro) - 1 else nullcontext()
-                    with sync, accelerator.autocast():
-                        loss = step_fn(model, batch, lambda m, b: task.loss(m(**inputs(b)), b),
-                                       lambda lo, s=scale: accelerator.backward(lo * s), lambda: accelerator.no_sync(model),
-                                       [features[i] for i in idx])
-                    loss_sum += loss.detach()
-                if world > 1:  # every rank must see the same (global) loss: the NaN stop below is taken by all or none
-                    loss_sum = accelerator.reduce(loss_sum, "sum")
-                if not fast.sync_free and not torch.isfinite(loss_sum):  # diverged: skip this update, keep a good checkpoint, stop
-                    optimizer.zero_grad(set_to_none=True)
-                    state.history.append({"step": state.step + 1, "epoch": state.epoch, "train_loss": float(loss_sum)})
-                    _stop_diverged(state, f"non-finite loss at step {state.step + 1}")
-                    if task.evaluate is not None and ckpt.path("last") is None:  # nothing saved yet: the weights before this step are still finite
-                        _evaluate_and_checkpoint(model, optimizer, scheduler, task, cfg, ckpt, accelerator, state, steps)
-                    break
-                grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
-                optimizer.step()
-                for hook in step_hooks:
-                    hook(accelerator.unwrap_model(model), state.step)
-                scheduler.step()
+    while state.step < steps and not state.finished:
+        batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, state.epoch, cfg.group_by_length)
+        # every process sees the whole global batch, takes its shard, and normalizes the summed
+        # loss by the global item count: exact for any micro-batch split and process count
+        todo = [micro_batches(b, rank, world, cfg.grad_accum) for b in batches[state.batch_in_epoch:]]
+        feed = Prefetcher(todo, make_batch) if fast.prefetch else ([make_batch(i) for i in m] for m in todo)
+        for global_batch, micro, device_batches in zip(batches[state.batch_in_epoch:], todo, feed):
+            t0 = time.perf_counter()
+            scale = world / task.num_items([features[i] for i in global_batch])
+            loss_sum = torch.zeros((), device=accelerator.device)
+            step_fn = task.adversary.step if task.adversary is not None else plain_step
+            for k, (idx, batch) in enumerate(zip(micro, device_batches)):
+                sync = accelerator.no_sync(model) if k < len(micro) - 1 else nullcontext()
+                with sync, accelerator.autocast():
+                    loss = step_fn(stepper, batch, lambda m, b: task.loss(m(**inputs(b)), b),
+                                   lambda lo, s=scale: accelerator.backward(lo * s), lambda: accelerator.no_sync(model),
+                                   [features[i] for i in idx])
+                loss_sum += loss.detach()
+            if world > 1:  # every rank must see the same (global) loss: the NaN stop below is taken by all or none
+                loss_sum = accelerator.reduce(loss_sum, "sum")
+            if not fast.sync_free and not torch.isfinite(loss_sum):  # diverged: skip this update, keep a good checkpoint, stop
                 optimizer.zero_grad(set_to_none=True)
-                state.step += 1
-                state.batch_in_epoch += 1
-                log_rows.add({"step": state.step, "epoch": state.epoch + state.batch_in_epoch / len(batches), "scale": scale / world,
-                              "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0}, loss_sum, grad_norm, state.history)
-                end_of_epoch = state.batch_in_epoch == len(batches)
-                due = state.step % eval_every == 0 or state.step == steps or (end_of_epoch and not cfg.eval_every)
-                if log_rows.due(state.step) or due or state.step >= steps:
-                    if not log_rows.flush(state.history):  # sync_free: a step's loss was not finite since the last read
-                        _stop_diverged(state, f"non-finite loss by step {state.step}")
-                        break
-                    progress.update(state.step, loss=state.history[-1]["train_loss"])
-                if due and task.evaluate is not None:
+                state.history.append({"step": state.step + 1, "epoch": state.epoch, "train_loss": float(loss_sum)})
+                _stop_diverged(state, f"non-finite loss at step {state.step + 1}")
+                if task.evaluate is not None and ckpt.path("last") is None:  # nothing saved yet: the weights before this step are still finite
                     _evaluate_and_checkpoint(model, optimizer, scheduler, task, cfg, ckpt, accelerator, state, steps)
-                for cb in callbacks:
-                    cb(state)
-                if state.finished or state.step >= steps:
+                break
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            optimizer.step()
+            for hook in step_hooks:
+                hook(accelerator.unwrap_model(model), state.step)
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            state.step += 1
+            state.batch_in_epoch += 1
+            log_rows.add({"step": state.step, "epoch": state.epoch + state.batch_in_epoch / len(batches), "scale": scale / world,
+                          "lr": scheduler.get_last_lr()[0], "seconds": time.perf_counter() - t0}, loss_sum, grad_norm, state.history)
+            end_of_epoch = state.batch_in_epoch == len(batches)
+            due = state.step % eval_every == 0 or state.step == steps or (end_of_epoch and not cfg.eval_every)
+            if log_rows.due(state.step) or due or state.step >= steps:
+                if not log_rows.flush(state.history):  # sync_free: a step's loss was not finite since the last read
+                    _stop_diverged(state, f"non-finite loss by step {state.step}")
                     break
-            else:
-                state.epoch += 1
-                state.batch_in_epoch = 0
-            if fast.prefetch:
-                feed.close()
+                progress.update(state.step, loss=state.history[-1]["train_loss"])
+            if due and task.evaluate is not None:
+                _evaluate_and_checkpoint(model, optimizer, scheduler, task, cfg, ckpt, accelerator, state, steps)
+            for cb in callbacks:
+                cb(state)
+            if state.finished or state.step >= steps:
+                break
+        else:
+            state.epoch += 1
+            state.batch_in_epoch = 0
+        if fast.prefetch:
+            feed.close()
     log_rows.flush(state.history)
     progress.close()
     if not state.finished:
@@ -163,8 +163,7 @@ def _evaluate_and_checkpoint(model, optimizer, scheduler, task: LoopTask, cfg: T
     if finite:
         t0 = time.perf_counter()
         model.eval()
-        with eager():
-            metrics = task.evaluate(accelerator.unwrap_model(model))  # each rank the whole dev set: no collectives
+        metrics = task.evaluate(accelerator.unwrap_model(model))  # each rank the whole dev set: no collectives
         model.train()
         state.eval_seconds += time.perf_counter() - t0
     if not finite or not math.isfinite(metrics.get("loss", 0.0)):  # never checkpoint a diverged model
