@@ -125,9 +125,9 @@ class TrainConfig:
                             "wandb: honours WANDB_MODE=offline; tensorboard: RUN_DIR/tensorboard.")
     progress: str = _f("auto", "Progress display: auto = bars on a terminal, lines otherwise.", ("auto", "bar", "lines", "none"))
     # the fast path (lmtune/training/fast.py): each piece on by default with CUDA, each can be switched off
-    compile: str = _f("auto", "torch.compile the model for training steps (shapes static per length bucket); auto = default "
-                              "mode on a GPU, off on CPU; reduce-overhead adds CUDA graphs.",
-                      ("auto", "off", "default", "reduce-overhead", "max-autotune"))
+    compile: str = _f("auto", "torch.compile the whole model for training steps (one compile, dynamic shapes); reduce-overhead "
+                              "adds a CUDA graph per length bucket; auto = reduce-overhead on a GPU, off on CPU. The first "
+                              "steps pay the compile.", ("auto", "off", "default", "reduce-overhead", "max-autotune"))
     length_buckets: str = _f("auto", "Pad each training batch up to the next of a few static lengths (16, 32, 64, ...; "
                                      "masked, labels ignored: the same loss), so a compiled model sees few shapes; auto = on "
                                      "when the model is compiled.", ("auto", "on", "off"))

@@ -155,3 +155,15 @@ def test_auto_turns_the_fast_path_on_with_cuda_only_and_says_why_a_piece_is_off(
         assert resolve(TrainConfig(compile="reduce-overhead"), cpu, 40, None).compile_mode == "default"
     assert "train.compile off: hooks" in caplog.text and "CUDA graphs need a GPU" in caplog.text
     assert "length buckets off" in caplog.text
+
+
+def test_the_gpu_bench_says_it_needs_a_gpu_and_exits_0_without_one():
+    import subprocess
+    import sys
+    from pathlib import Path
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run([sys.executable, str(root / "bench" / "gpu_epoch.py")], capture_output=True, text=True,
+                          timeout=300, cwd=root, check=False, env={"CUDA_VISIBLE_DEVICES": "", "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "needs a CUDA GPU" in proc.stdout
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"ner": None, "classification": None, "skipped": "no CUDA GPU"}
