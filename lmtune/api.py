@@ -51,6 +51,7 @@ from lmtune.robust.text import Synonyms
 from lmtune.tasks import get_task
 from lmtune.tasks.base import (ABSTAIN, CALIBRATE, DEV_RULES, EXAMPLE_LABELS, GENERATE, INDEX, INTERVALS, LABEL_NOISE, MAHALANOBIS, RERANK,
                                Encoded, encode_examples)
+from lmtune.training import fsdp
 from lmtune.training.checkpoint import Checkpoints
 from lmtune.training.optim import resolve_learning_rates
 from lmtune.training.loop import LoopTask, predict_outputs, total_steps, train_loop
@@ -808,6 +809,8 @@ def _fit(ctx: _Context) -> None:
 def _restore_best(ctx: _Context) -> None:
     """The best checkpoint's weights, then the output controls fitted on them (temperature, scorer,
     threshold): dev is predicted once for those and for the metrics."""
+    if fsdp.wanted(ctx.cfg.train, ctx.accelerator.num_processes):  # the rest of the recipe runs on a plain model
+        ctx.model = ctx.task.build_model(ctx.cfg, ctx.splits.labels)[0].to(ctx.accelerator.device)
     ctx.model = ctx.accelerator.unwrap_model(ctx.model)
     ctx.ckpt.load_weights(ctx.model, "best")
     finalize_peft(ctx.model)

@@ -137,6 +137,9 @@ class TrainConfig:
     prefetch: str = _f("auto", "Collate the next batches in a background thread and copy them through pinned memory; "
                                "auto = on a GPU.", ("auto", "on", "off"))
     fused_optimizer: bool = _f(True, "Fused AdamW (one kernel for all parameters) where torch has it.")
+    fsdp: str = _f("auto", "Shard the model across processes (torch FSDP2: each transformer layer a unit; checkpoints and "
+                           "model/ hold consolidated weights); auto = when the launcher asks (accelerate launch with an FSDP "
+                           "config). Full fine-tuning only; needs more than one process.", ("auto", "on", "off"))
 
 
 @dataclass
@@ -476,6 +479,9 @@ def validate(cfg: Config, where: str = "config") -> None:
         raise InputError(f"{where}: set train.epochs >= 1 or train.max_steps >= 1.")
     if not 0 <= t.warmup_ratio < 1:
         raise InputError(f"{where}: train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}.")
+    if t.fsdp == "on" and (cfg.peft.method != "none" or cfg.continual.from_run):
+        raise InputError(f"{where}: train.fsdp shards full fine-tuning only: set peft.method none and no continual.from_run, "
+                         "or train.fsdp off (PEFT trains few weights: plain data parallel suits it).")
     s = cfg.data.split
     if len(s) != 3 or any(x < 0 for x in s) or abs(sum(s) - 1) > 1e-6 or s[0] <= 0:
         raise InputError(f"{where}: data.split must be three non-negative fractions summing to 1, got {s}.")

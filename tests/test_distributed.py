@@ -34,11 +34,12 @@ lmtune.train(cfg, resume=resume, callbacks=(crash,))
 """
 
 
-def _launch(tmp_path: Path, cfg: dict, crash_at: int = 0, resume: bool = False, draw: bool = False) -> subprocess.CompletedProcess:
+def _launch(tmp_path: Path, cfg: dict, crash_at: int = 0, resume: bool = False, draw: bool = False,
+            env: dict | None = None) -> subprocess.CompletedProcess:
     worker, cfg_file = tmp_path / "worker.py", tmp_path / f"cfg_{cfg['run_name']}.json"
     worker.write_text(WORKER)
     cfg_file.write_text(json.dumps(cfg))
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent), "OMP_NUM_THREADS": "1", **(env or {})}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(worker), str(cfg_file), str(crash_at), "1" if resume else "0", "1" if draw else "0"]
     return subprocess.run(cmd, check=False, env=env, capture_output=True, text=True, timeout=600)
@@ -117,6 +118,27 @@ def test_two_process_resume_with_dropout_restores_each_ranks_random_state(ddp_co
     out = Path(cfg["output_dir"])
     # the last checkpoint, not model/ (the best one by dev, which may predate the crash)
     assert _max_diff(_last_weights(out / "whole"), _last_weights(out / "again")) < 1e-5
+
+
+def test_an_fsdp_run_on_two_cpu_processes_saves_a_consolidated_model_that_from_pretrained_loads(ddp_config, tmp_path):
+    """As `accelerate launch` with examples/accelerate/fsdp.yaml asks (ACCELERATE_USE_FSDP): each
+    process holds half of each weight, yet the math is one process's with the same global batch, and
+    the checkpoints and model/ hold whole weights."""
+    from transformers import AutoModelForSequenceClassification
+    cfg = {**ddp_config, "run_name": "fsdp"}
+    out = _launch(tmp_path, cfg, env={"ACCELERATE_USE_FSDP": "true"}, crash_at=10)
+    assert out.returncode != 0
+    resumed = _launch(tmp_path, cfg, env={"ACCELERATE_USE_FSDP": "true"}, resume=True)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    run_dir = Path(cfg["output_dir"]) / "fsdp"
+    assert "FSDP: the model is sharded over 2 processes" in (run_dir / "train.log").read_text()
+    single = _single(ddp_config)
+    assert _max_diff(_last_weights(run_dir), _last_weights(single)) < 1e-5  # crashed at 10, resumed from 8: same
+    model = AutoModelForSequenceClassification.from_pretrained(run_dir / "model")
+    plain = dict(model.state_dict())
+    saved = _weights(run_dir)
+    assert saved.keys() <= plain.keys() and all(saved[k].shape == plain[k].shape for k in saved)
+    assert _max_diff(saved, _weights(single)) < 1e-5
 
 
 @pytest.mark.parametrize("name", ["ddp", "multi_node", "fsdp"])

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import load_file, load_model, save_file, save_model
 
 from lmtune.io import atomic_dir, write_json
 
@@ -60,13 +60,18 @@ class Checkpoints:
         name = self.pointer().get(which)
         return self.root / name if name else None
 
-    def save(self, model, optimizer, scheduler, state: TrainState, is_best: bool, rng_states: list[dict] | None = None) -> Path:
-        """rng_states: every process's random state, by rank (all_rng_states); this process's alone by default."""
+    def save(self, model, optimizer, scheduler, state: TrainState, is_best: bool, rng_states: list[dict] | None = None,
+             full_states: tuple[dict, dict] | None = None) -> Path:
+        """rng_states: every process's random state, by rank (all_rng_states); this process's alone by default.
+        full_states: a sharded run's gathered (model, optimizer) state dicts, written instead of the model's and optimizer's."""
         name = f"step-{state.step:06d}"
         target = self.root / name
         with atomic_dir(target) as tmp:
-            save_model(model, str(tmp / "model.safetensors"))
-            torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+            if full_states:
+                save_file({k: v.contiguous() for k, v in full_states[0].items()}, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+            else:
+                save_model(model, str(tmp / "model.safetensors"))
+            torch.save(full_states[1] if full_states else optimizer.state_dict(), tmp / "optimizer.pt")
             torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
             ranks = rng_states or [rng_state()]
             torch.save({"ranks": [{"torch": r["torch"], "cuda": r.get("cuda", [])} for r in ranks]}, tmp / "rng.pt")
@@ -90,12 +95,18 @@ class Checkpoints:
         path = self.path(which)
         load_model(model, str(path / "model.safetensors"))
 
-    def load_state(self, model, optimizer, scheduler, rank: int = 0) -> TrainState:
+    def load_state(self, model, optimizer, scheduler, rank: int = 0, sharded: bool = False) -> TrainState:
         """Restore everything for an exact resume: weights, optimizer, schedule, this process's RNGs
-        (each rank its own: dropout and sampling draw differently per rank), counters."""
+        (each rank its own: dropout and sampling draw differently per rank), counters. sharded: an
+        FSDP model, which takes the full states and keeps its shards."""
         path = self.path("last")
-        load_model(model, str(path / "model.safetensors"))
-        optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
+        if sharded:
+            from lmtune.training import fsdp
+            fsdp.load_full_states(model, optimizer, load_file(str(path / "model.safetensors")),
+                                  torch.load(path / "optimizer.pt", weights_only=True))
+        else:
+            load_model(model, str(path / "model.safetensors"))
+            optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=True))
         scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         devices = torch.load(path / "rng.pt", weights_only=True)
         hosts = json.loads((path / "host_rng.json").read_text())

@@ -16,6 +16,7 @@ import torch
 from accelerate import Accelerator
 
 from lmtune.config import TrainConfig
+from lmtune.training import fsdp
 from lmtune.training.batching import epoch_batches, eval_batches
 from lmtune.training.checkpoint import Checkpoints, TrainState, all_rng_states
 from lmtune.training.fast import FastPath, Prefetcher, StepLog, compile_model, pad_to_bucket, to_device
@@ -67,16 +68,24 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
     """callbacks(state) run after each step; step_hooks(model, step) run after optimizer.step(), while
     gradients still exist (AdaLoRA's rank allocation)."""
     steps = total_steps(cfg, len(features))
+    sharded = fsdp.wanted(cfg, accelerator.num_processes)
+    if sharded:
+        fsdp.shard(model)  # before the optimizer, which then holds each process's shards
+        log.info("FSDP: the model is sharded over %d processes", accelerator.num_processes)
     optimizer = build_optimizer(model, cfg)
     scheduler = build_scheduler(optimizer, cfg, steps)  # stepped by us once per optimizer step
-    model, optimizer = accelerator.prepare(model, optimizer)
-    state = (ckpt.load_state(accelerator.unwrap_model(model), optimizer, scheduler, accelerator.process_index)
+    if sharded:
+        optimizer = accelerator.prepare(optimizer)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+    state = (ckpt.load_state(accelerator.unwrap_model(model), optimizer, scheduler, accelerator.process_index, sharded)
              if resume and ckpt else TrainState())
     lengths = [f["length"] for f in features]
     rank, world = accelerator.process_index, accelerator.num_processes
     eval_every = cfg.eval_every or math.ceil(len(features) / cfg.batch_size)
     progress = Progress(steps, cfg.progress, "train", start=state.step, enabled=accelerator.is_main_process)
     fast = resolve_fast(cfg, accelerator.device, max(lengths), task.pad_values,
+                        "FSDP shards the model" if sharded else
                         "hooks change the forward pass" if task.adversary is not None or step_hooks else None)
     stepper = compile_model(model, fast)  # the eager `model` still evaluates and saves
     log_rows = StepLog(fast.sync_free)
@@ -109,7 +118,7 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
                 if task.evaluate is not None and ckpt.path("last") is None:  # nothing saved yet: the weights before this step are still finite
                     _evaluate_and_checkpoint(model, optimizer, scheduler, task, cfg, ckpt, accelerator, state, steps)
                 break
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm) if cfg.max_grad_norm > 0 else None
+            grad_norm = fsdp.plain(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)) if cfg.max_grad_norm > 0 else None
             optimizer.step()
             for hook in step_hooks:
                 hook(accelerator.unwrap_model(model), state.step)
@@ -193,8 +202,9 @@ def _evaluate_and_checkpoint(model, optimizer, scheduler, task: LoopTask, cfg: T
         state.finished, state.stop_reason = True, f"reached {steps} steps"
     t0 = time.perf_counter()
     rng_states = all_rng_states(accelerator)  # every process takes part; the main one writes them all
+    full = fsdp.full_states(model, optimizer) if fsdp.wanted(cfg, accelerator.num_processes) else None  # all gather
     if accelerator.is_main_process:  # saved once, by the main process
-        ckpt.save(accelerator.unwrap_model(model), optimizer, scheduler, state, improved, rng_states)
+        ckpt.save(accelerator.unwrap_model(model), optimizer, scheduler, state, improved, rng_states, full)
     state.checkpoint_seconds += time.perf_counter() - t0
     accelerator.wait_for_everyone()
 
