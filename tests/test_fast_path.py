@@ -155,6 +155,9 @@ def test_auto_turns_the_fast_path_on_with_cuda_only_and_says_why_a_piece_is_off(
         assert resolve(TrainConfig(compile="reduce-overhead"), cpu, 40, None).compile_mode == "default"
     assert "train.compile off: hooks" in caplog.text and "CUDA graphs need a GPU" in caplog.text
     assert "length buckets off" in caplog.text
+    # a task whose batches keep their own widths gets no CUDA graphs: one would be recorded per width
+    assert resolve(TrainConfig(), cuda, 40, None) == FastPath("default", (), True, True)
+    assert resolve(TrainConfig(length_buckets="off"), cuda, 40, {}).compile_mode == "default"
 
 
 def test_the_gpu_bench_says_it_needs_a_gpu_and_exits_0_without_one():

@@ -66,6 +66,9 @@ def resolve(cfg: TrainConfig, device: torch.device, longest: int, pad_values: di
             log.info("fast path: length buckets off: this task's batches cannot be padded further without changing its loss")
         else:
             buckets = bucket_widths(longest)
+    if mode == "reduce-overhead" and not buckets:  # a CUDA graph per distinct batch width would pile up
+        log.info("fast path: no length buckets, so no CUDA graphs; train.compile runs in default mode")
+        mode = "default"
     return FastPath(mode, buckets, _on(cfg.sync_free, cuda), _on(cfg.prefetch, cuda))
 
 

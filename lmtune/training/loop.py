@@ -88,6 +88,7 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
                         "FSDP shards the model" if sharded else
                         "hooks change the forward pass" if task.adversary is not None or step_hooks else None)
     stepper = compile_model(model, fast)  # the eager `model` still evaluates and saves
+    clip = _clipper(model, accelerator)
     log_rows = StepLog(fast.sync_free)
     make_batch = functools.partial(_device_batch, features, task, fast, accelerator.device)
     model.train()
@@ -118,7 +119,7 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
                 if task.evaluate is not None and ckpt.path("last") is None:  # nothing saved yet: the weights before this step are still finite
                     _evaluate_and_checkpoint(model, optimizer, scheduler, task, cfg, ckpt, accelerator, state, steps)
                 break
-            grad_norm = fsdp.plain(accelerator.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)) if cfg.max_grad_norm > 0 else None
+            grad_norm = fsdp.plain(clip(cfg.max_grad_norm)) if cfg.max_grad_norm > 0 else None
             optimizer.step()
             for hook in step_hooks:
                 hook(accelerator.unwrap_model(model), state.step)
@@ -151,6 +152,16 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
     if not state.finished:
         state.finished, state.stop_reason = True, state.stop_reason or f"reached {steps} steps"
     return state
+
+
+def _clipper(model, accelerator: Accelerator) -> Callable[[float], torch.Tensor]:
+    """Clips the gradient norm of the trainable parameters, listed once. torch's clip directly, one
+    foreach pass where the device has it, unless fp16 gradients must first be unscaled (accelerate's clip does that): on a
+    12-layer model accelerate's wrapper took half of the clip's host time per step."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if accelerator.scaler is not None:
+        return lambda max_norm: accelerator.clip_grad_norm_(params, max_norm)
+    return lambda max_norm: torch.nn.utils.clip_grad_norm_(params, max_norm)
 
 
 def _device_batch(features: list[dict], task: LoopTask, fast: FastPath, device: torch.device, idx: list[int]) -> dict:
