@@ -4,8 +4,8 @@ loss is normalised by the same counts, padding is masked and its labels ignored.
 
 Written here rather than taken from the HF Trainer because the Trainer's defaults are what make a
 small-batch fine-tune slow on a GPU: it pads to each batch's longest (a new shape almost every batch,
-which a compiled model would recompile for), reads the loss back every step (the host waits for the
-device) and collates on the thread that launches the kernels.
+for which CUDA graphs would record a new graph), reads the loss back every step (the host waits for
+the device) and collates on the thread that launches the kernels.
 """
 from __future__ import annotations
 
