@@ -298,25 +298,24 @@ def input_pad_values(tokenizer: Any) -> dict[str, int]:
     return {"input_ids": tokenizer.pad_token_id or 0, "attention_mask": 0, "token_type_ids": 0}
 
 
+def pad_rows(rows: list, width: int, fill: int) -> torch.Tensor:
+    """Integer rows right-padded with `fill` to `width`, as one long tensor. Through numpy: a list
+    assigned into a numpy row costs a microsecond, a torch.tensor per row ten (a 32-row NER batch
+    collated in 0.056 ms instead of 0.65, CPU); the loop collates every step."""
+    out = np.full((len(rows), width), fill, dtype=np.int64)
+    for i, row in enumerate(rows):
+        out[i, :len(row)] = row
+    return torch.from_numpy(out)
+
+
 def pad_batch(features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
     """input_ids / attention_mask (/ token_type_ids) padded to the batch's own longest row.
-    Hand-written: plain tensor ops are several times faster than tokenizer.pad on small CPU
-    batches, and the loop calls it every step."""
+    Hand-written: several times faster than tokenizer.pad on small CPU batches (see pad_rows)."""
     width = max(f["length"] for f in features)
-    pad = tokenizer.pad_token_id or 0
-    n = len(features)
-    ids = torch.full((n, width), pad, dtype=torch.long)
-    mask = torch.zeros((n, width), dtype=torch.long)
-    types = torch.zeros((n, width), dtype=torch.long) if "token_type_ids" in features[0] else None
-    for i, f in enumerate(features):
-        L = f["length"]
-        ids[i, :L] = torch.tensor(f["input_ids"])
-        mask[i, :L] = 1
-        if types is not None:
-            types[i, :L] = torch.tensor(f["token_type_ids"])
-    batch = {"input_ids": ids, "attention_mask": mask}
-    if types is not None:
-        batch["token_type_ids"] = types
+    batch = {"input_ids": pad_rows([f["input_ids"] for f in features], width, tokenizer.pad_token_id or 0),
+             "attention_mask": pad_rows([[1] * f["length"] for f in features], width, 0)}
+    if "token_type_ids" in features[0]:
+        batch["token_type_ids"] = pad_rows([f["token_type_ids"] for f in features], width, 0)
     return batch
 
 

@@ -31,7 +31,7 @@ from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.base import (ABSTAIN, CALIBRATE, EXPLAIN, LABEL_NOISE, Encoded, Splits, Task, balanced_weights, class_score,
-                               cross_entropy_sum, input_pad_values, shuffle_split)
+                               cross_entropy_sum, input_pad_values, pad_rows, shuffle_split)
 
 
 log = logging.getLogger("lmtune")
@@ -224,16 +224,9 @@ class NerTask(Task):
 
     def collate(self, features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
         width = max(f["length"] for f in features)
-        n = len(features)
-        ids = torch.full((n, width), tokenizer.pad_token_id or 0, dtype=torch.long)
-        mask = torch.zeros((n, width), dtype=torch.long)
-        labels = torch.full((n, width), -100, dtype=torch.long)
-        for i, f in enumerate(features):
-            L = f["length"]
-            ids[i, :L] = torch.tensor(f["input_ids"])
-            mask[i, :L] = 1
-            labels[i, :L] = torch.tensor(f["labels"])
-        return {"input_ids": ids, "attention_mask": mask, "labels": labels}
+        return {"input_ids": pad_rows([f["input_ids"] for f in features], width, tokenizer.pad_token_id or 0),
+                "attention_mask": pad_rows([[1] * f["length"] for f in features], width, 0),
+                "labels": pad_rows([f["labels"] for f in features], width, -100)}
 
     def pad_values(self, tokenizer: Any) -> dict[str, int] | None:
         return {**input_pad_values(tokenizer), "labels": -100}
