@@ -52,19 +52,9 @@ def log(msg: str) -> None:
 
 
 def read_conll(path: Path) -> list[tuple[list[str], list[str]]]:
-    sents, words, tags = [], [], []
-    for line in path.read_text(encoding="utf-8").splitlines():
-        if not line.strip() or line.startswith("-DOCSTART-"):
-            if words:
-                sents.append((words, tags))
-            words, tags = [], []
-            continue
-        parts = line.split()
-        words.append(parts[0])
-        tags.append(parts[-1])
-    if words:
-        sents.append((words, tags))
-    return sents
+    """(words, tags) per sentence, through lmtune's own CoNLL reader."""
+    from lmtune.data.ner_readers import read_ner
+    return [(ex.tokens, ex.tags) for ex in read_ner(path)[0]]
 
 
 def ner_features(sents, tok) -> tuple[list[dict], int]:

@@ -13,6 +13,7 @@ from transformers import AutoModelForTokenClassification, AutoTokenizer
 import lmtune
 from lmtune.config import TrainConfig
 from lmtune.tasks.base import input_pad_values
+from lmtune.tasks.ner import NerTask
 from lmtune.training.fast import FastPath, Prefetcher, bucket_widths, pad_to_bucket
 from lmtune.training.loop import LoopTask, train_loop
 from tests.test_ner import toy_ner, write_conll
@@ -76,18 +77,6 @@ def _ner_features(n: int, seed: int, tok) -> list[dict]:
     return out
 
 
-def _collate(features: list[dict], tok) -> dict:
-    width = max(f["length"] for f in features)
-    ids = torch.full((len(features), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    labels = torch.full_like(ids, -100)
-    for i, f in enumerate(features):
-        ids[i, :f["length"]] = torch.tensor(f["input_ids"])
-        mask[i, :f["length"]] = 1
-        labels[i, :f["length"]] = torch.tensor(f["labels"])
-    return {"input_ids": ids, "attention_mask": mask, "labels": labels}
-
-
 def test_length_buckets_keep_each_batchs_sentences_and_pad_to_a_bucket(tiny_model):
     tok = AutoTokenizer.from_pretrained(tiny_model)
     features = _ner_features(60, 5, tok)
@@ -97,7 +86,7 @@ def test_length_buckets_keep_each_batchs_sentences_and_pad_to_a_bucket(tiny_mode
 
         def collate(items, seen=seen):
             seen.append(tuple(tuple(f["input_ids"]) for f in items))
-            return _collate(items, tok)
+            return NerTask().collate(items, tok)
 
         widths: list[int] = []
         torch.manual_seed(0)
