@@ -141,6 +141,15 @@ def test_an_fsdp_run_on_two_cpu_processes_saves_a_consolidated_model_that_from_p
     assert _max_diff(saved, _weights(single)) < 1e-5
 
 
+def test_fsdp_asked_for_in_one_process_trains_unsharded_and_says_so(tiny_config, caplog):
+    cfg = copy.deepcopy(tiny_config)
+    cfg["train"].update(max_steps=2, fsdp="on", calibrate=False)
+    with caplog.at_level("WARNING", logger="lmtune"):
+        run = lmtune.train(cfg)
+    assert "train.fsdp on: one process has nothing to shard" in caplog.text
+    assert (run.run_dir / "model" / "model.safetensors").is_file()
+
+
 @pytest.mark.parametrize("name", ["ddp", "multi_node", "fsdp"])
 def test_the_documented_accelerate_configs_parse_into_the_launch_they_promise(name):
     """README's `accelerate launch --config_file examples/accelerate/NAME.yaml -m lmtune train CONFIG`:

@@ -136,6 +136,9 @@ def _prepare(model, cfg: TrainConfig, accelerator: Accelerator, steps: int) -> t
     """FSDP sharding where asked (before the optimizer, which then holds each process's shards), the
     optimizer and schedule, and accelerate's wrapping: (model, optimizer, scheduler, sharded)."""
     sharded = fsdp.wanted(cfg, accelerator.num_processes)
+    if cfg.fsdp == "on" and not sharded:
+        log.warning("train.fsdp on: one process has nothing to shard with; training unsharded (launch several "
+                    "processes with torchrun or accelerate launch)")
     if sharded:
         fsdp.shard(model)
         log.info("FSDP: the model is sharded over %d processes", accelerator.num_processes)
