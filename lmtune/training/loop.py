@@ -213,11 +213,8 @@ def _evaluate_and_checkpoint(model, optimizer, scheduler, task: LoopTask, cfg: T
         model.train()
         state.eval_seconds += time.perf_counter() - t0
     if not finite or not math.isfinite(metrics.get("loss", 0.0)):  # never checkpoint a diverged model
-        state.finished = True
-        state.stop_reason = (f"non-finite {'weights' if not finite else 'dev outputs'} at step {state.step}: stopped; "
-                             "the last good checkpoint is restored (see the fit diagnosis in report.md)")
+        _stop_diverged(state, f"non-finite {'weights' if not finite else 'dev outputs'} at step {state.step}")
         state.history.append({"step": state.step, "train_loss": float("nan")})
-        log.warning(state.stop_reason)
         if ckpt.path("last") is None:
             from lmtune.errors import InputError
             raise InputError(f"training diverged at step {state.step}, before any good checkpoint: lower train.lr "
