@@ -126,11 +126,16 @@ class TrainConfig:
     progress: str = _f("auto", "Progress display: auto = bars on a terminal, lines otherwise.", ("auto", "bar", "lines", "none"))
     # the fast path (lmtune/training/fast.py): each piece on by default with CUDA, each can be switched off
     compile: str = _f("auto", "torch.compile the whole model for training steps (one compile, dynamic shapes); reduce-overhead "
-                              "adds a CUDA graph per length bucket; auto = reduce-overhead on a GPU, off on CPU. The first "
-                              "steps pay the compile.", ("auto", "off", "default", "reduce-overhead", "max-autotune"))
+                              "adds a CUDA graph per length bucket for forward and backward; auto = default on a GPU (the "
+                              "step graphs below record the whole step), off on CPU. The first steps pay the compile.",
+                      ("auto", "off", "default", "reduce-overhead", "max-autotune"))
+    step_graphs: str = _f("auto", "Record each length bucket's whole optimizer step (forward, loss, backward, clip, AdamW) "
+                                  "as one CUDA graph after 2 eager steps, and replay it; auto = on a GPU for one process "
+                                  "without gradient accumulation, fp16 or an adversary (else off, said once in the log).",
+                          ("auto", "on", "off"))
     length_buckets: str = _f("auto", "Pad each training batch up to the next of a few static lengths (16, 32, 64, ...; "
                                      "masked, labels ignored: the same loss), so a compiled model sees few shapes; auto = on "
-                                     "when the model is compiled.", ("auto", "on", "off"))
+                                     "when the model is compiled or steps are recorded.", ("auto", "on", "off"))
     sync_free: str = _f("auto", "Keep step losses and gradient norms on the device and read them every 50 steps and at "
                                 "evaluations (no host-device wait per step; a non-finite loss then stops the run at the "
                                 "next read); auto = on a GPU.", ("auto", "on", "off"))

@@ -18,8 +18,8 @@ from lmtune.training.fast import FastPath, Prefetcher, bucket_widths, pad_to_buc
 from lmtune.training.loop import LoopTask, train_loop
 from tests.test_ner import toy_ner, write_conll
 
-ON = {"compile": "default", "length_buckets": "on", "sync_free": "on", "prefetch": "on"}
-OFF = {"compile": "off", "length_buckets": "off", "sync_free": "off", "prefetch": "off"}
+ON = {"compile": "default", "length_buckets": "on", "sync_free": "on", "prefetch": "on", "step_graphs": "off"}
+OFF = {"compile": "off", "length_buckets": "off", "sync_free": "off", "prefetch": "off", "step_graphs": "off"}
 
 
 def _weights(model) -> dict[str, torch.Tensor]:
@@ -61,6 +61,36 @@ def test_the_fast_path_trains_to_the_same_weights_with_few_compiles(task, tiny_c
     # one compile with dynamic shapes serves every bucket and batch size (the NER data's widths fall in
     # two or three buckets, the epoch's last batch is smaller): never a compile per batch
     assert 1 <= graphs <= 2, graphs
+
+
+@pytest.mark.parametrize("task", ["classification", "ner"])
+def test_step_graphs_train_to_the_same_weights_and_fall_back_when_recording_fails(task, tiny_config, tmp_path, caplog,
+                                                                                 monkeypatch):
+    """The recorded step's plumbing (static inputs, the loss scale and learning rates as tensors the
+    step reads, gradients written fresh): on CPU it runs without the CUDA graph itself, whose speed
+    bench/gpu_epoch.py measures."""
+    from lmtune.training import step_graphs
+    cfg = _config(task, tiny_config, tmp_path)
+    graphs_on = {**OFF, "length_buckets": "on", "sync_free": "on", "step_graphs": "on"}
+    plain = lmtune.train({**cfg, "run_name": "plain", "train": {**cfg["train"], **OFF}})
+    with caplog.at_level("INFO", logger="lmtune"):
+        fast = lmtune.train({**cfg, "run_name": "graphs", "train": {**cfg["train"], **graphs_on}})
+    recorded = caplog.text.count("steps through static buffers")
+    assert recorded >= 1  # a shape seen more than WARMUP times went through the recorded step
+    monkeypatch.setattr(step_graphs.StepGraphs, "_record", lambda self, batch: 1 / 0)
+    with caplog.at_level("INFO", logger="lmtune"):
+        fallback = lmtune.train({**cfg, "run_name": "fallback", "train": {**cfg["train"], **graphs_on}})
+    assert "recording the training step as a CUDA graph failed (ZeroDivisionError" in caplog.text
+    a = _weights(plain.model)
+    for run in (fast, fallback):
+        b = _weights(run.model)
+        assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-5
+    rows = [[json.loads(x) for x in (r.run_dir / "history.jsonl").read_text().splitlines()] for r in (plain, fast)]
+    losses = [[(h["step"], h["train_loss"], h["lr"], h["grad_norm"]) for h in hist if "train_loss" in h] for hist in rows]
+    assert len(losses[0]) == 14 and [r[0] for r in losses[0]] == [r[0] for r in losses[1]]
+    assert [r[2] for r in losses[0]] == [r[2] for r in losses[1]]
+    for col in (1, 3):  # the loss and the gradient norm (AdamW alone would hide a wrong loss scale)
+        assert [r[col] for r in losses[0]] == pytest.approx([r[col] for r in losses[1]], rel=1e-4)
 
 
 def _ner_features(n: int, seed: int, tok) -> list[dict]:
@@ -137,16 +167,24 @@ def test_the_prefetcher_keeps_order_and_raises_the_threads_error():
 def test_auto_turns_the_fast_path_on_with_cuda_only_and_says_why_a_piece_is_off(caplog):
     from lmtune.training.fast import resolve
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert resolve(TrainConfig(), cpu, 40, {}) == FastPath(None, (), False, False)
-    assert resolve(TrainConfig(), cuda, 40, {}) == FastPath("reduce-overhead", (16, 32, 40), True, True)
+    assert resolve(TrainConfig(), cpu, 40, {}) == FastPath(None, (), False, False, False)
+    # on a GPU the whole step is recorded per bucket; the model is compiled without graphs of its own
+    assert resolve(TrainConfig(), cuda, 40, {}) == FastPath("default", (16, 32, 40), True, True, True)
     with caplog.at_level("INFO", logger="lmtune"):
-        assert resolve(TrainConfig(), cuda, 40, None, "hooks change the forward pass") == FastPath(None, (), True, True)
+        assert resolve(TrainConfig(), cuda, 40, None, "hooks change the forward pass") == FastPath(None, (), True, True, False)
         assert resolve(TrainConfig(compile="reduce-overhead"), cpu, 40, None).compile_mode == "default"
+        # several processes: forward and backward graphs only, as before
+        assert resolve(TrainConfig(), cuda, 40, {}, None, "several processes") == FastPath(
+            "reduce-overhead", (16, 32, 40), True, True, False)
+        assert not resolve(TrainConfig(sync_free="off"), cuda, 40, {}).step_graphs
     assert "train.compile off: hooks" in caplog.text and "CUDA graphs need a GPU" in caplog.text
-    assert "length buckets off" in caplog.text
+    assert "length buckets off" in caplog.text and "train.step_graphs off: several processes" in caplog.text
+    assert "checks each loss on the host" in caplog.text
     # a task whose batches keep their own widths gets no CUDA graphs: one would be recorded per width
-    assert resolve(TrainConfig(), cuda, 40, None) == FastPath("default", (), True, True)
+    assert resolve(TrainConfig(), cuda, 40, None) == FastPath("default", (), True, True, False)
     assert resolve(TrainConfig(length_buckets="off"), cuda, 40, {}).compile_mode == "default"
+    assert resolve(TrainConfig(compile="reduce-overhead"), cuda, 40, {}).step_graphs is False
+    assert resolve(TrainConfig(compile="off"), cuda, 40, {}) == FastPath(None, (16, 32, 40), True, True, True)
 
 
 def test_the_gpu_bench_says_it_needs_a_gpu_and_exits_0_without_one():

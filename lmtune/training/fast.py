@@ -31,6 +31,7 @@ class FastPath:
     buckets: tuple[int, ...]  # static batch widths; () = each batch as wide as its longest example
     sync_free: bool
     prefetch: bool
+    step_graphs: bool = False  # the whole optimizer step recorded per bucket (step_graphs.py)
 
 
 def _on(value: str, default: bool) -> bool:
@@ -49,27 +50,46 @@ def bucket_widths(longest: int) -> tuple[int, ...]:
 
 
 def resolve(cfg: TrainConfig, device: torch.device, longest: int, pad_values: dict | None,
-            no_compile: str | None = None) -> FastPath:
+            no_compile: str | None = None, no_step_graphs: str | None = None) -> FastPath:
     """The pieces that apply here. `no_compile`: why this run cannot be compiled (hooks that change
-    the forward pass), or None. Each piece switched off for a reason is said once in the log."""
+    the forward pass), or None; `no_step_graphs`: why its steps cannot be recorded whole (several
+    processes, accumulation, fp16), or None. Each piece switched off for a reason is said once."""
     cuda = device.type == "cuda"
-    mode = ("reduce-overhead" if cuda else None) if cfg.compile == "auto" else (None if cfg.compile == "off" else cfg.compile)
+    graphs = _step_graphs(cfg, cuda, no_compile or no_step_graphs)
+    mode = ("default" if graphs else "reduce-overhead" if cuda else None) if cfg.compile == "auto" else (
+        None if cfg.compile == "off" else cfg.compile)
     if mode and no_compile:
         log.info("fast path: train.compile off: %s", no_compile)
         mode = None
-    if mode == "reduce-overhead" and not cuda:
-        log.info("fast path: CUDA graphs need a GPU; train.compile runs in default mode")
+    if mode == "reduce-overhead" and (graphs or not cuda):
+        log.info("fast path: train.compile runs in default mode: %s", "the step graphs record the whole step"
+                 if graphs else "CUDA graphs need a GPU")
         mode = "default"
     buckets: tuple[int, ...] = ()
-    if _on(cfg.length_buckets, mode is not None):
+    if _on(cfg.length_buckets, mode is not None or graphs):
         if pad_values is None:
             log.info("fast path: length buckets off: this task's batches cannot be padded further without changing its loss")
         else:
             buckets = bucket_widths(longest)
-    if mode == "reduce-overhead" and not buckets:  # a CUDA graph per distinct batch width would pile up
-        log.info("fast path: no length buckets, so no CUDA graphs; train.compile runs in default mode")
-        mode = "default"
-    return FastPath(mode, buckets, _on(cfg.sync_free, cuda), _on(cfg.prefetch, cuda))
+    if not buckets and (graphs or mode == "reduce-overhead"):  # a CUDA graph per distinct batch width would pile up
+        log.info("fast path: no length buckets, so no CUDA graphs%s", "; train.compile runs in default mode"
+                 if mode == "reduce-overhead" else "")
+        graphs, mode = False, "default" if mode == "reduce-overhead" else mode
+    sync_free = _on(cfg.sync_free, cuda)
+    if graphs and not sync_free:
+        log.info("fast path: train.step_graphs off: train.sync_free off checks each loss on the host before its update")
+        graphs = False
+    return FastPath(mode, buckets, sync_free, _on(cfg.prefetch, cuda), graphs)
+
+
+def _step_graphs(cfg: TrainConfig, cuda: bool, why_not: str | None) -> bool:
+    wanted = (cuda and cfg.compile != "reduce-overhead") if cfg.step_graphs == "auto" else cfg.step_graphs == "on"
+    if wanted and why_not:
+        log.info("fast path: train.step_graphs off: %s", why_not)
+        return False
+    if wanted and not cuda:
+        log.info("fast path: CUDA graphs need a GPU: each step runs through the step graphs' static buffers without one")
+    return wanted
 
 
 def pad_to_bucket(batch: dict[str, torch.Tensor], buckets: tuple[int, ...], pad_values: dict[str, int]) -> dict[str, torch.Tensor]:

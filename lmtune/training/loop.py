@@ -23,6 +23,7 @@ from lmtune.training.fast import FastPath, Prefetcher, StepLog, compile_model, p
 from lmtune.training.fast import resolve as resolve_fast
 from lmtune.training.optim import build_optimizer, build_scheduler
 from lmtune.training.progress import Progress
+from lmtune.training.step_graphs import StepGraphs
 
 log = logging.getLogger("lmtune")
 
@@ -77,9 +78,13 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
     progress = Progress(steps, cfg.progress, "train", start=state.step, enabled=accelerator.is_main_process)
     fast = resolve_fast(cfg, accelerator.device, max(lengths), task.pad_values,
                         "FSDP shards the model" if sharded else
-                        "hooks change the forward pass" if task.adversary is not None or step_hooks else None)
+                        "hooks change the forward pass" if task.adversary is not None or step_hooks else None,
+                        _no_step_graphs(cfg, accelerator))
     stepper = compile_model(model, fast)  # the eager `model` still evaluates and saves
     clip = _clipper(model, accelerator)
+    graphs = StepGraphs(stepper, optimizer, lambda m, b: task.loss(m(**inputs(b)), b), accelerator.backward,
+                        (lambda: clip(cfg.max_grad_norm)) if cfg.max_grad_norm > 0 else None, accelerator.autocast,
+                        accelerator.device) if fast.step_graphs else None
     log_rows = StepLog(fast.sync_free)
     make_batch = functools.partial(_device_batch, features, task, fast, accelerator.device)
     model.train()
@@ -92,7 +97,11 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
         for global_batch, micro, device_batches in zip(batches[state.batch_in_epoch:], todo, feed):
             t0 = time.perf_counter()
             scale = world / task.num_items([features[i] for i in global_batch])
-            loss_sum = _forward_backward(model, stepper, micro, device_batches, features, task, scale, accelerator)
+            if graphs is not None:  # forward, backward and update: one recorded graph per bucket
+                loss_sum, grad_norm = graphs.step(device_batches[0], scale)
+                scheduler.step()
+            else:
+                loss_sum = _forward_backward(model, stepper, micro, device_batches, features, task, scale, accelerator)
             if world > 1:  # every rank must see the same (global) loss: the NaN stop below is taken by all or none
                 loss_sum = accelerator.reduce(loss_sum, "sum")
             if not fast.sync_free and not torch.isfinite(loss_sum):  # diverged: skip this update, keep a good checkpoint, stop
@@ -102,7 +111,8 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
                 if task.evaluate is not None and ckpt.path("last") is None:  # nothing saved yet: the weights before this step are still finite
                     _evaluate_and_checkpoint(model, optimizer, scheduler, task, cfg, ckpt, accelerator, state, steps)
                 break
-            grad_norm = _update(model, optimizer, scheduler, clip, cfg.max_grad_norm, step_hooks, accelerator, state.step)
+            if graphs is None:
+                grad_norm = _update(model, optimizer, scheduler, clip, cfg.max_grad_norm, step_hooks, accelerator, state.step)
             state.step += 1
             state.batch_in_epoch += 1
             log_rows.add({"step": state.step, "epoch": state.epoch + state.batch_in_epoch / len(batches), "scale": scale / world,
@@ -130,6 +140,17 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
     if not state.finished:
         state.finished, state.stop_reason = True, state.stop_reason or f"reached {steps} steps"
     return state
+
+
+def _no_step_graphs(cfg: TrainConfig, accelerator: Accelerator) -> str | None:
+    """Why this run's steps cannot each be recorded as one CUDA graph, or None."""
+    if accelerator.num_processes > 1:
+        return "several processes (their gradients are reduced between backward and update)"
+    if cfg.grad_accum > 1:
+        return "gradient accumulation (several backward passes per update)"
+    if accelerator.scaler is not None:
+        return "fp16 loss scaling checks the gradients on the host before each update"
+    return None
 
 
 def _prepare(model, cfg: TrainConfig, accelerator: Accelerator, steps: int) -> tuple:
