@@ -168,8 +168,9 @@ def test_auto_turns_the_fast_path_on_with_cuda_only_and_says_why_a_piece_is_off(
     from lmtune.training.fast import resolve
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     assert resolve(TrainConfig(), cpu, 40, {}) == FastPath(None, (), False, False, False)
-    # on a GPU the whole step is recorded per bucket; the model is compiled without graphs of its own
-    assert resolve(TrainConfig(), cuda, 40, {}) == FastPath("default", (16, 32, 40), True, True, True)
+    # on a GPU the whole step is recorded per bucket, uncompiled unless asked
+    assert resolve(TrainConfig(), cuda, 40, {}) == FastPath(None, (16, 32, 40), True, True, True)
+    assert resolve(TrainConfig(compile="default"), cuda, 40, {}) == FastPath("default", (16, 32, 40), True, True, True)
     with caplog.at_level("INFO", logger="lmtune"):
         assert resolve(TrainConfig(), cuda, 40, None, "hooks change the forward pass") == FastPath(None, (), True, True, False)
         assert resolve(TrainConfig(compile="reduce-overhead"), cpu, 40, None).compile_mode == "default"
@@ -182,6 +183,9 @@ def test_auto_turns_the_fast_path_on_with_cuda_only_and_says_why_a_piece_is_off(
     assert "checks each loss on the host" in caplog.text
     # a task whose batches keep their own widths gets no CUDA graphs: one would be recorded per width
     assert resolve(TrainConfig(), cuda, 40, None) == FastPath("default", (), True, True, False)
+    with caplog.at_level("INFO", logger="lmtune"):  # the step graphs' own reasons also say why compile falls back
+        assert resolve(TrainConfig(compile="reduce-overhead", step_graphs="on"), cuda, 40, {}).compile_mode == "default"
+    assert "the step graphs record the whole step" in caplog.text
     assert resolve(TrainConfig(length_buckets="off"), cuda, 40, {}).compile_mode == "default"
     assert resolve(TrainConfig(compile="reduce-overhead"), cuda, 40, {}).step_graphs is False
     assert resolve(TrainConfig(compile="off"), cuda, 40, {}) == FastPath(None, (16, 32, 40), True, True, True)
