@@ -97,21 +97,20 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
         for global_batch, micro, device_batches in zip(batches[state.batch_in_epoch:], todo, feed):
             t0 = time.perf_counter()
             scale = world / task.num_items([features[i] for i in global_batch])
-            if graphs is not None:  # forward, backward and update: one recorded graph per bucket
+            if graphs is not None:  # forward, backward and update: one recorded graph per bucket (needs sync_free)
                 loss_sum, grad_norm = graphs.step(device_batches[0], scale)
                 scheduler.step()
             else:
                 loss_sum = _forward_backward(model, stepper, micro, device_batches, features, task, scale, accelerator)
-            if world > 1:  # every rank must see the same (global) loss: the NaN stop below is taken by all or none
-                loss_sum = accelerator.reduce(loss_sum, "sum")
-            if not fast.sync_free and not torch.isfinite(loss_sum):  # diverged: skip this update, keep a good checkpoint, stop
-                optimizer.zero_grad(set_to_none=True)
-                state.history.append({"step": state.step + 1, "epoch": state.epoch, "train_loss": float(loss_sum)})
-                _stop_diverged(state, f"non-finite loss at step {state.step + 1}")
-                if task.evaluate is not None and ckpt.path("last") is None:  # nothing saved yet: the weights before this step are still finite
-                    _evaluate_and_checkpoint(model, optimizer, scheduler, task, cfg, ckpt, accelerator, state, steps)
-                break
-            if graphs is None:
+                if world > 1:  # every rank must see the same (global) loss: the NaN stop below is taken by all or none
+                    loss_sum = accelerator.reduce(loss_sum, "sum")
+                if not fast.sync_free and not torch.isfinite(loss_sum):  # diverged: skip this update, keep a good checkpoint, stop
+                    optimizer.zero_grad(set_to_none=True)
+                    state.history.append({"step": state.step + 1, "epoch": state.epoch, "train_loss": float(loss_sum)})
+                    _stop_diverged(state, f"non-finite loss at step {state.step + 1}")
+                    if task.evaluate is not None and ckpt.path("last") is None:  # nothing saved yet: the weights before this step are still finite
+                        _evaluate_and_checkpoint(model, optimizer, scheduler, task, cfg, ckpt, accelerator, state, steps)
+                    break
                 grad_norm = _update(model, optimizer, scheduler, clip, cfg.max_grad_norm, step_hooks, accelerator, state.step)
             state.step += 1
             state.batch_in_epoch += 1
