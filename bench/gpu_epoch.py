@@ -280,35 +280,36 @@ def main() -> None:
     def left() -> float:
         return args.budget - (time.perf_counter() - t_start)
 
-    if args.only == "classification":
+    if args.only != "classification":
+        ner_stages(data, tok, n, args.dry_run, result, left)
+    else:
         result["ner"] = None
+    if args.only == "ner" or (args.only is None and left() <= 0):
+        result["classification"] = {"skipped": "--only ner" if args.only else f"past the {args.budget:.0f} s budget"}
+    else:
         sst2 = sst2_features(data / "sst2" / "train.tsv", tok, n or args.sst2)
         result["classification"] = workload("classification", sst2, tok, 2, args.dry_run, {}, left)
-        print(json.dumps(result))
-        return
+    print(json.dumps(result))
+
+
+def ner_stages(data: Path, tok, n: int | None, dry_run: bool, result: dict, left) -> None:
+    """The NER workload, the loss check, then the optional NER stages while the budget lasts."""
     feats, n_tags = ner_features(read_conll(data / "conll2003" / "train.txt")[:n], tok)
-    workload("ner", feats, tok, n_tags, args.dry_run, result["ner"], lambda: -1.0)  # the loss check comes first
+    workload("ner", feats, tok, n_tags, dry_run, result["ner"], lambda: -1.0)  # the loss check comes first
     print(json.dumps(result), flush=True)
     try:
-        result["ner"]["loss_check"] = loss_check(tok, 40 if args.dry_run else 400)
+        result["ner"]["loss_check"] = loss_check(tok, 40 if dry_run else 400)
         result["ner"]["loss_check_ok"] = result["ner"]["loss_check"]["ok"]
     except Exception as e:  # noqa: BLE001 - reported, never hidden
         result["ner"]["loss_check_ok"] = False
         result["ner"]["loss_check_error"] = repr(e)[:300]
     print(json.dumps(result), flush=True)
     if left() > 0:
-        as_usual("ner", feats, tok, n_tags, args.dry_run, result["ner"])
+        as_usual("ner", feats, tok, n_tags, dry_run, result["ner"])
         print(json.dumps(result), flush=True)
     if left() > 0:
-        variant("ner", feats, tok, n_tags, args.dry_run, result["ner"], "no_step_graphs", step_graphs="off")
+        variant("ner", feats, tok, n_tags, dry_run, result["ner"], "no_step_graphs", step_graphs="off")
         print(json.dumps(result), flush=True)
-    if left() > 0 and args.only != "ner":
-        sst2 = sst2_features(data / "sst2" / "train.tsv", tok, n or args.sst2)
-        result["classification"] = workload("classification", sst2, tok, 2, args.dry_run, {}, left)
-    else:
-        result["classification"] = {"skipped": f"past the {args.budget:.0f} s budget"}
-    print(json.dumps(result))
-
 
 if __name__ == "__main__":
     main()

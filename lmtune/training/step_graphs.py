@@ -21,8 +21,8 @@ What keeps the optimisation identical to an eager step:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
-from contextlib import nullcontext
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -89,44 +89,41 @@ class StepGraphs:
         inputs and returns (loss, gradient norm), tensors the next run overwrites."""
         static = {k: v.clone() for k, v in batch.items()}
         scale_t = torch.ones((), device=self.device)
+        shape = "x".join(map(str, static["input_ids"].shape)) if "input_ids" in static else "?"
         self._clear_grads()  # the graph's backward writes fresh gradients, never adds to old ones
-        saved = [(g["lr"], g.get("capturable", False)) for g in self.optimizer.param_groups]
-        for t, group in zip(self._lrs, self.optimizer.param_groups):  # the graph reads lr from these tensors
-            group["lr"] = t
-            group["capturable"] = self.cuda  # torch's AdamW refuses capturable state on CPU
-        try:
-            shape = "x".join(map(str, static["input_ids"].shape)) if "input_ids" in static else "?"
-            if not self.cuda:  # no graphs on CPU: the same function through the same buffers
-                log.info("fast path: batch shape %s steps through static buffers (no CUDA graphs on CPU)", shape)
+        if not self.cuda:  # no graphs on CPU: the same function through the same buffers
+            log.info("fast path: batch shape %s steps through static buffers (no CUDA graphs on CPU)", shape)
 
-                def run() -> tuple:
+            def run() -> tuple:
+                with self._tensor_lrs():
                     out = self._step(static, scale_t)
-                    self._clear_grads()
-                    return out
-                return self._with_tensor_lrs(run), static, scale_t
-            graph = torch.cuda.CUDAGraph()
+                self._clear_grads()
+                return out
+            return run, static, scale_t
+        graph = torch.cuda.CUDAGraph()
+        try:
             # thread_local: the prefetching thread keeps copying batches while this one records
-            with torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
+            with self._tensor_lrs(), torch.cuda.graph(graph, stream=self.stream, capture_error_mode="thread_local"):
                 outputs = self._step(static, scale_t)
-            log.info("fast path: batch shape %s: the training step recorded as a CUDA graph", shape)
-            return (lambda: (graph.replay(), outputs)[1]), static, scale_t
         finally:
-            for (lr, capturable), group in zip(saved, self.optimizer.param_groups):
-                group["lr"], group["capturable"] = lr, capturable
             self._clear_grads()  # eager steps must not add to the graph's gradient buffers
+        log.info("fast path: batch shape %s: the training step recorded as a CUDA graph", shape)
+        return (lambda: (graph.replay(), outputs)[1]), static, scale_t
 
-    def _with_tensor_lrs(self, run: Callable[[], tuple]) -> Callable[[], tuple]:
-        """CPU: the optimizer reads lr from the same tensors a graph would."""
-        def wrapped() -> tuple:
-            saved = [g["lr"] for g in self.optimizer.param_groups]
-            for t, group in zip(self._lrs, self.optimizer.param_groups):
-                group["lr"] = t
-            try:
-                return run()
-            finally:
-                for lr, group in zip(saved, self.optimizer.param_groups):
-                    group["lr"] = lr
-        return wrapped
+    @contextmanager
+    def _tensor_lrs(self) -> Iterator[None]:
+        """The optimizer reads each group's lr from the tensors refilled before every run (a graph
+        keeps the memory it read at recording, never a float), as capturable state on CUDA (torch's
+        AdamW refuses capturable state on CPU); the floats come back afterwards."""
+        groups = self.optimizer.param_groups
+        saved = [(g["lr"], g.get("capturable", False)) for g in groups]
+        for t, group in zip(self._lrs, groups):
+            group["lr"], group["capturable"] = t, self.cuda
+        try:
+            yield
+        finally:
+            for (lr, capturable), group in zip(saved, groups):
+                group["lr"], group["capturable"] = lr, capturable
 
     def _clear_grads(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
