@@ -82,7 +82,8 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
                         _no_step_graphs(cfg, accelerator))
     stepper = compile_model(model, fast)  # the eager `model` still evaluates and saves
     clip = _clipper(model, accelerator)
-    graphs = StepGraphs(stepper, optimizer, lambda m, b: task.loss(m(**inputs(b)), b), accelerator.backward,
+    loss_fn = functools.partial(_model_loss, task)
+    graphs = StepGraphs(stepper, optimizer, loss_fn, accelerator.backward,
                         (lambda: clip(cfg.max_grad_norm)) if cfg.max_grad_norm > 0 else None, accelerator.autocast,
                         accelerator.device) if fast.step_graphs else None
     log_rows = StepLog(fast.sync_free)
@@ -101,7 +102,7 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
                 loss_sum, grad_norm = graphs.step(device_batches[0], scale)
                 scheduler.step()
             else:
-                loss_sum = _forward_backward(model, stepper, micro, device_batches, features, task, scale, accelerator)
+                loss_sum = _forward_backward(model, stepper, micro, device_batches, features, task, loss_fn, scale, accelerator)
                 if world > 1:  # every rank must see the same (global) loss: the NaN stop below is taken by all or none
                     loss_sum = accelerator.reduce(loss_sum, "sum")
                 if not fast.sync_free and not torch.isfinite(loss_sum):  # diverged: skip this update, keep a good checkpoint, stop
@@ -170,8 +171,13 @@ def _prepare(model, cfg: TrainConfig, accelerator: Accelerator, steps: int) -> t
     return model, optimizer, scheduler, False
 
 
+def _model_loss(task: LoopTask, model, batch: dict) -> torch.Tensor:
+    """The task's summed loss of the model's outputs on a batch (the model sees no targets)."""
+    return task.loss(model(**inputs(batch)), batch)
+
+
 def _forward_backward(model, stepper, micro: list[list[int]], device_batches: list[dict], features: list[dict],
-                      task: LoopTask, scale: float, accelerator: Accelerator) -> torch.Tensor:
+                      task: LoopTask, loss_fn: Callable, scale: float, accelerator: Accelerator) -> torch.Tensor:
     """One step's micro-batches through `stepper` (the model, or its compiled view), gradients
     accumulated (synced on the last micro-batch only); the summed loss, on the device."""
     loss_sum = torch.zeros((), device=accelerator.device)
@@ -179,7 +185,7 @@ def _forward_backward(model, stepper, micro: list[list[int]], device_batches: li
     for k, (idx, batch) in enumerate(zip(micro, device_batches)):
         sync = accelerator.no_sync(model) if k < len(micro) - 1 else nullcontext()
         with sync, accelerator.autocast():
-            loss = step_fn(stepper, batch, lambda m, b: task.loss(m(**inputs(b)), b),
+            loss = step_fn(stepper, batch, loss_fn,
                            lambda lo, s=scale: accelerator.backward(lo * s), lambda: accelerator.no_sync(model),
                            [features[i] for i in idx])
         loss_sum += loss.detach()
