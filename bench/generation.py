@@ -11,7 +11,7 @@ Every model reads the same prompt: the tokenizer's chat template over "Summarize
 + the dialogue; greedy decoding with max_new_tokens 64 for zero-shot and TRL (the usual recipe), and
 lmtune's decoding chosen on dev by its own search (its defaults).
 - zero_shot: the packaged SmolLM2-135M-Instruct (its 4-bit GGUF, dequantized), untrained.
-- lmtune: `task: generation` with its defaults (LoRA r 8 on every linear layer, lr 2e-4, batch 8,
+- lmtune: `task: generation` with its defaults (LoRA r 8 on every linear layer, LoRA's lr 1e-3, batch 8,
   1 epoch, loss on the summary tokens only).
 - trl: SFTTrainer, prompt-completion conversational data (completion-only loss), LoRA with the same
   rank / alpha / dropout / target modules, lr 2e-4, batch 8, 1 epoch, no packing, fp32 on CPU.

@@ -61,7 +61,8 @@ def _cfg(tmp_path: Path, model: str, **generate) -> dict:
 
 def test_task_defaults_are_lora_and_long_inputs_unless_set():
     cfg = build_config({"task": "generation"})
-    assert (cfg.peft.method, cfg.data.max_length, cfg.train.lr) == ("lora", 1024, 2e-4)
+    assert (cfg.peft.method, cfg.data.max_length, cfg.train.batch_size) == ("lora", 1024, 8)
+    assert cfg.train.lr is None  # left to the PEFT method's default (LoRA 1e-3)
     cfg = build_config({"task": "generation", "peft": {"method": "none"}, "data": {"max_length": 256}})
     assert (cfg.peft.method, cfg.data.max_length) == ("none", 256)
     assert build_config({}).peft.method == "none"  # other tasks keep theirs
