@@ -26,6 +26,7 @@ from lmtune.generate_control import (
 from lmtune.tasks import get_task
 from lmtune.tasks.generation import pack
 from lmtune.training.loop import inputs
+from lmtune.training.optim import resolve_learning_rates
 from tests.conftest import toy_rows
 from tests.test_decoders import save_tiny_decoder
 
@@ -63,6 +64,8 @@ def test_task_defaults_are_lora_and_long_inputs_unless_set():
     cfg = build_config({"task": "generation"})
     assert (cfg.peft.method, cfg.data.max_length, cfg.train.batch_size) == ("lora", 1024, 8)
     assert cfg.train.lr is None  # left to the PEFT method's default (LoRA 1e-3)
+    lrs = resolve_learning_rates(cfg.train, torch.nn.Linear(1, 1), cfg.peft.method)
+    assert (lrs.lr, lrs.head_lr) == (1e-3, 1e-3)
     cfg = build_config({"task": "generation", "peft": {"method": "none"}, "data": {"max_length": 256}})
     assert (cfg.peft.method, cfg.data.max_length) == ("none", 256)
     assert build_config({}).peft.method == "none"  # other tasks keep theirs
