@@ -142,6 +142,12 @@ def load_pretrained(auto_cls: Any, name: str, config: PretrainedConfig | None = 
     return model, tokenizer
 
 
+def load_tokenizer(name: str) -> Any:
+    """The tokenizer of a hub id, a folder or a run's model/, alone (a model built by hand around it)."""
+    with quiet_transformers():
+        return AutoTokenizer.from_pretrained(resolve_model(name))
+
+
 def _dequantized(model: torch.nn.Module) -> torch.nn.Module:
     """transformers dequantizes GGUF tensors on load but keeps the model marked as quantized, and
     save_pretrained refuses it: the same weights go into a fresh model of the same class."""

@@ -13,6 +13,8 @@ import dataclasses
 import re
 
 _NORM = re.compile(r"\s+")
+# label names that mean "the two texts match" (reranking, the bi-encoder's head)
+RELEVANT_NAMES = ("1", "true", "yes", "relevant", "positive", "duplicate", "paraphrase", "entailment")
 
 
 def _key(text: str) -> str:

@@ -11,7 +11,7 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 from transformers import AutoModelForSequenceClassification
 
 from lmtune.config import Config
-from lmtune.data.pairs import pair_findings, symmetric_copies
+from lmtune.data.pairs import RELEVANT_NAMES, pair_findings, symmetric_copies
 from lmtune.data.readers import Example, read_examples
 from lmtune.data.splits import stratified_split
 from lmtune.errors import InputError
@@ -21,7 +21,8 @@ from lmtune.evaluate.calibration import ece, fit_temperature, softmax
 from lmtune.evaluate.calibration import metrics as calibration_metrics
 from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
-from lmtune.models import load_config, load_pretrained, quiet_transformers
+from lmtune.models import load_config, load_pretrained, load_tokenizer, quiet_transformers
+from lmtune.tasks.biencoder import BiEncoderPairModel, build_bi_encoder, choose_pair_encoding, is_bi_encoder_dir, relevant_index
 from lmtune.tasks.windows import encode_windows, pool, training_subset
 from lmtune.tasks.base import (ABSTAIN, CALIBRATE, CONTINUAL, ENSEMBLE, EXAMPLE_LABELS, EXPLAIN, LABEL_NOISE, MAHALANOBIS, RERANK, Encoded,
                                Splits, Task, balanced_weights, class_score, cross_entropy_sum, input_pad_values, pad_batch)
@@ -247,13 +248,18 @@ class ClassificationTask(Task):
     def build_model(self, cfg: Config, labels: list[str]) -> tuple[torch.nn.Module, Any]:
         # the Mahalanobis scorer reads the last layer's [CLS]; the flag is saved in config.json, so a
         # loaded (or exported) model returns it too
-        config = load_config(cfg.model.name, cfg.model.dropout, num_labels=len(labels),
-                             id2label=dict(enumerate(labels)), label2id={lab: i for i, lab in enumerate(labels)},
-                             gguf=cfg.model.gguf_file,
-                             **({"output_hidden_states": True} if self.score == "mahalanobis" else {}))
+        head = {"id2label": dict(enumerate(labels)), "label2id": {lab: i for i, lab in enumerate(labels)},
+                **({"output_hidden_states": True} if self.score == "mahalanobis" else {})}
+        if cfg.data.text_pair_column:
+            tokenizer = load_tokenizer(cfg.model.name)
+            if choose_pair_encoding(cfg.data.pair_encoding, cfg.model.name, labels, tokenizer) == "bi":
+                return build_bi_encoder(cfg.model.name, cfg.model.dropout, len(labels), relevant_index(labels), **head), tokenizer
+        config = load_config(cfg.model.name, cfg.model.dropout, num_labels=len(labels), gguf=cfg.model.gguf_file, **head)
         return load_pretrained(AutoModelForSequenceClassification, cfg.model.name, config, cfg.model.gguf_file)
 
     def load_model(self, model_dir: Path) -> tuple[torch.nn.Module, Any]:
+        if is_bi_encoder_dir(model_dir):
+            return BiEncoderPairModel.from_pretrained(model_dir), load_tokenizer(str(model_dir))
         return load_pretrained(AutoModelForSequenceClassification, str(model_dir))
 
     # ---- encoding and batching --------------------------------------------------------------
@@ -409,9 +415,6 @@ class ClassificationTask(Task):
         points = {s: (m["coverage"], m["selective_accuracy"]) for s, m in split_metrics.items() if self.threshold is not None}
         coverage_plot({s: m["coverage_curve"] for s, m in split_metrics.items()}, points, run_dir / "coverage.png")
         return lines + ["", "![coverage / accuracy](coverage.png)", ""]
-
-
-RELEVANT_NAMES = ("1", "true", "yes", "relevant", "positive", "duplicate", "paraphrase", "entailment")
 
 
 def relevant_label(labels: list[str]) -> str:
