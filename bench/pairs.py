@@ -14,14 +14,17 @@ lmtune trains on and does not use dev.
 Peer ("the usual recipe"): AutoModelForSequenceClassification (num_labels 2, or 1 with
 problem_type regression on the raw scores), Trainer, lr 2e-5, linear decay, dynamic padding,
 truncation at 128. lmtune: its defaults for the task (classification; regression with standardized
-targets and 90% split-conformal intervals fitted on dev). train_s as in bench/classification.py (training only;
-lmtune's in-loop dev evaluation and checkpoint write are subtracted).
+targets and 90% split-conformal intervals fitted on dev). Both packaged backbones are sentence-embedding
+checkpoints, so lmtune's default data.pair_encoding (auto) reads every set here as a bi-encoder (each
+text encoded alone, the pair judged by the cosine); --pair-encoding cross measures the cross-encoder.
+train_s as in bench/classification.py (training only; lmtune's in-loop dev evaluation and checkpoint
+write are subtracted).
 
 Last line JSON: {"mrpc": {"lmtune": {"accuracy": A, "f1": F, "train_s": S}, "peer": {...}},
 "lcqmc": {...}, "stsb": {"lmtune": {"spearman": R, "coverage_90": C, "train_s": S}, "peer": {"spearman": R, "train_s": S}}}
 --symmetric sets data.symmetric_pairs on lmtune's side of the classification sets (both orders trained on
 and averaged at prediction; MRPC and LCQMC relations are symmetric); the peer is unchanged.
-Usage: python bench/pairs.py [--only mrpc,lcqmc,stsb] [--limit N] [--symmetric]
+Usage: python bench/pairs.py [--only mrpc,lcqmc,stsb] [--limit N] [--symmetric] [--pair-encoding auto|cross|bi]
 """
 from __future__ import annotations
 
@@ -120,7 +123,7 @@ def run_peer(model_path: str, train_rows, test_rows, regression: bool) -> dict:
 
 
 def run_lmtune(model_path: str, train_rows, dev_rows, test_rows, regression: bool, workdir: Path,
-               symmetric: bool = False) -> dict:
+               symmetric: bool = False, pair_encoding: str = "auto") -> dict:
     files = {}
     for name, rows in (("train", train_rows), ("dev", dev_rows), ("test", test_rows)):
         files[name] = workdir / f"{name}.jsonl"
@@ -129,7 +132,7 @@ def run_lmtune(model_path: str, train_rows, dev_rows, test_rows, regression: boo
     cfg = {"task": "regression" if regression else "classification", "output_dir": str(workdir / "runs"), "run_name": "bench",
            "model": {"name": model_path},
            "data": {**{k: str(v) for k, v in files.items()}, "text_column": "a", "text_pair_column": "b", "label_column": "y",
-                    "max_length": MAX_LEN, "symmetric_pairs": symmetric},
+                    "max_length": MAX_LEN, "symmetric_pairs": symmetric, "pair_encoding": pair_encoding},
            "train": {"epochs": 1, "batch_size": BATCH, "seed": SEED, "progress": "none"}}
     run = train(cfg)
     t, m = run.metrics["train"], run.metrics["test"]
@@ -147,6 +150,7 @@ def main() -> None:
     ap.add_argument("--only", default="mrpc,lcqmc,stsb")
     ap.add_argument("--limit", type=int, default=0, help="cap every split at N rows (a quick check, not the benchmark)")
     ap.add_argument("--symmetric", action="store_true", help="lmtune: data.symmetric_pairs on mrpc / lcqmc")
+    ap.add_argument("--pair-encoding", default="auto", choices=("auto", "cross", "bi"), help="lmtune: data.pair_encoding")
     ns = ap.parse_args()
     minilm = resolve_model(DEFAULT_MODEL)
     out = {}
@@ -168,7 +172,8 @@ def main() -> None:
         torch.manual_seed(SEED)
         peer = run_peer(model, tr, te, regression)
         with tempfile.TemporaryDirectory() as tmp:
-            ours = run_lmtune(model, tr, dv, te, regression, Path(tmp), ns.symmetric and not regression)
+            ours = run_lmtune(model, tr, dv, te, regression, Path(tmp), ns.symmetric and not regression,
+                              ns.pair_encoding)
         key = "spearman" if regression else "accuracy"
         extra = (f", 90% intervals cover {ours['coverage_90']:.4f} of test (width {ours['interval_width']})" if regression
                  else f", F1 {ours['f1']:.4f} vs {peer['f1']:.4f}")

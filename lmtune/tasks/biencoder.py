@@ -81,6 +81,16 @@ def choose_pair_encoding(setting: str, model_name: str, labels: list[str] | None
     return "bi" if segments and relevant and is_sentence_embedding_model(resolve_model(model_name)) else "cross"
 
 
+def report_lines(pair_encoding: str | None) -> list[str]:
+    """What report.md says of how a pair run reads its pairs (data.pair_encoding auto decides per checkpoint)."""
+    if pair_encoding == "bi":
+        return ["Sentence pairs: **bi-encoder** (data.pair_encoding): each text encoded alone with the checkpoint's pooling, "
+                "the pair judged by the cosine of the two embeddings.", ""]
+    if pair_encoding == "cross":
+        return ["Sentence pairs: **cross-encoder** (data.pair_encoding): both texts read as one input.", ""]
+    return []
+
+
 def relevant_index(labels: list[str]) -> int | None:
     """The index of the label that means 'the two texts match', for a two-label task; None otherwise."""
     found = [i for i, x in enumerate(labels) if x.lower() in RELEVANT_NAMES]
@@ -96,6 +106,9 @@ class CosineHead(torch.nn.Module):
         self.register_buffer("cos_std", torch.ones(1))
         self.register_buffer("initialized", torch.zeros(1))
         self.linear = torch.nn.Linear(1, num_labels)
+        # mirrors `initialized` so that a training step reads no device value once it is set (a recorded
+        # CUDA-graph step may not); a loaded or resumed head finds its buffer set at its first step
+        self._ready = False
         with torch.no_grad():  # regression: the standardized target follows the standardized cosine
             self.linear.bias.zero_()
             self.linear.weight.fill_(-1.0 if num_labels > 1 else 1.0)
@@ -103,11 +116,14 @@ class CosineHead(torch.nn.Module):
                 self.linear.weight[relevant] = 1.0
 
     def forward(self, cos: torch.Tensor) -> torch.Tensor:
-        if self.training and not bool(self.initialized) and cos.numel() > 1:
-            with torch.no_grad():  # the first training batch sets the scale, once (saved with the weights)
-                self.cos_mean.fill_(float(cos.mean()))
-                self.cos_std.fill_(max(float(cos.std()), 1e-3))
-                self.initialized.fill_(1.0)
+        if self.training and not self._ready:
+            self._ready = bool(self.initialized)
+            if not self._ready and cos.numel() > 1:
+                with torch.no_grad():  # the first training batch sets the scale, once (saved with the weights)
+                    self.cos_mean.fill_(float(cos.mean()))
+                    self.cos_std.fill_(max(float(cos.std()), 1e-3))
+                    self.initialized.fill_(1.0)
+                self._ready = True
         return self.linear(((cos - self.cos_mean) / self.cos_std).unsqueeze(-1))
 
 

@@ -22,7 +22,8 @@ from lmtune.evaluate.calibration import metrics as calibration_metrics
 from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, load_pretrained, load_tokenizer, quiet_transformers
-from lmtune.tasks.biencoder import BiEncoderPairModel, build_bi_encoder, choose_pair_encoding, is_bi_encoder_dir, relevant_index
+from lmtune.tasks.biencoder import (BiEncoderPairModel, build_bi_encoder, choose_pair_encoding, is_bi_encoder_dir, relevant_index,
+                                    report_lines)
 from lmtune.tasks.windows import encode_windows, pool, training_subset
 from lmtune.tasks.base import (ABSTAIN, CALIBRATE, CONTINUAL, ENSEMBLE, EXAMPLE_LABELS, EXPLAIN, LABEL_NOISE, MAHALANOBIS, RERANK, Encoded,
                                Splits, Task, balanced_weights, class_score, cross_entropy_sum, input_pad_values, pad_batch)
@@ -67,6 +68,7 @@ class ClassificationTask(Task):
         self.pooling = "mean"  # data.long_text windows: how a text's window outputs are pooled (tasks/windows.py)
         self.max_windows = 8
         self.symmetric = False  # data.symmetric_pairs: a pair is predicted in both orders, logits averaged
+        self.pair_encoding: str | None = None  # a pair run: cross or bi (data.pair_encoding, decided in build_model)
 
     def configure(self, cfg: Config) -> None:
         self.oos_label = cfg.abstain.oos_label
@@ -89,7 +91,7 @@ class ClassificationTask(Task):
     def state(self) -> dict:
         return {"temperature": self.temperature, "threshold": self.threshold, "threshold_calibrated": self.threshold_calibrated,
                 "oos_label": self.oos_label, "abstain_label": self.abstain_label, "score": self.score, "pooling": self.pooling,
-                "max_windows": self.max_windows, "symmetric": self.symmetric}
+                "max_windows": self.max_windows, "symmetric": self.symmetric, "pair_encoding": self.pair_encoding}
 
     def arrays(self) -> dict[str, np.ndarray]:
         """State too big for JSON; saved next to the weights as safetensors."""
@@ -107,6 +109,7 @@ class ClassificationTask(Task):
         self.score = state.get("score", "probability")
         self.pooling, self.max_windows = state.get("pooling", "mean"), state.get("max_windows", 8)
         self.symmetric = bool(state.get("symmetric", False))
+        self.pair_encoding = state.get("pair_encoding")
 
     # ---- abstention ---------------------------------------------------------------------------
     def split_outputs(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -252,7 +255,8 @@ class ClassificationTask(Task):
                 **({"output_hidden_states": True} if self.score == "mahalanobis" else {})}
         if cfg.data.text_pair_column:
             tokenizer = load_tokenizer(cfg.model.name)
-            if choose_pair_encoding(cfg.data.pair_encoding, cfg.model.name, labels, tokenizer) == "bi":
+            self.pair_encoding = choose_pair_encoding(cfg.data.pair_encoding, cfg.model.name, labels, tokenizer)
+            if self.pair_encoding == "bi":
                 return build_bi_encoder(cfg.model.name, cfg.model.dropout, len(labels), relevant_index(labels), **head), tokenizer
         config = load_config(cfg.model.name, cfg.model.dropout, num_labels=len(labels), gguf=cfg.model.gguf_file, **head)
         return load_pretrained(AutoModelForSequenceClassification, cfg.model.name, config, cfg.model.gguf_file)
@@ -382,7 +386,7 @@ class ClassificationTask(Task):
                 "top_label": (str, "The best class when the model abstained.")}
 
     def report(self, split_metrics: dict[str, dict], labels: list[str], run_dir: Path) -> str:
-        lines = []
+        lines = report_lines(self.pair_encoding)
         for split, m in split_metrics.items():
             worst = min(labels, key=lambda lab: m["per_class"][lab]["f1-score"])
             marks = {worst: " (weakest)"} if len(labels) > 2 else {}

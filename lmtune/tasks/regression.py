@@ -33,7 +33,8 @@ from lmtune.data.readers import Example, read_examples
 from lmtune.errors import InputError
 from lmtune.io import atomic_path
 from lmtune.models import load_config, load_pretrained, load_tokenizer, quiet_transformers
-from lmtune.tasks.biencoder import BiEncoderPairModel, build_bi_encoder, choose_pair_encoding, is_bi_encoder_dir
+from lmtune.tasks.biencoder import (BiEncoderPairModel, build_bi_encoder, choose_pair_encoding, is_bi_encoder_dir,
+                                    report_lines)
 from lmtune.tasks.base import EXPLAIN, INTERVALS, RERANK, Encoded, Splits, Task, dev_and_test, input_pad_values, pad_batch
 
 TARGET = "value"  # the one output of the head
@@ -76,16 +77,18 @@ class RegressionTask(Task):
         self.radii: list[float] = []  # the half-width in each band (len(edges) + 1)
         self.max_width: float | None = None
         self.dev_residuals: list[float] = []
+        self.pair_encoding: str | None = None  # a pair run: cross or bi (data.pair_encoding, decided in build_model)
 
     def state(self) -> dict:
         return {"mean": self.mean, "std": self.std, "level": self.level, "radius": self.radius, "max_width": self.max_width,
-                "loss": self.loss_name, "edges": self.edges, "radii": self.radii}
+                "loss": self.loss_name, "edges": self.edges, "radii": self.radii, "pair_encoding": self.pair_encoding}
 
     def set_state(self, state: dict) -> None:
         self.mean, self.std = float(state.get("mean", 0.0)), float(state.get("std", 1.0))
         self.level, self.radius = float(state.get("level", 0.9)), state.get("radius")
         self.max_width, self.loss_name = state.get("max_width"), state.get("loss", "mse")
         self.edges, self.radii = list(state.get("edges", [])), list(state.get("radii", []))
+        self.pair_encoding = state.get("pair_encoding")
 
     def configure(self, cfg: Config) -> None:
         self.loss_name = "huber" if cfg.train.loss == "huber" else "mse"
@@ -148,7 +151,8 @@ class RegressionTask(Task):
         head = {"problem_type": "regression", "id2label": {0: TARGET}, "label2id": {TARGET: 0}}
         if cfg.data.text_pair_column:
             tokenizer = load_tokenizer(cfg.model.name)
-            if choose_pair_encoding(cfg.data.pair_encoding, cfg.model.name, None, tokenizer) == "bi":
+            self.pair_encoding = choose_pair_encoding(cfg.data.pair_encoding, cfg.model.name, None, tokenizer)
+            if self.pair_encoding == "bi":
                 return build_bi_encoder(cfg.model.name, cfg.model.dropout, 1, None, **head), tokenizer
         config = load_config(cfg.model.name, cfg.model.dropout, num_labels=1, gguf=cfg.model.gguf_file, **head)
         return load_pretrained(AutoModelForSequenceClassification, cfg.model.name, config, cfg.model.gguf_file)
@@ -294,7 +298,8 @@ class RegressionTask(Task):
         self.dev_residuals = data.get("dev_residuals", [])
 
     def report(self, split_metrics: dict[str, dict], labels: list[str], run_dir: Path) -> str:
-        lines = ["### Regression", "", "| split | Spearman | Pearson | MAE | RMSE | interval coverage |", "|---|---|---|---|---|---|"]
+        lines = [*report_lines(self.pair_encoding), "### Regression", "",
+                 "| split | Spearman | Pearson | MAE | RMSE | interval coverage |", "|---|---|---|---|---|---|"]
         for split, m in split_metrics.items():
             cov = f"{m['interval_coverage']:.4f} (target {m['interval_level']:.2f})" if "interval_coverage" in m else "-"
             lines.append(f"| {split} | {m['spearman']:.4f} | {m['pearson']:.4f} | {m['mae']:.4f} | {m['rmse']:.4f} | {cov} |")
