@@ -18,13 +18,14 @@ targets and 90% split-conformal intervals fitted on dev). Both packaged backbone
 checkpoints, so lmtune's default data.pair_encoding (auto) reads every set here as a bi-encoder (each
 text encoded alone, the pair judged by the cosine); --pair-encoding cross measures the cross-encoder.
 train_s as in bench/classification.py (training only; lmtune's in-loop dev evaluation and checkpoint
-write are subtracted).
+write are subtracted). --untuned also scores the checkpoint's own cosine without any training (a
+threshold chosen on dev), the baseline a fine-tuned embedding model has to beat.
 
 Last line JSON: {"mrpc": {"lmtune": {"accuracy": A, "f1": F, "train_s": S}, "peer": {...}},
 "lcqmc": {...}, "stsb": {"lmtune": {"spearman": R, "coverage_90": C, "train_s": S}, "peer": {"spearman": R, "train_s": S}}}
 --symmetric sets data.symmetric_pairs on lmtune's side of the classification sets (both orders trained on
 and averaged at prediction; MRPC and LCQMC relations are symmetric); the peer is unchanged.
-Usage: python bench/pairs.py [--only mrpc,lcqmc,stsb] [--limit N] [--symmetric] [--pair-encoding auto|cross|bi]
+Usage: python bench/pairs.py [--only mrpc,lcqmc,stsb] [--limit N] [--symmetric] [--pair-encoding auto|cross|bi] [--untuned]
 """
 from __future__ import annotations
 
@@ -122,6 +123,39 @@ def run_peer(model_path: str, train_rows, test_rows, regression: bool) -> dict:
             "train_s": round(train_s, 1)}
 
 
+def untuned_cosine(model_path: str, dev_rows, test_rows, regression: bool) -> dict:
+    """The checkpoint as it ships, no training: the cosine of the two texts' embeddings (its own pooling),
+    thresholded where dev accuracy is best (classification) or ranked as it is (regression, Spearman).
+    What fine-tuning has to beat on an embedding checkpoint."""
+    from scipy.stats import spearmanr
+    from transformers import AutoModel, AutoTokenizer
+
+    from lmtune.tasks.retrieval import pool, pooling_mode
+    with quiet_transformers():
+        tok, model = AutoTokenizer.from_pretrained(model_path), AutoModel.from_pretrained(model_path).eval()
+    mode = pooling_mode(model_path)
+
+    def cosines(rows):
+        def embed(texts):
+            out = []
+            with torch.no_grad():
+                for i in range(0, len(texts), 128):
+                    b = tok(texts[i:i + 128], padding=True, truncation=True, max_length=MAX_LEN, return_tensors="pt")
+                    out.append(pool(model(**b).last_hidden_state, b["attention_mask"], mode))
+            return torch.cat(out)
+        cos = (embed([a for a, _, _ in rows]) * embed([b for _, b, _ in rows])).sum(-1).numpy()
+        return cos, np.array([float(y) for _, _, y in rows])
+
+    (dev_cos, dev_gold), (test_cos, test_gold) = cosines(dev_rows), cosines(test_rows)
+    if regression:
+        return {"spearman": round(float(spearmanr(test_cos, test_gold).statistic), 4)}
+    best = max(np.unique(dev_cos), key=lambda t: float(((dev_cos >= t) == (dev_gold == 1)).mean()))
+    pred = test_cos >= best
+    tp = float((pred & (test_gold == 1)).sum())
+    f1 = 2 * tp / (pred.sum() + (test_gold == 1).sum())
+    return {"accuracy": round(float((pred == (test_gold == 1)).mean()), 4), "f1": round(float(f1), 4), "threshold": round(float(best), 4)}
+
+
 def run_lmtune(model_path: str, train_rows, dev_rows, test_rows, regression: bool, workdir: Path,
                symmetric: bool = False, pair_encoding: str = "auto") -> dict:
     files = {}
@@ -151,6 +185,7 @@ def main() -> None:
     ap.add_argument("--limit", type=int, default=0, help="cap every split at N rows (a quick check, not the benchmark)")
     ap.add_argument("--symmetric", action="store_true", help="lmtune: data.symmetric_pairs on mrpc / lcqmc")
     ap.add_argument("--pair-encoding", default="auto", choices=("auto", "cross", "bi"), help="lmtune: data.pair_encoding")
+    ap.add_argument("--untuned", action="store_true", help="also score the checkpoint's own cosine, untrained (threshold on dev)")
     ns = ap.parse_args()
     minilm = resolve_model(DEFAULT_MODEL)
     out = {}
@@ -181,6 +216,9 @@ def main() -> None:
               f"peer {key} {peer[key]:.4f} in {peer['train_s']:.1f}s | {key} {100 * (ours[key] - peer[key]):+.1f} points{extra}, "
               f"time ratio {ours['train_s'] / peer['train_s']:.2f}x", flush=True)
         out[name] = {"lmtune": {k: v for k, v in ours.items() if k != "interval_width"}, "peer": peer}
+        if ns.untuned:
+            out[name]["untuned_cosine"] = untuned_cosine(model, dv, te, regression)
+            print(f"{name}: the untrained checkpoint's cosine scores {key} {out[name]['untuned_cosine'][key]:.4f}", flush=True)
     print(json.dumps(out))
 
 

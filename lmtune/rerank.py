@@ -4,7 +4,8 @@ A bi-encoder embeds query and document apart, so it can search a whole corpus in
 product but never sees the two texts together; a pair run (classification or regression on
 data.text_pair_column) reads them jointly and judges relevance better, at one forward pass per
 pair. So the index proposes its `depth` best and the pair run re-orders only those, the
-retrieve-then-rerank pattern of sentence-transformers' CrossEncoder.
+retrieve-then-rerank pattern of sentence-transformers' CrossEncoder. (A pair run on a sentence-embedding
+checkpoint is a bi-encoder by default, data.pair_encoding auto; a reranker is trained with cross.)
 """
 from __future__ import annotations
 
