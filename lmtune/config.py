@@ -71,7 +71,7 @@ class DataConfig:
     pair_encoding: str = _f("auto", "Sentence pairs: cross (the two texts as one input, read jointly) or bi (each text "
                                     "encoded alone with the checkpoint's pooling, the pair judged by the cosine of the two "
                                     "embeddings). auto: bi for a sentence-embedding checkpoint (sentence-transformers) on a "
-                                    "two-label or regression pair task, else cross.", ("auto", "cross", "bi"))
+                                    "two-label classification pair task, else cross (regression too: see README).", ("auto", "cross", "bi"))
     group_column: str | None = _f(None, "`lmtune cv`: column whose rows must stay in one fold (a user, a document, a "
                                         "conversation): grouped stratified folds.")
     slice_columns: list = _f([], "Columns of the data (product, region, channel, language) whose values are slices: "

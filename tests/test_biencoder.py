@@ -71,7 +71,8 @@ def test_auto_picks_bi_only_for_embedding_checkpoints_on_tasks_one_similarity_ca
     tok = AutoTokenizer.from_pretrained(tiny_model)
     assert is_sentence_embedding_model(embedding_model) and not is_sentence_embedding_model(tiny_model)
     assert choose_pair_encoding("auto", embedding_model, ["0", "1"], tok) == "bi"
-    assert choose_pair_encoding("auto", embedding_model, None, tok) == "bi"  # regression
+    assert choose_pair_encoding("auto", embedding_model, None, tok) == "cross"  # regression: intervals that hold
+    assert choose_pair_encoding("bi", embedding_model, None, tok) == "bi"
     assert choose_pair_encoding("auto", embedding_model, ["contradiction", "entailment", "neutral"], tok) == "cross"
     assert choose_pair_encoding("auto", embedding_model, ["a", "b"], tok) == "cross"  # which one means 'same'?
     assert choose_pair_encoding("auto", tiny_model, ["0", "1"], tok) == "cross"  # not an embedding model
@@ -125,7 +126,7 @@ def test_bi_encoder_regression_and_lora(tmp_path, tiny_config, embedding_model):
             for k, n, s in (("train", 96, 1), ("dev", 80, 2), ("test", 40, 3))}
     cfg.update(task="regression", run_name="reg")
     cfg["model"]["name"] = embedding_model
-    cfg["data"].update(data, text_pair_column="text_b", label_column="score")
+    cfg["data"].update(data, text_pair_column="text_b", label_column="score", pair_encoding="bi")
     cfg["train"].update(max_steps=6)
     run = lmtune.train(cfg)
     assert isinstance(run.model, BiEncoderPairModel) and run.metrics["test"]["interval_level"] == 0.9
