@@ -29,9 +29,10 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, PretrainedConfig
 from transformers.modeling_outputs import SequenceClassifierOutput
 
+from lmtune.config import Config
 from lmtune.data.pairs import RELEVANT_NAMES
 from lmtune.errors import InputError
-from lmtune.models import load_config, quiet_transformers, resolve_model
+from lmtune.models import load_config, load_tokenizer, quiet_transformers, resolve_model
 from lmtune.tasks.retrieval import pool, pooling_mode
 
 HEAD_FILE = "pair_head.safetensors"
@@ -185,11 +186,6 @@ class BiEncoderPairModel(torch.nn.Module):
         return model
 
 
-def is_bi_encoder_dir(model_dir: Path) -> bool:
-    config = Path(model_dir) / "config.json"
-    return config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("pair_encoding") == "bi"
-
-
 def _encoder(path: str, config: PretrainedConfig) -> torch.nn.Module:
     """The checkpoint's encoder without its pooler layer where it has one (a bi-encoder pools tokens itself;
     an unused layer would also stop DDP)."""
@@ -200,8 +196,25 @@ def _encoder(path: str, config: PretrainedConfig) -> torch.nn.Module:
             return AutoModel.from_pretrained(path, config=config)
 
 
-def build_bi_encoder(model_name: str, dropout: float | None, num_labels: int, relevant: int | None,
-                     **config_kwargs: Any) -> torch.nn.Module:
-    path = resolve_model(model_name)
-    config = load_config(model_name, dropout, num_labels=num_labels, **config_kwargs)
-    return BiEncoderPairModel(_encoder(path, config), num_labels, relevant, pooling_mode(path))
+def pair_model(cfg: Config, labels: list[str] | None, **config_kwargs: Any) -> tuple[str | None, tuple | None]:
+    """A task's build_model, for pairs: (the encoding, None for no pair run) and, when it is bi, the
+    (model, tokenizer) built; None leaves the cross-encoder to the task. labels None = regression."""
+    if not cfg.data.text_pair_column:
+        return None, None
+    tokenizer = load_tokenizer(cfg.model.name)
+    encoding = choose_pair_encoding(cfg.data.pair_encoding, cfg.model.name, labels, tokenizer)
+    if encoding != "bi":
+        return encoding, None
+    path = resolve_model(cfg.model.name)
+    num_labels = len(labels) if labels is not None else 1
+    config = load_config(cfg.model.name, cfg.model.dropout, num_labels=num_labels, **config_kwargs)
+    model = BiEncoderPairModel(_encoder(path, config), num_labels, relevant_index(labels) if labels else None, pooling_mode(path))
+    return encoding, (model, tokenizer)
+
+
+def load_bi_encoder(model_dir: Path) -> tuple | None:
+    """A task's load_model: the saved bi-encoder and its tokenizer, or None for any other model."""
+    config = Path(model_dir) / "config.json"
+    if not (config.is_file() and json.loads(config.read_text(encoding="utf-8")).get("pair_encoding") == "bi"):
+        return None
+    return BiEncoderPairModel.from_pretrained(model_dir), load_tokenizer(str(model_dir))

@@ -21,9 +21,8 @@ from lmtune.evaluate.calibration import ece, fit_temperature, softmax
 from lmtune.evaluate.calibration import metrics as calibration_metrics
 from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
-from lmtune.models import load_config, load_pretrained, load_tokenizer, quiet_transformers
-from lmtune.tasks.biencoder import (BiEncoderPairModel, build_bi_encoder, choose_pair_encoding, is_bi_encoder_dir, relevant_index,
-                                    report_lines)
+from lmtune.models import load_config, load_pretrained, quiet_transformers
+from lmtune.tasks.biencoder import load_bi_encoder, pair_model, report_lines
 from lmtune.tasks.windows import encode_windows, pool, training_subset
 from lmtune.tasks.base import (ABSTAIN, CALIBRATE, CONTINUAL, ENSEMBLE, EXAMPLE_LABELS, EXPLAIN, LABEL_NOISE, MAHALANOBIS, RERANK, Encoded,
                                Splits, Task, balanced_weights, class_score, cross_entropy_sum, input_pad_values, pad_batch)
@@ -253,18 +252,14 @@ class ClassificationTask(Task):
         # loaded (or exported) model returns it too
         head = {"id2label": dict(enumerate(labels)), "label2id": {lab: i for i, lab in enumerate(labels)},
                 **({"output_hidden_states": True} if self.score == "mahalanobis" else {})}
-        if cfg.data.text_pair_column:
-            tokenizer = load_tokenizer(cfg.model.name)
-            self.pair_encoding = choose_pair_encoding(cfg.data.pair_encoding, cfg.model.name, labels, tokenizer)
-            if self.pair_encoding == "bi":
-                return build_bi_encoder(cfg.model.name, cfg.model.dropout, len(labels), relevant_index(labels), **head), tokenizer
+        self.pair_encoding, bi = pair_model(cfg, labels, **head)
+        if bi:
+            return bi
         config = load_config(cfg.model.name, cfg.model.dropout, num_labels=len(labels), gguf=cfg.model.gguf_file, **head)
         return load_pretrained(AutoModelForSequenceClassification, cfg.model.name, config, cfg.model.gguf_file)
 
     def load_model(self, model_dir: Path) -> tuple[torch.nn.Module, Any]:
-        if is_bi_encoder_dir(model_dir):
-            return BiEncoderPairModel.from_pretrained(model_dir), load_tokenizer(str(model_dir))
-        return load_pretrained(AutoModelForSequenceClassification, str(model_dir))
+        return load_bi_encoder(model_dir) or load_pretrained(AutoModelForSequenceClassification, str(model_dir))
 
     # ---- encoding and batching --------------------------------------------------------------
     def encode(self, examples: list[Example], tokenizer: Any, max_length: int, labels: list[str] | None = None,

@@ -32,9 +32,8 @@ from lmtune.data.pairs import pair_findings, symmetric_copies
 from lmtune.data.readers import Example, read_examples
 from lmtune.errors import InputError
 from lmtune.io import atomic_path
-from lmtune.models import load_config, load_pretrained, load_tokenizer, quiet_transformers
-from lmtune.tasks.biencoder import (BiEncoderPairModel, build_bi_encoder, choose_pair_encoding, is_bi_encoder_dir,
-                                    report_lines)
+from lmtune.models import load_config, load_pretrained, quiet_transformers
+from lmtune.tasks.biencoder import load_bi_encoder, pair_model, report_lines
 from lmtune.tasks.base import EXPLAIN, INTERVALS, RERANK, Encoded, Splits, Task, dev_and_test, input_pad_values, pad_batch
 
 TARGET = "value"  # the one output of the head
@@ -149,18 +148,14 @@ class RegressionTask(Task):
     # ---- model ------------------------------------------------------------------------------
     def build_model(self, cfg: Config, labels: list[str]) -> tuple[torch.nn.Module, Any]:
         head = {"problem_type": "regression", "id2label": {0: TARGET}, "label2id": {TARGET: 0}}
-        if cfg.data.text_pair_column:
-            tokenizer = load_tokenizer(cfg.model.name)
-            self.pair_encoding = choose_pair_encoding(cfg.data.pair_encoding, cfg.model.name, None, tokenizer)
-            if self.pair_encoding == "bi":
-                return build_bi_encoder(cfg.model.name, cfg.model.dropout, 1, None, **head), tokenizer
+        self.pair_encoding, bi = pair_model(cfg, None, **head)
+        if bi:
+            return bi
         config = load_config(cfg.model.name, cfg.model.dropout, num_labels=1, gguf=cfg.model.gguf_file, **head)
         return load_pretrained(AutoModelForSequenceClassification, cfg.model.name, config, cfg.model.gguf_file)
 
     def load_model(self, model_dir: Path) -> tuple[torch.nn.Module, Any]:
-        if is_bi_encoder_dir(model_dir):
-            return BiEncoderPairModel.from_pretrained(model_dir), load_tokenizer(str(model_dir))
-        return load_pretrained(AutoModelForSequenceClassification, str(model_dir))
+        return load_bi_encoder(model_dir) or load_pretrained(AutoModelForSequenceClassification, str(model_dir))
 
     # ---- encoding and batching --------------------------------------------------------------
     def encode(self, examples: list[RegressionExample], tokenizer: Any, max_length: int,
