@@ -15,8 +15,9 @@ Peer ("the usual recipe"): AutoModelForSequenceClassification (num_labels 2, or 
 problem_type regression on the raw scores), Trainer, lr 2e-5, linear decay, dynamic padding,
 truncation at 128. lmtune: its defaults for the task (classification; regression with standardized
 targets and 90% split-conformal intervals fitted on dev). Both packaged backbones are sentence-embedding
-checkpoints, so lmtune's default data.pair_encoding (auto) reads every set here as a bi-encoder (each
-text encoded alone, the pair judged by the cosine); --pair-encoding cross measures the cross-encoder.
+checkpoints, so lmtune's default data.pair_encoding (auto) reads MRPC and LCQMC as a bi-encoder (each
+text encoded alone, the pair judged by the cosine) and STS-B, a regression, as a cross-encoder;
+--pair-encoding cross / bi sets one encoding for all three.
 train_s as in bench/classification.py (training only; lmtune's in-loop dev evaluation and checkpoint
 write are subtracted). --untuned also scores the checkpoint's own cosine without any training (a
 threshold chosen on dev), the baseline a fine-tuned embedding model has to beat.
