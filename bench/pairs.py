@@ -129,6 +129,7 @@ def untuned_cosine(model_path: str, dev_rows, test_rows, regression: bool) -> di
     thresholded where dev accuracy is best (classification) or ranked as it is (regression, Spearman).
     What fine-tuning has to beat on an embedding checkpoint."""
     from scipy.stats import spearmanr
+    from sklearn.metrics import accuracy_score, f1_score
     from transformers import AutoModel, AutoTokenizer
 
     from lmtune.tasks.retrieval import pool, pooling_mode
@@ -151,10 +152,9 @@ def untuned_cosine(model_path: str, dev_rows, test_rows, regression: bool) -> di
     if regression:
         return {"spearman": round(float(spearmanr(test_cos, test_gold).statistic), 4)}
     best = max(np.unique(dev_cos), key=lambda t: float(((dev_cos >= t) == (dev_gold == 1)).mean()))
-    pred = test_cos >= best
-    tp = float((pred & (test_gold == 1)).sum())
-    f1 = 2 * tp / (pred.sum() + (test_gold == 1).sum())
-    return {"accuracy": round(float((pred == (test_gold == 1)).mean()), 4), "f1": round(float(f1), 4), "threshold": round(float(best), 4)}
+    pred, gold = (test_cos >= best).astype(int), test_gold.astype(int)  # scored as run_peer scores the peer
+    return {"accuracy": round(float(accuracy_score(gold, pred)), 4), "f1": round(float(f1_score(gold, pred)), 4),
+            "threshold": round(float(best), 4)}
 
 
 def run_lmtune(model_path: str, train_rows, dev_rows, test_rows, regression: bool, workdir: Path,

@@ -17,6 +17,11 @@ _NORM = re.compile(r"\s+")
 RELEVANT_NAMES = ("1", "true", "yes", "relevant", "positive", "duplicate", "paraphrase", "entailment")
 
 
+def relevant_positions(labels: list[str]) -> list[int]:
+    """The positions of the labels whose name means "the two texts match"."""
+    return [i for i, x in enumerate(labels) if x.lower() in RELEVANT_NAMES]
+
+
 def _key(text: str) -> str:
     return _NORM.sub(" ", text.lower()).strip()
 

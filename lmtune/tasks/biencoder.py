@@ -30,7 +30,7 @@ from transformers import AutoConfig, AutoModel, PretrainedConfig
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from lmtune.config import Config
-from lmtune.data.pairs import RELEVANT_NAMES
+from lmtune.data.pairs import relevant_positions
 from lmtune.errors import InputError
 from lmtune.models import load_config, load_tokenizer, quiet_transformers, resolve_model
 from lmtune.tasks.retrieval import pool, pooling_mode
@@ -73,18 +73,17 @@ def choose_pair_encoding(setting: str, model_name: str, labels: list[str] | None
     if setting == "cross":
         return "cross"
     segments = "token_type_ids" in getattr(tokenizer, "model_input_names", ())
-    relevant = labels is None or relevant_index(labels) is not None
+    same_or_not = labels is not None and relevant_index(labels) is not None  # two labels, one meaning "same"
     if setting == "bi":
         if not segments:
             raise InputError("data.pair_encoding bi: this tokenizer marks no segments (token type ids), so the two texts of a "
                              "pair cannot be told apart inside the input. Set data.pair_encoding cross.")
-        if not relevant:
+        if labels is not None and not same_or_not:
             raise InputError(f"data.pair_encoding bi judges a pair by one similarity: it needs a regression task or two labels, "
                              f"one of them meaning 'same' (1, true, yes, duplicate, paraphrase, ...); the labels are "
-                             f"{', '.join(labels or [])}. Set data.pair_encoding cross.")
+                             f"{', '.join(labels)}. Set data.pair_encoding cross.")
         return "bi"
-    two_labels = labels is not None and relevant
-    return "bi" if segments and two_labels and is_sentence_embedding_model(resolve_model(model_name)) else "cross"
+    return "bi" if segments and same_or_not and is_sentence_embedding_model(resolve_model(model_name)) else "cross"
 
 
 def report_lines(pair_encoding: str | None) -> list[str]:
@@ -99,7 +98,7 @@ def report_lines(pair_encoding: str | None) -> list[str]:
 
 def relevant_index(labels: list[str]) -> int | None:
     """The index of the label that means 'the two texts match', for a two-label task; None otherwise."""
-    found = [i for i, x in enumerate(labels) if x.lower() in RELEVANT_NAMES]
+    found = relevant_positions(labels)
     return found[0] if len(labels) == 2 and len(found) == 1 else None
 
 

@@ -11,7 +11,7 @@ from sklearn.metrics import accuracy_score, classification_report, confusion_mat
 from transformers import AutoModelForSequenceClassification
 
 from lmtune.config import Config
-from lmtune.data.pairs import RELEVANT_NAMES, pair_findings, symmetric_copies
+from lmtune.data.pairs import pair_findings, relevant_positions, symmetric_copies
 from lmtune.data.readers import Example, read_examples
 from lmtune.data.splits import stratified_split
 from lmtune.errors import InputError
@@ -417,11 +417,11 @@ class ClassificationTask(Task):
 
 
 def relevant_label(labels: list[str]) -> str:
-    found = [x for x in labels if x.lower() in RELEVANT_NAMES]
+    found = relevant_positions(labels)
     if len(found) != 1:
         raise InputError(f"rerank: which of the pair run's labels ({', '.join(labels)}) means 'relevant'? Give it with "
                          "--rerank-label LABEL.")
-    return found[0]
+    return labels[found[0]]
 
 
 def _encode_truncated(texts: list[str], pairs: list[str] | None, examples: list[Example], index: dict[str, int],
