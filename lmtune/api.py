@@ -248,15 +248,13 @@ class Run:
                        steps: int = 32, share: float = 0.2) -> dict:
         """Explain a labeled file (default: the run's test split): per-class words, example explanations and
         their faithfulness; written to RUN_DIR/explain.json and the Explanations section of report.md."""
-        from lmtune.explain import analyse
-        examples = (self.task.read_file(str(data), self.config, self.labels, require_label=True) if data
-                    else self._split_examples("test"))
-        result = analyse(self, examples, str(data) if data else "test", max_examples, method, steps, share,
-                         progress=self.config.train.progress)
-        write_json(self.run_dir / "explain.json", result)
-        if results.path(self.run_dir).is_file():
-            results.update(self.run_dir, explain=result)
-        return result
+        return self.analyse("explain", data=data, max_examples=max_examples, method=method, steps=steps, share=share)
+
+    def analyse(self, name: str, **params) -> dict:
+        """Run the registered analysis NAME (lmtune.analysis: drift, fairness, explain, robustness, ...):
+        written to RUN_DIR/NAME.json and into results.json and report.md."""
+        from lmtune.analysis import analyse
+        return analyse(self, name, **params)
 
     def predict_examples(self, examples: list) -> list[dict]:
         if self.task.supports(GENERATE):
@@ -384,60 +382,22 @@ class Run:
     def attack(self, data: str | Path | None = None, **overrides) -> dict:
         """Robustness report (robust/attack.py) on a labeled file, or on the run's dev split; written
         to RUN_DIR/robustness.json and summarised in report.md. overrides: attack.* keys."""
-        data = data or self.config.attack.data
-        if data:
-            examples = self.task.read_file(str(data), self.config, self.labels, require_label=True)
-        else:
-            examples = self._dev_examples()
-        return self.attack_examples(examples, str(data) if data else "dev", **overrides)
+        return self.analyse("robustness", data=data, **overrides)
 
     def attack_examples(self, examples: list, source: str = "dev", **overrides) -> dict:
-        from lmtune.robust.attack import run_attacks
-        cfg = dataclasses.replace(self.config.attack, **overrides)
-        if not cfg.methods:
-            cfg = dataclasses.replace(cfg, methods=["typo", "synonym", "search"])
-        result = {"data": source, **run_attacks(self, examples, cfg)}
-        write_json(self.run_dir / "robustness.json", result)
-        if results.path(self.run_dir).is_file():  # a new attack replaces the old section
-            results.update(self.run_dir, robustness=result)
-        return result
+        return self.analyse("robustness", examples=examples, source=source, **overrides)
 
     def drift(self, data: str | Path, alpha: float = 0.05, max_examples: int = 1000, permutations: int = 500) -> dict:
         """Does a new file differ from the run's training data (lmtune.drift)? Written to RUN_DIR/drift.json
         and as the Drift section of report.md."""
-        from lmtune.drift import check
-        result = check(self, data, alpha, max_examples, permutations)
-        write_json(self.run_dir / "drift.json", result)
-        if results.path(self.run_dir).is_file():
-            results.update(self.run_dir, drift=result)
-        return result
+        return self.analyse("drift", data=data, alpha=alpha, max_examples=max_examples, permutations=permutations)
 
     def fairness(self, data: str | Path | None = None, split: str = "test", swap: str | None = None,
                  slices: list[str] | None = None) -> dict:
         """Slice metrics (columns of the data; default data.slice_columns) and counterfactual term swaps
         (a built-in list, en or zh, or a file) on a labeled file or a split of the run (lmtune.fairness);
         written to RUN_DIR/fairness.json and report.md."""
-        from lmtune.fairness import SwapList, counterfactual, slice_metrics, slices_of
-        columns = self.config.data.slice_columns if slices is None else slices
-        if not columns and not swap:
-            raise InputError("fairness: give --swap LIST (en, zh or a file) and/or --slices COLUMNS "
-                             "(or set data.slice_columns).")
-        swaps = SwapList.named(swap, self.config.data.encoding) if swap else None  # a bad list fails before any work
-        examples = (self.task.read_file(str(data), self.config, self.labels, require_label=bool(columns)) if data
-                    else self._split_examples(split))
-        result: dict = {"data": str(data) if data else split}
-        rows = None
-        if columns:
-            self.task.require(EXAMPLE_LABELS, "fairness --slices")
-            values = slices_of(self.config, examples, columns)
-            rows = self.predict_examples(examples)
-            result["slices"] = slice_metrics(rows, values, seed=self.config.train.seed)
-        if swaps:
-            result["counterfactual"] = counterfactual(self, examples, swaps, rows=rows)
-        write_json(self.run_dir / "fairness.json", result)
-        if results.path(self.run_dir).is_file():
-            results.update(self.run_dir, fairness=result)
-        return result
+        return self.analyse("fairness", data=data, split=split, swap=swap, slices=slices)
 
     def _dev_examples(self) -> list:
         return self._split_examples("dev")

@@ -7,6 +7,7 @@ import logging
 import sys
 from pathlib import Path
 
+from lmtune.analysis import add_commands as add_analysis_commands
 from lmtune.config import describe_fields, parse_overrides
 from lmtune.errors import InputError
 from lmtune.registry import backends
@@ -54,6 +55,11 @@ def cmd_train(args: list[str], config: str | None) -> int:
     return 0
 
 
+def _load_run(run_dir: str, backend: str = "torch"):
+    from lmtune.api import load
+    return load(run_dir, backend=backend)
+
+
 def cmd_evaluate(ns: argparse.Namespace) -> int:
     from lmtune.api import load
     run = load(ns.run_dir)
@@ -74,7 +80,8 @@ def cmd_predict(ns: argparse.Namespace) -> int:
     if ns.explain:  # the same rows, each with its word attributions
         if ns.input == "-":
             raise InputError("predict --explain reads --input FILE or --text, not standard input.")
-        chunks = _explained(run, texts, ns.input)
+        from lmtune.analyses.explain import explained_chunks
+        chunks = explained_chunks(run, texts, ns.input)
     elif ns.input == "-":
         chunks = run.predict_stream(sys.stdin)
     else:
@@ -91,47 +98,6 @@ def cmd_predict(ns: argparse.Namespace) -> int:
         for rows in chunks:
             sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
             sys.stdout.flush()
-    return 0
-
-
-def _explained(run, texts: list | None, path: str | None, label: str | None = None, method: str = "auto", steps: int = 32):
-    """Explained prediction rows of --text TEXTs, or of a file (read and checked whole first), 64 rows at a time."""
-    if texts:
-        yield run.explain(texts, label, method, steps)
-        return
-    examples = run.task.read_file(path, run.config, run.labels, False)
-    for i in range(0, len(examples), 64):
-        yield run.explain_examples(examples[i:i + 64], label, method, steps)
-
-
-def cmd_explain(ns: argparse.Namespace) -> int:
-    from lmtune.api import load
-    from lmtune.explain import report_section
-    if ns.text and (ns.input or ns.data):
-        raise InputError("explain: give --text TEXT (repeatable) or --input FILE, or neither to explain the run's test split.")
-    if ns.pair and len(ns.pair) != len(ns.text or []):
-        raise InputError(f"explain: {len(ns.pair)} --pair for {len(ns.text or [])} --text; give one --pair after each --text.")
-    run = load(ns.run_dir, backend=ns.backend)
-    if ns.text or ns.input:
-        texts = list(zip(ns.text, ns.pair)) if ns.pair else ns.text
-        for rows in _explained(run, texts, ns.input, ns.label, ns.method, ns.steps):
-            sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-        return 0
-    result = run.explain_report(ns.data, ns.max_examples, ns.method, ns.steps, ns.share)
-    print(json.dumps(result, indent=2, ensure_ascii=False) if ns.json else report_section(result))
-    print(f"wrote {Path(ns.run_dir) / 'explain.json'}", file=sys.stderr)
-    return 0
-
-
-def cmd_fairness(ns: argparse.Namespace) -> int:
-    from lmtune.api import load
-    from lmtune.fairness import report_section
-    run = load(ns.run_dir)
-    run.config.train.progress = "none"
-    slices = [c.strip() for c in ns.slices.split(",") if c.strip()] if ns.slices else None
-    result = run.fairness(ns.data, ns.split, ns.swap, slices)
-    print(json.dumps(result, indent=2, ensure_ascii=False) if ns.json else report_section(result))
-    print(f"wrote {Path(ns.run_dir) / 'fairness.json'}", file=sys.stderr)
     return 0
 
 
@@ -235,17 +201,6 @@ def cmd_soup(ns: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_drift(ns: argparse.Namespace) -> int:
-    from lmtune.api import load
-    from lmtune.drift import report_section
-    run = load(ns.run_dir)
-    run.config.train.progress = "none"
-    result = run.drift(ns.data, ns.alpha, ns.max_examples, ns.permutations)
-    print(json.dumps(result, indent=2, ensure_ascii=False) if ns.json else report_section(result))
-    print(f"wrote {Path(ns.run_dir) / 'drift.json'}", file=sys.stderr)
-    return 0
-
-
 def cmd_report(ns: argparse.Namespace) -> int:
     from lmtune.results import render
     print(render(ns.run_dir))
@@ -278,26 +233,6 @@ def cmd_export(ns: argparse.Namespace) -> int:
         raise InputError(f"export: --format {ns.format!r} is not supported (onnx).")
     report = export_run(ns.run_dir, quantize=ns.quantize, prune=ns.prune, sample=ns.sample, recover_epochs=ns.recover_epochs)
     print(json.dumps(report, indent=2))
-    return 0
-
-
-def cmd_attack(ns: argparse.Namespace) -> int:
-    from lmtune.api import load
-    from lmtune.registry import attacks
-    run = load(ns.run_dir)
-    overrides = {k: v for k, v in (("budget", ns.budget), ("rate", ns.rate), ("max_examples", ns.max_examples),
-                                   ("synonyms", ns.synonyms), ("seed", ns.seed)) if v is not None}
-    if ns.methods:
-        methods = [m.strip() for m in ns.methods.split(",") if m.strip()]
-        for m in methods:
-            attacks.check(m, "attack: --methods")
-        overrides["methods"] = methods
-    for key in ("budget", "rate"):
-        if key in overrides and not 0 < overrides[key] <= 1:
-            raise InputError(f"attack: --{key} must be in (0, 1], got {overrides[key]}.")
-    result = run.attack(ns.data, **overrides)
-    print(json.dumps({k: v for k, v in result.items()}, indent=2, ensure_ascii=False))
-    print(f"wrote {Path(ns.run_dir) / 'robustness.json'}", file=sys.stderr)
     return 0
 
 
@@ -488,24 +423,7 @@ def build_parser() -> argparse.ArgumentParser:
     pr.add_argument("--pair", action="append", help="the second text of the pair, for a model trained on pairs (one per --text)")
     pr.add_argument("--output", help="write JSONL to this file (written whole, then renamed); - or absent: standard output")
     pr.add_argument("--explain", action="store_true", help="add word attributions for the predicted label (see lmtune explain)")
-    xp = sub.add_parser("explain", help="which words drove a prediction (Integrated Gradients), and how faithful that is",
-                        description="With --text/--input: predictions with word attributions as JSONL. Without: explains the "
-                                    "run's test split (or --data FILE): the words that drive each label, coloured examples, "
-                                    "and faithfulness (comprehensiveness / sufficiency vs random words and attention); writes "
-                                    "RUN_DIR/explain.json and an Explanations section in report.md.")
-    xp.add_argument("run_dir")
-    xp.add_argument("--text", action="append", help="a text to explain (repeatable)")
-    xp.add_argument("--pair", action="append", help="the second text of the pair, for a model trained on pairs (one per --text)")
-    xp.add_argument("--input", help="file with the run's columns: every row explained (JSONL out)")
-    xp.add_argument("--data", help="labeled file to analyse instead of the run's test split")
-    xp.add_argument("--label", help="explain this label instead of the predicted one")
-    xp.add_argument("--method", choices=["auto", "ig", "occlusion"], default="auto",
-                    help="auto: Integrated Gradients on the torch backend, occlusion (word removal) on ONNX")
-    xp.add_argument("--backend", default="torch", choices=backends.names())
-    xp.add_argument("--steps", type=int, default=32, help="Integrated Gradients steps")
-    xp.add_argument("--max-examples", type=int, default=300, help="examples analysed (a seeded sample)")
-    xp.add_argument("--share", type=float, default=0.2, help="share of top words for the faithfulness measures")
-    xp.add_argument("--json", action="store_true", help="print the whole analysis as JSON")
+    add_analysis_commands(sub, _load_run)  # drift, fairness, explain, attack and every registered analysis
     ui = sub.add_parser("ui", help="a local web dashboard: runs, run pages, compare, try it, train from the browser",
                         description="Serves the dashboard from the installed package (no internet needed). Binds to "
                                     "127.0.0.1; another --host needs a token (LMTUNE_UI_TOKEN or --token-file). Files are "
@@ -514,18 +432,6 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=7860)
     ui.add_argument("--token-file", help="file whose first line is the token")
-    fa = sub.add_parser("fairness", help="per-slice metrics with intervals, and counterfactual term swaps (he <-> she ...)",
-                        description="Slices: accuracy per value of each --slices column (default data.slice_columns), the gap to "
-                                    "overall with a 95%% bootstrap interval, significantly worse slices flagged. --swap en|zh|FILE: "
-                                    "swaps gendered terms (built-in English / Chinese lists, or a CSV whose header names the "
-                                    "two groups and whose rows are term pairs) and reports how many predictions change. "
-                                    "Writes RUN_DIR/fairness.json and report.md sections.")
-    fa.add_argument("run_dir")
-    fa.add_argument("--data", help="labeled file with the run's columns (default: the run's --split)")
-    fa.add_argument("--split", choices=["test", "dev"], default="test")
-    fa.add_argument("--swap", help="en, zh, or a CSV/TSV file of term pairs (header: the two groups)")
-    fa.add_argument("--slices", help="comma-separated columns of the data (default: data.slice_columns)")
-    fa.add_argument("--json", action="store_true")
     au = sub.add_parser("audit", help="check the data of a config: balance, duplicates, conflicts, leakage",
                         description="lmtune audit CONFIG.yaml [--strict] [--section.key VALUE ...]: findings as JSON; "
                                     "--strict exits 1 when any finding is critical. --data.label_noise_folds 5 adds "
@@ -617,17 +523,6 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--max-new-tokens", type=int, default=256, help="generation runs: the most tokens one /v1/generate "
                                                                     "request may ask for")
     sv.add_argument("--threads", type=int, help="model threads per worker (default: cores / workers)")
-    at = sub.add_parser("attack", help="robustness report: accuracy under typo / synonym / word-importance attacks",
-                        description="Attacks a trained run on --data (default: its dev split); writes RUN_DIR/robustness.json "
-                                    "and a Robustness section in report.md. Entities, negations and numbers are never changed.")
-    at.add_argument("run_dir")
-    at.add_argument("--data", help="labeled file with the run's columns (default: the run's dev split)")
-    at.add_argument("--methods", help="comma-separated: typo,synonym,search (default: all three)")
-    at.add_argument("--rate", type=float, help="typo/synonym: share of words changed (default 0.2)")
-    at.add_argument("--budget", type=float, help="search: most words changed, as a share (default 0.1)")
-    at.add_argument("--synonyms", choices=["auto", "wordnet", "embedding"])
-    at.add_argument("--max-examples", type=int)
-    at.add_argument("--seed", type=int)
     sub.add_parser("config", help="list every config key with its default and meaning")
     it = sub.add_parser("init", help="inspect a labeled file and write a commented config to start from")
     it.add_argument("data_file")
@@ -646,17 +541,6 @@ def build_parser() -> argparse.ArgumentParser:
     pu.add_argument("run_dir")
     pu.add_argument("repo_id")
     pu.add_argument("--private", action="store_true")
-    dr = sub.add_parser("drift", help="does new data differ from a run's training data? labels, inputs, confidence, vocabulary",
-                        description="Compares --data with the run's training data (re-read from its recorded sources): "
-                                    "label shift (chi-squared), input shift (MMD on the fine-tuned encoder's embeddings, "
-                                    "permutation p-value; domain-classifier AUC), confidence shift, vocabulary and length. "
-                                    "Writes RUN_DIR/drift.json and a Drift section in report.md.")
-    dr.add_argument("run_dir")
-    dr.add_argument("--data", required=True, help="the new file, with the run's text column (labels optional)")
-    dr.add_argument("--alpha", type=float, default=0.05, help="significance level of the tests")
-    dr.add_argument("--max-examples", type=int, default=1000, help="examples sampled from each side")
-    dr.add_argument("--permutations", type=int, default=500)
-    dr.add_argument("--json", action="store_true", help="print the whole result as JSON")
     sub.add_parser("pretrain", help="continue masked-LM pretraining on unlabeled in-domain text (pretrain.* keys)",
                    description="lmtune pretrain CONFIG.yaml [--pretrain.files '[a.txt]'] [--section.key VALUE ...]: writes "
                                "OUTPUT_DIR/RUN/model (use it as model.name) and pretrain.json with held-out perplexity "
@@ -693,12 +577,11 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-# subcommand -> function(argparse.Namespace) -> exit status; train, demo, audit, pretrain, tune and cv take free-form
-# --section.key overrides and are parsed before argparse sees them
+# subcommand -> function(argparse.Namespace) -> exit status (the analyses' commands come from lmtune.analysis);
+# train, demo, audit, pretrain, tune and cv take free-form --section.key overrides and are parsed before argparse sees them
 COMMANDS = {"evaluate": cmd_evaluate, "predict": cmd_predict, "merge": cmd_merge, "report": cmd_report, "export": cmd_export,
-            "attack": cmd_attack, "serve": cmd_serve, "config": cmd_config, "init": cmd_init, "runs": cmd_runs,
-            "compare": cmd_compare, "push": cmd_push, "completion": cmd_completion, "drift": cmd_drift, "explain": cmd_explain,
-            "fairness": cmd_fairness, "ui": cmd_ui, "chat": cmd_chat, "search": cmd_search,
+            "serve": cmd_serve, "config": cmd_config, "init": cmd_init, "runs": cmd_runs,
+            "compare": cmd_compare, "push": cmd_push, "completion": cmd_completion, "ui": cmd_ui, "chat": cmd_chat, "search": cmd_search,
             "recommend": cmd_recommend, "assistant": cmd_assistant, "monitor": cmd_monitor,
             "ensemble": cmd_ensemble, "soup": cmd_soup}
 
@@ -721,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
                 config = rest.pop(0)
             return cmd_train(rest, config)
         ns = parser.parse_args(argv)
-        return COMMANDS[ns.command](ns)
+        return COMMANDS[ns.command](ns) if ns.command in COMMANDS else ns.run_analysis(ns)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

@@ -179,17 +179,3 @@ def forgetting(prev: Previous, after: dict, metric: str) -> dict:
     if metric in before and metric in after:
         out.update(before=before[metric], after=after[metric], forgetting=before[metric] - after[metric])
     return out
-
-
-def report_section(c: dict) -> str:
-    lines = ["## Continual fine-tuning", "",
-             f"Started from `{c['from_run']}`; {c['replayed']} rows of its training data replayed."]
-    if c.get("dropped_labels"):
-        lines.append(f"Labels dropped: {', '.join(c['dropped_labels'])}.")
-    if c.get("kept_without_examples"):
-        lines.append(f"Old labels kept without new examples: {len(c['kept_without_examples'])}.")
-    if "forgetting" in c:
-        lines += ["", f"| old run's test split ({c['old_test_examples']} examples) | {c['metric']} |", "|---|---|",
-                  f"| before (old model) | {c['before']:.4f} |", f"| after (this model) | {c['after']:.4f} |",
-                  f"| forgetting (before - after) | {c['forgetting']:.4f} |"]
-    return "\n".join(lines) + "\n"

@@ -234,31 +234,6 @@ def _findings(r: dict) -> list[dict]:
     return [{**f, "advice": ADVICE[f["kind"]]} for f in out]
 
 
-def report_section(r: dict) -> str:
-    verdict = "shift found" if r["shifted"] else "no shift found"
-    lines = ["## Drift", "", f"`{r['new']['source']}` ({r['new']['examples']} examples) against the run's data (labels: train, "
-             f"{r['reference'].get('train_examples', '?')}; inputs and confidence: dev, {r['reference']['examples']}): **{verdict}** "
-             f"(alpha {r['alpha']}).", "",
-             "| view | statistic | p-value | shifted |", "|---|---|---|---|"]
-    i = r["input_shift"]
-    lines.append(f"| input (embeddings) | MMD² {i['mmd2']:.4g}, domain AUC {i['domain_auc']:.3f} | {i['p_value']:.3g} | "
-                 f"{'yes' if i['shifted'] else 'no'} |")
-    if "label_shift" in r:
-        ls = r["label_shift"]
-        lines.append(f"| labels | chi² {ls['chi2']:.1f} (dof {ls['dof']}) | {ls['p_value']:.3g} | {'yes' if ls['shifted'] else 'no'} |")
-    if "confidence_shift" in r:
-        c = r["confidence_shift"]
-        lines.append(f"| confidence | {c['mean_confidence_reference']:.3f} -> {c['mean_confidence_new']:.3f}, abstained "
-                     f"{c['abstain_rate_reference']:.1%} -> {c['abstain_rate_new']:.1%} | {c['p_value']:.3g} | "
-                     f"{'yes' if c['shifted'] else 'no'} |")
-    v = r["vocabulary_shift"]
-    lines.append(f"| vocabulary / length | unseen words {v['reference']['unseen_word_rate']:.1%} -> {v['new']['unseen_word_rate']:.1%}, "
-                 f"tokens {v['train']['mean_tokens']:.1f} (train) -> {v['new']['mean_tokens']:.1f} | - | {'yes' if v['shifted'] else 'no'} |")
-    for f in r["findings"]:
-        lines += ["", f"- **{f['kind'].replace('_', ' ')}**: {f['evidence']}. {f['advice']}"]
-    return "\n".join(lines) + "\n"
-
-
 # ---- the serving monitor -------------------------------------------------------------------------
 def reference_arrays(model: Any, task: Any, tokenizer: Any, cfg: Any, labels: list[str], dev: list,
                      dev_rows: list[dict]) -> dict[str, np.ndarray]:

@@ -24,7 +24,6 @@ import random
 import time
 from collections import defaultdict
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -297,78 +296,3 @@ def _example(row: dict) -> dict:
     label = f"{e['entity']} ({e['label']})" if "entity" in e else row.get("label", e["label"])
     keep = keep if "entity" not in e else ("text",)  # an NER row's gold is a tag list, not a label
     return {**{k: row[k] for k in keep if k in row}, "label": label, "attributions": e["attributions"]}
-
-
-def report_section(result: dict, run_dir: Path | None = None) -> str:
-    """The Explanations section of report.md (and explanations.png when run_dir is given)."""
-    f = result["faithfulness"]
-    main = result["method"]
-    lines = ["## Explanations", "",
-             f"{result['n']} examples of {result['data']} explained by "
-             + ("Integrated Gradients on the embeddings" + f" ({result['steps']} steps)" if main == "ig" else "occlusion (word removal)")
-             + f", {result['seconds_per_example']:.3f} s each. Attributions are of the predicted label's log-odds; positive "
-               "words push towards it.", ""]
-    if f is None:
-        lines += ["Explanations are per entity (of its first word's tag); faithfulness (word removal) is measured for "
-                  "whole-text predictions only.", ""]
-    else:
-        lines += [f"Faithfulness at the top {100 * f['share']:.0f}% of words (ERASER; higher comprehensiveness and lower "
-                  "sufficiency mean the highlighted words are what the model uses):", "",
-                  "| words chosen by | comprehensiveness | sufficiency |", "|---|---|---|"]
-        for name in (main, "attention", "random"):
-            if name in f:
-                lines.append(f"| {name} | {f[name]['comprehensiveness']} | {f[name]['sufficiency']} |")
-        if main in f and "random" in f and f[main]["comprehensiveness"] is not None:
-            rnd = f["random"]["comprehensiveness"]
-            ratio = f[main]["comprehensiveness"] / rnd if rnd else math.inf
-            verdict = "trust the colours" if ratio >= 2 else "treat the colours with caution: they are not far from random words"
-            lines += ["", f"Removing the top words hurts {ratio:.1f}x as much as removing random ones: {verdict}."]
-        lines.append("")
-    lines += ["Words that drive each label (mean attribution, times seen):", ""]
-    for label, words in result["class_words"].items():
-        lines.append(f"- **{label}**: " + ", ".join(f"{w} ({m:+.3g}, {n})" for w, m, n in words))
-    lines.append("")
-    for name, exs in result["examples"].items():
-        if exs:
-            lines += [f"**{name.capitalize()}**:", ""]
-            for e in exs:
-                lines.append("- " + _marked(e) + f" → {e.get('label', e.get('value'))}"
-                             + (f" (gold {e['gold']})" if "gold" in e else "") + (f", p {e['score']:.3f}" if "score" in e else ""))
-            lines.append("")
-    if run_dir is not None and any(result["examples"].values()):
-        attribution_figure(result["examples"], run_dir / "explanations.png")
-        lines += ["![explanations](explanations.png)", ""]
-    return "\n".join(lines)
-
-
-def _marked(example: dict) -> str:
-    """The text with its two most positive words in bold and its most negative in italics."""
-    words = example["attributions"]
-    order = sorted(range(len(words)), key=lambda i: -words[i][1])
-    strong, weak = set(order[:2]), {order[-1]} if len(order) > 2 and words[order[-1]][1] < 0 else set()
-    return " ".join(f"**{w}**" if i in strong else f"_{w}_" if i in weak else w for i, (w, _) in enumerate(words))
-
-
-def attribution_figure(examples: dict[str, list[dict]], path: Path, max_words: int = 40) -> None:
-    """Words on coloured boxes (green towards the label, red against), one line per example."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    items = [(name, e) for name, exs in examples.items() for e in exs]
-    fig = plt.figure(figsize=(12, 0.5 * len(items) + 0.6))
-    renderer = fig.canvas.get_renderer()
-    height = 1 / (len(items) + 1)
-    for row, (name, e) in enumerate(items):
-        y = 1 - (row + 1) * height
-        words = e["attributions"][:max_words]
-        top = max((abs(a) for _, a in words), default=1.0) or 1.0
-        x = fig.text(0.005, y, f"{name} → {e.get('label', e.get('value'))}:", fontsize=8, weight="bold")
-        pos = x.get_window_extent(renderer).x1 / fig.bbox.width + 0.01
-        for w, a in words:
-            c = (0.2, 0.7, 0.3, min(abs(a) / top, 1.0)) if a >= 0 else (0.85, 0.2, 0.2, min(abs(a) / top, 1.0))
-            t = fig.text(pos, y, w, fontsize=8, bbox={"facecolor": c, "edgecolor": "none", "pad": 1.5})
-            pos = t.get_window_extent(renderer).x1 / fig.bbox.width + 0.004
-            if pos > 0.97:
-                break
-    from lmtune.evaluate.plots import _save
-    _save(fig, path)

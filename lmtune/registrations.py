@@ -4,7 +4,7 @@ without an import cycle. A newcomer adds one module and one line here (or calls 
 """
 from __future__ import annotations
 
-from lmtune.registry import adversaries, attacks, augmenters, backends, peft_methods, tasks, trackers
+from lmtune.registry import adversaries, analyses, attacks, augmenters, backends, peft_methods, tasks, trackers
 
 tasks.register("classification", "lmtune.tasks.classification:ClassificationTask")
 tasks.register("ner", "lmtune.tasks.ner:NerTask")
@@ -61,3 +61,14 @@ backends.register("onnx-int8", "lmtune.backends.onnx:OnnxModel", file="model.int
 trackers.register("tensorboard", "lmtune.tracking.tensorboard:TensorBoardLogger")
 trackers.register("mlflow", "lmtune.tracking.mlflow:MLflowTracker")
 trackers.register("wandb", "lmtune.tracking.wandb:WandbTracker")
+
+# run analyses (lmtune.analysis): the target is an Analysis (its function, report section and command
+# options); report.md shows their sections in this order. comparison, continual and slices are written by
+# training and have no command; robustness's command is `lmtune attack`.
+analyses.register("comparison", "lmtune.analyses.comparison:ANALYSIS")
+analyses.register("continual", "lmtune.analyses.continual:ANALYSIS")
+analyses.register("drift", "lmtune.analyses.drift:ANALYSIS")
+analyses.register("slices", "lmtune.analyses.fairness:SLICES")
+analyses.register("fairness", "lmtune.analyses.fairness:ANALYSIS")
+analyses.register("explain", "lmtune.analyses.explain:ANALYSIS")
+analyses.register("robustness", "lmtune.analyses.robustness:ANALYSIS")

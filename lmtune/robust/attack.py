@@ -199,28 +199,3 @@ def run_attacks(run, examples: list, cfg: AttackConfig) -> dict:
 
 def _text(ex) -> str:
     return ex.text if ex.text else ex.audit_text()
-
-
-def report_section(r: dict) -> str:
-    m = r["metric"]
-    lines = ["## Robustness", "",
-             f"{r['n']} examples; typo/synonym attacks change {r['settings']['rate']:.0%} of the words (random, seed "
-             f"{r['settings']['seed']}); the search attack may change {r['settings']['budget']:.0%} (at least one word); "
-             f"substitutes from {r['settings']['synonyms']}. Entities, negations and numbers are never changed.", "",
-             f"| attack | {m} | drop | success rate | prediction changed | avg words changed |", "|---|---|---|---|---|---|",
-             f"| none (clean) | {r['clean'][m]:.4f} | | | | |"]
-    for name, a in r["attacks"].items():
-        if "skipped" in a:
-            lines.append(f"| {name} | skipped: {a['skipped']} | | | | |")
-            continue
-        drop = f"{r['clean'][m] - a[m]:+.4f}" if a.get(m) is not None else ""
-        sr = f"{a['success_rate']:.1%}" if "success_rate" in a else ""
-        val = f"{a[m]:.4f}" if a.get(m) is not None else ""
-        changed = f"{a['changed_rate']:.1%}" if "changed_rate" in a else ""
-        lines.append(f"| {name} | {val} | {drop} | {sr} | {changed} | {a['avg_words_changed']:.2f} |")
-    for name, a in r["attacks"].items():
-        if a.get("examples"):
-            lines += ["", f"Successful {name} attacks:", ""]
-            lines += [f"- {e['gold']} -> {e['prediction'] if 'prediction' in e else e['after']}: \"{e['original']}\" -> "
-                      f"\"{e['adversarial']}\"" for e in a["examples"]]
-    return "\n".join(lines) + "\n"
