@@ -124,8 +124,8 @@ def examples_of(run: Any, data: str | Path | None, split: str, require_label: bo
 
 def add_commands(sub: Any, load: Callable[..., Any]) -> None:
     """A subcommand `lmtune COMMAND RUN_DIR [--flags]` for every registered analysis that runs, its flags
-    from the declared params; sub: the parser's add_subparsers(). load(run_dir, backend=...) opens the run (the cli's loader: the seam
-    imports no loader, which imports it)."""
+    from the declared params; sub: the parser's add_subparsers(). load(run_dir, backend=...) opens the
+    run: the cli passes its loader, as the loader's module imports this one."""
     for name in analyses.names():
         analysis = get(name)
         if analysis.run is None:
