@@ -140,7 +140,7 @@ def cmd_ui(ns: argparse.Namespace) -> int:
     token = ui_token(ns.token_file)
     check_binding(ns.host, token)
     print(f"lmtune ui on http://{ns.host}:{ns.port}/ (runs: {ns.runs_dir}; Ctrl-C stops)", file=sys.stderr)
-    serve_ui(UiSettings(runs_dir=ns.runs_dir, workdir=".", token=token), ns.host, ns.port)
+    serve_ui(UiSettings(runs_dir=ns.runs_dir, workdir=".", token=token, allow_paths=tuple(ns.allow_path)), ns.host, ns.port)
     return 0
 
 
@@ -514,6 +514,9 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=7860)
     ui.add_argument("--token-file", help="file whose first line is the token")
+    ui.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                    help="also allow paths under DIR in job configs and file picks (repeatable; default: only the "
+                         "current directory)")
     fa = sub.add_parser("fairness", help="per-slice metrics with intervals, and counterfactual term swaps (he <-> she ...)",
                         description="Slices: accuracy per value of each --slices column (default data.slice_columns), the gap to "
                                     "overall with a 95%% bootstrap interval, significantly worse slices flagged. --swap en|zh|FILE: "
