@@ -413,6 +413,8 @@ def test_a_json_body_that_is_not_an_object_gets_422(dash):
             assert r.status_code == 422, (url, raw, r.status_code, r.text)
     wrong = {"/api/clean": {"path": "train.csv", "actions": [{"line": "x", "action": "drop"}, 5]},
              "/api/jobs": {"config": "data:\n  split: [a, b, c]\n"}}
+    relabel = {"path": "train.csv", "actions": [{"line": 2, "action": "relabel", "label": "z"}], "label_column": "nolabel"}
+    assert c.post("/api/clean", json=relabel, headers=POST).status_code == 422
     for url, body in wrong.items():  # the right shape with wrong values inside: 422 too
         assert c.post(url, json=body, headers=POST).status_code == 422
     body_routes = {r.path.replace("{name}", "r1") for r in c.app.routes if getattr(r, "body_field", None) is not None}

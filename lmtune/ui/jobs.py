@@ -143,6 +143,8 @@ def clean_copy(path: Path, actions: list[dict], out_dir: Path, label_column: str
         elif a["action"] == "relabel":
             if not str(a.get("label", "")).strip():
                 raise InputError(f"{path}: line {line}: relabel needs a label.")
+            if label_column not in by_line[line]:
+                raise InputError(f"{path}: line {line}: no column {label_column!r} to relabel; give the file's label column.")
             relabel[line] = str(a["label"]).strip()
         else:
             raise InputError(f"action {a['action']!r}: expected drop or relabel.")
