@@ -23,7 +23,7 @@ from lmtune.errors import InputError
 from lmtune.io import atomic_path, write_json
 from lmtune.ui.confine import Confinement, PathRefused, run_name_ok
 
-_PROGRESS = re.compile(r"^train (\d+)/(\d+)")
+_PROGRESS = re.compile(r"^(?:train|step) (\d+)/(\d+)")  # progress lines, and each evaluation's line
 _RUN_DIR = re.compile(r"^run dir: (.+)$")
 
 
