@@ -106,7 +106,7 @@ def cmd_ui(ns: argparse.Namespace) -> int:
     token = ui_token(ns.token_file)
     check_binding(ns.host, token)
     print(f"lmtune ui on http://{ns.host}:{ns.port}/ (runs: {ns.runs_dir}; Ctrl-C stops)", file=sys.stderr)
-    serve_ui(UiSettings(runs_dir=ns.runs_dir, workdir=".", token=token), ns.host, ns.port)
+    serve_ui(UiSettings(runs_dir=ns.runs_dir, workdir=".", token=token, allow_paths=tuple(ns.allow_path)), ns.host, ns.port)
     return 0
 
 
@@ -432,6 +432,9 @@ def build_parser() -> argparse.ArgumentParser:
     ui.add_argument("--host", default="127.0.0.1")
     ui.add_argument("--port", type=int, default=7860)
     ui.add_argument("--token-file", help="file whose first line is the token")
+    ui.add_argument("--allow-path", action="append", default=[], metavar="DIR",
+                    help="also allow paths under DIR in job configs and file picks (repeatable; default: only the "
+                         "current directory)")
     au = sub.add_parser("audit", help="check the data of a config: balance, duplicates, conflicts, leakage",
                         description="lmtune audit CONFIG.yaml [--strict] [--section.key VALUE ...]: findings as JSON; "
                                     "--strict exits 1 when any finding is critical. --data.label_noise_folds 5 adds "

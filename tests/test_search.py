@@ -170,7 +170,7 @@ def test_ensemble_averages_recalibrates_and_serves(tmp_path, two_runs):
         r = client.post("/v1/predict", json={"texts": texts})
         assert r.status_code == 200 and len(r.json()["predictions"]) == 2
     from lmtune.ui.app import UiSettings, create_ui  # the dashboard lists, shows and predicts with it like any run
-    ui = TestClient(create_ui(UiSettings(runs_dir=str(tmp_path), workdir=str(tmp_path))))
+    ui = TestClient(create_ui(UiSettings(runs_dir=str(tmp_path), workdir=str(tmp_path))), base_url="http://127.0.0.1:7860")
     assert "ens" in {r["run"] for r in ui.get("/api/runs").json()} and ui.get("/run/ens").status_code == 200
     r = ui.post("/api/run/ens/predict", json={"text": texts[0]}, headers={"X-Lmtune-UI": "1"})
     assert r.status_code == 200 and r.json()["label"] == got[0]["label"]

@@ -29,6 +29,7 @@ ARTIFACTS = ROOT / "test-artifacts" / "ui"
 DEMO = ROOT / "lmtune" / "demo" / "reviews.csv"
 POST = {"X-Lmtune-UI": "1"}
 TOKEN = "ui-token-0123456789abcdef"
+BASE = "http://127.0.0.1:7860"
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +43,8 @@ def workdir(tmp_path_factory, pretrained_tiny):
 
 
 def _client(workdir: Path, **kw) -> TestClient:
-    return TestClient(create_ui(UiSettings(runs_dir=str(workdir / "runs"), workdir=str(workdir), **kw)))
+    """A client that names the dashboard as a browser on this machine does (Host: 127.0.0.1:7860)."""
+    return TestClient(create_ui(UiSettings(runs_dir=str(workdir / "runs"), workdir=str(workdir), **kw)), base_url=BASE)
 
 
 def test_file_paths_are_confined_to_the_working_directory(workdir):
@@ -124,13 +126,14 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def ui_url(workdir):
+def ui_url(workdir, pretrained_tiny):
     import uvicorn
     shutil.copy(DEMO, workdir / "reviews.csv")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_ui(UiSettings(runs_dir=str(workdir / "runs"), workdir=str(workdir))),
+    settings = UiSettings(runs_dir=str(workdir / "runs"), workdir=str(workdir), allow_paths=[pretrained_tiny])
+    server = uvicorn.Server(uvicorn.Config(create_ui(settings),
                                            host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
@@ -226,7 +229,7 @@ def test_ner_run_page_marks_predicted_and_gold_entities(tmp_path, tiny_model):
 
 
 def test_a_training_job_can_be_stopped_and_a_bad_config_is_refused(workdir, pretrained_tiny):
-    c = _client(workdir)
+    c = _client(workdir, allow_paths=[pretrained_tiny])  # the tiny backbone is outside the working directory
     bad = c.post("/api/jobs", json={"config": "train:\n  epochz: 3\n"}, headers=POST)
     assert bad.status_code == 422 and "epochz" in bad.json()["detail"]
     cfg = {"data": {"train": str(workdir / "train.csv"), "max_length": 32}, "model": {"name": pretrained_tiny},
@@ -240,3 +243,227 @@ def test_a_training_job_can_be_stopped_and_a_bad_config_is_refused(workdir, pret
     assert state["status"] == "stopped" and state["step"] < state["total"]
     events = c.get(f"/api/jobs/{job['id']}/events").text  # the stream ends with the final state
     assert "event: done" in events and '"status": "stopped"' in events
+
+
+# ---- issue 46: the Host check, job configs confined, malformed bodies, fuzzing (defects 2 and 9) -------
+SECRET = "SECRET-LINE-do-not-show-7f3a9c"
+FOREIGN_HOSTS = ("attacker.example:7860", "attacker.example", "127.0.0.1.attacker.example:7860",
+                 "localhost.attacker.example", "[2001:db8::1]:7860", "10.0.0.7:7860", "")
+LOCAL_HOSTS = ("localhost:7860", "127.0.0.1:7860", "[::1]:7860", "localhost", "LOCALHOST:7860", "127.0.0.1")
+
+
+@pytest.fixture
+def dash(tmp_path) -> dict:
+    """A working directory with a data file and a run folder, and beside it (outside) a planted secret file,
+    a model folder and a symlink to the secret from inside the working directory."""
+    work, outside = tmp_path / "work", tmp_path / "outside"
+    work.mkdir(), outside.mkdir()
+    (work / "train.csv").write_text("text,label\ngood,pos\nbad,neg\n")
+    (work / "runs" / "r1").mkdir(parents=True)
+    (work / "runs" / "r1" / "config.yaml").write_text("task: classification\n")
+    secret = outside / "secret.csv"
+    secret.write_text(f"{SECRET}\n{SECRET},x\n")
+    (outside / "model").mkdir()
+    (outside / "model" / "config.json").write_text(f'{{"model_type": "{SECRET}"}}')
+    (work / "link.csv").symlink_to(secret)
+    return {"work": work, "outside": outside, "secret": secret}
+
+
+def _dash_client(dash: dict, **kw) -> TestClient:
+    """A client that sees a server error as a 500 response, as a browser does (not as a raised exception)."""
+    work = dash["work"]
+    return TestClient(create_ui(UiSettings(runs_dir=str(work / "runs"), workdir=str(work), **kw)), base_url=BASE,
+                      raise_server_exceptions=False)
+
+
+def _requests_for_every_route(app):
+    """(method, url, json body) for every route in the app's table, path parameters filled in, POST bodies
+    valid; Mounts (the static files) by a file they serve."""
+    from starlette.routing import Mount
+    bodies = {"/api/init": {"path": "train.csv"}, "/api/clean": {"path": "train.csv", "actions": []},
+              "/api/jobs": {"config": "train:\n  epochs: 1\n"}, "/api/run/{name}/predict": {"text": "good"}}
+    out = []
+    for route in app.routes:
+        if isinstance(route, Mount):
+            out.append(("GET", route.path + "/ui.css", None))
+            continue
+        url = route.path.replace("{name}", "r1").replace("{job_id}", "0123456789")
+        url += "?name=x.csv" if route.path == "/api/upload" else ""
+        out += [(m, url, bodies.get(route.path)) for m in sorted(route.methods - {"HEAD"})]
+    return out
+
+
+def test_a_foreign_host_is_refused_on_every_route(dash):
+    """DNS rebinding: a page on attacker.example rebound to 127.0.0.1 sends its own name in Host."""
+    app = create_ui(UiSettings(runs_dir=str(dash["work"] / "runs"), workdir=str(dash["work"])))
+    c = TestClient(app, base_url=BASE)
+    calls = _requests_for_every_route(app)
+    assert {u for _, u, _ in calls} >= {"/", "/static/ui.css", "/favicon.ico", "/api/jobs", "/api/clean", "/api/upload?name=x.csv"}
+    assert len(calls) >= 16
+    for method, url, body in calls:
+        for host in FOREIGN_HOSTS:
+            r = c.request(method, url, json=body, headers={**POST, "Host": host})
+            assert r.status_code == 403 and "Host" in r.json()["detail"], (method, url, host, r.status_code)
+    assert not (dash["work"] / ".lmtune-ui").exists() and not (dash["work"] / "uploads").exists()  # nothing ran
+    for host in LOCAL_HOSTS:  # the names it was bound to still work
+        for url in ("/", "/api/runs", "/static/ui.css", "/openapi.json", "/train"):
+            assert c.get(url, headers={"Host": host}).status_code == 200, (url, host)
+        assert c.post("/api/init", json={"path": "train.csv"}, headers={**POST, "Host": host}).status_code == 200
+    # a token does not open the door to another name; the configured --host is answered
+    c = _dash_client(dash, token=TOKEN, host="192.168.7.7")
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    assert c.get("/", headers={**auth, "Host": "192.168.7.7:7860"}).status_code == 200
+    assert c.get("/", headers={**auth, "Host": "attacker.example:7860"}).status_code == 403
+    c = _dash_client(dash, token=TOKEN, host="0.0.0.0")  # every interface: its addresses, but never a DNS name
+    assert c.get("/", headers={**auth, "Host": "10.1.2.3:7860"}).status_code == 200
+    assert c.get("/", headers={**auth, "Host": "attacker.example:7860"}).status_code == 403
+
+
+def _outside_configs(dash: dict) -> dict[str, dict]:
+    out, secret, work = dash["outside"], str(dash["secret"]), dash["work"]
+    data = {"train": str(work / "train.csv")}
+    return {
+        "data file": {"data": {"train": secret}},
+        "data file, relative": {"data": {"train": "../../../../outside/secret.csv"}},  # from the job's folder
+        "dev file": {"data": {**data, "dev": secret}},
+        "test file, bare key": {"data": data, "test": secret},
+        "symlink out": {"data": {"train": str(work / "link.csv")}},
+        "hub folder": {"data": {"hub": str(out)}},
+        "hub source": {"data": {"train": f"hub:{out}::train"}},
+        "attack data": {"data": data, "attack": {"data": secret}},
+        "json schema": {"data": data, "generate": {"json_schema": secret}},
+        "retrieval corpus": {"data": data, "retrieval": {"corpus": secret}},
+        "pretrain files": {"data": data, "pretrain": {"files": [secret]}},
+        "from run": {"data": data, "continual": {"from_run": str(out)}},
+        "run_name ../": {"data": data, "run_name": "../../x"},
+        "run_name absolute": {"data": data, "run_name": str(out / "x")},
+        "output_dir": {"data": data, "output_dir": str(out / "runs")},
+        "model path": {"data": data, "model": {"name": str(out / "model")}},
+        "model path, relative": {"data": data, "model": {"name": "../outside/model"}},
+        "gguf file": {"data": data, "model": {"name": str(work), "gguf_file": "../outside/secret.csv"}},
+        "mlm model": {"data": data, "augment": {"mlm_model": str(out / "model")}},
+        "tune storage": {"data": data, "tune": {"storage": f"sqlite:///{out}/study.db"}},
+    }
+
+
+def test_a_job_config_pointing_outside_is_refused_and_starts_nothing(dash):
+    c = _dash_client(dash)
+    for kind, cfg in _outside_configs(dash).items():
+        r = c.post("/api/jobs", json={"config": yaml.safe_dump(cfg)}, headers=POST)
+        assert r.status_code == 403, (kind, r.status_code, r.text)
+        assert SECRET not in r.text
+    assert not (dash["work"] / ".lmtune-ui").exists()  # no job folder, no child, no run
+    assert [p.name for p in (dash["work"] / "runs").iterdir()] == ["r1"] and not (dash["outside"] / "x").exists()
+    assert c.app.state.ui.jobs.jobs == {}
+    from lmtune.ui.confine import unclassified_keys
+    assert unclassified_keys() == []  # every config key that names a file or folder is checked
+
+
+def test_allow_path_lets_a_job_use_a_folder_outside(dash, monkeypatch):
+    out = dash["outside"]
+    cfg = {"data": {"train": str(dash["secret"])}, "model": {"name": str(out / "model")}, "run_name": "allowed",
+           "train": {"epochs": 1}}
+    c = _dash_client(dash, allow_paths=[str(out)])
+    r = c.post("/api/jobs", json={"config": yaml.safe_dump(cfg)}, headers=POST)
+    assert r.status_code == 200, r.text
+    job = r.json()["id"]
+    assert c.post(f"/api/jobs/{job}/stop", headers=POST).json()["status"] in ("stopped", "failed", "finished")
+    assert c.post("/api/init", json={"path": str(dash["secret"])}, headers=POST).status_code != 403
+    for kind in ("run_name ../", "output_dir"):  # still refused: not under the allowed folder
+        bad = {**_outside_configs(dash)[kind], "output_dir": "/elsewhere"} if kind == "output_dir" else _outside_configs(dash)[kind]
+        assert c.post("/api/jobs", json={"config": yaml.safe_dump(bad)}, headers=POST).status_code == 403
+    # the command line passes --allow-path DIR (repeatable) to the dashboard's settings
+    import lmtune.ui.app as ui_app
+    seen = []
+    monkeypatch.setattr(ui_app, "serve_ui", lambda settings, host, port: seen.append(settings))
+    monkeypatch.delenv("LMTUNE_UI_TOKEN", raising=False)
+    assert main(["ui", str(dash["work"] / "runs"), "--allow-path", str(out), "--allow-path", "/data"]) == 0
+    assert list(seen[0].allow_paths) == [str(out), "/data"]
+
+
+def test_no_error_message_shows_a_file_outside(dash):
+    """/etc/passwd-style: whatever route names a planted file outside, its content never comes back."""
+    c = _dash_client(dash)
+    secret, link = str(dash["secret"]), str(dash["work"] / "link.csv")
+    texts = []
+    for path in (secret, link, "../outside/secret.csv"):
+        texts += [c.post("/api/init", json={"path": path}, headers=POST).text,
+                  c.post("/api/clean", json={"path": path, "actions": [{"line": 2, "action": "drop"}]}, headers=POST).text]
+    for cfg in _outside_configs(dash).values():
+        r = c.post("/api/jobs", json={"config": yaml.safe_dump(cfg)}, headers=POST)
+        texts.append(r.text)
+        if r.status_code == 200:  # (none is started; were one, its event stream must not show the file either)
+            texts.append(c.get(f"/api/jobs/{r.json()['id']}/events").text)
+    assert all(t for t in texts) and not [t for t in texts if SECRET in t]
+    assert not (dash["work"] / "cleaned").exists()
+
+
+JSON_ROUTES = ("/api/run/r1/predict", "/api/init", "/api/jobs", "/api/clean")
+NOT_OBJECTS = ([1, 2], ["train.csv"], [], "train.csv", 3, 2.5, None, True)
+
+
+def test_a_json_body_that_is_not_an_object_gets_422(dash):
+    c = _dash_client(dash)
+    for url in JSON_ROUTES:
+        for body in NOT_OBJECTS:
+            r = c.post(url, json=body, headers=POST)
+            assert r.status_code == 422 and isinstance(r.json()["detail"], str), (url, body, r.status_code, r.text)
+        for raw in (b"{not json", b"", b"\xff\xfe"):
+            r = c.post(url, content=raw, headers={**POST, "Content-Type": "application/json"})
+            assert r.status_code == 422, (url, raw, r.status_code, r.text)
+    wrong = {"/api/clean": {"path": "train.csv", "actions": [{"line": "x", "action": "drop"}, 5]},
+             "/api/jobs": {"config": "data:\n  split: [a, b, c]\n"}}
+    relabel = {"path": "train.csv", "actions": [{"line": 2, "action": "relabel", "label": "z"}], "label_column": "nolabel"}
+    assert c.post("/api/clean", json=relabel, headers=POST).status_code == 422
+    for url, body in wrong.items():  # the right shape with wrong values inside: 422 too
+        assert c.post(url, json=body, headers=POST).status_code == 422
+    body_routes = {r.path.replace("{name}", "r1") for r in c.app.routes if getattr(r, "body_field", None) is not None}
+    assert body_routes == set(JSON_ROUTES)  # every JSON-body route in the table is checked here
+
+
+def _json_values():
+    import hypothesis.strategies as st
+    scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=40)
+    return st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner,
+                                                                                                max_size=4), max_leaves=12)
+
+
+def _never_5xx(c: TestClient, url: str, bodies) -> None:
+    import hypothesis
+
+    @hypothesis.given(body=bodies)
+    @hypothesis.settings(max_examples=60, deadline=None, database=None, suppress_health_check=list(hypothesis.HealthCheck))
+    def check(body):
+        r = c.post(url, json=body, headers=POST)
+        assert r.status_code < 500, (url, body, r.text)
+    check()
+
+
+def test_arbitrary_json_to_every_json_route_never_gives_a_server_error(dash):
+    """The property test: any JSON value, or an object with the routes' own keys holding any JSON value."""
+    import hypothesis.strategies as st
+    c = _dash_client(dash)
+    keys = st.sampled_from(["path", "actions", "config", "text", "pair", "task", "label_column", "line", "action"])
+    for url in JSON_ROUTES:
+        _never_5xx(c, url, _json_values() | st.dictionaries(keys, _json_values(), max_size=4))
+    c.app.state.ui.jobs.close()
+
+
+def test_fuzzing_the_dashboard_openapi_schema_gives_no_5xx(dash):
+    import hypothesis
+    import schemathesis
+    app = create_ui(UiSettings(runs_dir=str(dash["work"] / "runs"), workdir=str(dash["work"]), max_upload_bytes=4096))
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app, headers={"Host": "127.0.0.1:7860"})
+    operations = [r.ok() for r in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/api/jobs", "/api/clean", "/api/init", "/api/run/{name}/predict", "/"}
+    calls = []
+    for op in operations:
+        @hypothesis.given(case=op.as_strategy())
+        @hypothesis.settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(hypothesis.HealthCheck))
+        def check(case):
+            response = case.call(headers={**POST, "Host": "127.0.0.1:7860"})
+            calls.append(response.status_code)
+            assert response.status_code < 500, (case.method, case.path, case.body, response.text)
+        check()
+    app.state.ui.jobs.close()
+    assert len(calls) >= 100 and 200 in calls and 422 in calls

@@ -21,8 +21,9 @@ import yaml
 
 from lmtune.errors import InputError
 from lmtune.io import atomic_path, write_json
+from lmtune.ui.confine import Confinement, PathRefused, run_name_ok
 
-_PROGRESS = re.compile(r"^train (\d+)/(\d+)")
+_PROGRESS = re.compile(r"^(?:train|step) (\d+)/(\d+)")  # progress lines, and each evaluation's line
 _RUN_DIR = re.compile(r"^run dir: (.+)$")
 
 
@@ -53,30 +54,31 @@ class Job:
 
 
 class Jobs:
-    def __init__(self, runs_dir: Path, workdir: Path) -> None:
-        self.runs_dir, self.folder = runs_dir, workdir / ".lmtune-ui" / "jobs"
+    def __init__(self, runs_dir: Path, workdir: Path, confine: Confinement | None = None) -> None:
+        self.runs_dir, self.workdir, self.folder = runs_dir, workdir, workdir / ".lmtune-ui" / "jobs"
+        self.confine = confine or Confinement.of(workdir)
         self.jobs: dict[str, Job] = {}
 
     def start(self, config_text: str) -> Job:
-        """Check the edited config, then train it in a child process into the UI's runs folder."""
-        try:
-            cfg = yaml.safe_load(config_text)
-        except yaml.YAMLError as e:
-            raise InputError(f"config: not valid YAML ({e}).") from None
-        if not isinstance(cfg, dict):
-            raise InputError("config: expected a mapping of config sections.")
-        from lmtune.config import build_config
-        build_config(cfg)  # unknown keys and bad values are errors before anything starts
+        """Check the edited config, then train it in a child process into the UI's runs folder.
+        Every path it names must be inside the working directory or an allowed folder (PathRefused, 403):
+        nothing is created or started before that is checked."""
+        cfg = _mapping(config_text)
         job_id = uuid.uuid4().hex[:10]
         folder = self.folder / job_id
+        built = _built(cfg, folder.resolve())  # data paths rebased on the config's folder, as the child does
+        if not run_name_ok(built.run_name):
+            raise PathRefused("run_name", str(built.run_name), "a run name is one folder name inside the runs folder "
+                                                               "(letters, digits, . _ -; no / or ..)")
+        self.confine.check_config(built)
         folder.mkdir(parents=True)
         (folder / "config.yaml").write_text(config_text, encoding="utf-8")
         cmd = [sys.executable, "-m", "lmtune", "train", str(folder / "config.yaml"), "--output_dir", str(self.runs_dir),
                "--train.progress", "lines"]
-        if not cfg.get("run_name"):
+        if not built.run_name:
             cmd += ["--run_name", f"ui-{job_id}"]
-        with open(folder / "train.out", "wb") as out:
-            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+        with open(folder / "train.out", "wb") as out:  # cwd: the other paths resolve as they were checked
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir,
                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
         job = Job(job_id, folder, proc)
         self.jobs[job_id] = job
@@ -104,6 +106,25 @@ class Jobs:
             self.stop(job_id)
 
 
+def _mapping(config_text: str) -> dict:
+    try:
+        cfg = yaml.safe_load(config_text)
+    except (yaml.YAMLError, RecursionError) as e:  # RecursionError: nesting deeper than the parser goes
+        raise InputError(f"config: not valid YAML ({e}).") from None
+    if not isinstance(cfg, dict):
+        raise InputError("config: expected a mapping of config sections.")
+    return cfg
+
+
+def _built(cfg: dict, folder: Path):
+    """The Config the child will build; unknown keys and bad values are errors before anything starts."""
+    from lmtune.config import build_config
+    try:
+        return build_config(cfg, base_dir=folder)
+    except (TypeError, ValueError, AttributeError, RecursionError) as e:  # a value of a type no check expected
+        raise InputError(f"config: a value has the wrong type or shape ({type(e).__name__}: {e}).") from None
+
+
 # ---- cleaned copies of data files --------------------------------------------------------------
 def clean_copy(path: Path, actions: list[dict], out_dir: Path, label_column: str = "label") -> dict:
     """A copy of a data file with rows dropped or relabeled (by line number, as lmtune's errors and audit
@@ -122,6 +143,8 @@ def clean_copy(path: Path, actions: list[dict], out_dir: Path, label_column: str
         elif a["action"] == "relabel":
             if not str(a.get("label", "")).strip():
                 raise InputError(f"{path}: line {line}: relabel needs a label.")
+            if label_column not in by_line[line]:
+                raise InputError(f"{path}: line {line}: no column {label_column!r} to relabel; give the file's label column.")
             relabel[line] = str(a["label"]).strip()
         else:
             raise InputError(f"action {a['action']!r}: expected drop or relabel.")

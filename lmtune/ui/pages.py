@@ -1,0 +1,65 @@
+"""The dashboard's HTML pages: runs, a run, compare, train (and the favicon)."""
+from __future__ import annotations
+
+import yaml
+from fastapi import APIRouter, Depends, HTTPException, Request
+from fastapi.responses import HTMLResponse, RedirectResponse
+
+from lmtune.ui import views
+from lmtune.ui.app import UiState, state
+
+router = APIRouter()
+COMPARED_CURVES = ("train_loss", "dev_loss", "dev_accuracy", "dev_macro_f1", "dev_f1")
+
+
+@router.get("/", response_class=HTMLResponse)
+async def runs_page(ui: UiState = Depends(state)):
+    return ui.page("runs.html", runs=views.runs_table(ui.runs_dir))
+
+
+@router.get("/run/{name}", response_class=HTMLResponse)
+async def run_page(name: str, ui: UiState = Depends(state)):
+    ui.run_path(name)
+    d = views.run_details(ui.runs_dir, name)
+    split = "test" if "test" in d["metrics"] else "dev"
+    m = d["metrics"].get(split, {})
+    curves = views.curves(d["history"])
+    charts = [views.line_chart({k: v for k, v in curves.items() if k in ("train_loss", "dev_loss")}, "loss"),
+              views.line_chart({k: v for k, v in curves.items() if k.startswith("dev_") and k != "dev_loss"
+                                and not k.startswith("dev_ece")}, "dev metrics")]
+    entities = [views.entity_html(r["text"], r["entities"]) if isinstance(r.get("text"), str)
+                else views.tagged_html(r["tokens"], r.get("tags", []), r.get("gold"))
+                for r in d["test_rows"] if "entities" in r][:20]
+    data_cfg = (yaml.safe_load(d["config"]) or {}).get("data", {}) if d["config"] else {}
+    explained = [{"name": kind, "html": views.attribution_html(e["attributions"]), "label": e.get("label"), "gold": e.get("gold")}
+                 for kind, exs in (d["results"].get("explain") or {}).get("examples", {}).items() for e in exs]
+    return ui.page("run.html", d=d, split=split, m=m, charts=charts, explained=explained,
+                   confusion=views.confusion_table(m.get("confusion_matrix", []), d["labels"]), entities=entities,
+                   pairs=bool(data_cfg.get("text_pair_column")), data_cfg=data_cfg)
+
+
+@router.get("/compare", response_class=HTMLResponse)
+async def compare_page(request: Request, ui: UiState = Depends(state)):
+    names = request.query_params.getlist("run")
+    if len(names) < 2:
+        raise HTTPException(422, "compare needs two or more runs: /compare?run=A&run=B")
+    for n in names:
+        ui.run_path(n)
+    c = views.compare_runs(ui.runs_dir, names)
+    overlay: dict[str, dict] = {}
+    for n in names:
+        for k, pts in c["curves"][n].items():
+            if k in ("dev_loss", "train_loss") or not k.startswith("dev_ece"):
+                overlay.setdefault(k, {})[n] = pts
+    charts = [views.line_chart(series, k) for k, series in overlay.items() if k in COMPARED_CURVES]
+    return ui.page("compare.html", c=c, charts=charts)
+
+
+@router.get("/train", response_class=HTMLResponse)
+async def train_page(ui: UiState = Depends(state)):
+    return ui.page("train.html", max_mb=ui.settings.max_upload_bytes / 2**20)
+
+
+@router.get("/favicon.ico")
+async def favicon():
+    return RedirectResponse("/static/favicon.svg")
