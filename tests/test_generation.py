@@ -459,3 +459,27 @@ def test_a_model_failure_mid_stream_is_an_error_event_within_two_seconds(stream_
     failed = [rec.getMessage() for rec in caplog.records if "generation failed" in rec.getMessage()]
     assert len(failed) == 1 and "req-failing-1" in failed[0] and "RuntimeError" in failed[0], failed
     assert not any("the food was great" in rec.getMessage() for rec in caplog.records)
+
+
+def test_fuzzing_the_generation_servers_schema_gives_no_5xx(stream_run, monkeypatch):
+    """schemathesis over the OpenAPI of a generation run's server, /v1/generate (streamed and not) included."""
+    import hypothesis
+    import schemathesis
+
+    from lmtune.serve.app import ServeSettings, create_app
+    monkeypatch.setenv("LMTUNE_API_KEYS", STREAM_KEY)
+    app = create_app(ServeSettings(run_dir=stream_run, backend="torch", max_new_tokens=3, max_chars=200, max_texts=4))
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    operations = [r.ok() for r in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/generate", "/v1/predict", "/healthz", "/readyz", "/metrics"}
+    calls = []
+    for op in operations:
+        @hypothesis.given(case=op.as_strategy())
+        @hypothesis.settings(max_examples=20, deadline=None, database=None, suppress_health_check=list(hypothesis.HealthCheck))
+        def check(case):
+            for headers in ({"Authorization": f"Bearer {STREAM_KEY}"}, {}):
+                response = case.call(headers=headers)
+                calls.append((case.path, response.status_code))
+                assert response.status_code < 500, (case.method, case.path, case.body, response.text)
+        check()
+    assert ("/v1/generate", 200) in calls and ("/v1/generate", 401) in calls
