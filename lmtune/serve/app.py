@@ -21,7 +21,8 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -345,7 +346,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
     return app
 
 
-def _load_run(run_dir: Path, settings: ServeSettings):
+def _load_run(run_dir: Path, settings: ServeSettings) -> tuple[Any, str]:
     """The run to serve and the backend it runs on (ONNX when exported, unless told otherwise)."""
     from lmtune.api import load
     backend = _pick_backend(run_dir, settings.backend)
@@ -526,7 +527,7 @@ def _add_generate(app: FastAPI, run, settings: ServeSettings, metrics: Metrics, 
                                  headers={"Cache-Control": "no-cache"})
 
 
-async def _sse_events(stream: CancellableStream, job: asyncio.Future, request: Request, rid: str):
+async def _sse_events(stream: CancellableStream, job: asyncio.Future, request: Request, rid: str) -> AsyncIterator[str]:
     """The server-sent events of one streamed generation. However the response ends (done, failed,
     or the client gone: the server cancels this generator, or sending raises), the generation is
     cancelled; a watcher also notices a client that leaves while no text is being sent."""
