@@ -117,7 +117,7 @@ def accelerator_for(precision: str) -> Accelerator:
 
 
 def _comparable(cfg: Config) -> dict:
-    d = cfg.to_dict()
+    d = cfg.redacted_dict()  # config.yaml holds the masked form; compare like with like
     d["train"].pop("progress", None)
     return d
 

@@ -86,7 +86,9 @@ def read_meta(folder: Path) -> dict:
 
 
 def write_meta(folder: Path, meta: dict) -> None:
-    write_json(folder / META, meta)
+    """lmtune.json; its config with credentials masked (`lmtune push` uploads this file)."""
+    from lmtune.redact import redact
+    write_json(folder / META, {**meta, "config": redact(meta["config"])} if "config" in meta else meta)
 
 
 def update_task_state(folder: Path, task: Any) -> None:

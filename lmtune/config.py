@@ -336,8 +336,14 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    def redacted_dict(self) -> dict:
+        """to_dict() with credentials masked (lmtune.redact): what config.yaml, lmtune.json and
+        trackers get; the config itself keeps the real values for use."""
+        from lmtune.redact import redact
+        return redact(self.to_dict())
+
     def to_yaml(self) -> str:
-        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+        return yaml.safe_dump(self.redacted_dict(), sort_keys=False)
 
 
 SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "peft": PeftConfig, "abstain": AbstainConfig,

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
 from lmtune.robust.text import is_cjk
 from lmtune.training.progress import Progress
@@ -62,6 +62,9 @@ def generate_outputs(task, model, tokenizer: Any, examples: list, device: torch.
             extra["prefix_allowed_tokens_fn"] = label_constraint(tokenizer, task.label_set, width)
         if task.stop:
             extra.update(stop_strings=task.stop, tokenizer=tokenizer)
+        stop_when = getattr(streamer, "stopping_criteria", None)  # a server's stream: stops when its client has gone
+        if stop_when is not None:
+            extra["stopping_criteria"] = StoppingCriteriaList([stop_when])
         with torch.inference_mode():
             gen = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device), generation_config=config,
                                  streamer=streamer, **extra)

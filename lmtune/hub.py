@@ -3,8 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from lmtune.artifacts import RunDir
+from lmtune.artifacts import RunDir, read_meta, write_meta
 from lmtune.errors import InputError
+from lmtune.redact import redact
 from lmtune.results import render
 
 
@@ -17,6 +18,9 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False) -> str:
         raise InputError(f"{rd.root}: no finished model (model/lmtune.json missing); push a run that finished training.")
     if not rd.card.is_file():
         render(rd.root)  # runs from before model cards
+    meta = read_meta(rd.model)
+    if "config" in meta and redact(meta["config"]) != meta["config"]:
+        write_meta(rd.model, meta)  # a run from before credentials were masked: mask them before they leave
     api = HfApi()
     api.create_repo(repo_id, private=private, exist_ok=True)
     info = api.upload_folder(folder_path=str(rd.model), repo_id=repo_id, commit_message=f"lmtune run {rd.root.name}")

@@ -2,7 +2,12 @@
 cross-talk, the decoding search, the output checks, predict/reload, and the formats' errors."""
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import socket
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -352,3 +357,129 @@ def test_repetition_controls_leave_the_prompt_out():
     pen = ResponsePenalties(start=len(prompt), penalty=2.0)(ids, torch.tensor([[2.0] * 8 + [-2.0, 2.0]]))
     assert pen[0, 5] == 2.0 and pen[0, 9] == 1.0 and pen[0, 8] == -4.0  # prompt token untouched; generated ones pushed down
     assert ResponsePenalties.from_settings({"temperature": 0.5}, 4) is None
+
+
+# ---- streaming over a real server: a dropped client stops the model, a failing model ends the stream ----
+@pytest.fixture(scope="module")
+def stream_run(tmp_path_factory, tiny_llama) -> str:
+    tmp = tmp_path_factory.mktemp("stream-run")
+    cfg = _cfg(tmp, tiny_llama, search_trials=0)
+    cfg["train"]["epochs"] = 1
+    return str(lmtune.train(cfg).run_dir)
+
+
+class _CountedForward:
+    """Llama's forward, counted and slowed to `step_s` a step, its end-of-text logit pushed to -inf so
+    a generation runs to max_new_tokens (a real model call each step; only the length is forced).
+    With `fail_at`, that call raises, as a model that runs out of memory mid-generation does."""
+
+    def __init__(self, step_s: float, fail_at: int | None = None):
+        from transformers import LlamaForCausalLM
+        self.real, self.calls, self.step_s, self.fail_at = LlamaForCausalLM.forward, 0, step_s, fail_at
+
+    def install(self, monkeypatch) -> _CountedForward:
+        from transformers import LlamaForCausalLM
+        monkeypatch.setattr(LlamaForCausalLM, "forward", lambda model, *a, **kw: self(model, *a, **kw))
+        return self
+
+    def __call__(self, model, *args, **kwargs):
+        self.calls += 1
+        if self.fail_at is not None and self.calls >= self.fail_at:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        time.sleep(self.step_s)
+        out = self.real(model, *args, **kwargs)
+        out.logits[..., model.config.eos_token_id] = float("-inf")
+        return out
+
+
+@contextlib.contextmanager
+def _served(app):
+    """The app on a real uvicorn server (lmtune's guarded protocol) on 127.0.0.1, in a thread: a
+    client that closes its connection is seen by the server as it is in production."""
+    import uvicorn
+
+    from lmtune.serve.protocol import GuardedHttpProtocol
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, http=GuardedHttpProtocol, log_config=None, timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+STREAM_KEY = "k-stream-long-enough-key"
+
+
+def _stream_app(run_dir: str, monkeypatch, max_new_tokens: int):
+    from lmtune.serve.app import ServeSettings, create_app
+    monkeypatch.setenv("LMTUNE_API_KEYS", STREAM_KEY)
+    return create_app(ServeSettings(run_dir=run_dir, backend="torch", max_new_tokens=max_new_tokens))
+
+
+def test_a_dropped_stream_stops_the_model_within_two_steps(stream_run, monkeypatch):
+    import httpx
+    forward = _CountedForward(step_s=0.05).install(monkeypatch)
+    app = _stream_app(stream_run, monkeypatch, max_new_tokens=150)  # 150 steps: 7.5 s if nothing stops them
+    with _served(app) as url, httpx.Client(base_url=url, timeout=10) as client:
+        with client.stream("POST", "/v1/generate", json={"text": "the food was great", "max_new_tokens": 150},
+                           headers={"Authorization": f"Bearer {STREAM_KEY}"}) as r:
+            assert r.status_code == 200
+            time.sleep(0.5)
+            assert forward.calls >= 3  # generating
+        at_close = forward.calls  # leaving the block closed the connection mid-stream
+        time.sleep(1.5)  # 30 more steps if the model kept going
+        assert forward.calls - at_close <= 2, (at_close, forward.calls)
+        # the gate is free: the next request generates at once, to its end
+        monkeypatch.setattr(forward, "step_s", 0.0)
+        done = client.post("/v1/generate", json={"text": "the food was great", "max_new_tokens": 5, "stream": False},
+                           headers={"Authorization": f"Bearer {STREAM_KEY}"})
+        assert done.status_code == 200 and done.json()["tokens"] == 5
+
+
+def test_a_model_failure_mid_stream_is_an_error_event_within_two_seconds(stream_run, monkeypatch, caplog):
+    import httpx
+    _CountedForward(step_s=0.02, fail_at=4).install(monkeypatch)
+    app = _stream_app(stream_run, monkeypatch, max_new_tokens=50)
+    caplog.set_level(logging.INFO, logger="lmtune.serve")
+    with _served(app) as url, httpx.Client(base_url=url, timeout=5) as client:
+        t0 = time.monotonic()
+        r = client.post("/v1/generate", json={"text": "the food was great", "max_new_tokens": 50},
+                        headers={"Authorization": f"Bearer {STREAM_KEY}", "X-Request-Id": "req-failing-1"})
+        elapsed = time.monotonic() - t0
+    assert r.status_code == 200 and elapsed < 2, elapsed
+    events = _events(r.text)
+    assert events[-1] == ("error", {"request_id": "req-failing-1", "detail": "generation failed"}), events
+    failed = [rec.getMessage() for rec in caplog.records if "generation failed" in rec.getMessage()]
+    assert len(failed) == 1 and "req-failing-1" in failed[0] and "RuntimeError" in failed[0], failed
+    assert not any("the food was great" in rec.getMessage() for rec in caplog.records)
+
+
+def test_fuzzing_the_generation_servers_schema_gives_no_5xx(stream_run, monkeypatch):
+    """schemathesis over the OpenAPI of a generation run's server, /v1/generate (streamed and not) included."""
+    import hypothesis
+    import schemathesis
+
+    from lmtune.serve.app import ServeSettings, create_app
+    monkeypatch.setenv("LMTUNE_API_KEYS", STREAM_KEY)
+    app = create_app(ServeSettings(run_dir=stream_run, backend="torch", max_new_tokens=3, max_chars=200, max_texts=4))
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    operations = [r.ok() for r in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/generate", "/v1/predict", "/healthz", "/readyz", "/metrics"}
+    calls = []
+    for op in operations:
+        @hypothesis.given(case=op.as_strategy())
+        @hypothesis.settings(max_examples=20, deadline=None, database=None, suppress_health_check=list(hypothesis.HealthCheck))
+        def check(case):
+            for headers in ({"Authorization": f"Bearer {STREAM_KEY}"}, {}):
+                response = case.call(headers=headers)
+                calls.append((case.path, response.status_code))
+                assert response.status_code < 500, (case.method, case.path, case.body, response.text)
+        check()
+    assert ("/v1/generate", 200) in calls and ("/v1/generate", 401) in calls

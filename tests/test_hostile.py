@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+import yaml
 
 import lmtune
 from lmtune.cli import main
@@ -251,3 +252,56 @@ def test_a_model_error_is_one_500_with_its_id_and_the_log_never_quotes_the_text(
     assert bad.status_code == 500 and bad.json()["request_id"] == bad.headers["x-request-id"]
     assert good.status_code == 200
     assert "ValueError" in caplog.text and "secret" not in caplog.text and "4411" not in caplog.text
+
+
+PLANTED_PASSWORD, PLANTED_TOKEN = "Planted-Pw-4711", "planted-tok-9876"
+
+
+def test_no_planted_password_or_token_in_any_artifact_of_a_run(tiny_config, monkeypatch, caplog):
+    """Issue 46, defect 8: a database password and a URL token in the config never reach a file of
+    the run (config.yaml, model/lmtune.json that `lmtune push` uploads, report, results), the MLflow
+    store (params) or the log; the config in memory keeps them for use."""
+    from mlflow.tracking import MlflowClient
+
+    from lmtune.api import _comparable
+    from lmtune.config import build_config
+    storage = f"postgresql://lmtune:{PLANTED_PASSWORD}@db.internal:5432/studies"
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # MLflow's local store, inside the output folder
+    cfg = {**tiny_config, "tune": {"storage": storage},
+           "retrieval": {"corpus": f"https://data.example/corpus.jsonl?token={PLANTED_TOKEN}&part=1"}}
+    cfg["train"] = {**cfg["train"], "epochs": 2, "trackers": ["mlflow"]}
+    caplog.set_level(logging.DEBUG)
+    run = lmtune.train(cfg)
+    assert run.config.tune.storage == storage
+    out = Path(tiny_config["output_dir"])
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert len(files) > 10 and any(p.name == "mlflow.db" for p in files)
+    leaked = [str(p) for p in files if PLANTED_PASSWORD.encode() in p.read_bytes() or PLANTED_TOKEN.encode() in p.read_bytes()]
+    assert not leaked
+    assert PLANTED_PASSWORD not in caplog.text and PLANTED_TOKEN not in caplog.text
+    # masked, not dropped: a reader still sees which database and which file
+    meta = json.loads((Path(run.run_dir) / "model" / "lmtune.json").read_text())
+    assert meta["config"]["tune"]["storage"] == "postgresql://lmtune:***@db.internal:5432/studies"
+    assert meta["config"]["retrieval"]["corpus"] == "https://data.example/corpus.jsonl?token=***&part=1"
+    client = MlflowClient(tracking_uri=f"sqlite:///{out.resolve() / 'mlflow.db'}")
+    mlrun = client.search_runs([client.get_experiment_by_name("lmtune").experiment_id])[0]
+    assert mlrun.data.params["tune.storage"] == "postgresql://lmtune:***@db.internal:5432/studies"
+    # --resume compares the saved (masked) config with the given one: the same config still matches
+    assert _comparable(build_config(cfg)) == _comparable(build_config(yaml.safe_load((Path(run.run_dir) / "config.yaml").read_text())))
+
+
+@pytest.mark.parametrize("text, masked", [
+    ("postgresql://user:pw@host/db", "postgresql://user:***@host/db"),
+    ("postgresql+psycopg2://u:p@ss@h:5432/db?sslmode=require", "postgresql+psycopg2://u:***@h:5432/db?sslmode=require"),
+    ("https://ghp_abc123@github.com/o/r.git", "https://***@github.com/o/r.git"),
+    ("https://s3.example/f?X-Amz-Signature=abc&X-Amz-Credential=def&v=1", "https://s3.example/f?X-Amz-Signature=***&X-Amz-Credential=***&v=1"),
+    ("host=db dbname=x password=sekret user=u", "host=db dbname=x password=*** user=u"),
+    ("sqlite:////tmp/runs/mlflow.db", "sqlite:////tmp/runs/mlflow.db"),
+    ("Label each token: PER or LOC", "Label each token: PER or LOC"),  # prose (an instruction) is left alone
+    ("mail a@b.com about max_new_tokens=5", "mail a@b.com about max_new_tokens=5"),
+])
+def test_redact_masks_credentials_and_leaves_the_rest(text, masked):
+    from lmtune.redact import redact
+    assert redact(text) == masked
+    assert redact({"hub_token": "hf_x", "api_key": "k", "max_new_tokens": 5, "nested": [text]}) == \
+        {"hub_token": "***", "api_key": "***", "max_new_tokens": 5, "nested": [masked]}

@@ -21,6 +21,8 @@ import uuid
 from contextlib import asynccontextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, HTTPException, Query, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -35,6 +37,9 @@ from lmtune.serve.batcher import Batcher, Closed, QueueFull
 from lmtune.tasks.base import EXPLAIN, GENERATE
 from lmtune.serve.protocol import GuardedHttpProtocol
 from lmtune.serve.security import STRUCTURED, PiiFilter, key_ok, load_keys, mask_pii
+
+if TYPE_CHECKING:
+    from lmtune.serve.streaming import CancellableStream
 
 log = logging.getLogger("lmtune.serve")
 SETTINGS_ENV = "LMTUNE_SERVE_SETTINGS"
@@ -213,11 +218,10 @@ class RequestContext:
             if length is not None and (not length.isdigit() or int(length) > self.max_body):
                 return await answer(413, f"request body over {self.max_body} bytes")
             if length is None and scope["method"] in ("POST", "PUT", "PATCH"):
-                body, receive_rest = await self._read_body(receive), receive
-                receive = self._replay(body or b"")
+                body = await self._read_body(receive)
                 if body is None:
-                    receive = receive_rest
                     return await answer(413, f"request body over {self.max_body} bytes")
+                receive = self._replay(body, receive)
             await self.app(scope, receive, send_with_id)
         except Exception as e:
             log.error("request %s failed: %s", rid, error_origin(e), extra={STRUCTURED: True})
@@ -264,16 +268,18 @@ class RequestContext:
             return
 
     @staticmethod
-    def _replay(body: bytes):
+    def _replay(body: bytes, receive):
+        """The body read here, then the connection's own messages: a disconnect is reported when
+        the client really goes (a streamed response stops on it), not right after the body."""
         sent = False
 
-        async def receive():
+        async def replayed():
             nonlocal sent
             if not sent:
                 sent = True
                 return {"type": "http.request", "body": body, "more_body": False}
-            return {"type": "http.disconnect"}
-        return receive
+            return await receive()
+        return replayed
 
 
 def text_problem(text: str, max_chars: int) -> tuple[int, str] | None:
@@ -291,21 +297,12 @@ def text_problem(text: str, max_chars: int) -> tuple[int, str] | None:
 
 
 def create_app(settings: ServeSettings) -> FastAPI:
-    from lmtune.api import load
     run_dir = Path(settings.run_dir)
     keys = [] if settings.no_auth else load_keys(settings.key_file)
     if not keys and not settings.no_auth:
         raise InputError("serve: no API key configured. Set LMTUNE_API_KEYS (comma-separated) or --api-key-file; "
                          "--no-auth serves without keys (local experiments only).")
-    backend = _pick_backend(run_dir, settings.backend)
-    if settings.threads:
-        import torch
-        torch.set_num_threads(settings.threads)
-    run = load(run_dir, backend=backend)
-    if backend != "torch":
-        from lmtune.backends.onnx import OnnxModel
-        run.model = OnnxModel(run.model.path, settings.threads, spin=False)
-    run.config.train.progress = "none"
+    run, backend = _load_run(run_dir, settings)
     metrics = Metrics()
     from lmtune.drift import DriftMonitor
     monitor = DriftMonitor.for_run(run)
@@ -318,13 +315,6 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return _public(rows)
 
     batcher = Batcher(predict, settings.max_batch_size, settings.max_wait_ms, settings.max_queue, metrics.batch.observe)
-    explain_lock, explain_calls = threading.Lock(), RateLimiter(settings.explain_per_minute, 60.0)
-
-    def explain_rows(texts: list) -> list[dict]:
-        with explain_lock:  # one explanation at a time: each is a batch of its own (n_steps x tokens)
-            rows = run.explain(texts)
-        metrics.texts.inc(len(texts))
-        return _public(rows)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -338,66 +328,12 @@ def create_app(settings: ServeSettings) -> FastAPI:
 
     app = FastAPI(title="lmtune", version="1", lifespan=lifespan,
                   description=f"Predictions of the fine-tuned model in {run_dir.name} ({run.task.name}).")
-
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes, keys=keys)
-
-    def scrape() -> None:
-        metrics.queue.set(batcher.pending)
-        if monitor:  # embeds the requests that arrived since the last scrape (off the event loop)
-            g = monitor.refresh()
-            metrics.drift_pvalue.set(g["pvalue"])
-            metrics.drift_window.set(g["window"])
-            metrics.abstain_rate.set(g["abstain_rate"])
-            metrics.mean_confidence.set(g["mean_confidence"])
-
-    require_key = add_service_routes(app, metrics, keys, scrape)
-
+    require_key = add_service_routes(app, metrics, keys, lambda: _scrape(metrics, batcher, monitor))
     responses = {401: {"model": ErrorResponse}, 413: {"model": ErrorResponse}, 422: {"model": ErrorResponse},
                  429: {"model": ErrorResponse, "description": "too many ?explain=true requests (see Retry-After)"},
                  503: {"model": ErrorResponse}}
-
-    prediction_model, response_model = response_models(run.task)
-
-    @app.post("/v1/predict", response_model=response_model, responses=responses, dependencies=[Depends(require_key)])
-    async def predict_endpoint(body: PredictRequest, request: Request,
-                               explain: bool = Query(False, description="add word attributions (rate-limited per API key)")):
-        rid, explain_wanted = request.state.request_id, explain
-        if len(body.texts) > settings.max_texts:
-            raise HTTPException(413, f"{len(body.texts)} texts in one request; the limit is {settings.max_texts}")
-        wants_pairs = run.task.reads_pairs(run.config)
-        if wants_pairs != (body.pairs is not None) or (body.pairs is not None and len(body.pairs) != len(body.texts)):
-            metrics.errors.labels("bad_text").inc()
-            raise HTTPException(422, "this model reads sentence pairs: give pairs, one per text" if wants_pairs
-                                else "this model reads single texts: leave out pairs")
-        for field_name, items in (("texts", body.texts), ("pairs", body.pairs or [])):
-            for i, t in enumerate(items):
-                problem = text_problem(t, settings.max_chars)
-                if problem:
-                    metrics.errors.labels("bad_text").inc()
-                    raise HTTPException(problem[0], f"{field_name}[{i}] {problem[1]}")
-        texts = list(zip(body.texts, body.pairs)) if body.pairs is not None else body.texts
-        if explain_wanted:
-            if not run.task.supports(EXPLAIN):
-                raise HTTPException(422, f"the {run.task.name} task has no explanations")
-            wait = explain_calls.take(given_key(dict(request.scope["headers"])) or "")
-            if wait:
-                metrics.errors.labels("rate_limited").inc()
-                raise HTTPException(429, f"explanations are limited to {settings.explain_per_minute} requests a minute",
-                                    headers={"Retry-After": str(math.ceil(wait))})
-        try:
-            metrics.queue.set(batcher.pending)
-            rows = await (asyncio.to_thread(explain_rows, texts) if explain_wanted else batcher.submit(texts))
-        except QueueFull:
-            metrics.errors.labels("queue_full").inc()
-            raise HTTPException(503, "server busy: the request queue is full, retry shortly", headers={"Retry-After": "1"}) from None
-        except Closed:
-            raise HTTPException(503, "server shutting down", headers={"Retry-After": "5"}) from None
-        except Exception as e:  # the model failed on this request's texts alone (the batcher isolates them)
-            log.error("model call failed for request %s: %s", rid, error_origin(e), extra={STRUCTURED: True})
-            metrics.errors.labels("model").inc()
-            raise HTTPException(500, "the model failed on this request's texts; the request id is in the server log") from None
-        return response_model(request_id=rid, model=run_dir.name, backend=backend, predictions=[prediction_model(**r) for r in rows])
-
+    _add_predict(app, run, backend, settings, metrics, batcher, responses, require_key)
     if run.task.supports(GENERATE):
         _add_generate(app, run, settings, metrics, responses, require_key)
 
@@ -408,6 +344,91 @@ def create_app(settings: ServeSettings) -> FastAPI:
         return {"status": "ready", "model": run_dir.name, "backend": backend, "queue_texts": batcher.pending}
 
     return app
+
+
+def _load_run(run_dir: Path, settings: ServeSettings) -> tuple[Any, str]:
+    """The run to serve and the backend it runs on (ONNX when exported, unless told otherwise)."""
+    from lmtune.api import load
+    backend = _pick_backend(run_dir, settings.backend)
+    if settings.threads:
+        import torch
+        torch.set_num_threads(settings.threads)
+    run = load(run_dir, backend=backend)
+    if backend != "torch":
+        from lmtune.backends.onnx import OnnxModel
+        run.model = OnnxModel(run.model.path, settings.threads, spin=False)
+    run.config.train.progress = "none"
+    return run, backend
+
+
+def _scrape(metrics: Metrics, batcher: Batcher, monitor) -> None:
+    """Refresh the gauges before /metrics answers (off the event loop)."""
+    metrics.queue.set(batcher.pending)
+    if monitor:  # embeds the requests that arrived since the last scrape
+        g = monitor.refresh()
+        metrics.drift_pvalue.set(g["pvalue"])
+        metrics.drift_window.set(g["window"])
+        metrics.abstain_rate.set(g["abstain_rate"])
+        metrics.mean_confidence.set(g["mean_confidence"])
+
+
+def _add_predict(app: FastAPI, run, backend: str, settings: ServeSettings, metrics: Metrics, batcher: Batcher,
+                 responses: dict, require_key) -> None:
+    """POST /v1/predict: texts (or pairs) through the batcher; ?explain=true through a lock of its own."""
+    prediction_model, response_model = response_models(run.task)
+    explain_lock, explain_calls = threading.Lock(), RateLimiter(settings.explain_per_minute, 60.0)
+
+    def explain_rows(texts: list) -> list[dict]:
+        with explain_lock:  # one explanation at a time: each is a batch of its own (n_steps x tokens)
+            rows = run.explain(texts)
+        metrics.texts.inc(len(texts))
+        return _public(rows)
+
+    @app.post("/v1/predict", response_model=response_model, responses=responses, dependencies=[Depends(require_key)])
+    async def predict_endpoint(body: PredictRequest, request: Request,
+                               explain: bool = Query(False, description="add word attributions (rate-limited per API key)")):
+        rid = request.state.request_id
+        texts = _checked_texts(body, run, settings, metrics)
+        if explain:
+            if not run.task.supports(EXPLAIN):
+                raise HTTPException(422, f"the {run.task.name} task has no explanations")
+            wait = explain_calls.take(given_key(dict(request.scope["headers"])) or "")
+            if wait:
+                metrics.errors.labels("rate_limited").inc()
+                raise HTTPException(429, f"explanations are limited to {settings.explain_per_minute} requests a minute",
+                                    headers={"Retry-After": str(math.ceil(wait))})
+        try:
+            metrics.queue.set(batcher.pending)
+            rows = await (asyncio.to_thread(explain_rows, texts) if explain else batcher.submit(texts))
+        except QueueFull:
+            metrics.errors.labels("queue_full").inc()
+            raise HTTPException(503, "server busy: the request queue is full, retry shortly", headers={"Retry-After": "1"}) from None
+        except Closed:
+            raise HTTPException(503, "server shutting down", headers={"Retry-After": "5"}) from None
+        except Exception as e:  # the model failed on this request's texts alone (the batcher isolates them)
+            log.error("model call failed for request %s: %s", rid, error_origin(e), extra={STRUCTURED: True})
+            metrics.errors.labels("model").inc()
+            raise HTTPException(500, "the model failed on this request's texts; the request id is in the server log") from None
+        return response_model(request_id=rid, model=Path(settings.run_dir).name, backend=backend,
+                              predictions=[prediction_model(**r) for r in rows])
+
+
+def _checked_texts(body: PredictRequest, run, settings: ServeSettings, metrics: Metrics) -> list:
+    """The request's texts (or (text, pair) tuples) once every one passes the limits; else the 4xx."""
+    if len(body.texts) > settings.max_texts:
+        raise HTTPException(413, f"{len(body.texts)} texts in one request; the limit is {settings.max_texts}")
+    wants_pairs = run.task.reads_pairs(run.config)
+    if wants_pairs != (body.pairs is not None) or (body.pairs is not None and len(body.pairs) != len(body.texts)):
+        metrics.errors.labels("bad_text").inc()
+        raise HTTPException(422, "this model reads sentence pairs: give pairs, one per text" if wants_pairs
+                            else "this model reads single texts: leave out pairs")
+    for field_name, items in (("texts", body.texts), ("pairs", body.pairs or [])):
+        for i, t in enumerate(items):
+            problem = text_problem(t, settings.max_chars)
+            if problem:
+                metrics.errors.labels("bad_text").inc()
+                raise HTTPException(problem[0], f"{field_name}[{i}] {problem[1]}")
+    return list(zip(body.texts, body.pairs)) if body.pairs is not None else body.texts
 
 
 def add_service_routes(app: FastAPI, metrics: Metrics, keys: list[str], on_scrape=None):
@@ -446,27 +467,42 @@ def _public(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("text", "text_pair", "source", "prompt")} for r in rows]
 
 
+class GenerationFailed(Exception):
+    """The model raised while generating (already logged, without the prompt)."""
+
+
 def _add_generate(app: FastAPI, run, settings: ServeSettings, metrics: Metrics, responses: dict, require_key) -> None:
     """POST /v1/generate: one prompt, tokens streamed as server-sent events while the model generates
-    (transformers' TextIteratorStreamer, the generation in a worker thread). One generation runs at a
-    time (each takes the cores); up to max_generate_queue wait, more get 503."""
-    from transformers import TextIteratorStreamer
+    (the generation in a worker thread, its text handed to the event loop by a CancellableStream).
+    One generation runs at a time (each takes the cores); up to max_generate_queue wait, more get
+    503. A client that goes away stops its generation (or takes it out of the queue); a model that
+    fails ends the stream with an `error` event at once."""
+    from lmtune.serve.streaming import CancellableStream
     gate, waiting = threading.Lock(), [0]
     count_lock = threading.Lock()
 
-    def generate(text: str, max_new: int, streamer) -> dict:
+    def generate(text: str, max_new: int, stream: CancellableStream | None, rid: str) -> dict | None:
         try:
             with gate:
-                out = run.generate_examples(run.task.from_texts([text]), max_new_tokens=max_new, streamer=streamer)[0]
+                if stream is not None and stream.cancelled.is_set():
+                    return None  # the client left while this request waited for the model
+                out = run.generate_examples(run.task.from_texts([text]), max_new_tokens=max_new, streamer=stream)[0]
+        except Exception as e:  # the type and place only: a model's message can quote the prompt
+            log.error("generation failed for request %s: %s", rid, error_origin(e), extra={STRUCTURED: True})
+            metrics.errors.labels("model").inc()
+            raise GenerationFailed() from None
         finally:
             with count_lock:
                 waiting[0] -= 1
+            if stream is not None:
+                stream.end()  # after a failure (or no start) too, so the response is never left waiting
         metrics.texts.inc()
         return {"output": out["text"], "tokens": out["tokens"], "finished": out["finished"]}
 
     @app.post("/v1/generate", response_model=GenerateResponse, dependencies=[Depends(require_key)],
               responses={**responses, 200: {"content": {"text/event-stream": {}}, "description": "the output (JSON), or "
-                                                 "server-sent events: `token` {text}, then `done` {output, tokens, finished}"}})
+                                                 "server-sent events: `token` {text}, then `done` {output, tokens, finished}, "
+                                                 "or `error` {request_id, detail} when the model failed"}})
     async def generate_endpoint(body: GenerateRequest, request: Request):
         rid = request.state.request_id
         problem = text_problem(body.text, settings.max_chars)
@@ -480,26 +516,45 @@ def _add_generate(app: FastAPI, run, settings: ServeSettings, metrics: Metrics, 
                 raise HTTPException(503, "server busy: too many generations waiting, retry shortly", headers={"Retry-After": "2"})
             waiting[0] += 1
         if not body.stream:
-            out = await asyncio.to_thread(generate, body.text, max_new, None)
-            return GenerateResponse(request_id=rid, model=Path(settings.run_dir).name, **out)
-        streamer = TextIteratorStreamer(run.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=600)
-        job = asyncio.ensure_future(asyncio.to_thread(generate, body.text, max_new, streamer))
-
-        async def events():
             try:
-                while True:
-                    piece = await asyncio.to_thread(next, streamer, None)
-                    if piece is None:
-                        break
-                    if piece:
-                        yield f"event: token\ndata: {json.dumps({'text': piece})}\n\n"
-                out = await job
-                yield f"event: done\ndata: {json.dumps({'request_id': rid, **out})}\n\n"
-            except Exception as e:  # the model failed mid-stream: the client gets an error event, the log no text
-                log.error("generation failed for request %s: %s", rid, error_origin(e), extra={STRUCTURED: True})
-                metrics.errors.labels("model").inc()
-                yield f"event: error\ndata: {json.dumps({'request_id': rid, 'detail': 'generation failed'})}\n\n"
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+                out = await asyncio.to_thread(generate, body.text, max_new, None, rid)
+            except GenerationFailed:
+                raise HTTPException(500, "generation failed; the request id is in the server log") from None
+            return GenerateResponse(request_id=rid, model=Path(settings.run_dir).name, **out)
+        stream = CancellableStream(run.tokenizer)
+        job = asyncio.ensure_future(asyncio.to_thread(generate, body.text, max_new, stream, rid))
+        return StreamingResponse(_sse_events(stream, job, request, rid), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
+
+
+async def _sse_events(stream: CancellableStream, job: asyncio.Future, request: Request, rid: str) -> AsyncIterator[str]:
+    """The server-sent events of one streamed generation. However the response ends (done, failed,
+    or the client gone: the server cancels this generator, or sending raises), the generation is
+    cancelled; a watcher also notices a client that leaves while no text is being sent."""
+    watcher = asyncio.ensure_future(_cancel_on_disconnect(request, stream))
+    try:
+        async for piece in stream:
+            if piece:
+                yield f"event: token\ndata: {json.dumps({'text': piece})}\n\n"
+        out = await job
+        yield f"event: done\ndata: {json.dumps({'request_id': rid, **out})}\n\n"
+    except GenerationFailed:
+        yield f"event: error\ndata: {json.dumps({'request_id': rid, 'detail': 'generation failed'})}\n\n"
+    except Exception as e:  # the stream itself broke (its backstop timeout): the client gets an error event
+        log.error("streaming failed for request %s: %s", rid, error_origin(e), extra={STRUCTURED: True})
+        yield f"event: error\ndata: {json.dumps({'request_id': rid, 'detail': 'generation failed'})}\n\n"
+    finally:
+        stream.cancel()
+        watcher.cancel()
+        job.add_done_callback(lambda f: f.cancelled() or f.exception())  # a failure was logged; don't warn again
+
+
+async def _cancel_on_disconnect(request: Request, stream: CancellableStream, every_s: float = 0.25) -> None:
+    while not stream.cancelled.is_set():
+        if await request.is_disconnected():
+            stream.cancel()
+            return
+        await asyncio.sleep(every_s)
 
 
 class RateLimiter:

@@ -37,9 +37,9 @@ class Tracker:
 
 
 def flat_config(cfg: Any) -> dict[str, Any]:
-    """The resolved config as `section.key -> value`."""
+    """The resolved config as `section.key -> value`, credentials masked (trackers store and show it)."""
     out: dict[str, Any] = {}
-    for section, value in cfg.to_dict().items():
+    for section, value in cfg.redacted_dict().items():
         if isinstance(value, dict):
             out.update({f"{section}.{k}": v for k, v in value.items()})
         else:
