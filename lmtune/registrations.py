@@ -4,7 +4,7 @@ without an import cycle. A newcomer adds one module and one line here (or calls 
 """
 from __future__ import annotations
 
-from lmtune.registry import adversaries, attacks, augmenters, backends, peft_methods, tasks, trackers
+from lmtune.registry import adversaries, attacks, augmenters, backends, config_sections, peft_methods, tasks, trackers
 
 tasks.register("classification", "lmtune.tasks.classification:ClassificationTask")
 tasks.register("ner", "lmtune.tasks.ner:NerTask")
@@ -61,3 +61,12 @@ backends.register("onnx-int8", "lmtune.backends.onnx:OnnxModel", file="model.int
 trackers.register("tensorboard", "lmtune.tracking.tensorboard:TensorBoardLogger")
 trackers.register("mlflow", "lmtune.tracking.mlflow:MLflowTracker")
 trackers.register("wandb", "lmtune.tracking.wandb:WandbTracker")
+
+# config fields declared by the task or feature that reads them (lmtune.config composes the sections);
+# section: the config section the fields join, so their YAML keys (data.head_column ...) stay what they were
+config_sections.register("generate", "lmtune.tasks.generation:GenerateConfig")
+config_sections.register("retrieval", "lmtune.tasks.retrieval:RetrievalConfig")
+config_sections.register("relation_columns", "lmtune.tasks.relation:RelationColumns", section="data")
+config_sections.register("multilabel_columns", "lmtune.tasks.multilabel:MultiLabelColumns", section="data")
+config_sections.register("ner_columns", "lmtune.tasks.ner:NerColumns", section="data")
+config_sections.register("pair_options", "lmtune.data.pairs:PairOptions", section="data")

@@ -1,5 +1,5 @@
 """Named registries for every pluggable kind: tasks, PEFT methods, adversaries, attacks, augmenters,
-prediction backends and trackers.
+prediction backends, trackers, and the config sections that tasks and features own.
 
 A built-in or a newcomer registers a name with a lazy target ("module:attribute", imported only when
 used) and metadata (e.g. a PEFT method's default learning rate). The built-ins are registered in
@@ -36,6 +36,10 @@ class Registry:
 
     def register(self, name: str, target: str | None = None, **meta: Any) -> None:
         self._entries[name] = Entry(name, target, meta)
+
+    def unregister(self, name: str) -> None:
+        """Remove a name (a test's throwaway entry), so that later code no longer sees it."""
+        self._all().pop(name, None)
 
     def _all(self) -> dict[str, Entry]:
         _ensure_registrations()
@@ -76,6 +80,9 @@ attacks = Registry("attack", "attack.methods")
 augmenters = Registry("augmentation", "augment.methods")
 backends = Registry("prediction backend", "--backend")
 trackers = Registry("tracker", "train.trackers")
+# a dataclass of config fields (lmtune.config.option) that a task or feature owns; meta section: the config
+# section its fields join (default: the entry's name, a section of its own), moved: {old key: new key}
+config_sections = Registry("config section", "config")
 
 _loaded = False
 
