@@ -122,6 +122,28 @@ def add_signature_arguments(parser: argparse.ArgumentParser, fn: Callable) -> No
             parser.add_argument(*names, **kw)
 
 
+def option_flags(fn: Callable) -> set[str]:
+    """The options a command's function declares (--resume, --from, ...), as the parser spells them."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    return {_argument(p, *_base_type(hints.get(p.name, str)))[0][0] for p in inspect.signature(fn).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "overrides"} | {"-h", "--help"}
+
+
+def _paired(args: list[str], declared: set[str]) -> list[str]:
+    """`--key VALUE` -> `--key=VALUE` for each flag the command does not declare (a config override), so that
+    argparse never takes an override's VALUE for the command's positional argument (`lmtune pretrain --lr 1e-4`)."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--") and "=" not in a and a not in declared and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out.append(f"{a}={args[i + 1]}")
+            i += 2
+        else:
+            out.append(a)
+            i += 1
+    return out
+
+
 def _call(command: Command, ns: argparse.Namespace, extras: list[str]) -> int:
     if command.arguments is not None:
         return command.run(ns)
@@ -794,7 +816,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns, extras = parser.parse_known_args(argv)
     command: Command = ns.command_entry
-    if extras and not command.overrides:
+    if command.overrides:  # parsed again with each override's value kept beside its key
+        ns, extras = parser.parse_known_args(_paired(argv, option_flags(command.run)))
+    elif extras:
         parser.error(f"unrecognized arguments: {' '.join(extras)}")
     try:
         return _call(command, ns, extras)
