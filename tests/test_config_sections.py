@@ -14,6 +14,7 @@ import yaml
 from lmtune import registry
 from lmtune.cli import main
 from lmtune.config import build_config, option
+from lmtune.errors import InputError
 from lmtune.tasks import register
 from lmtune.tasks.base import CALIBRATE
 from lmtune.tasks.classification import ClassificationTask
@@ -22,6 +23,10 @@ from lmtune.tasks.classification import ClassificationTask
 @dataclass
 class EchoSection:
     repeat: int = option(2, "echo task: how many times each training text is repeated.", range="[1, 5]")
+
+    def validate(self, cfg, where: str) -> None:  # the section's own check, run by config.validate
+        if self.repeat > 1 and cfg.data.max_length < 16:
+            raise InputError(f"{where}: echo.repeat {self.repeat} needs data.max_length >= 16 to keep the repeats.")
 
 
 class EchoTask(ClassificationTask):
@@ -89,6 +94,12 @@ def test_the_section_is_documented_and_a_moved_key_still_works(echo, capsys):
     with pytest.warns(DeprecationWarning, match="data.echo_repeat has moved to echo.repeat"):
         cfg = build_config({"task": "echo", "data": {"train": "x.csv", "echo_repeat": 4}})
     assert cfg.echo.repeat == 4 and cfg.to_dict()["echo"] == {"repeat": 4}
+
+
+def test_the_section_validates_itself(echo):
+    with pytest.raises(InputError, match="echo.repeat 3 needs data.max_length >= 16"):
+        build_config({"task": "echo", "data": {"train": "x.csv", "max_length": 8}, "echo": {"repeat": 3}})
+    assert build_config({"task": "echo", "data": {"train": "x.csv", "max_length": 8}, "echo": {"repeat": 1}}).echo.repeat == 1
 
 
 def test_the_section_goes_when_its_owner_goes(echo):
