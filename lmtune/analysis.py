@@ -10,8 +10,8 @@ lmtune/registrations.py, each in its own module under lmtune/analyses/). It decl
 
 `Run.analyse(name, **params)` (here: `analyse`) runs one, writes RUN_DIR/NAME.json and puts the result
 into results.json under NAME, which renders report.md again; `results.render` shows every registered
-section present in results.json, in registration order. `add_commands` gives each analysis that runs
-its subcommand, built from the registry when the parser is built, so an analysis registered before
+section present in results.json, in registration order. `runnable` and `add_arguments` give the cli's
+command table an entry per analysis that runs, built from the registry when the parser is built, so an analysis registered before
 `lmtune.cli.main` is called has a command too. Adding an analysis is one module and one registration.
 """
 from __future__ import annotations
@@ -122,19 +122,17 @@ def examples_of(run: Any, data: str | Path | None, split: str, require_label: bo
     return examples
 
 
-def add_commands(sub: Any, load: Callable[..., Any]) -> None:
-    """A subcommand `lmtune COMMAND RUN_DIR [--flags]` for every registered analysis that runs, its flags
-    from the declared params; sub: the parser's add_subparsers(). load(run_dir, backend=...) opens the
-    run: the cli passes its loader, as the loader's module imports this one."""
-    for name in analyses.names():
-        analysis = get(name)
-        if analysis.run is None:
-            continue
-        p = sub.add_parser(analysis.command or name, help=analysis.help, description=analysis.description)
-        p.add_argument("run_dir")
-        for param in analysis.params:
-            param.add_to(p)
-        p.set_defaults(run_analysis=functools.partial(run_command, name, load))
+def runnable() -> list[tuple[str, str, Analysis]]:
+    """(subcommand, registry name, analysis) for every registered analysis that runs, read from the registry
+    when asked, so an analysis registered before `lmtune.cli.main` is called has a command too."""
+    return [(get(n).command or n, n, get(n)) for n in analyses.names() if get(n).run is not None]
+
+
+def add_arguments(analysis: Analysis, parser: argparse.ArgumentParser) -> None:
+    """The command's arguments: the run directory, then one flag per declared param."""
+    parser.add_argument("run_dir")
+    for param in analysis.params:
+        param.add_to(parser)
 
 
 def run_command(name: str, load: Callable[..., Any], ns: argparse.Namespace) -> int:

@@ -1,13 +1,27 @@
-"""Command line: thin parsing that builds a Config and calls the Python API."""
+"""Command line: one table of commands over the Python API.
+
+Each command is a function with typed parameters; COMMANDS maps its name to the function (litgpt's
+command table). Its arguments come from the signature: a parameter without a default is a positional
+argument, one with a default an optional one (a positional when it comes before `*`), a keyword-only
+one without a default a required option; `Annotated[T, "help"]` (or `Arg(...)`) carries the help.
+A command that declares `overrides` also takes free-form `--section.key VALUE` config overrides.
+`--help`, shell completion and the README's command list (checked by a test) come from the table.
+"""
 from __future__ import annotations
 
 import argparse
+import functools
+import inspect
 import json
 import logging
 import sys
+import types
+import typing
+from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
+from typing import Annotated, Any, Literal
 
-from lmtune.analysis import add_commands as add_analysis_commands
 from lmtune.config import describe_fields, parse_overrides
 from lmtune.errors import InputError
 from lmtune.registry import backends
@@ -22,6 +36,126 @@ Any config key can be overridden on the command line, e.g. --train.lr 3e-5 --dat
 Config keys:
 """
 
+LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
+
+
+# ---- the table's parts ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Arg:
+    """How one parameter appears on the command line, beyond what its type and default say."""
+    help: str | None = None
+    flag: str | None = None  # the option's name when it is not --the-parameter-name (a Python keyword: --from)
+    choices: Any = None  # allowed values: a tuple or a registry (read when the parser is built)
+    metavar: str | None = None
+    nargs: str | None = None  # "?" with const: an option whose value may be left out (--resume [RUN_DIR])
+    const: Any = None
+
+
+@dataclass(frozen=True)
+class Command:
+    run: Callable[..., int]
+    help: str
+    description: str | Callable[[], str] | None = None  # a callable: generated text, printed with its line breaks
+    # None: the arguments come from run's signature; a function: it adds them, and run takes the Namespace
+    # (the analysis commands: lmtune.analysis builds their flags from the params each analysis declares)
+    arguments: Callable[[argparse.ArgumentParser], None] | None = None
+
+    @property
+    def overrides(self) -> bool:
+        """Takes free-form --section.key VALUE config overrides (run has an `overrides` parameter)."""
+        return self.arguments is None and "overrides" in inspect.signature(self.run).parameters
+
+
+@dataclass(frozen=True)
+class Group:
+    """A command with sub-commands of its own (lmtune recommend fit / rank)."""
+    help: str
+    commands: dict[str, Command] = field(default_factory=dict)
+
+
+def _base_type(tp: Any) -> tuple[Any, Arg]:
+    """(the parameter's type without Optional / Annotated, its Arg)."""
+    meta = Arg()
+    if typing.get_origin(tp) is Annotated:
+        tp, *extras = typing.get_args(tp)
+        meta = next((Arg(help=e) if isinstance(e, str) else e for e in extras), meta)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        rest = [t for t in typing.get_args(tp) if t is not type(None)]
+        tp = rest[0] if len(rest) == 1 else next(t for t in rest if t is not bool)  # bool | str: --resume [RUN_DIR]
+    return tp, meta
+
+
+def _argument(param: inspect.Parameter, tp: Any, meta: Arg) -> tuple[list[str], dict]:
+    """The add_argument call (names, keyword arguments) for one parameter of a command's function."""
+    kw: dict[str, Any] = {"help": meta.help}
+    positional = param.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+    has_default = param.default is not inspect.Parameter.empty
+    if typing.get_origin(tp) is Literal:
+        kw["choices"] = list(typing.get_args(tp))
+    elif meta.choices is not None:
+        kw["choices"] = list(meta.choices)
+    if tp is bool:
+        kw["action"] = "store_true"
+    elif typing.get_origin(tp) is list:
+        kw["type"] = typing.get_args(tp)[0]
+        kw.update({"nargs": "+"} if positional else {"action": "append"})
+    elif tp in (int, float):
+        kw["type"] = tp
+    if meta.nargs:
+        kw.update(nargs=meta.nargs, const=meta.const)
+    if meta.metavar:
+        kw["metavar"] = meta.metavar
+    if positional:
+        if has_default:
+            kw.update(nargs="?", default=param.default)
+        return [param.name], kw
+    kw.update({"dest": param.name, "default": param.default} if has_default else {"dest": param.name, "required": True})
+    return [meta.flag or "--" + param.name.replace("_", "-")], kw
+
+
+def add_signature_arguments(parser: argparse.ArgumentParser, fn: Callable) -> None:
+    """One argument per parameter of fn (`overrides` excepted: those are the free-form config flags)."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    for param in inspect.signature(fn).parameters.values():
+        if param.name != "overrides":
+            names, kw = _argument(param, *_base_type(hints.get(param.name, str)))
+            parser.add_argument(*names, **kw)
+
+
+def option_flags(fn: Callable) -> set[str]:
+    """The options a command's function declares (--resume, --from, ...), as the parser spells them."""
+    hints = typing.get_type_hints(fn, include_extras=True)
+    return {_argument(p, *_base_type(hints.get(p.name, str)))[0][0] for p in inspect.signature(fn).parameters.values()
+            if p.kind is inspect.Parameter.KEYWORD_ONLY and p.name != "overrides"} | {"-h", "--help"}
+
+
+def _paired(args: list[str], declared: set[str]) -> list[str]:
+    """`--key VALUE` -> `--key=VALUE` for each flag the command does not declare (a config override), so that
+    argparse never takes an override's VALUE for the command's positional argument (`lmtune pretrain --lr 1e-4`)."""
+    out, i = [], 0
+    while i < len(args):
+        a = args[i]
+        if a.startswith("--") and "=" not in a and a not in declared and i + 1 < len(args) and not args[i + 1].startswith("--"):
+            out.append(f"{a}={args[i + 1]}")
+            i += 2
+        else:
+            out.append(a)
+            i += 1
+    return out
+
+
+def _call(command: Command, ns: argparse.Namespace, extras: list[str]) -> int:
+    if command.arguments is not None:
+        return command.run(ns)
+    params = inspect.signature(command.run).parameters
+    kwargs = {k: v for k, v in vars(ns).items() if k in params}
+    if command.overrides:
+        kwargs["overrides"] = parse_overrides(extras)
+    return command.run(**kwargs)
+
+
+# ---- commands -------------------------------------------------------------------------------------
 
 def _print_headline(run) -> None:
     print(f"run dir: {run.run_dir}")
@@ -33,92 +167,99 @@ def _print_headline(run) -> None:
     print(f"report: {run.run_dir / 'report.md'}")
 
 
-def cmd_train(args: list[str], config: str | None) -> int:
+ConfigFile = Annotated[str | None, "YAML config file"]
+
+
+def cmd_train(config: ConfigFile = None, *,
+              resume: Annotated[bool | str, Arg("continue the newest run under output_dir (or RUN_DIR) from its last "
+                                                "checkpoint", nargs="?", const=True, metavar="RUN_DIR")] = False,
+              from_run: Annotated[str | None, Arg("continual fine-tuning from this finished run (the same as "
+                                                  "--continual.from_run RUN_DIR)", flag="--from", metavar="RUN_DIR")] = None,
+              overrides: dict[str, Any]) -> int:
     from lmtune.api import train
-    resume: bool | str = False
-    if "--resume" in args:
-        i = args.index("--resume")
-        nxt = args[i + 1] if i + 1 < len(args) else None
-        if nxt is not None and not nxt.startswith("--"):
-            resume = nxt
-            del args[i:i + 2]
-        else:
-            resume = True
-            del args[i]
-    if "--from" in args:  # continual fine-tuning: the same as --continual.from_run RUN_DIR
-        i = args.index("--from")
-        if i + 1 >= len(args) or args[i + 1].startswith("--"):
-            raise InputError("train: --from needs the finished run directory to continue from.")
-        args[i] = "--continual.from_run"
-    run = train(config, overrides=parse_overrides(args), resume=resume)
-    _print_headline(run)
+    if from_run:
+        overrides["continual.from_run"] = from_run
+    _print_headline(train(config, overrides=overrides, resume=resume))
     return 0
 
 
-def _load_run(run_dir: str, backend: str = "torch"):
-    from lmtune.api import load
-    return load(run_dir, backend=backend)
+def cmd_demo(*, overrides: dict[str, Any]) -> int:
+    return cmd_train(str(DEMO_CONFIG), overrides=overrides)
 
 
-def cmd_evaluate(ns: argparse.Namespace) -> int:
+def cmd_evaluate(run_dir: str, *, data: Annotated[str, "labeled file with the run's text/label columns"]) -> int:
     from lmtune.api import load
-    run = load(ns.run_dir)
-    m = run.evaluate(ns.data)
-    out = {k: v for k, v in m.items() if k != "confusion_matrix"}
-    print(json.dumps(out, indent=2))
+    m = load(run_dir).evaluate(data)
+    print(json.dumps({k: v for k, v in m.items() if k != "confusion_matrix"}, indent=2))
     return 0
 
 
-def cmd_predict(ns: argparse.Namespace) -> int:
+def cmd_predict(run_dir: str, *,
+                input: Annotated[str | None, "file with the run's columns (CSV/TSV/JSONL/parquet), or - for standard "
+                                             "input: one JSON object or one plain text per line, read and predicted as it "
+                                             "streams"] = None,
+                text: Annotated[list[str] | None, "a text to predict on (repeatable)"] = None,
+                pair: Annotated[list[str] | None, "the second text of the pair, for a model trained on pairs (one per "
+                                                  "--text)"] = None,
+                output: Annotated[str | None, "write JSONL to this file (written whole, then renamed); - or absent: "
+                                              "standard output"] = None,
+                explain: Annotated[bool, "add word attributions for the predicted label (see lmtune explain)"] = False) -> int:
     from lmtune.api import load
-    if bool(ns.input) == bool(ns.text):
+    if bool(input) == bool(text):
         raise InputError("predict: give either --input FILE (- for standard input) or --text TEXT (repeatable).")
-    if ns.pair and len(ns.pair) != len(ns.text or []):
-        raise InputError(f"predict: {len(ns.pair)} --pair for {len(ns.text or [])} --text; give one --pair after each --text.")
-    run = load(ns.run_dir)
-    texts = list(zip(ns.text, ns.pair)) if ns.pair else ns.text
-    if ns.explain:  # the same rows, each with its word attributions
-        if ns.input == "-":
+    if pair and len(pair) != len(text or []):
+        raise InputError(f"predict: {len(pair)} --pair for {len(text or [])} --text; give one --pair after each --text.")
+    run = load(run_dir)
+    texts = list(zip(text, pair)) if pair else text
+    if explain:  # the same rows, each with its word attributions
+        if input == "-":
             raise InputError("predict --explain reads --input FILE or --text, not standard input.")
         from lmtune.analyses.explain import explained_chunks
-        chunks = explained_chunks(run, texts, ns.input)
-    elif ns.input == "-":
+        chunks = explained_chunks(run, texts, input)
+    elif input == "-":
         chunks = run.predict_stream(sys.stdin)
     else:
-        chunks = run.predict_file_chunks(ns.input) if ns.input else iter([run.predict(texts)])
-    if ns.output and ns.output != "-":
+        chunks = run.predict_file_chunks(input) if input else iter([run.predict(texts)])
+    _write_jsonl(chunks, output)
+    return 0
+
+
+def _write_jsonl(chunks, output: str | None) -> None:
+    """Rows as JSON lines to a file (replaced only when complete) or, streamed, to standard output."""
+    if output and output != "-":
         from lmtune.io import atomic_path
         n = 0
-        with atomic_path(ns.output) as tmp, open(tmp, "w", encoding="utf-8") as fh:  # the old output stays until this is complete
+        with atomic_path(output) as tmp, open(tmp, "w", encoding="utf-8") as fh:  # the old output stays until this is complete
             for rows in chunks:
                 fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
                 n += len(rows)
-        print(f"wrote {n} predictions to {ns.output}", file=sys.stderr)
-    else:
-        for rows in chunks:
-            sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
-            sys.stdout.flush()
-    return 0
+        print(f"wrote {n} predictions to {output}", file=sys.stderr)
+        return
+    for rows in chunks:
+        sys.stdout.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+        sys.stdout.flush()
 
 
-def cmd_ui(ns: argparse.Namespace) -> int:
+def cmd_ui(runs_dir: Annotated[str, "the output_dir holding the runs (default: runs)"] = "runs", *,
+           host: str = "127.0.0.1", port: int = 7860,
+           token_file: Annotated[str | None, "file whose first line is the token"] = None,
+           allow_path: Annotated[list[str], Arg(help="also allow paths under DIR in job configs and file picks (repeatable; "
+                                                     "default: only the current directory)", metavar="DIR")] = []) -> int:  # noqa: B006 (argparse copies it)
     from lmtune.ui.app import UiSettings, check_binding, serve_ui, ui_token
-    token = ui_token(ns.token_file)
-    check_binding(ns.host, token)
-    print(f"lmtune ui on http://{ns.host}:{ns.port}/ (runs: {ns.runs_dir}; Ctrl-C stops)", file=sys.stderr)
-    serve_ui(UiSettings(runs_dir=ns.runs_dir, workdir=".", token=token, allow_paths=tuple(ns.allow_path)), ns.host, ns.port)
+    token = ui_token(token_file)
+    check_binding(host, token)
+    print(f"lmtune ui on http://{host}:{port}/ (runs: {runs_dir}; Ctrl-C stops)", file=sys.stderr)
+    serve_ui(UiSettings(runs_dir=runs_dir, workdir=".", token=token, allow_paths=tuple(allow_path)), host, port)
     return 0
 
 
-def cmd_audit(args: list[str]) -> int:
+def cmd_audit(config: ConfigFile = None, *, strict: Annotated[bool, "exit 1 when any finding is critical"] = False,
+              overrides: dict[str, Any]) -> int:
     from lmtune.audit import audit
     from lmtune.config import load_config
     from lmtune.tasks import get_task
     from lmtune.tasks.base import LABEL_NOISE
-    strict = "--strict" in args
-    args = [a for a in args if a != "--strict"]
-    config = args.pop(0) if args and not args[0].startswith("--") else None
-    cfg = load_config(config, parse_overrides(args))
+    cfg = load_config(config, overrides)
     task = get_task(cfg.task)
     splits = task.read(cfg)
     findings = audit(splits) + task.audit_findings(splits)
@@ -137,88 +278,77 @@ def cmd_audit(args: list[str]) -> int:
     return 1 if strict and "critical" in worst else 0
 
 
-def cmd_pretrain(args: list[str]) -> int:
+def cmd_pretrain(config: ConfigFile = None, *, overrides: dict[str, Any]) -> int:
     from lmtune.config import load_config
     from lmtune.pretrain import pretrain, summary
-    config = args.pop(0) if args and not args[0].startswith("--") else None
-    print(summary(pretrain(load_config(config, parse_overrides(args)))))
+    print(summary(pretrain(load_config(config, overrides))))
     return 0
 
 
-def _pop(args: list[str], flag: str, kind=str, default=None):
-    """Take `--flag VALUE` (or a bare `--flag` when kind is bool) out of free-form override args."""
-    if flag not in args:
-        return default
-    i = args.index(flag)
-    if kind is bool:
-        del args[i]
-        return True
-    if i + 1 >= len(args):
-        raise InputError(f"{flag} needs a value.")
-    try:
-        value = kind(args[i + 1])
-    except ValueError:
-        raise InputError(f"{flag}: expected a {kind.__name__}, got {args[i + 1]!r}.") from None
-    del args[i:i + 2]
-    return value
-
-
-def cmd_tune(args: list[str]) -> int:
+def cmd_tune(config: ConfigFile = None, *,
+             trials: Annotated[int | None, "trials of the study, all workers together"] = None,
+             timeout: Annotated[float | None, "stop starting trials after this many seconds"] = None,
+             soup: Annotated[bool, "also average the best trials' weights (a model soup)"] = False,
+             no_prune: Annotated[bool, "train every trial to the end"] = False,
+             resume: Annotated[bool, "re-queue the trials a stopped worker left running"] = False,
+             overrides: dict[str, Any]) -> int:
     from lmtune.config import load_config
     from lmtune.search.tune import tune
-    trials = _pop(args, "--trials", int)
     if trials is None:
         raise InputError("tune: give --trials N (the number of trials of the study, all workers together).")
-    timeout, soup = _pop(args, "--timeout", float), _pop(args, "--soup", bool, False)
-    prune, resume = not _pop(args, "--no-prune", bool, False), _pop(args, "--resume", bool, False)
-    config = args.pop(0) if args and not args[0].startswith("--") else None
-    result = tune(load_config(config, parse_overrides(args)), trials, timeout, prune, soup, resume)
+    result = tune(load_config(config, overrides), trials, timeout, not no_prune, soup, resume)
     best = result["best"]
     print(json.dumps({"best_trial": best["number"], f"dev_{result['metric']}": best["dev"], "params": best["params"],
                       "complete": result["complete"], "pruned": result["pruned"], "run_dir": best["run_dir"]}, indent=2))
     return 0
 
 
-def cmd_cv(args: list[str]) -> int:
+def cmd_cv(config: ConfigFile = None, *, folds: Annotated[int, "number of folds"] = 5,
+           no_ensemble: Annotated[bool, "skip the ensemble of the fold models"] = False, overrides: dict[str, Any]) -> int:
     from lmtune.config import load_config
     from lmtune.search.combine import cv, render_cv
-    folds = _pop(args, "--folds", int, 5)
-    no_ensemble = _pop(args, "--no-ensemble", bool, False)
-    config = args.pop(0) if args and not args[0].startswith("--") else None
-    print(render_cv(cv(load_config(config, parse_overrides(args)), folds, not no_ensemble)))
+    print(render_cv(cv(load_config(config, overrides), folds, not no_ensemble)))
     return 0
 
 
-def cmd_ensemble(ns: argparse.Namespace) -> int:
+Out = Annotated[str, "the new run directory"]
+
+
+def cmd_ensemble(run_dirs: list[str], *, out: Out,
+                 weights: Annotated[Literal["uniform", "dev"], "dev: weights that minimise the dev log-loss (needs a "
+                                                               "shared dev split or --dev)"] = "uniform",
+                 dev: Annotated[str | None, "labeled file to fit weights, temperature and abstention on (default: the "
+                                            "members' shared dev)"] = None) -> int:
     from lmtune.search.combine import ensemble
-    print(json.dumps(ensemble(ns.run_dirs, ns.out, ns.weights, ns.dev), indent=2))
+    print(json.dumps(ensemble(run_dirs, out, weights, dev), indent=2))
     return 0
 
 
-def cmd_soup(ns: argparse.Namespace) -> int:
+def cmd_soup(run_dirs: list[str], *, out: Out,
+             greedy: Annotated[bool, "add a run (best dev first) only if it improves the soup's dev metric"] = False) -> int:
     from lmtune.search.combine import soup
-    print(json.dumps(soup(ns.run_dirs, ns.out, ns.greedy), indent=2))
+    print(json.dumps(soup(run_dirs, out, greedy), indent=2))
     return 0
 
 
-def cmd_report(ns: argparse.Namespace) -> int:
+def cmd_report(run_dir: str) -> int:
     from lmtune.results import render
-    print(render(ns.run_dir))
+    print(render(run_dir))
     return 0
 
 
-def cmd_merge(ns: argparse.Namespace) -> int:
+def cmd_merge(run_dir: str, out_dir: str) -> int:
     from lmtune.api import load
     from lmtune.artifacts import read_meta, write_meta
     from lmtune.io import atomic_dir
     from lmtune.peft import merge
-    out = Path(ns.out_dir)
+    out = Path(out_dir)
     if out.exists():
         raise InputError(f"{out}: already exists; merge writes a new folder and never overwrites one.")
-    run = load(ns.run_dir)
+    run = load(run_dir)
     merged = merge(run.model, run.config.peft.method)
-    meta = read_meta(Path(ns.run_dir) / "model")
-    meta["merged_from"] = str(ns.run_dir)
+    meta = read_meta(Path(run_dir) / "model")
+    meta["merged_from"] = str(run_dir)
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
         run.tokenizer.save_pretrained(tmp)
@@ -227,75 +357,82 @@ def cmd_merge(ns: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(ns: argparse.Namespace) -> int:
+def cmd_export(run_dir: str, *, format: str = "onnx",
+               quantize: Annotated[Literal["int8"] | None, "also write a dynamically int8-quantized model"] = None,
+               prune: Annotated[str | None, "magnitude:AMOUNT zeroes that share of each encoder weight matrix (smaller "
+                                            "file); ffn:AMOUNT,heads:AMOUNT removes that share of feed-forward neurons / "
+                                            "attention heads by importance (faster on every backend), then distils from "
+                                            "the unpruned model"] = None,
+               recover_epochs: Annotated[int, "epochs of distillation on the run's train split after ffn/heads pruning "
+                                              "(0: none)"] = 1,
+               sample: Annotated[int, "dev examples for the logit comparison"] = 256) -> int:
     from lmtune.export.onnx import export_run
-    if ns.format != "onnx":
-        raise InputError(f"export: --format {ns.format!r} is not supported (onnx).")
-    report = export_run(ns.run_dir, quantize=ns.quantize, prune=ns.prune, sample=ns.sample, recover_epochs=ns.recover_epochs)
-    print(json.dumps(report, indent=2))
+    if format != "onnx":
+        raise InputError(f"export: --format {format!r} is not supported (onnx).")
+    print(json.dumps(export_run(run_dir, quantize=quantize, prune=prune, sample=sample, recover_epochs=recover_epochs), indent=2))
     return 0
 
 
-def cmd_init(ns: argparse.Namespace) -> int:
+def cmd_init(data_file: str, *, task: Annotated[str | None, "the task, when the guess from the columns is wrong"] = None,
+             output: Annotated[str | None, "config file to write (default lmtune.yaml)"] = None,
+             force: Annotated[bool, "replace an existing config file"] = False) -> int:
     from lmtune.io import write_text
-    from lmtune.scaffold import inspect, render
-    out = Path(ns.output or "lmtune.yaml")
-    if out.exists() and not ns.force:
+    from lmtune.scaffold import inspect as inspect_file, render
+    out = Path(output or "lmtune.yaml")
+    if out.exists() and not force:
         raise InputError(f"{out}: already exists; give --output NEW.yaml or --force to replace it.")
-    info = inspect(ns.data_file)
-    text = render(info, ns.task)
-    write_text(out, text)
+    info = inspect_file(data_file)
+    write_text(out, render(info, task))
     print(json.dumps({k: v for k, v in info.items() if k != "file"}, indent=2, ensure_ascii=False), file=sys.stderr)
     print(f"wrote {out}: check the lines marked 'guess', then `lmtune train {out}`", file=sys.stderr)
     return 0
 
 
-def cmd_runs(ns: argparse.Namespace) -> int:
+def cmd_runs(dir: Annotated[str, "the output_dir holding the runs (default: runs)"] = "runs", *,
+             as_json: Annotated[bool, Arg(flag="--json")] = False) -> int:
     from lmtune.runs import format_runs, list_runs
-    rows = list_runs(ns.dir)
-    print(json.dumps(rows, indent=2) if ns.json else format_runs(rows))
+    rows = list_runs(dir)
+    print(json.dumps(rows, indent=2) if as_json else format_runs(rows))
     return 0
 
 
-def cmd_compare(ns: argparse.Namespace) -> int:
+def cmd_compare(run_a: str, run_b: str, *, as_json: Annotated[bool, Arg(flag="--json")] = False) -> int:
     from lmtune.runs import compare, format_compare
-    c = compare(ns.run_a, ns.run_b)
-    print(json.dumps(c, indent=2) if ns.json else format_compare(c))
+    c = compare(run_a, run_b)
+    print(json.dumps(c, indent=2) if as_json else format_compare(c))
     return 0
 
 
-def cmd_push(ns: argparse.Namespace) -> int:
+def cmd_push(run_dir: str, repo_id: str, *, private: bool = False) -> int:
     from lmtune.hub import push
-    print(f"pushed: {push(ns.run_dir, ns.repo_id, ns.private)}")
+    print(f"pushed: {push(run_dir, repo_id, private)}")
     return 0
 
 
-def cmd_completion(ns: argparse.Namespace) -> int:
+def cmd_completion(shell: Literal["bash", "zsh"]) -> int:
     import shtab
-    print(shtab.complete(build_parser(), shell=ns.shell))
+    print(shtab.complete(build_parser(), shell=shell))
     return 0
 
 
-def cmd_config(ns: argparse.Namespace) -> int:
+def cmd_config() -> int:
     print(describe_fields())
     return 0
 
 
-LOCAL_HOSTS = ("127.0.0.1", "localhost", "::1")
-
-
-def cmd_chat(ns: argparse.Namespace) -> int:
+def cmd_chat(run_dir: str, *, max_new_tokens: Annotated[int | None, "tokens per reply at most (default: the run's)"] = None,
+             system: Annotated[str | None, "a system message to start the conversation with"] = None) -> int:
     """An interactive terminal chat with a generation run: each reply streams as it is generated, with
     the decoding chosen on dev; the conversation so far is the prompt (the tokenizer's chat template)."""
     from transformers import TextStreamer
 
     from lmtune.api import load
     from lmtune.tasks.base import GENERATE
-    run = load(ns.run_dir)
+    run = load(run_dir)
     run.task.require(GENERATE, "chat")
     run.config.train.progress = "none"
-    history: list[dict] = [{"role": "system", "content": ns.system}] if ns.system else []
-    print(f"chat with {Path(ns.run_dir).name}: an empty line or /exit ends, /reset starts over", file=sys.stderr)
+    history: list[dict] = [{"role": "system", "content": system}] if system else []
+    print(f"chat with {Path(run_dir).name}: an empty line or /exit ends, /reset starts over", file=sys.stderr)
     while True:
         try:
             line = input("you> ").strip()
@@ -304,271 +441,250 @@ def cmd_chat(ns: argparse.Namespace) -> int:
         if not line or line == "/exit":
             break
         if line == "/reset":
-            history = history[:1] if ns.system else []
+            history = history[:1] if system else []
             continue
         history.append({"role": "user", "content": line})
         print("model> ", end="", flush=True)
         streamer = TextStreamer(run.tokenizer, skip_prompt=True, skip_special_tokens=True)
-        out = run.generate_examples([run.task.from_messages(history)], max_new_tokens=ns.max_new_tokens, streamer=streamer)[0]
+        out = run.generate_examples([run.task.from_messages(history)], max_new_tokens=max_new_tokens, streamer=streamer)[0]
         if not out["finished"]:
             print(f"[stopped at {out['tokens']} tokens]", file=sys.stderr)
         history.append({"role": "assistant", "content": out["text"]})
     return 0
 
 
-def cmd_search(ns: argparse.Namespace) -> int:
+def cmd_search(run_dir: str, *, query: Annotated[list[str], "a query (repeatable)"] = [],  # noqa: B006 (argparse copies it)
+               k: Annotated[int, "documents per query"] = 10,
+               corpus: Annotated[str | None, "embed this file's documents (retrieval.corpus_column) as the run's new "
+                                             "index first"] = None,
+               reranker: Annotated[str | None, Arg("re-order the index's best with this pair run (a cross-encoder)",
+                                                   metavar="PAIR_RUN")] = None,
+               rerank_depth: Annotated[int, "candidates per query the reranker re-orders"] = 50,
+               rerank_label: Annotated[str | None, "the pair run's label that means relevant (default: "
+                                                   "1/true/yes/relevant ...)"] = None) -> int:
     """A retrieval run's best documents for each query: one JSON line {query, results} per query."""
     from lmtune.api import load
-    if not ns.query and not ns.corpus:
+    if not query and not corpus:
         raise InputError("search: give --query TEXT (repeatable), and/or --corpus FILE to (re)build the run's index.")
-    run = load(ns.run_dir)
-    if ns.corpus:
-        n = run.build_index(ns.corpus)
-        print(f"index: {n} documents from {ns.corpus} written to {Path(ns.run_dir) / 'index'}", file=sys.stderr)
-    if ns.query:
-        reranker = load(ns.reranker) if ns.reranker else None
-        for q, rows in zip(ns.query, run.search(ns.query, ns.k, reranker=reranker, depth=ns.rerank_depth,
-                                                rerank_label=ns.rerank_label)):
+    run = load(run_dir)
+    if corpus:
+        n = run.build_index(corpus)
+        print(f"index: {n} documents from {corpus} written to {Path(run_dir) / 'index'}", file=sys.stderr)
+    if query:
+        ranker = load(reranker) if reranker else None
+        for q, rows in zip(query, run.search(query, k, reranker=ranker, depth=rerank_depth, rerank_label=rerank_label)):
             print(json.dumps({"query": q, "results": rows}, ensure_ascii=False))
     return 0
 
 
-def cmd_recommend(ns: argparse.Namespace) -> int:
-    """The recommendation app (lmtune.apps.recommend): fit a config, or rank items for a user."""
+def cmd_recommend_fit(config: Annotated[str, "the app's YAML (see lmtune/apps/recommend/example.yaml)"]) -> int:
+    """The recommendation app (lmtune.apps.recommend): train, then compare with popularity and BM25."""
     from lmtune.apps import recommend
-    if ns.recommend_command == "fit":
-        result = recommend.fit(ns.config)
-        t = result["test"]
-        print(f"run dir: {result['run_dir']}")
-        for name in ("model", "popularity", "bm25"):
-            print(f"test {name}: ndcg_10 {t[name]['ndcg_10']:.4f}  recall_10 {t[name]['recall_10']:.4f}  recall_20 {t[name]['recall_20']:.4f}")
-        return 0
-    if bool(ns.user) == bool(ns.history):
+    result = recommend.fit(config)
+    t = result["test"]
+    print(f"run dir: {result['run_dir']}")
+    for name in ("model", "popularity", "bm25"):
+        print(f"test {name}: ndcg_10 {t[name]['ndcg_10']:.4f}  recall_10 {t[name]['recall_10']:.4f}  recall_20 {t[name]['recall_20']:.4f}")
+    return 0
+
+
+def cmd_recommend_rank(run_dir: str, *, user: str | None = None,
+                       history: Annotated[str | None, "comma-separated item ids, oldest first"] = None, k: int = 10) -> int:
+    from lmtune.apps import recommend
+    if bool(user) == bool(history):
         raise InputError("recommend rank: give either --user USER or --history ITEM,ITEM,...")
-    history = [x.strip() for x in ns.history.split(",") if x.strip()] if ns.history else None
-    for row in recommend.rank(ns.run_dir, ns.user, history, ns.k):
+    items = [x.strip() for x in history.split(",") if x.strip()] if history else None
+    for row in recommend.rank(run_dir, user, items, k):
         print(json.dumps(row, ensure_ascii=False))
     return 0
 
 
-def cmd_assistant(ns: argparse.Namespace) -> int:
-    """The customer-service assistant app (lmtune.apps.assistant): serve it, or measure its routing on a labeled file."""
+KeyFile = Annotated[str | None, "file with one API key per line (else LMTUNE_API_KEYS)"]
+NoAuth = Annotated[bool, "serve without API keys (localhost only)"]
+
+
+def _refuse_open_no_auth(command: str, host: str, no_auth: bool) -> None:
+    if no_auth and host not in LOCAL_HOSTS:
+        raise InputError(f"{command}: --no-auth on {host} would let anyone on the network use it. Bind to 127.0.0.1.")
+
+
+def cmd_assistant_serve(config: Annotated[str, "the app's YAML (see lmtune/apps/assistant/example.yaml)"], *,
+                        host: str = "127.0.0.1", port: int = 8010, api_key_file: KeyFile = None, no_auth: NoAuth = False,
+                        max_chars: Annotated[int, "characters per message"] = 2000, max_body_bytes: int = 100_000) -> int:
+    """The customer-service assistant app (lmtune.apps.assistant) over HTTP."""
     from lmtune.apps import assistant
-    cfg = assistant.load_config(ns.config)
-    if ns.assistant_command == "evaluate":
-        result = assistant.Assistant(cfg).evaluate(ns.data)
-        print(json.dumps(result))
-        return 0
     from lmtune.apps.assistant.server import serve
     from lmtune.serve.app import ServeSettings
-    if ns.no_auth and ns.host not in LOCAL_HOSTS:
-        raise InputError(f"assistant serve: --no-auth on {ns.host} would let anyone on the network use it. Bind to 127.0.0.1.")
-    serve(cfg, ServeSettings(run_dir=cfg.intents, key_file=ns.api_key_file, no_auth=ns.no_auth, max_chars=ns.max_chars,
-                             max_body_bytes=ns.max_body_bytes), ns.host, ns.port)
+    cfg = assistant.load_config(config)
+    _refuse_open_no_auth("assistant serve", host, no_auth)
+    serve(cfg, ServeSettings(run_dir=cfg.intents, key_file=api_key_file, no_auth=no_auth, max_chars=max_chars,
+                             max_body_bytes=max_body_bytes), host, port)
     return 0
 
 
-def cmd_monitor(ns: argparse.Namespace) -> int:
+def cmd_assistant_evaluate(config: str, *, data: Annotated[str, "labeled messages in the intent run's columns"]) -> int:
+    from lmtune.apps import assistant
+    print(json.dumps(assistant.Assistant(assistant.load_config(config)).evaluate(data)))
+    return 0
+
+
+def cmd_monitor(config: Annotated[str, "the app's YAML (see lmtune/apps/monitor/example.yaml)"], *,
+                once: Annotated[bool, "process the watched folder once and exit (no server)"] = False,
+                host: str = "127.0.0.1", port: int = 8020, api_key_file: KeyFile = None, no_auth: NoAuth = False) -> int:
     """The news monitor app (lmtune.apps.monitor): process the watched folder once, or serve and keep polling it."""
     from lmtune.apps import monitor
-    cfg, rules = monitor.load_config(ns.config)
+    cfg, rules = monitor.load_config(config)
     mon = monitor.Monitor(cfg, rules)
-    if ns.once:
+    if once:
         print(json.dumps(mon.process_folder()))
         return 0
     from lmtune.apps.monitor.server import serve
     from lmtune.serve.app import ServeSettings
-    if ns.no_auth and ns.host not in LOCAL_HOSTS:
-        raise InputError(f"monitor: --no-auth on {ns.host} would let anyone on the network use it. Bind to 127.0.0.1.")
-    serve(mon, ServeSettings(run_dir=cfg.sentiment, key_file=ns.api_key_file, no_auth=ns.no_auth), ns.host, ns.port)
+    _refuse_open_no_auth("monitor", host, no_auth)
+    serve(mon, ServeSettings(run_dir=cfg.sentiment, key_file=api_key_file, no_auth=no_auth), host, port)
     return 0
 
 
-def cmd_serve(ns: argparse.Namespace) -> int:
+def cmd_serve(run_dir: str, *, host: str = "127.0.0.1", port: int = 8000,
+              workers: Annotated[int, "worker processes (each loads the model)"] = 1,
+              backend: Annotated[str, Arg("auto: the run's int8 ONNX export, else its fp32 one, else torch",
+                                          choices=("auto", *backends.names()))] = "auto",
+              api_key_file: Annotated[str | None, "file with one API key per line"] = None,
+              no_auth: Annotated[bool, "serve without API keys (local experiments only; refused on a non-local --host "
+                                       "unless --insecure)"] = False,
+              insecure: Annotated[bool, "allow --no-auth on a non-local --host"] = False,
+              header_timeout: Annotated[float, "seconds a client has to send a request's head"] = 10.0,
+              body_timeout: Annotated[float, "seconds a client has to send the body after the head"] = 30.0,
+              max_connections: Annotated[int, "open connections (kept below the open-file limit); over it the oldest "
+                                               "waiting one is dropped"] = 1000,
+              max_batch_size: Annotated[int, "texts per model call"] = 32,
+              max_wait_ms: Annotated[float, "how long a request waits for others to batch with"] = 5.0,
+              max_queue: Annotated[int, "texts waiting before requests get 503"] = 2048,
+              max_texts: Annotated[int, "texts per request"] = 64,
+              max_chars: Annotated[int, "characters per text"] = 2000,
+              explain_per_minute: Annotated[int, "/v1/predict?explain=true requests per minute and API key (0: "
+                                                 "explanations off)"] = 30,
+              max_body_bytes: int = 1_000_000,
+              max_new_tokens: Annotated[int, "generation runs: the most tokens one /v1/generate request may ask for"] = 256,
+              threads: Annotated[int | None, "model threads per worker (default: cores / workers)"] = None) -> int:
     from lmtune.serve.app import ServeSettings, create_app, serve
-    if ns.no_auth and ns.host not in LOCAL_HOSTS and not ns.insecure:
-        raise InputError(f"serve: --no-auth on {ns.host} would let anyone on the network use the model. Bind to "
+    if no_auth and host not in LOCAL_HOSTS and not insecure:
+        raise InputError(f"serve: --no-auth on {host} would let anyone on the network use the model. Bind to "
                          "127.0.0.1, configure API keys, or add --insecure if you really mean it.")
-    settings = ServeSettings(run_dir=ns.run_dir, backend=ns.backend, key_file=ns.api_key_file, no_auth=ns.no_auth,
-                             max_batch_size=ns.max_batch_size, max_wait_ms=ns.max_wait_ms, max_queue=ns.max_queue,
-                             max_texts=ns.max_texts, max_chars=ns.max_chars, max_body_bytes=ns.max_body_bytes, threads=ns.threads,
-                             header_timeout_s=ns.header_timeout, body_timeout_s=ns.body_timeout, max_connections=ns.max_connections,
-                             explain_per_minute=ns.explain_per_minute, max_new_tokens=ns.max_new_tokens)
-    if ns.workers == 1:
+    settings = ServeSettings(run_dir=run_dir, backend=backend, key_file=api_key_file, no_auth=no_auth,
+                             max_batch_size=max_batch_size, max_wait_ms=max_wait_ms, max_queue=max_queue,
+                             max_texts=max_texts, max_chars=max_chars, max_body_bytes=max_body_bytes, threads=threads,
+                             header_timeout_s=header_timeout, body_timeout_s=body_timeout, max_connections=max_connections,
+                             explain_per_minute=explain_per_minute, max_new_tokens=max_new_tokens)
+    if workers == 1:
         create_app(settings)  # fail fast on a bad run dir or missing keys, before uvicorn starts
-    serve(settings, ns.host, ns.port, ns.workers)
+    serve(settings, host, port, workers)
     return 0
+
+
+# ---- the table ------------------------------------------------------------------------------------
+
+COMMANDS: dict[str, Command | Group] = {
+    "train": Command(cmd_train, "fine-tune from a config file", lambda: TRAIN_HELP + describe_fields()),
+    "demo": Command(cmd_demo, "train the packaged MiniLM on the bundled review data",
+                    "Runs `lmtune train` on the bundled demo config; --section.key VALUE flags override it."),
+    "evaluate": Command(cmd_evaluate, "metrics of a trained run on a labeled file"),
+    "predict": Command(cmd_predict, "predict with a trained run (any task); one JSON line per input",
+                       "Predictions as JSONL: labels, spans, scores or answers with their probabilities, intervals or "
+                       "abstentions, as the run's task gives them."),
+    "ui": Command(cmd_ui, "a local web dashboard: runs, run pages, compare, try it, train from the browser",
+                  "Serves the dashboard from the installed package (no internet needed). Binds to 127.0.0.1; another "
+                  "--host needs a token (LMTUNE_UI_TOKEN or --token-file). Files are picked and uploaded under the "
+                  "current directory."),
+    "audit": Command(cmd_audit, "check the data of a config: balance, duplicates, conflicts, leakage",
+                     "lmtune audit CONFIG.yaml [--strict] [--section.key VALUE ...]: findings as JSON; --strict exits 1 "
+                     "when any finding is critical. --data.label_noise_folds 5 adds label-noise candidates (confident "
+                     "learning on 5-fold out-of-fold predictions)."),
+    "report": Command(cmd_report, "render RUN_DIR/report.md again from RUN_DIR/results.json"),
+    "merge": Command(cmd_merge, "fold a LoRA/AdaLoRA/IA3 adapter into a standalone model folder"),
+    "export": Command(cmd_export, "export a run to ONNX (optionally int8 / pruned), verified against PyTorch",
+                      "Writes RUN_DIR/export/ (model.onnx, model.int8.onnx, tokenizer, export.json with the max logit "
+                      "difference and the dev metric before/after)."),
+    "chat": Command(cmd_chat, "chat in the terminal with a generation run (replies stream as they are generated)"),
+    "search": Command(cmd_search, "a retrieval run's best documents for a query, from the run's index (or a new corpus)"),
+    "recommend": Group("text-based recommendation app: fit a two-tower model on interactions, rank items for a user", {
+        "fit": Command(cmd_recommend_fit, "train, then compare with popularity and BM25 on a leave-last-out split "
+                                          "(recommend.json)"),
+        "rank": Command(cmd_recommend_rank, "the top items for a user (or a list of item ids), items already taken excluded")}),
+    "assistant": Group("customer-service assistant app: intent routing, FAQ answers, hand-off (see Applications)", {
+        "serve": Command(cmd_assistant_serve, "POST /v1/chat, a chat page at /, /healthz, /metrics; API keys as lmtune serve"),
+        "evaluate": Command(cmd_assistant_evaluate, "routing accuracy on a labeled file (right answer, or hand-off for "
+                                                    "out-of-scope)")}),
+    "monitor": Command(cmd_monitor, "news sentiment monitor app: companies, sentiment, alert rules, a page (see Applications)"),
+    "serve": Command(cmd_serve, "serve a run over HTTP (FastAPI): /v1/predict (/v1/generate), /healthz, /readyz, /metrics",
+                     "API keys come from LMTUNE_API_KEYS (comma-separated) or --api-key-file; calls without a valid key "
+                     "get 401. Uses RUN_DIR/export (ONNX, int8 first) when present."),
+    "config": Command(cmd_config, "list every config key with its default and meaning"),
+    "init": Command(cmd_init, "inspect a labeled file and write a commented config to start from"),
+    "runs": Command(cmd_runs, "list runs: task, model, date, headline metrics, status"),
+    "compare": Command(cmd_compare, "two runs side by side: config differences and metric differences"),
+    "push": Command(cmd_push, "upload RUN_DIR/model (weights, tokenizer, model card) to a Hugging Face Hub repo",
+                    "Needs a token (HF_TOKEN or `hf auth login`); creates the repo when missing."),
+    "pretrain": Command(cmd_pretrain, "continue masked-LM pretraining on unlabeled in-domain text (pretrain.* keys)",
+                        "lmtune pretrain CONFIG.yaml [--pretrain.files '[a.txt]'] [--section.key VALUE ...]: writes "
+                        "OUTPUT_DIR/RUN/model (use it as model.name) and pretrain.json with held-out perplexity before and "
+                        "after."),
+    "tune": Command(cmd_tune, "hyperparameter search (Optuna TPE, pruning); each trial a run dir under OUTPUT_DIR/RUN_NAME",
+                    "lmtune tune CONFIG.yaml --trials N [--timeout S] [--soup] [--no-prune] [--resume] "
+                    "[--section.key VALUE ...]: tune.space (default by model width), tune.pruner, tune.storage. "
+                    "Start it N times to run N workers on one study. --resume re-queues trials a stopped "
+                    "worker left running. Writes study.json, study.md, history.png, best.yaml."),
+    "cv": Command(cmd_cv, "stratified (or grouped) k-fold cross-validation, and an ensemble of the fold models",
+                  "lmtune cv CONFIG.yaml [--folds 5] [--no-ensemble] [--section.key VALUE ...]: folds over train + dev "
+                  "(data.group_column keeps groups together); writes OUTPUT_DIR/RUN_NAME (default cv)/fold-K, cv.json, "
+                  "cv.md, oof.jsonl and ensemble/."),
+    "ensemble": Command(cmd_ensemble, "a run dir that averages its members' calibrated probabilities"),
+    "soup": Command(cmd_soup, "average the weights of runs of one base model into one run dir (model soup)"),
+    "completion": Command(cmd_completion, "print a shell completion script: eval \"$(lmtune completion bash)\""),
+}
+
+
+def _add_commands(sub: argparse._SubParsersAction, table: dict[str, Command | Group]) -> None:
+    for name, entry in table.items():
+        if isinstance(entry, Group):
+            group = sub.add_parser(name, help=entry.help)
+            _add_commands(group.add_subparsers(dest=f"{name}_command", required=True), entry.commands)
+            continue
+        text = entry.description() if callable(entry.description) else entry.description
+        p = sub.add_parser(name, help=entry.help, description=text, allow_abbrev=False,  # --section.key must never abbreviate
+                           formatter_class=argparse.RawDescriptionHelpFormatter if callable(entry.description)
+                           else argparse.HelpFormatter)
+        if entry.arguments:
+            entry.arguments(p)
+        else:
+            add_signature_arguments(p, entry.run)
+        p.set_defaults(command_entry=entry)
+
+
+def _load_run(run_dir: str, backend: str = "torch"):
+    from lmtune.api import load
+    return load(run_dir, backend=backend)
+
+
+def analysis_commands() -> dict[str, Command]:
+    """An entry per registered analysis that runs (drift, fairness, explain, attack, ...): the analysis seam
+    builds its flags from its declared params and runs it through Run.analyse. Read from the registry when
+    the parser is built, so an analysis registered before main() is called has its command too."""
+    from lmtune import analysis
+    return {command: Command(functools.partial(analysis.run_command, name, _load_run), entry.help, entry.description,
+                             functools.partial(analysis.add_arguments, entry))
+            for command, name, entry in analysis.runnable()}
+
+
+def command_table() -> dict[str, Command | Group]:
+    """Every command: the table above and the registered analyses."""
+    return {**COMMANDS, **analysis_commands()}
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="lmtune", description="Fine-tune, evaluate and serve pretrained language models.")
     p.add_argument("--version", action="version", version=f"lmtune {_version()}")
-    sub = p.add_subparsers(dest="command", required=True)
-    t = sub.add_parser("train", help="fine-tune from a config file", description=TRAIN_HELP + describe_fields(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter, add_help=True)
-    t.add_argument("config", nargs="?", help="YAML config file")
-    d = sub.add_parser("demo", help="train the packaged MiniLM on the bundled review data",
-                       description="Runs `lmtune train` on the bundled demo config; flags override it.")
-    d.add_argument("--output_dir", default="runs")
-    e = sub.add_parser("evaluate", help="metrics of a trained run on a labeled file")
-    e.add_argument("run_dir")
-    e.add_argument("--data", required=True, help="labeled file with the run's text/label columns")
-    pr = sub.add_parser("predict", help="predict with a trained run (any task); one JSON line per input",
-                        description="Predictions as JSONL: labels, spans, scores or answers with their probabilities, "
-                                    "intervals or abstentions, as the run's task gives them.")
-    pr.add_argument("run_dir")
-    pr.add_argument("--input", help="file with the run's columns (CSV/TSV/JSONL/parquet), or - for standard input: one JSON "
-                                    "object or one plain text per line, read and predicted as it streams")
-    pr.add_argument("--text", action="append", help="a text to predict on (repeatable)")
-    pr.add_argument("--pair", action="append", help="the second text of the pair, for a model trained on pairs (one per --text)")
-    pr.add_argument("--output", help="write JSONL to this file (written whole, then renamed); - or absent: standard output")
-    pr.add_argument("--explain", action="store_true", help="add word attributions for the predicted label (see lmtune explain)")
-    add_analysis_commands(sub, _load_run)  # drift, fairness, explain, attack and every registered analysis
-    ui = sub.add_parser("ui", help="a local web dashboard: runs, run pages, compare, try it, train from the browser",
-                        description="Serves the dashboard from the installed package (no internet needed). Binds to "
-                                    "127.0.0.1; another --host needs a token (LMTUNE_UI_TOKEN or --token-file). Files are "
-                                    "picked and uploaded under the current directory.")
-    ui.add_argument("runs_dir", nargs="?", default="runs", help="the output_dir holding the runs (default: runs)")
-    ui.add_argument("--host", default="127.0.0.1")
-    ui.add_argument("--port", type=int, default=7860)
-    ui.add_argument("--token-file", help="file whose first line is the token")
-    ui.add_argument("--allow-path", action="append", default=[], metavar="DIR",
-                    help="also allow paths under DIR in job configs and file picks (repeatable; default: only the "
-                         "current directory)")
-    au = sub.add_parser("audit", help="check the data of a config: balance, duplicates, conflicts, leakage",
-                        description="lmtune audit CONFIG.yaml [--strict] [--section.key VALUE ...]: findings as JSON; "
-                                    "--strict exits 1 when any finding is critical. --data.label_noise_folds 5 adds "
-                                    "label-noise candidates (confident learning on 5-fold out-of-fold predictions).")
-    au.add_argument("config", nargs="?")
-    rp = sub.add_parser("report", help="render RUN_DIR/report.md again from RUN_DIR/results.json")
-    rp.add_argument("run_dir")
-    mg = sub.add_parser("merge", help="fold a LoRA/AdaLoRA/IA3 adapter into a standalone model folder")
-    mg.add_argument("run_dir")
-    mg.add_argument("out_dir")
-    ex = sub.add_parser("export", help="export a run to ONNX (optionally int8 / pruned), verified against PyTorch",
-                        description="Writes RUN_DIR/export/ (model.onnx, model.int8.onnx, tokenizer, export.json with the "
-                                    "max logit difference and the dev metric before/after).")
-    ex.add_argument("run_dir")
-    ex.add_argument("--format", default="onnx")
-    ex.add_argument("--quantize", choices=["int8"], help="also write a dynamically int8-quantized model")
-    ex.add_argument("--prune", help="magnitude:AMOUNT zeroes that share of each encoder weight matrix (smaller file); "
-                                    "ffn:AMOUNT,heads:AMOUNT removes that share of feed-forward neurons / attention heads "
-                                    "by importance (faster on every backend), then distils from the unpruned model")
-    ex.add_argument("--recover-epochs", type=int, default=1,
-                    help="epochs of distillation on the run's train split after ffn/heads pruning (0: none)")
-    ex.add_argument("--sample", type=int, default=256, help="dev examples for the logit comparison")
-    ch = sub.add_parser("chat", help="chat in the terminal with a generation run (replies stream as they are generated)")
-    ch.add_argument("run_dir")
-    ch.add_argument("--max-new-tokens", type=int, default=None, help="tokens per reply at most (default: the run's)")
-    ch.add_argument("--system", default=None, help="a system message to start the conversation with")
-    se = sub.add_parser("search", help="a retrieval run's best documents for a query, from the run's index (or a new corpus)")
-    se.add_argument("run_dir")
-    se.add_argument("--query", action="append", default=[], help="a query (repeatable)")
-    se.add_argument("--k", type=int, default=10, help="documents per query")
-    se.add_argument("--corpus", default=None, help="embed this file's documents (retrieval.corpus_column) as the run's new index first")
-    se.add_argument("--reranker", default=None, metavar="PAIR_RUN", help="re-order the index's best with this pair run (a cross-encoder)")
-    se.add_argument("--rerank-depth", type=int, default=50, help="candidates per query the reranker re-orders")
-    se.add_argument("--rerank-label", default=None, help="the pair run's label that means relevant (default: 1/true/yes/relevant ...)")
-    rc = sub.add_parser("recommend", help="text-based recommendation app: fit a two-tower model on interactions, rank items for a user")
-    rsub = rc.add_subparsers(dest="recommend_command", required=True)
-    rf = rsub.add_parser("fit", help="train, then compare with popularity and BM25 on a leave-last-out split (recommend.json)")
-    rf.add_argument("config", help="the app's YAML (see lmtune/apps/recommend/example.yaml)")
-    rr = rsub.add_parser("rank", help="the top items for a user (or a list of item ids), items already taken excluded")
-    rr.add_argument("run_dir")
-    rr.add_argument("--user", default=None)
-    rr.add_argument("--history", default=None, help="comma-separated item ids, oldest first")
-    rr.add_argument("--k", type=int, default=10)
-    asp = sub.add_parser("assistant", help="customer-service assistant app: intent routing, FAQ answers, hand-off (see Applications)")
-    asub = asp.add_subparsers(dest="assistant_command", required=True)
-    aserve = asub.add_parser("serve", help="POST /v1/chat, a chat page at /, /healthz, /metrics; API keys as lmtune serve")
-    aserve.add_argument("config", help="the app's YAML (see lmtune/apps/assistant/example.yaml)")
-    aserve.add_argument("--host", default="127.0.0.1")
-    aserve.add_argument("--port", type=int, default=8010)
-    aserve.add_argument("--api-key-file", help="file with one API key per line (else LMTUNE_API_KEYS)")
-    aserve.add_argument("--no-auth", action="store_true", help="serve without API keys (localhost only)")
-    aserve.add_argument("--max-chars", type=int, default=2000, help="characters per message")
-    aserve.add_argument("--max-body-bytes", type=int, default=100_000)
-    aev = asub.add_parser("evaluate", help="routing accuracy on a labeled file (right answer, or hand-off for out-of-scope)")
-    aev.add_argument("config")
-    aev.add_argument("--data", required=True, help="labeled messages in the intent run's columns")
-    mo = sub.add_parser("monitor", help="news sentiment monitor app: companies, sentiment, alert rules, a page (see Applications)")
-    mo.add_argument("config", help="the app's YAML (see lmtune/apps/monitor/example.yaml)")
-    mo.add_argument("--once", action="store_true", help="process the watched folder once and exit (no server)")
-    mo.add_argument("--host", default="127.0.0.1")
-    mo.add_argument("--port", type=int, default=8020)
-    mo.add_argument("--api-key-file", help="file with one API key per line (else LMTUNE_API_KEYS)")
-    mo.add_argument("--no-auth", action="store_true", help="serve without API keys (localhost only)")
-    sv = sub.add_parser("serve", help="serve a run over HTTP (FastAPI): /v1/predict (/v1/generate), /healthz, /readyz, /metrics",
-                        description="API keys come from LMTUNE_API_KEYS (comma-separated) or --api-key-file; calls "
-                                    "without a valid key get 401. Uses RUN_DIR/export (ONNX, int8 first) when present.")
-    sv.add_argument("run_dir")
-    sv.add_argument("--host", default="127.0.0.1")
-    sv.add_argument("--port", type=int, default=8000)
-    sv.add_argument("--workers", type=int, default=1, help="worker processes (each loads the model)")
-    sv.add_argument("--backend", default="auto", choices=["auto", *backends.names()],
-                    help="auto: the run's int8 ONNX export, else its fp32 one, else torch")
-    sv.add_argument("--api-key-file", help="file with one API key per line")
-    sv.add_argument("--no-auth", action="store_true", help="serve without API keys (local experiments only; "
-                                                           "refused on a non-local --host unless --insecure)")
-    sv.add_argument("--insecure", action="store_true", help="allow --no-auth on a non-local --host")
-    sv.add_argument("--header-timeout", type=float, default=10.0, help="seconds a client has to send a request's head")
-    sv.add_argument("--body-timeout", type=float, default=30.0, help="seconds a client has to send the body after the head")
-    sv.add_argument("--max-connections", type=int, default=1000,
-                    help="open connections (kept below the open-file limit); over it the oldest waiting one is dropped")
-    sv.add_argument("--max-batch-size", type=int, default=32, help="texts per model call")
-    sv.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
-    sv.add_argument("--max-queue", type=int, default=2048, help="texts waiting before requests get 503")
-    sv.add_argument("--max-texts", type=int, default=64, help="texts per request")
-    sv.add_argument("--max-chars", type=int, default=2000, help="characters per text")
-    sv.add_argument("--explain-per-minute", type=int, default=30,
-                    help="/v1/predict?explain=true requests per minute and API key (0: explanations off)")
-    sv.add_argument("--max-body-bytes", type=int, default=1_000_000)
-    sv.add_argument("--max-new-tokens", type=int, default=256, help="generation runs: the most tokens one /v1/generate "
-                                                                    "request may ask for")
-    sv.add_argument("--threads", type=int, help="model threads per worker (default: cores / workers)")
-    sub.add_parser("config", help="list every config key with its default and meaning")
-    it = sub.add_parser("init", help="inspect a labeled file and write a commented config to start from")
-    it.add_argument("data_file")
-    it.add_argument("--task", help="the task, when the guess from the columns is wrong")
-    it.add_argument("--output", help="config file to write (default lmtune.yaml)")
-    it.add_argument("--force", action="store_true", help="replace an existing config file")
-    rs = sub.add_parser("runs", help="list runs: task, model, date, headline metrics, status")
-    rs.add_argument("dir", nargs="?", default="runs", help="the output_dir holding the runs (default: runs)")
-    rs.add_argument("--json", action="store_true")
-    cp = sub.add_parser("compare", help="two runs side by side: config differences and metric differences")
-    cp.add_argument("run_a")
-    cp.add_argument("run_b")
-    cp.add_argument("--json", action="store_true")
-    pu = sub.add_parser("push", help="upload RUN_DIR/model (weights, tokenizer, model card) to a Hugging Face Hub repo",
-                        description="Needs a token (HF_TOKEN or `hf auth login`); creates the repo when missing.")
-    pu.add_argument("run_dir")
-    pu.add_argument("repo_id")
-    pu.add_argument("--private", action="store_true")
-    sub.add_parser("pretrain", help="continue masked-LM pretraining on unlabeled in-domain text (pretrain.* keys)",
-                   description="lmtune pretrain CONFIG.yaml [--pretrain.files '[a.txt]'] [--section.key VALUE ...]: writes "
-                               "OUTPUT_DIR/RUN/model (use it as model.name) and pretrain.json with held-out perplexity "
-                               "before and after.")
-    sub.add_parser("tune", help="hyperparameter search (Optuna TPE, pruning); each trial a run dir under OUTPUT_DIR/RUN_NAME",
-                   description="lmtune tune CONFIG.yaml --trials N [--timeout S] [--soup] [--no-prune] [--resume] "
-                               "[--section.key VALUE ...]: tune.space (default by model width), tune.pruner, tune.storage. "
-                               "Start it N times to run N workers on one study. --resume re-queues trials a stopped "
-                               "worker left running. Writes study.json, study.md, history.png, best.yaml.")
-    sub.add_parser("cv", help="stratified (or grouped) k-fold cross-validation, and an ensemble of the fold models",
-                   description="lmtune cv CONFIG.yaml [--folds 5] [--no-ensemble] [--section.key VALUE ...]: folds over "
-                               "train + dev (data.group_column keeps groups together); writes OUTPUT_DIR/RUN_NAME (default "
-                               "cv)/fold-K, cv.json, cv.md, oof.jsonl and ensemble/.")
-    en = sub.add_parser("ensemble", help="a run dir that averages its members' calibrated probabilities")
-    en.add_argument("run_dirs", nargs="+")
-    en.add_argument("--out", required=True, help="the new run directory")
-    en.add_argument("--weights", choices=["uniform", "dev"], default="uniform",
-                    help="dev: weights that minimise the dev log-loss (needs a shared dev split or --dev)")
-    en.add_argument("--dev", help="labeled file to fit weights, temperature and abstention on (default: the members' shared dev)")
-    so = sub.add_parser("soup", help="average the weights of runs of one base model into one run dir (model soup)")
-    so.add_argument("run_dirs", nargs="+")
-    so.add_argument("--out", required=True, help="the new run directory")
-    so.add_argument("--greedy", action="store_true", help="add a run (best dev first) only if it improves the soup's dev metric")
-    co = sub.add_parser("completion", help="print a shell completion script: eval \"$(lmtune completion bash)\"")
-    co.add_argument("shell", choices=["bash", "zsh"])
+    _add_commands(p.add_subparsers(dest="command", required=True), command_table())
     return p
 
 
@@ -580,34 +696,19 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-# subcommand -> function(argparse.Namespace) -> exit status (the analyses' commands come from lmtune.analysis);
-# train, demo, audit, pretrain, tune and cv take free-form --section.key overrides and are parsed before argparse sees them
-COMMANDS = {"evaluate": cmd_evaluate, "predict": cmd_predict, "merge": cmd_merge, "report": cmd_report, "export": cmd_export,
-            "serve": cmd_serve, "config": cmd_config, "init": cmd_init, "runs": cmd_runs,
-            "compare": cmd_compare, "push": cmd_push, "completion": cmd_completion, "ui": cmd_ui, "chat": cmd_chat, "search": cmd_search,
-            "recommend": cmd_recommend, "assistant": cmd_assistant, "monitor": cmd_monitor,
-            "ensemble": cmd_ensemble, "soup": cmd_soup}
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("lmtune").setLevel(logging.INFO)
     parser = build_parser()
+    ns, extras = parser.parse_known_args(argv)
+    command: Command = ns.command_entry
+    if command.overrides:  # parsed again with each override's value kept beside its key
+        ns, extras = parser.parse_known_args(_paired(argv, option_flags(command.run)))
+    elif extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     try:
-        if argv and argv[0] == "audit" and not any(a in ("-h", "--help") for a in argv):
-            return cmd_audit(argv[1:])
-        free_form = {"pretrain": cmd_pretrain, "tune": cmd_tune, "cv": cmd_cv}  # take --section.key overrides
-        if argv and argv[0] in free_form and not any(a in ("-h", "--help") for a in argv):
-            return free_form[argv[0]](argv[1:])
-        if argv and argv[0] in ("train", "demo") and not any(a in ("-h", "--help") for a in argv):
-            rest = argv[1:]
-            config = str(DEMO_CONFIG) if argv[0] == "demo" else None
-            if argv[0] == "train" and rest and not rest[0].startswith("--"):
-                config = rest.pop(0)
-            return cmd_train(rest, config)
-        ns = parser.parse_args(argv)
-        return COMMANDS[ns.command](ns) if ns.command in COMMANDS else ns.run_analysis(ns)
+        return _call(command, ns, extras)
     except InputError as e:
         print(f"error: {e}", file=sys.stderr)
         return e.exit_code

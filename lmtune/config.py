@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import logging
 import types
 import typing
+import warnings
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -16,17 +19,22 @@ from typing import Any
 import yaml
 
 from lmtune.errors import InputError
-from lmtune.registry import adversaries, attacks, augmenters, peft_methods, trackers
+from lmtune.registry import adversaries, attacks, augmenters, config_sections, peft_methods, trackers
 
 DEFAULT_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+log = logging.getLogger(__name__)
 
 
 def _f(default: Any, help: str, choices: tuple | None = None, range: str | None = None) -> Any:
-    """A config field. `range` bounds a number, e.g. "> 0", ">= 1", "[0, 1)", "(0, 1]": validate() checks it."""
+    """A config field. `range` bounds a number, e.g. "> 0", ">= 1", "[0, 1)", "(0, 1]": validate() checks it.
+    A task or feature declares the fields it owns with the same helper (`option`) in its own module."""
     meta = {"help": help, "choices": choices, "range": range}
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta)
     return field(default=default, metadata=meta)
+
+
+option = _f  # the public name, for sections declared outside this module (lmtune/registrations.py lists them)
 
 
 @dataclass
@@ -45,18 +53,9 @@ class DataConfig:
     text_column: str = _f("text", "Column (or JSON key) holding the text.")
     text_pair_column: str | None = _f(None, "Second text column for sentence-pair tasks.")
     label_column: str = _f("label", "Column (or JSON key) holding the label.")
-    head_column: str = _f("head", "Relation: column (or JSON key) with the first entity, as its text (located in the sentence) "
-                                  "or a [start, end] character span; without it the text carries <e1>..</e1> <e2>..</e2> markers.")
-    tail_column: str = _f("tail", "Relation: column (or JSON key) with the second entity (as head_column).")
-    label_separator: str = _f(",", "Multi-label: separator of the labels in one column (a JSON list needs none).")
-    label_columns: list | None = _f(None, "Multi-label: one 0/1 column per label instead of a label column.")
     encoding: str = _f("utf-8", "Text encoding of the data files.")
     split: list = _f([0.7, 0.18, 0.12], "train/dev/test fractions used when only train is given.")
     max_length: int = _f(128, "Max tokens per example; classification truncates (and counts), NER cuts windows.", range=">= 8")
-    tag_scheme: str = _f("auto", "NER tag scheme of the files; auto detects it. Output uses the same scheme.",
-                         ("auto", "bio", "iob1", "bioes", "bilou", "bmes"))
-    tag_column: int = _f(-1, "NER (CoNLL): column holding the tag; -1 = last. The token is column 0.", range=">= -1")
-    label_all_subtokens: bool = _f(False, "NER: train on every sub-token of a word (default: the first only).")
     window_overlap: int | None = _f(None, "NER, and classification with long_text windows: sub-tokens shared by consecutive "
                                           "windows of a long text; default 1/4 of a window.", range=">= 0")
     long_text: str = _f("truncate", "Classification / multi-label texts longer than max_length: truncate (and count), or "
@@ -66,12 +65,6 @@ class DataConfig:
                              "first and last kept); prediction uses every window.", range=">= 1")
     window_pooling: str = _f("mean", "long_text windows: how the windows' logits become the text's: mean, or max per class.",
                              ("mean", "max"))
-    symmetric_pairs: bool = _f(False, "Sentence pairs whose relation is symmetric (paraphrase, similarity): also train on "
-                                      "each pair in the other order; classification also predicts both orders and averages the logits.")
-    pair_encoding: str = _f("auto", "Sentence pairs: cross (the two texts as one input, read jointly) or bi (each text "
-                                    "encoded alone with the checkpoint's pooling, the pair judged by the cosine of the two "
-                                    "embeddings). auto: bi for a sentence-embedding checkpoint (sentence-transformers) on a "
-                                    "two-label classification pair task, else cross (regression too: see README).", ("auto", "cross", "bi"))
     group_column: str | None = _f(None, "`lmtune cv`: column whose rows must stay in one fold (a user, a document, a "
                                         "conversation): grouped stratified folds.")
     slice_columns: list = _f([], "Columns of the data (product, region, channel, language) whose values are slices: "
@@ -82,6 +75,15 @@ class DataConfig:
     drop_label_noise: bool = _f(False, "Drop the rows the label-noise search flags from train before training.")
     resample: str = _f("none", "Classification: re-sample train per epoch so classes are balanced (oversample the rare "
                                "ones, or undersample the frequent ones).", ("none", "oversample", "undersample"))
+
+    def validate(self, cfg: Config, where: str) -> None:
+        s = self.split
+        if len(s) != 3 or any(x < 0 for x in s) or abs(sum(s) - 1) > 1e-6 or s[0] <= 0:
+            raise InputError(f"{where}: data.split must be three non-negative fractions summing to 1, got {s}.")
+        if self.label_noise_folds == 1:
+            raise InputError(f"{where}: data.label_noise_folds must be 0 (off) or at least 2, got {self.label_noise_folds}.")
+        if self.drop_label_noise and not self.label_noise_folds:
+            raise InputError(f"{where}: data.drop_label_noise needs data.label_noise_folds >= 2 (the search that flags rows).")
 
 
 @dataclass
@@ -151,6 +153,18 @@ class TrainConfig:
                            "model/ hold consolidated weights); auto = when the launcher asks (accelerate launch with an FSDP "
                            "config). Full fine-tuning only; needs more than one process.", ("auto", "on", "off"))
 
+    def validate(self, cfg: Config, where: str) -> None:
+        if self.batch_size < self.grad_accum:
+            raise InputError(f"{where}: train.batch_size ({self.batch_size}) must be at least "
+                             f"train.grad_accum ({self.grad_accum}) >= 1: the batch is split into grad_accum micro-batches.")
+        if self.epochs < 1 and self.max_steps < 1:
+            raise InputError(f"{where}: set train.epochs >= 1 or train.max_steps >= 1.")
+        if self.fsdp == "on" and (cfg.peft.method != "none" or cfg.continual.from_run):
+            raise InputError(f"{where}: train.fsdp shards full fine-tuning only: set peft.method none and no continual.from_run, "
+                             "or train.fsdp off (PEFT trains few weights: plain data parallel suits it).")
+        for name in self.trackers:
+            trackers.check(name, f"{where}: train.trackers")
+
 
 @dataclass
 class PeftConfig:
@@ -208,6 +222,12 @@ class AdversarialConfig:
     candidates: int = _f(8, "typo / synonym: random versions scored per example and step; the worst is trained on.", range=">= 1")
     synonyms: str = _f("auto", "synonym: substitute source (as attack.synonyms).", ("auto", "wordnet", "embedding"))
 
+    def validate(self, cfg: Config, where: str) -> None:
+        # the ranges cover the rest; only FreeLB may run unbounded
+        if adversaries.meta(self.method, "kind") == "embedding" and self.method != "freelb" and self.epsilon == 0:
+            raise InputError(f"{where}: adversarial needs epsilon > 0 (FreeLB: >= 0), alpha > 0 and steps >= 1; got "
+                             f"epsilon {self.epsilon}, alpha {self.alpha}, steps {self.steps}.")
+
 
 @dataclass
 class AttackConfig:
@@ -222,6 +242,10 @@ class AttackConfig:
     max_examples: int = _f(0, "Attack at most this many examples (0 = all).", range=">= 0")
     seed: int = _f(13, "Seed of the random perturbations.", range=">= 0")
 
+    def validate(self, cfg: Config, where: str) -> None:
+        for m in self.methods:
+            attacks.check(m, f"{where}: attack.methods")
+
 
 @dataclass
 class AugmentConfig:
@@ -234,6 +258,12 @@ class AugmentConfig:
     translate_back: str = _f("Helsinki-NLP/opus-mt-de-en", "backtranslate: model that translates back.")
     synonyms: str = _f("auto", "Synonym source for synonym/insert (as attack.synonyms).", ("auto", "wordnet", "embedding"))
     seed: int = _f(7, "Seed of the augmentation.", range=">= 0")
+
+    def validate(self, cfg: Config, where: str) -> None:
+        for m in self.methods:
+            augmenters.check(m, f"{where}: augment.methods")
+        if "mlm" in self.methods and not self.mlm_model:
+            raise InputError(f"{where}: augment.methods has mlm: set augment.mlm_model to a masked language model.")
 
 
 @dataclass
@@ -275,66 +305,83 @@ class TuneConfig:
     startup_trials: int = _f(4, "Random trials before TPE starts modelling the results.", range=">= 1")
 
 
-@dataclass
-class GenerateConfig:
-    format: str = _f("auto", "task generation: how rows are read: instruction (Alpaca: instruction, input, output), chat "
-                             "(messages: [{role, content}], the last assistant turn is the target), source_target "
-                             "(data.text_column -> data.label_column, e.g. dialogue -> summary); auto picks by the first row's keys.",
-                     ("auto", "instruction", "chat", "source_target"))
-    instruction: str = _f("Summarize the following text.", "source_target: the instruction put before each source text.")
-    reference_columns: list = _f([], "source_target: extra reference columns of an eval file (e.g. [summary1, summary2, summary3]); "
-                                     "ROUGE takes the best reference per example.")
-    packing: bool = _f(False, "Pack several short training examples into one row (position ids restart at each example, so "
-                              "attention never crosses examples); fewer pad tokens, same loss.")
-    gradient_checkpointing: bool = _f(False, "Recompute activations in the backward pass: less memory, about 30% more time.")
-    max_new_tokens: int = _f(64, "Most tokens generated per output (the server caps requests at its own limit).", range=">= 1")
-    search_trials: int = _f(6, "Decoding settings tried on dev after training (seeded; greedy is always one): the best ROUGE-L "
-                               "among settings that pass the repetition and length checks is saved for predict and serve; 0 = greedy.",
-                            range=">= 0")
-    search_examples: int = _f(40, "Dev examples the decoding search generates for.", range=">= 1")
-    eval_examples: int = _f(0, "Test examples generated for ROUGE after training (0 = all).", range=">= 0")
-    label_set: list = _f([], "Targets that are labels: decoding is constrained to these strings and exact match is reported.")
-    json_schema: str | None = _f(None, "A JSON schema file the outputs must follow: the share that parses and validates is reported.")
-    stop: list = _f([], "Stop strings: generation ends when one is produced (it is cut from the output).")
+CORE_SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "peft": PeftConfig, "abstain": AbstainConfig,
+                 "adversarial": AdversarialConfig, "attack": AttackConfig, "augment": AugmentConfig,
+                 "continual": ContinualConfig, "pretrain": PretrainConfig, "tune": TuneConfig}
 
 
-@dataclass
-class RetrievalConfig:
-    hard_negatives: int = _f(1, "task retrieval: BM25 hard negatives per training query, mined from the training documents "
-                                "(the best-scoring ones not relevant to the query); 0 = in-batch negatives only.", range=">= 0")
-    negative_column: str | None = _f(None, "task retrieval: a column of given hard negatives (one text, or a JSON list of texts); "
-                                           "rows that have them are not mined.")
-    logq_correction: bool = _f(False, "task retrieval: subtract each document's log frequency among the training positives from "
-                                      "its in-batch logit (Yi et al. 2019, sampling-bias correction). In-batch negatives are "
-                                      "sampled as often as a document is a positive, so without it frequent documents (popular "
-                                      "items) are pushed down; turn it on when positives repeat a lot (recommendation).")
-    corpus: str | None = _f(None, "task retrieval: the documents the run's index holds (`lmtune search`, predict); default: every "
-                                  "distinct document of train, dev and test.")
-    corpus_column: str = _f("text", "retrieval.corpus: the column that holds each document's text.")
-    corpus_id_column: str | None = _f(None, "retrieval.corpus: a column of document ids, returned with each result.")
+def section_names() -> tuple[str, ...]:
+    """The config's sections: the core ones, then those that registered tasks and features add."""
+    added = (config_sections.meta(n, "section", n) for n in config_sections.names())
+    return tuple(dict.fromkeys([*CORE_SECTIONS, *added]))
 
 
-@dataclass
+def section_parts(name: str) -> tuple[type, ...]:
+    """The dataclasses whose fields make up one section: its core class (if any), then each registered
+    owner's (lmtune/registrations.py: a task's columns join `data`; GenerateConfig is `generate`)."""
+    core = (CORE_SECTIONS[name],) if name in CORE_SECTIONS else ()
+    owned = tuple(config_sections.get(n) for n in config_sections.names() if config_sections.meta(n, "section", n) == name)
+    return core + owned
+
+
+def section_class(name: str) -> type:
+    """One dataclass for the section: its parts' fields in registration order (spaCy composes a
+    component's config the same way), built once per set of parts."""
+    parts = section_parts(name)
+    return parts[0] if len(parts) == 1 else _composed(name, parts)
+
+
+@functools.cache
+def _composed(name: str, parts: tuple[type, ...]) -> type:
+    # a dataclass inherits its bases' fields, the last base's first: the core fields lead
+    return dataclasses.make_dataclass(parts[0].__name__, [], bases=tuple(reversed(parts)),
+                                      namespace={"__reduce__": _reduce_section, "section_name": name, "__module__": __name__})
+
+
+def _reduce_section(obj: Any) -> tuple:
+    """Pickle (and deepcopy) a composed section by its name: the class is rebuilt from the registry."""
+    return _restore_section, (obj.section_name, dict(vars(obj)))
+
+
+def _restore_section(name: str, state: dict) -> Any:
+    obj = section_class(name).__new__(section_class(name))
+    vars(obj).update(state)
+    return obj
+
+
+def _section(name: str) -> Any:
+    return field(default_factory=lambda: section_class(name)())
+
+
+@dataclass(eq=False)
 class Config:
     task: str = _f("classification", "Task type from the task registry.")
     output_dir: str = _f("runs", "Folder that receives run directories.")
     run_name: str | None = _f(None, "Run directory name; default is a timestamp.")
-    data: DataConfig = field(default_factory=DataConfig)
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    peft: PeftConfig = field(default_factory=PeftConfig)
-    abstain: AbstainConfig = field(default_factory=AbstainConfig)
-    adversarial: AdversarialConfig = field(default_factory=AdversarialConfig)
-    attack: AttackConfig = field(default_factory=AttackConfig)
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    continual: ContinualConfig = field(default_factory=ContinualConfig)
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    tune: TuneConfig = field(default_factory=TuneConfig)
-    generate: GenerateConfig = field(default_factory=GenerateConfig)
-    retrieval: RetrievalConfig = field(default_factory=RetrievalConfig)
+    data: DataConfig = _section("data")
+    model: ModelConfig = _section("model")
+    train: TrainConfig = _section("train")
+    peft: PeftConfig = _section("peft")
+    abstain: AbstainConfig = _section("abstain")
+    adversarial: AdversarialConfig = _section("adversarial")
+    attack: AttackConfig = _section("attack")
+    augment: AugmentConfig = _section("augment")
+    continual: ContinualConfig = _section("continual")
+    pretrain: PretrainConfig = _section("pretrain")
+    tune: TuneConfig = _section("tune")
+    # and one attribute per registered section of its own (cfg.generate, cfg.retrieval): see __post_init__
+
+    def __post_init__(self) -> None:
+        for name in self.added_sections():
+            if not hasattr(self, name):
+                setattr(self, name, section_class(name)())
+
+    @staticmethod
+    def added_sections() -> tuple[str, ...]:
+        return tuple(n for n in section_names() if n not in CORE_SECTIONS)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), **{n: dataclasses.asdict(getattr(self, n)) for n in self.added_sections()}}
 
     def redacted_dict(self) -> dict:
         """to_dict() with credentials masked (lmtune.redact): what config.yaml, lmtune.json and
@@ -345,19 +392,21 @@ class Config:
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.redacted_dict(), sort_keys=False)
 
-
-SECTIONS = {"data": DataConfig, "model": ModelConfig, "train": TrainConfig, "peft": PeftConfig, "abstain": AbstainConfig,
-            "adversarial": AdversarialConfig, "attack": AttackConfig, "augment": AugmentConfig,
-            "continual": ContinualConfig, "pretrain": PretrainConfig, "tune": TuneConfig,
-            "generate": GenerateConfig, "retrieval": RetrievalConfig}
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Config) and self.to_dict() == other.to_dict()
 
 
 def all_keys() -> dict[str, dataclasses.Field]:
     """Every config key, dotted ('train.lr'), with its dataclass field."""
-    out = {f.name: f for f in fields(Config) if f.name not in SECTIONS}
-    for sec, cls in SECTIONS.items():
-        out.update({f"{sec}.{f.name}": f for f in fields(cls)})
+    out = {f.name: f for f in fields(Config) if f.name not in CORE_SECTIONS}
+    for sec in section_names():
+        out.update({f"{sec}.{f.name}": f for f in fields(section_class(sec))})
     return out
+
+
+def moved_keys() -> dict[str, str]:
+    """Keys that moved to their owner's section: old dotted key -> new one (the old one still works, with a warning)."""
+    return {old: new for n in config_sections.names() for old, new in config_sections.meta(n, "moved", {}).items()}
 
 
 def _did_you_mean(key: str, known: list[str]) -> str:
@@ -390,35 +439,51 @@ def _coerce(key: str, value: Any, f: dataclasses.Field, where: str) -> Any:
     raise InputError(f"{where}: {key} must be {names}, got {value!r}.")
 
 
-def _flatten(d: dict, prefix: str = "") -> dict[str, Any]:
+def _flatten(d: dict) -> dict[str, Any]:
+    """{'train': {'lr': 1e-4}} -> {'train.lr': 1e-4}; a top-level key that is no section stays as it is."""
     out = {}
+    sections = section_names()
     for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict) and k in SECTIONS and not prefix:
-            out.update(_flatten(v, key + "."))
+        if isinstance(v, dict) and k in sections:
+            out.update({f"{k}.{leaf}": x for leaf, x in v.items()})
         else:
-            out[key] = v
+            out[k] = v
     return out
 
 
+def _known_key(key: str, known: dict, moved: dict[str, str], source: str) -> str:
+    """The dotted key a YAML or command-line key names: a moved key's new name (with a deprecation
+    warning), or the full key of an unambiguous bare leaf name ('lr')."""
+    if key in moved:
+        msg = f"{source}: {key} has moved to {moved[key]}; write {moved[key]} (the old key will stop working)."
+        warnings.warn(msg, DeprecationWarning, stacklevel=4)
+        log.warning(msg)
+        key = moved[key]
+    if key in known:
+        return key
+    leaf = [k for k in known if k.split(".")[-1] == key]
+    if len(leaf) != 1:
+        raise InputError(f"{source}: unknown key '{key}'.{_did_you_mean(key, list(known))}")
+    return leaf[0]
+
+
 def build_config(raw: dict | None = None, overrides: dict[str, Any] | None = None,
-                 where: str = "config", base_dir: Path | None = None) -> Config:
+                 where: str = "config", base_dir: Path | None = None, lines: dict[str, int] | None = None) -> Config:
     """Make a Config from a nested dict (YAML) plus dotted overrides (CLI), validating every key.
 
     Relative data paths in `raw` resolve against `base_dir` (the YAML file's folder); paths given
-    as overrides resolve against the current directory, as a shell user expects.
+    as overrides resolve against the current directory, as a shell user expects. `lines` (dotted key
+    -> line of the YAML file) puts the line into errors about a key.
     """
-    known = all_keys()
+    known, moved = all_keys(), moved_keys()
     values: dict[str, Any] = {}
-    for source, items, rel in ((where, _flatten(raw or {}), base_dir), ("command line", overrides or {}, None)):
-        for key, value in items.items():
-            if key not in known:
-                # a bare leaf name ('lr') is accepted when it is unambiguous
-                leaf = [k for k in known if k.split(".")[-1] == key]
-                if len(leaf) != 1:
-                    raise InputError(f"{source}: unknown key '{key}'.{_did_you_mean(key, list(known))}")
-                key = leaf[0]
-            value = _coerce(key, value, known[key], source)
+    found: dict[str, int] = {}  # the YAML line of each resolved key
+    for source, items, rel, at in ((where, _flatten(raw or {}), base_dir, lines or {}), ("command line", overrides or {}, None, {})):
+        for raw_key, value in items.items():
+            key = _known_key(raw_key, known, moved, _at(source, raw_key, at))
+            if raw_key in at:
+                found[key] = at[raw_key]
+            value = _coerce(key, value, known[key], _at(source, raw_key, at))
             if (key in ("data.train", "data.dev", "data.test", "attack.data", "continual.from_run") and value
                     and rel is not None and not str(value).startswith(("hub:", "memory:"))):
                 p = Path(value)
@@ -436,7 +501,7 @@ def build_config(raw: dict | None = None, overrides: dict[str, Any] | None = Non
             obj = getattr(obj, part)
         setattr(obj, leaf, value)
     _hub_splits(cfg.data, where)
-    validate(cfg, where)
+    validate(cfg, where, found)
     return cfg
 
 
@@ -474,7 +539,7 @@ def _in_range(value: float, spec: str) -> bool:
     return (lo <= value if spec[0] == "[" else lo < value) and (value <= hi if spec[-1] == "]" else value < hi)
 
 
-def check_ranges(cfg: Config, where: str = "config") -> None:
+def check_ranges(cfg: Config, where: str = "config", lines: dict[str, int] | None = None) -> None:
     """Every numeric field against its declared range (a negative lr or eval_every is refused, not trained)."""
     for key, f in all_keys().items():
         spec = f.metadata.get("range")
@@ -482,53 +547,21 @@ def check_ranges(cfg: Config, where: str = "config") -> None:
         value = getattr(getattr(cfg, section) if section else cfg, leaf)
         if spec and value is not None and not isinstance(value, bool) and not _in_range(value, spec):
             shown = f"in {spec}" if spec[0] in "[(" else spec
-            raise InputError(f"{where}: {key} must be {shown}, got {value}. ({f.metadata['help']})")
+            raise InputError(f"{_at(where, key, lines)}: {key} must be {shown}, got {value}. ({f.metadata['help']})")
 
 
-def validate(cfg: Config, where: str = "config") -> None:
-    check_ranges(cfg, where)
-    t = cfg.train
-    if t.grad_accum < 1 or t.batch_size < t.grad_accum:
-        raise InputError(f"{where}: train.batch_size ({t.batch_size}) must be at least "
-                         f"train.grad_accum ({t.grad_accum}) >= 1: the batch is split into grad_accum micro-batches.")
-    if t.epochs < 1 and t.max_steps < 1:
-        raise InputError(f"{where}: set train.epochs >= 1 or train.max_steps >= 1.")
-    if not 0 <= t.warmup_ratio < 1:
-        raise InputError(f"{where}: train.warmup_ratio must be in [0, 1), got {t.warmup_ratio}.")
-    if t.fsdp == "on" and (cfg.peft.method != "none" or cfg.continual.from_run):
-        raise InputError(f"{where}: train.fsdp shards full fine-tuning only: set peft.method none and no continual.from_run, "
-                         "or train.fsdp off (PEFT trains few weights: plain data parallel suits it).")
-    s = cfg.data.split
-    if len(s) != 3 or any(x < 0 for x in s) or abs(sum(s) - 1) > 1e-6 or s[0] <= 0:
-        raise InputError(f"{where}: data.split must be three non-negative fractions summing to 1, got {s}.")
-    a = cfg.abstain
-    if a.value is not None and not 0 <= a.value <= 1:
-        raise InputError(f"{where}: abstain.value must be in [0, 1], got {a.value}.")
-    if cfg.data.label_noise_folds == 1 or cfg.data.label_noise_folds < 0:
-        raise InputError(f"{where}: data.label_noise_folds must be 0 (off) or at least 2, got {cfg.data.label_noise_folds}.")
-    if cfg.data.drop_label_noise and not cfg.data.label_noise_folds:
-        raise InputError(f"{where}: data.drop_label_noise needs data.label_noise_folds >= 2 (the search that flags rows).")
-    adv = cfg.adversarial
-    if adversaries.meta(adv.method, "kind") == "word" and (not 0 < adv.rate <= 1 or adv.candidates < 1):
-        raise InputError(f"{where}: adversarial.{adv.method} needs rate in (0, 1] and candidates >= 1; got rate {adv.rate}, "
-                         f"candidates {adv.candidates}.")
-    embedding_bad = adv.epsilon < 0 or adv.alpha <= 0 or adv.steps < 1 or (adv.method != "freelb" and adv.epsilon == 0)
-    if adversaries.meta(adv.method, "kind") == "embedding" and embedding_bad:
-        raise InputError(f"{where}: adversarial needs epsilon > 0 (FreeLB: >= 0), alpha > 0 and steps >= 1; got "
-                         f"epsilon {adv.epsilon}, alpha {adv.alpha}, steps {adv.steps}.")
-    for section, known in (("attack", attacks), ("augment", augmenters)):
-        for m in getattr(cfg, section).methods:
-            known.check(m, f"{where}: {section}.methods")
-    for name in cfg.train.trackers:
-        trackers.check(name, f"{where}: train.trackers")
-    if not 0 < cfg.attack.rate <= 1 or not 0 < cfg.attack.budget <= 1 or not 0 < cfg.augment.prob <= 1:
-        raise InputError(f"{where}: attack.rate, attack.budget and augment.prob must be in (0, 1].")
-    if cfg.augment.multiplier < 1:
-        raise InputError(f"{where}: augment.multiplier must be at least 1, got {cfg.augment.multiplier}.")
-    if "mlm" in cfg.augment.methods and not cfg.augment.mlm_model:
-        raise InputError(f"{where}: augment.methods has mlm: set augment.mlm_model to a masked language model.")
-    if cfg.data.max_length < 8:
-        raise InputError(f"{where}: data.max_length must be at least 8, got {cfg.data.max_length}.")
+def _at(where: str, key: str, lines: dict[str, int] | None) -> str:
+    """'FILE: line N' when the key was read from line N of the YAML file, else just where."""
+    return f"{where}: line {lines[key]}" if lines and key in lines else where
+
+
+def validate(cfg: Config, where: str = "config", lines: dict[str, int] | None = None) -> None:
+    """Every field against its range, then each section's own checks, run by the class that declares them."""
+    check_ranges(cfg, where, lines)
+    for name in section_names():
+        for part in section_parts(name):
+            if "validate" in vars(part):
+                part.validate(getattr(cfg, name), cfg, where)
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:
@@ -538,14 +571,26 @@ def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None
     if not p.is_file():
         raise InputError(f"{p}: config file not found.")
     try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        text = p.read_text(encoding="utf-8")
+        raw = yaml.safe_load(text) or {}
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         line = f": line {mark.line + 1}" if mark else ""
         raise InputError(f"{p}{line}: not valid YAML ({getattr(e, 'problem', e)}).") from None
     if not isinstance(raw, dict):
         raise InputError(f"{p}: the top level must be a mapping of keys to values.")
-    return build_config(raw, overrides, where=str(p), base_dir=p.resolve().parent)
+    return build_config(raw, overrides, where=str(p), base_dir=p.resolve().parent, lines=_key_lines(text))
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Dotted key ('train.lr', 'task') -> its line in the YAML text, for errors that name the line."""
+    out: dict[str, int] = {}
+    root = yaml.compose(text, Loader=yaml.SafeLoader)
+    for key, value in root.value if isinstance(root, yaml.MappingNode) else []:
+        out[str(key.value)] = key.start_mark.line + 1
+        if isinstance(value, yaml.MappingNode):
+            out.update({f"{key.value}.{k.value}": k.start_mark.line + 1 for k, _ in value.value})
+    return out
 
 
 def parse_overrides(args: list[str]) -> dict[str, Any]:

@@ -4,7 +4,7 @@ without an import cycle. A newcomer adds one module and one line here (or calls 
 """
 from __future__ import annotations
 
-from lmtune.registry import adversaries, analyses, attacks, augmenters, backends, peft_methods, tasks, trackers
+from lmtune.registry import adversaries, analyses, attacks, augmenters, backends, config_sections, peft_methods, tasks, trackers
 
 tasks.register("classification", "lmtune.tasks.classification:ClassificationTask")
 tasks.register("ner", "lmtune.tasks.ner:NerTask")
@@ -73,3 +73,12 @@ analyses.register("fairness", "lmtune.analyses.fairness:ANALYSIS")
 analyses.register("explain", "lmtune.analyses.explain:ANALYSIS")
 analyses.register("robustness", "lmtune.analyses.robustness:ANALYSIS")
 analyses.register("lengths", "lmtune.analyses.lengths:ANALYSIS")
+
+# config fields declared by the task or feature that reads them (lmtune.config composes the sections);
+# section: the config section the fields join, so their YAML keys (data.head_column ...) stay what they were
+config_sections.register("generate", "lmtune.tasks.generation:GenerateConfig")
+config_sections.register("retrieval", "lmtune.tasks.retrieval:RetrievalConfig")
+config_sections.register("relation_columns", "lmtune.tasks.relation:RelationColumns", section="data")
+config_sections.register("multilabel_columns", "lmtune.tasks.multilabel:MultiLabelColumns", section="data")
+config_sections.register("ner_columns", "lmtune.tasks.ner:NerColumns", section="data")
+config_sections.register("pair_options", "lmtune.data.pairs:PairOptions", section="data")

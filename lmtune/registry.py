@@ -1,5 +1,5 @@
 """Named registries for every pluggable kind: tasks, PEFT methods, adversaries, attacks, augmenters,
-prediction backends, trackers and run analyses.
+prediction backends, trackers, run analyses, and the config sections that tasks and features own.
 
 A built-in or a newcomer registers a name with a lazy target ("module:attribute", imported only when
 used) and metadata (e.g. a PEFT method's default learning rate). The built-ins are registered in
@@ -81,6 +81,9 @@ augmenters = Registry("augmentation", "augment.methods")
 backends = Registry("prediction backend", "--backend")
 trackers = Registry("tracker", "train.trackers")
 analyses = Registry("analysis", "analysis")  # lmtune.analysis: what a trained run is asked, and its report section
+# a dataclass of config fields (lmtune.config.option) that a task or feature owns; meta section: the config
+# section its fields join (default: the entry's name, a section of its own), moved: {old key: new key}
+config_sections = Registry("config section", "config")
 
 _loaded = False
 

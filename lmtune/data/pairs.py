@@ -11,10 +11,24 @@ from __future__ import annotations
 
 import dataclasses
 import re
+from dataclasses import dataclass
+
+from lmtune.config import option
 
 _NORM = re.compile(r"\s+")
 # label names that mean "the two texts match" (reranking, the bi-encoder's head)
 RELEVANT_NAMES = ("1", "true", "yes", "relevant", "positive", "duplicate", "paraphrase", "entailment")
+
+
+@dataclass
+class PairOptions:
+    """data.* keys of sentence pairs (they join the data section; registered in lmtune/registrations.py)."""
+    symmetric_pairs: bool = option(False, "Sentence pairs whose relation is symmetric (paraphrase, similarity): also train on "
+                                          "each pair in the other order; classification also predicts both orders and averages the logits.")
+    pair_encoding: str = option("auto", "Sentence pairs: cross (the two texts as one input, read jointly) or bi (each text "
+                                        "encoded alone with the checkpoint's pooling, the pair judged by the cosine of the two "
+                                        "embeddings). auto: bi for a sentence-embedding checkpoint (sentence-transformers) on a "
+                                        "two-label classification pair task, else cross (regression too: see README).", ("auto", "cross", "bi"))
 
 
 def relevant_positions(labels: list[str]) -> list[int]:

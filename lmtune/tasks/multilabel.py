@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
-from lmtune.config import Config
+from lmtune.config import Config, option
 from lmtune.data.readers import Example, is_invisible, read_rows, row_unit
 from lmtune.errors import InputError
 from lmtune.evaluate.report import prf_table
@@ -61,6 +61,14 @@ def _binary_ece(p: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
         if m.any():
             total += m.sum() * abs(p[m].mean() - y[m].mean())
     return float(total / max(len(p), 1))
+
+
+@dataclass
+class MultiLabelColumns:
+    """data.* keys this task reads (they join the data section; registered in lmtune/registrations.py)."""
+    label_separator: str = option(",", "Multi-label: separator of the labels in one column (a JSON list needs none).")
+    label_columns: list | None = option(None, "Multi-label: one 0/1 column per label instead of a label column.")
+
 
 
 class MultiLabelTask(Task):
