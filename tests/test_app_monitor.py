@@ -368,19 +368,16 @@ def _new_pg_database(url: str, name: str) -> str:
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
 def test_two_writers_on_one_database_both_finish_without_duplicates(tmp_path, tiny_runs, backend, request):
     url = f"sqlite:///{tmp_path / 'm.db'}" if backend == "sqlite" else _new_pg_database(request.getfixturevalue("postgres"), "writers")
-    errors: list = []
-
-    def migrate():  # two monitors starting at once on a new database: one creates the schema, the other waits
+    # two monitors starting at once on a new database (two processes): one creates the schema, the other waits for it
+    code = "import sys; from lmtune.apps.monitor import db; db.connect(sys.argv[1]).dispose()"
+    starters = [subprocess.Popen([sys.executable, "-c", code, url], stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in starters:
         try:
-            db.connect(url).dispose()
-        except Exception as e:  # noqa: BLE001
-            errors.append(e)
-    starters = [threading.Thread(target=migrate) for _ in range(2)]
-    for t in starters:
-        t.start()
-    for t in starters:
-        t.join(120)
-    assert errors == []
+            _, err = p.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate()
+        assert p.returncode == 0, err[-2000:]
     monitors = [_tiny_monitor(tiny_runs, url, batch_size=16) for _ in range(2)]  # two engines, two connection pools
     items = mon.items_of_rows(list(enumerate(_no_id_items(200) + [{"id": f"n{i}", "time": 1.7e9 + i, "text": f"Zentrix : item {i}"}
                                                                   for i in range(40)], 1)), "feed.jsonl")
