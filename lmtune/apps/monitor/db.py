@@ -10,6 +10,7 @@ from sqlalchemy.engine import Engine
 from lmtune.errors import InputError
 
 MIGRATIONS = Path(__file__).with_name("migrations")
+MIGRATION_LOCK = 0x6C6D74756E65  # "lmtune": the PostgreSQL advisory lock's id, held while one process migrates
 metadata = sa.MetaData()
 # the tables as the migrations create them (reflected shapes, declared once here for queries)
 items = sa.Table("items", metadata, sa.Column("id", sa.Integer, primary_key=True), sa.Column("key", sa.String(255)),
@@ -61,19 +62,21 @@ def migrate(engine: Engine) -> None:
     from alembic.config import Config
     cfg = Config()
     cfg.set_main_option("script_location", str(MIGRATIONS))
-    if engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:"):  # (one connection in memory)
+    own = engine.dialect.name == "sqlite" and engine.url.database not in (None, "", ":memory:")  # (one connection in memory)
+    if own:
         engine = sa.create_engine(engine.url, poolclass=sa.pool.NullPool, hide_parameters=True, connect_args={"timeout": 60})
         sa.event.listen(engine, "connect", _sqlite_pragmas)
         sa.event.listen(engine, "connect", _sqlite_driver_autocommit)
         sa.event.listen(engine, "begin", lambda conn: conn.exec_driver_sql("BEGIN IMMEDIATE"))
-    with engine.begin() as conn:
-        if conn.dialect.name == "postgresql":
-            conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
-
-
-MIGRATION_LOCK = 0x6C6D74756E65  # "lmtune": the advisory lock's id
+    try:
+        with engine.begin() as conn:
+            if conn.dialect.name == "postgresql":
+                conn.execute(sa.text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
+            cfg.attributes["connection"] = conn
+            command.upgrade(cfg, "head")
+    finally:
+        if own:
+            engine.dispose()
 
 
 def _sqlite_driver_autocommit(conn, _) -> None:
