@@ -366,7 +366,7 @@ def _new_pg_database(url: str, name: str) -> str:
 
 
 @pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
-def test_two_writers_on_one_database_both_finish_without_duplicates(tmp_path, tiny_runs, backend, request):
+def test_two_writers_on_one_database_both_finish_without_duplicates(tmp_path, tiny_runs, backend, request, caplog):
     url = f"sqlite:///{tmp_path / 'm.db'}" if backend == "sqlite" else _new_pg_database(request.getfixturevalue("postgres"), "writers")
     # two monitors starting at once on a new database (two processes): one creates the schema, the other waits for it
     code = "import sys; from lmtune.apps.monitor import db; db.connect(sys.argv[1]).dispose()"
@@ -381,8 +381,10 @@ def test_two_writers_on_one_database_both_finish_without_duplicates(tmp_path, ti
     monitors = [_tiny_monitor(tiny_runs, url, batch_size=16) for _ in range(2)]  # two engines, two connection pools
     items = mon.items_of_rows(list(enumerate(_no_id_items(200) + [{"id": f"n{i}", "time": 1.7e9 + i, "text": f"Zentrix : item {i}"}
                                                                   for i in range(40)], 1)), "feed.jsonl")
+    caplog.set_level(logging.INFO, logger="lmtune.monitor")
     results = _race(monitors, items)
     assert not [r for r in results if isinstance(r, BaseException)], results
+    assert "another writer stored" in caplog.text  # they did race: a batch met keys the other had committed
     assert sum(r["processed"] for r in results) == 240 and all(r["received"] == 240 for r in results)
     counts = _counts(url)
     assert counts["items"] == counts["ledger"] == counts["distinct_keys"] == 240
@@ -457,7 +459,7 @@ def test_a_non_utf8_file_is_quarantined_and_the_poller_goes_on(tmp_path, tiny_ru
         shutil.move(tmp_path / "away", inbox)
         assert wait_for(lambda: c.get("/readyz").status_code == 200)
     logged = "\n".join(r.getMessage() for r in caplog.records)
-    assert logged.count("quarantined 01.jsonl") == 1 and logged.count("poll failed") == 1
+    assert logged.count("01.jsonl: line 1: not UTF-8") == 1 and logged.count("Quarantined:") == 1 and logged.count("poll failed") == 1
     assert "Caf" not in logged and "Zentrix :" not in logged  # never the items' texts
 
 

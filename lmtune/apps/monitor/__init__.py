@@ -296,6 +296,7 @@ class Monitor:
                 done = self.processed([it.key for it in batch])
                 if not done:  # not a race on the ledger: a real error
                     raise
+                log.info("another writer stored %d of this batch's %d items first; writing the rest", len(done), len(batch))
                 batch = [it for it in batch if it.key not in done]
                 if not batch:
                     return 0, 0
@@ -362,7 +363,7 @@ class Monitor:
         except OSError as e:  # a read-only folder: skip the file while it stays as it is
             self._unmovable[path] = (stat.st_mtime_ns, stat.st_size)
             where = f"left in place ({type(e).__name__}: cannot move it), skipped until it changes"
-        log.error("watched folder: quarantined %s: %s -> %s", path.name, reason, where)
+        log.error("watched folder: %s Quarantined: %s", reason, where)  # the reason names the file and line
         return {"file": path.name, "reason": reason, "moved_to": where}
 
     # ---- rules and episodes ----------------------------------------------------------------------
