@@ -3,6 +3,7 @@ the threshold chosen on dev, and the HTTP service (auth, sessions, page, logs wi
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from pathlib import Path
 
@@ -153,3 +154,28 @@ def test_bad_configs(tmp_path, app_config, monkeypatch):
     monkeypatch.delenv("LMTUNE_API_KEYS", raising=False)
     with pytest.raises(InputError, match="no API key"):
         create_app(assistant.load_config(app_config), ServeSettings(run_dir=""))
+
+
+def test_fuzzing_the_assistant_api_gives_no_5xx(app_config, monkeypatch):
+    import hypothesis
+    import schemathesis
+    monkeypatch.setenv("LMTUNE_API_KEYS", KEY)
+    app = create_app(assistant.load_config(app_config), ServeSettings(run_dir="", max_chars=200))
+    with TestClient(app) as c:  # what a hostile client may send that the schema's generator will hardly find
+        for message in ("nul \x00 inside", "\ud800", "\u2028\u2029", "é" * 200, "🙂" * 50):
+            r = c.post("/v1/chat", content=json.dumps({"message": message}), headers={**AUTH, "Content-Type": "application/json"})
+            assert r.status_code in (200, 413, 422), (message, r.status_code, r.text)
+        schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+        operations = [r.ok() for r in schema.get_all_operations()]
+        assert {op.path for op in operations} >= {"/v1/chat", "/healthz", "/metrics"}
+        calls = []
+        for op in operations:
+            @hypothesis.given(case=op.as_strategy())
+            @hypothesis.settings(max_examples=15, deadline=None, database=None, suppress_health_check=list(hypothesis.HealthCheck))
+            def check(case):
+                for headers in (AUTH, {}):
+                    response = case.call(headers=headers)
+                    calls.append(response.status_code)
+                    assert response.status_code < 500, (case.method, case.path, case.body, response.text)
+            check()
+    assert len(calls) >= 20 and 200 in calls and 401 in calls

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import os
 import random
 import shutil
@@ -254,4 +255,267 @@ def test_rules_and_config_errors(tmp_path):
     with pytest.raises(InputError, match=r"in.jsonl: line 2: time 'yesterday'"):
         mon.read_items_file(bad)
     items = mon.items_of_rows([(1, {"time": 0, "text": "a"}), (2, {"id": 7, "time": "2026-01-01T01:00:00+01:00", "text": "b"})], "f.jsonl")
-    assert items[0].key == "f.jsonl:1" and items[1].key == "7" and items[1].ts == datetime(2026, 1, 1, 0, 0)
+    assert items[0].key == mon.content_key("f.jsonl", datetime(1970, 1, 1), "a") and items[0].key.startswith("sha256:")
+    assert items[1].key == "7" and items[1].ts == datetime(2026, 1, 1, 0, 0)
+
+
+# ---- issue 46: identity by content, two writers, a watched folder that survives bad files, no 500 ----------------
+
+@pytest.fixture(scope="module")
+def tiny_runs(tmp_path_factory, tiny_model) -> dict:
+    """An NER run and a sentiment run on the tiny random backbone, one short epoch each: real runs for the
+    monitor to load, cheap enough for the tests below (which check storage, not the models' quality)."""
+    d = tmp_path_factory.mktemp("monitor_tiny_runs")
+    sents = _sentences()
+    blocks = [f"{COMPANIES[i % 5]} B-ORG\n: O\n" + "\n".join(f"{w} O" for w in sents["neutral"][i].split()[:8]) for i in range(40)]
+    (d / "ner.conll").write_text("\n\n".join(blocks) + "\n", encoding="utf-8")
+    common = {"output_dir": str(d), "model": {"name": tiny_model},
+              "train": {"epochs": 1, "batch_size": 16, "lr": 3e-3, "progress": "none", "seed": 1, "calibrate": False}}
+    ner = lmtune.train({**common, "task": "ner", "run_name": "ner",
+                        "data": {"train": str(d / "ner.conll"), "dev": str(d / "ner.conll"), "max_length": 32}})
+    rows = [(t, label) for label in ("negative", "neutral", "positive") for t in sents[label][:30]]
+    with open(d / "sent.csv", "w", newline="", encoding="utf-8") as fh:
+        csv.writer(fh).writerows([("text", "label"), *rows])
+    sentiment = lmtune.train({**common, "run_name": "sentiment", "data": {"train": str(d / "sent.csv"), "dev": str(d / "sent.csv"),
+                                                                          "max_length": 32}})
+    return {"ner": str(ner.run_dir), "sentiment": str(sentiment.run_dir)}
+
+
+def _tiny_monitor(runs: dict, url: str, watch: Path | None = None, **kw) -> mon.Monitor:
+    rules = mon.parse_rules([{"name": "burst", "kind": "negative_share", "window": "1h", "threshold": 0.5, "min_items": 2}], "test")
+    return mon.Monitor(mon.MonitorConfig(ner=runs["ner"], sentiment=runs["sentiment"], database=url,
+                                         watch=str(watch) if watch else None, **kw), rules)
+
+
+def _app(monitor: mon.Monitor, monkeypatch, watch: bool = False, **settings):
+    from lmtune.apps.monitor.server import create_app
+    monkeypatch.setenv("LMTUNE_API_KEYS", KEY)
+    return create_app(monitor, ServeSettings(run_dir=monitor.cfg.sentiment, **settings), watch=watch)
+
+
+def _no_id_items(n: int) -> list[dict]:
+    """n different items without ids; pairs share a time (different texts), texts repeat at other times."""
+    sents = _sentences()["neutral"][:37]
+    return [{"time": (START + timedelta(minutes=i // 2)).isoformat() + "Z", "text": f"{COMPANIES[i % 5]} : {sents[i % 37]}"}
+            for i in range(n)]
+
+
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def test_items_without_an_id_are_identified_by_their_content(tmp_path, tiny_runs, monkeypatch):
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    with TestClient(_app(_tiny_monitor(tiny_runs, url), monkeypatch, max_texts=200)) as c:
+        # the issue's repro: the same place in two requests, two different items: both stored
+        a = {"time": "2026-03-02T10:00:00Z", "text": "A"}
+        assert c.post("/v1/items", json={"items": [a]}, headers=AUTH).json()["processed"] == 1
+        assert c.post("/v1/items", json={"items": [{**a, "text": "B"}]}, headers=AUTH).json()["processed"] == 1
+        assert c.post("/v1/items", json={"items": [a]}, headers=AUTH).json() == {"received": 1, "processed": 0, "skipped": 1,
+                                                                                  "alerts": 0}  # re-sent: skipped
+        assert c.post("/v1/items", json={"items": [{**a, "time": "2026-03-02T11:00:00+01:00"}]}, headers=AUTH).json()["skipped"] == 1
+        assert _counts(url)["items"] == 2
+        # 1,000 items without ids in 10 requests, each 100 new ones and 50 sent before (500 re-sent in all)
+        items, rng, totals = _no_id_items(1000), random.Random(5), {"processed": 0, "skipped": 0}
+        for k in range(10):
+            again = items[100 * k: 100 * k + 50] if k == 0 else items[100 * k - 50: 100 * k]
+            body = items[100 * k: 100 * (k + 1)] + again
+            rng.shuffle(body)
+            r = c.post("/v1/items", json={"items": body}, headers=AUTH)
+            assert r.status_code == 200, r.text
+            for key in totals:
+                totals[key] += r.json()[key]
+    assert totals == {"processed": 1000, "skipped": 500}
+    counts = _counts(url)
+    assert counts["items"] == counts["ledger"] == counts["distinct_keys"] == 1002
+
+
+def _race(monitors: list[mon.Monitor], items: list[mon.Item]) -> list:
+    """Each monitor ingests the same items in its own thread, both having found none in the ledger first."""
+    barrier, results = threading.Barrier(len(monitors), timeout=120), [None] * len(monitors)
+    for m in monitors:
+        first = m.processed
+
+        def processed(keys, _first=first, _calls=[]):  # noqa: B006 (per monitor: the first call waits for the other writer)
+            done = _first(keys)
+            if not _calls:
+                _calls.append(1)
+                barrier.wait()
+            return done
+        m.processed = processed
+
+    def run(i: int) -> None:
+        try:
+            results[i] = monitors[i].ingest(items)
+        except Exception as e:  # noqa: BLE001 (the test reports it)
+            results[i] = e
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(monitors))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    return results
+
+
+def _new_pg_database(url: str, name: str) -> str:
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as c:
+        c.exec_driver_sql(f"DROP DATABASE IF EXISTS {name}")
+        c.exec_driver_sql(f"CREATE DATABASE {name}")
+    engine.dispose()
+    return url.replace("/postgres?", f"/{name}?")
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_two_writers_on_one_database_both_finish_without_duplicates(tmp_path, tiny_runs, backend, request, caplog):
+    url = f"sqlite:///{tmp_path / 'm.db'}" if backend == "sqlite" else _new_pg_database(request.getfixturevalue("postgres"), "writers")
+    # two monitors starting at once on a new database (two processes): one creates the schema, the other waits for it
+    code = "import sys; from lmtune.apps.monitor import db; db.connect(sys.argv[1]).dispose()"
+    starters = [subprocess.Popen([sys.executable, "-c", code, url], stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    for p in starters:
+        try:
+            _, err = p.communicate(timeout=180)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            _, err = p.communicate()
+        assert p.returncode == 0, err[-2000:]
+    monitors = [_tiny_monitor(tiny_runs, url, batch_size=16) for _ in range(2)]  # two engines, two connection pools
+    items = mon.items_of_rows(list(enumerate(_no_id_items(200) + [{"id": f"n{i}", "time": 1.7e9 + i, "text": f"Zentrix : item {i}"}
+                                                                  for i in range(40)], 1)), "feed.jsonl")
+    caplog.set_level(logging.INFO, logger="lmtune.monitor")
+    results = _race(monitors, items)
+    assert not [r for r in results if isinstance(r, BaseException)], results
+    assert "another writer stored" in caplog.text  # they did race: a batch met keys the other had committed
+    assert sum(r["processed"] for r in results) == 240 and all(r["received"] == 240 for r in results)
+    counts = _counts(url)
+    assert counts["items"] == counts["ledger"] == counts["distinct_keys"] == 240
+    for m in monitors:
+        m.engine.dispose()
+
+
+def _jsonl(path: Path, rows: list[dict], encoding: str = "utf-8", age_s: float = 60) -> Path:
+    path.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode(encoding))
+    os.utime(path, (time.time() - age_s,) * 2)  # older than SETTLE_SECONDS: finished by its writer
+    return path
+
+
+def test_one_bad_file_does_not_block_the_watched_folder(tmp_path, tiny_runs):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    rows = _no_id_items(8)
+    _jsonl(inbox / "00.jsonl", rows[:2])
+    (inbox / "01.jsonl").write_text('{"time": "2026-03-02T10:00:00Z", "text": "ok"}\n{"time": \n', encoding="utf-8")
+    os.utime(inbox / "01.jsonl", (time.time() - 60,) * 2)
+    _jsonl(inbox / "02.jsonl", rows[2:4])
+    _jsonl(inbox / "03.jsonl", [{"text": "no time"}], age_s=0)  # just written: perhaps not finished, left for the next poll
+    m = _tiny_monitor(tiny_runs, f"sqlite:///{tmp_path / 'm.db'}", inbox)
+    out = m.process_folder()
+    assert out["processed"] == 4 and [q["file"] for q in out["quarantined"]] == ["01.jsonl"]
+    assert "01.jsonl: line 2: not JSON" in out["quarantined"][0]["reason"]
+    moved = list((inbox / "quarantine").glob("*-01.jsonl"))
+    assert len(moved) == 1 and not (inbox / "01.jsonl").exists()
+    assert "line 2: not JSON" in moved[0].with_name(moved[0].name + ".reason.txt").read_text(encoding="utf-8")
+    assert (inbox / "03.jsonl").exists()
+    again = m.process_folder()  # nothing new, the bad file is not read (nor reported) again
+    assert again["processed"] == 0 and again["quarantined"] == []
+    os.utime(inbox / "03.jsonl", (time.time() - 60,) * 2)
+    later = m.process_folder()
+    assert [q["file"] for q in later["quarantined"]] == ["03.jsonl"] and "line 1: no 'time'" in later["quarantined"][0]["reason"]
+
+
+def test_a_non_utf8_file_is_quarantined_and_the_poller_goes_on(tmp_path, tiny_runs, monkeypatch, caplog):
+    inbox = tmp_path / "inbox"
+    inbox.mkdir()
+    rows = _no_id_items(6)
+    _jsonl(inbox / "00.jsonl", rows[:2])
+    _jsonl(inbox / "01.jsonl", [{"time": "2026-03-02T10:00:00Z", "text": "Zentrix : Café société secrète"}], encoding="latin-1")
+    _jsonl(inbox / "02.jsonl", rows[2:4])
+    url = f"sqlite:///{tmp_path / 'm.db'}"
+    m = _tiny_monitor(tiny_runs, url, inbox, poll_seconds=0.1)
+    caplog.set_level(logging.INFO)
+
+    def wait_for(check, timeout: float = 60):
+        deadline = time.time() + timeout
+        while time.time() < deadline and not check():
+            time.sleep(0.1)
+        return check()
+    with TestClient(_app(m, monkeypatch, watch=True)) as c:
+        assert wait_for(lambda: _counts(url)["items"] == 4), "the files after the bad one were not ingested"
+        assert wait_for(lambda: c.get("/readyz").json()["watch"]["polls"] >= 5)
+        ready = c.get("/readyz")
+        assert ready.status_code == 200 and ready.json()["status"] == "degraded"
+        watch = ready.json()["watch"]
+        assert watch["poller_alive"] and watch["files_quarantined"] == 1 and watch["recent_quarantined"][0]["file"] == "01.jsonl"
+        assert "01.jsonl: line 1: not UTF-8 text (byte 0xe9)" in watch["recent_quarantined"][0]["reason"]
+        assert "lmtune_monitor_files_quarantined_total 1.0" in c.get("/metrics", headers=AUTH).text  # once, not once per poll
+        assert len(list((inbox / "quarantine").glob("*-01.jsonl"))) == 1
+        # a later file is still picked up
+        _jsonl(inbox / "03.jsonl", rows[4:6])
+        assert wait_for(lambda: _counts(url)["items"] == 6)
+        # any failure of a poll (here the folder vanishing): counted, reported by /readyz (503), and the poller goes on
+        shutil.move(inbox, tmp_path / "away")
+        assert wait_for(lambda: c.get("/readyz").status_code == 503)
+        assert "is not a folder" in c.get("/readyz").json()["watch"]["last_error"]
+        assert "lmtune_monitor_poll_errors_total" in c.get("/metrics", headers=AUTH).text
+        shutil.move(tmp_path / "away", inbox)
+        assert wait_for(lambda: c.get("/readyz").status_code == 200)
+    logged = "\n".join(r.getMessage() for r in caplog.records)
+    assert logged.count("01.jsonl: line 1: not UTF-8") == 1 and logged.count("Quarantined:") == 1 and logged.count("poll failed") == 1
+    assert "Caf" not in logged and "Zentrix :" not in logged  # never the items' texts
+
+
+def test_ledger_keys_of_items_without_id_are_rekeyed_by_the_migration(tmp_path):
+    """A database of the first schema keyed items without an id by position; 0002 rekeys them by content,
+    so reading the same file after the upgrade processes nothing twice."""
+    from alembic import command
+    from alembic.config import Config
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = sa.create_engine(url)
+    cfg = Config()
+    cfg.set_main_option("script_location", str(db.MIGRATIONS))
+    with engine.begin() as conn:
+        cfg.attributes["connection"] = conn
+        command.upgrade(cfg, "0001")
+        ts = datetime(2026, 3, 2, 10, 0, 0, 123456)
+        for i, (key, source, text) in enumerate([("feed.jsonl:3", "feed.jsonl", "A"), ("items:1", "items", "B"),
+                                                 ("explicit-id", "items", "C"), ("other.jsonl:9", "feed.jsonl", "A")], 1):
+            conn.execute(db.items.insert().values(id=i, key=key, ts=ts, text=text, source=source, sentiment="neutral", sentiment_score=1.0))
+            conn.execute(db.ledger.insert().values(key=key, item_id=i, processed_at=ts))
+    engine.dispose()
+    engine = db.connect(url)
+    with engine.connect() as conn:
+        keys = dict(conn.execute(sa.select(db.ledger.c.item_id, db.ledger.c.key)).all())
+        item_keys = dict(conn.execute(sa.select(db.items.c.id, db.items.c.key)).all())
+    assert keys == item_keys
+    assert keys[1] == mon.content_key("feed.jsonl", ts, "A") and keys[2] == mon.content_key("items", ts, "B")
+    assert keys[3] == "explicit-id" and keys[4] == "other.jsonl:9"  # an id stays; a duplicate of item 1 keeps its old key
+    again = mon.items_of_rows([(3, {"time": ts.isoformat() + "Z", "text": "A"})], "feed.jsonl")
+    assert again[0].key == keys[1]
+
+
+def test_fuzzing_the_monitor_api_gives_no_5xx(tmp_path, tiny_runs, monkeypatch):
+    import hypothesis
+    import schemathesis
+    app = _app(_tiny_monitor(tiny_runs, f"sqlite:///{tmp_path / 'm.db'}"), monkeypatch, max_texts=8, max_chars=300)
+    with TestClient(app) as c:  # what a hostile client may send that the schema's generator will hardly find
+        for item in ({"time": "2026-03-02T10:00:00Z", "text": "nul \x00 inside"}, {"time": "2026-03-02T10:00:00Z", "text": "\ud800"},
+                     {"time": "0001-01-01T00:10:00+05:00", "text": "x"}, {"time": "0001-01-01T00:10:00", "text": "x"},
+                     {"time": 1e300, "text": "x"}, {"time": float("nan"), "text": "x"}, {"time": {"a": 1}, "text": "x"},
+                     {"time": 1.7e9, "text": "x", "id": "\ud800"}, {"time": 1.7e9, "text": "x", "source": "a\x00b"},
+                     {"time": 1.7e9, "text": "x", "id": "i" * 5000}, {"time": 1.7e9, "text": "x", "id": {"nested": [1]}}):
+            body = json.dumps({"items": [item]}, allow_nan=True)
+            r = c.post("/v1/items", content=body, headers={**AUTH, "Content-Type": "application/json"})
+            assert r.status_code in (200, 422), (item, r.status_code, r.text)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    operations = [r.ok() for r in schema.get_all_operations()]
+    assert {op.path for op in operations} >= {"/v1/items", "/v1/timelines", "/v1/alerts", "/healthz", "/readyz", "/metrics"}
+    calls = []
+    for op in operations:
+        @hypothesis.given(case=op.as_strategy())
+        @hypothesis.settings(max_examples=15, deadline=None, database=None, suppress_health_check=list(hypothesis.HealthCheck))
+        def check(case):
+            for headers in (AUTH, {}):
+                response = case.call(headers=headers)
+                calls.append(response.status_code)
+                assert response.status_code < 500, (case.method, case.path, case.body, response.text)
+        check()
+    assert len(calls) >= 20 and 200 in calls and 401 in calls

@@ -10,6 +10,17 @@ in one transaction; an item whose key is in the ledger is skipped, so a restart 
 processes only what was not committed. Alerts are delivered after the commit and marked delivered; on
 start, alerts left undelivered by a crash are delivered then.
 
+An item's key is its `id` when it has one, otherwise a hash of its source, time and text (`content_key`,
+the way log shippers fingerprint events): a re-sent identical item is skipped, a different item at the
+same place in a request or file is stored. Two monitors may write to one database: a key the other
+committed first makes the batch's transaction fail on the ledger's primary key, and the batch is written
+again without it (`_write_racing`).
+
+The watched folder: a file that cannot be read (not UTF-8, not JSONL, an item without text or time) or
+whose items make the models fail is moved to `quarantine/` inside the folder with a `.reason.txt` beside
+it, and the poll goes on with the next file; a file changed in the last SETTLE_SECONDS is left for the
+next poll (a feed may still be writing it).
+
 Time is the items' own (event time): a rule is evaluated at each item's timestamp over the window
 before it, so a replayed stream raises the same alerts as a live one.
 
@@ -22,10 +33,13 @@ An episode starts when a rule becomes true for a company (one alert) and ends wh
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 import smtplib
+import time as _time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from email.message import EmailMessage
@@ -38,11 +52,17 @@ import sqlalchemy as sa
 from lmtune.apps import load_app_config
 from lmtune.apps.monitor import db
 from lmtune.errors import InputError
+from lmtune.io import write_text
 
 log = logging.getLogger("lmtune.monitor")
 EXAMPLE = Path(__file__).with_name("example.yaml")
 KINDS = ("negative_share", "zscore")
 _DURATION = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhd])$")
+KEY_CHARS = 255  # the ledger's key column
+EARLIEST, LATEST = datetime(1900, 1, 1), datetime(2200, 1, 1)  # item times outside are refused (rule windows stay in range)
+SETTLE_SECONDS = 2.0  # a watched file changed this recently may still be being written: a failure waits for the next poll
+WRITE_ATTEMPTS = 8  # a batch's transaction, retried when another writer committed some of its keys first or held a lock
+QUARANTINE = "quarantine"  # the watched folder's subfolder for files that cannot be ingested
 
 
 def duration(value: Any, where: str) -> timedelta:
@@ -111,12 +131,15 @@ def parse_time(value: Any, where: str) -> datetime:
     """ISO 8601 (a trailing Z allowed) or epoch seconds, stored as naive UTC."""
     try:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return _utc(value)
-        t = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+            t = _utc(value)
+        else:
+            t = datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+            if t.tzinfo is not None:
+                t = (t - t.utcoffset()).replace(tzinfo=None)
     except (ValueError, OSError, OverflowError):
-        raise InputError(f"{where}: time {value!r} is not an ISO 8601 time or epoch seconds.") from None
-    if t.tzinfo is not None:
-        t = (t - t.utcoffset()).replace(tzinfo=None)
+        raise InputError(f"{where}: time {str(value)[:64]!r} is not an ISO 8601 time or epoch seconds.") from None
+    if not EARLIEST <= t < LATEST:
+        raise InputError(f"{where}: time {t.isoformat()} is outside {EARLIEST.year}..{LATEST.year - 1}; give the item's publication time.")
     return t
 
 
@@ -136,6 +159,35 @@ class Item:
     source: str
 
 
+def _sha256(value: Any) -> str:
+    # JSON of a list: fields cannot run into each other ("ab","c" and "a","bc" differ)
+    return "sha256:" + hashlib.sha256(json.dumps(value, ensure_ascii=True).encode("ascii")).hexdigest()
+
+
+def content_key(source: str, ts: datetime, text: str) -> str:
+    """The identity of an item without an id: its source (as stored), time (UTC) and text, hashed. The
+    same item sent again gets the same key (skipped); any other item gets another (stored)."""
+    return _sha256([source, ts.isoformat(), text])
+
+
+def id_key(item_id: Any) -> str:
+    """The identity of an item with an id: the id itself, or its hash when longer than the ledger's
+    column (cutting it would make two ids one)."""
+    key = str(item_id)
+    return key if len(key) <= KEY_CHARS else _sha256(["id", key])
+
+
+def _storable(value: str, where: str, field_name: str) -> str:
+    """Refuse what a database cannot store: NUL (PostgreSQL text) and lone surrogates (not UTF-8)."""
+    if "\x00" in value:
+        raise InputError(f"{where}: '{field_name}' contains a NUL character; remove it.")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"{where}: '{field_name}' is not valid Unicode (a lone surrogate); send UTF-8 text.") from None
+    return value
+
+
 def items_of_rows(rows: list[tuple[int, dict]], name: str) -> list[Item]:
     out = []
     for line, row in rows:
@@ -144,14 +196,24 @@ def items_of_rows(rows: list[tuple[int, dict]], name: str) -> list[Item]:
             raise InputError(f"{where}: no text. Each item needs a non-empty 'text'.")
         if "time" not in row:
             raise InputError(f"{where}: no 'time'. Give each item its publication time (ISO 8601 or epoch seconds).")
-        key = str(row["id"]) if row.get("id") not in (None, "") else f"{Path(name).name}:{line}"
-        out.append(Item(key[:255], parse_time(row["time"], where), row["text"], str(row.get("source") or Path(name).name)[:255]))
+        text = _storable(row["text"], where, "text")
+        source = _storable(str(row.get("source") or Path(name).name), where, "source")[:KEY_CHARS]
+        ts = parse_time(row["time"], where)
+        key = id_key(_storable(str(row["id"]), where, "id")) if row.get("id") not in (None, "") else content_key(source, ts, text)
+        out.append(Item(key, ts, text, source))
     return out
 
 
 def read_items_file(path: Path) -> list[Item]:
+    data = path.read_bytes()
+    try:
+        content = data.decode("utf-8-sig")  # a byte-order mark is tolerated
+    except UnicodeDecodeError as e:
+        line = data[:e.start].count(b"\n") + 1
+        raise InputError(f"{path}: line {line}: not UTF-8 text (byte 0x{data[e.start]:02x}). Save the file as UTF-8 "
+                         "and put it in the folder again.") from None
     rows = []
-    for n, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+    for n, line in enumerate(content.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028 and the like
         if not line.strip():
             continue
         try:
@@ -162,6 +224,19 @@ def read_items_file(path: Path) -> list[Item]:
             raise InputError(f"{path}: line {n}: not a JSON object.")
         rows.append((n, row))
     return items_of_rows(rows, str(path))
+
+
+def file_error(path: Path, e: Exception) -> str:
+    """Why a watched file was not ingested, fit for the log: an InputError names the file, line and fix; any
+    other error only by its type, as its message may quote the items' texts."""
+    if isinstance(e, InputError):
+        return str(e)
+    return f"{path}: processing its items failed ({type(e).__name__}); put the file in the folder again to retry it."
+
+
+def _transient(e: sa.exc.OperationalError) -> bool:
+    """A lock wait that timed out (SQLite) or a deadlock / serialization failure (PostgreSQL): worth a retry."""
+    return getattr(e.orig, "sqlstate", None) in ("40001", "40P01") or "database is locked" in str(e.orig)
 
 
 class Monitor:
@@ -177,6 +252,7 @@ class Monitor:
         if cfg.negative_label not in self.sentiment.labels:
             raise InputError(f"monitor: negative_label {cfg.negative_label!r} is not a label of {cfg.sentiment} "
                              f"({', '.join(self.sentiment.labels)}).")
+        self._unmovable: dict[Path, tuple[int, int]] = {}  # failed files that could not be quarantined: (mtime, size)
         self.deliver_pending()
 
     # ---- ingestion ------------------------------------------------------------------------------
@@ -194,19 +270,47 @@ class Monitor:
             if it.key not in seen:
                 seen.add(it.key)
                 todo.append(it)
-        fired = 0
+        processed = fired = 0
         for i in range(0, len(todo), self.cfg.batch_size):
-            fired += self._process(todo[i:i + self.cfg.batch_size])
+            n, f = self._process(todo[i:i + self.cfg.batch_size])
+            processed, fired = processed + n, fired + f
         if fired:
             self.deliver_pending()
-        return {"received": len(items), "processed": len(todo), "skipped": len(items) - len(todo), "alerts": fired}
+        return {"received": len(items), "processed": processed, "skipped": len(items) - processed, "alerts": fired}
 
-    def _process(self, batch: list[Item]) -> int:
+    def _process(self, batch: list[Item]) -> tuple[int, int]:
+        """Predict the batch, then write it; returns (items written, alerts raised)."""
         texts = [it.text for it in batch]
-        ner_rows, sent_rows = self.ner.predict(texts), self.sentiment.predict(texts)
+        predictions = {it.key: p for it, p in zip(batch, zip(self.ner.predict(texts), self.sentiment.predict(texts)))}
+        return self._write_racing(batch, predictions)
+
+    def _write_racing(self, batch: list[Item], predictions: dict) -> tuple[int, int]:
+        """Write the batch in one transaction. Another monitor on the same database may commit some of its
+        keys first: the ledger's primary key then fails this transaction (IntegrityError), and the batch is
+        written again without the keys now in the ledger. A lock wait that timed out or a deadlock (two
+        writers taking keys in different orders) is retried too."""
+        for attempt in range(1, WRITE_ATTEMPTS + 1):
+            try:
+                return len(batch), self._write(batch, predictions)
+            except sa.exc.IntegrityError:
+                done = self.processed([it.key for it in batch])
+                if not done:  # not a race on the ledger: a real error
+                    raise
+                log.info("another writer stored %d of this batch's %d items first; writing the rest", len(done), len(batch))
+                batch = [it for it in batch if it.key not in done]
+                if not batch:
+                    return 0, 0
+            except sa.exc.OperationalError as e:
+                if not _transient(e) or attempt == WRITE_ATTEMPTS:
+                    raise
+                _time.sleep(0.05 * attempt)
+        raise RuntimeError(f"a batch could not be written in {WRITE_ATTEMPTS} attempts")  # keys taken each time: not expected
+
+    def _write(self, batch: list[Item], predictions: dict) -> int:
         fired = 0
         with self.engine.begin() as conn:  # items, entities, ledger and alerts of the batch: all or nothing
-            for it, ents, sent in zip(batch, ner_rows, sent_rows):
+            for it in batch:
+                ents, sent = predictions[it.key]
                 item_id = conn.execute(db.items.insert().values(key=it.key, ts=it.ts, text=it.text, source=it.source,
                                                                 sentiment=sent["label"], sentiment_score=float(sent.get("score", 0.0)))
                                        ).inserted_primary_key[0]
@@ -219,15 +323,48 @@ class Monitor:
         return fired
 
     def process_folder(self, folder: str | Path | None = None) -> dict:
-        """Every *.jsonl file of the watched folder, in name order (each file read whole and checked first)."""
+        """Every *.jsonl file of the watched folder, in name order, each read whole and checked first. A file
+        that cannot be ingested is quarantined (moved to quarantine/ with its reason) and the next one is
+        read; a database error stops the poll (the files are fine, the next poll tries them again)."""
         folder = Path(folder or self.cfg.watch or "")
         if not folder.is_dir():
             raise InputError(f"watch: {folder} is not a folder.")
-        total = {"received": 0, "processed": 0, "skipped": 0, "alerts": 0}
+        total: dict = {"received": 0, "processed": 0, "skipped": 0, "alerts": 0, "quarantined": []}
         for path in sorted(folder.glob("*.jsonl")):
-            for k, v in self.ingest(read_items_file(path)).items():
+            try:
+                stat = path.stat()
+            except FileNotFoundError:  # taken away since the listing
+                continue
+            if self._unmovable.get(path) == (stat.st_mtime_ns, stat.st_size):
+                continue  # failed before, could not be moved, unchanged: reported once already
+            try:
+                counts = self.ingest(read_items_file(path))
+            except FileNotFoundError:
+                continue
+            except sa.exc.DBAPIError:
+                raise
+            except Exception as e:  # noqa: BLE001 (any failure of one file must not stop the folder)
+                if _time.time() - stat.st_mtime < SETTLE_SECONDS:
+                    continue  # perhaps still being written: the next poll reads it again
+                total["quarantined"].append(self._quarantine(path, folder, file_error(path, e), stat))
+                continue
+            for k, v in counts.items():
                 total[k] += v
         return total
+
+    def _quarantine(self, path: Path, folder: Path, reason: str, stat: os.stat_result) -> dict:
+        """Move a file that cannot be ingested out of the way, with its reason beside it (logged once)."""
+        target = folder / QUARANTINE / f"{_now():%Y%m%dT%H%M%S%f}-{path.name}"
+        try:
+            target.parent.mkdir(exist_ok=True)
+            os.replace(path, target)
+            write_text(target.with_name(target.name + ".reason.txt"), reason + "\n")
+            where = str(target)
+        except OSError as e:  # a read-only folder: skip the file while it stays as it is
+            self._unmovable[path] = (stat.st_mtime_ns, stat.st_size)
+            where = f"left in place ({type(e).__name__}: cannot move it), skipped until it changes"
+        log.error("watched folder: %s Quarantined: %s", reason, where)  # the reason names the file and line
+        return {"file": path.name, "reason": reason, "moved_to": where}
 
     # ---- rules and episodes ----------------------------------------------------------------------
     def _window_rows(self, conn, entity: str, start: datetime, end: datetime) -> list[tuple[datetime, bool]]:
