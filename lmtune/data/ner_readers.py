@@ -226,8 +226,9 @@ def _sentence(obj: object, where: str, require_tags: bool) -> tuple:
         tokens, tags = obj["tokens"], obj.get("tags")
         if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t.strip() for t in tokens):
             raise InputError(f"{where}: 'tokens' must be a non-empty list of non-empty strings.")
-        if tags is not None and (not isinstance(tags, list) or len(tags) != len(tokens)):
-            raise InputError(f"{where}: 'tags' must be a list as long as 'tokens' ({len(tokens)}).")
+        if tags is not None and (not isinstance(tags, list) or len(tags) != len(tokens)
+                                 or not all(isinstance(t, str) for t in tags)):
+            raise InputError(f"{where}: 'tags' must be a list of tag names (strings) as long as 'tokens' ({len(tokens)}).")
         return (tokens, tags, where, None, None, None)
     if "text" in obj:
         return _from_spans(obj, where, require_tags)
@@ -242,11 +243,13 @@ def _from_spans(obj: dict, where: str, require_tags: bool) -> tuple:
     if ents is None:
         offsets = split_words(text)
         return ([text[s:e] for s, e in offsets], None, where, text, offsets, None)
+    if not isinstance(ents, list):
+        raise InputError(f"{where}: 'entities' must be a list of {{start, end, label}} objects.")
     checked = []
     for k, ent in enumerate(ents):
         try:
             s, e, lab = int(ent["start"]), int(ent["end"]), str(ent["label"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # (OverflowError: a start of Infinity)
             raise InputError(f"{where}: entity {k + 1} needs integer 'start', 'end' and a 'label'.") from None
         if not 0 <= s < e <= len(text):
             raise InputError(f"{where}: entity {k + 1} ({s}-{e}) is out of range for a text of {len(text)} characters.")
