@@ -404,7 +404,7 @@ HOSTILE_FILES = [
     ("ner", "e.jsonl", '{"text": "EU rejects", "entities": 5}\n', r"line 1: 'entities' must be a list"),
     ("ner", "e.jsonl", '{"text": "EU rejects", "entities": [{"start": Infinity, "end": 2, "label": "ORG"}]}\n',
      r"line 1: entity 1 needs integer 'start'"),
-    ("ner", "e.jsonl", '{"tokens": ["EU", "rejects"], "tags": [5, null]}\n', r"line 1: 'tags' must be a list of tag names"),
+    ("ner", "e.jsonl", '{"tokens": ["EU", "rejects"], "tags": [5, null]}\n', r"line 1: 'tags' must be a list as long as 'tokens' \(2\), of tag names"),
     ("generation", "g.jsonl", '{"instruction": "Summarize.", "input": 5, "output": "ok"}\n', r"line 1: 'input' must be text"),
     ("qa", "q.jsonl", '{"question": "who?", "context": "EU rejects", "answers": "EU"}\n', r"line 1: answers must be"),
     ("qa", "q.jsonl", '{"question": "who?", "context": "EU rejects", "answers": [5]}\n', r"line 1: answers must be"),

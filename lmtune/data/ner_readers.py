@@ -228,7 +228,7 @@ def _sentence(obj: object, where: str, require_tags: bool) -> tuple:
             raise InputError(f"{where}: 'tokens' must be a non-empty list of non-empty strings.")
         if tags is not None and (not isinstance(tags, list) or len(tags) != len(tokens)
                                  or not all(isinstance(t, str) for t in tags)):
-            raise InputError(f"{where}: 'tags' must be a list of tag names (strings) as long as 'tokens' ({len(tokens)}).")
+            raise InputError(f"{where}: 'tags' must be a list as long as 'tokens' ({len(tokens)}), of tag names (strings).")
         return (tokens, tags, where, None, None, None)
     if "text" in obj:
         return _from_spans(obj, where, require_tags)

@@ -14,7 +14,8 @@ What this module gets right that the usual scripts do not:
 - SQuAD's official normalization for EM/F1 (lower case, no punctuation or articles); for Chinese,
   CMRC 2018's character-level F1 (longest common substring) and EM without punctuation;
 - training answers whose offset does not match the context are re-located (the occurrence nearest
-  the given offset) or skipped, and the audit lists them by file and id; nothing wrong is kept;
+  the given offset) or skipped, and the audit lists them by file and id; nothing wrong is kept; dev and
+  test answers whose text is not in the context are scored all the same (a miss unless predicted);
 - questions without an answer (SQuAD 2.0 style) are learned as [CLS]; a null-score margin is tuned
   on dev for the best F1, and a score threshold can make predict abstain (abstain.target).
 """
