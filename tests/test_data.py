@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from lmtune.cli import main
 from lmtune.data import read_examples, stratified_split
@@ -263,13 +265,12 @@ def test_ner_audit_finds_conflicting_tags_rare_types_duplicates_and_leakage():
 # ---- every task format's reader, on arbitrary file contents (hypothesis) --------------------------
 # The property: a reader either parses the file or raises InputError with a message that starts with
 # the file's path (and names the line where one row is at fault); never another exception.
-from hypothesis import HealthCheck, given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 _KEYS = ["text", "label", "text_pair", "labels", "question", "context", "answers", "answer_start", "id", "tokens", "tags",
          "entities", "start", "end", "head", "tail", "instruction", "input", "output", "messages", "role", "content",
          "data", "paragraphs", "qas", "title", "is_impossible", "negative"]
-_ATOMS = (st.none() | st.booleans() | st.integers(-3, 40) | st.floats() | st.sampled_from(["", " ", "0", "1", "12", "pos", "B-PER", "O", "user", "assistant", "<e1>a</e1> <e2>b</e2>", "a,b"])
+_ATOMS = (st.none() | st.booleans() | st.integers(-3, 40) | st.floats()
+          | st.sampled_from(["", " ", "0", "1", "12", "pos", "B-PER", "O", "user", "assistant", "<e1>a</e1> <e2>b</e2>", "a,b"])
           | st.text(max_size=10))
 _JSON = st.recursive(_ATOMS, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.sampled_from(_KEYS), inner, max_size=5),
                      max_leaves=15)
@@ -404,7 +405,8 @@ HOSTILE_FILES = [
     ("ner", "e.jsonl", '{"text": "EU rejects", "entities": 5}\n', r"line 1: 'entities' must be a list"),
     ("ner", "e.jsonl", '{"text": "EU rejects", "entities": [{"start": Infinity, "end": 2, "label": "ORG"}]}\n',
      r"line 1: entity 1 needs integer 'start'"),
-    ("ner", "e.jsonl", '{"tokens": ["EU", "rejects"], "tags": [5, null]}\n', r"line 1: 'tags' must be a list as long as 'tokens' \(2\), of tag names"),
+    ("ner", "e.jsonl", '{"tokens": ["EU", "rejects"], "tags": [5, null]}\n',
+     r"line 1: 'tags' must be a list as long as 'tokens' \(2\), of tag names"),
     ("generation", "g.jsonl", '{"instruction": "Summarize.", "input": 5, "output": "ok"}\n', r"line 1: 'input' must be text"),
     ("qa", "q.jsonl", '{"question": "who?", "context": "EU rejects", "answers": "EU"}\n', r"line 1: answers must be"),
     ("qa", "q.jsonl", '{"question": "who?", "context": "EU rejects", "answers": [5]}\n', r"line 1: answers must be"),
