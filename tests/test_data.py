@@ -418,6 +418,7 @@ HOSTILE_FILES = [
     ("qa", "q.csv", 'question,context,answers\nwho?,EU rejects,"{""text"": [""EU""], ""answer_start"": [0]"\n',
      r"line 2: answers must be"),
     ("classification", "t.txt", "\r\nhello,pos\n", r"line 1: the header row is empty"),
+    ("ner", "n.conll", "EU B-ORG\nrejects\u2028 O\ncall Z-X\n", r"line 3: tag 'Z-X' is not valid"),  # U+2028 is no line break
 ]
 
 

@@ -170,12 +170,17 @@ def span_text(ex: NerExample, start: int, end: int) -> str:
     return out
 
 
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
 def _conll(path: Path, text: str, tag_column: int) -> list[tuple]:
     """Whitespace columns, token first and tag in `tag_column`; a blank line ends a sentence.
     One-column lines in a file whose other lines have tags are errors; a file with one column only
     is unlabeled. A one-character-per-line file (MSRA-style Chinese) is the same format."""
     sentences, tokens, tags, lines, start = [], [], [], [], None
-    for n, line in enumerate([*text.splitlines(), ""], 1):
+    # lines as an editor numbers them: str.splitlines would also break at U+2028, U+0085, form feed ...,
+    # and every error after such a character would name the wrong line
+    for n, line in enumerate([*_LINE_BREAK.split(text), ""], 1):
         cols = line.split()
         if not cols or cols[0] == "-DOCSTART-":
             if tokens:
