@@ -9,6 +9,7 @@ import dataclasses
 import difflib
 import functools
 import logging
+import math
 import types
 import typing
 import warnings
@@ -418,7 +419,19 @@ def _did_you_mean(key: str, known: list[str]) -> str:
     return f" Did you mean '{hits[0]}'?" if hits else ""
 
 
+def _non_finite(value: Any) -> bool:
+    """A YAML .inf or .nan anywhere in the value (lists and mappings too): no range or meaning holds for them."""
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if isinstance(value, (list, tuple)):
+        return any(map(_non_finite, value))
+    return isinstance(value, dict) and any(map(_non_finite, value.values()))
+
+
 def _coerce(key: str, value: Any, f: dataclasses.Field, where: str) -> Any:
+    if _non_finite(value):
+        what = "a finite number" if isinstance(value, float) else "finite numbers only"
+        raise InputError(f"{where}: {key} must be {what}, got {value!r}.")
     tp = f.type if not isinstance(f.type, str) else eval(f.type, vars(typing) | {"types": types})
     allowed = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
     if value is None and type(None) in allowed:

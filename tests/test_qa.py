@@ -149,3 +149,48 @@ def test_squad_json_with_a_bad_offset_is_relocated(tmp_path):
     path.write_text(json.dumps(doc))
     ex, = task.read_file(str(path), build_config({"task": "qa"}))
     assert ex.answers == [{"text": "France", "start": 12}, {"text": "Paris", "start": 20}] and ex.source.endswith(":a")
+
+
+def _qa_file(path, rows: list[dict]):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(path)
+
+
+@pytest.mark.parametrize("answers,message", [
+    ({"text": ["France"], "answer_start": ["12"]}, r'line 2: answer_start must be an integer .*got "12"'),
+    ([{"text": "France", "answer_start": "12"}], r'line 2: answer_start must be an integer .*got "12"'),
+    ({"text": ["France"], "answer_start": [True]}, r"line 2: answer_start must be an integer .*got true"),
+    ({"text": ["France", "Paris"], "answer_start": [12]}, r"line 2: answers has 2 text\(s\) but 1 answer_start value\(s\)"),
+    ({"text": ["France"], "answer_start": [12, 0]}, r"line 2: answers has 1 text\(s\) but 2 answer_start value\(s\)"),
+])
+def test_bad_answer_starts_are_errors_with_the_line(tmp_path, answers, message):
+    """issue 46 #10: a string answer_start was re-located silently; text and start lists of different lengths
+    were zipped without a word."""
+    ctx = "Paris is in France."
+    path = _qa_file(tmp_path / "q.jsonl", [{"question": "where?", "context": ctx, "answers": {"text": ["Paris"], "answer_start": [0]}},
+                                            {"question": "where?", "context": ctx, "answers": answers}])
+    with pytest.raises(lmtune.errors.InputError, match=message):
+        get_task("qa").read_file(path, build_config({"task": "qa"}))
+
+
+def test_dev_answers_not_in_their_context_are_scored_as_misses(tmp_path, tok):
+    """issue 46 #10: dev questions whose answer text is not in the context were dropped with a warning, so EM/F1
+    left them out; like the official SQuAD script, every question is scored (a miss unless predicted)."""
+    ctx = "the car is red and it felt quite good"
+    good = {"question": "what color is the car?", "context": ctx, "answers": {"text": ["red"], "answer_start": [11]}}
+    lost = {"question": "what color is the car?", "context": ctx, "answers": {"text": ["purple"], "answer_start": [3]}}
+    train = _qa_file(tmp_path / "train.jsonl", [good] * 6 + [lost])
+    dev = _qa_file(tmp_path / "dev.jsonl", [good, lost])
+    task = get_task("qa")
+    splits = task.read(build_config({"task": "qa", "data": {"train": train, "dev": dev}}))
+    assert len(splits.train) == 6  # train cannot learn a span that is not there: that question leaves train
+    assert len(splits.dev) == 2 and splits.dev[1].answers == [{"text": "purple", "start": -1}]
+    finding, = task.audit_findings(splits)
+    assert "1 skipped (their text is not in the context), 1 in dev/test scored as given" in finding["detail"]
+    enc = task.encode(splits.dev, tok, 32)
+    assert [(f["start"], f["end"]) for f in enc.features][1] == (0, 0)  # its loss target: no span here
+    targets = {k: (f["start"], f["end"]) for k, f in enumerate(enc.features) if f["example"] == 0}
+    outs = _one_hot_outputs(enc, {**targets, 1: targets[0]})  # the model answers "red" to both questions
+    m = task.evaluate(outs, enc, [])
+    assert m["n"] == 2 and m["exact_match"] == 0.5 and m["f1"] == 0.5
+    assert [r["gold"] for r in task.predictions(outs, enc, [])] == [["red"], ["purple"]]

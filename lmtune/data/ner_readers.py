@@ -170,12 +170,17 @@ def span_text(ex: NerExample, start: int, end: int) -> str:
     return out
 
 
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+
+
 def _conll(path: Path, text: str, tag_column: int) -> list[tuple]:
     """Whitespace columns, token first and tag in `tag_column`; a blank line ends a sentence.
     One-column lines in a file whose other lines have tags are errors; a file with one column only
     is unlabeled. A one-character-per-line file (MSRA-style Chinese) is the same format."""
     sentences, tokens, tags, lines, start = [], [], [], [], None
-    for n, line in enumerate([*text.splitlines(), ""], 1):
+    # lines as an editor numbers them: str.splitlines would also break at U+2028, U+0085, form feed ...,
+    # and every error after such a character would name the wrong line
+    for n, line in enumerate([*_LINE_BREAK.split(text), ""], 1):
         cols = line.split()
         if not cols or cols[0] == "-DOCSTART-":
             if tokens:
@@ -226,8 +231,9 @@ def _sentence(obj: object, where: str, require_tags: bool) -> tuple:
         tokens, tags = obj["tokens"], obj.get("tags")
         if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) and t.strip() for t in tokens):
             raise InputError(f"{where}: 'tokens' must be a non-empty list of non-empty strings.")
-        if tags is not None and (not isinstance(tags, list) or len(tags) != len(tokens)):
-            raise InputError(f"{where}: 'tags' must be a list as long as 'tokens' ({len(tokens)}).")
+        if tags is not None and (not isinstance(tags, list) or len(tags) != len(tokens)
+                                 or not all(isinstance(t, str) for t in tags)):
+            raise InputError(f"{where}: 'tags' must be a list as long as 'tokens' ({len(tokens)}), of tag names (strings).")
         return (tokens, tags, where, None, None, None)
     if "text" in obj:
         return _from_spans(obj, where, require_tags)
@@ -242,11 +248,13 @@ def _from_spans(obj: dict, where: str, require_tags: bool) -> tuple:
     if ents is None:
         offsets = split_words(text)
         return ([text[s:e] for s, e in offsets], None, where, text, offsets, None)
+    if not isinstance(ents, list):
+        raise InputError(f"{where}: 'entities' must be a list of {{start, end, label}} objects.")
     checked = []
     for k, ent in enumerate(ents):
         try:
             s, e, lab = int(ent["start"]), int(ent["end"]), str(ent["label"])
-        except (KeyError, TypeError, ValueError):
+        except (KeyError, TypeError, ValueError, OverflowError):  # (OverflowError: a start of Infinity)
             raise InputError(f"{where}: entity {k + 1} needs integer 'start', 'end' and a 'label'.") from None
         if not 0 <= s < e <= len(text):
             raise InputError(f"{where}: entity {k + 1} ({s}-{e}) is out of range for a text of {len(text)} characters.")

@@ -63,7 +63,17 @@ class Example:
         return replace(self, text=w.joiner.join(w.words[:cut]), text_pair=w.joiner.join(w.words[cut + 1:]))
 
 
-def detect_format(path: Path, fmt: str = "auto") -> str:
+# Delimited text by format name. data.format offers csv and tsv; semicolon and pipe tables are only
+# recognised by detection (.txt and unknown extensions).
+DELIMITERS = {"csv": ",", "tsv": "\t", "semicolon": ";", "pipe": "|"}
+_DELIMITER_WORDS = {",": "comma", "\t": "tab", ";": "semicolon", "|": "pipe"}
+SNIFF_CHARS = 64 * 1024  # the first lines detection looks at
+_SNIFF_ROWS = 50
+
+
+def detect_format(path: Path, fmt: str = "auto", text: str | None = None) -> str:
+    """The format of a data file: data.format when set, else by extension; .txt and unknown extensions
+    (public data sets ship TSV and JSONL as .txt) by their first lines (`text`, or the head of the file)."""
     if fmt != "auto":
         return fmt
     ext = path.suffix.lower()
@@ -71,10 +81,52 @@ def detect_format(path: Path, fmt: str = "auto") -> str:
         return "jsonl"
     if ext in (".tsv", ".tab"):
         return "tsv"
-    if ext in (".csv", ".txt"):
+    if ext == ".csv":
         return "csv"
-    raise InputError(f"{path}: cannot tell the format from the extension '{ext}'; "
-                     "set data.format to csv, tsv or jsonl.")
+    return sniff_format(text if text is not None else _head(path))
+
+
+def _head(path: Path) -> str:
+    """The first SNIFF_CHARS characters of a file, for detection only (decoding errors are reported by
+    read_text_file when the file is read); '' when there is no such file (read_text_file says so)."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(SNIFF_CHARS)
+    except OSError:
+        return ""
+    return raw.decode("utf-8", errors="replace").removeprefix("\ufeff")
+
+
+def sniff_format(text: str) -> str:
+    """jsonl when the first non-blank line is a JSON object, else the table format of sniff_delimiter."""
+    first = next((line for line in text[:SNIFF_CHARS].split("\n") if line.strip()), "")
+    if first.lstrip().startswith("{"):
+        return "jsonl"
+    return next(name for name, d in DELIMITERS.items() if d == sniff_delimiter(text))
+
+
+def sniff_delimiter(text: str) -> str:
+    """The delimiter of a table from its first rows: of comma, tab, semicolon and pipe, the one that splits
+    the header into at least two columns and gives the most of the following rows the header's width
+    (comma first on a tie, comma when none splits the header). Unlike csv.Sniffer's character-frequency
+    guess, this reads the rows the way the reader will (quotes, CRLF, quoted line breaks), so a TSV whose
+    texts are full of commas is still a TSV."""
+    sample = text[:SNIFF_CHARS]
+    if len(text) > SNIFF_CHARS and "\n" in sample:
+        sample = sample[:sample.rindex("\n")]  # no half line at the cut
+    best, best_share = ",", -1.0
+    for delimiter in DELIMITERS.values():
+        try:
+            rows = [r for r in csv.reader(io.StringIO(sample, newline=""), delimiter=delimiter)
+                    if any(v.strip() for v in r)][:_SNIFF_ROWS]
+        except csv.Error:
+            continue
+        if not rows or len(rows[0]) < 2:
+            continue
+        share = sum(len(r) == len(rows[0]) for r in rows[1:]) / (len(rows) - 1) if len(rows) > 1 else 1.0
+        if share > best_share:
+            best, best_share = delimiter, share
+    return best
 
 
 def read_text_file(path: str | Path, encoding: str = "utf-8") -> str:
@@ -150,10 +202,7 @@ def read_rows(path: str | Path, fmt: str = "auto", encoding: str = "utf-8") -> l
     (row, {column: value}) with ClassLabel values as names."""
     if is_dataset_source(path):
         return dataset_rows(path)
-    path = Path(path)
-    fmt = detect_format(path, fmt)
-    text = read_text_file(path, encoding)
-    rows = _jsonl_rows(path, text) if fmt == "jsonl" else _table_rows(path, text, "\t" if fmt == "tsv" else ",")
+    rows, _ = _file_rows(Path(path), fmt, encoding)
     if not rows:
         raise InputError(f"{path}: no data rows found. The file needs a header and at least one row.")
     return rows
@@ -191,9 +240,7 @@ def read_examples(path: str | Path, text_column: str = "text", label_column: str
         rows = read_rows(path)
     else:
         path = Path(path)
-        fmt = detect_format(path, fmt)
-        text = read_text_file(path, encoding)
-        rows = _jsonl_rows(path, text) if fmt == "jsonl" else _table_rows(path, text, "\t" if fmt == "tsv" else ",")
+        rows, fmt = _file_rows(path, fmt, encoding)
         if fmt == "jsonl":
             _check_label_types(path, rows, label_column)
     wanted = [c for c in (text_column, text_pair_column) if c] + ([label_column] if require_label and label_column else [])
@@ -222,6 +269,25 @@ def read_examples(path: str | Path, text_column: str = "text", label_column: str
     return examples
 
 
+def _file_rows(path: Path, fmt: str, encoding: str) -> tuple[list[tuple[int, dict]], str]:
+    """A text file's rows and the format they were read in (data.format, the extension, or detection)."""
+    text = read_text_file(path, encoding)
+    fmt = detect_format(path, fmt, text)
+    if fmt == "jsonl":
+        return _jsonl_rows(path, text), fmt
+    return _table_rows(path, text, DELIMITERS.get(fmt, ",")), fmt  # (conll outside NER: read as before, as CSV)
+
+
+def _width_hint(delimiter: str) -> str:
+    """What a row of the wrong width says: the delimiter it was read with, and the data.format that reads
+    the other common one (a TSV read as CSV shows up as exactly this error)."""
+    word = _DELIMITER_WORDS[delimiter]
+    other = "data.format: csv if the file is comma-separated" if delimiter == "\t" else \
+        "data.format: tsv if the file is tab-separated" if delimiter == "," else \
+        "data.format: csv or tsv if the file is comma- or tab-separated"
+    return f"read as {word}-separated; set {other}, or quote texts that contain a {word}"
+
+
 def _table_rows(path: Path, text: str, delimiter: str) -> list[tuple[int, dict]]:
     reader = csv.reader(io.StringIO(text, newline=""), delimiter=delimiter)
     try:
@@ -229,6 +295,9 @@ def _table_rows(path: Path, text: str, delimiter: str) -> list[tuple[int, dict]]
     except StopIteration:
         raise InputError(f"{path}: the file is empty. It needs a header row and data rows.") from None
     header = [h.strip() for h in header]
+    if not any(header):
+        raise InputError(f"{path}: line 1: the header row is empty. The first line must name the columns "
+                         "(e.g. text,label).")
     seen = set()
     for h in header:
         if h in seen:
@@ -242,9 +311,8 @@ def _table_rows(path: Path, text: str, delimiter: str) -> list[tuple[int, dict]]
             if not any(v.strip() for v in values):
                 continue
             if len(values) != len(header):
-                sep = "tab" if delimiter == "\t" else "comma"
                 raise InputError(f"{path}: line {start}: {len(values)} fields but the header has "
-                                 f"{len(header)}. Quote texts that contain a {sep}.")
+                                 f"{len(header)} ({_width_hint(delimiter)}).")
             rows.append((start, dict(zip(header, values))))
     except csv.Error as e:
         raise InputError(f"{path}: line {reader.line_num}: malformed row ({e}).") from None

@@ -158,6 +158,8 @@ class GenerationTask(Task):
             if not isinstance(ins, str) or not ins.strip():
                 raise InputError(f"{where}: needs a non-empty 'instruction'.")
             extra = row.get("input") or ""
+            if not isinstance(extra, str):
+                raise InputError(f"{where}: 'input' must be text, got {type(extra).__name__}.")
             context = f"{ins}\n\n{extra}" if extra.strip() else ins
             prompt = [{"role": "user", "content": context}]
             out = row.get("output")

@@ -14,13 +14,15 @@ What this module gets right that the usual scripts do not:
 - SQuAD's official normalization for EM/F1 (lower case, no punctuation or articles); for Chinese,
   CMRC 2018's character-level F1 (longest common substring) and EM without punctuation;
 - training answers whose offset does not match the context are re-located (the occurrence nearest
-  the given offset) or skipped, and the audit lists them by file and id; nothing wrong is kept;
+  the given offset) or skipped, and the audit lists them by file and id; nothing wrong is kept; dev and
+  test answers whose text is not in the context are scored all the same (a miss unless predicted);
 - questions without an answer (SQuAD 2.0 style) are learned as [CLS]; a null-score margin is tuned
   on dev for the best F1, and a score threshold can make predict abstain (abstain.target).
 """
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import re
 import string
@@ -128,6 +130,74 @@ def em_f1(pred: str, golds: list[str], chinese: bool) -> tuple[float, float]:
     return em, f1
 
 
+# ---- reading ------------------------------------------------------------------------------------
+def _squad_rows(path: Path, text: str) -> list[tuple[str, dict]]:
+    """The questions of a SQuAD JSON file as ("id X", row); its structure is checked on the way."""
+    try:
+        doc = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise InputError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}).") from None
+    shape = "a .json QA file must be SQuAD-style: {\"data\": [{\"paragraphs\": [{\"context\": ..., \"qas\": [...]}]}]}"
+    if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
+        raise InputError(f"{path}: {shape}.")
+    rows = []
+    for a, art in enumerate(doc["data"]):
+        paragraphs = art.get("paragraphs", []) if isinstance(art, dict) else None
+        if not isinstance(paragraphs, list) or not all(isinstance(x, dict) for x in paragraphs):
+            raise InputError(f"{path}: data[{a}]: {shape}.")
+        for k, para in enumerate(paragraphs):
+            qas = para.get("qas", [])
+            if not isinstance(qas, list) or not all(isinstance(x, dict) for x in qas):
+                raise InputError(f"{path}: data[{a}].paragraphs[{k}]: 'qas' must be a list of objects; {shape}.")
+            rows += [(f"id {qa.get('id', '?')}", {"question": qa.get("question"), "context": para.get("context"),
+                                                  "answers": qa.get("answers"), "id": qa.get("id"),
+                                                  "is_impossible": qa.get("is_impossible", False),
+                                                  "title": art.get("title")}) for qa in qas]
+    return rows
+
+
+def _answer_start(value: object, where: str) -> int:
+    """A character offset: an integer (1.0 is 1, as JSON numbers go); missing is -1 (found by its text).
+    A string such as "12" is refused: it is not an offset the file meant as a number, and re-locating it
+    silently would hide a broken export."""
+    if value is None:
+        return -1
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool):
+        raise InputError(f"{where}: answer_start must be an integer (a character offset into the context), "
+                         f"got {json.dumps(value)}. Write it as a number.")
+    return value
+
+
+def _answer_list(raw: object, where: str) -> list[tuple[str, int]]:
+    """A question's answers as (text, start): {"text": [...], "answer_start": [...]} (lists of one length),
+    [{"text", "answer_start"}, ...], or either as JSON in a CSV cell."""
+    shape = 'answers must be {"text": [...], "answer_start": [...]} or [{"text": ..., "answer_start": ...}]'
+    if isinstance(raw, str):
+        try:
+            raw = json.loads(raw) if raw.strip() else []
+        except json.JSONDecodeError:
+            raise InputError(f"{where}: {shape} (in a CSV cell: that JSON), got {raw[:60]!r}.") from None
+    if isinstance(raw, dict):
+        texts, starts = raw.get("text", []), raw.get("answer_start", [])
+        if not isinstance(texts, list) or not isinstance(starts, list):
+            raise InputError(f"{where}: {shape}; 'text' and 'answer_start' must be lists.")
+        if len(texts) != len(starts):
+            raise InputError(f"{where}: answers has {len(texts)} text(s) but {len(starts)} answer_start value(s); "
+                             "give one start per text.")
+        raw = [{"text": t, "answer_start": s} for t, s in zip(texts, starts)]
+    if not isinstance(raw, list) or not all(isinstance(a, dict) for a in raw):
+        raise InputError(f"{where}: {shape}.")
+    out = []
+    for a in raw:
+        text = a.get("text")
+        if text is not None and not isinstance(text, str):
+            raise InputError(f"{where}: an answer's text must be a string, got {json.dumps(text)[:60]}.")
+        out.append((text or "", _answer_start(a.get("answer_start"), where)))
+    return out
+
+
 # ---- the task -----------------------------------------------------------------------------------
 class QATask(Task):
     name = "qa"
@@ -158,19 +228,13 @@ class QATask(Task):
     def read_file(self, path: str, cfg: Config, labels: list[str] | None = None,
                   require_label: bool = True) -> list[QAExample]:
         """SQuAD JSON ({"data": [{"paragraphs": [{"context", "qas"}]}]}), or rows (JSONL/CSV) with
-        question, context and answers ({"text": [...], "answer_start": [...]} or [{"text", "answer_start"}])."""
+        question, context and answers ({"text": [...], "answer_start": [...]} or [{"text", "answer_start"}];
+        in a CSV cell, that JSON). An answer whose text is not in its context is kept with start -1: dev
+        and test score it (a miss unless predicted, as the official SQuAD script scores every question);
+        read() drops it from train."""
         p = Path(path)
         if p.suffix.lower() == ".json":
-            try:
-                doc = json.loads(read_text_file(p, cfg.data.encoding))
-            except json.JSONDecodeError as e:
-                raise InputError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}).") from None
-            if not isinstance(doc, dict) or not isinstance(doc.get("data"), list):
-                raise InputError(f"{path}: a .json QA file must be SQuAD-style: {{\"data\": [{{\"paragraphs\": ...}}]}}.")
-            rows = [(f"id {qa.get('id', '?')}", {"question": qa.get("question"), "context": para.get("context"),
-                                                  "answers": qa.get("answers"), "id": qa.get("id"),
-                                                  "is_impossible": qa.get("is_impossible", False), "title": art.get("title")})
-                    for art in doc["data"] for para in art.get("paragraphs", []) for qa in para.get("qas", [])]
+            rows = _squad_rows(p, read_text_file(p, cfg.data.encoding))
         else:
             unit = row_unit(path)
             rows = [(f"{unit} {line}", row) for line, row in read_rows(path, cfg.data.format, cfg.data.encoding)]
@@ -187,31 +251,40 @@ class QATask(Task):
         q, ctx = row.get("question"), row.get("context")
         if not isinstance(q, str) or not q.strip() or not isinstance(ctx, str) or not ctx.strip():
             raise InputError(f"{where}: needs a non-empty 'question' and 'context'.")
-        raw = row.get("answers")
-        if raw is None:
+        qid = "" if row.get("id") is None else str(row["id"])
+        if row.get("answers") is None:
             if require_label:
                 raise InputError(f"{where}: no 'answers'; give them (an empty list for a question without an answer).")
-            return QAExample(q.strip(), None, source, context=ctx, qid=str(row.get("id") or ""))
-        if isinstance(raw, dict):
-            raw = [{"text": t, "answer_start": s} for t, s in zip(raw.get("text", []), raw.get("answer_start", []))]
+            return QAExample(q.strip(), None, source, context=ctx, qid=qid)
+        raw = _answer_list(row["answers"], where)
         answers = []
-        for a in raw:
-            text, start = a.get("text"), a.get("answer_start", -1)
-            if not isinstance(text, str) or not text.strip():
+        for text, start in raw:
+            if not text.strip():
                 continue
-            start = start if isinstance(start, int) else -1
-            if ctx[start:start + len(text)] != text or start < 0:
+            if start < 0 or ctx[start:start + len(text)] != text:
                 found = [m.start() for m in re.finditer(re.escape(text), ctx)]
-                what = "re-located" if found else "skipped"
-                self.data_problems.append({"where": source, "answer": text, "given_start": start, "fix": what})
-                if not found:
-                    continue
-                start = min(found, key=lambda s: abs(s - start))
+                self.data_problems.append({"where": source, "answer": text, "given_start": start,
+                                           "fix": "re-located" if found else "not in the context"})
+                start = min(found, key=lambda s: abs(s - start)) if found else -1  # -1: scored, never trained on
             answers.append({"text": text, "start": start})
         if raw and not answers:
-            return None  # every answer of the question is unusable: the question is dropped (and listed)
-        return QAExample(q.strip(), "answer" if answers else "", source, context=ctx, answers=answers,
-                         qid=str(row.get("id") or ""))
+            return None  # every answer of the question is empty text: the question is dropped
+        return QAExample(q.strip(), "answer" if answers else "", source, context=ctx, answers=answers, qid=qid)
+
+    def _train_on_locatable(self, train: list[QAExample]) -> list[QAExample]:
+        """Training needs the answer's span: answers whose text is not in the context leave train (a question
+        left with none leaves too) and are listed as skipped; in dev and test they stay and are scored."""
+        in_train = {ex.source for ex in train}
+        for p in self.data_problems:
+            if p["fix"] == "not in the context":
+                p["fix"] = "skipped" if p["where"] in in_train else "scored"
+        out = []
+        for ex in train:
+            kept = [a for a in ex.answers if a["start"] >= 0]
+            if ex.answers and not kept:
+                continue
+            out.append(ex if len(kept) == len(ex.answers) else dataclasses.replace(ex, answers=kept))
+        return out
 
     def read(self, cfg: Config) -> Splits:
         d = cfg.data
@@ -235,6 +308,7 @@ class QATask(Task):
             train, dev = parts["train"], parts["dev"]
             test = test if test is not None else parts["test"]
             info.pop("dev_rows", None)
+        train = self._train_on_locatable(train)
         if not dev:
             raise InputError(f"{d.train}: too few questions to split off a dev set; give data.dev.")
         info["sizes"] = {"train": len(train), "dev": len(dev), "test": len(test)}
@@ -248,11 +322,13 @@ class QATask(Task):
     def audit_findings(self, splits: Splits) -> list[dict]:
         if not self.data_problems:
             return []
-        skipped = [p for p in self.data_problems if p["fix"] == "skipped"]
+        fixes = collections.Counter(p["fix"] for p in self.data_problems)
+        scored = (f", {fixes['scored']} in dev/test scored as given (their text is not in the context: a miss "
+                  "unless predicted)") if fixes["scored"] else ""
         return [{"check": "answer_offsets", "severity": "warning",
                  "detail": f"{len(self.data_problems)} answer(s) whose offset does not match the context: "
-                           f"{len(self.data_problems) - len(skipped)} re-located to the nearest occurrence of their text, "
-                           f"{len(skipped)} skipped (their text is not in the context)",
+                           f"{fixes['re-located']} re-located to the nearest occurrence of their text, "
+                           f"{fixes['skipped']} skipped (their text is not in the context){scored}",
                  "suggestion": "Fix the answer_start values (offsets count characters of the context).",
                  "examples": [f"{p['where']}: {p['answer']!r} at {p['given_start']} ({p['fix']})" for p in self.data_problems]}]
 
@@ -298,9 +374,10 @@ class QATask(Task):
     @staticmethod
     def _target(ex: QAExample, offsets: list) -> tuple[int, int]:
         """Token start/end of the first answer when this window holds all of it, else (0, 0): [CLS]."""
-        if not ex.answers:
+        located = [a for a in ex.answers if a["start"] >= 0]  # (a dev answer not in its context has none: [CLS])
+        if not located:
             return 0, 0
-        a = ex.answers[0]
+        a = located[0]
         s, e = a["start"], a["start"] + len(a["text"])
         inside = [k for k, o in enumerate(offsets) if o is not None]
         if not inside or offsets[inside[0]][0] > s or offsets[inside[-1]][1] < e:
