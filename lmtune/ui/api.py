@@ -18,7 +18,7 @@ from pydantic import BaseModel
 
 from lmtune.errors import InputError
 from lmtune.ui import views
-from lmtune.ui.app import UiState, state
+from lmtune.ui.state import UiState, state
 from lmtune.ui.jobs import Job, clean_copy
 
 router = APIRouter(prefix="/api")

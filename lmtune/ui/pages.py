@@ -6,7 +6,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
 from lmtune.ui import views
-from lmtune.ui.app import UiState, state
+from lmtune.ui.state import UiState, state
 
 router = APIRouter()
 COMPARED_CURVES = ("train_loss", "dev_loss", "dev_accuracy", "dev_macro_f1", "dev_f1")
