@@ -254,7 +254,7 @@ def cmd_report(ns: argparse.Namespace) -> int:
 
 def cmd_merge(ns: argparse.Namespace) -> int:
     from lmtune.api import load
-    from lmtune.artifacts import read_meta, write_meta
+    from lmtune.artifacts import RunDir, model_meta, write_meta
     from lmtune.io import atomic_dir
     from lmtune.peft import merge
     out = Path(ns.out_dir)
@@ -262,8 +262,7 @@ def cmd_merge(ns: argparse.Namespace) -> int:
         raise InputError(f"{out}: already exists; merge writes a new folder and never overwrites one.")
     run = load(ns.run_dir)
     merged = merge(run.model, run.config.peft.method)
-    meta = read_meta(Path(ns.run_dir) / "model")
-    meta["merged_from"] = str(ns.run_dir)
+    meta = model_meta(run.task, saved=RunDir(ns.run_dir).model, refresh_state=False, merged_from=str(ns.run_dir))
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
         run.tokenizer.save_pretrained(tmp)

@@ -90,8 +90,8 @@ class Explainer:
             return np.zeros(0)
         run = self.run
         examples = run.task.from_texts([t if len(t) == 2 else t[0] for t in texts])
-        enc = run._encode(examples)
-        outputs = run._outputs(enc)
+        enc = run.encode(examples)
+        outputs = run.outputs(enc)
         first: dict[int, int] = {}  # a windowed text is scored on its first window
         for k, f in enumerate(enc.features):
             first.setdefault(f.get("example", k), k)
@@ -370,5 +370,5 @@ def attribution_figure(examples: dict[str, list[dict]], path: Path, max_words: i
             pos = t.get_window_extent(renderer).x1 / fig.bbox.width + 0.004
             if pos > 0.97:
                 break
-    from lmtune.evaluate.plots import _save
-    _save(fig, path)
+    from lmtune.evaluate.plots import save_figure
+    save_figure(fig, path)

@@ -29,6 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from lmtune.artifacts import RunDir
 from lmtune.errors import InputError
 from lmtune.serve.security import key_ok
 from lmtune.ui import views
@@ -160,7 +161,8 @@ def create_ui(settings: UiSettings) -> FastAPI:
         text, pair = str(body.get("text", "")), body.get("pair")
         if not text.strip() or len(text) > 5000:
             raise HTTPException(422, "give a text of 1 to 5000 characters")
-        stamp = (path / "model" / "lmtune.json").stat().st_mtime if (path / "model" / "lmtune.json").is_file() else 0.0
+        meta = RunDir(path).model_meta
+        stamp = meta.stat().st_mtime if meta.is_file() else 0.0
         if not stamp:
             raise HTTPException(409, "this run has no final model yet")
 
