@@ -94,8 +94,8 @@ def get(name: str) -> Analysis:
 
 
 def result_file(run_dir: str | Path, name: str) -> Path:
-    """RUN_DIR/NAME.json: where an analysis' result is written (the one place that names it)."""
-    return RunDir(run_dir).root / f"{name}.json"
+    """RUN_DIR/NAME.json: where an analysis' result is written (RunDir names it)."""
+    return RunDir(run_dir).analysis(name)
 
 
 def analyse(run: Any, name: str, **params: Any) -> dict:
@@ -116,10 +116,7 @@ def examples_of(run: Any, data: str | Path | None, split: str, require_label: bo
     test), re-read from the data sources its config records."""
     if data:
         return run.task.read_file(str(data), run.config, run.labels, require_label=require_label)
-    examples = getattr(run.task.read(run.config), split)
-    if not examples:
-        raise InputError(f"{run.run_dir}: the run has no {split} split; give --data FILE.")
-    return examples
+    return run.split_examples(split)
 
 
 def runnable() -> list[tuple[str, str, Analysis]]:

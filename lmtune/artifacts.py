@@ -6,18 +6,31 @@ metadata (lmtune.json) and the task state saved beside a model (model/, export/,
             predictions/{dev,test}.jsonl  export/ (the same metadata + ONNX files)
             drift_reference.safetensors (dev embeddings and scores for the serve drift monitor)
             running.json ({pid, host} while a process trains the run)
+            results.json and the analyses' NAME.json; label_noise.json(l), generation.json, index/
+
+It also owns the run directory's lifecycle: a new one (new_run_dir), the one --resume continues
+(resolve_run_dir), and the one all processes of a launch share (shared_run_dir); and model_meta builds
+the lmtune.json dict wherever a model folder is written.
 """
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from lmtune.errors import InputError
 from lmtune.io import write_json
+
+if TYPE_CHECKING:
+    from lmtune.config import Config
+
+log = logging.getLogger("lmtune")
 
 META = "lmtune.json"
 TASK_ARRAYS = "task_state.safetensors"  # task state too big for lmtune.json (e.g. the Mahalanobis scorer)
@@ -41,13 +54,27 @@ class RunDir:
     export = property(lambda self: self.root / "export")
     card = property(lambda self: self.root / "model" / "README.md")  # the Hub model card
     running_marker = property(lambda self: self.root / "running.json")  # {pid, host} while a process trains it
+    pointer = property(lambda self: self.root / "checkpoints" / "pointer.json")  # the last checkpoint: a run to resume
+    model_meta = property(lambda self: self.root / "model" / META)
+    export_meta = property(lambda self: self.root / "export" / META)
+    export_report = property(lambda self: self.root / "export" / "export.json")
+    results = property(lambda self: self.root / "results.json")
+    label_noise = property(lambda self: self.root / "label_noise.json")  # the search's result, cached for resume
+    label_noise_rows = property(lambda self: self.root / "label_noise.jsonl")  # the flagged training rows
+    generation = property(lambda self: self.root / "generation.json")
+    index = property(lambda self: self.root / "index")
+    pretrain = property(lambda self: self.root / "pretrain.json")
 
     def predictions(self, split: str) -> Path:
         return self.root / "predictions" / f"{split}.jsonl"
 
+    def analysis(self, name: str) -> Path:
+        """A run analysis's own file (drift, fairness, explain, robustness, ensemble, soup): NAME.json."""
+        return self.root / f"{name}.json"
+
     def finished(self) -> bool:
         """Training wrote the model's metadata last, so its presence means the run finished."""
-        return (self.model / META).is_file()
+        return self.model_meta.is_file()
 
     def running(self) -> bool:
         """A live process on this machine is training the run: its marker names a pid that exists here.
@@ -111,3 +138,114 @@ def restore_task_state(task: Any, meta: dict, folder: Path) -> None:
     if (folder / TASK_ARRAYS).is_file():
         from safetensors.numpy import load_file
         task.set_arrays(load_file(folder / TASK_ARRAYS))
+
+
+def model_meta(task: Any, labels: list[str] | None = None, config: Config | None = None, *, saved: Path | None = None,
+               refresh_state: bool = True, **extra: Any) -> dict:
+    """The lmtune.json dict of a model folder, built here only. New (saved=None): the task's name, the
+    labels, the config, the lmtune version and the task state. saved=FOLDER: that folder's metadata
+    (an export, a soup or a merge of it), with the task state refreshed from `task` (refitted outputs)
+    unless refresh_state is False. `extra` adds or replaces keys (base_model, ensemble, soup, ...)."""
+    if saved is not None:
+        meta = read_meta(saved)
+        if refresh_state:
+            meta["task_state"] = task.state()
+    else:
+        from lmtune import __version__
+        meta = {"task": task.name, "labels": labels, "config": config.to_dict(), "lmtune_version": __version__,
+                "task_state": task.state()}
+    meta.update(extra)
+    return meta
+
+
+# ---- the run directory's lifecycle -----------------------------------------------------------------
+def comparable(cfg: Config) -> dict:
+    """The config as --resume compares it: what the run computes, not how it shows progress."""
+    d = cfg.to_dict()
+    d["train"].pop("progress", None)
+    return d
+
+
+def new_run_dir(cfg: Config) -> Path:
+    """output_dir/run_name, or a timestamp name made unique: two trainings started in the same
+    second get -2, -3 ... (mkdir is the atomic claim, so they can never share a folder)."""
+    if cfg.run_name:
+        run_dir = Path(cfg.output_dir) / cfg.run_name
+        if run_dir.exists():
+            raise InputError(f"{run_dir}: run directory already exists. Pick another run_name, or add --resume "
+                             "to continue it; lmtune never overwrites a run.")
+        run_dir.mkdir(parents=True)
+        return run_dir
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    Path(cfg.output_dir).mkdir(parents=True, exist_ok=True)
+    for k in range(1, 1000):
+        run_dir = Path(cfg.output_dir) / (stamp if k == 1 else f"{stamp}-{k}")
+        try:
+            run_dir.mkdir()
+            return run_dir
+        except FileExistsError:
+            continue
+    raise InputError(f"{cfg.output_dir}: cannot find a free run name for {stamp}; set run_name.")
+
+
+def resolve_run_dir(cfg: Config, resume: bool | str | Path) -> Path:
+    """The run directory: a new one (created here), or the unfinished run that --resume continues."""
+    if not resume:
+        return new_run_dir(cfg)
+    run_dir = _resumed_run_dir(cfg, resume)
+    rd = RunDir(run_dir)
+    if not rd.pointer.is_file() or not rd.config.is_file():
+        raise InputError(f"{run_dir}: no checkpoint to resume from.")
+    import yaml
+
+    from lmtune.config import build_config
+    old = comparable(build_config(yaml.safe_load(rd.config.read_text())))
+    new = comparable(cfg)
+    diff = [f"{s}.{k}" for s in old for k in (old[s] if isinstance(old[s], dict) else [None])
+            if (old[s].get(k) if k else old[s]) != (new[s].get(k) if k else new[s]) and s not in ("run_name", "output_dir")]
+    if diff:
+        raise InputError(f"--resume: the config differs from the one {run_dir} was started with "
+                         f"({', '.join(diff)}). Resume with the same config.")
+    return run_dir
+
+
+def _resumed_run_dir(cfg: Config, resume: bool | str | Path) -> Path:
+    """The run --resume names, or (resume=True) the newest unfinished run with a checkpoint under output_dir."""
+    if resume is not True:
+        run_dir = Path(resume)
+        if RunDir(run_dir).finished():
+            raise InputError(f"--resume: {run_dir} is a finished run (it has model/{META}); lmtune never rewrites it. "
+                             "Start a new run without --resume.")
+        return run_dir
+    runs = [RunDir(c.parent.parent) for c in Path(cfg.output_dir).glob(f"*/{RunDir('.').pointer}")]
+    if cfg.run_name:
+        runs = [r for r in runs if r.root.name == cfg.run_name]
+    unfinished = sorted((r for r in runs if not r.finished()), key=lambda r: r.pointer.stat().st_mtime)
+    if not unfinished:
+        done = f" ({len(runs)} run(s) there are finished)" if runs else ""
+        raise InputError(f"--resume: no unfinished run with a checkpoint under {cfg.output_dir}/{done}. "
+                         "Start without --resume, or give the run directory: --resume RUN_DIR.")
+    log.info("--resume: continuing %s (the newest unfinished run with a checkpoint)", unfinished[-1].root)
+    return unfinished[-1].root
+
+
+def shared_run_dir(cfg: Config, resume: bool | str | Path) -> Path:
+    """The main process picks (and creates) the run directory and tells the others, so that N
+    processes of one `accelerate launch` / `torchrun` job share one run; an error reaches every rank."""
+    from accelerate.utils import broadcast_object_list
+
+    from lmtune.runtime import partial_state
+    state = partial_state()
+    decided: list = [None]
+    if state.is_main_process:
+        try:
+            run_dir = resolve_run_dir(cfg, resume)
+            decided[0] = ("ok", str(run_dir))
+        except InputError as e:
+            decided[0] = ("error", str(e))
+    if state.num_processes > 1:
+        broadcast_object_list(decided)
+    kind, value = decided[0]
+    if kind == "error":
+        raise InputError(value)
+    return Path(value)

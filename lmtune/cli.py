@@ -339,7 +339,7 @@ def cmd_report(run_dir: str) -> int:
 
 def cmd_merge(run_dir: str, out_dir: str) -> int:
     from lmtune.api import load
-    from lmtune.artifacts import read_meta, write_meta
+    from lmtune.artifacts import RunDir, model_meta, write_meta
     from lmtune.io import atomic_dir
     from lmtune.peft import merge
     out = Path(out_dir)
@@ -347,8 +347,7 @@ def cmd_merge(run_dir: str, out_dir: str) -> int:
         raise InputError(f"{out}: already exists; merge writes a new folder and never overwrites one.")
     run = load(run_dir)
     merged = merge(run.model, run.config.peft.method)
-    meta = read_meta(Path(run_dir) / "model")
-    meta["merged_from"] = str(run_dir)
+    meta = model_meta(run.task, saved=RunDir(run_dir).model, refresh_state=False, merged_from=str(run_dir))
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
         run.tokenizer.save_pretrained(tmp)

@@ -107,7 +107,7 @@ def _replay_rows(train: list, share: float, seed: int) -> list:
 
 
 def load_previous(prev: Previous, load: Callable[[Path], Any]) -> None:
-    """Load the old run's weights with load (the api's, which imports this module) merging a PEFT
+    """Load the old run's weights with load (inference.load, which the recipe passes in) merging a PEFT
     adapter, and measure the old model on its test split."""
     from lmtune.peft import is_peft, merge
     old = load(prev.run_dir)

@@ -89,8 +89,8 @@ class Explainer:
             return np.zeros(0)
         run = self.run
         examples = run.task.from_texts([t if len(t) == 2 else t[0] for t in texts])
-        enc = run._encode(examples)
-        outputs = run._outputs(enc)
+        enc = run.encode(examples)
+        outputs = run.outputs(enc)
         first: dict[int, int] = {}  # a windowed text is scored on its first window
         for k, f in enumerate(enc.features):
             first.setdefault(f.get("example", k), k)

@@ -156,7 +156,8 @@ def pretrain(cfg: Config) -> dict:
     """Read, mask, train, measure, write. Returns the results (also in RUN_DIR/pretrain.json)."""
     from transformers import AutoModelForMaskedLM, AutoTokenizer, set_seed
 
-    from lmtune.api import _new_run_dir, accelerator_for
+    from lmtune.artifacts import RunDir, new_run_dir
+    from lmtune.runtime import accelerator_for
     texts = read_texts(cfg)
     check_model(cfg.model.name, cfg.data.max_length)
     if cfg.run_name and (Path(cfg.output_dir) / cfg.run_name).exists():
@@ -195,14 +196,14 @@ def pretrain(cfg: Config) -> dict:
               "new_head_tensors": len(new_head), "lr": lrs.lr}
     log.info("pretrain: %d steps, perplexity %.2f -> %.2f", state.step, ppl_before, ppl_after)
     if accelerator.is_main_process:
-        run_dir = _new_run_dir(cfg)
-        with atomic_dir(run_dir / "model") as tmp, quiet_transformers():
+        rd = RunDir(new_run_dir(cfg))
+        with atomic_dir(rd.model) as tmp, quiet_transformers():
             model.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-        write_text(run_dir / "config.yaml", cfg.to_yaml())
-        write_jsonl(run_dir / "history.jsonl", state.history)
-        result["model_dir"] = str(run_dir / "model")
-        write_json(run_dir / "pretrain.json", result)
+        write_text(rd.config, cfg.to_yaml())
+        write_jsonl(rd.history, state.history)
+        result["model_dir"] = str(rd.model)
+        write_json(rd.pretrain, result)
     accelerator.wait_for_everyone()
     return result
 

@@ -163,7 +163,7 @@ def test_non_finite_numbers_in_a_config_are_refused(key, value, tmp_path, capsys
     cfg.write_text(f"output_dir: {tmp_path / 'runs'}\ndata:\n  train: x.csv\n{section}:\n  {leaf}: {value}\n")
     assert main(["train", str(cfg)]) == 2
     err = capsys.readouterr().err
-    assert re.match(rf"error: {re.escape(str(cfg))}: {re.escape(key)} must be (a finite number|finite numbers only), got ", err), err
+    assert re.match(rf"error: {re.escape(str(cfg))}: (line \d+: )?{re.escape(key)} must be (a finite number|finite numbers only), got ", err), err
     cfg.write_text(f"output_dir: {tmp_path / 'runs'}\ndata:\n  train: x.csv\n")
     assert main(["train", str(cfg), f"--{key}", value]) == 2  # the command line too
     assert f"command line: {key} must be" in capsys.readouterr().err

@@ -164,15 +164,15 @@ def test_resume_never_rewrites_a_finished_run(tiny_config):
 
 
 def test_dev_is_predicted_once_after_training(tiny_config, monkeypatch):
-    from lmtune import api
+    from lmtune.recipe import context
     calls = []
-    real = api.predict_outputs
+    real = context.predict_outputs
 
     def counting(model, features, collate, unbatch, device, desc, *a, **k):
         calls.append(desc)
         return real(model, features, collate, unbatch, device, desc, *a, **k)
 
-    monkeypatch.setattr(api, "predict_outputs", counting)
+    monkeypatch.setattr(context, "predict_outputs", counting)
     cfg = copy.deepcopy(tiny_config)
     cfg["train"].update(max_steps=4, eval_every=2)
     lmtune.train(cfg)
@@ -181,9 +181,10 @@ def test_dev_is_predicted_once_after_training(tiny_config, monkeypatch):
 
 
 def test_runs_started_in_the_same_second_get_distinct_directories(tiny_config, monkeypatch):
-    from lmtune import api
-    cfg = api._as_config({**tiny_config, "run_name": None})
-    first, second = api._run_dir(cfg, False), api._run_dir(cfg, False)
+    from lmtune.api import as_config
+    from lmtune.artifacts import resolve_run_dir
+    cfg = as_config({**tiny_config, "run_name": None})
+    first, second = resolve_run_dir(cfg, False), resolve_run_dir(cfg, False)
     assert first != second and first.is_dir() and second.is_dir()
     assert second.name.startswith(first.name)
 

@@ -123,8 +123,8 @@ def attribution_figure(examples: dict[str, list[dict]], path: Path, max_words: i
             pos = t.get_window_extent(renderer).x1 / fig.bbox.width + 0.004
             if pos > 0.97:
                 break
-    from lmtune.evaluate.plots import _save
-    _save(fig, path)
+    from lmtune.evaluate.plots import save_figure
+    save_figure(fig, path)
 
 
 ANALYSIS = Analysis(

@@ -158,7 +158,7 @@ def is_invisible(text: str) -> bool:
     return all(unicodedata.category(c) in _INVISIBLE for c in text)
 
 
-def _field(value: object, col: str, where: str, required: bool) -> str | None:
+def cell_text(value: object, col: str, where: str, required: bool) -> str | None:
     if value is None or (isinstance(value, str) and not value.strip()):
         if required:
             raise InputError(f"{where}: empty value in column '{col}'. Fill it in or remove the row.")
@@ -259,9 +259,9 @@ def read_examples(path: str | Path, text_column: str = "text", label_column: str
                 raise InputError(f"{where}: the text in column '{col}' is only invisible characters (NUL, zero-width, "
                                  "control). Remove the row or fix its text.")
         examples.append(Example(
-            text=_field(row[text_column], text_column, where, True),
-            text_pair=_field(row[text_pair_column], text_pair_column, where, True) if text_pair_column else None,
-            label=_field(row[label_column], label_column, where, require_label) if has_label else None,
+            text=cell_text(row[text_column], text_column, where, True),
+            text_pair=cell_text(row[text_pair_column], text_pair_column, where, True) if text_pair_column else None,
+            label=cell_text(row[label_column], label_column, where, require_label) if has_label else None,
             source=f"{path}:{line}",
         ))
     if not examples:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lmtune.evaluate.plots import _save, plt
+from lmtune.evaluate.plots import save_figure, plt
 
 DEFAULT_VALUE = {"precision": 0.95, "coverage": 0.9, "false_accept": 0.1, "accuracy_loss": 0.02}
 
@@ -94,4 +94,4 @@ def coverage_plot(curves: dict[str, list[list[float]]], threshold_points: dict[s
     ax.set_title("Coverage / accuracy")
     ax.legend(loc="lower left", fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmtune.evaluate.plots import _save, plt
+from lmtune.evaluate.plots import save_figure, plt
 
 
 def ece(probs: np.ndarray, gold: np.ndarray, bins: int = 15) -> float:
@@ -86,7 +86,7 @@ def reliability_diagram(curves: dict[str, tuple[list[list[float]], float]], path
     ax.set_title("Reliability diagram")
     ax.legend(loc="upper left", fontsize=8)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def metrics(raw_logits: np.ndarray, gold: np.ndarray, temperature: float) -> dict:

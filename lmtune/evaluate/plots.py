@@ -12,7 +12,7 @@ import numpy as np
 from lmtune.io import atomic_path
 
 
-def _save(fig, path: Path) -> None:
+def save_figure(fig, path: Path) -> None:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)
@@ -33,7 +33,7 @@ def learning_curve(history: list[dict], metric: str, path: Path) -> None:
         ax2.set_ylabel(f"dev {metric}", color="tab:orange")
     ax.set_title("Learning curve")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def confusion_matrix(cm: np.ndarray, labels: list[str], path: Path, title: str) -> None:
@@ -52,7 +52,7 @@ def confusion_matrix(cm: np.ndarray, labels: list[str], path: Path, title: str) 
                 ax.text(j, i, int(cm[i, j]), ha="center", va="center", color="white" if cm[i, j] > top / 2 else "black")
     ax.set_title(title)
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def optimization_history(numbers: list[int], values: list[float], states: list[str], metric: str, path: Path) -> None:
@@ -73,4 +73,4 @@ def optimization_history(numbers: list[int], values: list[float], states: list[s
     ax.set_ylabel(f"dev {metric}")
     ax.legend(loc="lower right")
     ax.grid(alpha=0.3)
-    _save(fig, path)
+    save_figure(fig, path)

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmtune.artifacts import read_meta, save_task_arrays, write_meta
+from lmtune.artifacts import RunDir, model_meta, read_meta, save_task_arrays, write_meta
 from lmtune.backends.onnx import FP32, INT8, OnnxModel
 from lmtune.errors import InputError
 from lmtune.tasks.base import encode_examples
@@ -45,16 +45,16 @@ def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | No
     """Export RUN_DIR's model to RUN_DIR/export and verify it; returns what export.json holds.
     prune: 'magnitude:0.3' (zeros) or 'ffn:0.5,heads:0.25' (structured: smaller, faster matrices,
     then `recover_epochs` of distillation from the unpruned model on the run's train split)."""
-    from lmtune.api import accelerator_for, fit_output_controls, load
+    from lmtune.inference import load
     from lmtune.peft import is_peft, merge, mergeable
     if quantize not in (None, "int8"):
         raise InputError(f"--quantize {quantize!r}: only int8 (dynamic quantization) is supported.")
     spec = parse_prune(prune) if prune else {}
     if recover_epochs < 0:
         raise InputError(f"--recover-epochs must be >= 0, got {recover_epochs}.")
-    run_dir = Path(run_dir)
-    run = load(run_dir)
-    meta = read_meta(run_dir / "model")
+    rd = RunDir(run_dir)
+    run = load(rd.root)
+    meta = read_meta(rd.model)
     if "ensemble" in meta:  # lmtune ensemble's run: its members are exported
         return _export_ensemble(run, meta, quantize, prune, sample)
     model = run.model.cpu().eval()
@@ -64,65 +64,77 @@ def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | No
             raise InputError(f"export: a {method} run adds virtual tokens that ONNX export cannot fold in; "
                              f"export works for full fine-tuning and {', '.join(mergeable())} runs.")
         model = merge(model, method).eval()
-    report: dict = {"run_dir": str(run_dir), "task": run.task.name, "merged_adapter": method if method != "none" else None}
+    report: dict = {"run_dir": str(rd.root), "task": run.task.name, "merged_adapter": method if method != "none" else None}
     structured = any(k in spec for k in STRUCTURED)
     encoded = _encoded(run, ("dev", "train") if structured else ("dev",))
     dev = encoded["dev"]
     collate, outputs, metric = _checks(run, dev)
-
     report["pytorch"] = {"dev": metric(outputs(model, dev.features))}  # the run's model, before any pruning
+    model = _prune(model, spec, run, encoded, collate, outputs, report, recover_epochs)
+    if spec:
+        report["pytorch_pruned"] = {"dev": metric(outputs(model, dev.features))}
+    probe = dev.features[:sample]
+    ref = outputs(model, probe)  # before export: torch.onnx.export may leave the module in another mode
+    with atomic_dir(rd.export) as tmp:
+        _write_onnx(model, run, collate, probe, tmp, report, quantize, ref, outputs, metric, dev)
+        run.tokenizer.save_pretrained(tmp)
+        # refitted for a pruned model, else as saved with the run
+        write_meta(tmp, model_meta(run.task, saved=rd.model))
+        save_task_arrays(run.task, tmp)
+        write_json(tmp / rd.export_report.name, report)
+    for name in ("onnx_fp32", "onnx_int8"):
+        if name in report:
+            r = report[name]
+            log.info("%s: max |logit diff| %.2e on %d examples; dev %s", name, r["max_abs_logit_diff"], len(probe),
+                     ", ".join(f"{k} {report['pytorch']['dev'][k]:.4f} -> {v:.4f}" for k, v in r["dev"].items()))
+    return report
+
+
+def _prune(model, spec: dict, run, encoded: dict, collate, outputs, report: dict, recover_epochs: int):
+    """The pruning `spec` asks for (none, magnitude, or structured with distillation and the output
+    controls refitted on the pruned model), recorded in report["prune"]."""
+    from lmtune.inference import fit_output_controls
+    from lmtune.runtime import accelerator_for
     if "magnitude" in spec:
         report["prune"] = prune_magnitude(model, spec["magnitude"])
-    elif structured:
+    elif any(k in spec for k in STRUCTURED):
         model, report["prune"] = prune_and_recover(model, spec, run, encoded["train"].features, collate, recover_epochs,
                                                    accelerator_for("fp32"))
         # the temperature, Mahalanobis scorer and abstention threshold belong to the unpruned model's outputs
         report["prune"]["refitted"] = sorted(fit_output_controls(
             run.task, run.config, lambda split: outputs(model, encoded[split].features), encoded, run.labels))
-    if spec:
-        report["pytorch_pruned"] = {"dev": metric(outputs(model, dev.features))}
-    probe = dev.features[:sample]
+    return model
+
+
+def _write_onnx(model, run, collate, probe: list, tmp: Path, report: dict, quantize: str | None, ref: list, outputs,
+                metric, dev) -> None:
+    """model.onnx (and model.int8.onnx) in tmp, each verified against the PyTorch outputs `ref`."""
     names = [k for k in inputs(collate(probe[:2])) if k in ("input_ids", "attention_mask", "token_type_ids")]
-    ref = outputs(model, probe)  # before export: torch.onnx.export may leave the module in another mode
-    ref_metric = report["pytorch"]["dev"]
-    with atomic_dir(run_dir / "export") as tmp:
-        t0 = time.perf_counter()
-        example = collate(probe[:2])
-        if hasattr(model, "set_attn_implementation"):
-            try:  # the explicit attention graph (not SDPA's) runs faster in onnxruntime: 284 vs 208 sentences/s (MiniLM, 2 cores)
-                model.set_attn_implementation("eager")
-            except (ValueError, ImportError):
-                pass
-        graph = _Logits(model, names, run.task.output_names)
-        outs = [*run.task.output_names, *(["features"] if graph.features else [])]
-        torch.onnx.export(graph, tuple(example[n] for n in names), str(tmp / FP32), input_names=names,
-                          output_names=outs, opset_version=17, dynamo=False,
-                          dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, **{o: {0: "batch"} for o in outs}})
-        model.eval()
-        report["onnx_fp32"] = _verify(OnnxModel(tmp / FP32), ref, probe, outputs, metric, dev)
-        report["onnx_fp32"]["export_s"] = time.perf_counter() - t0
-        if quantize:
-            from onnxruntime.quantization import QuantType, quantize_dynamic
-            root = logging.getLogger()
-            level = root.level
-            root.setLevel(logging.ERROR)  # the quantizer logs a line per tensor to the root logger
-            try:
-                quantize_dynamic(str(tmp / FP32), str(tmp / INT8), weight_type=QuantType.QInt8)
-            finally:
-                root.setLevel(level)
-            report["onnx_int8"] = _verify(OnnxModel(tmp / INT8), ref, probe, outputs, metric, dev)
-        run.tokenizer.save_pretrained(tmp)
-        meta = read_meta(run_dir / "model")
-        meta["task_state"] = run.task.state()  # refitted for a pruned model, else as saved with the run
-        write_meta(tmp, meta)
-        save_task_arrays(run.task, tmp)
-        write_json(tmp / "export.json", report)
-    for name in ("onnx_fp32", "onnx_int8"):
-        if name in report:
-            r = report[name]
-            log.info("%s: max |logit diff| %.2e on %d examples; dev %s", name, r["max_abs_logit_diff"], len(probe),
-                     ", ".join(f"{k} {ref_metric[k]:.4f} -> {v:.4f}" for k, v in r["dev"].items()))
-    return report
+    t0 = time.perf_counter()
+    example = collate(probe[:2])
+    if hasattr(model, "set_attn_implementation"):
+        try:  # the explicit attention graph (not SDPA's) runs faster in onnxruntime: 284 vs 208 sentences/s (MiniLM, 2 cores)
+            model.set_attn_implementation("eager")
+        except (ValueError, ImportError):
+            pass
+    graph = _Logits(model, names, run.task.output_names)
+    outs = [*run.task.output_names, *(["features"] if graph.features else [])]
+    torch.onnx.export(graph, tuple(example[n] for n in names), str(tmp / FP32), input_names=names,
+                      output_names=outs, opset_version=17, dynamo=False,
+                      dynamic_axes={**{n: {0: "batch", 1: "sequence"} for n in names}, **{o: {0: "batch"} for o in outs}})
+    model.eval()
+    report["onnx_fp32"] = _verify(OnnxModel(tmp / FP32), ref, probe, outputs, metric, dev)
+    report["onnx_fp32"]["export_s"] = time.perf_counter() - t0
+    if quantize:
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # the quantizer logs a line per tensor to the root logger
+        try:
+            quantize_dynamic(str(tmp / FP32), str(tmp / INT8), weight_type=QuantType.QInt8)
+        finally:
+            root.setLevel(level)
+        report["onnx_int8"] = _verify(OnnxModel(tmp / INT8), ref, probe, outputs, metric, dev)
 
 
 def _export_ensemble(run, meta: dict, quantize: str | None, prune: str | None, sample: int) -> dict:
@@ -145,17 +157,17 @@ def _export_ensemble(run, meta: dict, quantize: str | None, prune: str | None, s
     on_dev = outputs(run.model.cpu().eval(), dev.features)  # nothing is pruned: the probe's outputs are its first rows
     ref = on_dev[:len(probe)]
     report["pytorch"] = {"dev": metric(on_dev)}
-    with atomic_dir(run.run_dir / "export") as tmp:
+    with atomic_dir(RunDir(run.run_dir).export) as tmp:
         for name, file in (("onnx_fp32", FP32), ("onnx_int8", INT8)):
             if name == "onnx_int8" and not quantize:
                 continue
-            files = [Path(m) / "export" / file for m in e["members"]]
+            files = [RunDir(m).export / file for m in e["members"]]
             onnx = EnsembleModel([OnnxModel(f) for f in files], e["weights"], e["temperatures"])
             report[name] = {"files": [str(f) for f in files], **_agreement(onnx, ref, probe, outputs, metric, dev)}
         run.tokenizer.save_pretrained(tmp)
         write_meta(tmp, meta)
         save_task_arrays(run.task, tmp)
-        write_json(tmp / "export.json", report)
+        write_json(tmp / RunDir(run.run_dir).export_report.name, report)
     return report
 
 

@@ -22,15 +22,15 @@ SEARCH_POSITIONS = 5  # most important words the search tries substitutes at, pe
 TYPO_CANDIDATES = 3
 
 
-def _rng(seed: int, i: int, what: str) -> random.Random:
+def seeded_rng(seed: int, i: int, what: str) -> random.Random:
     return random.Random(f"{seed}:{what}:{i}")  # str seeds hash with sha512: same in every process
 
 
-def _eligible(w: Words) -> list[int]:
+def editable_positions(w: Words) -> list[int]:
     return [j for j, (word, p) in enumerate(zip(w.words, w.protected)) if not p and editable(word)]
 
 
-def _n_changes(w: Words, share: float) -> int:
+def changes_for(w: Words, share: float) -> int:
     return max(1, math.floor(share * len([x for x in w.words if x.strip()])))
 
 
@@ -47,11 +47,11 @@ def perturb(ex, method: str, share: float, synonyms: Synonyms, rng: random.Rando
     """A random version of one example by a registered perturbation attack, and how many words it changed."""
     replace = attacks.get(method)
     w = split_words(ex)
-    positions = _eligible(w)
+    positions = editable_positions(w)
     if attacks.meta(method, "needs_synonyms"):
         positions = [j for j in positions if synonyms(w.words[j])]
     rng.shuffle(positions)
-    chosen = positions[: _n_changes(w, share)]
+    chosen = positions[: changes_for(w, share)]
     for j in chosen:
         w.words[j] = replace(w.words[j], rng, synonyms)
     return join_words(ex, w), len(chosen)
@@ -67,8 +67,8 @@ class Scorer:
 
     def __call__(self, examples: list) -> np.ndarray:
         self.calls += len(examples)
-        enc = self.run._encode(examples)
-        logits = self.run.task.split_outputs(self.run._outputs(enc), enc, self.run.labels)[0]
+        enc = self.run.encode(examples)
+        logits = self.run.task.split_outputs(self.run.outputs(enc), enc, self.run.labels)[0]
         z = logits - logits.max(axis=1, keepdims=True)
         p = np.exp(z)
         return p / p.sum(axis=1, keepdims=True)
@@ -86,7 +86,7 @@ def search_attack(examples: list, gold: np.ndarray, score: Scorer, synonyms: Syn
     order: dict[int, list[int]] = {}
     variants, owners = [], []
     for i in correct:
-        for j in _eligible(words[i]):
+        for j in editable_positions(words[i]):
             w = words[i]
             variants.append(join_words(examples[i], Words(w.words[:j] + w.words[j + 1:], w.protected[:j] + w.protected[j + 1:],
                                                           w.joiner, None if w.tags is None else w.tags[:j] + w.tags[j + 1:])))
@@ -98,7 +98,7 @@ def search_attack(examples: list, gold: np.ndarray, score: Scorer, synonyms: Syn
             drops[i].append((probs[i][gold[i]] - row[gold[i]], j))
     for i in correct:
         order[i] = [j for _, j in sorted(drops[i], key=lambda t: -t[0])]
-    limit = {i: _n_changes(words[i], budget) for i in correct}
+    limit = {i: changes_for(words[i], budget) for i in correct}
     changed: dict[int, list[int]] = {i: [] for i in correct}
     current = {i: examples[i] for i in correct}
     flipped: dict[int, int] = {}
@@ -109,7 +109,7 @@ def search_attack(examples: list, gold: np.ndarray, score: Scorer, synonyms: Syn
             w = split_words(current[i])
             positions = [j for j in order[i] if j not in changed[i]][:SEARCH_POSITIONS]
             for j in positions:
-                rng = _rng(seed, i, f"search{j}")
+                rng = seeded_rng(seed, i, f"search{j}")
                 subs = dict.fromkeys([*synonyms(w.words[j]), *(typo(w.words[j], rng) for _ in range(TYPO_CANDIDATES))])
                 for s in subs:
                     if s != w.words[j]:
@@ -176,7 +176,7 @@ def run_attacks(run, examples: list, cfg: AttackConfig) -> dict:
                 "avg_fraction_changed": float(np.mean(list(r["fraction_changed"].values()))) if r["flipped"] else 0.0,
                 "examples": shown}
             continue
-        pairs = [perturb(ex, method, cfg.rate, synonyms, _rng(cfg.seed, i, method)) for i, ex in enumerate(examples)]
+        pairs = [perturb(ex, method, cfg.rate, synonyms, seeded_rng(cfg.seed, i, method)) for i, ex in enumerate(examples)]
         attacked = [p[0] for p in pairs]
         m = run.evaluate_examples(attacked)
         decisions = [r[task.decision_key] for r in run.predict_examples(attacked)]

@@ -16,7 +16,7 @@ import torch
 from lmtune.config import AugmentConfig
 from lmtune.errors import InputError
 from lmtune.registry import augmenters
-from lmtune.robust.attack import _eligible, _n_changes, _rng
+from lmtune.robust.attack import editable_positions, changes_for, seeded_rng
 from lmtune.robust.text import Synonyms, Words, join_words, split_words, typo
 
 log = logging.getLogger("lmtune")
@@ -66,8 +66,8 @@ def edit(ex, method: str, prob: float, synonyms: Synonyms, rng: random.Random):
     """One EDA-style edit of an example by a registered word-level augmenter; None when the example
     offers nothing to edit."""
     w = split_words(ex)
-    free = _eligible(w)
-    n = _n_changes(w, prob)
+    free = editable_positions(w)
+    n = changes_for(w, prob)
     if augmenters.meta(method, "needs_synonyms"):
         free = [j for j in free if synonyms(w.words[j])]
     if not free:
@@ -87,7 +87,7 @@ def augment(examples: list, cfg: AugmentConfig, model=None, tokenizer=None) -> l
     out, pending = [], {m: [] for m in methods if augmenters.meta(m, "kind") == "model"}
     for i, ex in enumerate(examples):
         for c in range(cfg.multiplier):
-            rng = _rng(cfg.seed, i, f"augment{c}")
+            rng = seeded_rng(cfg.seed, i, f"augment{c}")
             method = rng.choice(methods)
             if method in pending:
                 pending[method].append((ex, rng))
@@ -115,9 +115,9 @@ def mlm_substitute(items: list, cfg: AugmentConfig, batch_size: int = 32) -> lis
         masked, plans = [], []
         for ex, rng in chunk:
             w = split_words(ex)
-            free = _eligible(w)
+            free = editable_positions(w)
             rng.shuffle(free)
-            chosen = sorted(free[: _n_changes(w, prob)])
+            chosen = sorted(free[: changes_for(w, prob)])
             words = [tok.mask_token if j in chosen else x for j, x in enumerate(w.words)]
             masked.append(w.joiner.join(words))
             plans.append((ex, w, chosen, rng))

@@ -21,8 +21,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from lmtune.api import Run, fit_output_controls, load, train_splits
-from lmtune.artifacts import RunDir, read_meta, write_meta
+from lmtune.artifacts import RunDir, model_meta, read_meta, save_task_arrays, write_meta
+from lmtune.inference import Run, fit_output_controls, load
+from lmtune.recipe import train_splits
 from lmtune.config import Config, build_config
 from lmtune.errors import InputError
 from lmtune.io import atomic_dir, write_json, write_jsonl, write_text
@@ -149,7 +150,7 @@ def _shared_dev(runs: list[Run]) -> list | None:
     devs = [rec.get("dev_rows") or ([rec["dev"]] if rec.get("dev") else None) for rec in records]
     if not devs[0] or any(d != devs[0] for d in devs):
         return None
-    return runs[0]._dev_examples()
+    return runs[0].split_examples("dev")
 
 
 def _test(run: Run) -> list:
@@ -192,8 +193,8 @@ def ensemble(run_dirs: list, out: str | Path, weights: str = "uniform", dev: str
     run = Run(out, model, runs[0].tokenizer, task, labels, cfg)
     fitted: dict = {}
     if dev_examples is not None:
-        encoded = {"dev": run._encode(dev_examples)}
-        outputs = functools.cache(lambda split: run._outputs(encoded[split]))
+        encoded = {"dev": run.encode(dev_examples)}
+        outputs = functools.cache(lambda split: run.outputs(encoded[split]))
         fitted = fit_output_controls(task, cfg, outputs, encoded, labels)
     metrics = {"headline": list(task.headline), "metric": cfg.train.metric or task.headline[0]}
     test = _test(runs[0])
@@ -205,16 +206,16 @@ def ensemble(run_dirs: list, out: str | Path, weights: str = "uniform", dev: str
                "weighting": weights, "recalibrated": "calibration" in fitted, "abstention_refitted": "abstention" in fitted,
                "dev": _headline(metrics, "dev"), "test": _headline(metrics, "test")}
     with atomic_dir(out) as tmp:
-        (tmp / "model").mkdir()
+        rd = RunDir(tmp)
+        rd.model.mkdir()
         with quiet_transformers():
-            runs[0].tokenizer.save_pretrained(tmp / "model")
-        write_meta(tmp / "model", {"task": task.name, "labels": labels, "config": cfg.to_dict(), "task_state": task.state(),
-                                   "ensemble": {"members": summary["members"], "weights": summary["weights"],
-                                                "temperatures": temperatures}})
-        write_text(tmp / "config.yaml", cfg.to_yaml())
-        write_json(tmp / "metrics.json", metrics)
-        write_json(tmp / "ensemble.json", summary)
-        write_text(tmp / "report.md", _report("Ensemble", summary, metrics))
+            runs[0].tokenizer.save_pretrained(rd.model)
+        write_meta(rd.model, model_meta(task, labels, cfg, ensemble={"members": summary["members"], "weights": summary["weights"],
+                                                                     "temperatures": temperatures}))
+        write_text(rd.config, cfg.to_yaml())
+        write_json(rd.metrics, metrics)
+        write_json(rd.analysis("ensemble"), summary)
+        write_text(rd.report, _report("Ensemble", summary, metrics))
     return summary
 
 
@@ -227,8 +228,8 @@ def _fit_weights(runs: list[Run], dev: list, temperatures: list[float]) -> list[
     gold = np.array([gold_index[dev[i].label] for i in keep])
     probs = []
     for r, t in zip(runs, temperatures):
-        enc = r._encode([dev[i] for i in keep])
-        logits, _ = r.task.split_outputs(r._outputs(enc), enc, r.labels)
+        enc = r.encode([dev[i] for i in keep])
+        logits, _ = r.task.split_outputs(r.outputs(enc), enc, r.labels)
         z = logits / t
         z = np.exp(z - z.max(1, keepdims=True))
         probs.append(z / z.sum(1, keepdims=True))
@@ -255,7 +256,7 @@ def soup(run_dirs: list, out: str | Path, greedy: bool = False) -> dict:
     if len(names) > 1:
         raise InputError(f"soup: members were fine-tuned from different base models ({', '.join(sorted(names))}); a soup "
                          "averages runs of one base model.")
-    adapters = [d for d in run_dirs if is_adapter_dir(Path(d) / "model")]
+    adapters = [d for d in run_dirs if is_adapter_dir(RunDir(d).model)]
     if adapters:
         raise InputError(f"soup: {adapters[0]} holds a PEFT adapter; merge it first (lmtune merge) or soup full fine-tunings.")
     runs = [load(d) for d in run_dirs]
@@ -303,10 +304,10 @@ def _write_soup(run: Run, out: Path, members: list[str], method: str, steps: lis
     """The soup as an ordinary run: its output controls refitted on dev, metrics, predictions, model."""
     task, cfg = run.task, run.config
     if dev is not None:
-        encoded = {"dev": run._encode(dev)}
+        encoded = {"dev": run.encode(dev)}
         if cfg.abstain.score == "mahalanobis":
-            encoded["train"] = run._encode(task.read(cfg).train)
-        outputs = functools.cache(lambda split: run._outputs(encoded[split]))
+            encoded["train"] = run.encode(task.read(cfg).train)
+        outputs = functools.cache(lambda split: run.outputs(encoded[split]))
         fit_output_controls(task, cfg, outputs, encoded, run.labels)
     metrics = {"headline": list(task.headline), "metric": cfg.train.metric or task.headline[0]}
     test = _test(run)
@@ -317,22 +318,20 @@ def _write_soup(run: Run, out: Path, members: list[str], method: str, steps: lis
     summary = {"run_dir": str(out), "method": method, "members": members, "steps": steps,
                "dev": _headline(metrics, "dev"), "test": _headline(metrics, "test")}
     src = RunDir(run.run_dir)
-    meta = read_meta(src.model)
-    meta["task_state"] = task.state()
-    meta["soup"] = {"method": method, "members": members}
+    meta = model_meta(task, saved=src.model, soup={"method": method, "members": members})
     with atomic_dir(out) as tmp:
+        rd = RunDir(tmp)
         with quiet_transformers():
-            run.model.save_pretrained(tmp / "model")
-            run.tokenizer.save_pretrained(tmp / "model")
-        from lmtune.artifacts import save_task_arrays
-        save_task_arrays(task, tmp / "model")
-        write_meta(tmp / "model", meta)
-        for name in ("config.yaml", "splits.json"):
-            if (src.root / name).is_file():
-                shutil.copy2(src.root / name, tmp / name)
-        write_json(tmp / "metrics.json", metrics)
-        write_json(tmp / "soup.json", summary)
-        write_text(tmp / "report.md", _report(f"Model soup ({method})", summary, metrics))
+            run.model.save_pretrained(rd.model)
+            run.tokenizer.save_pretrained(rd.model)
+        save_task_arrays(task, rd.model)
+        write_meta(rd.model, meta)
+        for kept in ("config", "splits"):
+            if getattr(src, kept).is_file():
+                shutil.copy2(getattr(src, kept), getattr(rd, kept))
+        write_json(rd.metrics, metrics)
+        write_json(rd.analysis("soup"), summary)
+        write_text(rd.report, _report(f"Model soup ({method})", summary, metrics))
     return summary
 
 

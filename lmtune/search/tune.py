@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from lmtune.artifacts import RunDir
 from lmtune.config import Config, all_keys, build_config
 from lmtune.errors import InputError
 from lmtune.io import write_json, write_text
@@ -198,7 +199,7 @@ def _run_trial(study, trial, base: dict, space: dict, metric: str, root: Path, n
         run = train(cfg, callbacks=(ReportToTrial(trial, metric, cfg.train.batch_size),))
     except optuna.TrialPruned as e:
         trial.set_user_attr("seconds", time.perf_counter() - t0)
-        shutil.rmtree(root / cfg.run_name / "checkpoints", ignore_errors=True)  # a pruned trial is never resumed
+        shutil.rmtree(RunDir(root / cfg.run_name).checkpoints, ignore_errors=True)  # a pruned trial is never resumed
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         log.info("tune: trial %d pruned (%s)", trial.number, e)
         return
@@ -247,7 +248,7 @@ def summarize(study, root: Path, metric: str, soup: bool = False) -> dict:
     if soup:
         from lmtune.search.combine import soup as make_soup
         result["soup"] = make_soup([r["run_dir"] for r in complete], root / "soup", greedy=True)
-    best_cfg = yaml.safe_load((Path(result["best"]["run_dir"]) / "config.yaml").read_text())
+    best_cfg = yaml.safe_load(RunDir(result["best"]["run_dir"]).config.read_text())
     best_cfg["run_name"] = None
     write_text(root / "best.yaml", yaml.safe_dump(best_cfg, sort_keys=False))
     write_json(root / "study.json", result)

@@ -28,7 +28,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer
 from transformers.modeling_outputs import SequenceClassifierOutput
 
 from lmtune.config import Config, option
-from lmtune.data.readers import Example, _field, is_invisible, read_rows, row_unit
+from lmtune.data.readers import Example, cell_text, is_invisible, read_rows, row_unit
 from lmtune.errors import InputError
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, quiet_transformers, resolve_model
@@ -199,7 +199,7 @@ class RelationTask(ClassificationTask):
         raw = row[d.text_column]
         if not isinstance(raw, str) or not raw.strip() or is_invisible(raw):
             raise InputError(f"{where}: empty text in column '{d.text_column}'. Fill it in or remove the row.")
-        label = _field(row.get(d.label_column), d.label_column, where, require_label)
+        label = cell_text(row.get(d.label_column), d.label_column, where, require_label)
         if d.head_column in row or d.tail_column in row:
             text = raw
             e1 = self._locate(text, row.get(d.head_column), d.head_column, where)

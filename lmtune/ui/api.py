@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import StreamingResponse
 from pydantic import BaseModel
 
+from lmtune.artifacts import RunDir
 from lmtune.errors import InputError
 from lmtune.ui import views
 from lmtune.ui.state import UiState, state
@@ -63,7 +64,7 @@ async def api_predict(name: str, body: PredictBody, ui: UiState = Depends(state)
     text, pair = body.text, body.pair
     if not text.strip() or len(text) > 5000:
         raise HTTPException(422, "give a text of 1 to 5000 characters")
-    meta = path / "model" / "lmtune.json"
+    meta = RunDir(path).model_meta
     stamp = meta.stat().st_mtime if meta.is_file() else 0.0
     if not stamp:
         raise HTTPException(409, "this run has no final model yet")

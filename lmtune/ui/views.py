@@ -57,7 +57,7 @@ def run_details(root: Path, name: str) -> dict:
     rd = RunDir(root / name)
     results = _read_json(rd.root / "results.json", {})
     metrics = results.get("metrics") or {k: v for k, v in _read_json(rd.metrics, {}).items() if k in ("dev", "test")}
-    meta = _read_json(rd.model / "lmtune.json", {})
+    meta = _read_json(rd.model_meta, {})
     labels = meta.get("labels") or results.get("summary", {}).get("labels") or []
     test_rows = []
     if rd.predictions("test").is_file():
