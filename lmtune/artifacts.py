@@ -161,7 +161,7 @@ def model_meta(task: Any, labels: list[str] | None = None, config: Config | None
 # ---- the run directory's lifecycle -----------------------------------------------------------------
 def comparable(cfg: Config) -> dict:
     """The config as --resume compares it: what the run computes, not how it shows progress."""
-    d = cfg.to_dict()
+    d = cfg.redacted_dict()  # config.yaml holds the masked form; compare like with like
     d["train"].pop("progress", None)
     return d
 

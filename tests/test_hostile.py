@@ -263,7 +263,7 @@ def test_no_planted_password_or_token_in_any_artifact_of_a_run(tiny_config, monk
     store (params) or the log; the config in memory keeps them for use."""
     from mlflow.tracking import MlflowClient
 
-    from lmtune.api import _comparable
+    from lmtune.artifacts import comparable
     from lmtune.config import build_config
     storage = f"postgresql://lmtune:{PLANTED_PASSWORD}@db.internal:5432/studies"
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)  # MLflow's local store, inside the output folder
@@ -287,7 +287,7 @@ def test_no_planted_password_or_token_in_any_artifact_of_a_run(tiny_config, monk
     mlrun = client.search_runs([client.get_experiment_by_name("lmtune").experiment_id])[0]
     assert mlrun.data.params["tune.storage"] == "postgresql://lmtune:***@db.internal:5432/studies"
     # --resume compares the saved (masked) config with the given one: the same config still matches
-    assert _comparable(build_config(cfg)) == _comparable(build_config(yaml.safe_load((Path(run.run_dir) / "config.yaml").read_text())))
+    assert comparable(build_config(cfg)) == comparable(build_config(yaml.safe_load((Path(run.run_dir) / "config.yaml").read_text())))
 
 
 @pytest.mark.parametrize("text, masked", [

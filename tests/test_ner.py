@@ -253,8 +253,8 @@ def test_ner_calibration_keeps_the_tags_and_abstention_withholds_low_scoring_ent
     report = (run.run_dir / "report.md").read_text()
     assert "### Calibration" in report and "### Abstention" in report and (run.run_dir / "reliability.png").is_file()
     # temperature scaling never changes the decoded tags, only the scores
-    enc = run._encode(task.read_file(cfg["data"]["test"], run.config, run.labels))
-    outs = run._outputs(enc)
+    enc = run.encode(task.read_file(cfg["data"]["test"], run.config, run.labels))
+    outs = run.outputs(enc)
     raw, cal = (task.decode(outs, enc, run.labels, task.word_log_probs(outs, enc, t))[0] for t in (1.0, task.temperature))
     assert [t for t, _ in raw] == [t for t, _ in cal]
     assert any(not np.allclose(a, b) for (_, a), (_, b) in zip(raw, cal))

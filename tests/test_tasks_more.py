@@ -152,8 +152,8 @@ def test_pair_classification_trains_symmetric_and_attacks_edit_either_text(tmp_p
     pairs = [("the food was good", "the day was lovely"), ("a terrible film", "what a great idea"), ("same", "same")]
 
     def logits(model, rows):
-        enc = model._encode(model._from_texts(rows))
-        return enc, model.task.split_outputs(model._outputs(enc), enc, model.labels)[0]
+        enc = model.encode(model._from_texts(rows))
+        return enc, model.task.split_outputs(model.outputs(enc), enc, model.labels)[0]
 
     from lmtune.export.onnx import export_run
     export_run(run.run_dir)

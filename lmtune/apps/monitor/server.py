@@ -61,55 +61,72 @@ class ItemsRequest(BaseModel):
     items: list[dict] = Field(..., description='News items: {"id"?, "time" (ISO 8601 or epoch seconds), "text", "source"?}')
 
 
-def create_app(monitor: Monitor, settings: ServeSettings, watch: bool = True) -> FastAPI:
-    keys = [] if settings.no_auth else load_keys(settings.key_file)
-    if not keys and not settings.no_auth:
-        raise InputError("monitor: no API key configured. Set LMTUNE_API_KEYS (comma-separated) or --api-key-file; "
-                         "--no-auth serves without keys (local experiments only).")
-    metrics = Metrics()
-    ingested = Counter("lmtune_monitor_items_total", "Items processed", registry=metrics.registry)
-    quarantined = Counter("lmtune_monitor_files_quarantined_total", "Watched files that could not be ingested (moved to quarantine/)",
-                          registry=metrics.registry)
-    poll_errors = Counter("lmtune_monitor_poll_errors_total", "Polls of the watched folder that failed (the poller goes on)",
-                          registry=metrics.registry)
-    lock, stop = threading.Lock(), threading.Event()  # one writer at a time in this process: the folder poller or a POST
-    state = PollerState(watching=bool(watch and monitor.cfg.watch))
+class FolderPoller:
+    """The background thread that polls the watched folder, its counters and the state /readyz reports.
+    `lock` lets one writer at a time into the database from this process: the poller or a POST."""
 
-    def poll_once() -> None:
+    def __init__(self, monitor: Monitor, metrics: Metrics, watching: bool) -> None:
+        self.monitor = monitor
+        self.ingested = Counter("lmtune_monitor_items_total", "Items processed", registry=metrics.registry)
+        self.quarantined = Counter("lmtune_monitor_files_quarantined_total",
+                                   "Watched files that could not be ingested (moved to quarantine/)", registry=metrics.registry)
+        self.poll_errors = Counter("lmtune_monitor_poll_errors_total",
+                                   "Polls of the watched folder that failed (the poller goes on)", registry=metrics.registry)
+        self.lock, self.stop = threading.Lock(), threading.Event()
+        self.state = PollerState(watching=watching)
+
+    def poll_once(self) -> None:
         """One poll; never raises (an exception would end the poller's thread for good)."""
+        state = self.state
         try:
-            with lock:
-                result = monitor.process_folder()
+            with self.lock:
+                result = self.monitor.process_folder()
         except Exception as e:  # noqa: BLE001 (the database is down, the folder is gone, ...: the next poll retries)
-            poll_errors.inc()
+            self.poll_errors.inc()
             reason = str(e) if isinstance(e, InputError) else type(e).__name__  # other messages may quote item texts
             if reason != state.last_error:  # once per distinct failure, not every poll
-                log.error("watched folder: poll failed: %s (the poller retries every %ss)", reason, monitor.cfg.poll_seconds)
+                log.error("watched folder: poll failed: %s (the poller retries every %ss)", reason, self.monitor.cfg.poll_seconds)
             state.last_error = reason
         else:
-            ingested.inc(result["processed"])
-            quarantined.inc(len(result["quarantined"]))
+            self.ingested.inc(result["processed"])
+            self.quarantined.inc(len(result["quarantined"]))
             state.quarantined += len(result["quarantined"])
             state.recent_quarantined = (state.recent_quarantined + [{**q, "at": _stamp()} for q in result["quarantined"]])[-20:]
             state.last_error = None
         state.polls += 1
         state.last_poll_at = _stamp()
 
-    def poll() -> None:
-        while not stop.wait(monitor.cfg.poll_seconds):
-            poll_once()
+    def _loop(self) -> None:
+        while not self.stop.wait(self.monitor.cfg.poll_seconds):
+            self.poll_once()
+
+    def start(self) -> None:
+        if self.state.watching:
+            self.state.thread = threading.Thread(target=self._loop, name="monitor-poller", daemon=True)
+            self.state.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.state.thread:
+            self.state.thread.join(30)
+
+
+def create_app(monitor: Monitor, settings: ServeSettings, watch: bool = True) -> FastAPI:
+    keys = [] if settings.no_auth else load_keys(settings.key_file)
+    if not keys and not settings.no_auth:
+        raise InputError("monitor: no API key configured. Set LMTUNE_API_KEYS (comma-separated) or --api-key-file; "
+                         "--no-auth serves without keys (local experiments only).")
+    metrics = Metrics()
+    poller = FolderPoller(monitor, metrics, watching=bool(watch and monitor.cfg.watch))
+    lock, state, ingested = poller.lock, poller.state, poller.ingested
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         for h in logging.getLogger().handlers + logging.getLogger("uvicorn").handlers:
             h.addFilter(PiiFilter())
-        thread = state.thread = threading.Thread(target=poll, name="monitor-poller", daemon=True) if state.watching else None
-        if thread:
-            thread.start()
+        poller.start()
         yield
-        stop.set()
-        if thread:
-            thread.join(30)
+        poller.close()
 
     app = FastAPI(title="lmtune monitor", version="1", lifespan=lifespan)
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes, keys=keys, protected=PROTECTED,
