@@ -157,8 +157,8 @@ def calibration(tmp: Path, n_train: int, epochs: int) -> dict:
                             train={"epochs": epochs}))
     m = run.metrics["dev"]
     # cross-fitted: the temperature of one half of dev scores the other half
-    enc = run._encode(run.task.read_file(str(tmp / "sst2_dev2.csv"), run.config, run.labels))
-    logits = np.stack(run._outputs(enc))
+    enc = run.encode(run.task.read_file(str(tmp / "sst2_dev2.csv"), run.config, run.labels))
+    logits = np.stack(run.outputs(enc))
     gold = np.array([run.labels.index(ex.label) for ex in enc.examples])
     # pooled out-of-fold probabilities (each half calibrated by the other half's temperature), scored
     # as one set: the ECE of two 436-sentence halves averaged would add estimator bias of its own

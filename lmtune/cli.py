@@ -265,8 +265,8 @@ def cmd_audit(config: ConfigFile = None, *, strict: Annotated[bool, "exit 1 when
     findings = audit(splits) + task.audit_findings(splits)
     if cfg.data.label_noise_folds:
         task.require(LABEL_NOISE, "data.label_noise_folds")
-        from lmtune.api import accelerator_for
         from lmtune.noise import find_label_issues, finding, out_of_fold_probs
+        from lmtune.runtime import accelerator_for
         probs = out_of_fold_probs(cfg, task, splits.train, splits.labels, cfg.data.label_noise_folds,
                                   accelerator_for(cfg.train.precision))
         result = find_label_issues(splits.train, splits.labels, probs)
@@ -593,8 +593,8 @@ COMMANDS: dict[str, Command | Group] = {
                        "abstentions, as the run's task gives them."),
     "ui": Command(cmd_ui, "a local web dashboard: runs, run pages, compare, try it, train from the browser",
                   "Serves the dashboard from the installed package (no internet needed). Binds to 127.0.0.1; another "
-                  "--host needs a token (LMTUNE_UI_TOKEN or --token-file). Files are picked and uploaded under the "
-                  "current directory."),
+                  "--host needs a token (LMTUNE_UI_TOKEN or --token-file); requests naming another Host are refused. "
+                  "Job configs and file picks are confined to the current directory and the --allow-path folders."),
     "audit": Command(cmd_audit, "check the data of a config: balance, duplicates, conflicts, leakage",
                      "lmtune audit CONFIG.yaml [--strict] [--section.key VALUE ...]: findings as JSON; --strict exits 1 "
                      "when any finding is critical. --data.label_noise_folds 5 adds label-noise candidates (confident "
@@ -676,8 +676,11 @@ def analysis_commands() -> dict[str, Command]:
 
 
 def command_table() -> dict[str, Command | Group]:
-    """Every command: the table above and the registered analyses."""
-    return {**COMMANDS, **analysis_commands()}
+    """Every command: the table above and the registered analyses (an analysis may not take a built-in's name)."""
+    analyses = analysis_commands()
+    if clash := sorted(set(analyses) & set(COMMANDS)):
+        raise ValueError(f"analysis command(s) {clash} would replace built-in commands; register them under another name")
+    return {**COMMANDS, **analyses}
 
 
 def build_parser() -> argparse.ArgumentParser:
