@@ -34,6 +34,7 @@ from lmtune.training.loop import inputs
 from lmtune.training.optim import resolve_learning_rates
 from tests.conftest import toy_rows
 from tests.test_decoders import save_tiny_decoder
+from tests.fuzz import fuzz_openapi
 
 SUMMARY = {"pos": "the food was great", "neg": "the service was awful"}
 
@@ -463,23 +464,10 @@ def test_a_model_failure_mid_stream_is_an_error_event_within_two_seconds(stream_
 
 def test_fuzzing_the_generation_servers_schema_gives_no_5xx(stream_run, monkeypatch):
     """schemathesis over the OpenAPI of a generation run's server, /v1/generate (streamed and not) included."""
-    import hypothesis
-    import schemathesis
 
     from lmtune.serve.app import ServeSettings, create_app
     monkeypatch.setenv("LMTUNE_API_KEYS", STREAM_KEY)
     app = create_app(ServeSettings(run_dir=stream_run, backend="torch", max_new_tokens=3, max_chars=200, max_texts=4))
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
-    operations = [r.ok() for r in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/v1/generate", "/v1/predict", "/healthz", "/readyz", "/metrics"}
-    calls = []
-    for op in operations:
-        @hypothesis.given(case=op.as_strategy())
-        @hypothesis.settings(max_examples=20, deadline=None, database=None, suppress_health_check=list(hypothesis.HealthCheck))
-        def check(case):
-            for headers in ({"Authorization": f"Bearer {STREAM_KEY}"}, {}):
-                response = case.call(headers=headers)
-                calls.append((case.path, response.status_code))
-                assert response.status_code < 500, (case.method, case.path, case.body, response.text)
-        check()
+    calls = fuzz_openapi(app, ({"Authorization": f"Bearer {STREAM_KEY}"}, {}), 20,
+                         {"/v1/generate", "/v1/predict", "/healthz", "/readyz", "/metrics"})
     assert ("/v1/generate", 200) in calls and ("/v1/generate", 401) in calls

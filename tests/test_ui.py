@@ -23,6 +23,7 @@ import lmtune
 from lmtune.cli import main
 from lmtune.ui.app import UiSettings, check_binding, create_ui
 from tests.conftest import toy_rows, write_csv
+from tests.fuzz import fuzz_openapi
 
 ROOT = Path(__file__).resolve().parent.parent
 ARTIFACTS = ROOT / "test-artifacts" / "ui"
@@ -450,20 +451,9 @@ def test_arbitrary_json_to_every_json_route_never_gives_a_server_error(dash):
 
 
 def test_fuzzing_the_dashboard_openapi_schema_gives_no_5xx(dash):
-    import hypothesis
-    import schemathesis
     app = create_ui(UiSettings(runs_dir=str(dash["work"] / "runs"), workdir=str(dash["work"]), max_upload_bytes=4096))
-    schema = schemathesis.openapi.from_asgi("/openapi.json", app, headers={"Host": "127.0.0.1:7860"})
-    operations = [r.ok() for r in schema.get_all_operations()]
-    assert {op.path for op in operations} >= {"/api/jobs", "/api/clean", "/api/init", "/api/run/{name}/predict", "/"}
-    calls = []
-    for op in operations:
-        @hypothesis.given(case=op.as_strategy())
-        @hypothesis.settings(max_examples=25, deadline=None, database=None, suppress_health_check=list(hypothesis.HealthCheck))
-        def check(case):
-            response = case.call(headers={**POST, "Host": "127.0.0.1:7860"})
-            calls.append(response.status_code)
-            assert response.status_code < 500, (case.method, case.path, case.body, response.text)
-        check()
+    calls = [code for _, code in fuzz_openapi(app, ({**POST, "Host": "127.0.0.1:7860"},), 25,
+                                              {"/api/jobs", "/api/clean", "/api/init", "/api/run/{name}/predict", "/"},
+                                              schema_headers={"Host": "127.0.0.1:7860"})]
     app.state.ui.jobs.close()
     assert len(calls) >= 100 and 200 in calls and 422 in calls
