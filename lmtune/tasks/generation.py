@@ -387,21 +387,6 @@ def _no_forward_cache(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
-def _check_schema(path: str) -> None:
-    """generate.json_schema must be a readable JSON schema before anything is trained."""
-    import json
-
-    import jsonschema_rs
-    try:
-        jsonschema_rs.validator_for(json.loads(Path(path).read_text(encoding="utf-8")))
-    except OSError as e:
-        raise InputError(f"generate.json_schema: cannot read {path}: {e.strerror}.") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}).") from None
-    except (ValueError, jsonschema_rs.ValidationError) as e:
-        raise InputError(f"{path}: not a valid JSON schema ({str(e).splitlines()[0]}).") from None
-
-
 def _detect_format(row: dict, cfg: Config) -> str | None:
     if "messages" in row:
         return "chat"
