@@ -1,4 +1,4 @@
-"""The command line end to end, the packaged MiniLM, and the README's promises."""
+"""The command line end to end, the packaged MiniLM, and the promises of the README and the docs."""
 from __future__ import annotations
 
 import json
@@ -57,10 +57,11 @@ def test_help_for_every_command(capsys):
     assert "train.lr" in out and "--data" in out and "--text" in out
 
 
-def test_readme_documents_every_config_key_and_starts_with_the_two_commands():
-    readme = (ROOT / "README.md").read_text()
+def test_the_config_page_documents_every_key_and_the_readme_starts_with_the_two_commands():
+    config_page = (ROOT / "docs" / "config.md").read_text()
     for key in all_keys():
-        assert f"`{key}`" in readme, key
+        assert f"| `{key}` |" in config_page, key
+    readme = (ROOT / "README.md").read_text()
     first_block = re.search(r"```bash\n(.*?)```", readme, re.DOTALL).group(1).strip().splitlines()
     assert first_block == ["python3 dev.py demo", "python3 dev.py test"]
     assert readme.index("```bash") < readme.index("\n## ")

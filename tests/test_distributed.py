@@ -152,12 +152,14 @@ def test_fsdp_asked_for_in_one_process_trains_unsharded_and_says_so(tiny_config,
 
 @pytest.mark.parametrize("name", ["ddp", "multi_node", "fsdp"])
 def test_the_documented_accelerate_configs_parse_into_the_launch_they_promise(name):
-    """README's `accelerate launch --config_file examples/accelerate/NAME.yaml -m lmtune train CONFIG`:
+    """docs/multi-gpu.md's `accelerate launch --config_file examples/accelerate/NAME.yaml -m lmtune train CONFIG`:
     accelerate reads each example and turns it into torchrun's arguments and environment (what it
     would start, without starting it)."""
     from accelerate.commands.launch import _validate_launch_command, launch_command_parser
     from accelerate.utils.launch import prepare_multi_gpu_env
-    config = Path(__file__).resolve().parent.parent / "examples" / "accelerate" / f"{name}.yaml"
+    root = Path(__file__).resolve().parent.parent
+    config = root / "examples" / "accelerate" / f"{name}.yaml"
+    assert f"`examples/accelerate/{name}.yaml`" in (root / "docs" / "multi-gpu.md").read_text()
     argv = ["--config_file", str(config), *(["--machine_rank", "1"] if name == "multi_node" else []),
             "-m", "lmtune", "train", "cfg.yaml"]
     args = _validate_launch_command(launch_command_parser().parse_args(argv))[0]
