@@ -46,6 +46,8 @@ def test_the_site_builds_strict_with_every_page_and_the_api_reference(site):
     dashboard = (site / "dashboard" / "index.html").read_text()
     assert "ui-run.png" in dashboard and "ui-compare.png" in dashboard
     assert not (site / "hooks").exists()
+    for html in site.rglob("*.html"):  # the site reads offline: no script, stylesheet or font from elsewhere
+        assert not re.search(r'<(script|link)[^>]+(src|href)="(https?:)?//', html.read_text()), html
 
 
 def test_the_benchmark_page_shows_every_results_file(site):
