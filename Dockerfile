@@ -8,7 +8,7 @@ FROM python:3.11-slim
 ENV PIP_NO_CACHE_DIR=1 PYTHONUNBUFFERED=1
 WORKDIR /app
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
-# every other package at the version and hash requirements.lock gives (see README: Installs are locked)
+# every other package at the version and hash requirements.lock gives (see docs/installs.md)
 COPY pyproject.toml README.md requirements.lock ./
 RUN pip install --no-deps --require-hashes -r requirements.lock
 COPY lmtune ./lmtune
