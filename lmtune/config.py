@@ -19,6 +19,7 @@ import difflib
 import functools
 import logging
 import math
+import operator
 import types
 import typing
 import warnings
@@ -81,6 +82,8 @@ def _range_text(bounds: dict[str, float]) -> str | None:
 
 @dataclass
 class DataConfig:
+    """What to read: the files, their columns, lengths and splits."""
+
     train: str | None = _f(None, "Training file (CSV, TSV, JSONL; parquet, arrow or a datasets save_to_disk folder). Required "
                                  "unless data.hub is set.")
     dev: str | None = _f(None, "Dev file; if absent (and test absent) train is split.")
@@ -130,6 +133,8 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
+    """The pretrained backbone, and which of its parts stay frozen."""
+
     name: str = _f(DEFAULT_MODEL, "Hugging Face model id or local path (the packaged MiniLM by default).")
     dropout: float | None = _f(None, "Override the model's dropout probabilities (hidden and attention).", ge=0, lt=1)
     gguf_file: str | None = _f(None, "GGUF weights file in model.name's folder or hub repo (dequantized on load; "
@@ -140,6 +145,8 @@ class ModelConfig:
 
 @dataclass
 class TrainConfig:
+    """The optimisation: steps, batch, learning rates, schedule, precision, early stopping, trackers."""
+
     epochs: int = _f(3, "Passes over the training data (ignored when max_steps > 0).", ge=0)
     max_steps: int = _f(0, "Stop after this many optimizer steps; 0 = use epochs.", ge=0)
     batch_size: int = _f(16, "Examples per optimizer step (before accumulation is split out).", ge=1)
@@ -208,6 +215,8 @@ class TrainConfig:
 
 @dataclass
 class PeftConfig:
+    """Parameter-efficient fine-tuning (LoRA, AdaLoRA, IA3, prefix or prompt tuning, adapters)."""
+
     method: str = _f("none", "Parameter-efficient method; none = full fine-tuning.", peft_methods)
     r: int = _f(8, "LoRA rank.", ge=1)
     alpha: int = _f(16, "LoRA / AdaLoRA scaling alpha.", gt=0)
@@ -226,6 +235,8 @@ class PeftConfig:
 
 @dataclass
 class AbstainConfig:
+    """Abstention: a confidence threshold chosen on dev, below which predict returns the abstain label."""
+
     target: str = _f("none", "Choose a confidence threshold on dev for this target; below it predict returns the "
                              "abstain label. precision: accuracy of answered dev examples >= value; coverage: share "
                              "answered >= value; false_accept: share of out-of-scope (or misclassified) dev examples "
@@ -249,6 +260,8 @@ class AbstainConfig:
 
 @dataclass
 class AdversarialConfig:
+    """Adversarial training, on the word embeddings or on the words."""
+
     method: str = _f("none", "Adversarial training on the word-embedding output: fgm (one gradient-sign step of size "
                              "epsilon), pgd (steps projected steps of size alpha inside an epsilon ball), freelb "
                              "(steps ascent steps, parameter gradients averaged); or on the words: typo / synonym (of "
@@ -271,6 +284,8 @@ class AdversarialConfig:
 
 @dataclass
 class AttackConfig:
+    """Robustness attacks run after training (`lmtune attack` runs them on a finished run)."""
+
     methods: list[str] = _f([], "Attacks run on dev (or attack.data) after training, into robustness.json and report.md: "
                             "typo (random character edits), synonym (random word substitutions), search (greedy "
                             "word-importance attack that looks for the smallest change that flips the prediction).", attacks)
@@ -285,6 +300,8 @@ class AttackConfig:
 
 @dataclass
 class AugmentConfig:
+    """Augmentation of the training data."""
+
     methods: list[str] = _f([], "Augment train (never dev/test): synonym, insert, swap, delete (EDA), typo, mlm (masked-LM "
                             "substitution), backtranslate. Each new row applies one method drawn at random.", augmenters)
     multiplier: int = _f(1, "New rows per training row.", ge=1)
@@ -302,6 +319,8 @@ class AugmentConfig:
 
 @dataclass
 class ContinualConfig:
+    """Continual fine-tuning from a finished run's weights."""
+
     from_run: str | None = _f(None, "Continue from a finished run's weights (full or PEFT; `lmtune train CONFIG --from RUN_DIR`): "
                                     "the same model.name, labels extended (old head rows kept, new ones initialised).")
     missing_labels: str = _f("error", "Old labels with no example in the new train data (after replay): error, keep them in "
@@ -314,6 +333,8 @@ class ContinualConfig:
 
 @dataclass
 class PretrainConfig:
+    """`lmtune pretrain`: masked-language-model pretraining on unlabeled text."""
+
     files: list[str] = _f([], "`lmtune pretrain`: unlabeled text files (.txt: one text per line; CSV/TSV/JSONL/parquet: "
                           "the data.text_column column).")
     mlm_probability: float = _f(0.15, "Share of tokens (whole words with whole_word_mask) masked, drawn anew every batch.",
@@ -326,6 +347,8 @@ class PretrainConfig:
 
 @dataclass
 class TuneConfig:
+    """`lmtune tune`: the hyperparameter search."""
+
     space: dict | None = _f(None, "`lmtune tune` search space: config key -> [low, high] (two ints: an integer range), [low, high, "
                                   "log], or {choices: [...]}; default by model width: train.lr, train.batch_size, "
                                   "train.warmup_ratio, train.weight_decay (and peft.r for LoRA / AdaLoRA); every trial trains "
@@ -369,7 +392,8 @@ def section_class(name: str) -> type:
 def _composed(name: str, parts: tuple[type, ...]) -> type:
     # a dataclass inherits its bases' fields, the last base's first: the core fields lead
     return dataclasses.make_dataclass(parts[0].__name__, [], bases=tuple(reversed(parts)),
-                                      namespace={"__reduce__": _reduce_section, "section_name": name, "__module__": __name__})
+                                      namespace={"__reduce__": _reduce_section, "section_name": name, "__module__": __name__,
+                                                 "__doc__": parts[0].__doc__})
 
 
 def _reduce_section(obj: Any) -> tuple:
@@ -478,7 +502,7 @@ def _with_choices(hint: Any, choices: tuple | Registry) -> Any:
     allowed = Literal[_choice_names(choices)]
     members = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
     typed = tuple(t if t is type(None) else list[allowed] if (typing.get_origin(t) or t) is list else allowed for t in members)
-    return typing.Union[typed] if len(typed) > 1 else typed[0]
+    return functools.reduce(operator.or_, typed)
 
 
 def _model_field(f: dataclasses.Field, hint: Any) -> tuple[Any, Any]:

