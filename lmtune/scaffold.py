@@ -24,9 +24,9 @@ from lmtune.io import write_text
 from lmtune.registry import tasks
 
 CHINESE_MODEL = "moka-ai/m3e-small"
+SCHEMA_FILE = "lmtune.schema.json"  # beside the config; the modeline names it relative to the config
 TEXT_NAMES = ("text", "sentence", "sentence1", "text_a", "question", "content", "review", "document", "query", "title")
 PAIR_NAMES = ("text_pair", "sentence2", "text_b", "question2", "pair", "b", "answer", "passage")
-SCHEMA_FILE = "lmtune.schema.json"  # beside the config; the modeline names it relative to the config
 LABEL_NAMES = ("label", "labels", "category", "class", "intent", "target", "y", "score", "sentiment", "relation")
 
 
