@@ -59,7 +59,7 @@ _f = option  # the short name this module's long field lists use
 
 
 def _bounds_of(spec: str) -> dict[str, float]:
-    """"> 0" -> {gt: 0}; "[0, 1)" -> {ge: 0, lt: 1}."""
+    """The older range text as bounds: "> 0" -> {gt: 0}; "[0, 1)" -> {ge: 0, lt: 1}."""
     if spec.startswith((">", "<")):
         op, bound = spec.split()
         return {{">": "gt", ">=": "ge", "<": "lt", "<=": "le"}[op]: float(bound)}
