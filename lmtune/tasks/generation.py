@@ -66,12 +66,12 @@ class GenerateConfig:
     packing: bool = option(False, "Pack several short training examples into one row (position ids restart at each example, so "
                                   "attention never crosses examples); fewer pad tokens, same loss.")
     gradient_checkpointing: bool = option(False, "Recompute activations in the backward pass: less memory, about 30% more time.")
-    max_new_tokens: int = option(64, "Most tokens generated per output (the server caps requests at its own limit).", range=">= 1")
+    max_new_tokens: int = option(64, "Most tokens generated per output (the server caps requests at its own limit).", ge=1)
     search_trials: int = option(6, "Decoding settings tried on dev after training (seeded; greedy is always one): the best ROUGE-L "
                                    "among settings that pass the repetition and length checks is saved for predict and serve; 0 = greedy.",
-                                range=">= 0")
-    search_examples: int = option(40, "Dev examples the decoding search generates for.", range=">= 1")
-    eval_examples: int = option(0, "Test examples generated for ROUGE after training (0 = all).", range=">= 0")
+                                ge=0)
+    search_examples: int = option(40, "Dev examples the decoding search generates for.", ge=1)
+    eval_examples: int = option(0, "Test examples generated for ROUGE after training (0 = all).", ge=0)
     label_set: list = option([], "Targets that are labels: decoding is constrained to these strings and exact match is reported.")
     json_schema: str | None = option(None, "A JSON schema file the outputs must follow: the share that parses and validates is reported.")
     stop: list = option([], "Stop strings: generation ends when one is produced (it is cut from the output).")

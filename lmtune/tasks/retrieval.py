@@ -102,7 +102,7 @@ def ranking_metrics(scores: np.ndarray, relevant: list[set[int]]) -> dict:
 class RetrievalConfig:
     """The `retrieval` config section, owned by this task (registered in lmtune/registrations.py)."""
     hard_negatives: int = option(1, "task retrieval: BM25 hard negatives per training query, mined from the training documents "
-                                    "(the best-scoring ones not relevant to the query); 0 = in-batch negatives only.", range=">= 0")
+                                    "(the best-scoring ones not relevant to the query); 0 = in-batch negatives only.", ge=0)
     negative_column: str | None = option(None, "task retrieval: a column of given hard negatives (one text, or a JSON list of texts); "
                                                "rows that have them are not mined.")
     logq_correction: bool = option(False, "task retrieval: subtract each document's log frequency among the training positives from "
