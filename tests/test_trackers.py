@@ -72,7 +72,7 @@ def test_mlflow_logs_a_registrable_transformers_model_that_predicts_like_lmtune(
     assert list(served["label"]) == [r["label"] for r in ours]
     for t, r in zip(theirs, ours):  # calibration off in this config: temperature 1 on both sides
         assert {s["label"]: pytest.approx(r["probabilities"][s["label"]], abs=1e-4) for s in t} == {s["label"]: s["score"] for s in t}
-    assert len({r["label"] for r in ours}) == 2  # the comparison covers both classes
+    assert len({round(r["score"], 6) for r in ours}) > 3  # each text its own probabilities: a per-text comparison
 
 
 def _regression_config(tiny_config: dict, tmp_path: Path) -> dict:

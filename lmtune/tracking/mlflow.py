@@ -137,7 +137,7 @@ class MLflowTracker(Tracker):
         with _in_run(mlflow, self.uri, self.run_id):
             if task:
                 import mlflow.transformers
-                mlflow.transformers.log_model(str(model_dir), name=MODEL_PATH, task=task,
+                mlflow.transformers.log_model(_pipeline(model_dir, task), name=MODEL_PATH, model_card=_card(model_dir),
                                               pip_requirements=_requirements("torch", "transformers", "tokenizers"))
             else:
                 from lmtune.tracking.mlflow_model import LmtuneModel
@@ -163,6 +163,22 @@ def pipeline_task(model_dir: Path) -> str | None:
              and (model_dir / "config.json").is_file() and state.get("threshold") is None and state.get("oos_label") is None
              and state.get("score", "probability") == "probability" and data.get("long_text", "truncate") == "truncate")
     return "text-classification" if plain else None
+
+
+def _pipeline(model_dir: Path, task: str) -> Any:
+    """model/ as a transformers pipeline (MLflow's own reading of a checkpoint folder fails on transformers 5)."""
+    from transformers import pipeline
+    from lmtune.models import quiet_transformers
+    with quiet_transformers():
+        return pipeline(task, model=str(model_dir), tokenizer=str(model_dir), device="cpu")
+
+
+def _card(model_dir: Path) -> Any:
+    """The run's own model card, so MLflow does not look the folder up on the Hub."""
+    if not (model_dir / "README.md").is_file():
+        return None
+    from huggingface_hub import ModelCard
+    return ModelCard.load(model_dir / "README.md")
 
 
 def log_onnx(client: Any, run_id: str, run_dir: Path) -> bool:
@@ -244,7 +260,6 @@ def _shown_uri(uri: str) -> str:
 
 def _source(split: str, info: dict, cfg: Any):
     """Where a split came from: a data file, a Hub dataset (with its split), or, for Python objects, the code."""
-    from mlflow.data.artifact_dataset_sources import LocalArtifactDatasetSource
     data = cfg.data
     if data.hub:
         from mlflow.data.huggingface_dataset_source import HuggingFaceDatasetSource
@@ -253,7 +268,12 @@ def _source(split: str, info: dict, cfg: Any):
     path = info.get(split) if isinstance(info.get(split), str) else None
     path = path or getattr(data, split, None) or data.train  # a split carved out of train comes from train's file
     if isinstance(path, (str, Path)):
-        return LocalArtifactDatasetSource(str(Path(path).resolve()) if Path(path).exists() else str(path))
+        from mlflow.data import get_registered_sources
+        # MLflow registers its local-file source class at import time (it has no importable name)
+        local = next((s for s in get_registered_sources() if s.__name__ == "LocalArtifactDatasetSource"), None)
+        uri = str(Path(path).resolve()) if Path(path).exists() else str(path)
+        if local is not None:
+            return local(uri)
     from mlflow.data.code_dataset_source import CodeDatasetSource
     return CodeDatasetSource(tags={"lmtune.split": split})
 
