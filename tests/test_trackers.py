@@ -108,7 +108,8 @@ def test_a_task_without_a_pipeline_is_logged_as_lmtune_pyfunc_and_export_adds_th
     finally:
         mlflow.set_tracking_uri(None)
     ours = lmtune.load(run.run_dir).predict(TEXTS)
-    assert list(served["score"]) == pytest.approx([r["score"] for r in ours], abs=1e-6)
+    assert list(served["value"]) == pytest.approx([r["value"] for r in ours], abs=1e-6)
+    assert [list(i) for i in served["interval"]] == [r["interval"] for r in ours]  # the whole lmtune row
 
     from lmtune.export.onnx import export_run
     export_run(run.run_dir, sample=8)

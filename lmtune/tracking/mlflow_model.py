@@ -15,11 +15,12 @@ import mlflow.pyfunc
 class LmtuneModel(mlflow.pyfunc.PythonModel):
     """A run folder (model/, metrics.json, index/ where the task has one) logged as the artifact "run"."""
 
-    def load_context(self, context: Any) -> None:
+    # no type hints on these two: MLflow would read them as an input schema (and warn that Any is none)
+    def load_context(self, context):
         from lmtune.inference import load
         self.run = load(context.artifacts["run"])
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> Any:
+    def predict(self, context, model_input, params=None):
         """Texts (a list, a Series, or a DataFrame with a `text` column and, for pair tasks, `text_pair`)
         -> one row per text with lmtune's prediction fields (the text itself is not echoed)."""
         import pandas as pd
