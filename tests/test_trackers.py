@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import copy
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -28,7 +26,7 @@ def _short(cfg: dict, steps: int) -> dict:
 
 # ---- MLflow ---------------------------------------------------------------------------------------
 
-def test_mlflow_logs_a_registrable_transformers_model_that_predicts_like_lmtune(tiny_config, mlflow_server, monkeypatch):
+def test_mlflow_logs_a_registrable_transformers_model_that_predicts_like_lmtune(tiny_config, mlflow_server, monkeypatch):  # noqa: F811
     import mlflow
     import mlflow.transformers
     from mlflow.tracking import MlflowClient

@@ -99,6 +99,7 @@ class MLflowTracker(Tracker):
             except Exception as e:  # an input the dataset schema cannot describe must not stop training
                 log.warning("mlflow: %s not logged as a dataset input (%s)", split, e)
                 continue
+            # _to_mlflow_entity is what mlflow.log_input itself sends; the client API takes the entity
             datasets.append(DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", split)]))
         if datasets:
             self.client.log_inputs(self.run_id, datasets=datasets)
@@ -126,7 +127,11 @@ class MLflowTracker(Tracker):
             if f.is_file():
                 self.client.log_artifact(self.run_id, str(f))
         log_onnx(self.client, self.run_id, self.run_dir)
-        self.log_model()
+        try:
+            self.log_model()
+        except Exception as e:  # the run is trained and saved: a model MLflow cannot take only warns
+            log.warning("mlflow: the model was not logged (%s: %s); the run itself is complete", type(e).__name__, e)
+            self.client.set_tag(self.run_id, "lmtune.model_logged", "false")
 
     def log_model(self) -> None:
         """model/ as the transformers flavor where a pipeline reads it as lmtune does, else as a pyfunc
