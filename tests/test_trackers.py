@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -94,6 +95,8 @@ def test_a_task_without_a_pipeline_is_logged_as_lmtune_pyfunc_and_export_adds_th
     cfg = _regression_config(tiny_config, tmp_path)
     cfg["train"].update(trackers=["mlflow"])
     run = lmtune.train(cfg)
+    # logging the model pointed MLflow's fluent API at the run for one call only: nothing is left behind
+    assert mlflow.active_run() is None and "MLFLOW_TRACKING_URI" not in os.environ
     uri = f"sqlite:///{Path(cfg['output_dir']).resolve() / 'mlflow.db'}"
     client = MlflowClient(tracking_uri=uri)
     (found,) = client.search_runs([client.get_experiment_by_name("lmtune").experiment_id])
@@ -112,6 +115,47 @@ def test_a_task_without_a_pipeline_is_logged_as_lmtune_pyfunc_and_export_adds_th
     from lmtune.export.onnx import export_run
     export_run(run.run_dir, sample=8)
     assert "onnx/model.onnx" in {a.path for a in client.list_artifacts(found.info.run_id, "onnx")}
+
+
+def test_only_a_plain_softmax_classifier_goes_out_as_a_transformers_pipeline(tmp_path):
+    """The transformers flavor is chosen only where a pipeline reads model/ as lmtune predicts."""
+    from lmtune.tracking.mlflow import pipeline_task
+    state = {"temperature": 1.0, "threshold": None, "oos_label": None, "score": "probability"}
+
+    def folder(name: str, meta: dict, adapter: bool = False) -> Path:
+        d = tmp_path / name
+        d.mkdir()
+        (d / "config.json").write_text("{}")
+        (d / "lmtune.json").write_text(json.dumps({"task": "classification", "labels": ["a", "b"], "task_state": state,
+                                                   "config": {"data": {"long_text": "truncate"}}, **meta}))
+        if adapter:
+            (d / "adapter_config.json").write_text("{}")
+        return d
+
+    assert pipeline_task(folder("plain", {})) == "text-classification"
+    assert pipeline_task(folder("regression", {"task": "regression"})) is None
+    assert pipeline_task(folder("abstains", {"task_state": {**state, "threshold": 0.7}})) is None
+    assert pipeline_task(folder("mahalanobis", {"task_state": {**state, "score": "mahalanobis"}})) is None
+    assert pipeline_task(folder("windows", {"config": {"data": {"long_text": "windows"}}})) is None
+    assert pipeline_task(folder("lora", {}, adapter=True)) is None
+
+
+def test_run_facts_split_sizes_from_outcome_and_leave_counts_out_of_the_metrics():
+    from lmtune.tracking import final_metrics, run_facts
+    results = {"summary": {"sizes": {"train": 96, "dev": 32, "test": 0}, "trainable_params": 10, "total_params": 20,
+                           "steps": 12, "train_seconds": 1.5, "stop_reason": "reached 12 steps", "lr": 1e-4},
+               "metrics": {"test": {"accuracy": 0.75, "n": 32, "per_class": {"a": {"support": 16.0}}}}}
+    sizes, outcome = run_facts(results)
+    assert sizes == {"data.train_examples": 96, "data.dev_examples": 32, "data.test_examples": 0,
+                     "model.trainable_params": 10, "model.total_params": 20}
+    assert outcome == {"run.steps": 12, "run.train_seconds": 1.5, "run.stop_reason": "reached 12 steps"}
+    assert final_metrics(results) == {"test_accuracy": 0.75}
+
+
+def test_a_confusion_matrix_expands_to_one_pair_per_counted_example():
+    from lmtune.tracking.wandb import confusion_pairs
+    gold, pred = confusion_pairs([[2, 1], [0, 3]])
+    assert sorted(zip(gold, pred)) == [(0, 0), (0, 0), (0, 1), (1, 1), (1, 1), (1, 1)]
 
 
 # ---- TensorBoard ----------------------------------------------------------------------------------
