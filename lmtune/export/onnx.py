@@ -82,12 +82,24 @@ def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | No
         write_meta(tmp, model_meta(run.task, saved=rd.model))
         save_task_arrays(run.task, tmp)
         write_json(tmp / rd.export_report.name, report)
+    _track_export(rd.root)
     for name in ("onnx_fp32", "onnx_int8"):
         if name in report:
             r = report[name]
             log.info("%s: max |logit diff| %.2e on %d examples; dev %s", name, r["max_abs_logit_diff"], len(probe),
                      ", ".join(f"{k} {report['pytorch']['dev'][k]:.4f} -> {v:.4f}" for k, v in r["dev"].items()))
     return report
+
+
+def _track_export(run_dir: Path) -> None:
+    """A run trained with the mlflow tracker gets its ONNX files in its MLflow run too; the export
+    itself is done and verified, so a tracking server that cannot be reached only warns."""
+    from lmtune.tracking.mlflow import log_export
+    try:
+        if log_export(run_dir):
+            log.info("export: ONNX files logged to the run's MLflow run (artifacts onnx/)")
+    except Exception as e:
+        log.warning("export: could not log the ONNX files to MLflow (%s)", e)
 
 
 def _prune(model, spec: dict, run, encoded: dict, collate, outputs, report: dict, recover_epochs: int):

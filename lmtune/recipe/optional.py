@@ -55,9 +55,24 @@ def tracker_names(cfg: Config) -> list[str]:
     return list(dict.fromkeys([*cfg.train.trackers, *(["tensorboard"] if cfg.train.tensorboard else [])]))
 
 
+def resolved_config(ctx: Context) -> Config:
+    """The run's config with what adapt resolved filled in: the learning rates and the early-stopping
+    metric actually used (a config that leaves train.lr unset would otherwise be tracked as None)."""
+    from lmtune.config import build_config
+    d = ctx.cfg.to_dict()
+    lrs = ctx.built.lrs
+    d["train"] = {**d["train"], "lr": lrs.lr, "head_lr": lrs.head_lr, "metric": lrs.metric}
+    return build_config(d)
+
+
 def start_trackers(ctx: Context) -> None:
-    """The main process's trackers open their runs and log the config; they see every step from fit on."""
-    ctx.trackers = [tracker_registry.get(name)(ctx.rd.root, ctx.cfg) for name in tracker_names(ctx.cfg)]
+    """The main process's trackers open their runs, log the resolved config and the data inputs; they
+    see every step from fit on."""
+    cfg = resolved_config(ctx)
+    ctx.trackers = [tracker_registry.get(name)(ctx.rd.root, cfg) for name in tracker_names(ctx.cfg)]
+    for tracker in ctx.trackers:
+        if hasattr(tracker, "inputs"):  # a plug-in tracker written before inputs() need not define it
+            tracker.inputs(ctx.splits)
 
 
 def finish_trackers(ctx: Context) -> None:
