@@ -351,6 +351,22 @@ def test_error_analysis_lists_misclassified_examples_and_filters_them(browser, u
     _screenshot(browser, "ui-errors")
 
 
+def test_a_run_without_saved_bins_gets_its_reliability_diagram_from_its_predictions(tmp_path):
+    import json
+    run = tmp_path / "runs" / "old"
+    (run / "predictions").mkdir(parents=True)
+    (run / "config.yaml").write_text("task: classification\n")
+    (run / "metrics.json").write_text(json.dumps({"test": {"accuracy": 0.625, "n": 8}}))  # no reliability, no ECE
+    # four answers at confidence 0.55 (two right), four at 0.95 (three right): ECE (4 * 0.05 + 4 * 0.2) / 8
+    rows = [{"text": f"t{i}", "label": "a", "score": 0.55 if i < 4 else 0.95, "probabilities": {}, "gold": "a" if i in (0, 1, 4, 5, 6) else "b"}
+            for i in range(8)]
+    (run / "predictions" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = _client(tmp_path).get("/run/old").text
+    section = page[page.index('id="reliability"'):]
+    assert section.count('<rect class="bin"') == 2 and 'data-accuracy="0.500000" data-count="4"' in section
+    assert 'data-accuracy="0.750000" data-count="4"' in section and "ECE 0.1250" in section
+
+
 def _ner_run(root: Path, rows: list[dict]) -> None:
     """A run folder as an NER run leaves it: config and test predictions (the rows ner.predictions writes)."""
     import json
@@ -404,6 +420,8 @@ def test_ner_run_page_marks_predicted_and_gold_entities(tmp_path, tiny_model):
     section = page[page.index('id="ner-sentences"'):]
     assert 'class="ent gold" title="predicted PER, gold PER">Peter<sub>PER</sub>' in section
     assert "per_type" not in section and "Per class" in page  # the per-type table is there too
+    errors = _client(tmp_path).get("/run/ner/errors").text  # the error analysis reads the same predictions
+    assert errors.count('<tr class="') == 40 and '<mark class="span' in errors and 'id="error-filters"' in errors
 
 
 def test_a_training_job_can_be_stopped_and_a_bad_config_is_refused(workdir, pretrained_tiny):

@@ -158,6 +158,15 @@ def read_predictions(rd: RunDir, split: str, limit: int | None = None) -> list[d
     return rows
 
 
+def scored_predictions(rd: RunDir, split: str) -> list[dict]:
+    """A split's saved predictions when they are single-label ones with a score and a gold label (what the
+    reliability bins need), else none: a regression or generation run's big file is not read for nothing."""
+    first = read_predictions(rd, split, 1)
+    if not first or not is_number(first[0].get("score")) or not isinstance(first[0].get("gold"), str):
+        return []
+    return read_predictions(rd, split)
+
+
 def classification_errors(rows: list[dict]) -> list[dict]:
     """One entry per labeled example: gold, predicted, confidence, whether it is wrong, the top
     probabilities; wrong answers first, the most confident first (a confident mistake says most)."""
@@ -172,33 +181,41 @@ def classification_errors(rows: list[dict]) -> list[dict]:
     return sorted(out, key=lambda e: (not e["wrong"], -e["conf"] if e["wrong"] else e["conf"]))
 
 
-def ner_words(row: dict) -> list[str] | None:
-    """The words the tags are of: the row's tokens, or its text split as the NER reader splits it (cut at
-    the predicted entities' edges); None when the split does not give one word per tag."""
+def ner_words(row: dict) -> tuple[list[str], list[str]] | None:
+    """The words the tags are of, and the text between each word and the next: the row's tokens (spaces
+    between), or its text split as the NER reader splits it (cut at the predicted entities' edges); None
+    when the split does not give one word per tag."""
     if isinstance(row.get("tokens"), list):
-        return [str(t) for t in row["tokens"]]
+        return [str(t) for t in row["tokens"]], [" "] * len(row["tokens"])
     text = row.get("text")
     if not isinstance(text, str):
         return None
     cuts = {p for e in row.get("entities", []) for p in (e.get("start"), e.get("end")) if isinstance(p, int)}
     offsets = split_words(text, cuts)
-    return [text[s:e] for s, e in offsets] if len(offsets) == len(row.get("tags", [])) else None
+    if len(offsets) != len(row.get("tags", [])):
+        return None
+    return [text[s:e] for s, e in offsets], [text[e:nxt] for (_, e), (nxt, _) in zip(offsets, offsets[1:])] + [""]
 
 
-def sentence_html(words: list[str], marked: list[tuple[int, int, str]], wrong: set[tuple[int, int, str]]) -> str:
+def sentence_html(words: tuple[list[str], list[str]], marked: list[tuple[int, int, str]], wrong: set[tuple[int, int, str]]) -> str:
     """Words with the spans marked: `ok` when the other side has the same span and type, else `wrong`."""
+    tokens, gaps = words
     starts = {s: (s, e, t) for s, e, t in marked}
+
+    def piece(a: int, b: int) -> str:  # words a..b-1 as they stand in the text
+        return "".join(tokens[k] + (gaps[k] if k < b - 1 else "") for k in range(a, b))
     out, i = [], 0
-    while i < len(words):
+    while i < len(tokens):
         if i in starts:
             s, e, t = starts[i]
+            e = max(e, i + 1)
             cls = "span wrong" if (s, e, t) in wrong else "span ok"
-            out.append(f'<mark class="{cls}" data-type="{escape(t)}">{escape(" ".join(words[s:e]))}<sub>{escape(t)}</sub></mark>')
-            i = max(e, i + 1)
+            out.append(f'<mark class="{cls}" data-type="{escape(t)}">{escape(piece(s, e))}<sub>{escape(t)}</sub></mark>{escape(gaps[e - 1])}')
+            i = e
         else:
-            out.append(escape(words[i]))
+            out.append(escape(tokens[i] + gaps[i]))
             i += 1
-    return " ".join(out)
+    return "".join(out)
 
 
 def ner_errors(rows: list[dict]) -> list[dict]:
@@ -212,8 +229,8 @@ def ner_errors(rows: list[dict]) -> list[dict]:
         words = ner_words(r)
         missed, spurious = sorted(gold - pred), sorted(pred - gold)
         scores = [float(e["score"]) for e in r.get("entities", []) if is_number(e.get("score"))]
-        say = ([f"missed {t} “{' '.join(words[s:e]) if words else f'words {s}-{e}'}”" for s, e, t in missed]
-               + [f"predicted {t} “{' '.join(words[s:e]) if words else f'words {s}-{e}'}”" for s, e, t in spurious])
+        say = ([f"missed {t} “{' '.join(words[0][s:e]) if words else f'words {s}-{e}'}”" for s, e, t in missed]
+               + [f"predicted {t} “{' '.join(words[0][s:e]) if words else f'words {s}-{e}'}”" for s, e, t in spurious])
         out.append({"index": i, "wrong": bool(missed or spurious), "conf": min(scores, default=1.0),
                     "gold_types": sorted({t for _, _, t in gold}), "pred_types": sorted({t for _, _, t in pred}),
                     "gold_html": sentence_html(words, sorted(gold), gold - pred) if words else escape(str(r.get("text", ""))),

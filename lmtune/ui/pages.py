@@ -34,8 +34,7 @@ async def run_page(name: str, ui: UiState = Depends(state)):
     data_cfg = (yaml.safe_load(d["config"]) or {}).get("data", {}) if d["config"] else {}
     explained = [{"name": kind, "html": views.attribution_html(e["attributions"]), "label": e.get("label"), "gold": e.get("gold")}
                  for kind, exs in (d["results"].get("explain") or {}).get("examples", {}).items() for e in exs]
-    saved_preds = [] if m.get("reliability") else analysis.read_predictions(RunDir(ui.runs_dir / name), split)
-    reliability = analysis.reliability_data(m, saved_preds)
+    reliability = analysis.reliability_data(m, [] if m.get("reliability") else analysis.scored_predictions(RunDir(ui.runs_dir / name), split))
     return ui.page("run.html", d=d, split=split, m=m, charts=charts, explained=explained,
                    confusion=views.confusion_table(m.get("confusion_matrix", []), d["labels"]), entities=entities,
                    pairs=bool(data_cfg.get("text_pair_column")), data_cfg=data_cfg,
