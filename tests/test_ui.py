@@ -276,7 +276,11 @@ def test_compare_shows_b_minus_a_overlaid_curves_and_single_points(browser, ui_u
     legend.click()
     assert group.is_displayed()
     browser.execute_script("document.activeElement.blur(); window.scrollTo(0, 0)")
-    _screenshot(browser, "ui-compare")
+    browser.set_window_size(1280, 1450)  # the table, the config differences and the first overlaid chart
+    try:
+        _screenshot(browser, "ui-compare")
+    finally:
+        browser.set_window_size(1280, 1000)
 
 
 def test_the_run_page_draws_a_reliability_diagram_with_its_ece(browser, ui_url, workdir, second_run):
