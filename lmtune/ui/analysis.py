@@ -151,8 +151,12 @@ def read_predictions(rd: RunDir, split: str, limit: int | None = None) -> list[d
     rows = []
     with open(path, encoding="utf-8") as fh:
         for line in fh:
-            if line.strip():
-                rows.append(json.loads(line))
+            try:
+                row = json.loads(line) if line.strip() else None
+            except ValueError:  # a damaged line: the page shows the others
+                continue
+            if isinstance(row, dict):
+                rows.append(row)
             if limit is not None and len(rows) >= limit:
                 break
     return rows
@@ -176,7 +180,7 @@ def classification_errors(rows: list[dict]) -> list[dict]:
             continue
         probs = sorted((r.get("probabilities") or {}).items(), key=lambda kv: -kv[1])[:3]
         out.append({"index": i, "text": r.get("text", ""), "pair": r.get("text_pair"), "gold": r["gold"],
-                    "pred": r["label"], "conf": float(r.get("score", 1.0)), "wrong": r["label"] != r["gold"],
+                    "pred": r["label"], "conf": float(r["score"]) if is_number(r.get("score")) else 1.0, "wrong": r["label"] != r["gold"],
                     "top": probs, "source": r.get("source", "")})
     return sorted(out, key=lambda e: (not e["wrong"], -e["conf"] if e["wrong"] else e["conf"]))
 

@@ -1,4 +1,4 @@
-"""The dashboard's HTML pages: runs, a run, compare, train (and the favicon)."""
+"""The dashboard's HTML pages: runs, a run, its error analysis, compare, train (and the favicon)."""
 from __future__ import annotations
 
 import yaml
