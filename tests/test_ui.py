@@ -216,6 +216,203 @@ def test_train_inspect_try_and_compare_in_the_browser(browser, ui_url, workdir, 
     _screenshot(browser, "compare")
 
 
+# ---- issue 52 item 6: compare with B - A, the reliability diagram, error analysis ---------------------------
+def _results(workdir: Path, run: str) -> dict:
+    import json
+    return json.loads((workdir / "runs" / run / "results.json").read_text())
+
+
+def _predictions(workdir: Path, run: str, split: str = "test") -> list[dict]:
+    import json
+    return [json.loads(x) for x in (workdir / "runs" / run / "predictions" / f"{split}.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def second_run(workdir, pretrained_tiny) -> str:
+    """A second run: one epoch, so its dev curves are a single point each; not calibrated, so its confidences
+    spread; tested on 48 rows where every third has a word of the other sentiment too and every fourth label
+    is flipped, so it has mistakes to show."""
+    from tests.conftest import NEG, POS
+    data = {k: str(workdir / f"{k}.csv") for k in ("train", "dev")}
+    flip = {"pos": "neg", "neg": "pos"}
+    rows = [(t + " " + (NEG if lab == "pos" else POS)[i % 8] if i % 3 == 1 else t, flip[lab] if i % 4 == 0 else lab)
+            for i, (t, lab) in enumerate(toy_rows(48, 3))]
+    data["test"] = str(write_csv(workdir / "test-hard.csv", rows))
+    lmtune.train({"output_dir": str(workdir / "runs"), "run_name": "second", "data": {**data, "max_length": 32},
+                  "model": {"name": pretrained_tiny},
+                  "train": {"epochs": 1, "batch_size": 8, "lr": 1e-3, "progress": "none", "calibrate": False}})
+    return "second"
+
+
+def test_compare_shows_b_minus_a_overlaid_curves_and_single_points(browser, ui_url, workdir, second_run):
+    from selenium.webdriver.common.by import By
+    browser.get(f"{ui_url}/compare?run=first&run={second_run}")
+    _wait(browser, lambda b: "Compare" in b.title)
+    a, b = (_results(workdir, n)["metrics"]["test"] for n in ("first", second_run))
+    for key in ("accuracy", "loss", "macro_f1"):
+        cell = browser.find_element(By.CSS_SELECTOR, f"#compare-metrics tr[data-metric='test.{key}'] td.diff")
+        diff = b[key] - a[key]
+        assert float(cell.get_attribute("data-value")) == pytest.approx(diff, abs=1e-12)
+        if abs(diff) >= 5e-5:
+            assert float(cell.text) == pytest.approx(diff, abs=5e-5)  # "+0.0123", as lmtune compare prints it
+        sign = "diff-pos" if diff > 0 else "diff-neg" if diff < 0 else "diff-zero"
+        assert sign in cell.get_attribute("class").split()
+        colour = {"diff-pos": "rgba(42, 125, 42, 1)", "diff-neg": "rgba(192, 57, 43, 1)", "diff-zero": "rgba(136, 136, 136, 1)"}[sign]
+        assert cell.value_of_css_property("color") == colour  # analysis.css colours it by sign
+    n_cells = browser.find_elements(By.CSS_SELECTOR, "#compare-metrics tr[data-metric='test.n'] td")
+    assert [c.text for c in n_cells] == ["test.n", "32", "48", "+16"]  # counts, not "32.0000"
+    # the overlaid dev accuracy: both runs in one chart with a legend; the one-epoch run's single point is drawn
+    chart = browser.find_element(By.CSS_SELECTOR, "#compare-curves svg.chart[aria-label='dev_accuracy']")
+    assert [t.text for t in chart.find_elements(By.CSS_SELECTOR, "text.legend")] == ["first", second_run]
+    lone = chart.find_elements(By.CSS_SELECTOR, f"g.series-group[data-name='{second_run}'] circle.point")
+    assert len(lone) == 1 and lone[0].is_displayed()
+    cx, cy = float(lone[0].get_attribute("cx")), float(lone[0].get_attribute("cy"))
+    assert 48 < cx < 640 - 130 and 22 < cy < 260 - 28  # inside the plot, not on its axes
+    # a click on a legend entry hides that run's curve, another shows it again
+    group = chart.find_element(By.CSS_SELECTOR, "g.series-group[data-name='first']")
+    legend = chart.find_element(By.CSS_SELECTOR, "text.legend[data-name='first']")
+    legend.click()
+    assert not group.is_displayed()
+    legend.click()
+    assert group.is_displayed()
+    browser.execute_script("document.activeElement.blur(); window.scrollTo(0, 0)")
+    browser.set_window_size(1280, 1450)  # the table, the config differences and the first overlaid chart
+    try:
+        _screenshot(browser, "ui-compare")
+    finally:
+        browser.set_window_size(1280, 1000)
+
+
+def test_the_run_page_draws_a_reliability_diagram_with_its_ece(browser, ui_url, workdir, second_run):
+    from selenium.webdriver.common.by import By
+    browser.get(f"{ui_url}/run/{second_run}")
+    test = _results(workdir, second_run)["metrics"]["test"]
+    svg = browser.find_element(By.CSS_SELECTOR, "#reliability svg.reliability")
+    bars = svg.find_elements(By.CSS_SELECTOR, "rect.bin")
+    assert len(bars) == len(test["reliability"]) > 1
+    assert [int(r.get_attribute("data-count")) for r in bars] == [c for _, _, c in test["reliability"]]
+    assert sum(int(r.get_attribute("data-count")) for r in bars) == test["n"]
+    assert [float(r.get_attribute("data-accuracy")) for r in bars] == pytest.approx([acc for _, acc, _ in test["reliability"]], abs=1e-6)
+    eces = [float(t.get_attribute("data-ece")) for t in svg.find_elements(By.CSS_SELECTOR, "text.ece")]
+    assert eces[0] == pytest.approx(test["ece"], abs=1e-6) and f"ECE {test['ece']:.4f}" in svg.text
+    assert svg.find_elements(By.CSS_SELECTOR, "line.diagonal") and svg.size["height"] > 200
+    browser.execute_script("document.getElementById('reliability').scrollIntoView()")
+    _screenshot(browser, "ui-reliability")
+
+
+def test_reliability_bins_of_saved_predictions_match_the_calibration_code(workdir, second_run):
+    """A run without saved bins gets them from its predictions: the same bins as training computed."""
+    from lmtune.ui.analysis import bins_from_predictions, ece_of
+    saved = _results(workdir, second_run)["metrics"]["test"]
+    bins = bins_from_predictions(_predictions(workdir, second_run))
+    assert len(bins) > 1 and [b[2] for b in bins] == [b[2] for b in saved["reliability"]]
+    for got, want in zip(bins, saved["reliability"]):  # the predictions' scores have 6 decimals
+        assert got == pytest.approx(want, abs=1e-5)
+    assert ece_of(bins) == pytest.approx(saved["ece"], abs=1e-5)
+
+
+def test_error_analysis_lists_misclassified_examples_and_filters_them(browser, ui_url, workdir, second_run):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+    rows = _predictions(workdir, second_run)
+    assert any(r["label"] != r["gold"] for r in rows)  # the flipped labels
+    browser.get(f"{ui_url}/run/{second_run}")
+    browser.find_element(By.ID, "errors-link").click()
+    _wait(browser, lambda b: b.find_elements(By.ID, "error-filters"))
+
+    def shown() -> int:
+        visible = [r for r in browser.find_elements(By.CSS_SELECTOR, "#errors tbody tr") if r.is_displayed()]
+        assert browser.find_element(By.ID, "error-count").get_attribute("data-shown") == str(len(visible))
+        return len(visible)
+
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#errors tbody tr")) == len(rows)
+    assert shown() == sum(r["label"] != r["gold"] for r in rows)  # misclassified only, at first
+    Select(browser.find_element(By.ID, "filter-show")).select_by_value("all")
+    assert shown() == len(rows)
+    gold = rows[0]["gold"]
+    Select(browser.find_element(By.ID, "filter-gold")).select_by_visible_text(gold)
+    with_gold = [r for r in rows if r["gold"] == gold]
+    assert shown() == len(with_gold) < len(rows)
+    scores = sorted(r["score"] for r in with_gold)
+    cut = scores[len(scores) // 2]
+    browser.execute_script("const c = document.getElementById('filter-conf'); c.value = arguments[0];"
+                           "c.dispatchEvent(new Event('input'))", str(cut))
+    low = [r for r in with_gold if r["score"] <= cut]
+    assert shown() == len(low) < len(with_gold)
+    other = next(lab for lab in sorted({r["label"] for r in rows} | {r["gold"] for r in rows}) if lab != gold)
+    Select(browser.find_element(By.ID, "filter-pred")).select_by_visible_text(other)
+    assert shown() == sum(r["label"] == other for r in low)
+    assert f"gold={gold}" in browser.current_url and "show=all" in browser.current_url  # the view can be bookmarked
+    browser.get(browser.current_url)  # ... and opens filtered
+    _wait(browser, lambda b: b.find_element(By.ID, "error-count").get_attribute("data-shown"))
+    assert shown() == sum(r["label"] == other for r in low)
+    for select in ("filter-pred", "filter-gold"):
+        Select(browser.find_element(By.ID, select)).select_by_value("")
+    Select(browser.find_element(By.ID, "filter-show")).select_by_value("errors")
+    browser.execute_script("const c = document.getElementById('filter-conf'); c.value = 1;"
+                           "c.dispatchEvent(new Event('input'))")
+    assert shown() == sum(r["label"] != r["gold"] for r in rows)
+    _screenshot(browser, "ui-errors")
+
+
+def test_a_run_without_saved_bins_gets_its_reliability_diagram_from_its_predictions(tmp_path):
+    import json
+    run = tmp_path / "runs" / "old"
+    (run / "predictions").mkdir(parents=True)
+    (run / "config.yaml").write_text("task: classification\n")
+    (run / "metrics.json").write_text(json.dumps({"test": {"accuracy": 0.625, "n": 8}}))  # no reliability, no ECE
+    # four answers at confidence 0.55 (two right), four at 0.95 (three right): ECE (4 * 0.05 + 4 * 0.2) / 8
+    rows = [{"text": f"t{i}", "label": "a", "score": 0.55 if i < 4 else 0.95, "probabilities": {}, "gold": "a" if i in (0, 1, 4, 5, 6) else "b"}
+            for i in range(8)]
+    (run / "predictions" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    page = _client(tmp_path).get("/run/old").text
+    section = page[page.index('id="reliability"'):]
+    assert section.count('<rect class="bin"') == 2 and 'data-accuracy="0.500000" data-count="4"' in section
+    assert 'data-accuracy="0.750000" data-count="4"' in section and "ECE 0.1250" in section
+
+
+def _ner_run(root: Path, rows: list[dict]) -> None:
+    """A run folder as an NER run leaves it: config and test predictions (the rows ner.predictions writes)."""
+    import json
+    run = root / "runs" / "ner"
+    (run / "predictions").mkdir(parents=True)
+    (run / "config.yaml").write_text("task: ner\n")
+    (run / "predictions" / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_ner_error_analysis_marks_the_wrong_spans(tmp_path):
+    rows = [{"tokens": ["Anna", "visits", "New", "York"], "tags": ["B-PER", "O", "B-LOC", "O"], "gold": ["B-PER", "O", "B-LOC", "I-LOC"],
+             "entities": [{"text": "Anna", "label": "PER", "score": 0.97, "token_start": 0, "token_end": 1},
+                          {"text": "New", "label": "LOC", "score": 0.61, "token_start": 2, "token_end": 3}]},
+            {"tokens": ["Peter", "<b>lives</b>"], "tags": ["B-PER", "O"], "gold": ["B-PER", "O"],
+             "entities": [{"text": "Peter", "label": "PER", "score": 0.99, "token_start": 0, "token_end": 1}]},
+            {"text": "Rome loves Maria.", "tags": ["B-PER", "O", "B-PER", "O"], "gold": ["B-LOC", "O", "B-PER", "O"],
+             "entities": [{"text": "Rome", "label": "PER", "score": 0.55, "start": 0, "end": 4, "token_start": 0, "token_end": 1},
+                          {"text": "Maria", "label": "PER", "score": 0.9, "start": 11, "end": 16, "token_start": 2, "token_end": 3}]}]
+    _ner_run(tmp_path, rows)
+    page = _client(tmp_path).get("/run/ner/errors")
+    assert page.status_code == 200
+    html = page.text
+    assert "<b>lives</b>" not in html and "&lt;b&gt;lives&lt;/b&gt;" in html  # user text is escaped
+    # New York: gold LOC missed (the model found only "New"), so both sides mark it wrong; Anna is right
+    assert '<mark class="span wrong" data-type="LOC">New York<sub>LOC</sub></mark>' in html
+    assert '<mark class="span wrong" data-type="LOC">New<sub>LOC</sub></mark>' in html
+    assert '<mark class="span ok" data-type="PER">Anna<sub>PER</sub></mark>' in html
+    # a text input's words come from the text: Rome typed wrongly (gold LOC, predicted PER), Maria right
+    assert '<mark class="span wrong" data-type="LOC">Rome<sub>LOC</sub></mark>' in html
+    assert '<mark class="span wrong" data-type="PER">Rome<sub>PER</sub></mark>' in html
+    assert '<mark class="span ok" data-type="PER">Maria<sub>PER</sub></mark>' in html
+    assert html.count('data-wrong="1"') == 2 and html.count('data-wrong="0"') == 1
+    assert 'data-gold="LOC PER" data-pred="PER"' in html and 'data-conf="0.55"' in html  # what the filters read
+    assert "missed LOC “New York”" in html and "predicted LOC “New”" in html
+
+
+def test_error_analysis_of_a_run_without_labeled_predictions_says_so(dash):
+    page = _dash_client(dash).get("/run/r1/errors")
+    assert page.status_code == 200 and "No labeled predictions" in page.text
+    assert _dash_client(dash).get("/run/nope/errors").status_code == 404
+
+
 def test_ner_run_page_marks_predicted_and_gold_entities(tmp_path, tiny_model):
     sents = "\n\n".join(["Peter B-PER\nlives O\nin O\nParis B-LOC", "Anna B-PER\nvisits O\nRome B-LOC"] * 20)
     (tmp_path / "train.conll").write_text(sents + "\n")
@@ -227,6 +424,8 @@ def test_ner_run_page_marks_predicted_and_gold_entities(tmp_path, tiny_model):
     section = page[page.index('id="ner-sentences"'):]
     assert 'class="ent gold" title="predicted PER, gold PER">Peter<sub>PER</sub>' in section
     assert "per_type" not in section and "Per class" in page  # the per-type table is there too
+    errors = _client(tmp_path).get("/run/ner/errors").text  # the error analysis reads the same predictions
+    assert errors.count('<tr class="') == 40 and '<mark class="span' in errors and 'id="error-filters"' in errors
 
 
 def test_a_training_job_can_be_stopped_and_a_bad_config_is_refused(workdir, pretrained_tiny):

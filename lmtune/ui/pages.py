@@ -1,11 +1,12 @@
-"""The dashboard's HTML pages: runs, a run, compare, train (and the favicon)."""
+"""The dashboard's HTML pages: runs, a run, its error analysis, compare, train (and the favicon)."""
 from __future__ import annotations
 
 import yaml
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import HTMLResponse, RedirectResponse
 
-from lmtune.ui import views
+from lmtune.artifacts import RunDir
+from lmtune.ui import analysis, views
 from lmtune.ui.state import UiState, state
 
 router = APIRouter()
@@ -33,9 +34,11 @@ async def run_page(name: str, ui: UiState = Depends(state)):
     data_cfg = (yaml.safe_load(d["config"]) or {}).get("data", {}) if d["config"] else {}
     explained = [{"name": kind, "html": views.attribution_html(e["attributions"]), "label": e.get("label"), "gold": e.get("gold")}
                  for kind, exs in (d["results"].get("explain") or {}).get("examples", {}).items() for e in exs]
+    reliability = analysis.reliability_data(m, [] if m.get("reliability") else analysis.scored_predictions(RunDir(ui.runs_dir / name), split))
     return ui.page("run.html", d=d, split=split, m=m, charts=charts, explained=explained,
                    confusion=views.confusion_table(m.get("confusion_matrix", []), d["labels"]), entities=entities,
-                   pairs=bool(data_cfg.get("text_pair_column")), data_cfg=data_cfg)
+                   pairs=bool(data_cfg.get("text_pair_column")), data_cfg=data_cfg,
+                   reliability=reliability and analysis.reliability_chart(reliability, f"reliability ({split})"))
 
 
 @router.get("/compare", response_class=HTMLResponse)
@@ -52,7 +55,14 @@ async def compare_page(request: Request, ui: UiState = Depends(state)):
             if k in ("dev_loss", "train_loss") or not k.startswith("dev_ece"):
                 overlay.setdefault(k, {})[n] = pts
     charts = [views.line_chart(series, k) for k, series in overlay.items() if k in COMPARED_CURVES]
-    return ui.page("compare.html", c=c, charts=charts)
+    return ui.page("compare.html", c=c, charts=charts, table=analysis.compare_table(ui.runs_dir, names), a=analysis)
+
+
+@router.get("/run/{name}/errors", response_class=HTMLResponse)
+async def errors_page(name: str, split: str | None = None, ui: UiState = Depends(state)):
+    """Error analysis: the split's misclassified and low-confidence examples (NER: sentences with wrong spans)."""
+    ui.run_path(name)
+    return ui.page("errors.html", e=analysis.error_analysis(ui.runs_dir, name, split))
 
 
 @router.get("/train", response_class=HTMLResponse)

@@ -100,15 +100,19 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, width: 
         return f'<p class="muted">{escape(title)}: no data yet</p>'
     x0, x1 = min(p[0] for p in pts), max(p[0] for p in pts)
     y0, y1 = min(p[1] for p in pts), max(p[1] for p in pts)
-    x1, y1 = (x1 if x1 > x0 else x0 + 1), (y1 if y1 > y0 else y0 + 1e-9 + abs(y0) * 0.1 + 1e-3)
+    # one step or one value: widen the range on both sides, so a lone point sits inside the plot, not on the axes
+    x0, x1 = (x0, x1) if x1 > x0 else (x0 - 1, x0 + 1)
+    y0, y1 = (y0, y1) if y1 > y0 else (y0 - abs(y0) * 0.1 - 1e-3, y0 + abs(y0) * 0.1 + 1e-3)
     left, right, top, bottom = 48, 130, 22, 28
     w, h = width - left - right, height - top - bottom
 
+    inset = 6  # points at the ends of the range are drawn clear of the axes, where they would be hidden
+
     def sx(x: float) -> float:
-        return left + (x - x0) / (x1 - x0) * w
+        return left + inset + (x - x0) / (x1 - x0) * (w - 2 * inset)
 
     def sy(y: float) -> float:
-        return top + (1 - (y - y0) / (y1 - y0)) * h
+        return top + inset + (1 - (y - y0) / (y1 - y0)) * (h - 2 * inset)
 
     out = [f'<svg class="chart" role="img" aria-label="{escape(title)}" viewBox="0 0 {width} {height}" width="{width}" height="{height}">',
            f'<text x="{left}" y="14" class="chart-title">{escape(title)}</text>',
@@ -121,11 +125,14 @@ def line_chart(series: dict[str, list[tuple[float, float]]], title: str, width: 
     for i, (name, s) in enumerate(series.items()):
         color = COLORS[i % len(COLORS)]
         path = " ".join(f"{'M' if j == 0 else 'L'}{sx(x):.1f},{sy(y):.1f}" for j, (x, y) in enumerate(s))
+        out.append(f'<g class="series-group" data-name="{escape(name)}">')  # a legend click shows or hides it (compare.js)
         out.append(f'<path d="{path}" fill="none" stroke="{color}" stroke-width="1.5" class="series" data-name="{escape(name)}"/>')
         step = max(1, len(s) // 60)  # at most ~60 hover points per series
         out += [f'<circle cx="{sx(x):.1f}" cy="{sy(y):.1f}" r="3" fill="{color}" class="point"><title>{escape(name)} '
                 f'step {x:.0f}: {y:.4g}</title></circle>' for x, y in s[::step] + ([s[-1]] if (len(s) - 1) % step else [])]
-        out.append(f'<text x="{left + w + 8}" y="{top + 12 + 14 * i}" fill="{color}" class="legend">{escape(name)}</text>')
+        out.append("</g>")
+        out.append(f'<text x="{left + w + 8}" y="{top + 12 + 14 * i}" fill="{color}" class="legend" data-name="{escape(name)}">'
+                   f'{escape(name)}</text>')
     out.append("</svg>")
     return "\n".join(out)
 
