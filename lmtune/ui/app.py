@@ -45,6 +45,7 @@ async def _body_error(request: Request, exc: RequestValidationError) -> JSONResp
 
 def create_ui(settings: UiSettings) -> FastAPI:
     from lmtune.ui import api, pages
+    from lmtune.ui import train_api
     ui = UiState(settings)
 
     @asynccontextmanager
@@ -60,6 +61,8 @@ def create_ui(settings: UiSettings) -> FastAPI:
     # the routers' routes go straight into the app's table (not include_router, which this FastAPI keeps as one
     # nested entry): app.routes lists every route, and the tests walk it to check the Host guard on each
     app.router.routes.extend(pages.router.routes + api.router.routes)
+    app.router.routes.extend(train_api.router.routes)
+    ui.env.globals["push_to_folder"] = train_api.push_to_folder_supported  # the run page's Push button
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _body_error)
     return app
