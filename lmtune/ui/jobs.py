@@ -1,6 +1,7 @@
 """Training started from the browser: each job is a child process (`python -m lmtune train`, or `export` /
 `push` on a finished run), so the UI stays responsive and a crash of training cannot take it down; its
-output goes to a log file that the page follows as server-sent events. And the cleaned copies of data files the audit views export.
+output goes to a log file that the page follows as server-sent events. And the cleaned copies of data
+files the audit views export.
 """
 from __future__ import annotations
 
