@@ -349,14 +349,21 @@ def test_the_form_api_merges_into_the_yaml_and_reads_back_only_a_valid_config(wo
     assert c.post("/api/columns", json={"path": "../x.csv"}, headers=POST).status_code == 403
 
 
-def test_live_events_are_the_history_rows_written_as_training_goes(workdir):
-    """The loop callback's events.jsonl holds the same rows as the history.jsonl written at the end."""
+def test_live_events_are_the_history_rows_written_as_training_goes(workdir, tmp_path):
+    """The loop callback's events.jsonl holds the same rows as the history.jsonl written at the end; a run
+    page shows them while history.jsonl is not written yet."""
     from lmtune.artifacts import RunDir
+    from lmtune.ui import views
     rd = RunDir(workdir / "runs" / "first")
     read = lambda p: [json.loads(x) for x in p.read_text().splitlines()]  # noqa: E731
     events = read(rd.events)
     assert events == read(rd.history) and sum("train_loss" in r for r in events) > 10
     assert sum("dev_accuracy" in r for r in events) == 2  # an evaluation per epoch
+    training = RunDir(tmp_path / "runs" / "training")
+    training.root.mkdir(parents=True)
+    for f in (rd.config, rd.events):  # what a run still training has
+        shutil.copy(f, training.root / f.name)
+    assert views.run_details(tmp_path / "runs", "training")["history"] == events
 
 
 def test_the_metrics_stream_follows_the_file_and_ends_with_the_job_or_the_client(tmp_path):
