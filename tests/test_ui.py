@@ -416,6 +416,43 @@ def test_the_metrics_stream_follows_the_file_and_ends_with_the_job_or_the_client
         running.wait()
 
 
+def test_a_run_still_training_is_followed_on_its_page(workdir, tmp_path):
+    import asyncio
+    import json as _json
+    from lmtune.artifacts import RunDir
+    from lmtune.ui.live import follow_run
+    c = _client(workdir)
+    done = c.get("/api/run/first/metrics")  # a finished run: its rows, then the end at once
+    assert done.headers["content-type"].startswith("text/event-stream")
+    rows = [ln for ln in done.text.splitlines() if ln.startswith("data: {\"step")]
+    assert len(rows) == len(RunDir(workdir / "runs" / "first").events.read_text().splitlines())
+    assert done.text.rstrip().endswith('"status": "finished"}')
+    assert 'id="run-live"' not in c.get("/run/first").text
+
+    rd = RunDir(tmp_path / "runs" / "training")
+    rd.root.mkdir(parents=True)
+    rd.config.write_text("task: classification\n")
+    rd.events.write_text('{"step": 1, "train_loss": 0.7}\n')
+    rd.running_marker.write_text(_json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # this process trains it
+    page = _client(tmp_path).get("/run/training").text
+    assert 'id="run-live"' in page and "/static/live.js" in page
+    polls = []
+
+    async def gone_after_three_polls():
+        polls.append(1)
+        return len(polls) > 3
+
+    async def collect(disconnected):
+        return [e async for e in follow_run(rd, disconnected, poll=0.05)]
+    events = asyncio.run(collect(gone_after_three_polls))
+    assert len([e for e in events if e.startswith("id:")]) == 1 and not any("event: done" in e for e in events)
+    rd.running_marker.unlink()  # the training process is gone: the stream ends, saying the run did not finish
+
+    async def never():
+        return False
+    assert asyncio.run(collect(never))[-1] == 'event: done\ndata: {"run": "training", "status": "stopped"}\n\n'
+
+
 def test_export_and_push_need_a_finished_run_and_a_folder_inside(workdir, dash):
     from lmtune.ui.train_api import push_to_folder_supported
     d = _dash_client(dash)

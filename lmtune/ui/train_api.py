@@ -80,6 +80,15 @@ async def api_job_metrics(job_id: str, request: Request, ui: UiState = Depends(s
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+@router.get("/run/{name}/metrics")
+async def api_run_metrics(name: str, request: Request, ui: UiState = Depends(state)):
+    """Server-sent events: a run's history rows, followed while it trains (the run page's live charts)."""
+    rd = RunDir(ui.run_path(name))
+    start = live.last_event_offset(request.headers.get("last-event-id"))
+    return StreamingResponse(live.follow_run(rd, request.is_disconnected, start), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
 def _finished_run(ui: UiState, name: str):
     path = ui.run_path(name)
     if not RunDir(path).finished():

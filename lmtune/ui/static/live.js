@@ -69,11 +69,21 @@ function liveCharts(lossBox, metricsBox) {
   return charts;
 }
 
-// Follow a job's metrics stream into `charts`; onDone(final job state) when the job ends. The browser's
-// EventSource reconnects by itself after a network error, sending the last event id: nothing is drawn twice.
-function followMetrics(jobId, charts, onDone) {
-  const source = new EventSource(`/api/jobs/${encodeURIComponent(jobId)}/metrics`);
+// Follow a metrics stream (/api/jobs/ID/metrics or /api/run/NAME/metrics) into `charts`; onDone(final state)
+// when it ends. EventSource reconnects by itself after a network error, sending the last event id: nothing is
+// drawn twice.
+function followMetrics(url, charts, onDone) {
+  const source = new EventSource(url);
   source.onmessage = e => charts.add(JSON.parse(e.data));
   source.addEventListener("done", e => { source.close(); if (onDone) onDone(JSON.parse(e.data)); });
   return source;
+}
+
+// The run page of a run still training: its charts so far, then live until it ends.
+const runLive = document.getElementById("run-live");
+if (runLive) {
+  const charts = liveCharts(document.getElementById("live-loss"), document.getElementById("live-metrics"));
+  followMetrics(`/api/run/${encodeURIComponent(runLive.dataset.run)}/metrics`, charts, s => {
+    document.getElementById("run-live-status").textContent = `${s.status}: reload the page for its results`;
+  });
 }

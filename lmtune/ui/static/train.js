@@ -106,7 +106,7 @@ if (trainForm) {
     catch (err) { status.textContent = err.message; return; }
     start.disabled = true; stop.disabled = false; log.textContent = ""; status.textContent = "running";
     const charts = liveCharts(document.getElementById("live-loss"), document.getElementById("live-metrics"));
-    followMetrics(job.id, charts);
+    followMetrics(`/api/jobs/${encodeURIComponent(job.id)}/metrics`, charts);
     const events = new EventSource(`/api/jobs/${job.id}/events`);
     events.onmessage = e => {
       const line = JSON.parse(e.data).line;
