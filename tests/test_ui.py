@@ -463,9 +463,13 @@ def test_export_and_push_need_a_finished_run_and_a_folder_inside(workdir, dash):
     r = c.post("/api/run/first/push", json={"to": "/elsewhere/hub"}, headers=POST)
     assert r.status_code == 403 and "outside the working directory" in r.json()["detail"]
     r = c.post("/api/run/first/push", json={"to": "hub/first"}, headers=POST)
-    if push_to_folder_supported():
+    if push_to_folder_supported():  # `lmtune push RUN --to DIR` as a job: the Hub layout, written locally
         assert r.status_code == 200 and r.json()["kind"] == "push"
-        c.app.state.ui.jobs.close()
+        deadline = time.time() + 180
+        while c.get(f"/api/jobs/{r.json()['id']}").json()["status"] == "running" and time.time() < deadline:
+            time.sleep(0.5)
+        assert c.get(f"/api/jobs/{r.json()['id']}").json()["status"] == "finished"
+        assert (workdir / "hub" / "first" / "README.md").is_file() and (workdir / "hub" / "first" / "config.json").is_file()
     else:
         assert r.status_code == 501 and "--to" in r.json()["detail"]
     assert not (workdir / "hub").exists() or push_to_folder_supported()
