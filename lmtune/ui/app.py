@@ -4,6 +4,8 @@ Stack: FastAPI (already lmtune's server) with Jinja2 templates rendered on the s
 hand-written script and stylesheet shipped in the package (lmtune/ui/static), and SVG charts drawn in
 Python (views.py). Nothing is fetched from the internet, there is no build step, and every page works
 from the structured results the runs wrote (results.json, metrics.json, history.jsonl).
+Live charts of a run in progress (train.js, live.js) draw its events.jsonl, streamed as server-sent
+events (live.py), with uPlot, a small MIT chart library vendored in static/vendor (no CDN either).
 
 Safety (guard.py, confine.py): binds to 127.0.0.1 unless told otherwise, and then only with a token
 (LMTUNE_UI_TOKEN or --token-file; the same rules as `serve`'s keys); only requests whose Host names the
