@@ -99,17 +99,22 @@ def _relative(path: str, workdir: Path) -> str:
 
 
 def file_columns(path: Path) -> dict[str, Any]:
-    """A data file's column names (a CoNLL file has none: tokens and tags), and lmtune init's guess of the
-    task and the text / label columns when it can make one."""
+    """A data file's column names (a CoNLL file has none: tokens and tags), and lmtune init's guesses for the
+    form's keys (task, columns, model, max_length, epochs ...) when it can make them."""
     from lmtune.data.readers import read_rows
     columns: list[str] = []
     if path.suffix.lower() not in (".conll", ".bio", ".iob"):  # as lmtune init tells them apart
         columns = list(dict.fromkeys(k for _, r in read_rows(path)[:200] for k in r))
-    guess: dict[str, str] = {}
+    guess: dict[str, Any] = {}
+    # what `lmtune init FILE` writes: the task, the columns, a backbone for the language, max_length from the lengths
     try:
-        from lmtune.scaffold import inspect
-        info = inspect(path)
-        guess = {"task": info["task"], **{f"data.{k}": v for k, v in info["columns"].items()}}
+        from lmtune.scaffold import inspect, render
+        init = yaml.safe_load(render(inspect(path)))
     except InputError:  # no label column to guess: the person picks one
-        pass
+        return {"columns": columns, "guess": guess}
+    for key in FORM_KEYS:
+        section, _, leaf = key.rpartition(".")
+        node = init.get(section, {}) if section else init
+        if key not in DATA_FILE_KEYS and isinstance(node, dict) and leaf in node:
+            guess[key] = node[leaf]
     return {"columns": columns, "guess": guess}
