@@ -6,6 +6,7 @@ metadata (lmtune.json) and the task state saved beside a model (model/, export/,
             predictions/{dev,test}.jsonl  export/ (the same metadata + ONNX files)
             drift_reference.safetensors (dev embeddings and scores for the serve drift monitor)
             running.json ({pid, host} while a process trains the run)
+            events.jsonl (history.jsonl's rows, appended as training makes them: what live charts follow)
             results.json and the analyses' NAME.json; label_noise.json(l), generation.json, index/
 
 It also owns the run directory's lifecycle: a new one (new_run_dir), the one --resume continues
@@ -47,6 +48,7 @@ class RunDir:
     audit = property(lambda self: self.root / "audit.json")
     log = property(lambda self: self.root / "train.log")
     history = property(lambda self: self.root / "history.jsonl")
+    events = property(lambda self: self.root / "events.jsonl")  # history rows appended while training (live charts)
     metrics = property(lambda self: self.root / "metrics.json")
     report = property(lambda self: self.root / "report.md")
     checkpoints = property(lambda self: self.root / "checkpoints")

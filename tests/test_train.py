@@ -112,6 +112,8 @@ def test_resume_mid_epoch_gives_the_same_weights(tiny_config):
     part = resumed.metrics["train"]["resumed"]
     assert part["from_step"] == 4 and part["steps_this_part"] == 16 and part["seconds_this_part"] > 0
     hist = [json.loads(x) for x in (resumed.run_dir / "history.jsonl").read_text().splitlines()]
+    # the live file (events.jsonl) restarts from the checkpoint's history: no rows of the crashed part twice
+    assert [json.loads(x) for x in (resumed.run_dir / "events.jsonl").read_text().splitlines()] == hist
     step_times = [h["seconds"] for h in hist if "seconds" in h]
     assert len(step_times) == 20  # the first part's steps count too
     assert resumed.metrics["train"]["seconds_per_epoch"] == pytest.approx(sum(step_times) / 20 * 12)

@@ -7,6 +7,7 @@ Screenshots go to test-artifacts/ui/ at the repository root.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -162,22 +163,61 @@ def _screenshot(browser, name: str) -> Path:
     return path
 
 
+def _fill(browser, element_id: str, text: str) -> None:
+    """Type into a form control as a person does, then leave it (Tab): its change event fires."""
+    from selenium.webdriver.common.keys import Keys
+    box = browser.find_element("id", element_id)
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(Keys.DELETE)
+    box.send_keys(text, Keys.TAB)
+
+
+def _yaml(browser) -> dict:
+    return yaml.safe_load(browser.find_element("id", "config").get_property("value")) or {}
+
+
 def test_train_inspect_try_and_compare_in_the_browser(browser, ui_url, workdir, pretrained_tiny):
+    """Configured and started through the form's controls only (the YAML view is only read), the live
+    chart gains points while the job runs; then the run page, Try it, export, and compare."""
     from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
     browser.get(ui_url + "/train")
     browser.find_element(By.ID, "upload").send_keys(str(workdir / "reviews.csv"))
-    _wait(browser, lambda b: b.find_element(By.ID, "config").get_property("value").strip()
-          and b.find_element(By.ID, "start").is_enabled())
-    cfg = yaml.safe_load(browser.find_element(By.ID, "config").get_property("value"))
-    assert cfg["data"]["train"].endswith("uploads/reviews.csv")
-    # edit the config in the page: the tiny backbone and 2 epochs keep the test short
-    cfg["model"] = {"name": pretrained_tiny}
-    cfg["train"] = {**cfg.get("train", {}), "epochs": 2, "batch_size": 16, "lr": 3e-3, "seed": 1}
-    cfg["run_name"] = "from-browser"
-    browser.execute_script("document.getElementById('config').value = arguments[0];", yaml.safe_dump(cfg))
+    _wait(browser, lambda b: _yaml(b).get("data", {}).get("label_column") == "label")  # init's guess of the columns
+    assert _yaml(browser)["data"]["train"].endswith("uploads/reviews.csv")
+    assert Select(browser.find_element(By.ID, "f-data-train")).first_selected_option.get_attribute("value") == "uploads/reviews.csv"
+    columns = [o.text for o in Select(browser.find_element(By.ID, "f-data-label_column")).options]
+    assert "text" in columns and "label" in columns  # filled from the file's header
+    # the tiny backbone and small settings keep the test short; every value goes in through a form control
+    for element_id, value in (("f-model-name", pretrained_tiny), ("f-train-epochs", "2"), ("f-train-batch_size", "8"),
+                              ("f-train-lr", "0.003"), ("f-train-seed", "1"), ("f-run_name", "from-browser")):
+        _fill(browser, element_id, value)
+    Select(browser.find_element(By.ID, "f-peft-method")).select_by_value("none")
+    _wait(browser, lambda b: _yaml(b).get("run_name") == "from-browser")
+    cfg = _yaml(browser)
+    assert cfg["model"]["name"] == pretrained_tiny and cfg["train"] == {"epochs": 2, "batch_size": 8, "lr": 0.003, "seed": 1}
+    assert cfg["task"] == "classification" and cfg["data"]["text_column"] == "text"
+    browser.execute_script("document.activeElement.blur(); window.scrollTo(0, 0)")
+    _screenshot(browser, "ui-train-form")
+
     browser.find_element(By.ID, "start").click()
-    _wait(browser, lambda b: b.find_element(By.ID, "job-status").text.startswith(("finished", "failed")), 300)
+    seen = []  # the loss chart's train_loss point count, read from the uPlot series while the job runs
+    count = "return window.lmtuneLive ? window.lmtuneLive.loss.points('train_loss') : 0"
+    deadline = time.time() + 300
+    while not browser.find_element(By.ID, "job-status").text.startswith(("finished", "failed")) and time.time() < deadline:
+        seen.append(browser.execute_script(count))
+        time.sleep(0.15)
     assert browser.find_element(By.ID, "job-status").text.startswith("finished"), browser.find_element(By.ID, "log").text
+    growing = sorted({n for n in seen if n})
+    assert len(growing) >= 2, seen  # the chart gained points while training ran, not only at the end
+    events = [json.loads(x) for x in (workdir / "runs" / "from-browser" / "events.jsonl").read_text().splitlines()]
+    steps = [r for r in events if "train_loss" in r]
+    _wait(browser, lambda b: b.execute_script(count) == len(steps), 10)  # every step's loss reached the chart
+    assert len(steps) > growing[0]
+    dev = browser.execute_script("return window.lmtuneLive.metrics.points('dev_accuracy')")
+    assert dev == sum("dev_accuracy" in r for r in events) == 2  # one point per evaluation (each epoch)
+    browser.execute_script("document.getElementById('start').scrollIntoView()")
+    _screenshot(browser, "ui-live")
     bar = browser.find_element(By.ID, "progress")
     assert float(bar.get_property("value")) == float(bar.get_property("max")) > 1  # progress reached the end
     assert "train " in browser.find_element(By.ID, "log").text
@@ -197,6 +237,14 @@ def test_train_inspect_try_and_compare_in_the_browser(browser, ui_url, workdir, 
     assert label in ("positive", "negative", "neutral")
     probs = browser.find_elements(By.CSS_SELECTOR, "#try-result .prob")
     assert len(probs) >= 2
+
+    from lmtune.ui.train_api import push_to_folder_supported
+    push = browser.find_element(By.ID, "push-run")
+    assert push.is_enabled() == push_to_folder_supported()  # the push hook waits for `lmtune push --to`
+    browser.find_element(By.ID, "export-onnx").click()
+    _wait(browser, lambda b: b.find_element(By.ID, "action-status").text.startswith(("export: finished", "export: failed")), 300)
+    assert browser.find_element(By.ID, "action-status").text == "export: finished", browser.find_element(By.ID, "action-log").text
+    assert (workdir / "runs" / "from-browser" / "export" / "export.json").is_file()
 
     browser.get(ui_url + "/")
     _wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "#runs tbody tr[data-run]")) >= 2)
@@ -413,6 +461,33 @@ def test_error_analysis_of_a_run_without_labeled_predictions_says_so(dash):
     assert _dash_client(dash).get("/run/nope/errors").status_code == 404
 
 
+def test_the_yaml_view_follows_the_form_and_the_form_follows_valid_yaml(browser, ui_url):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+    from selenium.webdriver.support.ui import Select
+    browser.get(ui_url + "/train")
+    _wait(browser, lambda b: b.find_element(By.ID, "f-train-epochs").get_property("value") == "3")  # the defaults
+    _fill(browser, "f-train-epochs", "7")
+    Select(browser.find_element(By.ID, "f-peft-method")).select_by_value("lora")
+    browser.find_element(By.ID, "f-train-calibrate").click()
+    _wait(browser, lambda b: _yaml(b) == {"train": {"epochs": 7, "calibrate": False}, "peft": {"method": "lora"}})
+
+    browser.find_element(By.CSS_SELECTOR, "#advanced summary").click()
+    box = browser.find_element(By.ID, "config")
+    box.send_keys(Keys.CONTROL, "a")
+    box.send_keys(Keys.DELETE)
+    box.send_keys("task: regression\npeft:\n  method: ia3\ntrain:\n  epochs: 5\n  lr: 0.002\n")
+    _wait(browser, lambda b: b.find_element(By.ID, "f-train-epochs").get_property("value") == "5")
+    assert browser.find_element(By.ID, "f-train-lr").get_property("value") == "0.002"
+    assert Select(browser.find_element(By.ID, "f-peft-method")).first_selected_option.text == "ia3"
+    assert Select(browser.find_element(By.ID, "f-task")).first_selected_option.text == "regression"
+    assert browser.find_element(By.ID, "f-train-calibrate").is_selected()  # no longer in the YAML: its default
+    box.send_keys("  epochz: 9\n")  # a typo: the form keeps what it shows and says why
+    _wait(browser, lambda b: "epochz" in b.find_element(By.ID, "yaml-status").text)
+    assert "Did you mean 'train.epochs'" in browser.find_element(By.ID, "yaml-status").text
+    assert browser.find_element(By.ID, "f-train-epochs").get_property("value") == "5"
+
+
 def test_ner_run_page_marks_predicted_and_gold_entities(tmp_path, tiny_model):
     sents = "\n\n".join(["Peter B-PER\nlives O\nin O\nParis B-LOC", "Anna B-PER\nvisits O\nRome B-LOC"] * 20)
     (tmp_path / "train.conll").write_text(sents + "\n")
@@ -443,6 +518,160 @@ def test_a_training_job_can_be_stopped_and_a_bad_config_is_refused(workdir, pret
     assert state["status"] == "stopped" and state["step"] < state["total"]
     events = c.get(f"/api/jobs/{job['id']}/events").text  # the stream ends with the final state
     assert "event: done" in events and '"status": "stopped"' in events
+
+
+def test_the_form_api_merges_into_the_yaml_and_reads_back_only_a_valid_config(workdir):
+    c = _client(workdir)
+    merged = c.post("/api/form/yaml", json={"config": "# mine\ntrain:\n  warmup_ratio: 0.2\n",
+                                              "values": {"data.train": "train.csv", "train.epochs": 2, "peft.method": "lora"}},
+                    headers=POST)
+    assert merged.status_code == 200, merged.text
+    cfg = yaml.safe_load(merged.json()["config"])
+    assert cfg == {"train": {"warmup_ratio": 0.2, "epochs": 2}, "peft": {"method": "lora"},  # the YAML's own keys stay
+                   "data": {"train": str(workdir / "train.csv")}}  # absolute: a job rebases relative paths on its folder
+    removed = c.post("/api/form/yaml", json={"config": merged.json()["config"], "values": {"peft.method": None}}, headers=POST)
+    assert "peft" not in yaml.safe_load(removed.json()["config"])  # no empty section left
+    values = c.post("/api/form/values", json={"config": merged.json()["config"]}, headers=POST).json()["values"]
+    assert values["data.train"] == "train.csv" and values["train.epochs"] == 2 and values["peft.method"] == "lora"
+    assert values["train.batch_size"] == 16  # not in the YAML: the default
+    bad = c.post("/api/form/values", json={"config": "train:\n  epochz: 2\n"}, headers=POST)
+    assert bad.status_code == 422 and "Did you mean 'train.epochs'" in bad.json()["detail"]
+    assert c.post("/api/form/values", json={"config": "train: [1\n"}, headers=POST).status_code == 422
+    outside = c.post("/api/form/yaml", json={"config": "", "values": {"data.dev": "/etc/passwd"}}, headers=POST)
+    assert outside.status_code == 403 and "data.dev" in outside.json()["detail"]
+    other = c.post("/api/form/yaml", json={"config": "", "values": {"output_dir": "/tmp"}}, headers=POST)
+    assert other.status_code == 422 and "not a key of the training form" in other.json()["detail"]
+    not_section = c.post("/api/form/yaml", json={"config": "train: 3\n", "values": {"train.lr": 0.1}}, headers=POST)
+    assert not_section.status_code == 422
+    cols = c.post("/api/columns", json={"path": "train.csv"}, headers=POST).json()
+    assert cols["columns"] == ["text", "label"] and cols["guess"]["data.label_column"] == "label"
+    assert c.post("/api/columns", json={"path": "../x.csv"}, headers=POST).status_code == 403
+
+
+def test_live_events_are_the_history_rows_written_as_training_goes(workdir, tmp_path):
+    """The loop callback's events.jsonl holds the same rows as the history.jsonl written at the end; a run
+    page shows them while history.jsonl is not written yet."""
+    from lmtune.artifacts import RunDir
+    from lmtune.ui import views
+    rd = RunDir(workdir / "runs" / "first")
+    read = lambda p: [json.loads(x) for x in p.read_text().splitlines()]  # noqa: E731
+    events = read(rd.events)
+    assert events == read(rd.history) and sum("train_loss" in r for r in events) > 10
+    assert sum("dev_accuracy" in r for r in events) == 2  # an evaluation per epoch
+    training = RunDir(tmp_path / "runs" / "training")
+    training.root.mkdir(parents=True)
+    for f in (rd.config, rd.events):  # what a run still training has
+        shutil.copy(f, training.root / f.name)
+    assert views.run_details(tmp_path / "runs", "training")["history"] == events
+
+
+def test_the_metrics_stream_follows_the_file_and_ends_with_the_job_or_the_client(tmp_path):
+    import asyncio
+    import subprocess
+    import sys
+    from lmtune.artifacts import RunDir
+    from lmtune.ui.jobs import Job
+    from lmtune.ui.live import follow_events, last_event_offset
+    rd = RunDir(tmp_path / "run")
+    rd.root.mkdir()
+
+    async def collect(job, disconnected, start=0, stop_after=None):
+        out = []
+        async for event in follow_events(job, disconnected, start, poll=0.05):
+            out.append(event)
+            if stop_after and len(out) == stop_after:
+                rd.events.open("a").write('{"step": 2, "train_loss": 0.5}\n{"step": 3, "tra')  # a partial line waits
+        return out
+
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(1.5)"])
+    job = Job("j1", tmp_path / "job", proc, kind="train", run_dir=rd.root)
+    rd.events.write_text('{"step": 1, "train_loss": 0.9}\n')
+
+    async def never():
+        return False
+    events = asyncio.run(collect(job, never, stop_after=1))
+    assert proc.poll() is not None  # it ended because the job ended
+    data = [e for e in events if e.startswith("id:")]
+    assert len(data) == 2 and '"train_loss": 0.5' in data[1]  # the partial third line is never sent
+    assert events[-1].startswith("event: done") and '"status": "finished"' in events[-1]
+    offset = last_event_offset(data[0].split("\n")[0][4:])
+    resumed = asyncio.run(collect(job, never, start=offset))  # a reconnecting browser's Last-Event-ID
+    assert [e for e in resumed if e.startswith("id:")] == data[1:]
+    assert last_event_offset("x1") == 0 and last_event_offset(None) == 0
+
+    running = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        calls = []
+
+        async def gone_after_two_polls():
+            calls.append(1)
+            return len(calls) > 2
+        t0 = time.time()
+        events = asyncio.run(collect(Job("j2", tmp_path / "job", running, run_dir=rd.root), gone_after_two_polls))
+        assert time.time() - t0 < 5 and running.poll() is None  # the client left: the stream ended, the job runs on
+        assert not any(e.startswith("event: done") for e in events)
+    finally:
+        running.kill()
+        running.wait()
+
+
+def test_a_run_still_training_is_followed_on_its_page(workdir, tmp_path):
+    import asyncio
+    import json as _json
+    from lmtune.artifacts import RunDir
+    from lmtune.ui.live import follow_run
+    c = _client(workdir)
+    done = c.get("/api/run/first/metrics")  # a finished run: its rows, then the end at once
+    assert done.headers["content-type"].startswith("text/event-stream")
+    rows = [ln for ln in done.text.splitlines() if ln.startswith("data: {\"step")]
+    assert len(rows) == len(RunDir(workdir / "runs" / "first").events.read_text().splitlines())
+    assert done.text.rstrip().endswith('"status": "finished"}')
+    assert 'id="run-live"' not in c.get("/run/first").text
+
+    rd = RunDir(tmp_path / "runs" / "training")
+    rd.root.mkdir(parents=True)
+    rd.config.write_text("task: classification\n")
+    rd.events.write_text('{"step": 1, "train_loss": 0.7}\n')
+    rd.running_marker.write_text(_json.dumps({"pid": os.getpid(), "host": socket.gethostname()}))  # this process trains it
+    page = _client(tmp_path).get("/run/training").text
+    assert 'id="run-live"' in page and "/static/live.js" in page
+    polls = []
+
+    async def gone_after_three_polls():
+        polls.append(1)
+        return len(polls) > 3
+
+    async def collect(disconnected):
+        return [e async for e in follow_run(rd, disconnected, poll=0.05)]
+    events = asyncio.run(collect(gone_after_three_polls))
+    assert len([e for e in events if e.startswith("id:")]) == 1 and not any("event: done" in e for e in events)
+    rd.running_marker.unlink()  # the training process is gone: the stream ends, saying the run did not finish
+
+    async def never():
+        return False
+    assert asyncio.run(collect(never))[-1] == 'event: done\ndata: {"run": "training", "status": "stopped"}\n\n'
+
+
+def test_export_and_push_need_a_finished_run_and_a_folder_inside(workdir, dash):
+    from lmtune.ui.train_api import push_to_folder_supported
+    d = _dash_client(dash)
+    assert d.post("/api/run/r1/export", headers=POST).status_code == 409  # no model yet
+    assert d.post("/api/run/nope/export", headers=POST).status_code == 404
+    assert d.post("/api/run/r1/export").status_code == 403  # no X-Lmtune-UI header
+    c = _client(workdir)
+    r = c.post("/api/run/first/push", json={"to": "/elsewhere/hub"}, headers=POST)
+    assert r.status_code == 403 and "outside the working directory" in r.json()["detail"]
+    r = c.post("/api/run/first/push", json={"to": "hub/first"}, headers=POST)
+    if push_to_folder_supported():  # `lmtune push RUN --to DIR` as a job: the Hub layout, written locally
+        assert r.status_code == 200 and r.json()["kind"] == "push"
+        deadline = time.time() + 180
+        while c.get(f"/api/jobs/{r.json()['id']}").json()["status"] == "running" and time.time() < deadline:
+            time.sleep(0.5)
+        assert c.get(f"/api/jobs/{r.json()['id']}").json()["status"] == "finished"
+        assert (workdir / "hub" / "first" / "README.md").is_file() and (workdir / "hub" / "first" / "config.json").is_file()
+    else:
+        assert r.status_code == 501 and "--to" in r.json()["detail"]
+    assert not (workdir / "hub").exists() or push_to_folder_supported()
 
 
 # ---- issue 46: the Host check, job configs confined, malformed bodies, fuzzing (defects 2 and 9) -------
@@ -481,7 +710,9 @@ def _requests_for_every_route(app):
     valid; Mounts (the static files) by a file they serve."""
     from starlette.routing import Mount
     bodies = {"/api/init": {"path": "train.csv"}, "/api/clean": {"path": "train.csv", "actions": []},
-              "/api/jobs": {"config": "train:\n  epochs: 1\n"}, "/api/run/{name}/predict": {"text": "good"}}
+              "/api/jobs": {"config": "train:\n  epochs: 1\n"}, "/api/run/{name}/predict": {"text": "good"},
+              "/api/columns": {"path": "train.csv"}, "/api/form/yaml": {"config": "", "values": {"train.epochs": 2}},
+              "/api/form/values": {"config": ""}, "/api/run/{name}/push": {"to": "hub"}}
     out = []
     for route in app.routes:
         if isinstance(route, Mount):
@@ -598,7 +829,8 @@ def test_no_error_message_shows_a_file_outside(dash):
     assert not (dash["work"] / "cleaned").exists()
 
 
-JSON_ROUTES = ("/api/run/r1/predict", "/api/init", "/api/jobs", "/api/clean")
+JSON_ROUTES = ("/api/run/r1/predict", "/api/init", "/api/jobs", "/api/clean", "/api/columns", "/api/form/yaml",
+               "/api/form/values", "/api/run/r1/push")
 NOT_OBJECTS = ([1, 2], ["train.csv"], [], "train.csv", 3, 2.5, None, True)
 
 
@@ -643,7 +875,8 @@ def test_arbitrary_json_to_every_json_route_never_gives_a_server_error(dash):
     """The property test: any JSON value, or an object with the routes' own keys holding any JSON value."""
     import hypothesis.strategies as st
     c = _dash_client(dash)
-    keys = st.sampled_from(["path", "actions", "config", "text", "pair", "task", "label_column", "line", "action"])
+    keys = st.sampled_from(["path", "actions", "config", "text", "pair", "task", "label_column", "line", "action",
+                            "values", "to"])
     for url in JSON_ROUTES:
         _never_5xx(c, url, _json_values() | st.dictionaries(keys, _json_values(), max_size=4))
     c.app.state.ui.jobs.close()
@@ -652,7 +885,9 @@ def test_arbitrary_json_to_every_json_route_never_gives_a_server_error(dash):
 def test_fuzzing_the_dashboard_openapi_schema_gives_no_5xx(dash):
     app = create_ui(UiSettings(runs_dir=str(dash["work"] / "runs"), workdir=str(dash["work"]), max_upload_bytes=4096))
     calls = [code for _, code in fuzz_openapi(app, ({**POST, "Host": "127.0.0.1:7860"},), 25,
-                                              {"/api/jobs", "/api/clean", "/api/init", "/api/run/{name}/predict", "/"},
+                                              {"/api/jobs", "/api/clean", "/api/init", "/api/run/{name}/predict", "/",
+                                               "/api/form/yaml", "/api/form/values", "/api/columns",
+                                               "/api/jobs/{job_id}/metrics", "/api/run/{name}/export"},
                                               schema_headers={"Host": "127.0.0.1:7860"})]
     app.state.ui.jobs.close()
     assert len(calls) >= 100 and 200 in calls and 422 in calls

@@ -27,6 +27,7 @@ from lmtune.artifacts import model_meta, save_task_arrays, write_meta
 from lmtune.tasks.base import EXAMPLE_LABELS, GENERATE, Encoded, encode_examples
 from lmtune.training import fsdp
 from lmtune.training.checkpoint import Checkpoints
+from lmtune.training.live import LiveEvents
 from lmtune.training.loop import LoopTask, total_steps, train_loop
 from lmtune.training.memory import PeakMemory
 from lmtune.training.optim import resolve_learning_rates
@@ -133,9 +134,10 @@ def fit(ctx: Context) -> None:
         from lmtune import continual
         loss = continual.l2sp_loss(loss, built.model, ctx.inputs.previous, cfg.continual.l2sp, built.head)
     loop_task = LoopTask(data.collate, loss, task.num_items, evaluate_dev, adversary, task.pad_values(built.tokenizer))
+    live = (LiveEvents(ctx.rd.events),) if ctx.accelerator.is_main_process else ()  # the dashboard's live charts
     with PeakMemory() as peak_mem:
         state = train_loop(built.model, data.train_features, loop_task, built.lrs, ckpt, ctx.accelerator,
-                           resume=bool(ctx.inputs.resume), callbacks=(*ctx.inputs.callbacks, *ctx.trackers),
+                           resume=bool(ctx.inputs.resume), callbacks=(*ctx.inputs.callbacks, *ctx.trackers, *live),
                            step_hooks=tuple(step_hooks(built.model, cfg.peft)))
     ctx.fit = Fit(ckpt, state, resumed_from, peak_mem, time.perf_counter() - t0, adversary)
 

@@ -4,6 +4,8 @@ Stack: FastAPI (already lmtune's server) with Jinja2 templates rendered on the s
 hand-written script and stylesheet shipped in the package (lmtune/ui/static), and SVG charts drawn in
 Python (views.py). Nothing is fetched from the internet, there is no build step, and every page works
 from the structured results the runs wrote (results.json, metrics.json, history.jsonl).
+Live charts of a run in progress (train.js, live.js) draw its events.jsonl, streamed as server-sent
+events (live.py), with uPlot, a small MIT chart library vendored in static/vendor (no CDN either).
 
 Safety (guard.py, confine.py): binds to 127.0.0.1 unless told otherwise, and then only with a token
 (LMTUNE_UI_TOKEN or --token-file; the same rules as `serve`'s keys); only requests whose Host names the
@@ -45,6 +47,7 @@ async def _body_error(request: Request, exc: RequestValidationError) -> JSONResp
 
 def create_ui(settings: UiSettings) -> FastAPI:
     from lmtune.ui import api, pages
+    from lmtune.ui import train_api
     ui = UiState(settings)
 
     @asynccontextmanager
@@ -60,6 +63,8 @@ def create_ui(settings: UiSettings) -> FastAPI:
     # the routers' routes go straight into the app's table (not include_router, which this FastAPI keeps as one
     # nested entry): app.routes lists every route, and the tests walk it to check the Host guard on each
     app.router.routes.extend(pages.router.routes + api.router.routes)
+    app.router.routes.extend(train_api.router.routes)
+    ui.env.globals["push_to_folder"] = train_api.push_to_folder_supported  # the run page's Push button
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _body_error)
     return app

@@ -1,6 +1,7 @@
-"""Training started from the browser: each job is a child process (`python -m lmtune train`), so the UI
-stays responsive and a crash of training cannot take it down; its output goes to a log file that the
-page follows as server-sent events. And the cleaned copies of data files the audit views export.
+"""Training started from the browser: each job is a child process (`python -m lmtune train`, or `export` /
+`push` on a finished run), so the UI stays responsive and a crash of training cannot take it down; its
+output goes to a log file that the page follows as server-sent events. And the cleaned copies of data
+files the audit views export.
 """
 from __future__ import annotations
 
@@ -34,6 +35,8 @@ class Job:
     proc: subprocess.Popen
     started: float = field(default_factory=time.time)
     stopped: bool = False
+    kind: str = "train"  # train, export or push: the lmtune command the child runs
+    run_dir: Path | None = None  # the run it trains (known before the child starts) or exports / pushes
 
     @property
     def log(self) -> Path:
@@ -49,7 +52,9 @@ class Job:
                 step, total = int(m.group(1)), int(m.group(2))
             if m := _RUN_DIR.match(line):
                 run_dir = m.group(1)
-        return {"id": self.id, "status": status, "exit_code": code, "step": step, "total": total,
+        if run_dir is None and self.kind != "train" and self.run_dir is not None:  # export / push: the run they act on
+            run_dir = str(self.run_dir)
+        return {"id": self.id, "kind": self.kind, "status": status, "exit_code": code, "step": step, "total": total,
                 "run": Path(run_dir).name if run_dir else None, "seconds": round(time.time() - self.started, 1)}
 
 
@@ -77,10 +82,21 @@ class Jobs:
                "--train.progress", "lines"]
         if not built.run_name:
             cmd += ["--run_name", f"ui-{job_id}"]
+        return self._spawn(job_id, folder, cmd, "train", self.runs_dir / (built.run_name or f"ui-{job_id}"))
+
+    def start_command(self, kind: str, args: list[str], run_dir: Path) -> Job:
+        """`lmtune KIND ARGS...` on a finished run (export, push) as a job, followed like a training job.
+        The caller has checked every path in args against the confinement."""
+        job_id = uuid.uuid4().hex[:10]
+        folder = self.folder / job_id
+        folder.mkdir(parents=True)
+        return self._spawn(job_id, folder, [sys.executable, "-m", "lmtune", kind, *args], kind, run_dir)
+
+    def _spawn(self, job_id: str, folder: Path, cmd: list[str], kind: str, run_dir: Path) -> Job:
         with open(folder / "train.out", "wb") as out:  # cwd: the other paths resolve as they were checked
             proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, cwd=self.workdir,
                                     start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-        job = Job(job_id, folder, proc)
+        job = Job(job_id, folder, proc, kind=kind, run_dir=run_dir)
         self.jobs[job_id] = job
         return job
 

@@ -67,7 +67,13 @@ async def errors_page(name: str, split: str | None = None, ui: UiState = Depends
 
 @router.get("/train", response_class=HTMLResponse)
 async def train_page(ui: UiState = Depends(state)):
-    return ui.page("train.html", max_mb=ui.settings.max_upload_bytes / 2**20)
+    import lmtune.registrations  # noqa: F401  (the built-in tasks and PEFT methods)
+    from lmtune.config import DEFAULT_MODEL
+    from lmtune.models import PACKAGED_MODELS
+    from lmtune.registry import peft_methods, tasks
+    models = list(dict.fromkeys([DEFAULT_MODEL, *PACKAGED_MODELS]))
+    return ui.page("train.html", max_mb=ui.settings.max_upload_bytes / 2**20, tasks=tasks.names(),
+                   peft_methods=peft_methods.names(), models=models)
 
 
 @router.get("/favicon.ico")

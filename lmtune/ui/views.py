@@ -31,10 +31,11 @@ def _read_json(path: Path, default):
 
 
 def history(rd: RunDir) -> list[dict]:
-    if not rd.history.is_file():
+    path = rd.history if rd.history.is_file() else rd.events  # events.jsonl: the rows so far of a run still training
+    if not path.is_file():
         return []
     rows = []
-    for line in rd.history.read_text().splitlines():
+    for line in path.read_text().splitlines():
         try:
             rows.append(json.loads(line))
         except ValueError:  # a line being written while the run is in progress

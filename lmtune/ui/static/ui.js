@@ -1,4 +1,4 @@
-// lmtune ui: sorting and filtering tables, Try it, training from the browser, cleaned data copies.
+// lmtune ui: sorting and filtering tables, Try it, cleaned data copies (training: train.js, live.js).
 // Plain JavaScript shipped with the package: no CDN, no build step.
 "use strict";
 
@@ -111,50 +111,4 @@ if (cleanForm) {
     } catch (err) { out.textContent = err.message; }
   });
 }
-
-// ---- training from the browser ----
-const configBox = document.getElementById("config");
-if (configBox) {
-  const start = document.getElementById("start"), stop = document.getElementById("stop");
-  const status = document.getElementById("job-status"), log = document.getElementById("log");
-  const bar = document.getElementById("progress"), pick = document.getElementById("pick");
-  let job = null;
-  const useFile = async path => {
-    document.getElementById("data-path").textContent = path;
-    try {
-      configBox.value = (await call("POST", "/api/init", { path })).config;
-      start.disabled = false;
-    } catch (err) { status.textContent = err.message; }
-  };
-  call("GET", "/api/files").then(files => files.forEach(f => pick.appendChild(el("option", { value: f }, f))));
-  pick.addEventListener("change", () => pick.value && useFile(pick.value));
-  document.getElementById("upload").addEventListener("change", async e => {
-    const f = e.target.files[0];
-    if (!f) return;
-    try {
-      const up = await call("POST", "/api/upload?name=" + encodeURIComponent(f.name), f, true);
-      await useFile(up.path);
-    } catch (err) { status.textContent = err.message; }
-  });
-  start.addEventListener("click", async () => {
-    try { job = await call("POST", "/api/jobs", { config: configBox.value }); }
-    catch (err) { status.textContent = err.message; return; }
-    start.disabled = true; stop.disabled = false; log.textContent = ""; status.textContent = "running";
-    const events = new EventSource(`/api/jobs/${job.id}/events`);
-    events.onmessage = e => {
-      const line = JSON.parse(e.data).line;
-      log.textContent += line + "\n"; log.scrollTop = log.scrollHeight;
-      const m = /^train (\d+)\/(\d+)/.exec(line);
-      if (m) { bar.max = +m[2]; bar.value = +m[1]; }
-    };
-    events.addEventListener("done", e => {
-      events.close();
-      const s = JSON.parse(e.data);
-      stop.disabled = true; start.disabled = false;
-      if (s.status === "finished") bar.value = bar.max;
-      status.textContent = s.status;
-      if (s.run) { status.appendChild(document.createTextNode(" · ")); status.appendChild(el("a", { href: "/run/" + s.run, id: "job-run" }, s.run)); }
-    });
-  });
-  stop.addEventListener("click", async () => { if (job) status.textContent = (await call("POST", `/api/jobs/${job.id}/stop`)).status; });
-}
+// training from the browser: train.js (the training page loads it)
