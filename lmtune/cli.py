@@ -623,9 +623,11 @@ COMMANDS: dict[str, Command | Group] = {
         "evaluate": Command(cmd_assistant_evaluate, "routing accuracy on a labeled file (right answer, or hand-off for "
                                                     "out-of-scope)")}),
     "monitor": Command(cmd_monitor, "news sentiment monitor app: companies, sentiment, alert rules, a page (see Applications)"),
-    "serve": Command(cmd_serve, "serve a run over HTTP (FastAPI): /v1/predict (/v1/generate), /healthz, /readyz, /metrics",
+    "serve": Command(cmd_serve, "serve a run over HTTP (FastAPI): /v1/predict (/v1/generate), /health, /readyz, /info, "
+                                "/v1/models, /metrics, /docs",
                      "API keys come from LMTUNE_API_KEYS (comma-separated) or --api-key-file; calls without a valid key "
-                     "get 401. Uses RUN_DIR/export (ONNX, int8 first) when present."),
+                     "get 401 (/health, /healthz, /readyz and the docs need none). Uses RUN_DIR/export (ONNX, int8 first) "
+                     "when present. /docs is Swagger UI served from the installed package: it works offline."),
     "config": Command(cmd_config, "list every config key with its default and meaning"),
     "init": Command(cmd_init, "inspect a labeled file and write a commented config to start from"),
     "runs": Command(cmd_runs, "list runs: task, model, date, headline metrics, status"),
@@ -731,8 +733,10 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:
         # the reader went away (`lmtune completion zsh | head -1`): stop quietly, like any Unix filter. Python's
         # final flush of stdout would raise again, so stdout now points at /dev/null (Python docs, "SIGPIPE").
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is no file descriptor (an embedding program's stream)
+            pass
         return 141  # 128 + SIGPIPE: what the shell reports for a filter stopped by a closed pipe
 
 
