@@ -25,7 +25,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from lmtune import results
 from lmtune.artifacts import RunDir
 from lmtune.errors import InputError
 from lmtune.io import write_json
@@ -101,6 +100,8 @@ def result_file(run_dir: str | Path, name: str) -> Path:
 def analyse(run: Any, name: str, **params: Any) -> dict:
     """Run the analysis NAME on a loaded run; its result goes to RUN_DIR/NAME.json and, for a run with
     results.json, into it under NAME (report.md rendered again, a new result replacing the old)."""
+    from lmtune import results  # here, not at the top: results imports the tasks (torch), and the cli's parser
+    # imports this module to list the analysis commands
     analysis = get(name)
     if analysis.run is None:
         raise InputError(f"{name}: this section is written by training; there is nothing to run.")

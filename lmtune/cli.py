@@ -14,6 +14,7 @@ import functools
 import inspect
 import json
 import logging
+import os
 import sys
 import types
 import typing
@@ -407,9 +408,16 @@ def cmd_push(run_dir: str, repo_id: str, *, private: bool = False) -> int:
     return 0
 
 
-def cmd_completion(shell: Literal["bash", "zsh"]) -> int:
-    import shtab
-    print(shtab.complete(build_parser(), shell=shell))
+def cmd_completion(shell: Literal["bash", "zsh", "fish"]) -> int:
+    """A completion script for the shell, from the same parser as --help (shtab for bash and zsh, which it
+    supports; fish written here, as shtab has none)."""
+    parser = build_parser(generated_help=False)
+    if shell == "fish":
+        from lmtune.completion import fish_script
+        print(fish_script(parser))
+    else:
+        import shtab
+        print(shtab.complete(parser, shell=shell))
     return 0
 
 
@@ -621,9 +629,11 @@ COMMANDS: dict[str, Command | Group] = {
         "evaluate": Command(cmd_assistant_evaluate, "routing accuracy on a labeled file (right answer, or hand-off for "
                                                     "out-of-scope)")}),
     "monitor": Command(cmd_monitor, "news sentiment monitor app: companies, sentiment, alert rules, a page (see Applications)"),
-    "serve": Command(cmd_serve, "serve a run over HTTP (FastAPI): /v1/predict (/v1/generate), /healthz, /readyz, /metrics",
+    "serve": Command(cmd_serve, "serve a run over HTTP (FastAPI): /v1/predict (/v1/generate), /health, /readyz, /info, "
+                                "/v1/models, /metrics, /docs",
                      "API keys come from LMTUNE_API_KEYS (comma-separated) or --api-key-file; calls without a valid key "
-                     "get 401. Uses RUN_DIR/export (ONNX, int8 first) when present."),
+                     "get 401 (/health, /healthz, /readyz and the docs need none). Uses RUN_DIR/export (ONNX, int8 first) "
+                     "when present. /docs is Swagger UI served from the installed package: it works offline."),
     "config": Command(cmd_config, "list every config key with its default and meaning, or write the JSON Schema (--schema)"),
     "init": Command(cmd_init, "inspect a labeled file and write a commented config to start from"),
     "runs": Command(cmd_runs, "list runs: task, model, date, headline metrics, status"),
@@ -645,18 +655,35 @@ COMMANDS: dict[str, Command | Group] = {
                   "cv.md, oof.jsonl and ensemble/."),
     "ensemble": Command(cmd_ensemble, "a run dir that averages its members' calibrated probabilities"),
     "soup": Command(cmd_soup, "average the weights of runs of one base model into one run dir (model soup)"),
-    "completion": Command(cmd_completion, "print a shell completion script: eval \"$(lmtune completion bash)\""),
+    "completion": Command(cmd_completion, "print a shell completion script: eval \"$(lmtune completion bash)\" "
+                                          "(or zsh); lmtune completion fish | source"),
 }
 
 
-def _add_commands(sub: argparse._SubParsersAction, table: dict[str, Command | Group]) -> None:
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose description may be a function, called only when the help is printed: `train`'s
+    lists every config key, which imports the tasks that declare them (torch), and `lmtune --help` or
+    completion must not pay for that."""
+
+    @property
+    def description(self) -> str | None:
+        text = self._description
+        return text() if callable(text) else text
+
+    @description.setter
+    def description(self, text: str | Callable[[], str] | None) -> None:
+        self._description = text
+
+
+def _add_commands(sub: argparse._SubParsersAction, table: dict[str, Command | Group], generated_help: bool) -> None:
     for name, entry in table.items():
         if isinstance(entry, Group):
             group = sub.add_parser(name, help=entry.help)
-            _add_commands(group.add_subparsers(dest=f"{name}_command", required=True), entry.commands)
+            _add_commands(group.add_subparsers(dest=f"{name}_command", required=True, parser_class=_Parser),
+                          entry.commands, generated_help)
             continue
-        text = entry.description() if callable(entry.description) else entry.description
-        p = sub.add_parser(name, help=entry.help, description=text, allow_abbrev=False,  # --section.key must never abbreviate
+        description = entry.description if generated_help or not callable(entry.description) else None
+        p = sub.add_parser(name, help=entry.help, description=description, allow_abbrev=False,  # --section.key must never abbreviate
                            formatter_class=argparse.RawDescriptionHelpFormatter if callable(entry.description)
                            else argparse.HelpFormatter)
         if entry.arguments:
@@ -689,10 +716,12 @@ def command_table() -> dict[str, Command | Group]:
     return {**COMMANDS, **analyses}
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="lmtune", description="Fine-tune, evaluate and serve pretrained language models.")
+def build_parser(generated_help: bool = True) -> argparse.ArgumentParser:
+    """The whole command line. generated_help=False leaves out the help texts generated from the config
+    (train's key list), for the completion scripts, which would read them and so import the tasks."""
+    p = _Parser(prog="lmtune", description="Fine-tune, evaluate and serve pretrained language models.")
     p.add_argument("--version", action="version", version=f"lmtune {_version()}")
-    _add_commands(p.add_subparsers(dest="command", required=True), command_table())
+    _add_commands(p.add_subparsers(dest="command", required=True, parser_class=_Parser), command_table(), generated_help)
     return p
 
 
@@ -705,6 +734,19 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except BrokenPipeError:
+        # the reader went away (`lmtune completion zsh | head -1`): stop quietly, like any Unix filter. Python's
+        # final flush of stdout would raise again, so stdout now points at /dev/null (Python docs, "SIGPIPE").
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout is no file descriptor (an embedding program's stream)
+            pass
+        return 141  # 128 + SIGPIPE: what the shell reports for a filter stopped by a closed pipe
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("lmtune").setLevel(logging.INFO)

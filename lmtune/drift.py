@@ -16,6 +16,7 @@ import functools
 import logging
 import re
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -249,18 +250,27 @@ def reference_arrays(model: Any, task: Any, tokenizer: Any, cfg: Any, labels: li
 
 class DriftMonitor:
     """A rolling window of live requests against the saved reference. observe() is called with each
-    model call's texts and predictions (cheap: it keeps the texts until the next refresh, never logs
-    them); refresh(), on a /metrics scrape, embeds what arrived and tests the window."""
+    model call's texts and predictions (cheap: it queues the texts, never logs them); a worker thread
+    embeds the queued texts a chunk at a time as they arrive, and tests the window once it has caught up
+    (or every test_every_s while it cannot), so a /metrics scrape does no model work. Embedding at scrape
+    time made one scrape after 200 requests take a second or more, and tested an unchanged window again."""
 
     def __init__(self, run: Any, reference: dict[str, np.ndarray], window: int = 200, min_texts: int = 50,
-                 permutations: int = 200):
+                 permutations: int = 200, chunk: int = 32, wait_s: float = 1.0, test_every_s: float = 1.0):
         self.run, self.ref = run, reference
         self.window, self.min_texts, self.permutations = window, min_texts, permutations
-        self.pending: collections.deque = collections.deque(maxlen=window)
+        self.chunk, self.wait_s, self.test_every_s = chunk, wait_s, test_every_s
+        self.pending: collections.deque = collections.deque()  # texts to embed, at most `window` (older ones would leave it)
         self.vectors: collections.deque = collections.deque(maxlen=window)
         self.scores: collections.deque = collections.deque(maxlen=window)
         self.abstained: collections.deque = collections.deque(maxlen=window)
-        self.lock = threading.Lock()
+        self.lock = threading.Condition()
+        self.observed = 0  # texts queued so far
+        self.taken = 0  # of those, how many the worker has taken (or dropped as already out of the window)
+        self.tested = 0  # of those, how many the last test covered
+        self.pvalue = float("nan")
+        self.closed = False
+        self.worker: threading.Thread | None = None
         self.embeds = isinstance(run.model, torch.nn.Module)
 
     @classmethod
@@ -274,26 +284,70 @@ class DriftMonitor:
 
     def observe(self, texts: list, rows: list[dict]) -> None:
         with self.lock:
-            if self.embeds:
+            if self.embeds and not self.closed:
                 self.pending.extend(texts)
+                self.observed += len(texts)
+                while len(self.pending) > self.window:  # a worker this far behind: the oldest would leave the window
+                    self.pending.popleft()
+                    self.taken += 1
+                if self.worker is None:
+                    self.worker = threading.Thread(target=self._work, name="lmtune-drift", daemon=True)
+                    self.worker.start()
+                self.lock.notify_all()
             for r in rows:
                 if "score" in r:
                     self.scores.append(float(r["score"]))
                 self.abstained.append(bool(r.get("abstained")))
 
+    def _work(self) -> None:
+        """The worker: embed queued texts a chunk at a time; test the window when none are left (or when the
+        last test is test_every_s old: a queue that never empties still moves the p-value)."""
+        last_test = time.monotonic()
+        while True:
+            with self.lock:
+                self.lock.wait_for(lambda: self.pending or self.closed)
+                if self.closed:
+                    return
+                todo = [self.pending.popleft() for _ in range(min(self.chunk, len(self.pending)))]
+                self.taken += len(todo)
+                covered, drained = self.taken, not self.pending
+            try:
+                vectors = embed(self.run.model, self.run.task, self.run.tokenizer, self.run.config, self.run.labels,
+                                self.run.task.from_texts(todo))
+            except Exception as e:  # the type only: a message could quote a request's text
+                log.error("drift monitor: embedding %d texts failed (%s); they are left out", len(todo), type(e).__name__)
+                vectors = []
+            with self.lock:
+                self.vectors.extend(vectors)
+                window = list(self.vectors)
+            if not drained and time.monotonic() - last_test < self.test_every_s:
+                continue
+            p = float("nan")
+            if len(window) >= self.min_texts:
+                p = mmd_test(self.ref["embeddings"], np.stack(window), self.permutations)["p_value"]
+            last_test = time.monotonic()
+            with self.lock:
+                self.pvalue, self.tested = p, max(self.tested, covered)
+                self.lock.notify_all()
+
     def refresh(self) -> dict[str, float]:
         """Gauges: window size, abstention rate, mean confidence, and the MMD p-value once the window
-        holds min_texts embedded requests (NaN before)."""
+        holds min_texts embedded requests (NaN before). Waits at most wait_s for the worker to cover the
+        texts observed so far (it is idle or nearly so unless the server is saturated); past that, the last
+        test's values: a saturated server's drift gauges lag rather than its scrapes."""
         with self.lock:
-            todo, self.pending = list(self.pending), collections.deque(maxlen=self.window)
-        if todo:
-            self.vectors.extend(embed(self.run.model, self.run.task, self.run.tokenizer, self.run.config, self.run.labels,
-                                      self.run.task.from_texts(todo)))
-        with self.lock:
-            vectors, scores, abstained = list(self.vectors), list(self.scores), list(self.abstained)
-        p = float("nan")
-        if len(vectors) >= self.min_texts:
-            p = mmd_test(self.ref["embeddings"], np.stack(vectors), self.permutations)["p_value"]
-        return {"pvalue": p, "window": float(len(vectors) if self.embeds else len(abstained)),
+            observed = self.observed
+            self.lock.wait_for(lambda: self.tested >= observed or self.closed, timeout=self.wait_s)
+            p, embedded = self.pvalue, len(self.vectors)
+            scores, abstained = list(self.scores), list(self.abstained)
+        return {"pvalue": p, "window": float(embedded if self.embeds else len(abstained)),
                 "abstain_rate": float(np.mean(abstained)) if abstained else float("nan"),
                 "mean_confidence": float(np.mean(scores)) if scores else float("nan")}
+
+    def close(self) -> None:
+        """Stop the worker (the server is shutting down); texts still queued are dropped."""
+        with self.lock:
+            self.closed = True
+            self.lock.notify_all()
+        if self.worker is not None:
+            self.worker.join(timeout=10)

@@ -1,8 +1,10 @@
 """The HTTP service: `lmtune serve RUN_DIR` (FastAPI + uvicorn).
 
 POST /v1/predict (API key), POST /v1/generate for generation runs (API key; server-sent token events),
-GET /healthz, GET /readyz, GET /metrics (Prometheus, API key), and the
-OpenAPI docs at /docs. Requests are coalesced by the dynamic batcher; the model is the run's ONNX
+GET /health and /healthz (liveness), GET /readyz, GET /info (the model, its task, labels and limits; API
+key), GET /v1/models (OpenAI's list format; API key), GET /metrics (Prometheus, API key), and the
+OpenAPI docs at /docs (Swagger UI from the installed package: no CDN). Null fields are left out of
+the prediction responses. Requests are coalesced by the dynamic batcher; the model is the run's ONNX
 export when there is one (int8 first), else PyTorch. Texts are never logged; log lines are masked
 for PII whatever logged them.
 """
@@ -34,6 +36,7 @@ from lmtune.data.readers import is_invisible
 from lmtune.errors import InputError
 from lmtune.registry import backends
 from lmtune.serve.batcher import Batcher, Closed, QueueFull
+from lmtune.serve.docs import mount_offline_docs
 from lmtune.tasks.base import EXPLAIN, GENERATE
 from lmtune.serve.protocol import GuardedHttpProtocol
 from lmtune.serve.security import STRUCTURED, PiiFilter, key_ok, load_keys, mask_pii
@@ -99,8 +102,11 @@ class Explanation(BaseModel):
 
 
 def response_models(task) -> tuple[type[BaseModel], type[BaseModel]]:
-    """The prediction and response schemas of this run's task, from the fields the task declares."""
-    fields = {name: (ann | None, Field(None, description=desc)) for name, (ann, desc) in task.response_fields().items()}
+    """The prediction and response schemas of this run's task, from the fields the task declares. A field a
+    prediction has no value for is left out of the response (exclude_none), except a flag, which is false:
+    `abstained` is there on every prediction, as clients read it."""
+    fields = {name: (bool, Field(False, description=desc)) if ann is bool else (ann | None, Field(None, description=desc))
+              for name, (ann, desc) in task.response_fields().items()}
     if task.supports(EXPLAIN):
         fields["explanations"] = (list[Explanation] | None, Field(None, description="With ?explain=true: word attributions."))
     prediction = create_model("Prediction", **fields)
@@ -145,8 +151,8 @@ class Metrics:
                                      registry=self.registry)
 
 
-PROTECTED = ("/v1/predict", "/v1/generate", "/metrics")  # paths that need an API key
-KNOWN_PATHS = (*PROTECTED, "/healthz", "/readyz")
+PROTECTED = ("/v1/predict", "/v1/generate", "/v1/models", "/info", "/metrics")  # paths that need an API key
+KNOWN_PATHS = (*PROTECTED, "/health", "/healthz", "/readyz")
 
 
 def _json_response(status: int, detail: str, rid: str, extra_headers: list | None = None) -> tuple[dict, dict]:
@@ -325,8 +331,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
                  "API-key auth" if keys else "NO AUTH")
         yield
         await batcher.close()  # uvicorn has stopped accepting; finish what is queued
+        if monitor:
+            await asyncio.to_thread(monitor.close)
 
-    app = FastAPI(title="lmtune", version="1", lifespan=lifespan,
+    app = FastAPI(title="lmtune", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description=f"Predictions of the fine-tuned model in {run_dir.name} ({run.task.name}).")
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes, keys=keys)
     require_key = add_service_routes(app, metrics, keys, lambda: _scrape(metrics, batcher, monitor))
@@ -334,6 +342,7 @@ def create_app(settings: ServeSettings) -> FastAPI:
                  429: {"model": ErrorResponse, "description": "too many ?explain=true requests (see Retry-After)"},
                  503: {"model": ErrorResponse}}
     _add_predict(app, run, backend, settings, metrics, batcher, responses, require_key)
+    _add_model_info(app, run, backend, settings, require_key)
     if run.task.supports(GENERATE):
         _add_generate(app, run, settings, metrics, responses, require_key)
 
@@ -384,7 +393,10 @@ def _add_predict(app: FastAPI, run, backend: str, settings: ServeSettings, metri
         metrics.texts.inc(len(texts))
         return _public(rows)
 
-    @app.post("/v1/predict", response_model=response_model, responses=responses, dependencies=[Depends(require_key)])
+    # exclude_none: a field without a value for this prediction (top_label when the model did not abstain, an
+    # interval the run has none of) is left out rather than sent as null; every field with a value is kept
+    @app.post("/v1/predict", response_model=response_model, response_model_exclude_none=True, responses=responses,
+              dependencies=[Depends(require_key)])
     async def predict_endpoint(body: PredictRequest, request: Request,
                                explain: bool = Query(False, description="add word attributions (rate-limited per API key)")):
         rid = request.state.request_id
@@ -431,6 +443,69 @@ def _checked_texts(body: PredictRequest, run, settings: ServeSettings, metrics: 
     return list(zip(body.texts, body.pairs)) if body.pairs is not None else body.texts
 
 
+class InfoResponse(BaseModel):
+    model_id: str = Field(..., description="The served run's name (the `model` of every response).")
+    task: str = Field(..., description="classification, ner, multilabel, regression, relation, qa, generation or retrieval.")
+    labels: list[str] | None = Field(None, description="The labels the model predicts, in its output order.")
+    max_length: int = Field(..., description="Tokens per input the model reads (data.max_length); longer inputs are "
+                                             "truncated or windowed as in training.")
+    base_model: str = Field(..., description="The pretrained model it was fine-tuned from (a local folder by its name).")
+    backend: str = Field(..., description="What runs the model: torch, onnx or onnx-int8.")
+    max_texts: int = Field(..., description="Texts per request at most.")
+    max_chars: int = Field(..., description="Characters per text at most.")
+    max_batch_size: int = Field(..., description="Texts per model call (requests are batched together).")
+    lmtune_version: str
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int = Field(..., description="When the model was saved (Unix seconds).")
+    owned_by: str = "lmtune"
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard]
+
+
+def _base_model(name: str) -> str:
+    """A hub id as it is; a local folder by its own name only (the server's paths are not the client's business)."""
+    return Path(name).name if Path(name).exists() else name
+
+
+def _saved_at(run_dir: Path) -> int:
+    """When the served model was written: its lmtune.json's time (model/, else export/), else the run folder's."""
+    from lmtune.artifacts import RunDir
+    rd = RunDir(run_dir)
+    for path in (rd.model_meta, rd.export_meta, run_dir):
+        if path.exists():
+            return int(path.stat().st_mtime)
+    return 0
+
+
+def _add_model_info(app: FastAPI, run, backend: str, settings: ServeSettings, require_key) -> None:
+    """GET /info (TEI's name) and GET /v1/models (OpenAI's list, so OpenAI-style clients find the model id).
+    Both behind the API key like the predictions; neither names a path, a key or a setting that is not the
+    client's to know."""
+    from lmtune import __version__
+    name = Path(settings.run_dir).name
+    info = InfoResponse(model_id=name, task=run.task.name, labels=list(run.labels) if run.labels else None,
+                        max_length=run.config.data.max_length, base_model=_base_model(run.config.model.name),
+                        backend=backend, max_texts=settings.max_texts, max_chars=settings.max_chars,
+                        max_batch_size=settings.max_batch_size, lmtune_version=__version__)
+    models = ModelList(data=[ModelCard(id=name, created=_saved_at(Path(settings.run_dir)))])
+    auth = {"dependencies": [Depends(require_key)], "responses": {401: {"model": ErrorResponse}}}
+
+    @app.get("/info", response_model=InfoResponse, response_model_exclude_none=True, **auth)
+    async def model_info() -> InfoResponse:
+        return info
+
+    @app.get("/v1/models", response_model=ModelList, **auth)
+    async def list_models() -> ModelList:
+        return models
+
+
 def add_service_routes(app: FastAPI, metrics: Metrics, keys: list[str], on_scrape=None):
     """What every lmtune service shares (serve, and the apps' servers): /healthz, /metrics (API key;
     `on_scrape` refreshes gauges first, off the event loop) and JSON errors that carry the request id.
@@ -448,6 +523,11 @@ def add_service_routes(app: FastAPI, metrics: Metrics, keys: list[str], on_scrap
     async def healthz() -> dict:
         return {"status": "ok"}
 
+    @app.get("/health")
+    async def health() -> dict:
+        """Liveness under the name TEI, vLLM and most load balancers probe (the same answer as /healthz)."""
+        return {"status": "ok"}
+
     @app.get("/metrics", dependencies=[Depends(require_key)], responses={401: {"model": ErrorResponse}})
     async def metrics_endpoint() -> Response:
         if on_scrape is not None:
@@ -459,6 +539,7 @@ def add_service_routes(app: FastAPI, metrics: Metrics, keys: list[str], on_scrap
         return JSONResponse({"detail": exc.detail, "request_id": getattr(request.state, "request_id", None)},
                             exc.status_code, headers=exc.headers)
 
+    mount_offline_docs(app)
     return require_key
 
 

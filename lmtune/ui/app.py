@@ -29,6 +29,7 @@ from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmtune.errors import InputError
+from lmtune.serve.docs import mount_offline_docs
 from lmtune.ui.guard import COOKIE, guard  # noqa: F401  (COOKIE: the token cookie's name, for callers)
 from lmtune.ui.state import HERE, UiSettings, UiState, state  # noqa: F401  (re-exported: callers import them from here)
 
@@ -55,8 +56,9 @@ def create_ui(settings: UiSettings) -> FastAPI:
         yield
         await asyncio.to_thread(ui.jobs.close)  # no training child outlives the UI
 
-    # /openapi.json describes the API (schemathesis tests it); no /docs, whose pages load scripts from a CDN
+    # /openapi.json describes the API (schemathesis tests it); /docs is Swagger UI from the installed package (no CDN)
     app = FastAPI(title="lmtune ui", docs_url=None, redoc_url=None, lifespan=lifespan)
+    mount_offline_docs(app)
     app.state.ui = ui
     app.mount("/static", StaticFiles(directory=HERE / "static"), name="static")
     app.middleware("http")(guard)

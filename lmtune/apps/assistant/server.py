@@ -1,5 +1,5 @@
 """`lmtune assistant serve CONFIG`: POST /v1/chat {message, session_id?} -> {session_id, route, answer,
-handoff, intent, scores, turn}; GET / (a small chat page), /healthz, /metrics (API key).
+handoff, intent, scores, turn}; GET / (a small chat page), /health and /healthz, /metrics (API key), /docs (offline).
 
 The middleware, API keys, body limit, request ids, Prometheus metrics and PII-masked access log are
 lmtune serve's own (lmtune.serve.app); concurrent messages are coalesced by its dynamic batcher.
@@ -92,9 +92,9 @@ def create_app(cfg: AssistantConfig, settings: ServeSettings) -> FastAPI:
         yield
         await batcher.close()
 
-    app = FastAPI(title="lmtune assistant", version="1", lifespan=lifespan)
+    app = FastAPI(title="lmtune assistant", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)  # offline /docs: add_service_routes
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes, keys=keys, protected=PROTECTED,
-                       known_paths=(*PROTECTED, "/", "/healthz"))
+                       known_paths=(*PROTECTED, "/", "/health", "/healthz"))
 
     require_key = add_service_routes(app, metrics, keys, lambda: metrics.queue.set(batcher.pending))
 

@@ -1,6 +1,6 @@
 """The monitor's HTTP side: POST /v1/items (API key) ingests items; GET / is the page (per-company
 negative-share timelines and the alert list, drawn from the JSON endpoints with the key the user types in); GET /v1/timelines and
-/v1/alerts (API key) return the same data as JSON; /healthz; /readyz (the folder poller's state: 503 when
+/v1/alerts (API key) return the same data as JSON; /health and /healthz; /docs (offline); /readyz (the folder poller's state: 503 when
 it stopped or its last poll failed, and the files it quarantined); /metrics (API key). The middleware, keys,
 limits and PII-masked access log are lmtune serve's. A background thread polls the watched folder; it
 survives any error (logged by type, never with item texts, and counted in
@@ -128,9 +128,9 @@ def create_app(monitor: Monitor, settings: ServeSettings, watch: bool = True) ->
         yield
         poller.close()
 
-    app = FastAPI(title="lmtune monitor", version="1", lifespan=lifespan)
+    app = FastAPI(title="lmtune monitor", version="1", lifespan=lifespan, docs_url=None, redoc_url=None)  # offline /docs: add_service_routes
     app.add_middleware(RequestContext, metrics=metrics, max_body_bytes=settings.max_body_bytes, keys=keys, protected=PROTECTED,
-                       known_paths=(*PROTECTED, "/", "/healthz", "/readyz"))
+                       known_paths=(*PROTECTED, "/", "/health", "/healthz", "/readyz"))
 
     require_key = add_service_routes(app, metrics, keys, None)
 
