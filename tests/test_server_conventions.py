@@ -13,7 +13,7 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
 from lmtune.serve.app import Metrics, ServeSettings, add_service_routes, create_app
-from lmtune.serve.docs import ASSETS_URL, OPENAPI_30_URL, mount_offline_docs, openapi_3_0
+from lmtune.serve.docs import ASSETS_URL, mount_offline_docs
 from tests.test_serve import AUTH, KEY, OOS, cls_run, keys, ner_run  # noqa: F401  (fixtures)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -113,10 +113,13 @@ def _docs_checks(c: TestClient, headers: dict | None = None) -> None:
     assert js.status_code == 200 and "javascript" in js.headers["content-type"] and len(js.content) > 100_000
     assert c.get(f"{ASSETS_URL}/swagger-ui.css", headers=headers).status_code == 200
     real = c.get("/openapi.json", headers=headers).json()
-    shown = c.get(OPENAPI_30_URL, headers=headers).json()
-    assert real["openapi"].startswith("3.1") and shown["openapi"] == "3.0.3"
-    assert set(shown["paths"]) == set(real["paths"]) and "/docs" not in real["paths"]
-    assert c.get("/redoc", headers=headers).status_code == 404  # ReDoc has no offline bundle: not offered
+    assert real["openapi"].startswith("3.1") and "/docs" not in real["paths"] and "/redoc" not in real["paths"]
+    assert "'/openapi.json'" in page.text  # Swagger UI 5 reads FastAPI's 3.1 document as it is
+    redoc = c.get("/redoc", headers=headers)
+    assert redoc.status_code == 200 and f"{ASSETS_URL}/redoc.standalone.js" in redoc.text
+    assert "https://" not in redoc.text  # no Google fonts, no CDN
+    bundle = c.get(f"{ASSETS_URL}/redoc.standalone.js", headers=headers)
+    assert bundle.status_code == 200 and len(bundle.content) > 100_000
 
 
 def test_serve_docs_are_served_from_the_package(cls_run, keys):
@@ -133,6 +136,8 @@ def test_every_service_on_the_shared_routes_gets_docs_health_and_a_guarded_metri
     assert c.get("/health").json() == {"status": "ok"} and c.get("/metrics").status_code == 401
     with pytest.raises(ValueError, match="docs_url=None"):
         mount_offline_docs(FastAPI())  # FastAPI's own CDN page would shadow it
+    with pytest.raises(ValueError, match="redoc_url=None"):
+        mount_offline_docs(FastAPI(docs_url=None))
 
 
 def test_ui_docs_stay_behind_the_dashboard_guard(tmp_path):
@@ -141,33 +146,10 @@ def test_ui_docs_stay_behind_the_dashboard_guard(tmp_path):
     token = "ui-token-0123456789abcdef"
     c = TestClient(create_ui(UiSettings(runs_dir=str(tmp_path / "runs"), workdir=str(tmp_path), token=token)),
                    base_url="http://127.0.0.1:7860")
-    for path in ("/docs", f"{ASSETS_URL}/swagger-ui-bundle.js", OPENAPI_30_URL):
+    for path in ("/docs", "/redoc", f"{ASSETS_URL}/swagger-ui-bundle.js", "/openapi.json"):
         assert c.get(path).status_code == 401  # the token, as for every dashboard page
         assert c.get(path, headers={"Authorization": f"Bearer {token}", "Host": "evil.example"}).status_code == 403
     _docs_checks(c, {"Authorization": f"Bearer {token}"})
-
-
-def test_openapi_3_1_schemas_are_rewritten_for_swagger_ui_4():
-    doc = {"openapi": "3.1.0", "info": {"title": "t", "version": "1", "summary": "s"}, "paths": {}, "components": {"schemas": {
-        "A": {"type": "object", "properties": {
-            "x": {"anyOf": [{"type": "string"}, {"type": "null"}], "title": "X"},
-            "r": {"anyOf": [{"$ref": "#/components/schemas/B"}, {"type": "null"}]},
-            "t": {"type": ["integer", "null"]},
-            "c": {"const": "fixed"},
-            "e": {"type": "number", "exclusiveMinimum": 0, "examples": [1.5]},
-            "pair": {"type": "array", "prefixItems": [{"type": "string"}, {"type": "number"}], "minItems": 2},
-            "type": {"type": "string"}}},  # a property named like a keyword is left alone
-        "B": {"type": "object"}}}}
-    out = openapi_3_0(doc)
-    props = out["components"]["schemas"]["A"]["properties"]
-    assert out["openapi"] == "3.0.3" and "summary" not in out["info"] and doc["openapi"] == "3.1.0"  # a copy
-    assert props["x"] == {"type": "string", "nullable": True, "title": "X"}
-    assert props["r"] == {"allOf": [{"$ref": "#/components/schemas/B"}], "nullable": True}
-    assert props["t"] == {"type": "integer", "nullable": True}
-    assert props["c"] == {"enum": ["fixed"]}
-    assert props["e"] == {"type": "number", "minimum": 0, "exclusiveMinimum": True, "example": 1.5}
-    assert props["pair"]["items"] == {"anyOf": [{"type": "string"}, {"type": "number"}]} and "prefixItems" not in props["pair"]
-    assert props["type"] == {"type": "string"}
 
 
 # ---- /docs in a browser with the network blocked ---------------------------------------------------
