@@ -113,6 +113,10 @@ def _docs_checks(c: TestClient, headers: dict | None = None) -> None:
     assert js.status_code == 200 and "javascript" in js.headers["content-type"] and len(js.content) > 100_000
     assert c.get(f"{ASSETS_URL}/swagger-ui.css", headers=headers).status_code == 200
     real = c.get("/openapi.json", headers=headers).json()
+    if "/metrics" in real["paths"]:  # the services: the key is a declared scheme, so Swagger UI offers Authorize
+        assert real["components"]["securitySchemes"]["HTTPBearer"]["type"] == "http"
+        assert real["paths"]["/metrics"]["get"]["security"] == [{"HTTPBearer": []}]
+        assert "security" not in real["paths"]["/health"]["get"]
     assert real["openapi"].startswith("3.1") and "/docs" not in real["paths"] and "/redoc" not in real["paths"]
     assert "'/openapi.json'" in page.text  # Swagger UI 5 reads FastAPI's 3.1 document as it is
     redoc = c.get("/redoc", headers=headers)

@@ -26,8 +26,9 @@ from pathlib import Path
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-from fastapi import Depends, FastAPI, HTTPException, Query, Request
+from fastapi import Depends, FastAPI, HTTPException, Query, Request, Security
 from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -513,7 +514,12 @@ def add_service_routes(app: FastAPI, metrics: Metrics, keys: list[str], on_scrap
     the body is read; this declares it in the OpenAPI docs (and checks again, so a route added outside
     the protected paths is still guarded)."""
 
-    def require_key(request: Request) -> None:
+    # Declared as an HTTP bearer scheme so the OpenAPI document says which routes need the key and /docs
+    # gets an Authorize button; auto_error=False: the check below answers (401 with the JSON error body).
+    bearer = HTTPBearer(auto_error=False, description="an API key from LMTUNE_API_KEYS or --api-key-file "
+                                                      "(X-API-Key: KEY is accepted too)")
+
+    def require_key(request: Request, _declared: HTTPAuthorizationCredentials | None = Security(bearer)) -> None:
         if keys and not key_ok(given_key(dict(request.scope["headers"])), keys):
             metrics.errors.labels("unauthorized").inc()
             raise HTTPException(401, "missing or invalid API key (Authorization: Bearer KEY, or X-API-Key: KEY)",
