@@ -460,7 +460,7 @@ class NerTask(Task):
                       for split, m in split_metrics.items() if "abstention" in m]
             lines.append("")
         if self.calibration:
-            lines += calibration_section(self.calibration["temperature"], split_metrics, run_dir,
+            lines += calibration_section(self.calibration, split_metrics, run_dir,
                                          "; ECE is over each word's tag, entity scores are means of their words'")
         return "\n".join(lines)
 
