@@ -65,7 +65,11 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False) -> str:
     """Upload RUN_DIR/model (weights, tokenizer, lmtune.json, the card) to a Hub model repo; the token
     comes from HF_TOKEN or `hf auth login`, as huggingface_hub finds it."""
     _finished(run_dir)
+    import logging
+
     from huggingface_hub import HfApi
+    for name in ("httpx", "httpx2", "httpcore"):  # a log line per HTTP request otherwise, under lmtune's INFO logging
+        logging.getLogger(name).setLevel(logging.WARNING)
     with tempfile.TemporaryDirectory(prefix="lmtune-push-") as tmp:
         stage(run_dir, Path(tmp), repo_id)
         try:
@@ -92,8 +96,10 @@ def hub_error(e: Exception, repo_id: str) -> Exception:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
         return InputError(f"push {repo_id}: the Hub answered {status or 'an error'}: {first}. Check the repo id and that "
                           "your token can write to it.")
-    import httpx  # huggingface_hub's HTTP client
-    if isinstance(e, (httpx.TransportError, ConnectionError, TimeoutError)):
+    # huggingface_hub's HTTP client (httpx, or its httpx2 fork) raises its own transport errors, which are
+    # not builtin ConnectionErrors: matched by class name, whichever client is installed
+    transport = {"TransportError", "NetworkError", "TimeoutException", "ConnectionError", "Timeout"}
+    if isinstance(e, (ConnectionError, TimeoutError)) or any(c.__name__ in transport for c in type(e).__mro__):
         return InputError(f"push {repo_id}: cannot reach the Hugging Face Hub ({type(e).__name__}). Check the network, "
                           "or write the repo's files locally with --to DIR.")
     return e

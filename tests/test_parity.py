@@ -148,3 +148,139 @@ def test_fold_is_checked_and_undone_exactly(calibrated_run):
             assert torch.allclose(run.model(**probe).logits, raw / run.task.temperature, atol=1e-5)
     assert run.task.folded_temperature == 1.0
     assert all(torch.equal(v, before[k]) for k, v in run.model.state_dict().items())
+
+
+# ---- the model card ---------------------------------------------------------------------------
+
+def test_the_card_takes_the_license_from_the_base_models_card():
+    from lmtune.card import base_license
+    assert base_license("sentence-transformers/all-MiniLM-L6-v2") == ("apache-2.0", None)  # the packaged copy's README
+    assert base_license("/no/such/folder") == (None, None)
+
+
+@pytest.fixture
+def dataset_run(tmp_path, tiny_model, tiny_config):
+    """A run from a `datasets` DatasetDict saved with save_to_disk (reviews/{train,validation,test}),
+    on a base model whose own card says license: mit."""
+    datasets = pytest.importorskip("datasets")
+    from tests.conftest import toy_rows
+    base = tmp_path / "base"
+    shutil.copytree(tiny_model, base)
+    (base / "README.md").write_text("---\nlicense: mit\nlanguage: en\n---\n\n# a tiny base model\n")
+    splits = {name: datasets.Dataset.from_dict({"text": [t for t, _ in rows], "label": [y for _, y in rows]})
+              for name, rows in (("train", toy_rows(96, 1)), ("validation", toy_rows(32, 2)), ("test", toy_rows(32, 3)))}
+    datasets.DatasetDict(splits).save_to_disk(str(tmp_path / "reviews"))
+    cfg = copy.deepcopy(tiny_config)
+    cfg["model"]["name"] = str(base)
+    cfg["data"].update(train=str(tmp_path / "reviews" / "train"), dev=str(tmp_path / "reviews" / "validation"),
+                       test=str(tmp_path / "reviews" / "test"))
+    cfg["train"].update(epochs=1, max_steps=6)
+    return lmtune.train(cfg)
+
+
+def test_model_card_load_finds_license_dataset_names_metric_ids_and_usage(dataset_run):
+    from huggingface_hub import ModelCard
+    card = ModelCard.load(dataset_run.run_dir / "model" / "README.md")
+    assert card.data.license == "mit"
+    results = card.data.eval_results
+    assert {r.dataset_name for r in results} == {"reviews"} and {r.dataset_type for r in results} == {"reviews"}
+    assert {r.dataset_split for r in results} == {"test", "dev"}
+    shown = {(r.dataset_split, r.metric_type, (r.metric_args or {}).get("average")): r.metric_value for r in results}
+    metrics = json.loads((dataset_run.run_dir / "metrics.json").read_text())
+    assert shown[("test", "accuracy", None)] == metrics["test"]["accuracy"]
+    assert shown[("test", "f1", "macro")] == metrics["test"]["macro_f1"]  # a Hub metric id, the averaging in args
+    assert {r.metric_type for r in results} <= {"accuracy", "f1"}
+    assert "## How to use" in card.text
+    assert 'pipeline("text-classification", model="path/to/model", top_k=None)' in card.text
+    assert "lmtune.load(" in card.text and "run.predict(" in card.text
+
+
+# ---- push -------------------------------------------------------------------------------------
+
+def _files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_push_to_a_folder_writes_the_hub_layout_and_dry_run_lists_it(calibrated_run, tmp_path, capsys):
+    from huggingface_hub import ModelCard
+
+    from lmtune.cli import main
+    model = calibrated_run.run_dir / "model"
+    before = _files(model)
+    assert main(["push", str(calibrated_run.run_dir), "org/reviews", "--dry-run"]) == 0
+    listed = capsys.readouterr().out.splitlines()
+    names = sorted(line.split()[-1] for line in listed[:-1])
+    assert names == sorted(before) and "would be uploaded to org/reviews (dry run: nothing written)" in listed[-1]
+    out = tmp_path / "repo"
+    assert main(["push", str(calibrated_run.run_dir), "org/reviews", "--to", str(out)]) == 0
+    written = _files(out)
+    assert sorted(written) == sorted(before)  # exactly model/'s files: the repo's layout
+    assert all(written[k] == v for k, v in before.items() if k not in ("README.md", "lmtune.json"))
+    card = ModelCard.load(out / "README.md")  # rendered again with the repo id in its snippets
+    assert 'model="org/reviews"' in card.text and 'snapshot_download("org/reviews"' in card.text
+    assert _files(model) == before  # the run itself is unchanged
+    # what --to wrote loads in transformers.pipeline with lmtune's probabilities
+    theirs = _pipeline_probs(out, TEXTS[:2])
+    for t, o in zip(theirs, lmtune.load(calibrated_run.run_dir).predict(TEXTS[:2])):
+        assert abs(t["pos"] - o["probabilities"]["pos"]) < 1e-4
+    assert main(["push", str(calibrated_run.run_dir), "--to", str(out)]) == 2  # never overwrites
+    assert "already exists" in capsys.readouterr().err
+
+
+def _push_cli(run_dir, env: dict, *args: str):
+    import os
+    import subprocess
+    import sys
+    full = {**os.environ, "PYTHONPATH": os.pathsep.join([str(__import__("pathlib").Path(__file__).parents[1]),
+                                                        os.environ.get("PYTHONPATH", "")]), **env}
+    full = {k: v for k, v in full.items() if v is not None}  # None: unset
+    return subprocess.run([sys.executable, "-m", "lmtune", "push", str(run_dir), "org/reviews", *args],
+                          env=full, capture_output=True, text=True, timeout=300)
+
+
+def test_push_offline_is_an_error_with_exit_2_and_no_traceback(calibrated_run):
+    r = _push_cli(calibrated_run.run_dir, {"HF_HUB_OFFLINE": "1", "HF_TOKEN": "hf_test"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: push org/reviews: huggingface_hub is in offline mode") and "--to DIR" in r.stderr
+
+
+@pytest.fixture
+def fake_hub_endpoint():
+    """A local HTTP server standing in for the Hub's endpoint that answers every request with the
+    status in `status` (the test sets it): the real huggingface_hub client meets a real HTTP error."""
+    import http.server
+    import threading
+    status = {"code": 401}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def _answer(self):
+            body = json.dumps({"error": "refused by the test server"}).encode()
+            self.send_response(status["code"])
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        do_GET = do_POST = do_PUT = do_HEAD = _answer
+
+        def log_message(self, *a):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", status
+    server.shutdown()
+
+
+def test_push_http_errors_and_a_missing_token_are_errors_with_exit_2(calibrated_run, fake_hub_endpoint, tmp_path):
+    url, status = fake_hub_endpoint
+    # no token anywhere (no HF_TOKEN, an empty HF_HOME): the Hub answers 401
+    env = {"HF_ENDPOINT": url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0", "HF_TOKEN": None}
+    r = _push_cli(calibrated_run.run_dir, env)
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: push org/reviews: no valid Hugging Face token") and "HF_TOKEN" in r.stderr
+    status["code"] = 500
+    r = _push_cli(calibrated_run.run_dir, {**env, "HF_TOKEN": "hf_test"})
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.startswith("error: push org/reviews: the Hub answered 500")
+    r = _push_cli(calibrated_run.run_dir, {**env, "HF_TOKEN": "hf_test", "HF_ENDPOINT": "http://127.0.0.1:9"})  # nothing listens
+    assert r.returncode == 2 and "Traceback" not in r.stderr and "cannot reach the Hugging Face Hub" in r.stderr
