@@ -142,17 +142,28 @@ def card_data(results: dict, meta: dict, pipeline: str):
                          eval_results=evals or None)
 
 
-def usage(task_name: str, pipeline: str, labels: list[str], repo_id: str | None, reads_pairs: bool = False) -> list[str]:
+def usage(pipeline: str, repo_id: str | None, reads_pairs: bool = False, adapter: bool = False,
+          task_kind: str = "text-classification") -> list[str]:
     """The card's "How to use": transformers.pipeline on the folder (the probabilities are lmtune's: the
     calibration temperature is folded into the weights) and lmtune.load with its output controls."""
     where = repo_id or "path/to/model"
-    example = '{"text": "first sentence", "text_pair": "second sentence"}' if reads_pairs else '"an example text"'
-    kw = ", top_k=None" if pipeline == "text-classification" else ""
-    lines = ["## How to use", "", "With transformers (the probabilities are the ones lmtune reports: the calibration "
-             "temperature is folded into the weights):", "", "```python", "from transformers import pipeline", "",
-             f'model = pipeline("{pipeline}", model="{where}"{kw})', f"print(model({example}))", "```", "",
-             "With lmtune (adds what lmtune.json holds beyond the weights: abstention, thresholds, explanations, "
-             "serving):", "", "```python", "import lmtune"]
+    example = ('{"text": "first sentence", "text_pair": "second sentence"}' if reads_pairs
+               else 'question="What is asked?", context="The text that answers it."' if pipeline == "question-answering"
+               else '"an example text"')
+    # every class's probability; a regression head's value as it is (the pipeline's default for one output
+    # is a sigmoid)
+    kw = {"text-classification": ", top_k=None", "regression": ', function_to_apply="none"'}.get(task_kind, "")
+    merged = (" This folder holds a PEFT adapter: transformers reads its labels only from a merged model, so merge it "
+              "first (`lmtune merge RUN_DIR MERGED_DIR`) and give the pipeline MERGED_DIR." if adapter else "")
+    lines = ["## How to use", ""]
+    # retrieval has no transformers pipeline, and a relation model's entity-marker head is lmtune's own
+    if pipeline != "sentence-similarity" and task_kind != "relation":
+        same = (" (the probabilities are the ones lmtune reports: the calibration temperature is folded into the "
+                "weights)" if task_kind in ("text-classification",) else "")
+        lines += [f"With transformers{same}.{merged}", "", "```python", "from transformers import pipeline", "",
+                  f'model = pipeline("{pipeline}", model="{where}"{kw})', f"print(model({example}))", "```", ""]
+    lines += ["With lmtune (adds what lmtune.json holds beyond the weights: abstention, thresholds, explanations, "
+              "serving):", "", "```python", "import lmtune"]
     if repo_id:
         lines += ["from huggingface_hub import snapshot_download", "",
                   f'snapshot_download("{repo_id}", local_dir="run/model")  # lmtune.load opens a run folder holding model/',
@@ -213,7 +224,8 @@ def render_card(run_dir: str | Path, results: dict, repo_id: str | None = None, 
         f"{task.hub_pipeline.replace('-', ' ').capitalize()} over texts like its training data"
         + (f", with the labels: {', '.join(labels[:30])}{' ...' if len(labels) > 30 else ''}." if labels else "."),
         "Outside that domain its scores are not evidence of quality; check on your own labeled sample first.", "",
-        *usage(task.name, task.hub_pipeline, labels, repo_id, bool(cfg.get("data", {}).get("text_pair_column"))),
+        *usage(task.hub_pipeline, repo_id, bool(cfg.get("data", {}).get("text_pair_column")),
+               (rd.model / "adapter_config.json").is_file(), {"regression": "regression", "relation": "relation"}.get(task.name, task.hub_pipeline)),
         "## Training data", "",
         "Examples: " + ", ".join(f"{k} {v}" for k, v in s["sizes"].items())
         + f"; longer than max_length {s['max_length']}: "

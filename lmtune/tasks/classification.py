@@ -92,7 +92,8 @@ class ClassificationTask(Task):
         self.abstention = data.get("abstention", {})
 
     def state(self) -> dict:
-        return {"temperature": self.temperature, "folded_temperature": self.folded_temperature, "threshold": self.threshold, "threshold_calibrated": self.threshold_calibrated,
+        return {"temperature": self.temperature, "folded_temperature": self.folded_temperature, "threshold": self.threshold,
+                "threshold_calibrated": self.threshold_calibrated,
                 "oos_label": self.oos_label, "abstain_label": self.abstain_label, "score": self.score, "pooling": self.pooling,
                 "max_windows": self.max_windows, "symmetric": self.symmetric, "pair_encoding": self.pair_encoding}
 
