@@ -192,6 +192,15 @@ def _controls(task_state: dict) -> list[str]:
     return [f"- `{k}`: {v:.4g}" if isinstance(v, float) else f"- `{k}`: {v}" for k, v in shown.items()]
 
 
+def _calibration(results: dict) -> list[str]:
+    """What calibration did (applied or skipped, with the held-out dev ECE), as results.json records it."""
+    c = results.get("task_report", {}).get("calibration") or {}
+    if "decision" not in c:
+        return []
+    return [f"Calibration: {c['decision']} ({c.get('method', 'held-out dev')})"
+            + ("; the temperature is folded into the weights." if c.get("folded") else "."), ""]
+
+
 def _robustness(rob: dict) -> list[str]:
     metric = rob["metric"]
     lines = [f"Attacked on {rob.get('n', 'the dev')} examples; clean {metric} {rob['clean'][metric]:.4f}.", "",
@@ -239,7 +248,7 @@ def render_card(run_dir: str | Path, results: dict, repo_id: str | None = None, 
         f"(dev {results['metric']} {s['best_metric']:.4f}) restored",
         "",
         "## Evaluation", "", *_table(results), "",
-        "## Output controls (calibration and abstention)", "", *_controls(meta.get("task_state", {})), "",
+        "## Output controls (calibration and abstention)", "", *_calibration(results), *_controls(meta.get("task_state", {})), "",
         *(["## Robustness", "", *_robustness(results["robustness"]), ""] if results.get("robustness") else []),
         "## Limitations", "", *_limitations(results), "",
     ]

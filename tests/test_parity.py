@@ -193,6 +193,8 @@ def test_model_card_load_finds_license_dataset_names_metric_ids_and_usage(datase
     assert "## How to use" in card.text
     assert 'pipeline("text-classification", model="path/to/model", top_k=None)' in card.text
     assert "lmtune.load(" in card.text and "run.predict(" in card.text
+    decision = json.loads((dataset_run.run_dir / "results.json").read_text())["task_report"]["calibration"]["decision"]
+    assert f"Calibration: {decision} (2-fold cross-validation on dev" in card.text
 
 
 # ---- push -------------------------------------------------------------------------------------
