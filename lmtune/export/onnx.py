@@ -74,8 +74,11 @@ def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | No
     model = _prune(model, spec, run, encoded, collate, outputs, report, recover_epochs)
     if spec:
         report["pytorch_pruned"] = {"dev": metric(outputs(model, dev.features))}
-    # the graph's logits are the calibrated ones, as model/'s are (a refitted temperature folds in here)
-    fold_temperature(model, run.task, text_probe(run.tokenizer, model))
+    if report.get("prune", {}).get("refitted"):
+        # a pruned model's refitted temperature goes into the graph, as training folds one into model/; an
+        # unpruned export keeps model/'s weights as they are (an old run's, unfolded, stay so: an ensemble
+        # made from it divides its members' logits by their temperatures itself)
+        fold_temperature(model, run.task, text_probe(run.tokenizer, model))
     probe = dev.features[:sample]
     ref = outputs(model, probe)  # before export: torch.onnx.export may leave the module in another mode
     with atomic_dir(rd.export) as tmp:
