@@ -402,9 +402,24 @@ def cmd_compare(run_a: str, run_b: str, *, as_json: Annotated[bool, Arg(flag="--
     return 0
 
 
-def cmd_push(run_dir: str, repo_id: str, *, private: bool = False) -> int:
-    from lmtune.hub import push
-    print(f"pushed: {push(run_dir, repo_id, private)}")
+def cmd_push(run_dir: str, repo_id: Annotated[str | None, "the Hub repo (org/name); optional with --to or --dry-run"] = None, *,
+             to: Annotated[str | None, "write the repo's files to this new local folder instead of uploading"] = None,
+             dry_run: Annotated[bool, "list the files push would upload (path and size); write nothing"] = False,
+             private: bool = False) -> int:
+    from lmtune import hub
+    if to is None and not dry_run and not repo_id:
+        raise InputError("push: give the Hub repo id (push RUN_DIR ORG/NAME), or --to DIR for a local copy, or --dry-run.")
+    if dry_run:
+        files = hub.dry_run(run_dir, repo_id)
+        for name, size in files:
+            print(f"{size:>12,}  {name}")
+        print(f"{len(files)} files, {sum(s for _, s in files):,} bytes would be uploaded"
+              + (f" to {repo_id}" if repo_id else "") + " (dry run: nothing written)")
+    elif to is not None:
+        files = hub.push_to_folder(run_dir, to, repo_id)
+        print(f"wrote {len(files)} files to {to} (the Hub repo's layout)")
+    else:
+        print(f"pushed: {hub.push(run_dir, repo_id, private)}")
     return 0
 
 
@@ -639,7 +654,9 @@ COMMANDS: dict[str, Command | Group] = {
     "runs": Command(cmd_runs, "list runs: task, model, date, headline metrics, status"),
     "compare": Command(cmd_compare, "two runs side by side: config differences and metric differences"),
     "push": Command(cmd_push, "upload RUN_DIR/model (weights, tokenizer, model card) to a Hugging Face Hub repo",
-                    "Needs a token (HF_TOKEN or `hf auth login`); creates the repo when missing."),
+                    "Needs a token (HF_TOKEN or `hf auth login`); creates the repo when missing. --to DIR writes the "
+                    "same files (the repo's exact layout) to a local folder, --dry-run lists them; neither needs the "
+                    "network."),
     "pretrain": Command(cmd_pretrain, "continue masked-LM pretraining on unlabeled in-domain text (pretrain.* keys)",
                         "lmtune pretrain CONFIG.yaml [--pretrain.files '[a.txt]'] [--section.key VALUE ...]: writes "
                         "OUTPUT_DIR/RUN/model (use it as model.name) and pretrain.json with held-out perplexity before and "

@@ -115,6 +115,10 @@ def load_previous(prev: Previous, load: Callable[[Path], Any]) -> None:
     if prev.old_test:
         prev.old_test_before = old.evaluate_examples(prev.old_test)
     model = merge(old.model, old.config.peft.method) if is_peft(old.model) else old.model
+    # the old run's raw weights: its saved output layer carries its calibration temperature (lmtune.fold),
+    # which is no starting point (nor an L2-SP anchor) for the new head
+    from lmtune.fold import text_probe, unfold_temperature
+    unfold_temperature(model, old.task, text_probe(old.tokenizer, model))
     prev.state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
 
 

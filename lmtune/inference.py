@@ -37,7 +37,10 @@ def fit_output_controls(task, cfg: Config, outputs, encoded: dict, labels: list[
     fitted = {}
     if cfg.train.calibrate and task.supports(CALIBRATE):
         c = fitted["calibration"] = task.calibrate(outputs("dev"), encoded["dev"], labels)
-        log.info("calibration: temperature %.3f, dev ECE %.4f -> %.4f", c["temperature"], c["dev_ece_before"], c["dev_ece_after"])
+        if "decision" in c:  # applied only where it lowers the held-out dev ECE (evaluate.calibration.choose_temperature)
+            log.info("calibration: %s (%s); temperature %.3f", c["decision"], c["method"], float(np.mean(c["temperature"])))
+        else:
+            log.info("calibration: temperature %.3f, dev ECE %.4f -> %.4f", c["temperature"], c["dev_ece_before"], c["dev_ece_after"])
     if task.supports(INTERVALS):
         i = fitted["intervals"] = task.fit_intervals(outputs("dev"), encoded["dev"], labels)
         log.info("prediction intervals: +-%.4g at the %.0f%% level (split conformal on %d dev examples)", i["interval_radius"],

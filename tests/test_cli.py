@@ -89,8 +89,9 @@ def test_readme_demo_command_on_the_packaged_model(tmp_path):
     card = ModelCard.load(run_dir / "model" / "README.md")
     metrics = json.loads((run_dir / "metrics.json").read_text())
     shown = {(r.dataset_split, r.metric_type): r.metric_value for r in card.data.eval_results}
-    assert shown[("test", "accuracy")] == metrics["test"]["accuracy"] and shown[("dev", "macro_f1")] == metrics["dev"]["macro_f1"]
+    assert shown[("test", "accuracy")] == metrics["test"]["accuracy"] and shown[("dev", "f1")] == metrics["dev"]["macro_f1"]
     assert card.data.base_model == "sentence-transformers/all-MiniLM-L6-v2" and card.data.pipeline_tag == "text-classification"
+    assert card.data.license == "apache-2.0"  # from the packaged MiniLM's own card
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "examples").glob("*.yaml")) + [ROOT / "lmtune" / "demo" / "demo.yaml"],

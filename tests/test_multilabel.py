@@ -73,6 +73,13 @@ def test_multilabel_trains_tunes_thresholds_and_reloads(ml_config):
     assert [r["labels"] for r in before] == [r["labels"] for r in after]
     for a, b in zip(before, after):
         assert max(abs(a["probabilities"][k] - b["probabilities"][k]) for k in a["probabilities"]) < 1e-5
+    # the per-label temperatures are folded into the output layer's rows: transformers.pipeline (sigmoid for
+    # a multi_label_classification config) gives lmtune's probabilities
+    from transformers import pipeline
+    assert state["folded_temperatures"] == (state["temperatures"] if any(t != 1 for t in state["temperatures"]) else None)
+    theirs = pipeline("text-classification", model=str(run.run_dir / "model"), top_k=None)(texts)
+    for rows, b in zip(theirs, after):
+        assert max(abs(r["score"] - b["probabilities"][r["label"]]) for r in rows) < 1e-4
     report = (run.run_dir / "report.md").read_text()
     assert "### Labels (test)" in report and "thresholds.png" in report and (run.run_dir / "thresholds.png").is_file()
     audit = {f["check"] for f in json.loads((run.run_dir / "audit.json").read_text())}

@@ -211,7 +211,9 @@ def test_soup_uniform_and_greedy_make_ordinary_runs(tmp_path, two_runs):
     u = soup([str(r.run_dir) for r in two_runs], tmp_path / "uniform")
     run = lmtune.load(tmp_path / "uniform")
     sd = [r.model.state_dict() for r in two_runs]
-    w = run.model.state_dict()["classifier.weight"]
-    assert w.cpu().allclose((sd[0]["classifier.weight"].cpu() + sd[1]["classifier.weight"].cpu()) / 2, atol=1e-6)
+    # the soup's own temperature is folded into its saved output layer (lmtune.fold): multiplied back, the
+    # layer is the average of the members' raw layers
+    w = run.model.state_dict()["classifier.weight"] * run.task.folded_temperature
+    assert w.cpu().allclose((sd[0]["classifier.weight"].cpu() + sd[1]["classifier.weight"].cpu()) / 2, atol=1e-5)
     assert len(u["members"]) == 2 and run.predict(["the food was good"])[0]["label"] in ("pos", "neg", "abstain")
     assert (tmp_path / "uniform" / "metrics.json").is_file() and (tmp_path / "uniform" / "splits.json").is_file()

@@ -310,9 +310,11 @@ def test_ece_matches_its_definition_and_the_noise_band_separates_calibrated_from
 
 
 def test_run_saves_the_temperature_and_predict_uses_it(tiny_config):
-    run = lmtune.train({**tiny_config, "train": {**tiny_config["train"], "epochs": 2}})
+    # 6 epochs: overconfident enough that the temperature lowers the held-out dev ECE, so it is applied
+    run = lmtune.train({**tiny_config, "train": {**tiny_config["train"], "epochs": 6}})
     t = run.task.temperature
-    assert t != 1.0 and "temperature" in json.loads((run.run_dir / "model" / "lmtune.json").read_text())["task_state"]
+    state = json.loads((run.run_dir / "model" / "lmtune.json").read_text())["task_state"]
+    assert t != 1.0 and run.task.calibration["applied"] and state["temperature"] == pytest.approx(t)
     assert (run.run_dir / "reliability.png").is_file() and "ECE before" in (run.run_dir / "report.md").read_text()
     loaded = lmtune.load(run.run_dir)
     assert loaded.task.temperature == pytest.approx(t)
@@ -320,7 +322,10 @@ def test_run_saves_the_temperature_and_predict_uses_it(tiny_config):
     tok = AutoTokenizer.from_pretrained(run.run_dir / "model")
     with torch.no_grad():
         logits = plain(**tok(["the food was great"], return_tensors="pt")).logits[0]
-    expected = torch.softmax(logits / t, -1)
+        raw = run.model.eval()(**tok(["the food was great"], return_tensors="pt")).logits[0]
+    # the temperature is folded into the saved weights: plain transformers' softmax is the calibrated one
+    assert torch.allclose(logits, raw / t, atol=1e-4)
+    expected = torch.softmax(logits, -1)
     got = loaded.predict(["the food was great"])[0]["probabilities"]
     assert got["pos"] == pytest.approx(float(expected[1]), abs=1e-5)
 

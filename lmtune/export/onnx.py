@@ -18,6 +18,7 @@ import torch
 from lmtune.artifacts import RunDir, model_meta, read_meta, save_task_arrays, write_meta
 from lmtune.backends.onnx import FP32, INT8, OnnxModel
 from lmtune.errors import InputError
+from lmtune.fold import fold_temperature, text_probe
 from lmtune.tasks.base import encode_examples
 from lmtune.io import atomic_dir, write_json
 from lmtune.export.prune import STRUCTURED, parse_prune, prune_and_recover, prune_magnitude
@@ -73,6 +74,11 @@ def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | No
     model = _prune(model, spec, run, encoded, collate, outputs, report, recover_epochs)
     if spec:
         report["pytorch_pruned"] = {"dev": metric(outputs(model, dev.features))}
+    if report.get("prune", {}).get("refitted"):
+        # a pruned model's refitted temperature goes into the graph, as training folds one into model/; an
+        # unpruned export keeps model/'s weights as they are (an old run's, unfolded, stay so: an ensemble
+        # made from it divides its members' logits by their temperatures itself)
+        fold_temperature(model, run.task, text_probe(run.tokenizer, model))
     probe = dev.features[:sample]
     ref = outputs(model, probe)  # before export: torch.onnx.export may leave the module in another mode
     with atomic_dir(rd.export) as tmp:

@@ -24,6 +24,7 @@ from lmtune.robust.adversarial import AdversaryInputs
 from lmtune.robust.augment import augment
 from lmtune.robust.text import Synonyms
 from lmtune.artifacts import model_meta, save_task_arrays, write_meta
+from lmtune.fold import folded
 from lmtune.tasks.base import EXAMPLE_LABELS, GENERATE, Encoded, encode_examples
 from lmtune.training import fsdp
 from lmtune.training.checkpoint import Checkpoints
@@ -192,6 +193,14 @@ def sample(examples: list, n: int, seed: int) -> list:
     return [examples[i] for i in sorted(random.Random(seed).sample(range(len(examples)), n))]
 
 
+def _probe(ctx: Context) -> dict:
+    """A few dev examples as model inputs, on the model's device: what a fold is checked on."""
+    from lmtune.training.loop import inputs
+    enc = ctx.data.encoded.get("dev") or ctx.data.encoded["train"]
+    batch = ctx.data.collate(enc.features[:4])
+    return {k: v.to(ctx.accelerator.device) for k, v in inputs(batch).items() if hasattr(v, "to")}
+
+
 def save(ctx: Context) -> None:
     """model/ (weights or adapter, tokenizer, task state, lmtune.json), the drift reference and the
     predictions (main process)."""
@@ -204,8 +213,12 @@ def save(ctx: Context) -> None:
     if is_peft(model):
         base_path = resolve_model(cfg.model.name)
         extra["base_model"] = {"name": cfg.model.name, "path": base_path, "sha256": base_fingerprint(base_path)}
-    meta = model_meta(task, ctx.splits.labels, cfg, **extra)
-    with atomic_dir(ctx.rd.model) as tmp, quiet_transformers():
+    # the temperature goes into the saved weights (lmtune.fold), so transformers.pipeline and an ONNX
+    # export give lmtune's probabilities; the model in memory stays raw for the stages after this one
+    with folded(model, task, _probe(ctx)) as layer, atomic_dir(ctx.rd.model) as tmp, quiet_transformers():
+        if layer and isinstance(getattr(task, "calibration", None), dict) and task.calibration.get("applied"):
+            task.calibration["folded"] = layer  # report.md says so
+        meta = model_meta(task, ctx.splits.labels, cfg, **extra)
         save_adapter(model, tmp) if is_peft(model) else model.save_pretrained(tmp)
         built.tokenizer.save_pretrained(tmp)
         save_task_arrays(task, tmp)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from lmtune.artifacts import RunDir, model_meta, read_meta, save_task_arrays, write_meta
+from lmtune.fold import fold_temperature, text_probe, unfold_temperature
 from lmtune.inference import Run, fit_output_controls, load
 from lmtune.recipe import train_splits
 from lmtune.config import Config, build_config
@@ -184,12 +185,15 @@ def ensemble(run_dirs: list, out: str | Path, weights: str = "uniform", dev: str
     if weights == "dev" and dev_examples is None:
         raise InputError("ensemble --weights dev: the members share no dev split that none of them trained on (cross-validation "
                          "folds); give one with --dev FILE.")
-    temperatures = [float(r.task.state().get("temperature", 1.0)) for r in runs]
+    # what each member's logits are divided by: its temperature, less what its weights carry (lmtune.fold)
+    temperatures = [float(r.task.unfolded_temperature()) if hasattr(r.task, "unfolded_temperature")
+                    else float(r.task.state().get("temperature", 1.0)) for r in runs]
     w = [1.0] * len(runs)
     if weights == "dev":
-        w = _fit_weights(runs, dev_examples, temperatures)
+        w = _fit_weights(runs, dev_examples)
     model = EnsembleModel([r.model for r in runs], w, temperatures)
-    task.set_state({**runs[0].task.state(), "temperature": 1.0, "threshold": None, "score": "probability"})
+    task.set_state({**runs[0].task.state(), "temperature": 1.0, "folded_temperature": 1.0, "threshold": None,
+                    "score": "probability"})
     run = Run(out, model, runs[0].tokenizer, task, labels, cfg)
     fitted: dict = {}
     if dev_examples is not None:
@@ -219,7 +223,7 @@ def ensemble(run_dirs: list, out: str | Path, weights: str = "uniform", dev: str
     return summary
 
 
-def _fit_weights(runs: list[Run], dev: list, temperatures: list[float]) -> list[float]:
+def _fit_weights(runs: list[Run], dev: list) -> list[float]:
     """Member weights minimising the ensemble's dev log-loss (softmax-parameterised, so they stay a
     convex combination)."""
     from scipy.optimize import minimize
@@ -227,10 +231,10 @@ def _fit_weights(runs: list[Run], dev: list, temperatures: list[float]) -> list[
     keep = [i for i, ex in enumerate(dev) if ex.label in gold_index]
     gold = np.array([gold_index[dev[i].label] for i in keep])
     probs = []
-    for r, t in zip(runs, temperatures):
+    for r in runs:
         enc = r.encode([dev[i] for i in keep])
-        logits, _ = r.task.split_outputs(r.outputs(enc), enc, r.labels)
-        z = logits / t
+        logits, _ = r.task.split_outputs(r.outputs(enc), enc, r.labels)  # raw logits, whatever the weights carry
+        z = logits / r.task.temperature
         z = np.exp(z - z.max(1, keepdims=True))
         probs.append(z / z.sum(1, keepdims=True))
     stack = np.stack(probs)  # [members, examples, classes]
@@ -266,6 +270,8 @@ def soup(run_dirs: list, out: str | Path, greedy: bool = False) -> dict:
             raise InputError(f"soup: {r.run_dir}'s architecture differs from {runs[0].run_dir}'s.")
     for r in runs:
         r.config.train.progress = "none"
+        # raw weights: members saved with different temperatures folded in would not average to one model
+        unfold_temperature(r.model, r.task, text_probe(r.tokenizer, r.model))
     metric = runs[0].metrics.get("metric") or runs[0].task.headline[0]
     sign = -1 if metric in LOWER_IS_BETTER else 1
     dev_values = [r.metrics.get("dev", {}).get(metric) for r in runs]
@@ -318,6 +324,7 @@ def _write_soup(run: Run, out: Path, members: list[str], method: str, steps: lis
     summary = {"run_dir": str(out), "method": method, "members": members, "steps": steps,
                "dev": _headline(metrics, "dev"), "test": _headline(metrics, "test")}
     src = RunDir(run.run_dir)
+    fold_temperature(run.model, task, text_probe(run.tokenizer, run.model))  # as training saves a model
     meta = model_meta(task, saved=src.model, soup={"method": method, "members": members})
     with atomic_dir(out) as tmp:
         rd = RunDir(tmp)

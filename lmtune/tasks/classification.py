@@ -17,7 +17,7 @@ from lmtune.data.splits import stratified_split
 from lmtune.errors import InputError
 from lmtune.evaluate import plots
 from lmtune.evaluate.abstain import abstention_metrics, choose_threshold, coverage_curve, coverage_plot
-from lmtune.evaluate.calibration import ece, fit_temperature, softmax
+from lmtune.evaluate.calibration import choose_temperature, ece, fit_temperature, softmax
 from lmtune.evaluate.calibration import metrics as calibration_metrics
 from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
@@ -54,6 +54,10 @@ class ClassificationTask(Task):
 
     def __init__(self) -> None:
         self.temperature = 1.0  # fitted on dev after training (temperature scaling); 1.0 = raw softmax
+        # the temperature already divided into the saved classifier's weights (lmtune.fold), so that the
+        # model's logits are raw / folded_temperature; split_outputs multiplies them back, and everything
+        # else works on raw logits. 1.0: nothing folded (a model in training, or a run saved before folding)
+        self.folded_temperature = 1.0
         self.calibration: dict = {}
         self.class_weight: torch.Tensor | None = None  # train.class_weights auto: inverse frequency
         self.focal_gamma = 0.0
@@ -88,7 +92,8 @@ class ClassificationTask(Task):
         self.abstention = data.get("abstention", {})
 
     def state(self) -> dict:
-        return {"temperature": self.temperature, "threshold": self.threshold, "threshold_calibrated": self.threshold_calibrated,
+        return {"temperature": self.temperature, "folded_temperature": self.folded_temperature, "threshold": self.threshold,
+                "threshold_calibrated": self.threshold_calibrated,
                 "oos_label": self.oos_label, "abstain_label": self.abstain_label, "score": self.score, "pooling": self.pooling,
                 "max_windows": self.max_windows, "symmetric": self.symmetric, "pair_encoding": self.pair_encoding}
 
@@ -101,6 +106,7 @@ class ClassificationTask(Task):
 
     def set_state(self, state: dict) -> None:
         self.temperature = float(state.get("temperature", 1.0))
+        self.folded_temperature = float(state.get("folded_temperature", 1.0))
         self.threshold = state.get("threshold")
         self.threshold_calibrated = state.get("threshold_calibrated", True)
         self.oos_label = state.get("oos_label")
@@ -116,7 +122,8 @@ class ClassificationTask(Task):
         when abstain.score is mahalanobis."""
         how = "mean" if self.symmetric else self.pooling  # a pair in both orders: the average evidence
         x = np.stack(pool(outputs, enc.features, len(enc.examples), how))
-        return x[:, :len(labels)], (x[:, len(labels):] if x.shape[1] > len(labels) else None)
+        logits = x[:, :len(labels)] * np.float32(self.folded_temperature)  # raw logits, whatever is folded in
+        return logits, (x[:, len(labels):] if x.shape[1] > len(labels) else None)
 
     def _decisions(self, logits: np.ndarray, feats: np.ndarray | None, labels: list[str], calibrated: bool | None = None):
         """Confidence, predicted index, and whether the prediction is an in-scope class."""
@@ -172,14 +179,24 @@ class ClassificationTask(Task):
         return list(softmax(self.split_outputs(outputs, enc, labels)[0]))
 
     def calibrate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
-        """Fit the temperature on dev; every later probability (evaluate, predict, API) uses it."""
+        """Fit the temperature on dev when it lowers the held-out dev ECE (choose_temperature), else keep
+        the raw softmax; every later probability (evaluate, predict, API) uses it."""
         logits, gold = self.split_outputs(outputs, enc, labels)[0], self._gold(enc, labels)
         logits, gold = logits[gold >= 0], gold[gold >= 0]
-        t = fit_temperature(logits, gold)
-        self.calibration = {"temperature": t, "dev_ece_before": ece(softmax(logits), gold),
-                            "dev_ece_after": ece(softmax(logits, t), gold)}
-        self.temperature = t
+        self.calibration = choose_temperature(logits, gold, fit_temperature, lambda z, y: ece(softmax(z), y))
+        self.temperature = float(self.calibration["temperature"])
         return self.calibration
+
+    # ---- the temperature in the weights (lmtune.fold) -------------------------------------------
+    def temperature_to_fold(self) -> float:
+        return self.temperature
+
+    def unfolded_temperature(self) -> float:
+        """What the model's logits must still be divided by for calibrated probabilities."""
+        return self.temperature / self.folded_temperature
+
+    def set_folded(self, folded: float) -> None:
+        self.folded_temperature = float(folded)
 
     @staticmethod
     def _gold(enc: Encoded, labels: list[str]) -> np.ndarray:
@@ -371,7 +388,7 @@ class ClassificationTask(Task):
 
     def target_score(self, logits: torch.Tensor, target: dict, log_odds: bool = False) -> torch.Tensor:
         # calibrated, as predict reports it; output rows may carry [CLS] features after the logits
-        return class_score(logits[:, :target["classes"]].float() / self.temperature, target["index"], log_odds)
+        return class_score(logits[:, :target["classes"]].float() / self.unfolded_temperature(), target["index"], log_odds)
 
     def response_fields(self) -> dict[str, tuple[Any, str]]:
         return {"label": (str, "Predicted label; the abstain / out-of-scope label when the model abstains."),
@@ -390,7 +407,7 @@ class ClassificationTask(Task):
             plots.confusion_matrix(np.array(m["confusion_matrix"]), labels, run_dir / png, f"Confusion matrix ({split})")
             lines += ["", f"![confusion matrix ({split})]({png})", ""]
         if self.calibration:
-            lines += calibration_section(self.calibration["temperature"], split_metrics, run_dir)
+            lines += calibration_section(self.calibration, split_metrics, run_dir)
         if any("coverage_curve" in m for m in split_metrics.values()):
             lines += self._abstention_report(split_metrics, run_dir)
         return "\n".join(lines)

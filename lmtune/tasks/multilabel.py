@@ -26,6 +26,7 @@ from transformers import AutoModelForSequenceClassification
 from lmtune.config import Config, option
 from lmtune.data.readers import Example, is_invisible, read_rows, row_unit
 from lmtune.errors import InputError
+from lmtune.evaluate.calibration import choose_temperature
 from lmtune.evaluate.report import prf_table
 from lmtune.io import atomic_path
 from lmtune.models import load_config, load_pretrained, quiet_transformers
@@ -45,6 +46,21 @@ class MultiLabelExample(Example):
 
     def audit_gold(self) -> str | None:
         return None if self.labels is None else "|".join(sorted(self.labels))
+
+
+def _fit_label_temperatures(logits: np.ndarray, gold: np.ndarray) -> np.ndarray:
+    """A temperature per label minimising the dev BCE of sigmoid(logits / T), kept within [0.05, 20]."""
+    x, y = torch.from_numpy(logits).double(), torch.from_numpy(gold).double()
+    log_t = torch.zeros(logits.shape[1], dtype=torch.double, requires_grad=True)
+    opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.binary_cross_entropy_with_logits(x / log_t.exp(), y)
+        loss.backward()
+        return loss
+    opt.step(closure)
+    return log_t.detach().exp().clamp(0.05, 20).numpy()
 
 
 def _sigmoid(x: np.ndarray) -> np.ndarray:
@@ -81,17 +97,22 @@ class MultiLabelTask(Task):
 
     def __init__(self) -> None:
         self.temperatures: list[float] | None = None  # per label, fitted on dev
+        # per label, what the saved output layer's rows are already divided by (lmtune.fold): _stack
+        # multiplies the logits back, so everything here works on raw logits; None: nothing folded
+        self.folded_temperatures: list[float] | None = None
         self.thresholds: list[float] | None = None  # per label, chosen on dev; None: 0.5 for all
         self.pos_weight: torch.Tensor | None = None
         self.calibration: dict = {}
         self.pooling, self.max_windows = "mean", 8  # data.long_text windows (tasks/windows.py)
 
     def state(self) -> dict:
-        return {"temperatures": self.temperatures, "thresholds": self.thresholds, "pooling": self.pooling,
+        return {"temperatures": self.temperatures, "folded_temperatures": self.folded_temperatures,
+                "thresholds": self.thresholds, "pooling": self.pooling,
                 "max_windows": self.max_windows}
 
     def set_state(self, state: dict) -> None:
         self.temperatures, self.thresholds = state.get("temperatures"), state.get("thresholds")
+        self.folded_temperatures = state.get("folded_temperatures")
         self.pooling, self.max_windows = state.get("pooling", "mean"), state.get("max_windows", 8)
 
     def report_state(self) -> dict:
@@ -247,8 +268,9 @@ class MultiLabelTask(Task):
         return training_subset(enc.features, self.max_windows)
 
     def _stack(self, outputs: list[np.ndarray], enc: Encoded) -> np.ndarray:
-        """Logits per text (a long text's windows pooled)."""
-        return np.stack(pool(outputs, enc.features, len(enc.examples), self.pooling))
+        """Raw logits per text (a long text's windows pooled; what the weights carry multiplied back)."""
+        logits = np.stack(pool(outputs, enc.features, len(enc.examples), self.pooling))
+        return logits * np.asarray(self.folded_temperatures, dtype=np.float32) if self.folded_temperatures else logits
 
     def collate(self, features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
         batch = pad_batch(features, tokenizer)
@@ -293,26 +315,38 @@ class MultiLabelTask(Task):
         return gold
 
     def calibrate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
-        """A temperature per label (minimum BCE on dev), then a threshold per label (best dev F1 on the
-        calibrated probabilities; 0.5 for a label dev never shows)."""
+        """A temperature per label (minimum BCE on dev) where it lowers the held-out dev ECE
+        (choose_temperature; else none), then a threshold per label (best dev F1 on the resulting
+        probabilities; 0.5 for a label dev never shows)."""
         logits, gold = self._stack(outputs, enc), self._gold(enc, labels)
-        x, y = torch.from_numpy(logits).double(), torch.from_numpy(gold).double()
-        log_t = torch.zeros(len(labels), dtype=torch.double, requires_grad=True)
-        opt = torch.optim.LBFGS([log_t], lr=0.1, max_iter=200, line_search_fn="strong_wolfe")
-
-        def closure():
-            opt.zero_grad()
-            loss = F.binary_cross_entropy_with_logits(x / log_t.exp(), y)
-            loss.backward()
-            return loss
-        opt.step(closure)
-        self.temperatures = [round(float(t), 6) for t in log_t.detach().exp().clamp(0.05, 20)]
+        c = choose_temperature(logits, gold, _fit_label_temperatures, lambda z, y: _binary_ece(_sigmoid(z), y),
+                               identity=np.ones(len(labels)))
+        self.temperatures = [round(float(t), 6) for t in c["temperature"]]
         probs = self._probs(logits)
         self.thresholds = [self._best_threshold(probs[:, j], gold[:, j]) for j in range(len(labels))]
         before, after = _binary_ece(_sigmoid(logits), gold), _binary_ece(probs, gold)
-        self.calibration = {"dev_ece_before": before, "dev_ece_after": after,
+        self.calibration = {"dev_ece_before": before, "dev_ece_after": after, "applied": c["applied"], "decision": c["decision"],
+                            "method": c["method"], "held_out_ece": [c["dev_ece_before"], c["dev_ece_after"]],
                             "temperatures": dict(zip(labels, self.temperatures)), "thresholds": dict(zip(labels, self.thresholds))}
-        return {"temperature": float(np.mean(self.temperatures)), "dev_ece_before": before, "dev_ece_after": after}
+        return {"temperature": self.temperatures, "dev_ece_before": c["dev_ece_before"], "dev_ece_after": c["dev_ece_after"],
+                "applied": c["applied"], "decision": c["decision"], "method": c["method"]}
+
+    # ---- the temperatures in the weights (lmtune.fold) ------------------------------------------
+    def temperature_to_fold(self) -> list[float] | float:
+        return self.temperatures or 1.0
+
+    @property
+    def folded_temperature(self) -> list[float] | float:
+        return self.folded_temperatures or 1.0
+
+    def set_folded(self, folded) -> None:
+        values = np.atleast_1d(np.asarray(folded, dtype=np.float64))
+        self.folded_temperatures = None if np.all(values == 1.0) else [float(v) for v in values]
+
+    def _unfolded(self) -> np.ndarray | float:
+        """What the model's logits must still be divided by for calibrated probabilities."""
+        t = np.asarray(self.temperatures, dtype=np.float64) if self.temperatures else 1.0
+        return t / np.asarray(self.folded_temperatures, dtype=np.float64) if self.folded_temperatures else t
 
     @staticmethod
     def _best_threshold(p: np.ndarray, y: np.ndarray) -> float:
@@ -365,8 +399,8 @@ class MultiLabelTask(Task):
         return [{"name": n, "index": labels.index(n)} for n in names]
 
     def target_score(self, logits: torch.Tensor, target: dict, log_odds: bool = False) -> torch.Tensor:
-        t = self.temperatures[target["index"]] if self.temperatures else 1.0
-        z = logits[:, target["index"]].float() / t
+        t = np.broadcast_to(self._unfolded(), (logits.shape[1],))[target["index"]]
+        z = logits[:, target["index"]].float() / float(t)
         return z if log_odds else torch.sigmoid(z)
 
     def response_fields(self) -> dict[str, tuple[Any, str]]:
@@ -385,8 +419,10 @@ class MultiLabelTask(Task):
             lines += ["![thresholds per label](thresholds.png)", ""]
         if self.calibration:
             c = self.calibration
-            lines += ["### Calibration", "", f"A temperature per label fitted on dev: ECE over every (text, label) "
-                      f"probability {c['dev_ece_before']:.4f} before, {c['dev_ece_after']:.4f} after "
+            lines += ["### Calibration", "", *([f"Calibration: {c['decision']} (held-out: {c['method']}).", ""]
+                                                if "decision" in c else []),
+                      f"A temperature per label {'fitted on dev' if c.get('applied', True) else 'was not applied'}: ECE over "
+                      f"every (text, label) probability {c['dev_ece_before']:.4f} before, {c['dev_ece_after']:.4f} after "
                       f"({split} after: {m['ece']:.4f}).", ""]
         return "\n".join(lines)
 

@@ -26,7 +26,7 @@ from lmtune.data.ner_readers import NerExample, convert, example_from_text, read
 from lmtune.data.tagging import allowed_transitions, bio_labels, count_invalid, detect_scheme, from_bio, spans, split_tag, viterbi
 from lmtune.errors import InputError
 from lmtune.evaluate.abstain import choose_threshold
-from lmtune.evaluate.calibration import ece, fit_temperature, softmax
+from lmtune.evaluate.calibration import choose_temperature, ece, fit_temperature, softmax
 from lmtune.evaluate.calibration import metrics as calibration_metrics
 from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
@@ -306,9 +306,9 @@ class NerTask(Task):
         (Viterbi over log-probabilities divided by T > 0 finds the same path); word probabilities and
         entity scores become calibrated."""
         x, gold = self._word_table(self.word_log_probs(outputs, enc, 1.0), enc, labels)
-        t = fit_temperature(x, gold)
-        self.calibration = {"temperature": t, "dev_ece_before": ece(softmax(x), gold), "dev_ece_after": ece(softmax(x, t), gold)}
-        self.temperature = t
+        # applied only where it lowers the ECE of dev words it was not fitted on (choose_temperature)
+        self.calibration = choose_temperature(x, gold, fit_temperature, lambda z, y: ece(softmax(z), y))
+        self.temperature = float(self.calibration["temperature"])
         return self.calibration
 
     # ---- abstention: withhold low-scoring entities ----------------------------------------------
@@ -460,7 +460,7 @@ class NerTask(Task):
                       for split, m in split_metrics.items() if "abstention" in m]
             lines.append("")
         if self.calibration:
-            lines += calibration_section(self.calibration["temperature"], split_metrics, run_dir,
+            lines += calibration_section(self.calibration, split_metrics, run_dir,
                                          "; ECE is over each word's tag, entity scores are means of their words'")
         return "\n".join(lines)
 
