@@ -238,13 +238,14 @@ def test_train_inspect_try_and_compare_in_the_browser(browser, ui_url, workdir, 
     probs = browser.find_elements(By.CSS_SELECTOR, "#try-result .prob")
     assert len(probs) >= 2
 
-    from lmtune.ui.train_api import push_to_folder_supported
-    push = browser.find_element(By.ID, "push-run")
-    assert push.is_enabled() == push_to_folder_supported()  # the push hook waits for `lmtune push --to`
     browser.find_element(By.ID, "export-onnx").click()
     _wait(browser, lambda b: b.find_element(By.ID, "action-status").text.startswith(("export: finished", "export: failed")), 300)
     assert browser.find_element(By.ID, "action-status").text == "export: finished", browser.find_element(By.ID, "action-log").text
     assert (workdir / "runs" / "from-browser" / "export" / "export.json").is_file()
+    browser.find_element(By.ID, "push-run").click()  # `lmtune push RUN --to hub/from-browser`: the Hub layout, locally
+    _wait(browser, lambda b: b.find_element(By.ID, "action-status").text.startswith(("push: finished", "push: failed")), 300)
+    assert browser.find_element(By.ID, "action-status").text == "push: finished", browser.find_element(By.ID, "action-log").text
+    assert (workdir / "hub" / "from-browser" / "README.md").is_file()
 
     browser.get(ui_url + "/")
     _wait(browser, lambda b: len(b.find_elements(By.CSS_SELECTOR, "#runs tbody tr[data-run]")) >= 2)
@@ -653,7 +654,6 @@ def test_a_run_still_training_is_followed_on_its_page(workdir, tmp_path):
 
 
 def test_export_and_push_need_a_finished_run_and_a_folder_inside(workdir, dash):
-    from lmtune.ui.train_api import push_to_folder_supported
     d = _dash_client(dash)
     assert d.post("/api/run/r1/export", headers=POST).status_code == 409  # no model yet
     assert d.post("/api/run/nope/export", headers=POST).status_code == 404
@@ -662,16 +662,12 @@ def test_export_and_push_need_a_finished_run_and_a_folder_inside(workdir, dash):
     r = c.post("/api/run/first/push", json={"to": "/elsewhere/hub"}, headers=POST)
     assert r.status_code == 403 and "outside the working directory" in r.json()["detail"]
     r = c.post("/api/run/first/push", json={"to": "hub/first"}, headers=POST)
-    if push_to_folder_supported():  # `lmtune push RUN --to DIR` as a job: the Hub layout, written locally
-        assert r.status_code == 200 and r.json()["kind"] == "push"
-        deadline = time.time() + 180
-        while c.get(f"/api/jobs/{r.json()['id']}").json()["status"] == "running" and time.time() < deadline:
-            time.sleep(0.5)
-        assert c.get(f"/api/jobs/{r.json()['id']}").json()["status"] == "finished"
-        assert (workdir / "hub" / "first" / "README.md").is_file() and (workdir / "hub" / "first" / "config.json").is_file()
-    else:
-        assert r.status_code == 501 and "--to" in r.json()["detail"]
-    assert not (workdir / "hub").exists() or push_to_folder_supported()
+    assert r.status_code == 200 and r.json()["kind"] == "push"  # `lmtune push RUN --to DIR` as a job
+    deadline = time.time() + 180
+    while c.get(f"/api/jobs/{r.json()['id']}").json()["status"] == "running" and time.time() < deadline:
+        time.sleep(0.5)
+    assert c.get(f"/api/jobs/{r.json()['id']}").json()["status"] == "finished"
+    assert (workdir / "hub" / "first" / "README.md").is_file() and (workdir / "hub" / "first" / "config.json").is_file()
 
 
 # ---- issue 46: the Host check, job configs confined, malformed bodies, fuzzing (defects 2 and 9) -------

@@ -66,7 +66,6 @@ def create_ui(settings: UiSettings) -> FastAPI:
     # nested entry): app.routes lists every route, and the tests walk it to check the Host guard on each
     app.router.routes.extend(pages.router.routes + api.router.routes)
     app.router.routes.extend(train_api.router.routes)
-    ui.env.globals["push_to_folder"] = train_api.push_to_folder_supported  # the run page's Push button
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _body_error)
     return app

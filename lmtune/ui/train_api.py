@@ -7,7 +7,6 @@ names goes through the confinement (403 outside the working directory and --allo
 from __future__ import annotations
 
 import asyncio
-import inspect
 
 from fastapi import APIRouter, Depends, HTTPException, Request
 from fastapi.responses import StreamingResponse
@@ -106,20 +105,11 @@ async def api_export(name: str, ui: UiState = Depends(state)):
     return ui.jobs.start_command("export", [str(path)], path).state()
 
 
-def push_to_folder_supported() -> bool:
-    """Whether this lmtune's `push` writes the Hub layout to a local folder (`lmtune push RUN --to DIR`)."""
-    from lmtune.cli import cmd_push
-    return "to" in inspect.signature(cmd_push).parameters
-
-
 @router.post("/run/{name}/push")
 async def api_push(name: str, body: PushBody, ui: UiState = Depends(state)):
-    """PUSH HOOK: `lmtune push RUN --to DIR` as a job, into a folder inside the allowed paths. Until `push`
-    has --to (the hub work of issue 52), this answers 501 and the page's Push button says so."""
+    """`lmtune push RUN --to DIR` as a job: the Hub repo's layout written into a folder inside the allowed paths."""
     path = _finished_run(ui, name)
     if not body.to.strip():
         raise HTTPException(422, "to: give a folder to write the model to")
     target = ui.confine.path(body.to.strip(), "to")
-    if not push_to_folder_supported():
-        raise HTTPException(501, "this lmtune's push cannot write to a local folder yet (lmtune push RUN --to DIR)")
     return ui.jobs.start_command("push", [str(path), "--to", str(target)], path).state()

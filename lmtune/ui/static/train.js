@@ -141,7 +141,7 @@ if (runActions) {
       events.close();
       const s = JSON.parse(e.data);
       out.textContent = `${s.kind}: ${s.status}`;
-      buttons.forEach(b => { b.disabled = b.dataset.unavailable === "1"; });
+      buttons.forEach(b => { b.disabled = false; });
     });
   };
   const startAction = async (url, body) => {
@@ -149,7 +149,7 @@ if (runActions) {
     catch (err) { out.textContent = err.message; }
   };
   document.getElementById("export-onnx").addEventListener("click", () => startAction(`/api/run/${encodeURIComponent(run)}/export`));
-  // PUSH HOOK: `lmtune push RUN --to DIR` (the button is disabled until this lmtune's push has --to)
+  // `lmtune push RUN --to DIR`: the Hub layout into a local folder
   document.getElementById("push-run").addEventListener("click", () =>
     startAction(`/api/run/${encodeURIComponent(run)}/push`, { to: document.getElementById("push-to").value }));
 }
