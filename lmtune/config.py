@@ -172,8 +172,9 @@ class TrainConfig:
     focal_gamma: float = _f(0.0, "Focal loss gamma (0 = plain cross-entropy; 2 is usual for imbalance).", ge=0)
     loss: str = _f("auto", "Regression loss on standardized targets: auto (= mse), mse, or huber (robust to outliers).",
                    ("auto", "mse", "huber"))
-    calibrate: bool = _f(True, "Fit a temperature on dev after training (classification; NER: on each word's tag "
-                               "distribution); outputs use calibrated probabilities.")
+    calibrate: bool = _f(True, "Try temperature scaling on dev after training (classification; NER: on each word's tag "
+                               "distribution); applied only where it lowers the held-out dev ECE (2-fold "
+                               "cross-validation on dev), and then folded into the saved output layer.")
     tensorboard: bool = _f(False, "Also log to TensorBoard (needs the tensorboard package); the same as trackers [tensorboard].")
     trackers: list[str] = _f([], "Experiment trackers (main process only) of the config, every step's metrics, the final metrics "
                              "and the report, plots and model card. mlflow: MLFLOW_TRACKING_URI, else OUTPUT_DIR/mlflow.db; "

@@ -45,6 +45,10 @@ def test_the_site_builds_strict_with_every_page_and_the_api_reference(site):
     assert (site / "img" / "ui-run.png").is_file() and (site / "img" / "ui-compare.png").is_file()
     dashboard = (site / "dashboard" / "index.html").read_text()
     assert "ui-run.png" in dashboard and "ui-compare.png" in dashboard
+    for shot in ("ui-train-form", "ui-live", "ui-reliability", "ui-errors"):  # the dashboard's views, issue 52
+        assert f"{shot}.png" in dashboard and (site / "img" / f"{shot}.png").is_file(), shot
+    config = (site / "config" / "index.html").read_text()  # the keys table, rendered from the fields by a hook
+    assert "<!-- config:keys -->" not in config and "<code>train.calibrate</code>" in config and "folded" in config
     assert not (site / "hooks").exists()
     for html in site.rglob("*.html"):  # the site reads offline: no script, stylesheet or font from elsewhere
         assert not re.search(r'<(script|link)[^>]+(src|href)="(https?:)?//', html.read_text()), html
