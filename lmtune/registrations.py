@@ -76,9 +76,9 @@ analyses.register("lengths", "lmtune.analyses.lengths:ANALYSIS")
 
 # config fields declared by the task or feature that reads them (lmtune.config composes the sections);
 # section: the config section the fields join, so their YAML keys (data.head_column ...) stay what they were
-config_sections.register("generate", "lmtune.tasks.generation:GenerateConfig")
-config_sections.register("retrieval", "lmtune.tasks.retrieval:RetrievalConfig")
-config_sections.register("relation_columns", "lmtune.tasks.relation:RelationColumns", section="data")
-config_sections.register("multilabel_columns", "lmtune.tasks.multilabel:MultiLabelColumns", section="data")
-config_sections.register("ner_columns", "lmtune.tasks.ner:NerColumns", section="data")
+config_sections.register("generate", "lmtune.tasks.generation_config:GenerateConfig")
+config_sections.register("retrieval", "lmtune.tasks.retrieval_config:RetrievalConfig")
+config_sections.register("relation_columns", "lmtune.tasks.relation_config:RelationColumns", section="data")
+config_sections.register("multilabel_columns", "lmtune.tasks.multilabel_config:MultiLabelColumns", section="data")
+config_sections.register("ner_columns", "lmtune.tasks.ner_config:NerColumns", section="data")
 config_sections.register("pair_options", "lmtune.data.pairs:PairOptions", section="data")

@@ -35,7 +35,8 @@ def test_building_the_parser_imports_no_ml_library():
     assert _heavy_imported_by("import lmtune\nimport lmtune.cli\nlmtune.cli.build_parser()") == []
 
 
-@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["serve", "--help"], ["drift", "--help"],
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["serve", "--help"], ["drift", "--help"], ["train", "--help"],
+                                  ["config"], ["config", "--schema"],
                                   ["completion", "bash"], ["completion", "zsh"], ["completion", "fish"]])
 def test_version_help_and_completion_import_no_ml_library(argv):
     code = f"import contextlib, io\nfrom lmtune.cli import main\nwith contextlib.redirect_stdout(io.StringIO()):\n" \
@@ -65,6 +66,7 @@ def test_train_help_still_lists_the_config_keys(capsys):
         main(["train", "--help"])
     out = capsys.readouterr().out
     assert "Config keys:" in out and "train.lr" in out and "data.max_length" in out
+    assert "generate.max_new_tokens" in out and "data.tag_scheme" in out  # the task-owned sections too
 
 
 @pytest.mark.parametrize("argv", [["completion", "zsh"], ["completion", "fish"], ["--help"]])

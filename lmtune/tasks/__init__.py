@@ -2,8 +2,12 @@
 plus one line there is a new task)."""
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from lmtune.registry import tasks
-from lmtune.tasks.base import Task
+
+if TYPE_CHECKING:  # base imports torch; the package itself stays light, so its config modules read without it
+    from lmtune.tasks.base import Task
 
 
 def register(name: str, target: str) -> None:
@@ -12,6 +16,7 @@ def register(name: str, target: str) -> None:
 
 
 def get_task(name: str) -> Task:
+    from lmtune.tasks.base import Task
     cls = tasks.get(name)
     if not (isinstance(cls, type) and issubclass(cls, Task)):
         raise TypeError(f"task '{name}' is registered as {cls!r}, which is not a subclass of lmtune.tasks.base.Task")

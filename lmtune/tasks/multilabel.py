@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModelForSequenceClassification
 
-from lmtune.config import Config, option
+from lmtune.config import Config
 from lmtune.data.readers import Example, is_invisible, read_rows, row_unit
 from lmtune.errors import InputError
 from lmtune.evaluate.calibration import choose_temperature
@@ -32,6 +32,7 @@ from lmtune.io import atomic_path
 from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.windows import encode_windows, pool, training_subset
 from lmtune.tasks.base import CALIBRATE, EXPLAIN, Encoded, Splits, Task, dev_and_test, input_pad_values, pad_batch
+from lmtune.tasks.multilabel_config import MultiLabelColumns  # noqa: F401  (re-exported: code and saved configs name it here)
 
 POS_WEIGHT_CAP = 30.0  # a label seen once in 10,000 rows would otherwise get a weight of 10,000
 _TRUE, _FALSE = ("1", "1.0", "true", "yes"), ("0", "0.0", "false", "no", "")
@@ -77,14 +78,6 @@ def _binary_ece(p: np.ndarray, y: np.ndarray, bins: int = 15) -> float:
         if m.any():
             total += m.sum() * abs(p[m].mean() - y[m].mean())
     return float(total / max(len(p), 1))
-
-
-@dataclass
-class MultiLabelColumns:
-    """data.* keys this task reads (they join the data section; registered in lmtune/registrations.py)."""
-    label_separator: str = option(",", "Multi-label: separator of the labels in one column (a JSON list needs none).")
-    label_columns: list | None = option(None, "Multi-label: one 0/1 column per label instead of a label column.")
-
 
 
 class MultiLabelTask(Task):

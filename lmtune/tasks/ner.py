@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 from transformers import AutoModelForTokenClassification
 
-from lmtune.config import Config, option
+from lmtune.config import Config
 from lmtune.data.ner_readers import NerExample, convert, example_from_text, read_ner_raw, span_text
 from lmtune.data.tagging import allowed_transitions, bio_labels, count_invalid, detect_scheme, from_bio, spans, split_tag, viterbi
 from lmtune.errors import InputError
@@ -33,6 +32,7 @@ from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.base import (ABSTAIN, CALIBRATE, EXPLAIN, LABEL_NOISE, Encoded, Splits, Task, balanced_weights, class_score,
                                cross_entropy_sum, input_pad_values, pad_rows, shuffle_split)
+from lmtune.tasks.ner_config import NerColumns  # noqa: F401  (re-exported: code and saved configs name it here)
 
 
 log = logging.getLogger("lmtune")
@@ -46,16 +46,6 @@ def _special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
         if full[i:i + len(inner)] == inner:
             return full[:i], full[i + len(inner):]
     return [], []
-
-
-@dataclass
-class NerColumns:
-    """data.* keys this task reads (they join the data section; registered in lmtune/registrations.py)."""
-    tag_scheme: str = option("auto", "NER tag scheme of the files; auto detects it. Output uses the same scheme.",
-                             ("auto", "bio", "iob1", "bioes", "bilou", "bmes"))
-    tag_column: int = option(-1, "NER (CoNLL): column holding the tag; -1 = last. The token is column 0.", ge=-1)
-    label_all_subtokens: bool = option(False, "NER: train on every sub-token of a word (default: the first only).")
-
 
 
 class NerTask(Task):

@@ -27,13 +27,14 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, AutoTokenizer
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from lmtune.config import Config, option
+from lmtune.config import Config
 from lmtune.data.readers import Example, cell_text, is_invisible, read_rows, row_unit
 from lmtune.errors import InputError
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, quiet_transformers, resolve_model
 from lmtune.tasks.base import ABSTAIN, CALIBRATE, EXAMPLE_LABELS, Encoded
 from lmtune.tasks.classification import ClassificationTask
+from lmtune.tasks.relation_config import RelationColumns  # noqa: F401  (re-exported: code and saved configs name it here)
 
 MARKERS = ("[E1]", "[/E1]", "[E2]", "[/E2]")
 _TAGGED = re.compile(r"<e([12])>(.*?)</e\1>", re.DOTALL)
@@ -161,15 +162,6 @@ def official_scores(gold: list[str], pred: list[str], negative: str | None) -> d
         p_, r_ = correct / predicted if predicted else 0.0, correct / actual if actual else 0.0
         per[r] = {"precision": p_, "recall": r_, "f1-score": 2 * p_ * r_ / (p_ + r_) if p_ + r_ else 0.0, "support": actual}
     return {"official_macro_f1": float(np.mean([v["f1-score"] for v in per.values()])) if per else 0.0, "per_relation": per}
-
-
-@dataclass
-class RelationColumns:
-    """data.* keys this task reads (they join the data section; registered in lmtune/registrations.py)."""
-    head_column: str = option("head", "Relation: column (or JSON key) with the first entity, as its text (located in the sentence) "
-                                      "or a [start, end] character span; without it the text carries <e1>..</e1> <e2>..</e2> markers.")
-    tail_column: str = option("tail", "Relation: column (or JSON key) with the second entity (as head_column).")
-
 
 
 class RelationTask(ClassificationTask):

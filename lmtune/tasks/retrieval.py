@@ -30,11 +30,12 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoModel
 
-from lmtune.config import Config, option
+from lmtune.config import Config
 from lmtune.data.readers import Example, read_examples
 from lmtune.errors import InputError
 from lmtune.models import load_config, load_pretrained, quiet_transformers, resolve_model
 from lmtune.tasks.base import INDEX, Encoded, Splits, Task, dev_and_test
+from lmtune.tasks.retrieval_config import RetrievalConfig  # noqa: F401  (re-exported: code and saved configs name it here)
 
 RELEVANT = "relevant"  # the one "label": a document is relevant to the query or not
 SCALE = 20.0  # cosine similarity x 20: MultipleNegativesRankingLoss's default, what MiniLM was trained with
@@ -96,23 +97,6 @@ def ranking_metrics(scores: np.ndarray, relevant: list[set[int]]) -> dict:
         ndcg.append(float((hits[:10] * discounts[:10]).sum() / ideal))
     out = {f"recall_{k}": float(np.mean(v)) for k, v in rec.items()}
     return {**out, "mrr_10": float(np.mean(mrr)), "ndcg_10": float(np.mean(ndcg))}
-
-
-@dataclass
-class RetrievalConfig:
-    """The `retrieval` config section, owned by this task (registered in lmtune/registrations.py)."""
-    hard_negatives: int = option(1, "task retrieval: BM25 hard negatives per training query, mined from the training documents "
-                                    "(the best-scoring ones not relevant to the query); 0 = in-batch negatives only.", ge=0)
-    negative_column: str | None = option(None, "task retrieval: a column of given hard negatives (one text, or a JSON list of texts); "
-                                               "rows that have them are not mined.")
-    logq_correction: bool = option(False, "task retrieval: subtract each document's log frequency among the training positives from "
-                                          "its in-batch logit (Yi et al. 2019, sampling-bias correction). In-batch negatives are "
-                                          "sampled as often as a document is a positive, so without it frequent documents (popular "
-                                          "items) are pushed down; turn it on when positives repeat a lot (recommendation).")
-    corpus: str | None = option(None, "task retrieval: the documents the run's index holds (`lmtune search`, predict); default: every "
-                                      "distinct document of train, dev and test.")
-    corpus_column: str = option("text", "retrieval.corpus: the column that holds each document's text.")
-    corpus_id_column: str | None = option(None, "retrieval.corpus: a column of document ids, returned with each result.")
 
 
 class RetrievalTask(Task):
