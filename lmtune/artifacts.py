@@ -7,6 +7,7 @@ metadata (lmtune.json) and the task state saved beside a model (model/, export/,
             drift_reference.safetensors (dev embeddings and scores for the serve drift monitor)
             running.json ({pid, host} while a process trains the run)
             events.jsonl (history.jsonl's rows, appended as training makes them: what live charts follow)
+            mlflow_run.json (the MLflow run a tracked run logged to, where `lmtune export` adds its ONNX files)
             results.json and the analyses' NAME.json; label_noise.json(l), generation.json, index/
 
 It also owns the run directory's lifecycle: a new one (new_run_dir), the one --resume continues
@@ -66,6 +67,7 @@ class RunDir:
     generation = property(lambda self: self.root / "generation.json")
     index = property(lambda self: self.root / "index")
     pretrain = property(lambda self: self.root / "pretrain.json")
+    mlflow_run = property(lambda self: self.root / "mlflow_run.json")  # {tracking_uri (masked), run_id}: where export logs
 
     def predictions(self, split: str) -> Path:
         return self.root / "predictions" / f"{split}.jsonl"

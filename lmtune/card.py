@@ -14,7 +14,9 @@ import math
 from pathlib import Path
 
 from lmtune.artifacts import RunDir, read_meta
+from lmtune.fold import pipeline_reproduces_lmtune
 from lmtune.io import write_text
+from lmtune.peft import is_adapter_dir
 from lmtune.tasks import get_task
 
 
@@ -143,9 +145,9 @@ def card_data(results: dict, meta: dict, pipeline: str):
 
 
 def usage(pipeline: str, repo_id: str | None, reads_pairs: bool = False, adapter: bool = False,
-          task_kind: str = "text-classification") -> list[str]:
-    """The card's "How to use": transformers.pipeline on the folder (the probabilities are lmtune's: the
-    calibration temperature is folded into the weights) and lmtune.load with its output controls."""
+          task_kind: str = "text-classification", same_probabilities: bool = False) -> list[str]:
+    """The card's "How to use": transformers.pipeline on the folder (saying the probabilities are lmtune's only
+    where they are: lmtune.fold.pipeline_reproduces_lmtune) and lmtune.load with its output controls."""
     where = repo_id or "path/to/model"
     example = ('{"text": "first sentence", "text_pair": "second sentence"}' if reads_pairs
                else 'question="What is asked?", context="The text that answers it."' if pipeline == "question-answering"
@@ -159,7 +161,7 @@ def usage(pipeline: str, repo_id: str | None, reads_pairs: bool = False, adapter
     # retrieval has no transformers pipeline, and a relation model's entity-marker head is lmtune's own
     if pipeline != "sentence-similarity" and task_kind != "relation":
         same = (" (the probabilities are the ones lmtune reports: the calibration temperature is folded into the "
-                "weights)" if task_kind in ("text-classification",) else "")
+                "weights)" if same_probabilities else "")
         lines += [f"With transformers{same}.{merged}", "", "```python", "from transformers import pipeline", "",
                   f'model = pipeline("{pipeline}", model="{where}"{kw})', f"print(model({example}))", "```", ""]
     lines += ["With lmtune (adds what lmtune.json holds beyond the weights: abstention, thresholds, explanations, "
@@ -233,8 +235,9 @@ def render_card(run_dir: str | Path, results: dict, repo_id: str | None = None, 
         f"{task.hub_pipeline.replace('-', ' ').capitalize()} over texts like its training data"
         + (f", with the labels: {', '.join(labels[:30])}{' ...' if len(labels) > 30 else ''}." if labels else "."),
         "Outside that domain its scores are not evidence of quality; check on your own labeled sample first.", "",
-        *usage(task.hub_pipeline, repo_id, bool(cfg.get("data", {}).get("text_pair_column")),
-               (rd.model / "adapter_config.json").is_file(), {"regression": "regression", "relation": "relation"}.get(task.name, task.hub_pipeline)),
+        *usage(task.hub_pipeline, repo_id, bool(cfg.get("data", {}).get("text_pair_column")), is_adapter_dir(rd.model),
+               {"regression": "regression", "relation": "relation"}.get(task.name, task.hub_pipeline),
+               pipeline_reproduces_lmtune(rd.model)),
         "## Training data", "",
         "Examples: " + ", ".join(f"{k} {v}" for k, v in s["sizes"].items())
         + f"; longer than max_length {s['max_length']}: "

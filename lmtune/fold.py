@@ -18,10 +18,13 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
+from lmtune.tasks.base import FOLD
 
 log = logging.getLogger("lmtune")
 
@@ -30,7 +33,7 @@ def foldable(model: torch.nn.Module, task: Any) -> bool:
     """A transformers model (or a PEFT wrapper of one) whose task keeps its temperature apart."""
     from transformers import PreTrainedModel
     inner = getattr(getattr(model, "base_model", None), "model", None)
-    return hasattr(task, "set_folded") and (isinstance(model, PreTrainedModel) or isinstance(inner, PreTrainedModel))
+    return task.supports(FOLD) and (isinstance(model, PreTrainedModel) or isinstance(inner, PreTrainedModel))
 
 
 def _candidates(model: torch.nn.Module, n_out: int) -> list[tuple[str, torch.nn.Linear]]:
@@ -123,10 +126,29 @@ def folded(model: torch.nn.Module, task: Any, probe: dict[str, torch.Tensor]) ->
     """The temperature folded in while the model is saved, then the model and the task exactly as they
     were (the rest of the recipe reads raw outputs it has already computed)."""
     undo: list = []
-    before = getattr(task, "folded_temperature", None)
+    before = task.folded_temperature if task.supports(FOLD) else None
     try:
         yield (rescale_outputs(model, task, probe, task.temperature_to_fold(), undo) if foldable(model, task) else None)
     finally:
         _restore(undo)
         if undo:
             task.set_folded(before)
+
+
+def pipeline_reproduces_lmtune(model_dir: Path) -> bool:
+    """Whether `transformers.pipeline("text-classification")` on model/ alone gives exactly lmtune's
+    probabilities: a single cross-encoding classifier answering with its softmax, whose whole temperature
+    is folded into its weights (a fold that failed leaves T in lmtune.json only), with no adapter,
+    ensemble, windows, symmetric pair averaging, abstention threshold or out-of-scope score, all of which
+    only lmtune.json knows. The model card's usage note and the MLflow model flavor both ask this."""
+    from lmtune.artifacts import read_meta
+    from lmtune.peft import is_adapter_dir
+    meta = read_meta(model_dir)
+    state = meta.get("task_state") or {}
+    data = (meta.get("config") or {}).get("data", {})
+    folded = abs(float(state.get("temperature", 1.0)) / float(state.get("folded_temperature", 1.0)) - 1.0) < 1e-9
+    return (meta.get("task") == "classification" and "ensemble" not in meta and not is_adapter_dir(model_dir)
+            and (model_dir / "config.json").is_file() and folded and not state.get("symmetric")
+            and state.get("pair_encoding") in (None, "cross") and state.get("threshold") is None
+            and state.get("oos_label") is None and state.get("score", "probability") == "probability"
+            and data.get("long_text", "truncate") == "truncate")

@@ -8,8 +8,11 @@ errors, no token) are input errors with what to do, not tracebacks.
 """
 from __future__ import annotations
 
+import logging
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from lmtune.artifacts import META, RunDir, read_meta, write_meta
@@ -65,12 +68,8 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False) -> str:
     """Upload RUN_DIR/model (weights, tokenizer, lmtune.json, the card) to a Hub model repo; the token
     comes from HF_TOKEN or `hf auth login`, as huggingface_hub finds it."""
     _finished(run_dir)
-    import logging
-
     from huggingface_hub import HfApi
-    for name in ("httpx", "httpx2", "httpcore"):  # a log line per HTTP request otherwise, under lmtune's INFO logging
-        logging.getLogger(name).setLevel(logging.WARNING)
-    with tempfile.TemporaryDirectory(prefix="lmtune-push-") as tmp:
+    with _quiet_http(), tempfile.TemporaryDirectory(prefix="lmtune-push-") as tmp:
         stage(run_dir, Path(tmp), repo_id)
         try:
             api = HfApi()
@@ -79,6 +78,21 @@ def push(run_dir: str | Path, repo_id: str, private: bool = False) -> str:
         except Exception as e:
             raise hub_error(e, repo_id) from None
     return str(getattr(info, "commit_url", info))
+
+
+@contextmanager
+def _quiet_http() -> Iterator[None]:
+    """httpx logs a line per HTTP request at INFO, which lmtune's logging shows: quiet during the upload
+    only, and the levels put back after (another part of the process may want them)."""
+    loggers = [logging.getLogger(name) for name in ("httpx", "httpx2", "httpcore")]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
 
 
 def hub_error(e: Exception, repo_id: str) -> Exception:

@@ -155,13 +155,26 @@ def relative_to_folder(path: str | Path, folder: Path) -> str:
 
 def write_schema_beside(config: Path) -> Path | None:
     """Write lmtune.schema.json in the config's folder unless it already holds this schema; the path
-    when it was written, else None."""
+    when it was written, else None. A file of that name that is not an lmtune config schema (another
+    tool's) is never replaced: an input error says so."""
     path = config.parent / SCHEMA_FILE
     text = schema_text()
-    if path.is_file() and path.read_text(encoding="utf-8") == text:
-        return None
+    if path.is_file():
+        old = path.read_text(encoding="utf-8")
+        if old == text:
+            return None
+        if not _is_our_schema(old):
+            raise InputError(f"{path}: exists and is not an lmtune config schema; move it, or write the config "
+                             "into another folder.")
     write_text(path, text)
     return path
+
+
+def _is_our_schema(text: str) -> bool:
+    try:
+        return json.loads(text).get("title") == "lmtune config"
+    except (ValueError, AttributeError):
+        return False
 
 
 def write_config(data_file: str | Path, output: str | Path, task: str | None = None, force: bool = False) -> tuple[dict, Path | None]:

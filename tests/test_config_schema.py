@@ -142,6 +142,17 @@ def test_a_registered_section_joins_the_schema_and_is_checked(shout):
         build_config({"shout": {"style": "bnag"}})
 
 
+def test_init_never_replaces_another_tools_file_named_like_the_schema(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    write_csv(tmp_path / "reviews.csv", toy_rows(40, 1))
+    (tmp_path / "sub").mkdir()
+    theirs = tmp_path / "sub" / "lmtune.schema.json"
+    theirs.write_text('{"title": "something else"}')
+    assert main(["init", "reviews.csv", "--output", "sub/x.yaml"]) == 2
+    assert "is not an lmtune config schema" in capsys.readouterr().err
+    assert theirs.read_text() == '{"title": "something else"}' and not (tmp_path / "sub" / "x.yaml").exists()
+
+
 def test_init_into_a_subfolder_writes_paths_relative_to_the_config_and_its_schema(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "data").mkdir()
@@ -160,7 +171,7 @@ def test_init_into_a_subfolder_writes_paths_relative_to_the_config_and_its_schem
     before = written_schema.stat().st_mtime_ns
     assert main(["init", "data/reviews.csv", "--output", "sub/y.yaml"]) == 0
     assert written_schema.stat().st_mtime_ns == before and "lmtune.schema.json" not in capsys.readouterr().err
-    written_schema.write_text("{}", encoding="utf-8")
+    written_schema.write_text('{"title": "lmtune config", "properties": {}}', encoding="utf-8")  # an older lmtune's: rewritten
     assert main(["init", str(data), "--output", "sub/z.yaml"]) == 0  # an absolute data path: made relative too
     assert json.loads(written_schema.read_text(encoding="utf-8")) == schema
     assert yaml.safe_load((tmp_path / "sub" / "z.yaml").read_text(encoding="utf-8"))["data"]["train"] == "../data/reviews.csv"

@@ -145,6 +145,14 @@ def test_only_a_plain_softmax_classifier_goes_out_as_a_transformers_pipeline(tmp
     assert pipeline_task(folder("mahalanobis", {"task_state": {**state, "score": "mahalanobis"}})) is None
     assert pipeline_task(folder("windows", {"config": {"data": {"long_text": "windows"}}})) is None
     assert pipeline_task(folder("lora", {}, adapter=True)) is None
+    # calibrated and folded: the pipeline's softmax is lmtune's; a fold that failed leaves T in lmtune.json only
+    assert pipeline_task(folder("folded", {"task_state": {**state, "temperature": 1.7, "folded_temperature": 1.7}})) \
+        == "text-classification"
+    assert pipeline_task(folder("unfolded", {"task_state": {**state, "temperature": 1.7, "folded_temperature": 1.0}})) is None
+    # pairs: lmtune averages both orders of a symmetric pair, and a bi-encoder is no sequence classifier
+    assert pipeline_task(folder("symmetric", {"task_state": {**state, "symmetric": True}})) is None
+    assert pipeline_task(folder("bi", {"task_state": {**state, "pair_encoding": "bi"}})) is None
+    assert pipeline_task(folder("cross", {"task_state": {**state, "pair_encoding": "cross"}})) == "text-classification"
 
 
 def test_run_facts_split_sizes_from_outcome_and_leave_counts_out_of_the_metrics():

@@ -508,9 +508,12 @@ def test_a_training_job_can_be_stopped_and_a_bad_config_is_refused(workdir, pret
     c = _client(workdir, allow_paths=[pretrained_tiny])  # the tiny backbone is outside the working directory
     bad = c.post("/api/jobs", json={"config": "train:\n  epochz: 3\n"}, headers=POST)
     assert bad.status_code == 422 and "epochz" in bad.json()["detail"]
-    cfg = {"data": {"train": str(workdir / "train.csv"), "max_length": 32}, "model": {"name": pretrained_tiny},
+    # a relative path means the file the form's pickers show, in the working directory (not the job's folder)
+    cfg = {"data": {"train": "train.csv", "max_length": 32}, "model": {"name": pretrained_tiny},
            "run_name": "to-stop", "train": {"epochs": 1000, "batch_size": 8, "lr": 3e-3}}  # far longer than the test waits
     job = c.post("/api/jobs", json={"config": yaml.safe_dump(cfg)}, headers=POST).json()
+    written = yaml.safe_load((workdir / ".lmtune-ui" / "jobs" / job["id"] / "config.yaml").read_text())
+    assert written["data"]["train"] == str((workdir / "train.csv").resolve())
     deadline = time.time() + 120
     while c.get(f"/api/jobs/{job['id']}").json()["step"] is None and time.time() < deadline:
         time.sleep(0.5)

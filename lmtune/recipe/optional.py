@@ -70,9 +70,8 @@ def start_trackers(ctx: Context) -> None:
     see every step from fit on."""
     cfg = resolved_config(ctx)
     ctx.trackers = [tracker_registry.get(name)(ctx.rd.root, cfg) for name in tracker_names(ctx.cfg)]
-    for tracker in ctx.trackers:
-        if hasattr(tracker, "inputs"):  # a plug-in tracker written before inputs() need not define it
-            tracker.inputs(ctx.splits)
+    for tracker in ctx.trackers:  # a Tracker (lmtune.tracking): its inputs() does nothing unless overridden
+        tracker.inputs(ctx.splits)
 
 
 def finish_trackers(ctx: Context) -> None:

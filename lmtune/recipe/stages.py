@@ -216,7 +216,7 @@ def save(ctx: Context) -> None:
     # the temperature goes into the saved weights (lmtune.fold), so transformers.pipeline and an ONNX
     # export give lmtune's probabilities; the model in memory stays raw for the stages after this one
     with folded(model, task, _probe(ctx)) as layer, atomic_dir(ctx.rd.model) as tmp, quiet_transformers():
-        if layer and isinstance(getattr(task, "calibration", None), dict) and task.calibration.get("applied"):
+        if layer and task.calibration.get("applied"):  # a fold happened: a FOLD task, which keeps its calibration dict
             task.calibration["folded"] = layer  # report.md says so
         meta = model_meta(task, ctx.splits.labels, cfg, **extra)
         save_adapter(model, tmp) if is_peft(model) else model.save_pretrained(tmp)

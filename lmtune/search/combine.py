@@ -186,8 +186,7 @@ def ensemble(run_dirs: list, out: str | Path, weights: str = "uniform", dev: str
         raise InputError("ensemble --weights dev: the members share no dev split that none of them trained on (cross-validation "
                          "folds); give one with --dev FILE.")
     # what each member's logits are divided by: its temperature, less what its weights carry (lmtune.fold)
-    temperatures = [float(r.task.unfolded_temperature()) if hasattr(r.task, "unfolded_temperature")
-                    else float(r.task.state().get("temperature", 1.0)) for r in runs]
+    temperatures = [float(r.task.unfolded_temperature()) for r in runs]
     w = [1.0] * len(runs)
     if weights == "dev":
         w = _fit_weights(runs, dev_examples)

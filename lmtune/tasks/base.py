@@ -57,11 +57,14 @@ EXPLAIN = "explain"  # explain_targets(row, labels, label) / target_score(logits
 GENERATE = "generate"  # generate / fit_decoding / score_generations / generation_rows: outputs are generated text (decoders)
 INDEX = "index"  # corpus / documents / set_index: queries are ranked against an index of embedded documents (lmtune.index)
 RERANK = "rerank"  # relevance(rows, labels, label): a pair run scores how well text_pair answers text (lmtune.rerank)
+# temperature_to_fold / folded_temperature / set_folded / unfolded_temperature, and a `calibration` dict: the calibration
+# temperature can be carried by the saved output layer (lmtune.fold), so transformers.pipeline gives lmtune's probabilities
+FOLD = "fold"
 CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, INTERVALS, DEV_RULES, CONTINUAL, ENSEMBLE, EXPLAIN,
-                GENERATE, INDEX, RERANK)
+                GENERATE, INDEX, RERANK, FOLD)
 _HOOKS = {CALIBRATE: "calibrate", ABSTAIN: "fit_threshold", MAHALANOBIS: "fit_scorer", LABEL_NOISE: "example_probs",
           INTERVALS: "fit_intervals", DEV_RULES: "fit_decision_rules", EXPLAIN: "explain_targets", GENERATE: "generate",
-          INDEX: "corpus", RERANK: "relevance"}
+          INDEX: "corpus", RERANK: "relevance", FOLD: "set_folded"}
 
 
 class Task:
@@ -93,6 +96,19 @@ class Task:
     def require(self, capability: str, key: str) -> None:
         if not self.supports(capability):
             raise InputError(f"{key}: the {self.name} task does not support {capability.replace('_', ' ')}.")
+
+    def temperature_to_fold(self) -> Any:
+        """FOLD: the whole temperature (a scalar, or one per output row) the saved output layer should carry."""
+        raise NotImplementedError
+
+    def set_folded(self, folded: Any) -> None:
+        """FOLD: record what the output layer's weights are divided by now (lmtune.json's folded_temperature)."""
+        raise NotImplementedError
+
+    def unfolded_temperature(self) -> Any:
+        """What the model's logits must still be divided by for calibrated probabilities (an ensemble divides
+        each member's logits by it): the task's temperature, less what a FOLD task's weights already carry."""
+        return float(self.state().get("temperature", 1.0))
 
     def relevance(self, rows: list[dict], labels: list[str], label: str | None = None) -> list[float]:
         """RERANK: one relevance score per prediction row of a (query, document) pair, higher = more relevant."""

@@ -24,7 +24,7 @@ from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.biencoder import load_bi_encoder, pair_model, report_lines
 from lmtune.tasks.windows import encode_windows, pool, training_subset
-from lmtune.tasks.base import (ABSTAIN, CALIBRATE, CONTINUAL, ENSEMBLE, EXAMPLE_LABELS, EXPLAIN, LABEL_NOISE, MAHALANOBIS, RERANK, Encoded,
+from lmtune.tasks.base import (ABSTAIN, CALIBRATE, CONTINUAL, ENSEMBLE, EXAMPLE_LABELS, EXPLAIN, LABEL_NOISE, MAHALANOBIS, RERANK, FOLD, Encoded,
                                Splits, Task, balanced_weights, class_score, cross_entropy_sum, input_pad_values, pad_batch)
 
 
@@ -49,7 +49,7 @@ class ClassificationTask(Task):
     name = "classification"
     headline = ("accuracy", "macro_f1", "loss")  # report.md / CLI summary columns
     peft_task_type = "SEQ_CLS"
-    capabilities = frozenset({CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, CONTINUAL, ENSEMBLE, EXPLAIN, RERANK})
+    capabilities = frozenset({CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, CONTINUAL, ENSEMBLE, EXPLAIN, RERANK, FOLD})
     encode_options = {"long_text": "long_text", "overlap": "window_overlap"}
 
     def __init__(self) -> None:

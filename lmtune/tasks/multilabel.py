@@ -31,7 +31,7 @@ from lmtune.evaluate.report import prf_table
 from lmtune.io import atomic_path
 from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.windows import encode_windows, pool, training_subset
-from lmtune.tasks.base import CALIBRATE, EXPLAIN, Encoded, Splits, Task, dev_and_test, input_pad_values, pad_batch
+from lmtune.tasks.base import CALIBRATE, EXPLAIN, FOLD, Encoded, Splits, Task, dev_and_test, input_pad_values, pad_batch
 from lmtune.tasks.multilabel_config import MultiLabelColumns  # noqa: F401  (re-exported: code and saved configs name it here)
 
 POS_WEIGHT_CAP = 30.0  # a label seen once in 10,000 rows would otherwise get a weight of 10,000
@@ -84,7 +84,7 @@ class MultiLabelTask(Task):
     name = "multilabel"
     headline = ("macro_f1", "micro_f1", "samples_f1", "subset_accuracy", "hamming_loss", "loss")
     peft_task_type = "SEQ_CLS"
-    capabilities = frozenset({CALIBRATE, EXPLAIN})
+    capabilities = frozenset({CALIBRATE, EXPLAIN, FOLD})
     decision_key = "labels"
     encode_options = {"long_text": "long_text", "overlap": "window_overlap"}
 

@@ -32,7 +32,7 @@ from lmtune.data.readers import Example, cell_text, is_invisible, read_rows, row
 from lmtune.errors import InputError
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, quiet_transformers, resolve_model
-from lmtune.tasks.base import ABSTAIN, CALIBRATE, EXAMPLE_LABELS, Encoded
+from lmtune.tasks.base import ABSTAIN, CALIBRATE, EXAMPLE_LABELS, FOLD, Encoded
 from lmtune.tasks.classification import ClassificationTask
 from lmtune.tasks.relation_config import RelationColumns  # noqa: F401  (re-exported: code and saved configs name it here)
 
@@ -168,7 +168,7 @@ class RelationTask(ClassificationTask):
     name = "relation"
     headline = ("official_macro_f1", "accuracy", "macro_f1", "loss")
     peft_task_type = "SEQ_CLS"
-    capabilities = frozenset({CALIBRATE, ABSTAIN, EXAMPLE_LABELS})
+    capabilities = frozenset({CALIBRATE, ABSTAIN, EXAMPLE_LABELS, FOLD})
     encode_options: dict[str, str] = {}
 
     def __init__(self) -> None:

@@ -30,6 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from lmtune.artifacts import RunDir
 from lmtune.errors import InputError
 from lmtune.tracking import Tracker, final_metrics, flat_params, run_facts, step_metrics
 
@@ -38,7 +39,6 @@ log = logging.getLogger("lmtune")
 MAX_PARAM_CHARS = 6000  # MLflow's limit on one parameter value
 BATCH = 1000  # MLflow's limit on metrics per log_batch call
 MODEL_PATH = "model"  # the model's name in the run: runs:/RUN_ID/model
-RUN_ID_FILE = "mlflow_run.json"  # RUN_DIR/mlflow_run.json: which MLflow run holds this run (for log_export)
 
 
 def tracking_uri(output_dir: str | Path) -> str:
@@ -77,7 +77,7 @@ class MLflowTracker(Tracker):
         self.done = 0
         self.last_step = 0
         from lmtune.io import write_json
-        write_json(self.run_dir / RUN_ID_FILE, {"tracking_uri": _shown_uri(self.uri), "run_id": self.run_id})
+        write_json(RunDir(self.run_dir).mlflow_run, {"tracking_uri": _shown_uri(self.uri), "run_id": self.run_id})
 
     def _params(self, params: dict[str, str]) -> None:
         from mlflow.entities import Param
@@ -123,7 +123,7 @@ class MLflowTracker(Tracker):
         self._params(sizes)
         for key, value in outcome.items():
             self.client.set_tag(self.run_id, f"lmtune.{key}", str(value))
-        for f in [*files, self.run_dir / "results.json"]:
+        for f in [*files, RunDir(self.run_dir).results]:
             if f.is_file():
                 self.client.log_artifact(self.run_id, str(f))
         log_onnx(self.client, self.run_id, self.run_dir)
@@ -137,7 +137,7 @@ class MLflowTracker(Tracker):
         """model/ as the transformers flavor where a pipeline reads it as lmtune does, else as a pyfunc
         model over lmtune.load; either way at runs:/RUN_ID/model, ready for mlflow.register_model."""
         import mlflow
-        model_dir = self.run_dir / "model"
+        model_dir = RunDir(self.run_dir).model
         task = pipeline_task(model_dir)
         with _in_run(mlflow, self.uri, self.run_id):
             if task:
@@ -159,15 +159,8 @@ def pipeline_task(model_dir: Path) -> str | None:
     """The transformers pipeline task that reads model/ exactly as lmtune predicts, or None: a single-
     model classifier that answers with its softmax (no adapter, ensemble, windows, abstention or
     out-of-scope score). Anything else is logged as lmtune's own pyfunc model."""
-    from lmtune.artifacts import read_meta
-    from lmtune.peft import is_adapter_dir
-    meta = read_meta(model_dir)
-    state = meta.get("task_state") or {}
-    data = (meta.get("config") or {}).get("data", {})
-    plain = (meta.get("task") == "classification" and "ensemble" not in meta and not is_adapter_dir(model_dir)
-             and (model_dir / "config.json").is_file() and state.get("threshold") is None and state.get("oos_label") is None
-             and state.get("score", "probability") == "probability" and data.get("long_text", "truncate") == "truncate")
-    return "text-classification" if plain else None
+    from lmtune.fold import pipeline_reproduces_lmtune
+    return "text-classification" if pipeline_reproduces_lmtune(model_dir) else None
 
 
 def _pipeline(model_dir: Path, task: str) -> Any:
@@ -188,7 +181,6 @@ def _card(model_dir: Path) -> Any:
 
 def log_onnx(client: Any, run_id: str, run_dir: Path) -> bool:
     """The run's ONNX export (model.onnx and what loads it) under the artifact folder onnx/, if it has one."""
-    from lmtune.artifacts import RunDir
     export = RunDir(run_dir).export
     if not any(export.glob("*.onnx")):
         return False
@@ -200,7 +192,7 @@ def log_export(run_dir: str | Path) -> bool:
     """After `lmtune export`: add the ONNX files to the MLflow run the training logged to (named in
     RUN_DIR/mlflow_run.json). False when the run was not tracked with MLflow or MLflow is absent."""
     import json
-    record = Path(run_dir) / RUN_ID_FILE
+    record = RunDir(run_dir).mlflow_run
     if not record.is_file():
         return False
     try:
@@ -209,7 +201,23 @@ def log_export(run_dir: str | Path) -> bool:
         return False
     rec = json.loads(record.read_text())
     uri = os.environ.get("MLFLOW_TRACKING_URI") or rec["tracking_uri"]
-    return log_onnx(MlflowClient(tracking_uri=uri), rec["run_id"], Path(run_dir))
+    with _fail_fast():
+        return log_onnx(MlflowClient(tracking_uri=uri), rec["run_id"], Path(run_dir))
+
+
+@contextlib.contextmanager
+def _fail_fast() -> Iterator[None]:
+    """The export is done and verified before this optional upload: a tracking server that is down gets
+    one try with a short timeout, not MLflow's default 7 retries with backoff (minutes of a stalled export)."""
+    wanted = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "15"}
+    before = {k: os.environ.get(k) for k in wanted}
+    os.environ.update({k: v for k, v in wanted.items() if before[k] is None})  # a user's own setting wins
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
 
 
 @contextlib.contextmanager
@@ -234,15 +242,14 @@ def _in_run(mlflow: Any, uri: str, run_id: str) -> Iterator[None]:
 
 def _stage_run(run_dir: Path, staged: Path) -> Path:
     """What lmtune.load reads of a run (model/, metrics.json, index/), without its checkpoints."""
-    out = staged / "run"
-    out.mkdir()
-    shutil.copytree(run_dir / "model", out / "model")
-    for name in ("metrics.json",):
-        if (run_dir / name).is_file():
-            shutil.copy2(run_dir / name, out / name)
-    if (run_dir / "index").is_dir():
-        shutil.copytree(run_dir / "index", out / "index")
-    return out
+    src, out = RunDir(run_dir), RunDir(staged / "run")
+    out.root.mkdir()
+    shutil.copytree(src.model, out.model)
+    if src.metrics.is_file():
+        shutil.copy2(src.metrics, out.metrics)
+    if src.index.is_dir():
+        shutil.copytree(src.index, out.index)
+    return out.root
 
 
 def _requirements(*packages: str) -> list[str]:

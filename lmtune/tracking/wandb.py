@@ -16,6 +16,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from lmtune.artifacts import RunDir
 from lmtune.errors import InputError
 from lmtune.tracking import Tracker, final_metrics, flat_config, run_facts, step_metrics
 
@@ -53,7 +54,7 @@ class WandbTracker(Tracker):
         panels.update(self._confusion_matrices(results))
         if panels:  # at the last step logged: W&B drops rows logged at an earlier step than it has seen
             self.run.log(panels, step=max(self.last_step, results.get("summary", {}).get("steps", 0)))
-        for f in [*files, self.run_dir / "results.json"]:
+        for f in [*files, RunDir(self.run_dir).results]:
             if f.is_file():
                 self._save_copy(f)
 

@@ -96,4 +96,5 @@ def serve_ui(settings: UiSettings, host: str = "127.0.0.1", port: int = 7860) ->
     import uvicorn
     check_binding(host, settings.token)
     # the Host check answers the name it is bound to
-    uvicorn.run(create_ui(dataclasses.replace(settings, host=host)), host=host, port=port, log_level="warning")
+    uvicorn.run(create_ui(dataclasses.replace(settings, host=host)), host=host, port=port, log_level="warning",
+                timeout_graceful_shutdown=5)  # a live-chart stream (SSE) open in a browser must not hold Ctrl-C until training ends

@@ -13,7 +13,7 @@ from fastapi import HTTPException
 
 from lmtune.config import Config, all_keys
 
-# Path-valued config keys. Data keys are rebased by build_config against the config file's folder;
+# Path-valued config keys. Data keys are rebased by build_config against the working directory (Jobs.start);
 # the others resolve against the training child's working directory (the dashboard's working directory).
 FILE_KEYS = ("data.train", "data.dev", "data.test", "attack.data", "continual.from_run", "pretrain.files",
              "generate.json_schema", "retrieval.corpus")

@@ -22,7 +22,7 @@ import yaml
 
 from lmtune.errors import InputError
 from lmtune.io import atomic_path, write_json
-from lmtune.ui.confine import Confinement, PathRefused, run_name_ok
+from lmtune.ui.confine import FILE_KEYS, Confinement, PathRefused, run_name_ok
 
 _PROGRESS = re.compile(r"^(?:train|step) (\d+)/(\d+)")  # progress lines, and each evaluation's line
 _RUN_DIR = re.compile(r"^run dir: (.+)$")
@@ -71,13 +71,15 @@ class Jobs:
         cfg = _mapping(config_text)
         job_id = uuid.uuid4().hex[:10]
         folder = self.folder / job_id
-        built = _built(cfg, folder.resolve())  # data paths rebased on the config's folder, as the child does
+        # relative paths mean what they mean in the working directory (as the form and its file pickers
+        # show them), not in the job's own folder: rebased there, and written out absolute for the child
+        built = _built(cfg, self.workdir.resolve())
         if not run_name_ok(built.run_name):
             raise PathRefused("run_name", str(built.run_name), "a run name is one folder name inside the runs folder "
                                                                "(letters, digits, . _ -; no / or ..)")
         self.confine.check_config(built)
         folder.mkdir(parents=True)
-        (folder / "config.yaml").write_text(config_text, encoding="utf-8")
+        (folder / "config.yaml").write_text(_with_rebased_paths(config_text, cfg, built), encoding="utf-8")
         cmd = [sys.executable, "-m", "lmtune", "train", str(folder / "config.yaml"), "--output_dir", str(self.runs_dir),
                "--train.progress", "lines"]
         if not built.run_name:
@@ -130,6 +132,23 @@ def _mapping(config_text: str) -> dict:
     if not isinstance(cfg, dict):
         raise InputError("config: expected a mapping of config sections.")
     return cfg
+
+
+def _with_rebased_paths(config_text: str, cfg: dict, built) -> str:
+    """The job's YAML as typed, or, where it gives a relative file path that build_config rebased, the
+    whole config with those keys set to the absolute paths that were checked (comments are then lost)."""
+    import copy
+
+    import yaml
+    out, changed = copy.deepcopy(cfg), False
+    for key in FILE_KEYS:
+        section, _, leaf = key.rpartition(".")
+        given = out.get(section, {}) if section else out
+        if isinstance(given, dict) and given.get(leaf) not in (None, ""):
+            resolved = getattr(getattr(built, section) if section else built, leaf)
+            if resolved != given[leaf]:
+                given[leaf], changed = resolved, True
+    return yaml.safe_dump(out, sort_keys=False, allow_unicode=True) if changed else config_text
 
 
 def _built(cfg: dict, folder: Path):

@@ -66,7 +66,7 @@ async def errors_page(name: str, split: str | None = None, ui: UiState = Depends
 
 
 @router.get("/train", response_class=HTMLResponse)
-async def train_page(ui: UiState = Depends(state)):
+def train_page(ui: UiState = Depends(state)):  # plain def: FastAPI runs it in a thread, so the first import blocks no loop
     import lmtune.registrations  # noqa: F401  (the built-in tasks and PEFT methods)
     from lmtune.config import DEFAULT_MODEL
     from lmtune.models import PACKAGED_MODELS
