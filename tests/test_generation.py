@@ -463,11 +463,13 @@ def test_a_model_failure_mid_stream_is_an_error_event_within_two_seconds(stream_
 
 
 def test_fuzzing_the_generation_servers_schema_gives_no_5xx(stream_run, monkeypatch):
-    """schemathesis over the OpenAPI of a generation run's server, /v1/generate (streamed and not) included."""
+    """schemathesis over the OpenAPI of a generation run's server, /v1/generate and the OpenAI routes (streamed
+    and not) included; this run's tokenizer has no chat template, so chat completions are 400s."""
 
     from lmtune.serve.app import ServeSettings, create_app
     monkeypatch.setenv("LMTUNE_API_KEYS", STREAM_KEY)
     app = create_app(ServeSettings(run_dir=stream_run, backend="torch", max_new_tokens=3, max_chars=200, max_texts=4))
     calls = fuzz_openapi(app, ({"Authorization": f"Bearer {STREAM_KEY}"}, {}), 20,
-                         {"/v1/generate", "/v1/predict", "/healthz", "/readyz", "/metrics"})
+                         {"/v1/generate", "/v1/predict", "/v1/chat/completions", "/v1/completions", "/healthz", "/readyz", "/metrics"})
     assert ("/v1/generate", 200) in calls and ("/v1/generate", 401) in calls
+    assert ("/v1/completions", 200) in calls and ("/v1/chat/completions", 400) in calls

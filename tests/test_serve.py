@@ -183,6 +183,17 @@ def test_pii_is_masked_in_logs(cls_run, keys, caplog):
     assert "id=r1" in logged and "bob.smith" not in logged and KEY not in logged
 
 
+def test_openai_routes_on_a_classifier_say_it_does_not_generate(cls_run, keys):
+    with _client(cls_run) as c:
+        for path, body in (("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}]}),
+                           ("/v1/completions", {"prompt": "hi"})):
+            assert c.post(path, json=body).status_code == 401
+            r = c.post(path, json=body, headers=AUTH)
+            error = r.json()["error"]
+            assert r.status_code == 404 and error["code"] == "model_not_generative" and "classification" in error["message"]
+        assert "/v1/chat/completions" not in c.get("/openapi.json").json()["paths"]
+
+
 @pytest.fixture
 def api_app(cls_run, keys):
     return create_app(ServeSettings(run_dir=cls_run, backend="torch", max_texts=8, max_chars=200))

@@ -1,6 +1,7 @@
 """The HTTP service: `lmtune serve RUN_DIR` (FastAPI + uvicorn).
 
 POST /v1/predict (API key), POST /v1/generate for generation runs (API key; server-sent token events),
+POST /v1/chat/completions and /v1/completions for generation runs (OpenAI's API, API key: lmtune.serve.openai_api),
 GET /health and /healthz (liveness), GET /readyz, GET /info (the model, its task, labels and limits; API
 key), GET /v1/models (OpenAI's list format; API key), GET /metrics (Prometheus, API key), and the
 OpenAPI docs at /docs (Swagger UI from the installed package: no CDN). Null fields are left out of
@@ -152,12 +153,23 @@ class Metrics:
                                      registry=self.registry)
 
 
-PROTECTED = ("/v1/predict", "/v1/generate", "/v1/models", "/info", "/metrics")  # paths that need an API key
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions")  # errors in OpenAI's format there (openai_error_body)
+PROTECTED = ("/v1/predict", "/v1/generate", *OPENAI_PATHS, "/v1/models", "/info", "/metrics")  # paths that need an API key
 KNOWN_PATHS = (*PROTECTED, "/health", "/healthz", "/readyz")
 
 
-def _json_response(status: int, detail: str, rid: str, extra_headers: list | None = None) -> tuple[dict, dict]:
-    body = json.dumps({"detail": detail, "request_id": rid}).encode()
+def openai_error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """An error as OpenAI's API writes it, so OpenAI clients raise the right exception with our message
+    (the request id is in the X-Request-ID header, where OpenAI puts its own)."""
+    kind = "server_error" if status >= 500 else "invalid_request_error"  # OpenAI's two types (a bad key is the latter)
+    return {"error": {"message": message, "type": kind, "param": param,
+                      "code": code or ("invalid_api_key" if status == 401 else None)}}
+
+
+def _json_response(status: int, detail: str, rid: str, extra_headers: list | None = None,
+                   path: str = "") -> tuple[dict, dict]:
+    payload = openai_error_body(status, detail) if path in OPENAI_PATHS else {"detail": detail, "request_id": rid}
+    body = json.dumps(payload).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(extra_headers or [])]
     return {"type": "http.response.start", "status": status, "headers": headers}, {"type": "http.response.body", "body": body}
 
@@ -213,7 +225,7 @@ class RequestContext:
             # read (and drop) what the client is still sending, within bounds: closing a socket with
             # unread data makes the kernel reset it, and the client would never see this answer
             await self._drain(receive)
-            for message in _json_response(code, detail, rid, extra_headers):
+            for message in _json_response(code, detail, rid, extra_headers, scope["path"]):
                 await send_with_id(message)
 
         try:
@@ -344,8 +356,11 @@ def create_app(settings: ServeSettings) -> FastAPI:
                  503: {"model": ErrorResponse}}
     _add_predict(app, run, backend, settings, metrics, batcher, responses, require_key)
     _add_model_info(app, run, backend, settings, require_key)
+    from lmtune.serve.openai_api import add_openai_routes
+    queue = GenerationQueue(settings.max_generate_queue, metrics)
     if run.task.supports(GENERATE):
-        _add_generate(app, run, settings, metrics, responses, require_key)
+        _add_generate(app, run, settings, metrics, responses, require_key, queue)
+    add_openai_routes(app, run, settings, metrics, require_key, queue)  # non-generation runs: a clear 404 there
 
     @app.get("/readyz", responses={503: {"model": ErrorResponse}})
     async def readyz() -> dict:
@@ -558,33 +573,56 @@ class GenerationFailed(Exception):
     """The model raised while generating (already logged, without the prompt)."""
 
 
-def _add_generate(app: FastAPI, run, settings: ServeSettings, metrics: Metrics, responses: dict, require_key) -> None:
-    """POST /v1/generate: one prompt, tokens streamed as server-sent events while the model generates
-    (the generation in a worker thread, its text handed to the event loop by a CancellableStream).
-    One generation runs at a time (each takes the cores); up to max_generate_queue wait, more get
-    503. A client that goes away stops its generation (or takes it out of the queue); a model that
-    fails ends the stream with an `error` event at once."""
-    from lmtune.serve.streaming import CancellableStream
-    gate, waiting = threading.Lock(), [0]
-    count_lock = threading.Lock()
+class GenerationQueue:
+    """The generations of one server, whichever route asked (/v1/generate, the OpenAI routes): one runs at a
+    time (each takes the cores), up to `limit` wait, and a request over that gets 503 at once."""
 
-    def generate(text: str, max_new: int, stream: CancellableStream | None, rid: str) -> dict | None:
+    def __init__(self, limit: int, metrics: Metrics) -> None:
+        self.limit, self.metrics = limit, metrics
+        self.gate, self.count_lock, self.waiting = threading.Lock(), threading.Lock(), 0
+
+    def admit(self) -> None:
+        """Count a request in (before its response starts), or answer 503 when the queue is full."""
+        with self.count_lock:
+            if self.waiting >= self.limit:
+                self.metrics.errors.labels("queue_full").inc()
+                raise HTTPException(503, "server busy: too many generations waiting, retry shortly", headers={"Retry-After": "2"})
+            self.waiting += 1
+
+    def run(self, work, stream: CancellableStream | None, rid: str):
+        """`work()` in its turn (in a worker thread), counted out however it ends; None when the client left
+        while the request waited. A model failure is logged without the prompt and raised as GenerationFailed."""
         try:
-            with gate:
+            with self.gate:
                 if stream is not None and stream.cancelled.is_set():
                     return None  # the client left while this request waited for the model
-                out = run.generate_examples(run.task.from_texts([text]), max_new_tokens=max_new, streamer=stream)[0]
+                out = work()
         except Exception as e:  # the type and place only: a model's message can quote the prompt
             log.error("generation failed for request %s: %s", rid, error_origin(e), extra={STRUCTURED: True})
-            metrics.errors.labels("model").inc()
+            self.metrics.errors.labels("model").inc()
             raise GenerationFailed() from None
         finally:
-            with count_lock:
-                waiting[0] -= 1
+            with self.count_lock:
+                self.waiting -= 1
             if stream is not None:
                 stream.end()  # after a failure (or no start) too, so the response is never left waiting
-        metrics.texts.inc()
-        return {"output": out["text"], "tokens": out["tokens"], "finished": out["finished"]}
+        self.metrics.texts.inc()
+        return out
+
+
+def _add_generate(app: FastAPI, run, settings: ServeSettings, metrics: Metrics, responses: dict, require_key,
+                  queue: GenerationQueue) -> None:
+    """POST /v1/generate: one prompt, tokens streamed as server-sent events while the model generates
+    (the generation in a worker thread, its text handed to the event loop by a CancellableStream).
+    One generation runs at a time (the server's GenerationQueue); up to max_generate_queue wait, more
+    get 503. A client that goes away stops its generation (or takes it out of the queue); a model that
+    fails ends the stream with an `error` event at once."""
+    from lmtune.serve.streaming import CancellableStream
+
+    def generate(text: str, max_new: int, stream: CancellableStream | None, rid: str) -> dict | None:
+        out = queue.run(lambda: run.generate_examples(run.task.from_texts([text]), max_new_tokens=max_new,
+                                                      streamer=stream)[0], stream, rid)
+        return None if out is None else {"output": out["text"], "tokens": out["tokens"], "finished": out["finished"]}
 
     @app.post("/v1/generate", response_model=GenerateResponse, dependencies=[Depends(require_key)],
               responses={**responses, 200: {"content": {"text/event-stream": {}}, "description": "the output (JSON), or "
@@ -597,11 +635,7 @@ def _add_generate(app: FastAPI, run, settings: ServeSettings, metrics: Metrics, 
             metrics.errors.labels("bad_text").inc()
             raise HTTPException(problem[0], f"text {problem[1]}")
         max_new = min(body.max_new_tokens or run.task.max_new_tokens, settings.max_new_tokens)
-        with count_lock:
-            if waiting[0] >= settings.max_generate_queue:
-                metrics.errors.labels("queue_full").inc()
-                raise HTTPException(503, "server busy: too many generations waiting, retry shortly", headers={"Retry-After": "2"})
-            waiting[0] += 1
+        queue.admit()
         if not body.stream:
             try:
                 out = await asyncio.to_thread(generate, body.text, max_new, None, rid)
