@@ -5,6 +5,7 @@ constrained decoding, OpenAI's error objects, the shared limits and queue, and a
 from __future__ import annotations
 
 import json
+import logging
 import shutil
 import time
 from pathlib import Path
@@ -19,6 +20,7 @@ from transformers import AutoTokenizer
 import lmtune
 from lmtune.serve.app import ServeSettings, create_app
 from lmtune.serve.openai_api import StopTrimmer
+from tests.fuzz import fuzz_openapi
 from tests.test_decoders import save_tiny_decoder
 from tests.test_generation import _CountedForward, _rows, _served, _write
 
@@ -212,3 +214,26 @@ def test_a_dropped_chat_stream_stops_the_model_within_two_steps(chat_run, monkey
         done = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0).chat.completions.create(
             model="gen-chat", messages=MESSAGES, max_tokens=5)
         assert done.usage.completion_tokens == 5 and done.choices[0].finish_reason == "length"
+
+
+def test_a_model_failure_is_a_500_or_an_error_chunk_and_the_log_keeps_no_text(chat_run, monkeypatch, caplog):
+    _CountedForward(step_s=0.0, fail_at=4).install(monkeypatch)
+    caplog.set_level(logging.INFO, logger="lmtune.serve")
+    with _served(_app(chat_run, monkeypatch)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key=KEY, max_retries=0, timeout=10)
+        with pytest.raises(openai.InternalServerError) as e:
+            client.chat.completions.create(model="gen-chat", messages=MESSAGES, max_tokens=20)
+        assert e.value.body["type"] == "server_error" and "generation failed" in e.value.body["message"]
+        with pytest.raises(openai.APIError, match="generation failed"):  # the client raises on the error chunk
+            list(client.completions.create(model="gen-chat", prompt=PROMPT, max_tokens=20, stream=True))
+    failed = [r.getMessage() for r in caplog.records if "generation failed" in r.getMessage()]
+    assert len(failed) == 2 and all("RuntimeError" in m for m in failed), failed
+    assert not any(PROMPT in r.getMessage() for r in caplog.records)
+
+
+def test_fuzzing_the_openai_routes_of_a_chat_model_gives_no_5xx(chat_run, monkeypatch):
+    """schemathesis over the server's OpenAPI with a chat template, so generated messages, stops and
+    response formats (random JSON schemas included) reach the model and the grammar compiler."""
+    app = _app(chat_run, monkeypatch, max_new_tokens=3, max_chars=200)
+    calls = fuzz_openapi(app, ({"Authorization": f"Bearer {KEY}"},), 15, {"/v1/chat/completions", "/v1/completions"})
+    assert ("/v1/chat/completions", 200) in calls and ("/v1/completions", 200) in calls
