@@ -34,11 +34,13 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, G
 from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmtune.data.readers import is_invisible
 from lmtune.errors import InputError
 from lmtune.registry import backends
 from lmtune.serve.batcher import Batcher, Closed, QueueFull
+from lmtune.serve.checks import error_origin, text_problem
 from lmtune.serve.docs import mount_offline_docs
+from lmtune.serve.generation_queue import GenerationFailed, GenerationQueue, cancel_on_disconnect
+from lmtune.serve.openai_api import OPENAI_PATHS, add_openai_routes, openai_error_body
 from lmtune.tasks.base import EXPLAIN, GENERATE
 from lmtune.serve.protocol import GuardedHttpProtocol
 from lmtune.serve.security import STRUCTURED, PiiFilter, key_ok, load_keys, mask_pii
@@ -153,17 +155,8 @@ class Metrics:
                                      registry=self.registry)
 
 
-OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions")  # errors in OpenAI's format there (openai_error_body)
 PROTECTED = ("/v1/predict", "/v1/generate", *OPENAI_PATHS, "/v1/models", "/info", "/metrics")  # paths that need an API key
 KNOWN_PATHS = (*PROTECTED, "/health", "/healthz", "/readyz")
-
-
-def openai_error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
-    """An error as OpenAI's API writes it, so OpenAI clients raise the right exception with our message
-    (the request id is in the X-Request-ID header, where OpenAI puts its own)."""
-    kind = "server_error" if status >= 500 else "invalid_request_error"  # OpenAI's two types (a bad key is the latter)
-    return {"error": {"message": message, "type": kind, "param": param,
-                      "code": code or ("invalid_api_key" if status == 401 else None)}}
 
 
 def _json_response(status: int, detail: str, rid: str, extra_headers: list | None = None,
@@ -172,16 +165,6 @@ def _json_response(status: int, detail: str, rid: str, extra_headers: list | Non
     body = json.dumps(payload).encode()
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()), *(extra_headers or [])]
     return {"type": "http.response.start", "status": status, "headers": headers}, {"type": "http.response.body", "body": body}
-
-
-def error_origin(e: BaseException) -> str:
-    """The exception's type and where it was raised, never its message: messages (a tokenizer's, a
-    JSON decoder's) can quote the user's text, which the log must not hold."""
-    tb = e.__traceback__
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    where = f" at {Path(tb.tb_frame.f_code.co_filename).name}:{tb.tb_lineno}" if tb is not None else ""
-    return f"{type(e).__name__}{where}"
 
 
 def given_key(headers: dict) -> str | None:
@@ -301,20 +284,6 @@ class RequestContext:
         return replayed
 
 
-def text_problem(text: str, max_chars: int) -> tuple[int, str] | None:
-    """Why a text cannot be predicted (status, reason), or None. Checked per request, before it is
-    queued, so one bad text costs its own request a 4xx and never a batch."""
-    if len(text) > max_chars:
-        return 413, f"has {len(text)} characters; the limit is {max_chars}"
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError as e:
-        return 422, f"is not valid Unicode (a lone surrogate U+{ord(text[e.start]):04X} at character {e.start}); send UTF-8 text"
-    if not text.strip() or is_invisible(text):
-        return 422, "is empty or only invisible characters (NUL, zero-width, control)"
-    return None
-
-
 def create_app(settings: ServeSettings) -> FastAPI:
     run_dir = Path(settings.run_dir)
     keys = [] if settings.no_auth else load_keys(settings.key_file)
@@ -356,11 +325,10 @@ def create_app(settings: ServeSettings) -> FastAPI:
                  503: {"model": ErrorResponse}}
     _add_predict(app, run, backend, settings, metrics, batcher, responses, require_key)
     _add_model_info(app, run, backend, settings, require_key)
-    from lmtune.serve.openai_api import add_openai_routes
-    queue = GenerationQueue(settings.max_generate_queue, metrics)
+    queue = GenerationQueue(settings.max_generate_queue, metrics.errors, metrics.texts)
     if run.task.supports(GENERATE):
         _add_generate(app, run, settings, metrics, responses, require_key, queue)
-    add_openai_routes(app, run, settings, metrics, require_key, queue)  # non-generation runs: a clear 404 there
+    add_openai_routes(app, run, run_dir.name, settings.max_chars, settings.max_new_tokens, require_key, queue)
 
     @app.get("/readyz", responses={503: {"model": ErrorResponse}})
     async def readyz() -> dict:
@@ -569,47 +537,6 @@ def _public(rows: list[dict]) -> list[dict]:
     return [{k: v for k, v in r.items() if k not in ("text", "text_pair", "source", "prompt")} for r in rows]
 
 
-class GenerationFailed(Exception):
-    """The model raised while generating (already logged, without the prompt)."""
-
-
-class GenerationQueue:
-    """The generations of one server, whichever route asked (/v1/generate, the OpenAI routes): one runs at a
-    time (each takes the cores), up to `limit` wait, and a request over that gets 503 at once."""
-
-    def __init__(self, limit: int, metrics: Metrics) -> None:
-        self.limit, self.metrics = limit, metrics
-        self.gate, self.count_lock, self.waiting = threading.Lock(), threading.Lock(), 0
-
-    def admit(self) -> None:
-        """Count a request in (before its response starts), or answer 503 when the queue is full."""
-        with self.count_lock:
-            if self.waiting >= self.limit:
-                self.metrics.errors.labels("queue_full").inc()
-                raise HTTPException(503, "server busy: too many generations waiting, retry shortly", headers={"Retry-After": "2"})
-            self.waiting += 1
-
-    def run(self, work, stream: CancellableStream | None, rid: str):
-        """`work()` in its turn (in a worker thread), counted out however it ends; None when the client left
-        while the request waited. A model failure is logged without the prompt and raised as GenerationFailed."""
-        try:
-            with self.gate:
-                if stream is not None and stream.cancelled.is_set():
-                    return None  # the client left while this request waited for the model
-                out = work()
-        except Exception as e:  # the type and place only: a model's message can quote the prompt
-            log.error("generation failed for request %s: %s", rid, error_origin(e), extra={STRUCTURED: True})
-            self.metrics.errors.labels("model").inc()
-            raise GenerationFailed() from None
-        finally:
-            with self.count_lock:
-                self.waiting -= 1
-            if stream is not None:
-                stream.end()  # after a failure (or no start) too, so the response is never left waiting
-        self.metrics.texts.inc()
-        return out
-
-
 def _add_generate(app: FastAPI, run, settings: ServeSettings, metrics: Metrics, responses: dict, require_key,
                   queue: GenerationQueue) -> None:
     """POST /v1/generate: one prompt, tokens streamed as server-sent events while the model generates
@@ -652,7 +579,7 @@ async def _sse_events(stream: CancellableStream, job: asyncio.Future, request: R
     """The server-sent events of one streamed generation. However the response ends (done, failed,
     or the client gone: the server cancels this generator, or sending raises), the generation is
     cancelled; a watcher also notices a client that leaves while no text is being sent."""
-    watcher = asyncio.ensure_future(_cancel_on_disconnect(request, stream))
+    watcher = asyncio.ensure_future(cancel_on_disconnect(request, stream))
     try:
         async for piece in stream:
             if piece:
@@ -668,14 +595,6 @@ async def _sse_events(stream: CancellableStream, job: asyncio.Future, request: R
         stream.cancel()
         watcher.cancel()
         job.add_done_callback(lambda f: f.cancelled() or f.exception())  # a failure was logged; don't warn again
-
-
-async def _cancel_on_disconnect(request: Request, stream: CancellableStream, every_s: float = 0.25) -> None:
-    while not stream.cancelled.is_set():
-        if await request.is_disconnected():
-            stream.cancel()
-            return
-        await asyncio.sleep(every_s)
 
 
 class RateLimiter:

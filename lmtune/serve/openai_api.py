@@ -23,7 +23,6 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from fastapi import Depends, FastAPI, HTTPException, Request
@@ -33,22 +32,22 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from lmtune.serve.app import (
-    OPENAI_PATHS,
-    GenerationFailed,
-    GenerationQueue,
-    Metrics,
-    ServeSettings,
-    _cancel_on_disconnect,
-    error_origin,
-    openai_error_body,
-    text_problem,
-)
+from lmtune.serve.checks import error_origin, text_problem
+from lmtune.serve.generation_queue import GenerationFailed, GenerationQueue, cancel_on_disconnect
 from lmtune.serve.security import STRUCTURED
 from lmtune.tasks.base import GENERATE
 
 log = logging.getLogger("lmtune.serve")
+OPENAI_PATHS = ("/v1/chat/completions", "/v1/completions")  # API key; errors in OpenAI's format (also the middleware's)
 MAX_STOPS = 4  # OpenAI's limit on stop sequences
+
+
+def openai_error_body(status: int, message: str, param: str | None = None, code: str | None = None) -> dict:
+    """An error as OpenAI's API writes it, so OpenAI clients raise the right exception with our message
+    (the request id is in the X-Request-ID header, where OpenAI puts its own)."""
+    kind = "server_error" if status >= 500 else "invalid_request_error"  # OpenAI's two types (a bad key is the latter)
+    return {"error": {"message": message, "type": kind, "param": param,
+                      "code": code or ("invalid_api_key" if status == 401 else None)}}
 
 
 # ---- request and response bodies -------------------------------------------------------------------------
@@ -265,9 +264,9 @@ def generate_job(run, job: Job, stream=None) -> Generated:
 
 
 # ---- building a job from a request ------------------------------------------------------------------------
-def checked_prompt_text(texts: list[str], settings: ServeSettings, param: str) -> None:
+def checked_prompt_text(texts: list[str], max_chars: int, param: str) -> None:
     """The request's texts together within max_chars, valid Unicode and not empty; else OpenAI's error."""
-    problem = text_problem("\n".join(texts), settings.max_chars)
+    problem = text_problem("\n".join(texts), max_chars)
     if problem:
         status = 413 if problem[0] == 413 else 400
         raise OpenAIError(status, f"{param} {problem[1]}", param, "prompt_too_long" if status == 413 else None)
@@ -277,7 +276,7 @@ def message_text(message: ChatMessage) -> str:
     return message.content if isinstance(message.content, str) else "".join(p.text for p in message.content)
 
 
-def chat_prompt(run, messages: list[ChatMessage], settings: ServeSettings) -> list[int]:
+def chat_prompt(run, messages: list[ChatMessage], max_chars: int) -> list[int]:
     """The conversation through the tokenizer's chat template, ready for the assistant's turn."""
     from jinja2 import TemplateError
     if not getattr(run.tokenizer, "chat_template", None):
@@ -285,28 +284,28 @@ def chat_prompt(run, messages: list[ChatMessage], settings: ServeSettings) -> li
                                "for it; send the prompt text to /v1/completions (or /v1/generate, which applies the "
                                "run's own prompt format)", "messages", "no_chat_template")
     turns = [{"role": "system" if m.role == "developer" else m.role, "content": message_text(m)} for m in messages]
-    checked_prompt_text([t["content"] for t in turns], settings, "messages")
+    checked_prompt_text([t["content"] for t in turns], max_chars, "messages")
     try:
         return run.task.prompt_ids(run.task.from_messages(turns), run.tokenizer)
     except TemplateError as e:  # the template's own check (say, roles that must alternate): the client's to fix
         raise OpenAIError(400, f"the model's chat template refused these messages: {e}", "messages") from None
 
 
-def completion_prompt(run, prompt: str | list[str], settings: ServeSettings) -> list[int]:
+def completion_prompt(run, prompt: str | list[str], max_chars: int) -> list[int]:
     text = prompt if isinstance(prompt, str) else prompt[0]
-    checked_prompt_text([text], settings, "prompt")
+    checked_prompt_text([text], max_chars, "prompt")
     ids = run.tokenizer(text, add_special_tokens=True)["input_ids"]
     if not ids:
         raise OpenAIError(400, "prompt has no tokens", "prompt")
     return ids
 
 
-def checked_stops(run, stop: str | list[str] | None, settings: ServeSettings) -> list[str]:
+def checked_stops(run, stop: str | list[str] | None, max_chars: int) -> list[str]:
     """The request's stop sequences after the run's own (generate.stop), each non-empty valid text."""
     asked = [stop] if isinstance(stop, str) else list(stop or [])
     for i, s in enumerate(asked):  # whitespace ("\n") is a fine stop sequence: not text_problem's rules
-        if not s or len(s) > settings.max_chars or _invalid_unicode(s):
-            raise OpenAIError(400, f"stop[{i}] must be non-empty valid Unicode of at most {settings.max_chars} characters",
+        if not s or len(s) > max_chars or _invalid_unicode(s):
+            raise OpenAIError(400, f"stop[{i}] must be non-empty valid Unicode of at most {max_chars} characters",
                               "stop")
     return list(dict.fromkeys([*run.task.stop, *asked]))
 
@@ -356,9 +355,11 @@ def sampling_settings(run, body: _SamplingRequest) -> dict:
     return settings
 
 
-def max_new_tokens(run, asked: int | None, settings: ServeSettings) -> int:
+def max_new_tokens(run, asked: int | None, cap: int) -> int:
+    """The request's max_tokens, else the run's (the length cap chosen on dev, else generate.max_new_tokens),
+    within the server's cap."""
     default = run.task.decoding.get("max_new_tokens") or run.task.max_new_tokens
-    return min(asked or default, settings.max_new_tokens)
+    return min(asked or default, cap)
 
 
 def check_request(body: _SamplingRequest, served: str) -> None:
@@ -385,7 +386,7 @@ async def openai_events(stream, job: asyncio.Future, request: Request, chunk, pr
     """OpenAI's server-sent events for one streamed generation: `chunk(text, finish_reason)` shapes each
     (a chat delta or a completion's text); the stop sequence and what follows are never sent. However the
     response ends (done, failed, the client gone), the generation is cancelled, as /v1/generate's is."""
-    watcher = asyncio.ensure_future(_cancel_on_disconnect(request, stream))
+    watcher = asyncio.ensure_future(cancel_on_disconnect(request, stream))
     trim = StopTrimmer(stops)
     try:
         first = chunk(None, None)
@@ -436,12 +437,12 @@ def completion_chunk(base: dict):
 
 
 # ---- routes -----------------------------------------------------------------------------------------------
-def add_openai_routes(app: FastAPI, run, settings: ServeSettings, metrics: Metrics, require_key,
+def add_openai_routes(app: FastAPI, run, served: str, max_chars: int, max_new_tokens_cap: int, require_key,
                       queue: GenerationQueue) -> None:
-    """POST /v1/chat/completions and /v1/completions on a generation run's server; on any other run a 404
-    that says why (left out of its OpenAPI document). Errors on these paths are OpenAI's error objects."""
+    """POST /v1/chat/completions and /v1/completions on a generation run's server (`served`: the model id of
+    GET /v1/models); on any other run a 404 that says why (left out of its OpenAPI document). Errors on
+    these paths are OpenAI's error objects."""
     from lmtune.serve.streaming import CancellableStream
-    served = Path(settings.run_dir).name
     _openai_errors_on_openai_paths(app)
     errors = {status: {"model": OpenAIErrorResponse} for status in (400, 401, 404, 413, 500, 503)}
     auth = [Depends(require_key)]
@@ -474,8 +475,8 @@ def add_openai_routes(app: FastAPI, run, settings: ServeSettings, metrics: Metri
                                  media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
     def job_for(body: _SamplingRequest, prompt: list[int], asked_tokens: int | None) -> Job:
-        return Job(prompt, sampling_settings(run, body), max_new_tokens(run, asked_tokens, settings),
-                   checked_stops(run, body.stop, settings), body.seed, response_constraint(run, body.response_format))
+        return Job(prompt, sampling_settings(run, body), max_new_tokens(run, asked_tokens, max_new_tokens_cap),
+                   checked_stops(run, body.stop, max_chars), body.seed, response_constraint(run, body.response_format))
 
     streamed = {200: {"content": {"text/event-stream": {}}, "description": "the completion (JSON), or with stream=true "
                       "server-sent events: OpenAI's chunks, then `data: [DONE]`"}}
@@ -484,7 +485,7 @@ def add_openai_routes(app: FastAPI, run, settings: ServeSettings, metrics: Metri
     async def chat_completions(body: ChatCompletionRequest, request: Request):
         """OpenAI's chat completion: the messages through the tokenizer's chat template."""
         check_request(body, served)
-        prompt = chat_prompt(run, body.messages, settings)
+        prompt = chat_prompt(run, body.messages, max_chars)
         job = await asyncio.to_thread(job_for, body, prompt, body.max_completion_tokens or body.max_tokens)
         return await answer(job, request, body.stream, bool(body.stream_options and body.stream_options.include_usage), "chat")
 
@@ -492,7 +493,7 @@ def add_openai_routes(app: FastAPI, run, settings: ServeSettings, metrics: Metri
     async def completions(body: CompletionRequest, request: Request):
         """OpenAI's (legacy) completion: the prompt text continued as it is."""
         check_request(body, served)
-        prompt = completion_prompt(run, body.prompt, settings)
+        prompt = completion_prompt(run, body.prompt, max_chars)
         job = await asyncio.to_thread(job_for, body, prompt, body.max_tokens)
         return await answer(job, request, body.stream, bool(body.stream_options and body.stream_options.include_usage), "text")
 
