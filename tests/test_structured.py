@@ -216,3 +216,8 @@ def test_a_schema_run_is_constrained_everywhere_and_reports_both_ways(tmp_path, 
         r = client.post("/v1/generate", json={"text": "the service was awful", "stream": False},
                         headers={"Authorization": "Bearer k-structured-long-enough"})
     assert r.status_code == 200 and _schema_valid(r.json()["output"]), r.text
+
+    from lmtune.ui.app import UiSettings, create_ui  # the dashboard's Try it
+    ui = TestClient(create_ui(UiSettings(runs_dir=str(folder / "runs"), workdir=str(folder))), base_url="http://127.0.0.1:7860")
+    r = ui.post("/api/run/structured/predict", json={"text": "very good food"}, headers={"X-Lmtune-UI": "1"})
+    assert r.status_code == 200 and _schema_valid(r.json()["output"]), r.text

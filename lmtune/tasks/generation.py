@@ -17,7 +17,9 @@ What this module gets right that the usual scripts do not:
   and keep a sane length (lmtune.generate_control), saved with the model and used by predict/serve;
 - the test split is generated and scored with ROUGE-1/2/L (rouge-score; characters for Chinese)
   against every reference, with the control checks (repetition loops, distinct-n, length, invented
-  entities and numbers, format adherence) in generation.json and report.md.
+  entities and numbers, format adherence) in generation.json and report.md;
+- structured output (generate.schema / choices / regex, lmtune.structured): decoding constrained by a
+  grammar wherever the run generates, and the test outputs scored with and without the constraint.
 """
 from __future__ import annotations
 
