@@ -25,8 +25,8 @@ CHECKS = {"repeat_share": 0.05, "length_ratio": (0.5, 2.0), "truncated_share": 0
           "invented_margin": 0.1}  # what a setting must pass (see passes)
 _NUMBER = re.compile(r"\d[\d,.:/]*\d|\d")
 _NAME = re.compile(r"\b[A-Z][a-zA-Z]+\b")
-# capitalised only because they start a sentence: never counted as names
 RUN_CONSTRAINT = "run"  # generate_outputs' default: the constraint the run was configured with
+# capitalised only because they start a sentence: never counted as names
 _FUNCTION_WORDS = set("a an the he she they it we i you this that these those there then but and so someone everyone "
                       "nobody his her their its our my your".split())
 

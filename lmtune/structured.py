@@ -74,11 +74,6 @@ class Constraint:
     def kind(self) -> str:
         return "schema" if self.schema is not None else "regex" if self.regex is not None else "choices"
 
-    def state(self) -> dict:
-        """What a saved run keeps (lmtune.json's task state): the constraint itself, not a file path."""
-        return {self.kind: self.schema if self.kind == "schema" else self.regex if self.kind == "regex" else list(self.choices),
-                "json_layout": self.json_layout}
-
     def processor(self, tokenizer: Any) -> GrammarProcessor:
         """A fresh logits processor for one generate() call (its matchers follow that call's rows)."""
         return GrammarProcessor(compiled_grammar(tokenizer, self))
@@ -105,9 +100,6 @@ class Constraint:
         if self.kind == "regex":
             return compiler.compile_regex(self.regex)
         return compiler.compile_grammar(choices_ebnf(self.choices))
-
-    def _key(self) -> str:
-        return json.dumps(self.state(), sort_keys=True)
 
 
 def logits_processor(tokenizer: Any, *, schema: dict | bool | None = None, regex: str | None = None,
@@ -151,7 +143,9 @@ class GrammarProcessor(LogitsProcessor):
             self.matchers[r].fill_next_token_bitmask(self.bitmask, r)
         width = min(self.vocab, scores.shape[-1])
         on_cpu = scores.device.type == "cpu"
-        target = scores if on_cpu else scores.cpu()  # xgrammar's kernels are CPU and CUDA (triton-free on CPU)
+        # masked on the CPU (xgrammar's C++ kernel): its GPU paths need triton or a compiled CUDA kernel,
+        # and one [rows, vocab] copy per step costs little next to a forward pass
+        target = scores if on_cpu else scores.cpu()
         xgr.apply_token_bitmask_inplace(target, self.bitmask, vocab_size=width, indices=rows)
         if not on_cpu:
             scores = target.to(scores.device)

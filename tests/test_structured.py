@@ -143,7 +143,7 @@ def test_at_most_one_constraint_and_bad_constraints_are_errors():
         Constraint.of(schema={"type": 3}, where="response_format")
 
 
-def _data(folder: Path, n: int, seed: int) -> list[dict]:
+def _data(n: int, seed: int) -> list[dict]:
     return [{"text": t, "target": json.dumps({"label": label, "words": len(t.split())})} for t, label in toy_rows(n, seed)]
 
 
@@ -151,10 +151,10 @@ def _write_config(folder: Path, model: str, **generate) -> Path:
     """A YAML config in `folder` whose data and schema paths are relative to it."""
     folder.mkdir(parents=True, exist_ok=True)
     for split, n, seed in (("train", 64, 1), ("dev", 16, 2), ("test", 12, 3)):
-        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _data(folder, n, seed)), encoding="utf-8")
+        (folder / f"{split}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _data(n, seed)), encoding="utf-8")
     cfg = {"task": "generation", "output_dir": str(folder / "runs"), "run_name": "structured", "model": {"name": model},
            "data": {"train": "train.jsonl", "dev": "dev.jsonl", "test": "test.jsonl", "label_column": "target", "max_length": 128},
-           "generate": {"instruction": "", "max_new_tokens": 48, "search_trials": 1, "search_examples": 6, "eval_examples": 8, **generate},
+           "generate": {"instruction": "", "max_new_tokens": 36, "search_trials": 1, "search_examples": 4, "eval_examples": 6, **generate},
            "peft": {"method": "none"}, "train": {"epochs": 1, "batch_size": 16, "lr": 1e-3, "progress": "none", "seed": 1}}
     path = folder / "config.yaml"
     path.write_text(yaml.safe_dump(cfg), encoding="utf-8")
@@ -190,7 +190,7 @@ def test_a_schema_run_is_constrained_everywhere_and_reports_both_ways(tmp_path, 
     run_dir = folder / "runs" / "structured"
     results = json.loads((run_dir / "results.json").read_text())
     s = results["metrics"]["test"]["structured"]
-    assert s["constraint"] == "schema" and s["n"] == 8
+    assert s["constraint"] == "schema" and s["n"] == 6
     assert s["valid_constrained"] == 1.0 and s["valid_unconstrained"] < 1.0, s
     assert {"rougeL_constrained", "rougeL_unconstrained", "exact_match_constrained", "exact_match_unconstrained"} <= set(s)
     assert results["metrics"]["test"]["valid"] == 1.0
@@ -204,14 +204,16 @@ def test_a_schema_run_is_constrained_everywhere_and_reports_both_ways(tmp_path, 
     assert run.task.schema == SCHEMA and run.task.json_layout == "spaced"
     outputs = [p["output"] for p in run.predict(["the food was great", "awful service, very awful"])]
     assert all(_schema_valid(o) for o in outputs), outputs
-    metrics = run.evaluate(folder / "test.jsonl")
+    few = folder / "few.jsonl"
+    few.write_text("".join(json.dumps(r) + "\n" for r in _data(4, 5)), encoding="utf-8")
+    metrics = run.evaluate(few)
     assert metrics["valid"] == 1.0 and metrics["structured"]["valid_constrained"] == 1.0
 
     from fastapi.testclient import TestClient
 
     from lmtune.serve.app import ServeSettings, create_app
     monkeypatch.setenv("LMTUNE_API_KEYS", "k-structured-long-enough")
-    app = create_app(ServeSettings(run_dir=str(run_dir), backend="torch", max_new_tokens=48))
+    app = create_app(ServeSettings(run_dir=str(run_dir), backend="torch", max_new_tokens=36))
     with TestClient(app) as client:
         r = client.post("/v1/generate", json={"text": "the service was awful", "stream": False},
                         headers={"Authorization": "Bearer k-structured-long-enough"})
