@@ -190,17 +190,19 @@ def check_schema(schema: Any, where: str, enforced: bool = True) -> None:
     import jsonschema_rs
     import xgrammar as xgr
     if not isinstance(schema, (dict, bool)):
-        raise InputError(f"{where}: a JSON Schema is an object (or true/false), got {type(schema).__name__}.")
+        raise InputError(f"{where}: a JSON Schema is an object (or true/false), got {type(schema).__name__}; give one such "
+                         'as {"type": "object", "properties": {...}}.')
     try:
         jsonschema_rs.validator_for(schema)
     except (ValueError, jsonschema_rs.ValidationError) as e:
-        raise InputError(f"{where}: not a valid JSON Schema ({str(e).splitlines()[0]}).") from None
+        raise InputError(f"{where}: not a valid JSON Schema ({str(e).splitlines()[0]}); fix that keyword.") from None
     if not enforced:
         return
     try:
         xgr.Grammar.from_json_schema(json.dumps(schema), strict_mode=True)
     except RuntimeError as e:
-        raise InputError(f"{where}: xgrammar cannot turn this schema into a grammar ({_xgrammar_message(e)}).") from None
+        raise InputError(f"{where}: xgrammar cannot turn this schema into a grammar ({_xgrammar_message(e)}); remove or "
+                         "rewrite that part.") from None
 
 
 def read_schema(path: str, key: str, enforced: bool = True) -> dict | bool:

@@ -137,6 +137,11 @@ def test_at_most_one_constraint_and_bad_constraints_are_errors():
     cfg = build_config({**base, "generate": {"regex": r"\bword\b"}})  # Python reads it, xgrammar cannot: found when read
     with pytest.raises(InputError, match=r"generate.regex: xgrammar cannot enforce .*[Ww]ord boundary"):
         get_task("generation")._read_constraint(cfg)
+    task = get_task("generation")
+    task.configure(build_config({**base, "generate": {"choices": CHOICES}}))
+    assert task.constraint == Constraint(choices=tuple(CHOICES))
+    task.configure(build_config({**base, "generate": {"regex": REGEX}}))
+    assert task.constraint == Constraint(regex=REGEX)
     with pytest.raises(InputError, match="exactly one of schema, regex, choices"):
         Constraint.of(schema=SCHEMA, regex="a")
     with pytest.raises(InputError, match="response_format: not a valid JSON Schema"):
