@@ -543,7 +543,9 @@ def _config_model(sections: tuple[tuple[str, type], ...], _names: tuple) -> type
     def model(name: str, cls: type, doc: str, keep: Any = lambda f: True, **more: Any) -> type:
         hints = typing.get_type_hints(cls)  # the annotations are strings (PEP 563), resolved in each declaring module
         own = {f.name: _model_field(f, hints[f.name]) for f in fields(cls) if keep(f)}
-        return create_model(name, __config__=strict, __doc__=doc, **own, **more)
+        with warnings.catch_warnings():  # a key may share a BaseModel attribute's name (generate.schema): the
+            warnings.filterwarnings("ignore", "Field name .* shadows an attribute", UserWarning)  # model only checks values
+            return create_model(name, __config__=strict, __doc__=doc, **own, **more)
 
     nested = {}
     for name, cls in sections:
@@ -682,7 +684,8 @@ def _known_key(key: str, known: dict, moved: dict[str, str], source: str) -> str
     return leaf[0]
 
 
-PATH_KEYS = ("data.train", "data.dev", "data.test", "attack.data", "continual.from_run")  # resolved against the YAML's folder
+PATH_KEYS = ("data.train", "data.dev", "data.test", "attack.data", "continual.from_run", "generate.schema",
+             "generate.json_schema")  # resolved against the YAML's folder
 
 
 def build_config(raw: dict | None = None, overrides: dict[str, Any] | None = None,

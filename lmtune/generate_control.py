@@ -17,6 +17,7 @@ import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList, StoppingCriteriaList
 
 from lmtune.robust.text import is_cjk
+from lmtune.structured import Constraint
 from lmtune.training.progress import Progress
 
 LOOP_REPEATS = 3  # an n-gram said this many times back to back (or a 4-gram this many times anywhere) is a loop
@@ -24,6 +25,7 @@ CHECKS = {"repeat_share": 0.05, "length_ratio": (0.5, 2.0), "truncated_share": 0
           "invented_margin": 0.1}  # what a setting must pass (see passes)
 _NUMBER = re.compile(r"\d[\d,.:/]*\d|\d")
 _NAME = re.compile(r"\b[A-Z][a-zA-Z]+\b")
+RUN_CONSTRAINT = "run"  # generate_outputs' default: the constraint the run was configured with
 # capitalised only because they start a sentence: never counted as names
 _FUNCTION_WORDS = set("a an the he she they it we i you this that these those there then but and so someone everyone "
                       "nobody his her their its our my your".split())
@@ -31,9 +33,13 @@ _FUNCTION_WORDS = set("a an the he she they it we i you this that these those th
 
 # ---- generation ----------------------------------------------------------------------------------
 def generate_outputs(task, model, tokenizer: Any, examples: list, device: torch.device, settings: dict,
-                     max_new_tokens: int, progress: str = "auto", streamer: Any = None) -> list[dict]:
+                     max_new_tokens: int, progress: str = "auto", streamer: Any = None,
+                     constraint: Constraint | str | None = RUN_CONSTRAINT) -> list[dict]:
     """Outputs in the examples' order: prompts sorted by length and left-padded in batches (a decoder
-    continues from the last position of each row), each batch seeded, so sampling is repeatable."""
+    continues from the last position of each row), each batch seeded, so sampling is repeatable.
+    `constraint`: the run's own (generate.schema / choices / regex / label_set) by default, None for
+    free decoding, or a structured.Constraint (a request's)."""
+    grammar = task.constraint if constraint == RUN_CONSTRAINT else constraint
     prompts = [task.prompt_ids(ex, tokenizer) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     size = 1 if streamer is not None else (64 if device.type == "cuda" else 16)
@@ -55,11 +61,12 @@ def generate_outputs(task, model, tokenizer: Any, examples: list, device: torch.
             mask[r, width - len(prompts[i]):] = 1
         torch.manual_seed(int(settings.get("seed", 0)) + n)
         extra = {}
-        penalties = ResponsePenalties.from_settings(settings, width)
-        if penalties is not None:
-            extra["logits_processor"] = LogitsProcessorList([penalties])
-        if task.label_set:
-            extra["prefix_allowed_tokens_fn"] = label_constraint(tokenizer, task.label_set, width)
+        # the grammar first: the penalties then never lift its -inf, and a block that would leave a row
+        # nothing the grammar allows is skipped (ResponsePenalties)
+        processors = [p for p in (grammar.processor(tokenizer) if grammar is not None else None,
+                                  ResponsePenalties.from_settings(settings, width)) if p is not None]
+        if processors:
+            extra["logits_processor"] = LogitsProcessorList(processors)
         if task.stop:
             extra.update(stop_strings=task.stop, tokenizer=tokenizer)
         stop_when = getattr(streamer, "stopping_criteria", None)  # a server's stream: stops when its client has gone
@@ -97,7 +104,9 @@ class ResponsePenalties(LogitsProcessor):
     reuse) and its n-gram block forbids every n-gram of the prompt. Here the penalty falls on tokens
     the answer has already generated, and the block on n-grams it has already generated unless the
     prompt holds them too, so DialogSum's `#Person1#` can be written again and again while a phrase of
-    the model's own cannot loop. Left padding gives every row of a batch the same prompt width, `start`."""
+    the model's own cannot loop. Left padding gives every row of a batch the same prompt width, `start`.
+    Under a grammar (structured output) the block is skipped for a row where it would leave no allowed
+    token: JSON repeats its punctuation, and a row with nothing allowed would emit garbage."""
 
     def __init__(self, start: int, penalty: float = 1.0, ngram: int = 0) -> None:
         self.start, self.penalty, self.ngram = start, penalty, ngram
@@ -126,7 +135,10 @@ class ResponsePenalties(LogitsProcessor):
                 banned = [row[i + n - 1] for i in range(len(row) - n + 1)
                           if tuple(row[i:i + n - 1]) == prefix and (*prefix, row[i + n - 1]) not in self._prompt_ngrams[r]]
                 if banned:
-                    scores[r, banned] = float("-inf")
+                    allowed = torch.isfinite(scores[r])
+                    allowed[banned] = False
+                    if allowed.any():
+                        scores[r, banned] = float("-inf")
         return scores
 
 
@@ -141,27 +153,6 @@ def _decoded(tokens: list[int], tokenizer: Any, eos: int | None, pad: int | None
         if s in text:
             text, finished = text[:text.index(s)], True
     return {"text": text.strip(), "tokens": len(tokens), "finished": finished}
-
-
-def label_constraint(tokenizer: Any, labels: list[str], prompt_width: int):
-    """transformers' prefix_allowed_tokens_fn for outputs that must be one of `labels`: a trie of the
-    labels' token ids; once a label is complete only the end of text is allowed."""
-    eos = tokenizer.eos_token_id
-    trie: dict = {}
-    for label in labels:
-        node = trie
-        for t in tokenizer(label, add_special_tokens=False)["input_ids"]:
-            node = node.setdefault(t, {})
-        node[eos] = {}
-
-    def allowed(batch_id: int, input_ids: torch.Tensor) -> list[int]:
-        node = trie
-        for t in input_ids[prompt_width:].tolist():
-            node = node.get(t)
-            if node is None or t == eos:
-                return [eos]
-        return list(node) or [eos]
-    return allowed
 
 
 # ---- checks --------------------------------------------------------------------------------------
@@ -222,8 +213,10 @@ class _CharTokenizer:
         return [ch for ch in text.lower() if ch.isalnum()]
 
 
-def score(examples: list, generated: list[dict], label_set: list[str] | None = None, json_schema: str | None = None) -> dict:
-    """ROUGE against every reference, and the control checks, of generated outputs."""
+def score(examples: list, generated: list[dict], label_set: list[str] | None = None, json_schema: str | None = None,
+          constraint: Constraint | None = None) -> dict:
+    """ROUGE against every reference, and the control checks, of generated outputs; under a constraint
+    `valid`, the share of outputs that meet it (and for a schema the share that parses as JSON)."""
     texts = [g["text"] for g in generated]
     m: dict = {"n": len(texts)}
     labeled = [(ex, t) for ex, t in zip(examples, texts) if ex.references]
@@ -246,25 +239,43 @@ def score(examples: list, generated: list[dict], label_set: list[str] | None = N
         m["in_label_set"] = float(np.mean([t.strip() in label_set for t in texts])) if texts else 0.0
     if json_schema:
         m.update(json_adherence(texts, json_schema))
+    if constraint is not None:
+        m["valid"] = constraint.valid_share(texts)
+        if constraint.kind == "schema":
+            m["json_parses"] = float(np.mean([_parses(t) for t in texts])) if texts else 0.0
     return m
+
+
+def _parses(text: str) -> bool:
+    try:
+        json.loads(text)
+    except ValueError:
+        return False
+    return True
+
+
+def structured_comparison(examples: list, constrained: list[dict], free: list[dict], constraint: Constraint) -> dict:
+    """The same examples decoded with and without the constraint: the share of outputs that meet it, and
+    ROUGE-L and exact match (when the examples have references), each both ways."""
+    out: dict = {"constraint": constraint.kind, "n": len(constrained)}
+    for side, generated in (("constrained", constrained), ("unconstrained", free)):
+        texts = [g["text"] for g in generated]
+        out[f"valid_{side}"] = constraint.valid_share(texts)
+        labeled = [(ex.references, t) for ex, t in zip(examples, texts) if ex.references]
+        if labeled:
+            out[f"rougeL_{side}"] = rouge([r for r, _ in labeled], [t for _, t in labeled])["rougeL"]
+            out[f"exact_match_{side}"] = float(np.mean([t.strip() in [r.strip() for r in refs] for refs, t in labeled]))
+        out[f"truncated_{side}"] = float(np.mean([not g["finished"] for g in generated])) if generated else 0.0
+    return out
 
 
 def load_schema(path: str):
     """The jsonschema-rs validator of generate.json_schema; an unreadable file, bad JSON or an invalid
     schema is an InputError naming the file (checked before training, used again for scoring)."""
-    from pathlib import Path
-
     import jsonschema_rs
 
-    from lmtune.errors import InputError
-    try:
-        return jsonschema_rs.validator_for(json.loads(Path(path).read_text(encoding="utf-8")))
-    except OSError as e:
-        raise InputError(f"generate.json_schema: cannot read {path}: {e.strerror}.") from None
-    except json.JSONDecodeError as e:
-        raise InputError(f"{path}: line {e.lineno}: not valid JSON ({e.msg}).") from None
-    except (ValueError, jsonschema_rs.ValidationError) as e:
-        raise InputError(f"{path}: not a valid JSON schema ({str(e).splitlines()[0]}).") from None
+    from lmtune.structured import read_schema
+    return jsonschema_rs.validator_for(read_schema(path, "generate.json_schema", enforced=False))
 
 
 def json_adherence(texts: list[str], schema_path: str) -> dict:
@@ -354,9 +365,9 @@ def search_decoding(task, model, tokenizer: Any, examples: list, device: torch.d
     rows = []
     for s in candidates(seed, trials, task.max_new_tokens, ref_tokens):
         generated = generate_outputs(task, model, tokenizer, examples, device, s, task.max_new_tokens, progress)
-        m = score(examples, generated, task.label_set, task.json_schema)
+        m = score(examples, generated, task.label_set, task.json_schema, task.constraint)
         rows.append({"settings": s, **{k: m.get(k) for k in ("rougeL", "repeat_share", "length_ratio", "truncated_share",
-                                                              "invented_share")}})
+                                                              "invented_share")}, **({"valid": m["valid"]} if "valid" in m else {})})
     best = choose_setting(rows)
     return {"chosen": best["settings"], "trials": rows, "examples": len(examples), "seed": seed,
             "objective": "rougeL", "checks": {k: list(v) if isinstance(v, tuple) else v for k, v in CHECKS.items()}}
@@ -385,9 +396,31 @@ def report_section(split_metrics: dict[str, dict], search: dict, decoding: dict)
             lines.append(f"| {name} | {r['rougeL'] or 0:.4f} | {r['repeat_share']:.1%} | {r['length_ratio'] or 0:.2f} | "
                          f"{r['truncated_share']:.1%} | {r.get('invented_share') or 0:.1%} | "
                          f"{', '.join(r.get('failed', [])) or ('none' if r['passed'] else 'yes')} |")
+    lines += _structured_lines(split_metrics)
     chosen = ", ".join(f"{k} {v}" for k, v in decoding.items()) or "greedy"
     lines += ["", f"Decoding used by predict and serve: {chosen}."]
     for split, m in split_metrics.items():
         for ex in m.get("examples", {}).get("invented", [])[:3]:
             lines.append(f"- {split}, invented {', '.join(ex['not_in_input_or_reference'])}: {ex['output'][:160]!r}")
     return "\n".join(lines) + "\n"
+
+
+CONSTRAINT_NAMES = {"schema": "JSON Schema (generate.schema)", "regex": "regular expression (generate.regex)",
+                    "choices": "one of a fixed set of strings (generate.choices / label_set)"}
+
+
+def _structured_lines(split_metrics: dict[str, dict]) -> list[str]:
+    """The structured-output table: each split's outputs decoded with the constraint and without it."""
+    rows = {split: m["structured"] for split, m in split_metrics.items() if m.get("structured")}
+    if not rows:
+        return []
+    kind = next(iter(rows.values()))["constraint"]
+    lines = ["", f"Structured output, {CONSTRAINT_NAMES.get(kind, kind)}: the same examples decoded with the constraint "
+             "(xgrammar) and without it. Valid: the output meets it (parses and validates; matches; is one of the strings).", "",
+             "| split | decoding | valid | ROUGE-L | exact match | hit max tokens | examples |", "|---|---|---|---|---|---|---|"]
+    for split, s in rows.items():
+        for side in ("constrained", "unconstrained"):
+            rouge_l, exact = s.get(f"rougeL_{side}"), s.get(f"exact_match_{side}")
+            lines.append(f"| {split} | {side} | {s[f'valid_{side}']:.1%} | {'-' if rouge_l is None else f'{rouge_l:.4f}'} | "
+                         f"{'-' if exact is None else f'{exact:.1%}'} | {s[f'truncated_{side}']:.1%} | {s['n']} |")
+    return lines

@@ -131,12 +131,14 @@ class Run:
         return self.task.predictions(self.outputs(enc), enc, self.labels)
 
     def generate_examples(self, examples: list, settings: dict | None = None, max_new_tokens: int | None = None,
-                          streamer: Any = None) -> list[dict]:
-        """A generating task's outputs, with the decoding chosen on dev (or `settings`)."""
+                          streamer: Any = None, constraint: Any = "run") -> list[dict]:
+        """A generating task's outputs, with the decoding chosen on dev (or `settings`), constrained as the
+        run was trained to be (generate.schema / choices / regex), or by `constraint` (a
+        lmtune.structured.Constraint, e.g. a request's JSON schema), or not at all (None)."""
         self.task.require(GENERATE, "generate")
         self.model.to(runtime.device())
         return self.task.generate(self.model, self.tokenizer, examples, runtime.device(), settings, self.config.train.progress,
-                                  max_new_tokens, streamer)
+                                  max_new_tokens, streamer, constraint)
 
     def embed(self, texts: Sequence[str], documents: bool = False) -> np.ndarray:
         """A retrieval run's unit-length embeddings [texts, hidden] of queries (or of documents)."""
@@ -244,7 +246,10 @@ class Run:
         metrics = self.task.evaluate(self.outputs(enc), enc, self.labels)
         metrics["truncated"] = enc.stats["truncated"]
         if self.task.supports(GENERATE):
-            metrics.update(self.task.score_generations(examples, self.generate_examples(examples)))
+            generated = self.generate_examples(examples)
+            metrics.update(self.task.score_generations(examples, generated))
+            metrics.update(self.task.compare_unconstrained(self.model, self.tokenizer, examples, runtime.device(), generated,
+                                                           self.config.train.progress))
         return metrics
 
     def attack(self, data: str | Path | None = None, **overrides) -> dict:

@@ -762,6 +762,7 @@ def _outside_configs(dash: dict) -> dict[str, dict]:
         "hub source": {"data": {"train": f"hub:{out}::train"}},
         "attack data": {"data": data, "attack": {"data": secret}},
         "json schema": {"data": data, "generate": {"json_schema": secret}},
+        "structured-output schema": {"data": data, "generate": {"schema": secret}},
         "retrieval corpus": {"data": data, "retrieval": {"corpus": secret}},
         "pretrain files": {"data": data, "pretrain": {"files": [secret]}},
         "from run": {"data": data, "continual": {"from_run": str(out)}},

@@ -179,10 +179,16 @@ def _generate_split(ctx: Context, split: str) -> None:
     generated = ctx.task.generate(ctx.built.model, ctx.built.tokenizer, examples, ctx.accelerator.device,
                                   progress=ctx.cfg.train.progress)
     scored = ctx.task.score_generations(examples, generated)
+    scored.update(ctx.task.compare_unconstrained(ctx.built.model, ctx.built.tokenizer, examples, ctx.accelerator.device,
+                                                 generated, ctx.cfg.train.progress))  # structured output: valid with and without
     ctx.outcome.split_metrics[split].update(scored)
     ctx.outcome.preds[split] = ctx.task.generation_rows(examples, generated)
     log.info("%s: generated %d outputs: ROUGE-L %.4f, repetition loops %.1f%%, hit max_new_tokens %.1f%%", split, len(examples),
              scored.get("rougeL", float("nan")), 100 * scored["repeat_share"], 100 * scored["truncated_share"])
+    if "structured" in scored:
+        s = scored["structured"]
+        log.info("%s: outputs meeting generate.%s: %.1f%% constrained, %.1f%% unconstrained", split, s["constraint"],
+                 100 * s["valid_constrained"], 100 * s["valid_unconstrained"])
 
 
 def sample(examples: list, n: int, seed: int) -> list:

@@ -54,7 +54,7 @@ DEV_RULES = "dev_rules"  # fit_decision_rules(outputs, enc, labels): other decis
 CONTINUAL = "continual"  # a head with one row per label: a run can continue another's (continual.from_run), labels extended
 ENSEMBLE = "ensemble"  # softmax logits over the labels, one row per example: members' probabilities can be averaged
 EXPLAIN = "explain"  # explain_targets(row, labels, label) / target_score(logits, target): what attributions explain (lmtune.explain)
-GENERATE = "generate"  # generate / fit_decoding / score_generations / generation_rows: outputs are generated text (decoders)
+GENERATE = "generate"  # generate / fit_decoding / score_generations / compare_unconstrained / generation_rows: outputs are generated text (decoders)
 INDEX = "index"  # corpus / documents / set_index: queries are ranked against an index of embedded documents (lmtune.index)
 RERANK = "rerank"  # relevance(rows, labels, label): a pair run scores how well text_pair answers text (lmtune.rerank)
 # temperature_to_fold / folded_temperature / set_folded / unfolded_temperature, and a `calibration` dict: the calibration
@@ -252,9 +252,18 @@ class Task:
 
 
     def generate(self, model, tokenizer: Any, examples: list, device: torch.device, settings: dict | None = None,
-                 progress: str = "auto", max_new_tokens: int | None = None, streamer: Any = None) -> list[dict]:
+                 progress: str = "auto", max_new_tokens: int | None = None, streamer: Any = None,
+                 constraint: Any = "run") -> list[dict]:
         """Generated outputs, one {"text", "tokens", "finished"} per example, with the decoding settings
-        saved with the model (overridden by `settings`); `streamer` receives the tokens of a single example."""
+        saved with the model (overridden by `settings`); `streamer` receives the tokens of a single example.
+        `constraint`: "run" (the structured-output constraint the run was trained with, if any), None (free
+        decoding) or a lmtune.structured.Constraint (a request's own)."""
+        raise NotImplementedError
+
+    def compare_unconstrained(self, model, tokenizer: Any, examples: list, device: torch.device, constrained: list[dict],
+                              progress: str = "auto") -> dict:
+        """With a structured-output constraint, the examples generated again without it, compared with
+        `constrained` (their outputs under it): {"structured": {...}}; {} without a constraint."""
         raise NotImplementedError
 
     def fit_decoding(self, model, tokenizer: Any, examples: list, device: torch.device, seed: int, trials: int,

@@ -17,7 +17,9 @@ What this module gets right that the usual scripts do not:
   and keep a sane length (lmtune.generate_control), saved with the model and used by predict/serve;
 - the test split is generated and scored with ROUGE-1/2/L (rouge-score; characters for Chinese)
   against every reference, with the control checks (repetition loops, distinct-n, length, invented
-  entities and numbers, format adherence) in generation.json and report.md.
+  entities and numbers, format adherence) in generation.json and report.md;
+- structured output (generate.schema / choices / regex, lmtune.structured): decoding constrained by a
+  grammar wherever the run generates, and the test outputs scored with and without the constraint.
 """
 from __future__ import annotations
 
@@ -74,6 +76,12 @@ class GenerationTask(Task):
         self.decoding: dict = {}  # chosen on dev (generate_control.search); greedy until then
         self.label_set: list[str] = []
         self.json_schema: str | None = None
+        # structured output (lmtune.structured): the schema itself is kept, not its file, so a saved run
+        # enforces it wherever it is served
+        self.schema: dict | bool | None = None
+        self.regex: str | None = None
+        self.choices: list[str] = []
+        self.json_layout = "spaced"  # the JSON layout of the training targets (structured.json_layout)
         self.stop: list[str] = []
         self.packing = False
         self.search: dict = {}  # the decoding search's table, for the report and generation.json
@@ -81,12 +89,27 @@ class GenerationTask(Task):
     # ---- state ---------------------------------------------------------------------------------
     def state(self) -> dict:
         return {"format": self.format, "instruction": self.instruction, "max_new_tokens": self.max_new_tokens,
-                "decoding": self.decoding, "label_set": self.label_set, "json_schema": self.json_schema, "stop": self.stop}
+                "decoding": self.decoding, "label_set": self.label_set, "json_schema": self.json_schema, "stop": self.stop,
+                "schema": self.schema, "regex": self.regex, "choices": self.choices, "json_layout": self.json_layout}
 
     def set_state(self, state: dict) -> None:
-        for k in ("format", "instruction", "max_new_tokens", "decoding", "label_set", "json_schema", "stop"):
+        for k in ("format", "instruction", "max_new_tokens", "decoding", "label_set", "json_schema", "stop", "schema", "regex",
+                  "choices", "json_layout"):
             if k in state:
                 setattr(self, k, state[k])
+
+    @property
+    def constraint(self):
+        """The structured.Constraint that decoding follows everywhere (predict, evaluate, the decoding
+        search, serve, the dashboard), or None: generate.schema, regex, or choices (label_set is choices)."""
+        from lmtune.structured import Constraint
+        if self.schema is not None:
+            return Constraint(schema=self.schema, json_layout=self.json_layout)
+        if self.regex:
+            return Constraint(regex=self.regex)
+        if self.choices or self.label_set:
+            return Constraint(choices=tuple(dict.fromkeys(self.choices or self.label_set)))
+        return None
 
     def report_state(self) -> dict:
         return {"search": self.search}
@@ -98,6 +121,7 @@ class GenerationTask(Task):
         g = cfg.generate
         self.instruction, self.max_new_tokens, self.packing = g.instruction, g.max_new_tokens, g.packing
         self.label_set, self.json_schema, self.stop = list(g.label_set), g.json_schema, list(g.stop)
+        self.regex, self.choices = g.regex or None, list(g.choices)  # the schema file is read once, by read()
 
     def reads_pairs(self, cfg: Config) -> bool:
         return False
@@ -157,15 +181,28 @@ class GenerationTask(Task):
         d = cfg.data
         if not d.train:
             raise InputError("data.train: no training file given. Set data.train or pass --data.train FILE.")
-        if cfg.generate.json_schema:
-            from lmtune.generate_control import load_schema
-            load_schema(cfg.generate.json_schema)  # a bad schema fails before anything is trained
+        self._read_constraint(cfg)  # a bad schema or regex fails before anything is trained
         train, dev, test, info = dev_and_test(self, cfg, self.read_file(d.train, cfg))
+        if self.schema is not None:
+            from lmtune.structured import json_layout
+            self.json_layout = json_layout([ex.label for ex in train if ex.label])
         if not dev:
             raise InputError(f"{d.train}: too few rows to split off a dev set; give data.dev.")
         info["sizes"] = {"train": len(train), "dev": len(dev), "test": len(test)}
         info["format"] = self.format
         return Splits(train, dev, test, ["output"], info)
+
+    def _read_constraint(self, cfg: Config) -> None:
+        """generate.schema read and checked (kept in the task state), generate.regex checked against
+        xgrammar, generate.json_schema (reporting only) checked."""
+        from lmtune.structured import check_regex, read_schema
+        g = cfg.generate
+        if g.json_schema:
+            from lmtune.generate_control import load_schema
+            load_schema(g.json_schema)
+        self.schema = read_schema(g.schema, "generate.schema") if g.schema else None
+        if g.regex:
+            check_regex(g.regex, "generate.regex")
 
     def from_texts(self, texts: list) -> list[GenerationExample]:
         out = []
@@ -313,13 +350,23 @@ class GenerationTask(Task):
     # ---- generation (GENERATE) ------------------------------------------------------------------
     def generate(self, model, tokenizer: Any, examples: list[GenerationExample], device: torch.device,
                  settings: dict | None = None, progress: str = "auto", max_new_tokens: int | None = None,
-                 streamer: Any = None) -> list[dict]:
+                 streamer: Any = None, constraint: Any = "run") -> list[dict]:
         from lmtune.generate_control import generate_outputs
         chosen = {**self.decoding, **(settings or {})}
         if max_new_tokens:  # asked for explicitly (a request, the chat): it replaces the length cap chosen on dev
             chosen.pop("max_new_tokens", None)
         return generate_outputs(self, model, tokenizer, examples, device, chosen, max_new_tokens or self.max_new_tokens,
-                                progress, streamer)
+                                progress, streamer, constraint)
+
+    def compare_unconstrained(self, model, tokenizer: Any, examples: list[GenerationExample], device: torch.device,
+                              constrained: list[dict], progress: str = "auto") -> dict:
+        """Under a constraint, the same examples generated once more without it (same decoding), and
+        {"structured": validity, ROUGE-L and exact match both ways}; {} without one."""
+        from lmtune.generate_control import structured_comparison
+        if self.constraint is None:
+            return {}
+        free = self.generate(model, tokenizer, examples, device, progress=progress, constraint=None)
+        return {"structured": structured_comparison(examples, constrained, free, self.constraint)}
 
     def fit_decoding(self, model, tokenizer: Any, examples: list[GenerationExample], device: torch.device, seed: int,
                      trials: int, progress: str = "auto") -> dict:
@@ -330,7 +377,7 @@ class GenerationTask(Task):
 
     def score_generations(self, examples: list[GenerationExample], generated: list[dict]) -> dict:
         from lmtune.generate_control import score
-        return score(examples, generated, self.label_set, self.json_schema)
+        return score(examples, generated, self.label_set, self.json_schema, self.constraint)
 
     def generation_rows(self, examples: list[GenerationExample], generated: list[dict]) -> list[dict]:
         rows = []
@@ -346,14 +393,6 @@ class GenerationTask(Task):
     def report(self, split_metrics: dict[str, dict], labels: list[str], run_dir: Path) -> str:
         from lmtune.generate_control import report_section
         return report_section(split_metrics, self.search, self.decoding)
-
-
-def _no_forward_cache(model: torch.nn.Module) -> torch.nn.Module:
-    """A plain forward pass (training, dev loss) builds no KV cache: transformers only reads packed rows'
-    restarting position ids as example boundaries when there is no cache, and a cache there is waste.
-    generate() turns it on for itself (GenerationConfig.use_cache)."""
-    model.config.use_cache = False
-    return model
 
 
 def _no_forward_cache(model: torch.nn.Module) -> torch.nn.Module:

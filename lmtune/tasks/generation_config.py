@@ -5,6 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from lmtune.config import option
+from lmtune.errors import InputError
+
+CONSTRAINT_KEYS = ("schema", "choices", "regex", "label_set")  # each constrains decoding: at most one is set
 
 
 @dataclass
@@ -26,6 +29,39 @@ class GenerateConfig:
                                 ge=0)
     search_examples: int = option(40, "Dev examples the decoding search generates for.", ge=1)
     eval_examples: int = option(0, "Test examples generated for ROUGE after training (0 = all).", ge=0)
-    label_set: list = option([], "Targets that are labels: decoding is constrained to these strings and exact match is reported.")
-    json_schema: str | None = option(None, "A JSON schema file the outputs must follow: the share that parses and validates is reported.")
+    schema: str | None = option(None, "A JSON Schema file the output must follow: decoding is constrained to it (xgrammar) in predict, "
+                                      "evaluate, serve and the dashboard, and the share of outputs that validate, and ROUGE-L, are "
+                                      "reported with and without the constraint. At most one of schema, choices, regex, label_set.")
+    choices: list = option([], "The output is exactly one of these strings (constrained decoding, as for schema); exact match and "
+                               "the share inside the set are reported with and without the constraint.")
+    regex: str | None = option(None, "A regular expression the whole output must match (constrained decoding, as for schema).")
+    label_set: list = option([], "Targets that are labels: the output is one of these strings (the same constraint as choices) "
+                                 "and the share inside the set is reported.")
+    json_schema: str | None = option(None, "A JSON schema file for reporting only: the share of outputs that parse and validate "
+                                           "(decoding is not constrained; generate.schema constrains it).")
     stop: list = option([], "Stop strings: generation ends when one is produced (it is cut from the output).")
+
+    def validate(self, cfg, where: str) -> None:
+        """At most one constraint, and json_schema (reporting) not beside schema (which reports too); the
+        choices and the regex are checked here, the schema file when the data is read (GenerationTask.read)."""
+        given = [f"generate.{k}" for k in CONSTRAINT_KEYS if getattr(self, k)]
+        if len(given) > 1:
+            raise InputError(f"{where}: {' and '.join(given)} each constrain the output; set only one of them "
+                             "(label_set is choices whose targets are the labels).")
+        if self.schema and self.json_schema:
+            raise InputError(f"{where}: generate.schema already reports the share of outputs that validate; "
+                             "drop generate.json_schema (reporting only).")
+        for key in ("choices", "label_set"):
+            values = getattr(self, key)
+            bad = next((v for v in values if not isinstance(v, str) or not v.strip()), None)
+            if bad is not None:
+                raise InputError(f"{where}: generate.{key}: every entry must be a non-empty string, got {bad!r}.")
+        twice = next((v for i, v in enumerate(self.choices) if v in self.choices[:i]), None)
+        if twice is not None:
+            raise InputError(f"{where}: generate.choices: {twice!r} is listed twice; give each string once.")
+        if self.regex:
+            import re
+            try:
+                re.compile(self.regex)
+            except re.error as e:
+                raise InputError(f"{where}: generate.regex: not a valid regular expression ({e}).") from None
