@@ -237,3 +237,23 @@ def test_fuzzing_the_openai_routes_of_a_chat_model_gives_no_5xx(chat_run, monkey
     app = _app(chat_run, monkeypatch, max_new_tokens=3, max_chars=200)
     calls = fuzz_openapi(app, ({"Authorization": f"Bearer {KEY}"},), 15, {"/v1/chat/completions", "/v1/completions"})
     assert ("/v1/chat/completions", 200) in calls and ("/v1/completions", 200) in calls
+
+
+def test_the_runs_own_constraint_holds_on_the_openai_routes_unless_the_request_brings_one(chat_run, tmp_path, monkeypatch):
+    """A run trained with generate.choices answers one of them on /v1/completions and chat too; a request's
+    response_format replaces it for that request."""
+    chosen = tmp_path / "chosen"
+    shutil.copytree(chat_run, chosen)
+    meta = json.loads((chosen / "model" / "lmtune.json").read_text())
+    meta["task_state"]["choices"] = ["alpha", "beta gamma"]  # as a run with generate.choices saves it
+    (chosen / "model" / "lmtune.json").write_text(json.dumps(meta))
+    auth = {"Authorization": f"Bearer {KEY}"}
+    with TestClient(_app(str(chosen), monkeypatch)) as c:
+        done = c.post("/v1/completions", json={"prompt": PROMPT, "temperature": 0}, headers=auth).json()
+        assert done["choices"][0]["text"].strip() in ("alpha", "beta gamma"), done
+        chat = c.post("/v1/chat/completions", json={"messages": MESSAGES, "temperature": 1, "seed": 3}, headers=auth).json()
+        assert chat["choices"][0]["message"]["content"].strip() in ("alpha", "beta gamma"), chat
+        fmt = {"type": "json_schema", "json_schema": {"name": "label", "schema": LABEL_SCHEMA}}
+        own = c.post("/v1/chat/completions", json={"messages": MESSAGES, "response_format": fmt, "temperature": 0,
+                                                   "max_tokens": 32}, headers=auth).json()
+        assert json.loads(own["choices"][0]["message"]["content"])["label"] in ("pos", "neg"), own

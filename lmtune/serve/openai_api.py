@@ -233,15 +233,16 @@ def generate_job(run, job: Job, stream=None) -> Generated:
     from transformers import LogitsProcessorList, StoppingCriteriaList
 
     from lmtune import runtime
-    from lmtune.generate_control import ResponsePenalties, generation_config, label_constraint
+    from lmtune.generate_control import ResponsePenalties, generation_config
     model, tok, device = run.model, run.tokenizer, runtime.device()
     model.to(device).eval()
     eos = tok.eos_token_id
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
-    processors = [p for p in (ResponsePenalties.from_settings(job.sampling, len(job.prompt)), job.constraint) if p is not None]
+    # the request's response_format, else the run's own generate.schema / regex / choices / label_set
+    constraint = job.constraint if job.constraint is not None else (
+        run.task.constraint.processor(tok) if run.task.constraint is not None else None)
+    processors = [p for p in (ResponsePenalties.from_settings(job.sampling, len(job.prompt)), constraint) if p is not None]
     extra: dict = {}
-    if job.constraint is None and run.task.label_set:  # the run's own label constraint, unless the request brings one
-        extra["prefix_allowed_tokens_fn"] = label_constraint(tok, run.task.label_set, len(job.prompt))
     config = generation_config(job.sampling, job.max_new_tokens, pad, eos)
     if job.stops:  # transformers' StopStringCriteria: stops at the token that completes one (the text is trimmed below)
         config.stop_strings = job.stops
@@ -326,23 +327,13 @@ def response_constraint(run, fmt: ResponseFormat | None):
         raise OpenAIError(400, "response_format of type json_schema needs a json_schema object {name, schema}",
                           "response_format.json_schema")
     schema = fmt.json_schema.schema_ if fmt.type == "json_schema" and fmt.json_schema.schema_ is not None else {"type": "object"}
+    from lmtune.errors import InputError
+    from lmtune.structured import logits_processor
     try:
-        return structured_logits_processor(run.tokenizer, schema=schema)
-    except (ValueError, RuntimeError) as e:
+        return logits_processor(run.tokenizer, schema=schema)
+    except (InputError, ValueError, RuntimeError) as e:
         raise OpenAIError(400, f"response_format: this JSON schema cannot be enforced: {e}",
                           "response_format.json_schema.schema") from None
-
-
-def structured_logits_processor(tokenizer, **constraint):
-    """lmtune.structured's constrained decoding (the run's generate.schema uses it too); the server's stand-in
-    (lmtune.serve.grammar, the same function) where that module is not installed."""
-    try:
-        from lmtune.structured import logits_processor
-    except ModuleNotFoundError as e:
-        if e.name != "lmtune.structured":
-            raise
-        from lmtune.serve.grammar import logits_processor
-    return logits_processor(tokenizer, **constraint)
 
 
 def sampling_settings(run, body: _SamplingRequest) -> dict:
