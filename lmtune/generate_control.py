@@ -39,7 +39,7 @@ def generate_outputs(task, model, tokenizer: Any, examples: list, device: torch.
     continues from the last position of each row), each batch seeded, so sampling is repeatable.
     `constraint`: the run's own (generate.schema / choices / regex / label_set) by default, None for
     free decoding, or a structured.Constraint (a request's)."""
-    grammar = task.constraint if constraint == RUN_CONSTRAINT else constraint
+    grammar = task.constraint if isinstance(constraint, str) else constraint  # RUN_CONSTRAINT: the run's own
     prompts = [task.prompt_ids(ex, tokenizer) for ex in examples]
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     size = 1 if streamer is not None else (64 if device.type == "cuda" else 16)

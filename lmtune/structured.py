@@ -265,12 +265,12 @@ def compiled_grammar(tokenizer: Any, constraint: Constraint) -> Any:
     """The constraint compiled against the tokenizer's vocabulary: the tokenizer's info is read once,
     and the compiler's own cache (bounded) keeps each grammar compiled once."""
     import xgrammar as xgr
-    with _LOCK:
+    with _LOCK:  # only while the compiler is made: a slow grammar must not hold up every other compile
         compiler = _COMPILERS.get(tokenizer)
         if compiler is None:
             info = xgr.TokenizerInfo.from_huggingface(tokenizer, stop_token_ids=_stop_ids(tokenizer))
             compiler = _COMPILERS[tokenizer] = xgr.GrammarCompiler(info, cache_limit_bytes=CACHE_BYTES)
-        return constraint._compile(compiler)
+    return constraint._compile(compiler)  # GrammarCompiler is thread-safe (xgrammar's docs)
 
 
 def _stop_ids(tokenizer: Any) -> list[int] | None:

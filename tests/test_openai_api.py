@@ -257,3 +257,19 @@ def test_the_runs_own_constraint_holds_on_the_openai_routes_unless_the_request_b
         own = c.post("/v1/chat/completions", json={"messages": MESSAGES, "response_format": fmt, "temperature": 0,
                                                    "max_tokens": 32}, headers=auth).json()
         assert json.loads(own["choices"][0]["message"]["content"])["label"] in ("pos", "neg"), own
+
+
+def test_stop_sequences_are_bounded_and_checked_before_the_queue(served, chat_run, monkeypatch):
+    url, client = served
+    import httpx
+    auth = {"Authorization": f"Bearer {KEY}"}
+    long = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "stop": ["a" * 65]}, headers=auth, timeout=30)
+    assert long.status_code == 400 and long.json()["error"]["param"] == "stop"
+    fine = httpx.post(f"{url}/v1/completions", json={"prompt": PROMPT, "stop": ["a" * 64], "max_tokens": 2}, headers=auth,
+                      timeout=30)
+    assert fine.status_code == 200, fine.text
+    big = {"type": "object", "properties": {f"k{i}": {"type": "string", "description": "x" * 200} for i in range(120)}}
+    with TestClient(_app(chat_run, monkeypatch, max_body_bytes=100_000)) as c:  # a body the server takes, a schema too big
+        r = c.post("/v1/chat/completions", headers=auth, json={
+            "messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {"name": "big", "schema": big}}})
+    assert r.status_code == 400 and "20000" in r.json()["error"]["message"], r.text

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -241,7 +242,9 @@ def generate_job(run, job: Job, stream=None) -> Generated:
     # the request's response_format, else the run's own generate.schema / regex / choices / label_set
     constraint = job.constraint if job.constraint is not None else (
         run.task.constraint.processor(tok) if run.task.constraint is not None else None)
-    processors = [p for p in (ResponsePenalties.from_settings(job.sampling, len(job.prompt)), constraint) if p is not None]
+    # the grammar first, as generate_control does: the penalties then never lift its -inf, and an n-gram block
+    # that would leave a row nothing the grammar allows is skipped (ResponsePenalties reads the masked row)
+    processors = [p for p in (constraint, ResponsePenalties.from_settings(job.sampling, len(job.prompt))) if p is not None]
     extra: dict = {}
     config = generation_config(job.sampling, job.max_new_tokens, pad, eos)
     if job.stops:  # transformers' StopStringCriteria: stops at the token that completes one (the text is trimmed below)
@@ -249,8 +252,9 @@ def generate_job(run, job: Job, stream=None) -> Generated:
         extra["tokenizer"] = tok
     if stream is not None:
         extra["stopping_criteria"] = StoppingCriteriaList([stream.stopping_criteria])
-    if job.seed is not None:
-        torch.manual_seed(job.seed)
+    # a request's seed makes its sampling repeatable; without one, a fresh seed, so no client's sampling follows
+    # from the previous client's seed
+    torch.manual_seed(job.seed if job.seed is not None else int.from_bytes(os.urandom(4), "little"))
     ids = torch.tensor([job.prompt], device=device)
     with torch.inference_mode():
         out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), streamer=stream, generation_config=config,
@@ -301,14 +305,27 @@ def completion_prompt(run, prompt: str | list[str], max_chars: int) -> list[int]
     return ids
 
 
+MAX_SCHEMA_CHARS = 20_000  # a response_format schema, as JSON
+MAX_STOP_CHARS = 64  # per stop sequence: transformers' StopStringCriteria costs vocabulary x length memory
+
+
 def checked_stops(run, stop: str | list[str] | None, max_chars: int) -> list[str]:
-    """The request's stop sequences after the run's own (generate.stop), each non-empty valid text."""
+    """The request's stop sequences after the run's own (generate.stop), each non-empty valid text of at
+    most MAX_STOP_CHARS characters that the tokenizer can produce (transformers' StopStringCriteria is
+    built here, so a stop it cannot take is the client's 400, not a model failure)."""
+    from transformers import StopStringCriteria
     asked = [stop] if isinstance(stop, str) else list(stop or [])
+    limit = min(MAX_STOP_CHARS, max_chars)
     for i, s in enumerate(asked):  # whitespace ("\n") is a fine stop sequence: not text_problem's rules
-        if not s or len(s) > max_chars or _invalid_unicode(s):
-            raise OpenAIError(400, f"stop[{i}] must be non-empty valid Unicode of at most {max_chars} characters",
-                              "stop")
-    return list(dict.fromkeys([*run.task.stop, *asked]))
+        if not s or len(s) > limit or _invalid_unicode(s):
+            raise OpenAIError(400, f"stop[{i}] must be non-empty valid Unicode of at most {limit} characters", "stop")
+    stops = list(dict.fromkeys([*run.task.stop, *asked]))
+    if asked:
+        try:
+            StopStringCriteria(run.tokenizer, stops)
+        except ValueError as e:
+            raise OpenAIError(400, f"stop: this model's tokenizer cannot produce it ({e})", "stop") from None
+    return stops
 
 
 def _invalid_unicode(text: str) -> bool:
@@ -327,10 +344,13 @@ def response_constraint(run, fmt: ResponseFormat | None):
         raise OpenAIError(400, "response_format of type json_schema needs a json_schema object {name, schema}",
                           "response_format.json_schema")
     schema = fmt.json_schema.schema_ if fmt.type == "json_schema" and fmt.json_schema.schema_ is not None else {"type": "object"}
+    if len(json.dumps(schema)) > MAX_SCHEMA_CHARS:  # compiled before the queue admits the request: keep it bounded
+        raise OpenAIError(400, f"response_format: the JSON schema is longer than {MAX_SCHEMA_CHARS} characters",
+                          "response_format.json_schema.schema")
     from lmtune.errors import InputError
     from lmtune.structured import logits_processor
     try:
-        return logits_processor(run.tokenizer, schema=schema)
+        return logits_processor(run.tokenizer, schema=schema, json_layout=run.task.json_layout)  # the layout it was trained on
     except (InputError, ValueError, RuntimeError) as e:
         raise OpenAIError(400, f"response_format: this JSON schema cannot be enforced: {e}",
                           "response_format.json_schema.schema") from None
