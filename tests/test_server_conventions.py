@@ -161,18 +161,8 @@ def test_ui_docs_stay_behind_the_dashboard_guard(tmp_path):
 @pytest.fixture(scope="module")
 def offline_browser():
     """Headless Chromium whose resolver maps every host but 127.0.0.1 to nothing: a page that needs a CDN breaks."""
-    pytest.importorskip("selenium")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    from tests.test_ui import _chromium
-    exe, driver = _chromium()
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = exe
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000", "--disable-gpu",
-                "--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1"):
-        opts.add_argument(arg)
-    b = webdriver.Chrome(service=Service(driver), options=opts)
+    from tests.test_ui import headless_chrome
+    b = headless_chrome("--host-resolver-rules=MAP * ~NOTFOUND , EXCLUDE 127.0.0.1")
     yield b
     b.quit()
 

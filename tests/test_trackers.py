@@ -216,6 +216,8 @@ def test_wandb_offline_run_keeps_real_files_images_and_a_confusion_matrix(tiny_c
     assert (files / "report.md").read_bytes() == (run.run_dir / "report.md").read_bytes()
 
     history, summary = _wandb_records(next(offline.glob("*.wandb")))
+    assert [h["_step"] for h in history if "train_loss" in h] == [1, 2, 3, 4]  # every step's metrics at its step
+    assert summary["test_accuracy"] == run.metrics["test"]["accuracy"]
     final = {k: v for row in history for k, v in row.items()}  # the reader flattens nested keys with dots
     assert final["plots/learning_curve._type"] == "image-file"
     assert (files / final["plots/learning_curve.path"]).is_file()  # the image itself, in media/

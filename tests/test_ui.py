@@ -111,17 +111,23 @@ def _chromium() -> tuple[str, str]:
     return exe, driver
 
 
-@pytest.fixture(scope="module")
-def browser():
+def headless_chrome(*extra_args: str):
+    """Debian's chromium, headless, through Selenium (skips where it cannot be had); extra_args: more flags."""
     pytest.importorskip("selenium")
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service
     exe, driver = _chromium()
     opts = webdriver.ChromeOptions()
     opts.binary_location = exe
-    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000", "--disable-gpu"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--window-size=1280,1000", "--disable-gpu",
+                *extra_args):
         opts.add_argument(arg)
-    b = webdriver.Chrome(service=Service(driver), options=opts)
+    return webdriver.Chrome(service=Service(driver), options=opts)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    b = headless_chrome()
     b.implicitly_wait(2)
     yield b
     b.quit()
