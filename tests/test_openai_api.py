@@ -273,3 +273,25 @@ def test_stop_sequences_are_bounded_and_checked_before_the_queue(served, chat_ru
         r = c.post("/v1/chat/completions", headers=auth, json={
             "messages": MESSAGES, "response_format": {"type": "json_schema", "json_schema": {"name": "big", "schema": big}}})
     assert r.status_code == 400 and "20000" in r.json()["error"]["message"], r.text
+
+
+@pytest.mark.parametrize("path,body", [("/v1/completions", {"prompt": PROMPT, "max_tokens": 150}),
+                                       ("/v1/generate", {"text": PROMPT, "max_new_tokens": 150, "stream": False})])
+def test_a_dropped_non_streamed_request_stops_the_model_too(chat_run, monkeypatch, path, body):
+    forward = _CountedForward(step_s=0.05).install(monkeypatch)
+    app = _app(chat_run, monkeypatch, max_new_tokens=150)  # 150 steps: 7.5 s if nothing stops them
+    with _served(app) as url:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes the connection
+            httpx.post(url + path, json=body, headers={"Authorization": f"Bearer {KEY}"}, timeout=0.6)
+        at_close = forward.calls
+        assert at_close >= 3  # it was generating
+        time.sleep(1.5)  # 30 more steps if the model kept going
+        assert forward.calls - at_close <= 8, (at_close, forward.calls)  # the watcher polls every 0.25 s
+
+
+def test_a_vanishing_temperature_decodes_greedily(served):
+    """5e-324 (a fuzzer's find): dividing the logits by it gives inf and NaN probabilities, a 500; it means greedy."""
+    _, client = served
+    tiny = client.completions.create(model="gen-chat", prompt=PROMPT, max_tokens=5, temperature=5e-324)
+    greedy = client.completions.create(model="gen-chat", prompt=PROMPT, max_tokens=5, temperature=0)
+    assert tiny.choices[0].text == greedy.choices[0].text

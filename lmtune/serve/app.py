@@ -39,7 +39,7 @@ from lmtune.registry import backends
 from lmtune.serve.batcher import Batcher, Closed, QueueFull
 from lmtune.serve.checks import error_origin, text_problem
 from lmtune.serve.docs import mount_offline_docs
-from lmtune.serve.generation_queue import GenerationFailed, GenerationQueue, cancel_on_disconnect
+from lmtune.serve.generation_queue import GenerationFailed, GenerationQueue, cancel_on_disconnect, while_connected
 from lmtune.serve.openai_api import OPENAI_PATHS, add_openai_routes, openai_error_body
 from lmtune.tasks.base import EXPLAIN, GENERATE
 from lmtune.serve.protocol import GuardedHttpProtocol
@@ -564,10 +564,13 @@ def _add_generate(app: FastAPI, run, settings: ServeSettings, metrics: Metrics, 
         max_new = min(body.max_new_tokens or run.task.max_new_tokens, settings.max_new_tokens)
         queue.admit()
         if not body.stream:
+            quiet = CancellableStream(run.tokenizer)  # its stopping criterion only: a client that leaves stops the model
             try:
-                out = await asyncio.to_thread(generate, body.text, max_new, None, rid)
+                out = await while_connected(request, quiet, asyncio.to_thread(generate, body.text, max_new, quiet, rid))
             except GenerationFailed:
                 raise HTTPException(500, "generation failed; the request id is in the server log") from None
+            if out is None:  # the client left while the request waited: nobody reads this
+                return Response(status_code=499)
             return GenerateResponse(request_id=rid, model=Path(settings.run_dir).name, **out)
         stream = CancellableStream(run.tokenizer)
         job = asyncio.ensure_future(asyncio.to_thread(generate, body.text, max_new, stream, rid))

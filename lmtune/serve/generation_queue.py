@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import HTTPException, Request
@@ -61,6 +61,16 @@ class GenerationQueue:
                 stream.end()  # after a failure (or no start) too, so the response is never left waiting
         self.texts.inc()
         return out
+
+
+async def while_connected(request: Request, stream: CancellableStream, work: Awaitable[T]) -> T:
+    """A non-streamed generation awaited while a watcher cancels it (through `stream`'s stopping criterion,
+    nobody reads its pieces) once the client has gone, so a dropped request frees the queue within a step."""
+    watcher = asyncio.ensure_future(cancel_on_disconnect(request, stream))
+    try:
+        return await work
+    finally:
+        watcher.cancel()
 
 
 async def cancel_on_disconnect(request: Request, stream: CancellableStream, every_s: float = 0.25) -> None:

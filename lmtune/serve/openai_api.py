@@ -29,12 +29,12 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exception_handlers import request_validation_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from lmtune.serve.checks import error_origin, text_problem
-from lmtune.serve.generation_queue import GenerationFailed, GenerationQueue, cancel_on_disconnect
+from lmtune.serve.generation_queue import GenerationFailed, GenerationQueue, cancel_on_disconnect, while_connected
 from lmtune.serve.security import STRUCTURED
 from lmtune.tasks.base import GENERATE
 
@@ -305,6 +305,7 @@ def completion_prompt(run, prompt: str | list[str], max_chars: int) -> list[int]
     return ids
 
 
+MIN_TEMPERATURE = 1e-3  # a request's temperature below it decodes greedily
 MAX_SCHEMA_CHARS = 20_000  # a response_format schema, as JSON
 MAX_STOP_CHARS = 64  # per stop sequence: transformers' StopStringCriteria costs vocabulary x length memory
 
@@ -360,7 +361,9 @@ def sampling_settings(run, body: _SamplingRequest) -> dict:
     """The run's decoding chosen on dev, with the request's temperature and top_p over it."""
     settings = {k: v for k, v in run.task.decoding.items() if k != "max_new_tokens"}
     if body.temperature is not None:
-        settings["temperature"] = body.temperature
+        # below 1e-3 the scaled logits overflow (5e-324 makes them inf, then NaN probabilities): greedy, which is
+        # what such a temperature means
+        settings["temperature"] = body.temperature if body.temperature >= MIN_TEMPERATURE else 0.0
     if body.top_p is not None:
         settings["top_p"] = body.top_p
     return settings
@@ -470,10 +473,14 @@ def add_openai_routes(app: FastAPI, run, served: str, max_chars: int, max_new_to
         base = {"id": f"{'chatcmpl' if kind == 'chat' else 'cmpl'}-{rid}", "created": int(time.time()), "model": served}
         queue.admit()
         if not stream:
+            quiet = CancellableStream(run.tokenizer)  # its stopping criterion only: a client that leaves stops the model
             try:
-                out = await asyncio.to_thread(queue.run, lambda: generate_job(run, job), None, rid)
+                out = await while_connected(request, quiet, asyncio.to_thread(
+                    queue.run, lambda: generate_job(run, job, quiet), quiet, rid))
             except GenerationFailed:
                 raise OpenAIError(500, f"generation failed; request id {rid} is in the server log") from None
+            if out is None:  # the client left while the request waited: nobody reads this
+                return Response(status_code=499)
             usage = _usage(len(job.prompt), out.completion_tokens)
             if kind == "chat":
                 return ChatCompletion(**base, usage=usage, choices=[ChatChoice(
