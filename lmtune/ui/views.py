@@ -78,18 +78,14 @@ def run_details(root: Path, name: str) -> dict:
 
 
 def compare_runs(root: Path, names: list[str]) -> dict:
-    """Config and metric differences of the first run against each other one (lmtune.runs.compare, which
-    reads each run once), and their curves."""
+    """Config differences of the first run against each other one (lmtune.runs.compare, which reads each run
+    once), and their curves; the metrics table with its B - A columns is ui.analysis.compare_table."""
     pairs = [compare(root / names[0], root / n) for n in names[1:]]
     config: dict[str, list] = {}
     for k in sorted({k for p in pairs for k in p["config"]}):
         first = next(p["config"][k][0] for p in pairs if k in p["config"])
         config[k] = [first] + [p["config"][k][1] if k in p["config"] else first for p in pairs]
-    metrics: dict[str, list] = {}
-    for k in sorted({k for p in pairs for k in p["metrics"]}):
-        first = next(p["metrics"][k]["a"] for p in pairs if k in p["metrics"])
-        metrics[k] = [first] + [p["metrics"][k]["b"] if k in p["metrics"] else None for p in pairs]
-    return {"names": names, "config": config, "metrics": metrics,
+    return {"names": names, "config": config,
             "curves": {n: curves(history(RunDir(root / n))) for n in names}}
 
 
