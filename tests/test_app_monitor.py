@@ -393,6 +393,26 @@ def test_two_writers_on_one_database_both_finish_without_duplicates(tmp_path, ti
         m.engine.dispose()
 
 
+def test_a_monitor_starting_while_another_process_writes_waits_instead_of_failing(tmp_path):
+    # SQLite answers a journal-mode change with "database is locked" at once, without its busy handler, while
+    # another process holds a write transaction: the CI race of two monitors starting on one new database
+    import sqlite3
+    path = tmp_path / "m.db"
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("CREATE TABLE t (x)")
+    other.execute("BEGIN IMMEDIATE")
+    other.execute("INSERT INTO t VALUES (1)")
+    code = "import sys; from lmtune.apps.monitor import db; db.connect(sys.argv[1]).dispose()"
+    starter = subprocess.Popen([sys.executable, "-c", code, f"sqlite:///{path}"], stderr=subprocess.PIPE, text=True)
+    time.sleep(2.0)  # the starter meets the lock (it used to exit 1 within this time)
+    assert starter.poll() is None
+    other.execute("COMMIT")
+    other.close()
+    _, err = starter.communicate(timeout=120)
+    assert starter.returncode == 0, err[-2000:]
+    assert sqlite3.connect(path).execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
 def _jsonl(path: Path, rows: list[dict], encoding: str = "utf-8", age_s: float = 60) -> Path:
     path.write_bytes("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode(encoding))
     os.utime(path, (time.time() - age_s,) * 2)  # older than SETTLE_SECONDS: finished by its writer

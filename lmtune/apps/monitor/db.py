@@ -2,6 +2,8 @@
 when given; the schema is created and upgraded by the Alembic migrations in ./migrations."""
 from __future__ import annotations
 
+import sqlite3
+import time
 from pathlib import Path
 
 import sqlalchemy as sa
@@ -49,8 +51,22 @@ def _sqlite_args(url: str) -> dict:
 
 
 def _sqlite_pragmas(conn, _) -> None:  # a writer and the page's readers at once; foreign keys enforced
-    conn.execute("PRAGMA journal_mode=WAL")
+    _patiently(lambda: conn.execute("PRAGMA journal_mode=WAL"))
     conn.execute("PRAGMA foreign_keys=ON")
+
+
+def _patiently(statement, seconds: float = 30.0):
+    """Run `statement`, retrying while the database is locked. SQLite skips its busy handler where waiting
+    could deadlock: a journal-mode change needs the lock another process's write transaction holds, which a
+    second monitor starting on a new database meets (it failed at once with "database is locked")."""
+    deadline = time.monotonic() + seconds
+    while True:
+        try:
+            return statement()
+        except sqlite3.OperationalError as e:
+            if "locked" not in str(e) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def migrate(engine: Engine) -> None:
