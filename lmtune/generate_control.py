@@ -329,7 +329,9 @@ def failed_checks(m: dict, trials: list[dict]) -> list[str]:
     setting reaches it, against the best setting tried: loops at most 5% (or within 5 points of the
     fewest), length ratio within 0.5-2 (or within 0.25 of the closest to 1), outputs cut by the length
     cap at most 20% (or within 10 points of the fewest), outputs with invented names or numbers within
-    10 points of the fewest. A setting that loops or invents more than another could avoid loses to it."""
+    10 points of the fewest; under a constraint (structured output), as many outputs valid as the best
+    setting (a cap that cuts a JSON object short leaves it invalid). A setting that loops or invents
+    more than another could avoid loses to it."""
     lo, hi = CHECKS["length_ratio"]
     fewest_loops = min(t["repeat_share"] for t in trials)
     closest = min(abs((t.get("length_ratio") or 1.0) - 1) for t in trials)
@@ -340,6 +342,8 @@ def failed_checks(m: dict, trials: list[dict]) -> list[str]:
               "length_ratio": lo <= ratio <= hi or abs(ratio - 1) <= closest + 0.25,
               "truncated_share": m["truncated_share"] <= max(CHECKS["truncated_share"], fewest_cut + 0.1),
               "invented_share": (m.get("invented_share") or 0.0) <= fewest_invented + CHECKS["invented_margin"]}
+    if m.get("valid") is not None:  # under a constraint: a setting whose length cap cuts outputs short of valid loses
+        checks["valid"] = m["valid"] >= max(t.get("valid") or 0.0 for t in trials)
     return [name for name, ok in checks.items() if not ok]
 
 

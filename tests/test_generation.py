@@ -335,6 +335,12 @@ def test_decoding_candidates_and_checks():
     best = choose_setting(rows)
     assert best["settings"] == {"b": 1} and best["failed"] == ["truncated_share"]
     assert rows[0]["failed"] == ["repeat_share", "length_ratio", "truncated_share"] and not any(r["passed"] for r in rows)
+    # under a constraint, a length cap that leaves fewer outputs valid loses to one that keeps them all valid
+    cut = {**clean, "valid": 0.7}
+    whole = {**clean, "valid": 1.0}
+    assert not passes(cut, [cut, whole]) and passes(whole, [cut, whole])
+    assert choose_setting([{"settings": {"max_new_tokens": 40}, "rougeL": 0.3, **cut},
+                           {"settings": {}, "rougeL": 0.25, **whole}])["settings"] == {}
 
 
 def test_repetition_controls_leave_the_prompt_out():
