@@ -166,8 +166,20 @@ def test_prefer_makes_pairs_from_an_sft_run_and_trains_dpo(tmp_path, tiny_llama,
     results = json.loads((new / "results.json").read_text())
     assert "reward_accuracy" in results["metrics"]["dev"] and "rougeL" in results["metrics"]["test"]
     assert results["prefer"]["train"]["pairs"] == len(pairs)
+    report = (new / "report.md").read_text()
+    assert "### Preference tuning" in report and "Pairs made by `lmtune prefer`" in report
     run = lmtune.load(new)  # a new LoRA over the SFT model's merged weights, which the run dir holds
     assert run.task.objective == "dpo" and run.task.instruction == "Summarize."
     assert json.loads((new / "model" / "adapter_config.json").read_text())["base_model_name_or_path"].endswith("sft_model")
     assert run.metrics["train"]["train_seconds"] > 0
     assert run.predict(["the food was great"])[0]["output"] is not None
+
+
+def test_the_config_schema_has_the_preference_keys():
+    from lmtune.config import json_schema
+    train = json_schema()["properties"]["train"]["properties"]
+    assert train["objective"]["enum"] == ["sft", "dpo", "orpo"] and train["objective"]["default"] == "sft"
+    assert train["beta"]["default"] == 0.1 and train["beta"]["exclusiveMinimum"] == 0
+    assert train["orpo_lambda"]["default"] == 0.1
+    with pytest.raises(lmtune.errors.InputError, match="objective"):
+        build_config({"task": "generation", "model": {"name": "x"}, "data": {"train": "a"}, "train": {"objective": "kto"}})

@@ -479,8 +479,28 @@ class GenerationTask(Task):
                       f"{m['reward_accuracy']:.3f} | {m['reward_margin']:.4f} |" for s, m in pairs.items()]
             lines += ["", "Reward accuracy: the share of pairs whose chosen output earns the higher reward (DPO: beta x "
                       "the log-prob gain over the reference; ORPO: lambda x the mean log-prob)."]
-            text = text + "\n".join(lines) + "\n"
+            text = text + "\n".join(lines) + "\n" + _prefer_lines(run_dir)
         return text
+
+
+def _prefer_lines(run_dir: Path) -> str:
+    """A run made by `lmtune prefer`: how its pairs were made (prefer.json), chosen against rejected."""
+    import json
+    path = Path(run_dir) / "prefer.json"
+    if not path.is_file():
+        return ""
+    p = json.loads(path.read_text())
+    lines = ["", f"Pairs made by `lmtune prefer` from {p['from_run']}: the greedy output and {p['train']['k']} samples per "
+             "prompt, ranked by ROUGE-L minus penalties, best against worst.", "",
+             "| split | prompts | pairs | | ROUGE-L | loops | hit max tokens | invented |", "|---|---|---|---|---|---|---|---|"]
+    for split in ("train", "dev"):
+        s = p[split]
+        for side in ("chosen", "rejected"):
+            m = s.get(side) or {}
+            if m:
+                lines.append(f"| {split} | {s['prompts']} | {s['pairs']} | {side} | {m['rougeL']:.4f} | {m['loop_share']:.1%} | "
+                             f"{m['capped_share']:.1%} | {m['invented_share']:.1%} |")
+    return "\n".join(lines) + "\n"
 
 
 def _no_forward_cache(model: torch.nn.Module) -> torch.nn.Module:
