@@ -15,6 +15,7 @@ run's test split.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -149,8 +150,10 @@ def prefer(run_dir: str | Path, *, k: int = 4, temperature: float = 0.8, max_pro
     dev_cap = min(cfg.generate.search_examples, max_prompts) if max_prompts else cfg.generate.search_examples
     dev_ex = sample(splits.dev, dev_cap, seed)
     log.info("prefer: sampling %d outputs for %d train and %d dev prompts", k + 1, len(train_ex), len(dev_ex))
+    t0 = time.perf_counter()
     pairs, summary = make_pairs(sft, train_ex, k=k, temperature=temperature, seed=seed)
     dev_pairs, dev_summary = make_pairs(sft, dev_ex, k=k, temperature=temperature, seed=seed + 1)
+    sampling_seconds = time.perf_counter() - t0
     for name, found in (("train", pairs), ("dev", dev_pairs)):
         if not found:
             raise InputError(f"{run_dir}: no {name} prompt gave two outputs {MARGIN} apart in score: nothing to prefer. "
@@ -181,7 +184,8 @@ def prefer(run_dir: str | Path, *, k: int = 4, temperature: float = 0.8, max_pro
         dev_read = task.read_file(new_cfg.data.dev, new_cfg)
         info = {**splits.info, "sizes": {"train": len(train_pairs), "dev": len(dev_read), "test": len(splits.test)},
                 "format": task.format, "prefer": {"from_run": str(run_dir)}}
-        record = {"from_run": str(Path(run_dir).resolve()), "objective": objective, "train": summary, "dev": dev_summary}
+        record = {"from_run": str(Path(run_dir).resolve()), "objective": objective, "train": summary, "dev": dev_summary,
+                  "sampling_seconds": round(sampling_seconds, 3)}  # making the pairs; the training's own is metrics.train
         write_json(new_dir / "prefer.json", record)
     except BaseException:
         import shutil
