@@ -63,6 +63,9 @@ def test_dpo_on_pairs_lowers_the_loss_and_widens_the_reward_margin(tmp_path, tin
     # the decoding search ran again, with the chosen outputs as dev references, and test was generated
     assert (run.run_dir / "generation.json").is_file() and "rougeL" in run.metrics["test"]
     assert run.task.state()["objective"] == "dpo"
+    # the saved run scores pairs against the same reference (its adapter disabled): the same dev loss
+    again = lmtune.load(run.run_dir).evaluate(tmp_path / "dev.jsonl")
+    assert again["loss"] == pytest.approx(dev["loss"], rel=1e-4) and again["reward_accuracy"] == 1.0
 
 
 def test_reference_log_probs_are_the_starting_models_with_the_adapter_disabled(tmp_path, tiny_llama):

@@ -217,6 +217,9 @@ class Task:
         """Anything computed from the model as built (PEFT applied, nothing trained) before the loop
         changes it, onto the features of every split (generation's DPO: the reference log-probs)."""
 
+    def prepare_outputs(self, model, features: list[dict], collate, device) -> None:
+        """The same for a loaded run's model before it scores features (Run.outputs)."""
+
     def reads_pairs(self, cfg: Config) -> bool:
         """Whether each input is two texts (predict --pair, the API's pairs)."""
         return cfg.data.text_pair_column is not None

@@ -138,6 +138,18 @@ class GenerationTask(Task):
             from lmtune.tasks.preference import fill_reference
             fill_reference(model.to(device), [f for f in features if "rejected_ids" in f], collate, device)
 
+    def prepare_outputs(self, model, features: list[dict], collate, device: torch.device) -> None:
+        """A loaded dpo run scoring pairs (lmtune evaluate RUN pairs.jsonl): its reference is its model with the
+        adapter disabled; a fully fine-tuned one kept no reference, so its pair loss cannot be computed."""
+        pairs = [f for f in features if "rejected_ids" in f]
+        if self.objective != "dpo" or not pairs:
+            return
+        if not hasattr(model, "disable_adapter"):
+            raise InputError("this dpo run was fully fine-tuned and keeps no reference model, so its DPO loss on pairs "
+                             "cannot be computed; evaluate it on prompt/reference rows instead.")
+        from lmtune.tasks.preference import fill_reference
+        fill_reference(model, pairs, collate, device)
+
     def reads_pairs(self, cfg: Config) -> bool:
         return False
 
