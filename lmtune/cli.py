@@ -357,6 +357,21 @@ def cmd_merge(run_dir: str, out_dir: str) -> int:
     return 0
 
 
+def cmd_prefer(run_dir: str, *, k: Annotated[int, "sampled outputs per prompt (the greedy one is a candidate too)"] = 4,
+               temperature: Annotated[float, "sampling temperature of the candidates (top-p 0.95)"] = 0.8,
+               max_prompts: Annotated[int | None, "sample at most this many training prompts (the cost: k + 1 "
+                                                  "generations each)"] = None,
+               objective: Annotated[Literal["dpo", "orpo"], "the preference loss the new run trains"] = "dpo",
+               overrides: dict[str, Any]) -> int:
+    from lmtune.prefer import prefer
+    run = prefer(run_dir, k=k, temperature=temperature, max_prompts=max_prompts, objective=objective,
+                 progress=overrides.pop("train.progress", "bar"), overrides=overrides)
+    p = run.metrics["prefer"]["train"]
+    print(f"pairs: {p['pairs']} of {p['prompts']} prompts ({run.run_dir / 'prefer' / 'pairs.jsonl'})")
+    _print_headline(run)
+    return 0
+
+
 def cmd_export(run_dir: str, *, format: str = "onnx",
                quantize: Annotated[Literal["int8"] | None, "also write a dynamically int8-quantized model"] = None,
                prune: Annotated[str | None, "magnitude:AMOUNT zeroes that share of each encoder weight matrix (smaller "
@@ -629,6 +644,9 @@ COMMANDS: dict[str, Command | Group] = {
                      "when any finding is critical. --data.label_noise_folds 5 adds label-noise candidates (confident "
                      "learning on 5-fold out-of-fold predictions)."),
     "report": Command(cmd_report, "render RUN_DIR/report.md again from RUN_DIR/results.json"),
+    "prefer": Command(cmd_prefer, "preference-tune a generation run: pairs from its own samples (ROUGE-L minus loop, "
+                                  "length and invention penalties), then DPO (or ORPO) into a new run dir; --run_name, "
+                                  "--output_dir and config keys as overrides"),
     "merge": Command(cmd_merge, "fold a LoRA/AdaLoRA/IA3 adapter into a standalone model folder"),
     "export": Command(cmd_export, "export a run to ONNX (optionally int8 / pruned), verified against PyTorch",
                       "Writes RUN_DIR/export/ (model.onnx, model.int8.onnx, tokenizer, export.json with the max logit "

@@ -81,8 +81,10 @@ class Run:
     def outputs(self, enc) -> list:
         """The model's raw outputs for encoded examples, one per example, in order."""
         self.model.to(runtime.device())
-        return predict_outputs(self.model, enc.features, functools.partial(self.task.collate, tokenizer=self.tokenizer),
-                               self.task.unbatch, runtime.device(), progress=self.config.train.progress)
+        collate = functools.partial(self.task.collate, tokenizer=self.tokenizer)
+        self.task.prepare_outputs(self.model, enc.features, collate, runtime.device())
+        return predict_outputs(self.model, enc.features, collate, self.task.unbatch, runtime.device(),
+                               progress=self.config.train.progress)
 
     def predict(self, texts: str | Sequence[str] | Sequence[tuple[str, str]]) -> list[dict]:
         """Label and class probabilities for each text (or (text, text_pair) tuple)."""

@@ -78,6 +78,7 @@ analyses.register("lengths", "lmtune.analyses.lengths:ANALYSIS")
 # section: the config section the fields join, so their YAML keys (data.head_column ...) stay what they were
 config_sections.register("generate", "lmtune.tasks.generation_config:GenerateConfig")
 config_sections.register("retrieval", "lmtune.tasks.retrieval_config:RetrievalConfig")
+config_sections.register("preference", "lmtune.tasks.generation_config:PreferenceOptions", section="train")
 config_sections.register("relation_columns", "lmtune.tasks.relation_config:RelationColumns", section="data")
 config_sections.register("multilabel_columns", "lmtune.tasks.multilabel_config:MultiLabelColumns", section="data")
 config_sections.register("ner_columns", "lmtune.tasks.ner_config:NerColumns", section="data")

@@ -94,11 +94,13 @@ def run_stages(ctx: Context, stages: tuple[Stage, ...] = STAGES):
     return ctx.run
 
 
-def train_splits(cfg: Config, task, splits, resume: bool | str | Path = False, callbacks: tuple = (), previous=None):
+def train_splits(cfg: Config, task, splits, resume: bool | str | Path = False, callbacks: tuple = (), previous=None,
+                 run_dir: Path | None = None):
     """Fine-tune on splits already read (train() reads them from the config; `lmtune cv` makes its folds):
-    the run directory, its train.log, and the clean-up of a run that fails before its first checkpoint."""
+    the run directory, its train.log, and the clean-up of a run that fails before its first checkpoint.
+    run_dir: a new run directory the caller already created (lmtune prefer writes its pairs there first)."""
     check_model(cfg.model.name, cfg.data.max_length, cfg.model.gguf_file)  # a model that cannot load, or too short for max_length
-    run_dir = shared_run_dir(cfg, resume)
+    run_dir = run_dir or shared_run_dir(cfg, resume)
     main = partial_state().is_main_process
     handler = logging.FileHandler(RunDir(run_dir).log, encoding="utf-8") if main else logging.NullHandler()
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))

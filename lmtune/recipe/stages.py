@@ -89,12 +89,20 @@ def prepare_data(ctx: Context) -> None:
 
 
 def adapt(ctx: Context) -> None:
-    """PEFT over the built model (its schedule knows the number of training steps), then the learning rates."""
+    """PEFT over the built model (its schedule knows the number of training steps), then the learning rates
+    (the task's own default, where it has one, before the PEFT method's), then what the task computes from
+    the model before training (DPO's reference log-probs)."""
     cfg, task, built = ctx.cfg, ctx.task, ctx.built
     built.model = apply_peft(built.model, cfg.peft, task.peft_task_type, total_steps(cfg.train, ctx.data.train_size))
     built.trainable, built.total = count_parameters(built.model)
-    built.lrs = dataclasses.replace(resolve_learning_rates(cfg.train, built.model, cfg.peft.method),
+    train_cfg = cfg.train if cfg.train.lr is not None or task.default_lr(cfg) is None else \
+        dataclasses.replace(cfg.train, lr=task.default_lr(cfg))
+    built.lrs = dataclasses.replace(resolve_learning_rates(train_cfg, built.model, cfg.peft.method),
                                     metric=cfg.train.metric or task.headline[0])
+    split_features = [f for enc in ctx.data.encoded.values() for f in enc.features]
+    with ctx.accelerator.autocast():  # the reference log-probs in the precision the training's own are computed in
+        task.before_fit(built.model, [*{id(f): f for f in (*ctx.data.train_features, *split_features)}.values()],
+                        ctx.data.collate, ctx.accelerator.device)
     log.info("learning rates: encoder %.2g, head %.2g%s; trainable parameters %d of %d (%.2f%%)", built.lrs.lr,
              built.lrs.head_lr, " (defaults)" if cfg.train.lr is None else "", built.trainable, built.total,
              100 * built.trainable / built.total)

@@ -209,6 +209,17 @@ class Task:
         """Task-specific Markdown for report.md (tables, plots it writes into run_dir)."""
         raise NotImplementedError
 
+    def default_lr(self, cfg: Config) -> float | None:
+        """This task's learning rate where train.lr is unset, or None for the PEFT method's / the encoder's own."""
+        return None
+
+    def before_fit(self, model, features: list[dict], collate, device) -> None:
+        """Anything computed from the model as built (PEFT applied, nothing trained) before the loop
+        changes it, onto the features of every split (generation's DPO: the reference log-probs)."""
+
+    def prepare_outputs(self, model, features: list[dict], collate, device) -> None:
+        """The same for a loaded run's model before it scores features (Run.outputs)."""
+
     def reads_pairs(self, cfg: Config) -> bool:
         """Whether each input is two texts (predict --pair, the API's pairs)."""
         return cfg.data.text_pair_column is not None

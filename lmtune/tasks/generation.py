@@ -39,6 +39,7 @@ from lmtune.errors import InputError
 from lmtune.models import load_config, load_pretrained
 from lmtune.tasks.base import GENERATE, Encoded, Splits, Task, dev_and_test
 from lmtune.tasks.generation_config import GenerateConfig  # noqa: F401  (re-exported: code and saved configs name it here)
+from lmtune.tasks.preference import is_pair_row, pair_losses, response_log_probs
 
 PLAIN_TEMPLATE = "### Instruction:\n{prompt}\n\n### Response:\n"
 
@@ -48,6 +49,7 @@ class GenerationExample(Example):
     messages: list[dict] = field(default_factory=list)  # the prompt as chat turns (the last one the user's)
     references: list[str] = field(default_factory=list)  # every acceptable target ([] when unlabeled)
     context: str = ""  # the input text the output may draw names and numbers from
+    rejected: str | None = None  # a preference pair's worse output (train.objective dpo / orpo; label is the chosen one)
 
     def audit_units(self) -> list[str]:
         return []  # no classes
@@ -85,16 +87,18 @@ class GenerationTask(Task):
         self.stop: list[str] = []
         self.packing = False
         self.search: dict = {}  # the decoding search's table, for the report and generation.json
+        self.objective, self.beta, self.orpo_lambda = "sft", 0.1, 0.1  # train.objective (lmtune.tasks.preference)
 
     # ---- state ---------------------------------------------------------------------------------
     def state(self) -> dict:
         return {"format": self.format, "instruction": self.instruction, "max_new_tokens": self.max_new_tokens,
                 "decoding": self.decoding, "label_set": self.label_set, "json_schema": self.json_schema, "stop": self.stop,
-                "schema": self.schema, "regex": self.regex, "choices": self.choices, "json_layout": self.json_layout}
+                "schema": self.schema, "regex": self.regex, "choices": self.choices, "json_layout": self.json_layout,
+                "objective": self.objective}
 
     def set_state(self, state: dict) -> None:
         for k in ("format", "instruction", "max_new_tokens", "decoding", "label_set", "json_schema", "stop", "schema", "regex",
-                  "choices", "json_layout"):
+                  "choices", "json_layout", "objective"):
             if k in state:
                 setattr(self, k, state[k])
 
@@ -122,6 +126,29 @@ class GenerationTask(Task):
         self.instruction, self.max_new_tokens, self.packing = g.instruction, g.max_new_tokens, g.packing
         self.label_set, self.json_schema, self.stop = list(g.label_set), g.json_schema, list(g.stop)
         self.regex, self.choices = g.regex or None, list(g.choices)  # the schema file is read once, by read()
+        self.objective, self.beta, self.orpo_lambda = cfg.train.objective, cfg.train.beta, cfg.train.orpo_lambda
+
+    def default_lr(self, cfg: Config) -> float | None:
+        from lmtune.tasks.preference import DEFAULT_LR
+        return DEFAULT_LR.get(cfg.train.objective) if cfg.peft.method != "none" else None
+
+    def before_fit(self, model, features: list[dict], collate, device: torch.device) -> None:
+        """dpo: the reference log-probs of every pair (train, dev, test), from the model as built."""
+        if self.objective == "dpo":
+            from lmtune.tasks.preference import fill_reference
+            fill_reference(model.to(device), [f for f in features if "rejected_ids" in f], collate, device)
+
+    def prepare_outputs(self, model, features: list[dict], collate, device: torch.device) -> None:
+        """A loaded dpo run scoring pairs (lmtune evaluate RUN pairs.jsonl): its reference is its model with the
+        adapter disabled; a fully fine-tuned one kept no reference, so its pair loss cannot be computed."""
+        pairs = [f for f in features if "rejected_ids" in f]
+        if self.objective != "dpo" or not pairs:
+            return
+        if not hasattr(model, "disable_adapter"):
+            raise InputError("this dpo run was fully fine-tuned and keeps no reference model, so its DPO loss on pairs "
+                             "cannot be computed; evaluate it on prompt/reference rows instead.")
+        from lmtune.tasks.preference import fill_reference
+        fill_reference(model, pairs, collate, device)
 
     def reads_pairs(self, cfg: Config) -> bool:
         return False
@@ -133,14 +160,31 @@ class GenerationTask(Task):
         rows = read_rows(path, cfg.data.format, cfg.data.encoding)
         if not rows:
             raise InputError(f"{path}: no rows.")
+        unit = row_unit(path)
+        if self.objective != "sft" and is_pair_row(rows[0][1]):  # preference pairs (TRL's layout)
+            return [self._pair_example(row, f"{path}: {unit} {line}", f"{path}:{line}") for line, row in rows]
         fmt = cfg.generate.format if cfg.generate.format != "auto" else _detect_format(rows[0][1], cfg)
         if fmt is None:
             raise InputError(f"{path}: {row_unit(path)} {rows[0][0]}: cannot tell the format: expected 'instruction' and "
                              f"'output' (Alpaca), 'messages' (chat), or the '{cfg.data.text_column}' column (source_target: "
                              "set data.text_column / data.label_column). Or set generate.format.")
         self.format = fmt
-        unit = row_unit(path)
         return [self._example(row, fmt, cfg, f"{path}: {unit} {line}", f"{path}:{line}", require_label) for line, row in rows]
+
+    def _pair_example(self, row: dict, where: str, source: str) -> GenerationExample:
+        """A preference pair: its prompt wrapped as an SFT prompt is (the instruction before a text, or the
+        chat turns as given), chosen as the label and reference, rejected beside it."""
+        from lmtune.tasks.preference import pair_fields
+        prompt, chosen, rejected = pair_fields(row, where)
+        if isinstance(prompt, str):
+            self.format = "source_target"  # predict and serve wrap a text the same way
+            messages = [{"role": "user", "content": f"{self.instruction}\n\n{prompt}" if self.instruction else prompt}]
+            context = prompt
+        else:
+            self.format = "chat"
+            messages, context = list(prompt), "\n".join(m["content"] for m in prompt)
+        return GenerationExample(context, chosen, source, messages=messages, references=[chosen], context=context,
+                                 rejected=rejected)
 
     def _example(self, row: dict, fmt: str, cfg: Config, where: str, source: str, require: bool) -> GenerationExample:
         if fmt == "chat":
@@ -183,6 +227,9 @@ class GenerationTask(Task):
             raise InputError("data.train: no training file given. Set data.train or pass --data.train FILE.")
         self._read_constraint(cfg)  # a bad schema or regex fails before anything is trained
         train, dev, test, info = dev_and_test(self, cfg, self.read_file(d.train, cfg))
+        if self.objective != "sft" and any(ex.rejected is None for ex in train):
+            raise InputError(f"{d.train}: line 1: train.objective {self.objective} trains on preference pairs: give rows with "
+                             "prompt, chosen, rejected (TRL's layout; `lmtune prefer RUN` makes them), or set train.objective sft.")
         if self.schema is not None:
             from lmtune.structured import json_layout
             self.json_layout = json_layout([ex.label for ex in train if ex.label])
@@ -243,30 +290,46 @@ class GenerationTask(Task):
         loses the middle of its tokens (its start and its response header stay); a target longer than
         half of max_length is cut (and counted)."""
         eos = tokenizer.eos_token_id
+
+        def target_ids(text: str) -> list[int]:
+            return tokenizer(text, add_special_tokens=False)["input_ids"][: max_length // 2] + ([eos] if eos is not None else [])
+
         features, cut = [], 0
         for k, ex in enumerate(examples):
             prompt = self.prompt_ids(ex, tokenizer)
-            target: list[int] = []
-            if ex.label is not None:
-                target = tokenizer(ex.label, add_special_tokens=False)["input_ids"][: max_length // 2] + ([eos] if eos is not None else [])
-            room = max_length - len(target)
+            target = target_ids(ex.label) if ex.label is not None else []
+            rejected = target_ids(ex.rejected) if ex.rejected is not None and self.objective != "sft" else None
+            room = max_length - max(len(target), len(rejected or []))
             if len(prompt) > room:
                 head = room // 2
                 prompt = prompt[:head] + prompt[len(prompt) - (room - head):]
                 cut += 1
             f = {"input_ids": prompt + target, "length": len(prompt) + len(target), "prompt_length": len(prompt),
                  "example": k}
+            if rejected is not None:  # a pair: both outputs after the same prompt, collated as two rows
+                f.update(rejected_ids=prompt + rejected, chosen_length=f["length"], rejected_length=len(prompt) + len(rejected),
+                         length=len(prompt) + max(len(target), len(rejected)))
             features.append(f)
         return Encoded(features, examples, {"examples": len(examples), "truncated": cut})
 
     def train_features(self, enc: Encoded) -> list[dict]:
-        return pack(enc.features, max(f["length"] for f in enc.features)) if self.packing else enc.features
+        pairs = any("rejected_ids" in f for f in enc.features)  # a pair's two rows stay side by side, unpacked
+        return pack(enc.features, max(f["length"] for f in enc.features)) if self.packing and not pairs else enc.features
 
     def collate(self, features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
         """Right-padded rows; labels[i, p] is the token at p + 1 where that is a target (-100 elsewhere),
         and logits_to_keep marks those positions, so the LM head runs on them alone. Packed rows
         (several examples) carry restarting position ids and no attention mask, from which
-        transformers builds the block-diagonal causal mask."""
+        transformers builds the block-diagonal causal mask. Preference pairs: n pairs are 2n rows, the
+        chosen outputs first, with reference_logps (n, 2) for DPO."""
+        if features and "rejected_ids" in features[0]:
+            rows = ([{"input_ids": f["input_ids"], "length": f["chosen_length"], "prompt_length": f["prompt_length"]}
+                     for f in features] +
+                    [{"input_ids": f["rejected_ids"], "length": f["rejected_length"], "prompt_length": f["prompt_length"]}
+                     for f in features])
+            batch = self.collate(rows, tokenizer)
+            batch["reference_logps"] = torch.tensor([f.get("reference", (0.0, 0.0)) for f in features], dtype=torch.float)
+            return batch
         width = max(f["length"] for f in features)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
         n = len(features)
@@ -300,6 +363,8 @@ class GenerationTask(Task):
         return batch
 
     def num_items(self, features: list[dict]) -> int:
+        if features and "rejected_ids" in features[0]:
+            return len(features)  # the preference loss is per pair
         return sum(f.get("targets", f["length"] - f["prompt_length"]) for f in features)
 
     def _token_losses(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -308,7 +373,17 @@ class GenerationTask(Task):
         return F.cross_entropy(logits, targets, reduction="none")
 
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "reference_logps" in batch:
+            return self._pair_terms(outputs, batch)[0].sum()
         return self._token_losses(outputs, batch).sum()
+
+    def _pair_terms(self, outputs: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """Per pair: loss, chosen and rejected rewards, the chosen output's summed log-prob and token count."""
+        logps, counts = response_log_probs(outputs, batch)
+        losses, chosen, rejected = pair_losses(self.objective, logps, counts, batch["reference_logps"], self.beta,
+                                               self.orpo_lambda)
+        n = losses.shape[0]
+        return losses, chosen, rejected, logps[:n].detach(), counts[:n]
 
     def example_losses(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         rows = batch["logits_to_keep"].nonzero()[:, 0]
@@ -317,6 +392,10 @@ class GenerationTask(Task):
     def unbatch(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
         """Per row: [summed negative log-likelihood of its targets, number of targets]."""
         n = batch["input_ids"].shape[0]
+        if "reference_logps" in batch:  # per pair: [loss, chosen reward, rejected reward, chosen NLL, chosen tokens]
+            parts = torch.stack([t.float() for t in self._pair_terms(outputs, batch)], 1).cpu().numpy()
+            parts[:, 3] *= -1
+            return list(parts.astype(float))
         if "labels" not in batch:
             return [np.zeros(2) for _ in range(n)]
         nll = self.example_losses(outputs, batch).cpu().numpy()
@@ -327,7 +406,14 @@ class GenerationTask(Task):
     def evaluate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
         """Teacher-forced loss per target token and perplexity; generation metrics are added by
         score_generations after training (generating every dev example at each evaluation would cost
-        more than the training)."""
+        more than the training). Preference pairs: the mean pair loss, reward accuracy (the share of pairs
+        whose chosen output earns the higher reward), the mean reward margin, and the chosen outputs' perplexity."""
+        if outputs and len(outputs[0]) == 5:
+            a = np.stack(outputs)
+            nll = float(a[:, 3].sum() / max(a[:, 4].sum(), 1))
+            return {"loss": float(a[:, 0].mean()), "reward_accuracy": float(np.mean(a[:, 1] > a[:, 2])),
+                    "reward_margin": float(np.mean(a[:, 1] - a[:, 2])), "perplexity": float(math.exp(min(nll, 50.0))),
+                    "n": len(enc.examples), "pairs": len(outputs)}
         total = np.sum(outputs, axis=0) if outputs else np.zeros(2)
         loss = float(total[0] / total[1]) if total[1] else 0.0
         return {"loss": loss, "perplexity": float(math.exp(min(loss, 50.0))), "n": len(enc.examples),
@@ -336,6 +422,10 @@ class GenerationTask(Task):
     def predictions(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> list[dict]:
         rows = []
         for ex, out in zip(enc.examples, outputs):
+            if len(out) == 5:  # a preference pair
+                rows.append({"prompt": ex.context, "loss": round(float(out[0]), 6), "chosen_reward": round(float(out[1]), 6),
+                             "rejected_reward": round(float(out[2]), 6), **({"source": ex.source} if ex.source else {})})
+                continue
             row = {"prompt": ex.context, "loss": round(float(out[0] / out[1]), 6) if out[1] else None}
             if ex.source:
                 row["source"] = ex.source
@@ -392,7 +482,37 @@ class GenerationTask(Task):
 
     def report(self, split_metrics: dict[str, dict], labels: list[str], run_dir: Path) -> str:
         from lmtune.generate_control import report_section
-        return report_section(split_metrics, self.search, self.decoding)
+        text = report_section(split_metrics, self.search, self.decoding)
+        pairs = {s: m for s, m in split_metrics.items() if "reward_accuracy" in m}
+        if pairs:
+            lines = ["", "### Preference tuning", "", "| split | objective | pairs | pair loss | reward accuracy | reward margin |",
+                     "|---|---|---|---|---|---|"]
+            lines += [f"| {s} | {self.objective} | {m.get('pairs', m.get('n'))} | {m['loss']:.4f} | "
+                      f"{m['reward_accuracy']:.3f} | {m['reward_margin']:.4f} |" for s, m in pairs.items()]
+            lines += ["", "Reward accuracy: the share of pairs whose chosen output earns the higher reward (DPO: beta x "
+                      "the log-prob gain over the reference; ORPO: lambda x the mean log-prob)."]
+            text = text + "\n".join(lines) + "\n" + _prefer_lines(run_dir)
+        return text
+
+
+def _prefer_lines(run_dir: Path) -> str:
+    """A run made by `lmtune prefer`: how its pairs were made (prefer.json), chosen against rejected."""
+    import json
+    path = Path(run_dir) / "prefer.json"
+    if not path.is_file():
+        return ""
+    p = json.loads(path.read_text())
+    lines = ["", f"Pairs made by `lmtune prefer` from {p['from_run']}: the greedy output and {p['train']['k']} samples per "
+             "prompt, ranked by ROUGE-L minus penalties, best against worst.", "",
+             "| split | prompts | pairs | | ROUGE-L | loops | hit max tokens | invented |", "|---|---|---|---|---|---|---|---|"]
+    for split in ("train", "dev"):
+        s = p[split]
+        for side in ("chosen", "rejected"):
+            m = s.get(side) or {}
+            if m:
+                lines.append(f"| {split} | {s['prompts']} | {s['pairs']} | {side} | {m['rougeL']:.4f} | {m['loop_share']:.1%} | "
+                             f"{m['capped_share']:.1%} | {m['invented_share']:.1%} |")
+    return "\n".join(lines) + "\n"
 
 
 def _no_forward_cache(model: torch.nn.Module) -> torch.nn.Module:

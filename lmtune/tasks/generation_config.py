@@ -65,3 +65,19 @@ class GenerateConfig:
                 re.compile(self.regex)
             except re.error as e:
                 raise InputError(f"{where}: generate.regex: not a valid regular expression ({e}).") from None
+
+
+OBJECTIVES = ("sft", "dpo", "orpo")
+
+
+@dataclass
+class PreferenceOptions:
+    """train.objective and its weights: preference tuning of task generation (registered in lmtune/registrations.py
+    into the train section, so the keys read train.objective, train.beta, train.orpo_lambda)."""
+    objective: str = option("sft", "task generation: sft learns the targets; dpo and orpo learn from preference pairs "
+                                   "(train/dev rows with prompt, chosen, rejected, TRL's layout): DPO against the starting model "
+                                   "(its adapter disabled), ORPO without a reference. `lmtune prefer RUN` makes the pairs.", OBJECTIVES)
+    beta: float = option(0.1, "dpo: how far the tuned model may move from the reference (DPO's beta, TRL's default 0.1); "
+                              "lower lets it move further.", gt=0)
+    orpo_lambda: float = option(0.1, "orpo: the weight of the odds-ratio term beside the chosen output's NLL "
+                                     "(TRL ORPOConfig.beta, default 0.1).", gt=0)

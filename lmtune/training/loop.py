@@ -269,10 +269,13 @@ def _evaluate_and_checkpoint(model, optimizer, scheduler, task: LoopTask, cfg: T
     accelerator.wait_for_everyone()
 
 
+TARGET_KEYS = frozenset({"labels", "reference_logps"})  # read by the task's loss, never by the model (reference_logps: DPO's)
+
+
 def inputs(batch: dict) -> dict:
     """Model inputs without the targets: the task computes the loss, so the model must not (it would
     cost a second loss and, for wrappers such as AdaLoRA, change what forward does)."""
-    return {k: v for k, v in batch.items() if k != "labels"}
+    return {k: v for k, v in batch.items() if k not in TARGET_KEYS}
 
 
 @torch.inference_mode()

@@ -1,0 +1,109 @@
+"""Preference tuning of task generation (train.objective dpo | orpo): pair rows in TRL's layout, the
+reference log-probabilities, and the DPO and ORPO losses.
+
+Why not TRL's DPOTrainer / ORPOTrainer: in trl 1.16 both losses are methods of their Trainer
+(DPOTrainer._compute_loss, ORPOTrainer.odds_ratio_loss read self.beta, self.accelerator), reachable only
+through a second training loop. lmtune's own loop gives the run its progress bar, early stopping on dev,
+checkpoints and best-epoch restore, the run directory, completion-only masking (the LM head runs on the
+response tokens alone) and its speed paths, so the two losses are written here, each in a few lines,
+following TRL's formulas: DPO's sigmoid loss on summed response log-probs, ORPO's NLL plus odds-ratio
+term on length-averaged log-probs (TRL's log1mexp included).
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from lmtune.errors import InputError
+
+PAIR_COLUMNS = ("prompt", "chosen", "rejected")
+# the default learning rates with LoRA: TRL's DPOConfig default 1e-6 is set for full fine-tuning of 7B
+# models; a LoRA adapter starts at zero and trains few weights, so it needs far larger steps. The LoRA DPO
+# recipes for 7B models use 5e-6..5e-5, and lmtune's LoRA SFT default is 5x the 7B recipes' (1e-3 against
+# 2e-4, measured on SmolLM2-135M, see GenerationTask), so DPO takes 1e-4; ORPO's loss is mostly the chosen
+# output's NLL (SFT-like) and takes 2e-4. Not yet measured on bench/generation_control.py: train.lr overrides.
+DEFAULT_LR = {"dpo": 1e-4, "orpo": 2e-4}
+
+
+def is_pair_row(row: dict) -> bool:
+    """A row in TRL's preference layout (any of its columns present: the others are then checked)."""
+    return any(c in row for c in PAIR_COLUMNS)
+
+
+def pair_fields(row: dict, where: str) -> tuple[str | list[dict], str, str]:
+    """(prompt, chosen, rejected) of a pair row: the prompt text, or its chat turns (TRL's conversational
+    layout: a list of {role, content} ending with the user's); chosen and rejected non-empty text."""
+    missing = [c for c in PAIR_COLUMNS if c not in row]
+    if missing:
+        raise InputError(f"{where}: missing {', '.join(repr(c) for c in missing)}: a preference pair needs prompt, chosen "
+                         "and rejected (TRL's layout); `lmtune prefer RUN` writes such a file.")
+    prompt = row["prompt"]
+    chat = isinstance(prompt, list) and prompt and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                       and m.get("role") in ("system", "user", "assistant") for m in prompt)
+    if not chat and not (isinstance(prompt, str) and prompt.strip()):
+        raise InputError(f"{where}: 'prompt' must be non-empty text or a list of {{role, content}} turns.")
+    if chat and prompt[-1]["role"] != "user":
+        raise InputError(f"{where}: a 'prompt' of turns must end with the user's turn.")
+    for c in ("chosen", "rejected"):
+        if not isinstance(row[c], str) or not row[c].strip():
+            raise InputError(f"{where}: '{c}' must be non-empty text (the {'preferred' if c == 'chosen' else 'worse'} output).")
+    return prompt, row["chosen"], row["rejected"]
+
+
+def response_log_probs(outputs: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row: the summed log-probability of its response tokens (the prompt is masked out) and their count.
+    The logits are those of the response positions alone (collate's logits_to_keep)."""
+    keep = batch["logits_to_keep"]
+    logits = outputs.logits.float().reshape(-1, outputs.logits.size(-1))
+    token_logps = -F.cross_entropy(logits, batch["labels"][keep], reduction="none")
+    rows = keep.nonzero()[:, 0]
+    summed = torch.zeros(keep.shape[0], device=token_logps.device).index_add_(0, rows, token_logps)
+    return summed, keep.sum(1).to(summed.dtype)
+
+
+def log1mexp(x: torch.Tensor) -> torch.Tensor:
+    """log(1 - exp(x)) for x < 0, stable on both sides of -ln 2 (as TRL's ORPO)."""
+    return torch.where(x < -0.6931471805599453, torch.log1p(-torch.exp(x)), torch.log(-torch.expm1(x)))
+
+
+def pair_losses(objective: str, logps: torch.Tensor, counts: torch.Tensor, reference: torch.Tensor | None,
+                beta: float, orpo_lambda: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, chosen reward, rejected reward) per pair. Rows [0, n) are the chosen outputs, [n, 2n) the
+    rejected ones. dpo: -logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), rewards beta * (pi - ref);
+    orpo: NLL(chosen) - lambda * logsigmoid(log-odds(chosen) - log-odds(rejected)) on length-averaged
+    log-probs (the ORPO paper, TRL), rewards lambda * the averaged log-probs."""
+    n = logps.shape[0] // 2
+    if objective == "dpo":
+        ref = reference.to(logps.dtype)
+        chosen, rejected = beta * (logps[:n] - ref[:, 0]), beta * (logps[n:] - ref[:, 1])
+        return -F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach()
+    avg = logps / counts.clamp(min=1)
+    avg_c, avg_r = avg[:n], avg[n:]
+    log_odds = (avg_c - avg_r) - (log1mexp(avg_c.clamp(max=-1e-6)) - log1mexp(avg_r.clamp(max=-1e-6)))
+    return -avg_c - orpo_lambda * F.logsigmoid(log_odds), orpo_lambda * avg_c.detach(), orpo_lambda * avg_r.detach()
+
+
+@torch.inference_mode()
+def fill_reference(model: torch.nn.Module, features: list[dict], collate, device: torch.device, batch_size: int = 8) -> None:
+    """Each pair feature's reference log-probs (chosen, rejected): the starting model's, computed once
+    before training, with the adapter disabled (peft's disable_adapter) where there is one, so no second
+    copy of the model is held (TRL's precompute_ref_log_probs). Full fine-tuning: the model before any step."""
+    from lmtune.training.loop import inputs
+    todo = [f for f in features if "reference" not in f]
+    if not todo:
+        return
+    was_training = model.training
+    model.eval()
+    off = model.disable_adapter() if hasattr(model, "disable_adapter") and hasattr(model, "peft_config") else contextlib.nullcontext()
+    with off:
+        for i in range(0, len(todo), batch_size):
+            part = todo[i:i + batch_size]
+            batch = {k: v.to(device) for k, v in collate(part).items()}
+            logps, _ = response_log_probs(model(**inputs(batch)), batch)
+            n = len(part)
+            for f, c, r in zip(part, logps[:n].tolist(), logps[n:].tolist()):
+                f["reference"] = (c, r)
+    model.train(was_training)

@@ -1,0 +1,189 @@
+"""Preference tuning of task generation (issue 50, item 2) on a tiny random Llama: train.objective dpo on a
+pairs file lowers the DPO loss and widens the reward margin, the reference log-probs are the starting
+model's (adapter disabled), orpo trains, a bad pairs file is exit 2 with its line, the candidate ranking
+never prefers a loop on a ROUGE-L tie, and `lmtune prefer` turns an SFT run into pairs and a DPO run."""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+import lmtune
+from lmtune.cli import main
+from lmtune.config import build_config
+from lmtune.peft import apply_peft
+from lmtune.prefer import PENALTIES, Candidate, pick_pair, score_candidates
+from lmtune.tasks import get_task
+from lmtune.tasks.preference import fill_reference, response_log_probs
+from lmtune.training.loop import inputs
+from tests.test_generation import _rows, _save_tiny, _write
+
+BAD = "the the the the the"  # the rejected output: a loop
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory) -> str:
+    return _save_tiny(tmp_path_factory.mktemp("tiny-llama-prefer"))
+
+
+def _pairs(n: int, seed: int) -> list[dict]:
+    return [{"prompt": r["text"], "chosen": r["summary"], "rejected": BAD} for r in _rows(n, seed)]
+
+
+def _pair_cfg(tmp_path: Path, model: str, objective: str, **train) -> dict:
+    return {"task": "generation", "output_dir": str(tmp_path / "runs"), "run_name": objective, "model": {"name": model},
+            "data": {"train": _write(tmp_path / "pairs.jsonl", _pairs(48, 1)), "dev": _write(tmp_path / "dev.jsonl", _pairs(12, 2)),
+                     "test": _write(tmp_path / "test.jsonl", _rows(8, 3)), "label_column": "summary", "max_length": 96},
+            "generate": {"instruction": "", "max_new_tokens": 8, "search_trials": 1, "search_examples": 6},
+            "peft": {"method": "lora", "r": 8},
+            "train": {"epochs": 3, "lr": 5e-3, "progress": "none", "seed": 1, "objective": objective, **train}}
+
+
+def _history(run) -> list[dict]:
+    return [json.loads(x) for x in (run.run_dir / "history.jsonl").read_text().splitlines()]
+
+
+def test_dpo_on_pairs_lowers_the_loss_and_widens_the_reward_margin(tmp_path, tiny_llama):
+    run = lmtune.train(_pair_cfg(tmp_path, tiny_llama, "dpo"))
+    steps = [h["train_loss"] for h in _history(run) if "train_loss" in h]
+    evals = [h for h in _history(run) if "dev_reward_margin" in h]
+    # the first step's policy is its reference (the LoRA starts at zero): the loss is log 2 exactly
+    assert steps[0] == pytest.approx(math.log(2), abs=1e-4)
+    assert sum(steps[-4:]) / 4 < steps[0] - 0.05, steps
+    assert len(evals) == 3 and evals[-1]["dev_reward_margin"] > evals[0]["dev_reward_margin"] > 0, evals
+    dev = run.metrics["dev"]
+    assert dev["reward_accuracy"] == 1.0 and dev["pairs"] == 12 and dev["loss"] < math.log(2)
+    results = json.loads((run.run_dir / "results.json").read_text())
+    assert results["metrics"]["dev"]["reward_accuracy"] == 1.0
+    assert "### Preference tuning" in (run.run_dir / "report.md").read_text()
+    # the decoding search ran again, with the chosen outputs as dev references, and test was generated
+    assert (run.run_dir / "generation.json").is_file() and "rougeL" in run.metrics["test"]
+    assert run.task.state()["objective"] == "dpo"
+    # the saved run scores pairs against the same reference (its adapter disabled): the same dev loss
+    again = lmtune.load(run.run_dir).evaluate(tmp_path / "dev.jsonl")
+    assert again["loss"] == pytest.approx(dev["loss"], rel=1e-4) and again["reward_accuracy"] == 1.0
+
+
+def test_reference_log_probs_are_the_starting_models_with_the_adapter_disabled(tmp_path, tiny_llama):
+    cfg = build_config(_pair_cfg(tmp_path, tiny_llama, "dpo"))
+    task = get_task("generation")
+    examples = task.read_file(cfg.data.dev, cfg)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama)
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    enc = task.encode(examples, tok, 96)
+    peft_model = apply_peft(AutoModelForCausalLM.from_pretrained(tiny_llama), cfg.peft, "CAUSAL_LM", 10)
+    with torch.no_grad():  # a trained-looking adapter: with it the log-probs differ from the base model's
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    collate = lambda f: task.collate(f, tok)  # noqa: E731
+    fill_reference(peft_model, enc.features, collate, torch.device("cpu"), batch_size=5)
+    batch = collate(enc.features)
+    with torch.no_grad():
+        plain, _ = response_log_probs(base(**inputs(batch)), batch)
+        adapted, _ = response_log_probs(peft_model(**inputs(batch)), batch)
+    n = len(enc.features)
+    stored = torch.tensor([f["reference"] for f in enc.features])
+    assert torch.allclose(stored[:, 0], plain[:n], atol=1e-4) and torch.allclose(stored[:, 1], plain[n:], atol=1e-4)
+    assert not torch.allclose(stored[:, 0], adapted[:n], atol=1e-2)
+    # the prompt is masked: only response tokens count (chosen: its words and end-of-text)
+    assert batch["logits_to_keep"][:n].sum(1).tolist() == [len(tok(ex.label, add_special_tokens=False)["input_ids"]) + 1
+                                                         for ex in examples]
+
+
+def test_orpo_trains_without_a_reference(tmp_path, tiny_llama):
+    run = lmtune.train(_pair_cfg(tmp_path, tiny_llama, "orpo", epochs=2))
+    steps = [h["train_loss"] for h in _history(run) if "train_loss" in h]
+    assert sum(steps[-3:]) / 3 < sum(steps[:3]) / 3, steps
+    dev = run.metrics["dev"]
+    assert dev["reward_accuracy"] >= 0.9 and dev["reward_margin"] > 0
+
+
+@pytest.mark.parametrize("broken, message", [
+    ({"prompt": "a text", "chosen": "good"}, "line 3: missing 'rejected'"),
+    ({"prompt": "a text", "chosen": "  ", "rejected": "bad"}, "line 3: 'chosen' must be non-empty text"),
+])
+def test_a_bad_pairs_file_is_exit_2_with_its_line(tmp_path, tiny_llama, capsys, broken, message):
+    cfg = _pair_cfg(tmp_path, tiny_llama, "dpo")
+    rows = _pairs(4, 1)
+    rows[2] = broken
+    cfg["data"]["train"] = _write(tmp_path / "bad.jsonl", rows)
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'bad.jsonl'}: {message}" in err, err
+    assert not (tmp_path / "runs").exists()
+
+
+def test_sft_rows_under_dpo_are_exit_2(tmp_path, tiny_llama, capsys):
+    cfg = _pair_cfg(tmp_path, tiny_llama, "dpo")
+    cfg["data"]["train"] = _write(tmp_path / "sft.jsonl", _rows(8, 1))
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    assert "train.objective dpo trains on preference pairs" in capsys.readouterr().err
+
+
+def test_a_loop_is_never_chosen_over_a_clean_output_of_equal_rouge():
+    clean = Candidate("the food was fine", 0.5, loop=False, capped=False, invented=False)
+    looping = Candidate("the food the food the food", 0.5, loop=True, capped=False, invented=False)
+    for order in ([looping, clean], [clean, looping]):
+        best, worst = pick_pair(order)
+        assert best is clean and worst is looping
+    # a ROUGE-L gain smaller than the loop penalty does not buy a loop its place
+    assert pick_pair([Candidate("x y", 0.5 + PENALTIES["loop"] / 2, True, False, False), clean])[0] is clean
+    # two candidates closer than the margin make no pair
+    assert pick_pair([clean, Candidate("the food was ok", 0.48, False, False, False)]) is None
+    # the checks themselves: a real loop, a cap hit and an invented name are found
+    ex = get_task("generation").from_texts(["the food was great at the diner"])[0]
+    ex.references = ["the food was great"]
+    got = score_candidates(ex, [{"text": "the food was great", "finished": True},
+                                {"text": "great great great great great great", "finished": True},
+                                {"text": "the food was great", "finished": False},
+                                {"text": "Zorblax said the food was great", "finished": True}])
+    assert [c.loop for c in got] == [False, True, False, False] and [c.capped for c in got] == [False, False, True, False]
+    assert [c.invented for c in got] == [False, False, False, True] and got[0].rougeL == pytest.approx(1.0)
+    assert max(got, key=lambda c: c.score) is got[0]
+
+
+def test_prefer_makes_pairs_from_an_sft_run_and_trains_dpo(tmp_path, tiny_llama, capsys):
+    data = {k: _write(tmp_path / f"{k}.jsonl", _rows(n, s)) for k, n, s in (("train", 48, 1), ("dev", 8, 2), ("test", 8, 3))}
+    sft = lmtune.train({"task": "generation", "output_dir": str(tmp_path / "runs"), "run_name": "sft", "model": {"name": tiny_llama},
+                        "data": {**data, "label_column": "summary", "max_length": 96},
+                        "generate": {"instruction": "Summarize.", "max_new_tokens": 10, "search_trials": 0, "search_examples": 8},
+                        "peft": {"method": "lora", "r": 8}, "train": {"epochs": 2, "lr": 5e-3, "progress": "none", "seed": 1}})
+    assert main(["prefer", str(sft.run_dir), "--k", "3", "--max-prompts", "16", "--run_name", "dpo",
+                 "--train.epochs", "1", "--train.progress", "none"]) == 0
+    out = capsys.readouterr().out
+    new = tmp_path / "runs" / "dpo"
+    assert f"run dir: {new}" in out
+    pairs = [json.loads(x) for x in (new / "prefer" / "pairs.jsonl").read_text().splitlines()]
+    assert pairs and all(set(p) == {"prompt", "chosen", "rejected"} and p["chosen"] != p["rejected"] for p in pairs)
+    assert all(p["prompt"] in [r["text"] for r in _rows(48, 1)] for p in pairs)  # the source text, wrapped again on reading
+    summary = json.loads((new / "prefer.json").read_text())
+    assert summary["sampling_seconds"] > 0 and summary["objective"] == "dpo"
+    assert summary["train"]["prompts"] == 16 and summary["train"]["candidates"] == 64
+    assert summary["train"]["pairs"] == len(pairs) and set(summary["train"]["chosen"]) >= {"loop_share", "invented_share"}
+    results = json.loads((new / "results.json").read_text())
+    assert "reward_accuracy" in results["metrics"]["dev"] and "rougeL" in results["metrics"]["test"]
+    assert results["prefer"]["train"]["pairs"] == len(pairs)
+    report = (new / "report.md").read_text()
+    assert "### Preference tuning" in report and "Pairs made by `lmtune prefer`" in report
+    run = lmtune.load(new)  # a new LoRA over the SFT model's merged weights, which the run dir holds
+    assert run.task.objective == "dpo" and run.task.instruction == "Summarize."
+    assert json.loads((new / "model" / "adapter_config.json").read_text())["base_model_name_or_path"].endswith("sft_model")
+    assert run.metrics["train"]["train_seconds"] > 0
+    assert run.predict(["the food was great"])[0]["output"] is not None
+
+
+def test_the_config_schema_has_the_preference_keys():
+    from lmtune.config import json_schema
+    train = json_schema()["properties"]["train"]["properties"]
+    assert train["objective"]["enum"] == ["sft", "dpo", "orpo"] and train["objective"]["default"] == "sft"
+    assert train["beta"]["default"] == 0.1 and train["beta"]["exclusiveMinimum"] == 0
+    assert train["orpo_lambda"]["default"] == 0.1
+    with pytest.raises(lmtune.errors.InputError, match="objective"):
+        build_config({"task": "generation", "model": {"name": "x"}, "data": {"train": "a"}, "train": {"objective": "kto"}})
