@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
-from generation import MODEL, SEED, data, evaluate, write  # noqa: E402
+from generation import MODEL, SEED, data, write  # noqa: E402
 from generation import config as sft_config  # noqa: E402
 
 from lmtune import load, train  # noqa: E402
@@ -108,49 +108,67 @@ def summary_field(text: str) -> str:
 
 
 def phase_structured(work: Path, files: dict, n_train: int) -> dict:
+    """Train (or reuse the finished run under --work), then the test outputs both ways: the constrained ones
+    are the run's own test predictions (training generated them with the schema), the unconstrained ones
+    are generated here with the same decoding settings."""
     s = structured_files(work, files, n_train)
     cfg = {"task": "generation", "output_dir": str(work / "runs"), "run_name": "structured", "model": {"name": MODEL},
            "data": {"train": s["train"], "dev": s["dev"], "test": s["test"], "text_column": "dialogue", "label_column": "target"},
            "generate": {"instruction": STRUCTURED_INSTRUCTION, "max_new_tokens": STRUCTURED_MAX_NEW, "schema": s["schema"]},
            "train": {"seed": SEED, "progress": "bar"}}
-    run = train(build_config(cfg))
+    run = finished_run(work, "structured") or train(build_config(cfg))
     task = run.task
     test = task.read_file(s["test"], run.config)
     refs = [[json.loads(line)[f"summary{k}"] for k in (1, 2, 3)]
             for line in Path(s["test"]).read_text(encoding="utf-8").splitlines() if line.strip()]
-    out: dict = {"train": n_train, "test": len(test), "decoding": task.decoding,
-                 "train_s": round(run.metrics["train"]["train_seconds"], 1)}
-    for side, constraint in (("constrained", "run"), ("unconstrained", None)):
-        t0 = time.perf_counter()
-        generated = task.generate(run.model, run.tokenizer, test, CPU, progress="bar", constraint=constraint)
-        texts = [g["text"] for g in generated]
+    saved = [json.loads(x) for x in (Path(run.run_dir) / "predictions" / "test.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
+    assert [r["prompt"] for r in saved] == [ex.context for ex in test], "the run's test predictions are not the test file's order"
+    t0 = time.perf_counter()
+    free = [g["text"] for g in task.generate(run.model, run.tokenizer, test, CPU, progress="bar", constraint=None)]
+    metrics = results(run.run_dir)
+    out: dict = {"run_dir": str(run.run_dir), "train": n_train, "test": len(test), "decoding": task.decoding,
+                 "train_s": round(metrics["summary"]["train_seconds"], 1), "unconstrained_generate_s": round(time.perf_counter() - t0, 1)}
+    for side, texts in (("constrained", [r["output"] for r in saved]), ("unconstrained", free)):
         out[f"valid_{side}"] = round(task.constraint.valid_share(texts), 4)
         out[f"rougeL_{side}"] = round(100 * rouge(refs, [summary_field(t) for t in texts])["rougeL"], 2)
-        out[f"cut_{side}"] = round(sum(not g["finished"] for g in generated) / len(generated), 4)
-        out[f"generate_s_{side}"] = round(time.perf_counter() - t0, 1)
-        print(side, {k: v for k, v in out.items() if k.endswith(side)}, file=sys.stderr)
+    out["run_structured"] = metrics["metrics"]["test"].get("structured")  # the run's own comparison (whole JSON vs target)
     return out
 
 
+def finished_run(work: Path, name: str):
+    """The run named `name` under work/runs that training finished (results.json written), loaded; or None."""
+    done = sorted((work / "runs").glob(f"{name}*/results.json"), key=lambda p: p.stat().st_mtime)
+    return load(str(done[-1].parent)) if done else None
+
+
+def results(run_dir: str | Path) -> dict:
+    return json.loads((Path(run_dir) / "results.json").read_text(encoding="utf-8"))
+
+
+def figures(run_dir: str | Path) -> dict:
+    """The run's own test scores (training generated all test outputs with the decoding it chose on dev),
+    in bench/generation.py's units, and its training time."""
+    r = results(run_dir)
+    m = r["metrics"]["test"]
+    return {"rougeL": round(100 * m["rougeL"], 2), "rouge1": round(100 * m["rouge1"], 2), "rouge2": round(100 * m["rouge2"], 2),
+            "repeat_share": round(m["repeat_share"], 4), "truncated_share": round(m["truncated_share"], 4),
+            "invented_share": round(m["invented_share"], 4), "length_ratio": round(m["length_ratio"], 3), "n": m["n"],
+            "train_s": round(r["summary"]["train_seconds"], 1)}
+
+
 def phase_sft(work: Path, files: dict) -> dict:
-    run = train(build_config({**sft_config(work, files), "run_name": "sft"}))
-    test = run.task.read_file(files["test"], run.config)
-    m = evaluate(run.task, run.model, run.tokenizer, test, run.task.decoding)
-    return {"run_dir": str(run.run_dir), "train_s": round(run.metrics["train"]["train_seconds"], 1),
-            "decoding": run.task.decoding, **m}
+    run = finished_run(work, "sft") or train(build_config({**sft_config(work, files), "run_name": "sft"}))
+    return {"run_dir": str(run.run_dir), "decoding": run.task.decoding, **figures(run.run_dir)}
 
 
 def phase_dpo(work: Path, files: dict, sft: dict, k: int, max_prompts: int | None) -> dict:
     from lmtune.prefer import prefer
     t0 = time.perf_counter()
-    run = prefer(sft["run_dir"], k=k, max_prompts=max_prompts, run_name="dpo")
+    run = finished_run(work, "dpo") or prefer(sft["run_dir"], k=k, max_prompts=max_prompts, run_name="dpo")
     total = time.perf_counter() - t0
-    test = run.task.read_file(files["test"], run.config)
-    m = evaluate(run.task, run.model, run.tokenizer, test, run.task.decoding)
-    train_s = run.metrics["train"]["train_seconds"]
     summary = json.loads((Path(run.run_dir) / "prefer.json").read_text(encoding="utf-8"))
-    return {"run_dir": str(run.run_dir), "train_s": round(train_s, 1), "decoding": run.task.decoding,
-            "pairs": summary.get("pairs"), "prefer_total_s": round(total, 1), **m}
+    return {"run_dir": str(run.run_dir), "decoding": run.task.decoding, "prefer": summary,
+            "prefer_total_s": round(total, 1), **figures(run.run_dir)}
 
 
 def phase_gguf(files: dict, sft: dict) -> dict:
@@ -219,7 +237,8 @@ def main() -> None:
         result["dpo"] = {"loops_sft": sft["repeat_share"], "loops_dpo": d["repeat_share"],
                          "invented_sft": sft["invented_share"], "invented_dpo": d["invented_share"],
                          "rougeL_sft": sft["rougeL"], "rougeL_dpo": d["rougeL"], "train_s": d["train_s"],
-                         "sft_train_s": sft["train_s"], "prefer_s": round(d["prefer_total_s"] - d["train_s"], 1)}
+                         "sft_train_s": sft["train_s"], "pairs": d["prefer"].get("pairs"),
+                         "sampling_s": d["prefer"].get("sampling_seconds")}
     if "gguf" in phases:
         result["gguf"] = cached(work, "gguf", lambda: phase_gguf(files, sft))
     if tmp is not None:
