@@ -33,7 +33,7 @@ Last line JSON: {"structured": {"valid_constrained": F, "valid_unconstrained": F
 "rougeL_unconstrained": R}, "dpo": {"loops_sft": F, "loops_dpo": F, "invented_sft": F, "invented_dpo": F,
 "rougeL_sft": R, "rougeL_dpo": R, "train_s": S}, "gguf": {"q8_token_agreement": F, "rougeL_torch": R,
 "rougeL_q4": R, "mb_q8": M, "mb_q4": M}} (shares as fractions 0-1, ROUGE in points).
-Usage: python bench/generation_control.py [--work DIR] [--train N] [--structured-train N] [--test N]
+Usage: python bench/generation_control.py [--work DIR] [--train N] [--sft-train N] [--structured-train N] [--test N]
        [--k K] [--max-prompts N] [--only structured,sft,dpo,gguf]
 """
 from __future__ import annotations
@@ -156,7 +156,12 @@ def figures(run_dir: str | Path) -> dict:
             "train_s": round(r["summary"]["train_seconds"], 1)}
 
 
-def phase_sft(work: Path, files: dict) -> dict:
+def phase_sft(work: Path, files: dict, n_train: int) -> dict:
+    """bench/generation.py's SFT run; on fewer than its 600 dialogues, the first n_train of its sample."""
+    lines = [x for x in Path(files["train"]).read_text(encoding="utf-8").splitlines() if x.strip()]
+    if n_train < len(lines):
+        (work / "sft_train.jsonl").write_text("".join(x + "\n" for x in lines[:n_train]), encoding="utf-8")
+        files = {**files, "train": str(work / "sft_train.jsonl")}
     run = finished_run(work, "sft") or train(build_config({**sft_config(work, files), "run_name": "sft"}))
     return {"run_dir": str(run.run_dir), "decoding": run.task.decoding, **figures(run.run_dir)}
 
@@ -208,7 +213,8 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--work", help="folder for runs and phase figures (resumable); default a temporary one")
     ap.add_argument("--fresh", action="store_true", help="clear --work first")
-    ap.add_argument("--train", type=int, default=600, help="SFT training dialogues (bench/generation.py's 600)")
+    ap.add_argument("--train", type=int, default=600, help="the training sample (bench/generation.py's 600)")
+    ap.add_argument("--sft-train", type=int, default=600, help="SFT training dialogues: the first N of the sample")
     ap.add_argument("--structured-train", type=int, default=300)
     ap.add_argument("--test", type=int, default=150)
     ap.add_argument("--k", type=int, default=4, help="sampled outputs per prompt for the preference pairs")
@@ -231,7 +237,7 @@ def main() -> None:
         s = cached(work, "structured", lambda: phase_structured(work, files, args.structured_train))
         result["structured"] = {k: s[k] for k in ("valid_constrained", "valid_unconstrained", "rougeL_constrained",
                                                   "rougeL_unconstrained")}
-    sft = cached(work, "sft", lambda: phase_sft(work, files)) if {"sft", "dpo", "gguf"} & set(phases) else None
+    sft = cached(work, "sft", lambda: phase_sft(work, files, args.sft_train)) if {"sft", "dpo", "gguf"} & set(phases) else None
     if "dpo" in phases:
         d = cached(work, "dpo", lambda: phase_dpo(work, files, sft, args.k, args.max_prompts))
         result["dpo"] = {"loops_sft": sft["repeat_share"], "loops_dpo": d["repeat_share"],
