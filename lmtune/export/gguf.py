@@ -95,27 +95,55 @@ def export_gguf(run_dir: str | Path, *, quantize: str = "f16", sample: int = 20)
 
 def llama_cpp_greedy(gguf_path: str | Path, prompt_ids: list[list[int]], max_new_tokens: int,
                      stop_ids: set[int] | None = None) -> list[list[int]]:
-    """Greedy continuations by llama.cpp (llama_cpp.Llama on CPU) of each prompt, given as token ids
-    (no BOS is added: the ids are the prompt as the run's tokenizer made it). Stops at the model's
-    end-of-text or any of `stop_ids` (not included) or after max_new_tokens."""
-    llama_cpp = _import_llama_cpp()
-    longest = max((len(p) for p in prompt_ids), default=0)
-    llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=longest + max_new_tokens + 8, n_gpu_layers=0,
-                          n_threads=max(1, min(4, os.cpu_count() or 1)), seed=0, verbose=False)
-    stops = set(stop_ids or ()) | {llm.token_eos()}
-    outputs = []
-    for ids in prompt_ids:
-        out: list[int] = []
-        if max_new_tokens > 0:
-            # temp 0: llama-cpp-python samples greedily (argmax); reset: each prompt starts from an empty cache
-            for tok in llm.generate(list(ids), top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-                if tok in stops:
-                    break
-                out.append(int(tok))
-                if len(out) >= max_new_tokens:
-                    break
-        outputs.append(out)
-    return outputs
+    """Greedy continuations by llama.cpp (llama-cpp-python, CPU) of each prompt, given as token ids (no BOS
+    is added: the ids are the prompt as the run's tokenizer made it). Stops at the model's end-of-text or
+    any of `stop_ids` (not included) or after max_new_tokens.
+
+    Through llama-cpp-python's low-level API rather than llama_cpp.Llama, for one setting Llama does not
+    expose: use_extra_bufts=False. llama.cpp's extra CPU buffer types (AMX / repacked weight layouts)
+    crashed the process (segfault in llama_decode) for every quantized tensor on an AMX Xeon with
+    llama-cpp-python 0.3.36, the packaged SmolLM2 Q4_1 GGUF included; the plain CPU kernels compute the
+    same quantized dot products. Greedy here is the argmax of the last position's logits."""
+    lc = _import_llama_cpp()
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its log callback prints loader chatter otherwise
+    mp = lc.llama_model_default_params()
+    mp.n_gpu_layers, mp.use_extra_bufts = 0, False
+    model = lc.llama_model_load_from_file(str(gguf_path).encode(), mp)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not load {gguf_path}")
+    try:
+        vocab = lc.llama_model_get_vocab(model)
+        n_vocab = lc.llama_vocab_n_tokens(vocab)
+        stops = set(stop_ids or ()) | {lc.llama_vocab_eos(vocab)}
+        cp = lc.llama_context_default_params()
+        cp.n_ctx = cp.n_batch = cp.n_ubatch = max((len(p) for p in prompt_ids), default=0) + max_new_tokens + 8
+        cp.n_threads = cp.n_threads_batch = max(1, min(4, os.cpu_count() or 1))
+        ctx = lc.llama_init_from_model(model, cp)
+        if not ctx:
+            raise RuntimeError(f"llama.cpp could not make a context for {gguf_path}")
+        try:
+            return [_greedy_one(lc, ctx, list(ids), n_vocab, max_new_tokens, stops) for ids in prompt_ids]
+        finally:
+            lc.llama_free(ctx)
+    finally:
+        lc.llama_model_free(model)
+
+
+def _greedy_one(lc, ctx, ids: list[int], n_vocab: int, max_new_tokens: int, stops: set[int]) -> list[int]:
+    lc.llama_memory_clear(lc.llama_get_memory(ctx), True)  # each prompt starts from an empty KV cache
+    out: list[int] = []
+    feed = ids
+    while len(out) < max_new_tokens and feed:
+        tokens = (lc.llama_token * len(feed))(*feed)
+        if lc.llama_decode(ctx, lc.llama_batch_get_one(tokens, len(feed))) != 0:
+            raise RuntimeError("llama.cpp failed to decode a batch")
+        logits = np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, -1), shape=(n_vocab,))
+        tok = int(logits.argmax())
+        if tok in stops:
+            break
+        out.append(tok)
+        feed = [tok]
+    return out
 
 
 def torch_greedy(model: torch.nn.Module, prompt_ids: list[list[int]], max_new_tokens: int,
