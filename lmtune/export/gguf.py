@@ -105,7 +105,6 @@ def llama_cpp_greedy(gguf_path: str | Path, prompt_ids: list[list[int]], max_new
     llama-cpp-python 0.3.36, the packaged SmolLM2 Q4_1 GGUF included; the plain CPU kernels compute the
     same quantized dot products. Greedy here is the argmax of the last position's logits."""
     lc = _import_llama_cpp()
-    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)  # its log callback prints loader chatter otherwise
     mp = lc.llama_model_default_params()
     mp.n_gpu_layers, mp.use_extra_bufts = 0, False
     model = lc.llama_model_load_from_file(str(gguf_path).encode(), mp)
@@ -367,6 +366,9 @@ def _import_llama_cpp():
         import llama_cpp
     except ImportError:
         raise InputError(LLAMA_CPP_MISSING) from None
+    # llama-cpp-python's log callback prints llama.cpp's loader and quantizer lines (one per tensor) unless its
+    # logger is at ERROR (what Llama(verbose=False) sets)
+    logging.getLogger("llama-cpp-python").setLevel(logging.ERROR)
     return llama_cpp
 
 
