@@ -25,8 +25,9 @@ CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}\n
 
 def _tiny_chat_llama(path: Path) -> str:
     """A tiny random Llama with grouped-query attention (4 query heads, 2 key/value heads: both permutations
-    differ) and attention sharp enough for RoPE to matter, tied embeddings (no output.weight), a vocab padded to a multiple of 32 beyond the tokenizer's
-    ids ([PADi] tokens), rows of whole q8_0 blocks, and a chat template."""
+    differ) and attention sharp enough for RoPE to matter, tied embeddings (no output.weight), a vocab padded
+    to a multiple of 32 beyond the tokenizer's ids ([PADi] tokens), rows of whole q8_0 blocks, and a chat
+    template."""
     tok = AutoTokenizer.from_pretrained(save_tiny_decoder(path / "base", "llama"))
     tok.chat_template = CHAT_TEMPLATE
     torch.manual_seed(0)
@@ -128,7 +129,8 @@ def test_q8_0_is_smaller_and_still_close(lora_run, merged):
     types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
     assert types["blk.0.ffn_down.weight"] == types["token_embd.weight"] == gguf.GGMLQuantizationType.Q8_0
     assert types["output_norm.weight"] == gguf.GGMLQuantizationType.F32
-    assert max_logit_diff(merged, load_gguf_with_transformers(path), _prompts(lora_run)) < 0.15  # 8-bit rows, the error amplified by the sharp attention
+    # 8-bit rows, their error amplified by the sharp attention
+    assert max_logit_diff(merged, load_gguf_with_transformers(path), _prompts(lora_run)) < 0.15
     assert report["verify"]["token_agreement"] >= 0.75, report["verify"]
     manifest = json.loads((lora_run.run_dir / "export" / "gguf.json").read_text())
     assert manifest["q8_0"] == report and "f16" in manifest
