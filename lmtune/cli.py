@@ -372,19 +372,25 @@ def cmd_prefer(run_dir: str, *, k: Annotated[int, "sampled outputs per prompt (t
     return 0
 
 
-def cmd_export(run_dir: str, *, format: str = "onnx",
-               quantize: Annotated[Literal["int8"] | None, "also write a dynamically int8-quantized model"] = None,
-               prune: Annotated[str | None, "magnitude:AMOUNT zeroes that share of each encoder weight matrix (smaller "
-                                            "file); ffn:AMOUNT,heads:AMOUNT removes that share of feed-forward neurons / "
-                                            "attention heads by importance (faster on every backend), then distils from "
-                                            "the unpruned model"] = None,
-               recover_epochs: Annotated[int, "epochs of distillation on the run's train split after ffn/heads pruning "
-                                              "(0: none)"] = 1,
-               sample: Annotated[int, "dev examples for the logit comparison"] = 256) -> int:
-    from lmtune.export.onnx import export_run
-    if format != "onnx":
-        raise InputError(f"export: --format {format!r} is not supported (onnx).")
-    print(json.dumps(export_run(run_dir, quantize=quantize, prune=prune, sample=sample, recover_epochs=recover_epochs), indent=2))
+def cmd_export(run_dir: str, *, format: Annotated[str, "onnx (encoders and decoders), or gguf (generation runs of "
+                                                   "Llama models, for llama.cpp)"] = "onnx",
+               quantize: Annotated[str | None, "onnx: int8 (dynamic quantization, written beside fp32); gguf: f16 "
+                                               "(default), q8_0 or q4_k_m (needs llama-cpp-python)"] = None,
+               prune: Annotated[str | None, "onnx: magnitude:AMOUNT zeroes that share of each encoder weight matrix "
+                                            "(smaller file); ffn:AMOUNT,heads:AMOUNT removes that share of feed-forward "
+                                            "neurons / attention heads by importance (faster on every backend), then "
+                                            "distils from the unpruned model"] = None,
+               recover_epochs: Annotated[int | None, "onnx: epochs of distillation on the run's train split after "
+                                                     "ffn/heads pruning (0: none; default 1)"] = None,
+               sample: Annotated[int | None, "dev examples the export is verified on (onnx: logits, default 256; "
+                                             "gguf: greedy continuations, default 20)"] = None) -> int:
+    from lmtune.export import check_request
+    from lmtune.registry import exporters
+    # only the options given are passed on: each format keeps its own defaults, and refuses the ones it lacks
+    options = {k: v for k, v in (("prune", prune), ("recover_epochs", recover_epochs), ("sample", sample)) if v is not None}
+    check_request(format, run_dir, quantize, options)
+    export = exporters.get(format)
+    print(json.dumps(export(run_dir, **({"quantize": quantize} if quantize else {}), **options), indent=2))
     return 0
 
 
@@ -648,9 +654,11 @@ COMMANDS: dict[str, Command | Group] = {
                                   "length and invention penalties), then DPO (or ORPO) into a new run dir; --run_name, "
                                   "--output_dir and config keys as overrides"),
     "merge": Command(cmd_merge, "fold a LoRA/AdaLoRA/IA3 adapter into a standalone model folder"),
-    "export": Command(cmd_export, "export a run to ONNX (optionally int8 / pruned), verified against PyTorch",
-                      "Writes RUN_DIR/export/ (model.onnx, model.int8.onnx, tokenizer, export.json with the max logit "
-                      "difference and the dev metric before/after)."),
+    "export": Command(cmd_export, "export a run to ONNX (optionally int8 / pruned) or GGUF, verified against PyTorch",
+                      "--format onnx writes RUN_DIR/export/ (model.onnx, model.int8.onnx, tokenizer, export.json with the "
+                      "max logit difference and the dev metric before/after). --format gguf (generation runs of Llama "
+                      "models) merges the LoRA and writes RUN_DIR/export/model.QUANT.gguf for llama.cpp, with gguf.json "
+                      "giving the greedy token agreement with PyTorch on dev prompts."),
     "chat": Command(cmd_chat, "chat in the terminal with a generation run (replies stream as they are generated)"),
     "search": Command(cmd_search, "a retrieval run's best documents for a query, from the run's index (or a new corpus)"),
     "recommend": Group("text-based recommendation app: fit a two-tower model on interactions, rank items for a user", {

@@ -4,7 +4,8 @@ without an import cycle. A newcomer adds one module and one line here (or calls 
 """
 from __future__ import annotations
 
-from lmtune.registry import adversaries, analyses, attacks, augmenters, backends, config_sections, peft_methods, tasks, trackers
+from lmtune.registry import (adversaries, analyses, attacks, augmenters, backends, config_sections, exporters, peft_methods,
+                             tasks, trackers)
 
 tasks.register("classification", "lmtune.tasks.classification:ClassificationTask")
 tasks.register("ner", "lmtune.tasks.ner:NerTask")
@@ -83,3 +84,11 @@ config_sections.register("relation_columns", "lmtune.tasks.relation_config:Relat
 config_sections.register("multilabel_columns", "lmtune.tasks.multilabel_config:MultiLabelColumns", section="data")
 config_sections.register("ner_columns", "lmtune.tasks.ner_config:NerColumns", section="data")
 config_sections.register("pair_options", "lmtune.data.pairs:PairOptions", section="data")
+
+# export formats (lmtune export --format): quantize: the --quantize values each declares; options: the other
+# export flags it takes; tasks: the run tasks it serves (None: all); supports: what the error names otherwise
+exporters.register("onnx", "lmtune.export.onnx:export_run", quantize=("int8",), options=("prune", "recover_epochs", "sample"),
+                   tasks=None)
+exporters.register("gguf", "lmtune.export.gguf:export_gguf", quantize=("f16", "q8_0", "q4_k_m"), options=("sample",),
+                   tasks=("generation",), supports="generation runs of Llama-architecture models (LlamaForCausalLM: "
+                                                   "SmolLM2, Llama, TinyLlama ...)")

@@ -1,5 +1,5 @@
 """Named registries for every pluggable kind: tasks, PEFT methods, adversaries, attacks, augmenters,
-prediction backends, trackers, run analyses, and the config sections that tasks and features own.
+prediction backends, trackers, run analyses, export formats, and the config sections that tasks and features own.
 
 A built-in or a newcomer registers a name with a lazy target ("module:attribute", imported only when
 used) and metadata (e.g. a PEFT method's default learning rate). The built-ins are registered in
@@ -84,6 +84,9 @@ analyses = Registry("analysis", "analysis")  # lmtune.analysis: what a trained r
 # a dataclass of config fields (lmtune.config.option) that a task or feature owns; meta section: the config
 # section its fields join (default: the entry's name, a section of its own), moved: {old key: new key}
 config_sections = Registry("config section", "config")
+# `lmtune export --format NAME`: the target exports a run (run_dir, **options); meta quantize: the --quantize
+# values it declares; options: the other export flags it takes; tasks: the run tasks it serves (None: every task)
+exporters = Registry("export format", "--format")
 
 _loaded = False
 

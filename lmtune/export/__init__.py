@@ -1,0 +1,30 @@
+"""Exports of a finished run (lmtune export --format NAME): the formats are the `exporters` registry's
+entries (lmtune/registrations.py), each declaring its --quantize values, its other options and its tasks."""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+from lmtune.errors import InputError
+from lmtune.registry import exporters
+
+
+def check_request(format: str, run_dir: str | Path, quantize: str | None = None, options: Iterable[str] = ()) -> None:
+    """Refuse, before anything is loaded or written, what the format does not declare: an unknown format, a
+    --quantize value or an option it lacks, a run of a task it does not serve."""
+    exporters.check(format)
+    declared = exporters.meta(format, "quantize", ())
+    if quantize is not None and quantize not in declared:
+        raise InputError(f"export: --format {format} has no --quantize {quantize!r}; choose from {', '.join(declared)}.")
+    takes = exporters.meta(format, "options", ())
+    if unknown := [o for o in options if o not in takes]:
+        flags = ", ".join("--" + o.replace("_", "-") for o in unknown)
+        raise InputError(f"export: --format {format} does not take {flags}"
+                         + (f" (it takes {', '.join('--' + o.replace('_', '-') for o in takes)})." if takes else "."))
+    tasks = exporters.meta(format, "tasks")
+    if tasks is not None:
+        from lmtune.artifacts import RunDir, read_meta
+        rd = RunDir(run_dir)
+        if rd.finished() and (task := read_meta(rd.model).get("task")) not in tasks:
+            raise InputError(f"export: --format {format} supports {exporters.meta(format, 'supports') or ', '.join(tasks)}; "
+                             f"{rd.root} is a {task} run.")
