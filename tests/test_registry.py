@@ -128,9 +128,11 @@ class CountingAdversary:
         return loss
 
 
-def test_a_tracker_and_an_adversary_registered_outside_lmtune_plug_in(tiny_config):
+def test_a_tracker_and_an_adversary_registered_outside_lmtune_plug_in(tiny_config, request):
     registry.trackers.register("rows", "tests.test_registry:RowsTracker")
     registry.adversaries.register("counting", "tests.test_registry:CountingAdversary", kind="custom")
+    # registered for this test only: later tests (the config schema's enums) see lmtune's own entries
+    request.addfinalizer(lambda: (registry.trackers.unregister("rows"), registry.adversaries.unregister("counting")))
     cfg = copy.deepcopy(tiny_config)
     cfg["train"].update(max_steps=3, trackers=["rows"])
     cfg["adversarial"] = {"method": "counting"}
