@@ -3,7 +3,8 @@ metadata (lmtune.json) and the task state saved beside a model (model/, export/,
 
     RUN_DIR/config.yaml  splits.json  audit.json  train.log  history.jsonl  metrics.json  report.md
             checkpoints/  model/ (lmtune.json, task_state.safetensors, weights, tokenizer, README.md: the model card)
-            predictions/{dev,test}.jsonl  export/ (the same metadata + ONNX files; model.QUANT.gguf and gguf.json)
+            predictions/{dev,test}.jsonl  export/ (the same metadata + ONNX files)
+            gguf/ (model.QUANT.gguf and gguf.json: their own folder, which an ONNX export rebuilding export/ leaves alone)
             drift_reference.safetensors (dev embeddings and scores for the serve drift monitor)
             running.json ({pid, host} while a process trains the run)
             events.jsonl (history.jsonl's rows, appended as training makes them: what live charts follow)
@@ -61,7 +62,8 @@ class RunDir:
     model_meta = property(lambda self: self.root / "model" / META)
     export_meta = property(lambda self: self.root / "export" / META)
     export_report = property(lambda self: self.root / "export" / "export.json")
-    gguf_report = property(lambda self: self.root / "export" / "gguf.json")  # {quantize: file, size, verification}
+    gguf = property(lambda self: self.root / "gguf")  # lmtune export --format gguf's files (export/ is the ONNX export's, rebuilt whole)
+    gguf_report = property(lambda self: self.root / "gguf" / "gguf.json")  # {quantize: file, size, verification}
     results = property(lambda self: self.root / "results.json")
     label_noise = property(lambda self: self.root / "label_noise.json")  # the search's result, cached for resume
     label_noise_rows = property(lambda self: self.root / "label_noise.jsonl")  # the flagged training rows

@@ -657,7 +657,7 @@ COMMANDS: dict[str, Command | Group] = {
     "export": Command(cmd_export, "export a run to ONNX (optionally int8 / pruned) or GGUF, verified against PyTorch",
                       "--format onnx writes RUN_DIR/export/ (model.onnx, model.int8.onnx, tokenizer, export.json with the "
                       "max logit difference and the dev metric before/after). --format gguf (generation runs of Llama "
-                      "models) merges the LoRA and writes RUN_DIR/export/model.QUANT.gguf for llama.cpp, with gguf.json "
+                      "models) merges the LoRA and writes RUN_DIR/gguf/model.QUANT.gguf for llama.cpp, with gguf.json "
                       "giving the greedy token agreement with PyTorch on dev prompts."),
     "chat": Command(cmd_chat, "chat in the terminal with a generation run (replies stream as they are generated)"),
     "search": Command(cmd_search, "a retrieval run's best documents for a query, from the run's index (or a new corpus)"),

@@ -91,4 +91,4 @@ exporters.register("onnx", "lmtune.export.onnx:export_run", quantize=("int8",), 
                    tasks=None)
 exporters.register("gguf", "lmtune.export.gguf:export_gguf", quantize=("f16", "q8_0", "q4_k_m"), options=("sample",),
                    tasks=("generation",), supports="generation runs of Llama-architecture models (LlamaForCausalLM: "
-                                                   "SmolLM2, Llama, TinyLlama ...)")
+                                                   "SmolLM2, Llama 3 ...)")

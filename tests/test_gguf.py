@@ -74,13 +74,13 @@ def _prompts(run) -> list[list[int]]:
 def test_f16_gguf_from_the_cli_has_the_merged_models_logits(lora_run, merged, capsys):
     assert main(["export", str(lora_run.run_dir), "--format", "gguf", "--sample", "4"]) == 0
     printed = json.loads(capsys.readouterr().out)
-    path = lora_run.run_dir / "export" / "model.f16.gguf"
+    path = lora_run.run_dir / "gguf" / "model.f16.gguf"
     assert printed["path"] == str(path) and printed["bytes"] == path.stat().st_size and printed["quantize"] == "f16"
     assert printed["merged_adapter"] == "lora"
     v = printed["verify"]
     assert v["prompts"] == 4 and v["verifier"] in ("llama.cpp", "transformers")
     assert v["token_agreement"] >= 0.9 and v["identical_share"] >= 0.75, v
-    assert json.loads((lora_run.run_dir / "export" / "gguf.json").read_text())["f16"] == printed
+    assert json.loads((lora_run.run_dir / "gguf" / "gguf.json").read_text())["f16"] == printed
     assert not [p.name for p in path.parent.iterdir() if p.name.endswith(".tmp")]
     # transformers un-permutes q/k and maps the names back: f16 weights give the merged model's logits (they
     # span about -0.6..1; f16 rounding moves them by ~1e-3, while q/k left in HF's layout move them by ~0.5)
@@ -89,7 +89,7 @@ def test_f16_gguf_from_the_cli_has_the_merged_models_logits(lora_run, merged, ca
 
 
 def test_gguf_metadata_holds_what_llama_cpp_reads(lora_run):
-    path = lora_run.run_dir / "export" / "model.f16.gguf"
+    path = lora_run.run_dir / "gguf" / "model.f16.gguf"
     if not path.is_file():
         export_gguf(lora_run.run_dir, sample=2)
     r = gguf.GGUFReader(path)
@@ -101,7 +101,8 @@ def test_gguf_metadata_holds_what_llama_cpp_reads(lora_run):
     assert f["llama.context_length"] == 256 and f["llama.vocab_size"] == cfg.vocab_size
     assert f["llama.attention.layer_norm_rms_epsilon"] == pytest.approx(cfg.rms_norm_eps)
     assert f["general.file_type"] == gguf.LlamaFileType.MOSTLY_F16
-    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "default"  # a toy tokenizer llama.cpp has no name for
+    # the toy tokenizer is built exactly as GPT-2's (byte-level, GPT-2's regex): llama.cpp's "gpt-2" split
+    assert f["tokenizer.ggml.model"] == "gpt2" and f["tokenizer.ggml.pre"] == "gpt-2"
     assert f["tokenizer.chat_template"] == CHAT_TEMPLATE
     tokens = f["tokenizer.ggml.tokens"]
     assert len(tokens) == cfg.vocab_size and tokens[tok.eos_token_id] == tok.eos_token and tokens[-1] == f"[PAD{cfg.vocab_size - 1}]"
@@ -122,7 +123,7 @@ def test_q8_0_is_smaller_and_still_close(lora_run, merged):
     report = export_gguf(lora_run.run_dir, quantize="q8_0", sample=4)
     path = Path(report["path"])
     assert path.name == "model.q8_0.gguf" and report["quantize"] == "q8_0"
-    f16 = lora_run.run_dir / "export" / "model.f16.gguf"
+    f16 = lora_run.run_dir / "gguf" / "model.f16.gguf"
     if not f16.is_file():
         export_gguf(lora_run.run_dir, sample=2)
     assert report["bytes"] < 0.75 * f16.stat().st_size
@@ -132,13 +133,20 @@ def test_q8_0_is_smaller_and_still_close(lora_run, merged):
     # 8-bit rows, their error amplified by the sharp attention
     assert max_logit_diff(merged, load_gguf_with_transformers(path), _prompts(lora_run)) < 0.15
     assert report["verify"]["token_agreement"] >= 0.75, report["verify"]
-    manifest = json.loads((lora_run.run_dir / "export" / "gguf.json").read_text())
+    manifest = json.loads((lora_run.run_dir / "gguf" / "gguf.json").read_text())
     assert manifest["q8_0"] == report and "f16" in manifest
 
 
 def test_token_agreement_counts_positions_after_a_divergence_as_disagreeing():
     got = token_agreement([[1, 2, 3, 4], [5, 6], [7]], [[1, 9, 3, 4], [5, 6, 8], [7]])
-    assert got == {"token_agreement": (1 + 2 + 1) / (4 + 2 + 1), "identical_share": pytest.approx(1 / 3)}
+    assert got == {"token_agreement": (1 + 2 + 1) / (4 + 3 + 1), "identical_share": pytest.approx(1 / 3)}
+
+
+def test_token_agreement_counts_what_one_side_did_not_generate_as_disagreeing():
+    assert token_agreement([[5, 6]], [[5, 6, 8]])["token_agreement"] == pytest.approx(2 / 3)
+    # llama.cpp stopping at once while PyTorch writes 64 tokens is no agreement at all
+    assert token_agreement([[]], [list(range(64))]) == {"token_agreement": 0.0, "identical_share": 0.0}
+    assert token_agreement([[], [1]], [[], [1]]) == {"token_agreement": 1.0, "identical_share": 1.0}
 
 
 def test_what_gguf_cannot_export_is_refused_with_nothing_written(tmp_path, tiny_config, lora_run, capsys):
@@ -170,13 +178,13 @@ def test_q4_k_m_without_llama_cpp_names_the_package(lora_run, capsys, monkeypatc
     monkeypatch.setitem(sys.modules, "llama_cpp", None)  # importing it raises ImportError, as when it is not installed
     assert main(["export", str(lora_run.run_dir), "--format", "gguf", "--quantize", "q4_k_m"]) == 2
     assert "--quantize q4_k_m needs llama-cpp-python (pip install llama-cpp-python" in capsys.readouterr().err
-    assert not (lora_run.run_dir / "export" / "model.q4_k_m.gguf").exists()
+    assert not (lora_run.run_dir / "gguf" / "model.q4_k_m.gguf").exists()
 
 
 def test_llama_cpp_greedy_equals_torch_greedy(lora_run, merged):
     pytest.importorskip("llama_cpp")
     from lmtune.export.gguf import llama_cpp_greedy
-    path = lora_run.run_dir / "export" / "model.f16.gguf"
+    path = lora_run.run_dir / "gguf" / "model.f16.gguf"
     if not path.is_file():
         export_gguf(lora_run.run_dir, sample=2)
     prompts, stops = _prompts(lora_run), {lora_run.tokenizer.eos_token_id}
@@ -208,8 +216,95 @@ def test_without_llama_cpp_transformers_verifies(lora_run, monkeypatch):
 def test_smollm2s_tokenizer_gets_llama_cpps_smollm_pre_tokenizer():
     """llama.cpp names SmolLM2's pre-tokenizer by the hash of its ids for a check text: the packaged
     SmolLM2's tokenizer must hash to it (else llama.cpp would split text differently from the model's own)."""
-    from lmtune.export.gguf import _pre_tokenizer
+    from lmtune.export.gguf import llama_cpp_pre_tokenizer
     from lmtune.models import gguf_file, resolve_model
     folder = resolve_model("HuggingFaceTB/SmolLM2-135M-Instruct")
     tok = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file(folder))
-    assert _pre_tokenizer(tok) == "smollm"
+    assert llama_cpp_pre_tokenizer(tok) == "smollm"
+
+
+def test_llama_cpp_tokenizes_text_as_the_runs_tokenizer_does(lora_run):
+    """The pre-tokenizer written ("gpt-2") makes llama.cpp split text as the run's tokenizer does (llama.cpp's
+    "default" split would not: it splits digits and punctuation otherwise)."""
+    lc = pytest.importorskip("llama_cpp")
+    path = lora_run.run_dir / "gguf" / "model.f16.gguf"
+    if not path.is_file():
+        export_gguf(lora_run.run_dir, sample=2)
+    mp = lc.llama_model_default_params()
+    mp.vocab_only, mp.use_extra_bufts = True, False
+    model = lc.llama_model_load_from_file(str(path).encode(), mp)
+    assert model
+    try:
+        vocab = lc.llama_model_get_vocab(model)
+        for text in ("the movie was really good", "it felt 1234 quite   awful!! day's food, 3.5 ...", " lovely\n\nsad"):
+            raw = text.encode()
+            buf = (lc.llama_token * 256)()
+            n = lc.llama_tokenize(vocab, raw, len(raw), buf, 256, True, False)
+            assert list(buf[:n]) == lora_run.tokenizer(text)["input_ids"], text
+    finally:
+        lc.llama_model_free(model)
+
+
+def _run_with_tokenizer(run: lmtune.Run, tmp: Path, tokenizer) -> Path:
+    """A copy of a LoRA run over a copy of its base model whose tokenizer is replaced (the same weights, whose
+    vocab covers the new tokenizer's ids): a LoRA run reads its tokenizer from its base model."""
+    import shutil
+    from lmtune.artifacts import META
+    base = tmp / "base"
+    shutil.copytree(run.config.model.name, base)
+    for f in base.glob("*"):
+        if f.name.startswith(("tokenizer", "special_tokens")) or f.suffix == ".jinja":
+            f.unlink()
+    tokenizer.save_pretrained(base)
+    copy = tmp / run.run_dir.name
+    shutil.copytree(run.run_dir, copy, ignore=shutil.ignore_patterns("gguf", "export"))
+    meta = json.loads((copy / "model" / META).read_text())
+    meta["config"]["model"]["name"] = str(base)
+    (copy / "model" / META).write_text(json.dumps(meta))
+    return copy
+
+
+def _toy_tokenizer(model, pre_tokenizer, decoder, normalizer=None, byte_fallback: bool = False):
+    from tokenizers import Tokenizer, trainers
+    from transformers import PreTrainedTokenizerFast
+    from tests.conftest import toy_rows
+    tok = Tokenizer(model(byte_fallback=byte_fallback, unk_token="<unk>"))
+    tok.normalizer, tok.pre_tokenizer, tok.decoder = normalizer, pre_tokenizer, decoder
+    tok.train_from_iterator([t for t, _ in toy_rows(100, 7)], trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "</s>"]))
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="</s>", unk_token="<unk>")
+
+
+def test_tokenizers_llama_cpp_would_tokenize_wrongly_are_refused_with_nothing_written(lora_run, tmp_path, capsys):
+    from tokenizers import decoders, models, normalizers, pre_tokenizers
+    spm = _toy_tokenizer(models.BPE, pre_tokenizers.Metaspace(), decoders.Metaspace(), byte_fallback=True)  # TinyLlama-like
+    llama2 = _toy_tokenizer(models.BPE, None, decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback()]),
+                            normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")]))
+    # byte-level, but split on digits first: no GPT-2 split, and llama.cpp has no name for its hash
+    odd = _toy_tokenizer(models.BPE, pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True),
+                                                              pre_tokenizers.ByteLevel(add_prefix_space=False)]),
+                         decoders.ByteLevel())
+    for name, tok, says in (("spm", spm, "is SentencePiece-style (byte_fallback / Metaspace"),
+                            ("llama2", llama2, "is SentencePiece-style (byte_fallback / Metaspace"),
+                            ("odd", odd, "llama.cpp has no name for this tokenizer's pre-tokenizer (check-text hash")):
+        run_dir = _run_with_tokenizer(lora_run, tmp_path / name, tok)
+        assert main(["export", str(run_dir), "--format", "gguf", "--quantize", "q8_0"]) == 2
+        err = capsys.readouterr().err
+        assert says in err and "--format gguf writes byte-level BPE tokenizers" in err, err
+        assert not (run_dir / "gguf").exists()
+
+
+def test_an_onnx_export_after_gguf_keeps_the_gguf_files(lora_run):
+    """An ONNX export rebuilds export/ whole (atomic_dir(RunDir.export) in lmtune/export/onnx.py); GGUF files
+    live in their own gguf/ folder, so they survive it. (The ONNX export of this tiny generation run itself
+    fails in its verification step, so the rebuild is done here with the same call it makes.)"""
+    from lmtune.artifacts import RunDir
+    from lmtune.io import atomic_dir, write_json
+    rd = RunDir(lora_run.run_dir)
+    report = export_gguf(rd.root, quantize="q8_0", sample=1)
+    assert Path(report["path"]).parent == rd.gguf == rd.root / "gguf" and rd.gguf_report.parent == rd.gguf
+    assert rd.export not in (rd.gguf, *rd.gguf.parents) and rd.gguf not in rd.export.parents
+    before = Path(report["path"]).read_bytes()
+    with atomic_dir(rd.export) as tmp:  # what export_run does with its ONNX files
+        write_json(tmp / rd.export_report.name, {"onnx": True})
+    assert json.loads(rd.export_report.read_text()) == {"onnx": True}
+    assert Path(report["path"]).read_bytes() == before and json.loads(rd.gguf_report.read_text())["q8_0"] == report

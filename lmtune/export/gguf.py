@@ -1,7 +1,7 @@
 """GGUF export of a generation run, for llama.cpp (and Ollama, LM Studio): `lmtune export RUN_DIR --format
 gguf [--quantize f16|q8_0|q4_k_m]`.
 
-The conversion is written here for the Llama architecture (LlamaForCausalLM: SmolLM2, Llama, TinyLlama):
+The conversion is written here for the Llama architecture (LlamaForCausalLM: SmolLM2, Llama 3):
 llama.cpp's own convert_hf_to_gguf.py is not installable as a module from a package registry (it only sits
 inside llama-cpp-python's source distribution, outside its Python package), so this module follows its
 LlamaModel with the `gguf` package, which is: GGUFWriter, the HF -> GGUF tensor names of
@@ -14,12 +14,18 @@ template, the same prompt token ids on both sides) by llama.cpp and by the PyTor
 token by token. Without llama-cpp-python, transformers loads the GGUF back (dequantizing it) and its
 logits and greedy tokens are compared instead; the report says which verifier ran.
 
-RUN_DIR/export/model.<quantize>.gguf is written temp + rename, and export/gguf.json records each
-quantization's file, size and verification.
+RUN_DIR/gguf/model.<quantize>.gguf is written temp + rename, and gguf/gguf.json records each
+quantization's file, size and verification. GGUF has its own folder: an ONNX export rebuilds export/ whole.
+
+Tokenizers: byte-level BPE ones (GPT-2's scheme: SmolLM2, Llama 3) are written as llama.cpp's "gpt2"
+vocab with the pre-tokenizer llama.cpp knows them by; SentencePiece-style ones (byte_fallback, Metaspace:
+Llama 2, TinyLlama) and BPE ones whose pre-tokenizer llama.cpp has no name for are refused, as llama.cpp's
+converter refuses them, rather than written as a file that tokenizes text differently from the model.
 """
 from __future__ import annotations
 
 import ctypes
+import json
 import logging
 import os
 import tempfile
@@ -60,8 +66,8 @@ _KNOWN_PRE = {
 # ---- the public functions ----------------------------------------------------------------------------
 
 def export_gguf(run_dir: str | Path, *, quantize: str = "f16", sample: int = 20) -> dict:
-    """Write RUN_DIR/export/model.<quantize>.gguf from the run's merged model, verify it on `sample` dev
-    prompts, record it in export/gguf.json and return that record."""
+    """Write RUN_DIR/gguf/model.<quantize>.gguf from the run's merged model, verify it on `sample` dev
+    prompts, record it in gguf/gguf.json and return that record."""
     from lmtune.export import check_request
     rd = RunDir(run_dir)
     check_request("gguf", rd.root, quantize)
@@ -71,19 +77,20 @@ def export_gguf(run_dir: str | Path, *, quantize: str = "f16", sample: int = 20)
         _import_llama_cpp()  # before any work: the error names the missing package
     from lmtune.inference import load
     run = load(rd.root)
+    pre = llama_cpp_pre_tokenizer(run.tokenizer)  # refuses what llama.cpp would tokenize wrongly, before any work
     model = _merged_llama(run)
     prompts, references = _dev_prompts(run, sample)
-    out = rd.export / f"model.{quantize}.gguf"
+    out = rd.gguf / f"model.{quantize}.gguf"
     t0 = time.perf_counter()
     with atomic_path(out) as tmp:
         if quantize == "q4_k_m":
             _write_q4_k_m(model, run.tokenizer, tmp, _general_name(run, rd))
         else:
             write_llama_gguf(model, run.tokenizer, tmp, quantize, _general_name(run, rd))
+        # verified before the rename: a file that cannot be read back is never left in gguf/
         export_s = time.perf_counter() - t0
-        # verified before the rename: a file that cannot be read back is never left in export/
         verify = _verify(tmp, model, run.tokenizer, prompts, references, _max_new_tokens(run), _stop_ids(run.tokenizer, model))
-    report = {"path": str(out), "bytes": out.stat().st_size, "quantize": quantize, "run_dir": str(rd.root),
+    report = {"path": str(out), "bytes": out.stat().st_size, "quantize": quantize, "run_dir": str(rd.root), "pre_tokenizer": pre,
               "merged_adapter": run.config.peft.method if run.config.peft.method != "none" else None,
               "export_s": round(export_s, 3), "verify": verify}
     _record(rd, report)
@@ -166,14 +173,15 @@ def torch_greedy(model: torch.nn.Module, prompt_ids: list[list[int]], max_new_to
 
 
 def token_agreement(a: list[list[int]], b: list[list[int]]) -> dict:
-    """How closely two lists of continuations agree: the share of generated positions (up to the shorter of
+    """How closely two lists of continuations agree: the share of generated positions (up to the longer of
     each pair) where the tokens are equal, counting every position after a pair's first divergence as
-    disagreeing, and the share of identical continuations."""
+    disagreeing, and the share of identical continuations. A position one side did not generate (it
+    stopped earlier) disagrees: a verifier that stops at once must not score as full agreement."""
     agree = total = 0
     for x, y in zip(a, b):
         n = min(len(x), len(y))
         first_diff = next((i for i in range(n) if x[i] != y[i]), n)
-        agree, total = agree + first_diff, total + n
+        agree, total = agree + first_diff, total + max(len(x), len(y))
     identical = sum(x == y for x, y in zip(a, b)) / max(len(a), 1)
     return {"token_agreement": agree / total if total else float(identical == 1.0), "identical_share": identical}
 
@@ -286,12 +294,10 @@ def _add_tokenizer(writer, tokenizer: Any, vocab_size: int) -> None:
     """A byte-level BPE tokenizer as llama.cpp's "gpt2" model: tokens and their types, merges, special
     ids, whether a BOS is added, and the chat template."""
     import gguf
-    if not getattr(tokenizer, "is_fast", False) or tokenizer.backend_tokenizer.model.__class__.__name__ != "BPE":
-        raise InputError("export: --format gguf writes BPE tokenizers (a tokenizer.json with a BPE model, as SmolLM2 "
-                         "and Llama 3 have); this run's tokenizer is not one.")
+    pre = llama_cpp_pre_tokenizer(tokenizer)
     tokens, types = _vocab(tokenizer, vocab_size)
     writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre(_pre_tokenizer(tokenizer))
+    writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     with tempfile.TemporaryDirectory() as d:  # SpecialVocab reads the merges and special tokens from the files
@@ -327,12 +333,54 @@ def _vocab(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[int]]:
     return tokens, types
 
 
-def _pre_tokenizer(tokenizer: Any) -> str:
-    """llama.cpp's name for the tokenizer's pre-tokenizer (found as llama.cpp finds it, by the hash of the
-    check text's ids); "default" (llama.cpp's generic split) for one it has no name for, so that the file
-    still loads: token ids given to it directly are unaffected, only its own tokenization of text may differ."""
+TOKENIZERS_SUPPORTED = ("--format gguf writes byte-level BPE tokenizers (GPT-2's scheme, as SmolLM2 and Llama 3 have) "
+                        "whose pre-tokenizer llama.cpp knows")
+
+
+def llama_cpp_pre_tokenizer(tokenizer: Any) -> str:
+    """llama.cpp's name for the tokenizer's pre-tokenizer (tokenizer.ggml.pre), or InputError for a tokenizer
+    that a "gpt2" vocab would not reproduce. Known hashes of the check text's ids first (as llama.cpp's
+    converter finds it); else a tokenizer built exactly as GPT-2's (byte-level split with GPT-2's regex, no
+    normalizer, merges applied to every word) is "gpt-2", the split llama.cpp implements for that name,
+    whatever its vocabulary. Anything else is refused, as llama.cpp's converter refuses an unknown hash:
+    llama.cpp's "default" split differs (digits, punctuation), so text would be tokenized differently."""
+    spec = _backend_spec(tokenizer)
+    if _sentencepiece_style(spec):
+        raise InputError(f"export: this run's tokenizer is SentencePiece-style (byte_fallback / Metaspace '▁', as Llama 2 "
+                         f"and TinyLlama have), which lmtune does not write as llama.cpp's 'llama' vocab; {TOKENIZERS_SUPPORTED}.")
+    if spec.get("model", {}).get("type") != "BPE":
+        raise InputError(f"export: this run's tokenizer is not a BPE tokenizer (a tokenizer.json with a BPE model); "
+                         f"{TOKENIZERS_SUPPORTED}.")
     digest = sha256(str(tokenizer.encode(_CHECK_TEXT)).encode()).hexdigest()
-    return _KNOWN_PRE.get(digest, "default")
+    if digest in _KNOWN_PRE:
+        return _KNOWN_PRE[digest]
+    if _is_gpt2_byte_level(spec):
+        return "gpt-2"
+    raise InputError(f"export: llama.cpp has no name for this tokenizer's pre-tokenizer (check-text hash {digest[:16]}..., "
+                     f"pre-tokenizer {json.dumps(spec.get('pre_tokenizer'))[:120]}), so it would split text differently "
+                     f"from the model's own tokenizer; {TOKENIZERS_SUPPORTED} (SmolLM2, Llama 3, GPT-2's).")
+
+
+def _backend_spec(tokenizer: Any) -> dict:
+    """The fast tokenizer's tokenizer.json as a dict ({} for a slow tokenizer)."""
+    if not getattr(tokenizer, "is_fast", False):
+        return {}
+    return json.loads(tokenizer.backend_tokenizer.to_str())
+
+
+def _sentencepiece_style(spec: dict) -> bool:
+    """Llama 2 / TinyLlama's fast tokenizers: BPE over '▁'-joined words (Metaspace pre-tokenizer, or a
+    normalizer replacing spaces by '▁') with byte_fallback to <0xNN> tokens, which llama.cpp reads only as
+    its SentencePiece ("llama") vocab with scores and byte tokens."""
+    steps = json.dumps([spec.get("normalizer"), spec.get("pre_tokenizer"), spec.get("decoder")], ensure_ascii=False)
+    return bool(spec.get("model", {}).get("byte_fallback")) or "Metaspace" in steps or "ByteFallback" in steps or "▁" in steps
+
+
+def _is_gpt2_byte_level(spec: dict) -> bool:
+    pre, dec = spec.get("pre_tokenizer") or {}, spec.get("decoder") or {}
+    return (spec.get("normalizer") is None and pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+            and not pre.get("add_prefix_space") and dec.get("type") == "ByteLevel"
+            and not spec["model"].get("ignore_merges"))
 
 
 def _adds_bos(tokenizer: Any) -> bool:
@@ -473,8 +521,7 @@ def max_logit_diff(a: torch.nn.Module, b: torch.nn.Module, prompts: list[list[in
 
 
 def _record(rd: RunDir, report: dict) -> None:
-    """export/gguf.json: one entry per quantization exported (each export replaces its own entry)."""
-    import json
+    """gguf/gguf.json: one entry per quantization exported (each export replaces its own entry)."""
     manifest = json.loads(rd.gguf_report.read_text()) if rd.gguf_report.is_file() else {}
     manifest[report["quantize"]] = report
     write_json(rd.gguf_report, manifest)
