@@ -81,7 +81,7 @@ def test_reference_log_probs_are_the_starting_models_with_the_adapter_disabled(t
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     collate = lambda f: task.collate(f, tok)  # noqa: E731
-    fill_reference(peft_model, enc.features, collate, torch.device("cpu"), batch_size=5)
+    fill_reference(peft_model, enc.features, collate, torch.device("cpu"), batch_size=5, adapter_off=True)
     batch = collate(enc.features)
     with torch.no_grad():
         plain, _ = response_log_probs(base(**inputs(batch)), batch)
