@@ -182,9 +182,11 @@ class GenerationTask(Task):
 
     def _pair_example(self, row: dict, where: str, source: str) -> GenerationExample:
         """A preference pair: its prompt wrapped as an SFT prompt is (the instruction before a text, or the
-        chat turns as given), chosen as the label and reference, rejected beside it."""
-        from lmtune.tasks.preference import pair_fields
+        chat turns as given), chosen as the label, rejected beside it; its references are the row's own
+        when it has them (the data's targets), else chosen."""
+        from lmtune.tasks.preference import pair_fields, pair_references
         prompt, chosen, rejected = pair_fields(row, where)
+        references = pair_references(row, chosen, where)
         if isinstance(prompt, str):
             self.format = "source_target"  # predict and serve wrap a text the same way
             messages = [{"role": "user", "content": f"{self.instruction}\n\n{prompt}" if self.instruction else prompt}]
@@ -192,7 +194,7 @@ class GenerationTask(Task):
         else:
             self.format = "chat"
             messages, context = list(prompt), "\n".join(m["content"] for m in prompt)
-        return GenerationExample(context, chosen, source, messages=messages, references=[chosen], context=context,
+        return GenerationExample(context, chosen, source, messages=messages, references=references, context=context,
                                  rejected=rejected)
 
     def _example(self, row: dict, fmt: str, cfg: Config, where: str, source: str, require: bool) -> GenerationExample:

@@ -53,6 +53,19 @@ def pair_fields(row: dict, where: str) -> tuple[str | list[dict], str, str]:
     return prompt, row["chosen"], row["rejected"]
 
 
+def pair_references(row: dict, chosen: str, where: str) -> list[str]:
+    """What a pair's generated output is scored against (the dev metric, the decoding search): the row's own
+    `references` (the data's targets; `lmtune prefer` keeps them in its dev pairs, TRL ignores the column),
+    else the chosen output."""
+    refs = row.get("references")
+    if refs is None:
+        return [chosen]
+    if not isinstance(refs, list) or not refs or not all(isinstance(r, str) and r.strip() for r in refs):
+        raise InputError(f"{where}: 'references' must be a non-empty list of non-empty texts (the targets the output is "
+                         "scored against), or left out (then chosen is).")
+    return list(refs)
+
+
 def response_log_probs(outputs: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the summed log-probability of its response tokens (the prompt is masked out) and their count.
     The logits are those of the response positions alone (collate's logits_to_keep)."""
