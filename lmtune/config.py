@@ -776,6 +776,19 @@ def validate(cfg: Config, where: str = "config", lines: dict[str, int] | None = 
         for part in section_parts(name):
             if "validate" in vars(part):
                 part.validate(getattr(cfg, name), cfg, where)
+    _check_objective(cfg, _at(where, "train.objective", lines))
+
+
+def _check_objective(cfg: Config, at: str) -> None:
+    """train.objective other than sft only for a task that declares it (the tasks registry's `objectives`):
+    any other task would train its own loss and ignore the setting."""
+    objective = getattr(cfg.train, "objective", "sft")
+    allowed = tasks.meta(cfg.task, "objectives", ("sft",)) if cfg.task in tasks else ("sft",)
+    if objective not in allowed:
+        able = [t for t in tasks.names() if objective in tasks.meta(t, "objectives", ())]
+        raise InputError(f"{at}: train.objective {objective} is not a training objective of task {cfg.task} (it trains "
+                         f"with {', '.join(allowed)}); {objective} is for task {' or '.join(able) or 'none'}. "
+                         "Remove train.objective, or change the task.")
 
 
 def load_config(path: str | Path | None, overrides: dict[str, Any] | None = None) -> Config:

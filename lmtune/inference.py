@@ -295,6 +295,9 @@ def load(run_dir: str | Path, backend: str = "torch") -> Run:
     meta = read_meta(rd.model)
     task = get_task(meta["task"])
     restore_task_state(task, meta, rd.model)
+    in_run = meta.get("base_model", {}).get("in_run")
+    if in_run:  # the base model is inside the run: found wherever the run is now, from any working directory
+        meta["config"]["model"]["name"] = str(run_dir.resolve() / in_run)
     cfg = build_config(meta["config"])
     model, tokenizer = _load_model(rd, meta, task, cfg)
     metrics = rd.read_metrics()

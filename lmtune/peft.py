@@ -32,6 +32,12 @@ def mergeable() -> tuple[str, ...]:
     return peft_methods.names(mergeable=True)
 
 
+def can_disable(method: str) -> bool:
+    """Whether a run of this method can switch its adapter off (peft's disable_adapter) and so run as the
+    model it started from: the registry's declared `disables` (lmtune/registrations.py)."""
+    return method in peft_methods and bool(peft_methods.meta(method, "disables", False))
+
+
 def default_lr(method: str) -> float:
     """PEFT methods train few weights and need larger steps than full fine-tuning."""
     return peft_methods.meta(method, "default_lr")

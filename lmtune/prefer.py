@@ -87,10 +87,14 @@ def _shares(chosen: list[Candidate]) -> dict:
             "invented_share": float(np.mean([c.invented for c in chosen]))}
 
 
-def make_pairs(run: Any, examples: list, *, k: int, temperature: float, seed: int) -> tuple[list[dict], dict]:
+def make_pairs(run: Any, examples: list, *, k: int, temperature: float, seed: int,
+               keep_references: bool = False) -> tuple[list[dict], dict]:
     """Preference pairs (TRL layout: prompt, chosen, rejected) from `run`'s own outputs on `examples`: its
     greedy output and k samples each, ranked by ROUGE-L minus the penalties; and a summary (prompts,
-    candidates, pairs kept, the chosen and rejected outputs' ROUGE-L and penalty shares)."""
+    candidates, pairs kept, the chosen and rejected outputs' ROUGE-L and penalty shares).
+    keep_references: each pair also keeps its example's true references (a `references` list, which TRL
+    ignores), so the dev pairs score the new run's decoding against the data, not against the SFT model's
+    own chosen sample."""
     from lmtune import runtime
     from lmtune.generate_control import generate_outputs
     if k < 1:
@@ -112,7 +116,10 @@ def make_pairs(run: Any, examples: list, *, k: int, temperature: float, seed: in
         if picked is None:
             continue
         best, worst = picked
-        pairs.append({"prompt": _pair_prompt(task, ex), "chosen": best.text, "rejected": worst.text})
+        pair = {"prompt": _pair_prompt(task, ex), "chosen": best.text, "rejected": worst.text}
+        if keep_references and ex.references:
+            pair["references"] = list(ex.references)
+        pairs.append(pair)
         chosen.append(best)
         rejected.append(worst)
     summary = {"prompts": len(examples), "candidates": len(examples) * (k + 1), "pairs": len(pairs), "k": k,
@@ -125,13 +132,15 @@ def prefer(run_dir: str | Path, *, k: int = 4, temperature: float = 0.8, max_pro
            objective: str = "dpo", run_name: str | None = None, progress: str = "bar", overrides: dict | None = None):
     """Pairs from the SFT run at run_dir (its train split, at most max_prompts prompts; dev pairs from its
     dev split), then a new run trained with train.objective `objective` from the SFT model's merged weights,
-    its decoding searched again and its test split scored. Returns the new Run (as lmtune.train does)."""
+    its decoding searched again and its test split scored. Returns the new Run (as lmtune.train does).
+
+    The pairs are also kept in the SFT run (RUN/prefer_pairs/<settings>/): a call with the same settings
+    reuses them instead of sampling again, so a training that fails or is stopped loses no sampling."""
     from lmtune.api import load
     from lmtune.artifacts import new_run_dir
     from lmtune.config import build_config
     from lmtune.io import write_json, write_jsonl
     from lmtune.recipe import train_splits
-    from lmtune.recipe.stages import sample
     from lmtune.tasks import get_task
     from lmtune.tasks.base import Splits
 
@@ -143,21 +152,10 @@ def prefer(run_dir: str | Path, *, k: int = 4, temperature: float = 0.8, max_pro
     if sft.task.name != "generation" or getattr(sft.task, "objective", "sft") != "sft":
         raise InputError(f"{run_dir}: prefer starts from an SFT run of task generation (this one is "
                          f"{sft.task.name}{'' if sft.task.name != 'generation' else ', objective ' + sft.task.objective}).")
+    _check_mergeable(sft, run_dir)  # before the sampling, the expensive part
     cfg = sft.config
     splits = get_task("generation").read(cfg)  # the SFT run's own split (seeded), test included
-    seed = cfg.train.seed
-    train_ex = sample(splits.train, max_prompts or 0, seed)
-    dev_cap = min(cfg.generate.search_examples, max_prompts) if max_prompts else cfg.generate.search_examples
-    dev_ex = sample(splits.dev, dev_cap, seed)
-    log.info("prefer: sampling %d outputs for %d train and %d dev prompts", k + 1, len(train_ex), len(dev_ex))
-    t0 = time.perf_counter()
-    pairs, summary = make_pairs(sft, train_ex, k=k, temperature=temperature, seed=seed)
-    dev_pairs, dev_summary = make_pairs(sft, dev_ex, k=k, temperature=temperature, seed=seed + 1)
-    sampling_seconds = time.perf_counter() - t0
-    for name, found in (("train", pairs), ("dev", dev_pairs)):
-        if not found:
-            raise InputError(f"{run_dir}: no {name} prompt gave two outputs {MARGIN} apart in score: nothing to prefer. "
-                             "Raise --k or --temperature (more varied samples), or --max-prompts.")
+    pairs, dev_pairs, record, kept = _pairs_of(sft, Path(run_dir), splits, k=k, temperature=temperature, max_prompts=max_prompts)
 
     d = cfg.to_dict()
     d["train"] = {**d["train"], "objective": objective, "lr": None, "head_lr": None, "metric": None, "progress": progress}
@@ -169,7 +167,7 @@ def prefer(run_dir: str | Path, *, k: int = 4, temperature: float = 0.8, max_pro
         d["run_name"] = f"{Path(run_dir).name}-{objective}"
     new_cfg = build_config(d, overrides)
     new_dir = new_run_dir(new_cfg)  # claimed now: the pairs and the SFT weights go inside it
-    pref = new_dir / "prefer"
+    pref = new_dir.resolve() / "prefer"  # absolute in the config, so the run loads from any directory
     try:
         base = _merged_sft(sft, pref / "sft_model")
         write_jsonl(pref / "pairs.jsonl", pairs)
@@ -178,24 +176,108 @@ def prefer(run_dir: str | Path, *, k: int = 4, temperature: float = 0.8, max_pro
         d["model"] = {**d["model"], "name": str(base), "gguf_file": None}
         d["data"] = {**d["data"], "train": str(pref / "pairs.jsonl"), "dev": str(pref / "dev_pairs.jsonl")}
         new_cfg = build_config(d)
-        task = get_task("generation")
-        task._read_constraint(new_cfg)
-        train_pairs = task.read_file(new_cfg.data.train, new_cfg)
-        dev_read = task.read_file(new_cfg.data.dev, new_cfg)
+        task, train_pairs, dev_read = _preference_task(sft.task, new_cfg)
         info = {**splits.info, "sizes": {"train": len(train_pairs), "dev": len(dev_read), "test": len(splits.test)},
-                "format": task.format, "prefer": {"from_run": str(run_dir)}}
-        record = {"from_run": str(Path(run_dir).resolve()), "objective": objective, "train": summary, "dev": dev_summary,
-                  "sampling_seconds": round(sampling_seconds, 3)}  # making the pairs; the training's own is metrics.train
+                "format": task.format, "prefer": {"from_run": str(Path(run_dir).resolve())}}
+        record = {**record, "objective": objective}
         write_json(new_dir / "prefer.json", record)
     except BaseException:
         import shutil
         shutil.rmtree(new_dir, ignore_errors=True)  # our own half-written run, never user data
         raise
-    run = train_splits(new_cfg, task, Splits(train_pairs, dev_read, splits.test, ["output"], info), run_dir=new_dir)
+    try:
+        run = train_splits(new_cfg, task, Splits(train_pairs, dev_read, splits.test, ["output"], info), run_dir=new_dir)
+    except BaseException:
+        if kept is not None:
+            log.error("prefer: the %s run failed; its pairs are kept in %s, and `lmtune prefer %s` with the same --k, "
+                      "--temperature and --max-prompts reuses them", objective, kept, run_dir)
+        raise
     from lmtune import results
     results.update(run.run_dir, prefer=record)
     run.metrics["prefer"] = record
     return run
+
+
+def _check_mergeable(sft: Any, run_dir: str | Path) -> None:
+    """The new run trains a LoRA over the SFT model's merged weights: an SFT adapter that cannot be merged
+    (prefix, prompt, lmtune's bottleneck adapter) is refused before anything is sampled."""
+    from lmtune.peft import is_peft, mergeable
+    method = sft.config.peft.method
+    if is_peft(sft.model) and method not in mergeable():
+        raise InputError(f"{run_dir}: peft.method {method} cannot be merged into the model's weights, and prefer trains a "
+                         f"new LoRA over the SFT model's merged weights; start from a run trained with peft.method "
+                         f"{', '.join(mergeable())} or none (full fine-tuning).")
+
+
+def _pairs_of(sft: Any, run_dir: Path, splits: Any, *, k: int, temperature: float,
+              max_prompts: int | None) -> tuple[list[dict], list[dict], dict, Path | None]:
+    """(train pairs, dev pairs, the prefer.json record, the folder that keeps them): read back from the SFT
+    run's prefer_pairs/ when an earlier call with the same settings made them, else sampled and kept there.
+    The folder is None when the SFT run cannot be written to (the pairs then live only in the new run)."""
+    from lmtune.io import atomic_dir, write_json, write_jsonl
+    from lmtune.recipe.stages import sample
+    cfg = sft.config
+    seed = cfg.train.seed
+    settings = {"k": k, "temperature": temperature, "max_prompts": max_prompts, "seed": seed, "top_p": TOP_P,
+                "margin": MARGIN, "penalties": PENALTIES}
+    kept = run_dir / "prefer_pairs" / f"k{k}-t{temperature:g}-p{max_prompts or 'all'}-s{seed}"
+    earlier = _read_kept(kept, settings)
+    if earlier is not None:
+        log.info("prefer: reusing the pairs sampled by an earlier call, kept in %s", kept)
+        return (*earlier, kept)
+    train_ex = sample(splits.train, max_prompts or 0, seed)
+    dev_cap = min(cfg.generate.search_examples, max_prompts) if max_prompts else cfg.generate.search_examples
+    dev_ex = sample(splits.dev, dev_cap, seed)
+    log.info("prefer: sampling %d outputs for %d train and %d dev prompts", k + 1, len(train_ex), len(dev_ex))
+    t0 = time.perf_counter()
+    pairs, summary = make_pairs(sft, train_ex, k=k, temperature=temperature, seed=seed)
+    dev_pairs, dev_summary = make_pairs(sft, dev_ex, k=k, temperature=temperature, seed=seed + 1, keep_references=True)
+    sampling_seconds = time.perf_counter() - t0
+    for name, found in (("train", pairs), ("dev", dev_pairs)):
+        if not found:
+            raise InputError(f"{run_dir}: no {name} prompt gave two outputs {MARGIN} apart in score: nothing to prefer. "
+                             "Raise --k or --temperature (more varied samples), or --max-prompts.")
+    record = {"from_run": str(run_dir.resolve()), "train": summary, "dev": dev_summary,
+              "sampling_seconds": round(sampling_seconds, 3)}  # making the pairs; the training's own is metrics.train
+    try:
+        with atomic_dir(kept) as tmp:
+            write_jsonl(tmp / "pairs.jsonl", pairs)
+            write_jsonl(tmp / "dev_pairs.jsonl", dev_pairs)
+            write_json(tmp / "pairs.json", {"settings": settings, "record": record})
+    except OSError as e:  # a read-only SFT run: the new run still holds its own copy
+        log.warning("prefer: cannot keep the pairs in %s (%s); they are written to the new run only", kept, e)
+        return pairs, dev_pairs, record, None
+    return pairs, dev_pairs, record, kept
+
+
+def _read_kept(kept: Path, settings: dict) -> tuple[list[dict], list[dict], dict] | None:
+    """The pairs an earlier call kept, when they were made with these exact settings."""
+    import json
+    try:
+        meta = json.loads((kept / "pairs.json").read_text(encoding="utf-8"))
+        if meta.get("settings") != json.loads(json.dumps(settings)):  # JSON round trip: tuples are lists there
+            return None
+        rows = [[json.loads(line) for line in (kept / name).read_text(encoding="utf-8").splitlines() if line.strip()]
+                for name in ("pairs.jsonl", "dev_pairs.jsonl")]
+    except (OSError, ValueError):
+        return None
+    return rows[0], rows[1], {**meta["record"], "pairs_reused": True}
+
+
+# the task state a run's decoding follows (structured output, stop strings) that the pairs files do not carry:
+# the new run keeps the SFT run's, json_layout included (set by the SFT run's read() from its targets)
+CONSTRAINT_STATE = ("schema", "regex", "choices", "label_set", "stop", "json_layout", "json_schema")
+
+
+def _preference_task(sft_task: Any, cfg: Any) -> tuple[Any, list, list]:
+    """The new run's generation task with its train and dev pairs read, and the SFT run's constraint state."""
+    from lmtune.tasks import get_task
+    task = get_task("generation")
+    train_pairs = task.read_file(cfg.data.train, cfg)
+    dev_read = task.read_file(cfg.data.dev, cfg)
+    state = sft_task.state()
+    task.set_state({key: state[key] for key in CONSTRAINT_STATE if key in state})
+    return task, train_pairs, dev_read
 
 
 def _merged_sft(sft: Any, out: Path) -> Path:

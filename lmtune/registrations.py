@@ -13,15 +13,20 @@ tasks.register("multilabel", "lmtune.tasks.multilabel:MultiLabelTask")
 tasks.register("regression", "lmtune.tasks.regression:RegressionTask")
 tasks.register("relation", "lmtune.tasks.relation:RelationTask")
 tasks.register("qa", "lmtune.tasks.qa:QATask")
-tasks.register("generation", "lmtune.tasks.generation:GenerationTask")
+# objectives: the train.objective values the task trains with (every task: sft, its own loss); generation
+# also learns from preference pairs (lmtune.tasks.preference)
+tasks.register("generation", "lmtune.tasks.generation:GenerationTask", objectives=("sft", "dpo", "orpo"))
 tasks.register("retrieval", "lmtune.tasks.retrieval:RetrievalTask")
 
 # default_lr: PEFT trains few weights and needs larger steps than full fine-tuning;
-# mergeable: the adapter folds into the weights (lmtune merge, ONNX export)
+# mergeable: the adapter folds into the weights (lmtune merge, ONNX export); disables: peft's disable_adapter gives
+# back the model the adapter started from (the LoRA family starts as the identity: B = 0, IA3's scales 1), so a
+# loaded DPO run recovers its reference; prefix and prompt tuning start from random virtual tokens, and
+# lmtune's own bottleneck adapter has no switch
 peft_methods.register("none", None, default_lr=None, mergeable=False)  # full fine-tuning
-peft_methods.register("lora", "lmtune.peft:build_lora", default_lr=1e-3, mergeable=True)
-peft_methods.register("adalora", "lmtune.peft:build_adalora", default_lr=2e-3, mergeable=True)
-peft_methods.register("ia3", "lmtune.peft:build_ia3", default_lr=5e-3, mergeable=True)
+peft_methods.register("lora", "lmtune.peft:build_lora", default_lr=1e-3, mergeable=True, disables=True)
+peft_methods.register("adalora", "lmtune.peft:build_adalora", default_lr=2e-3, mergeable=True, disables=True)
+peft_methods.register("ia3", "lmtune.peft:build_ia3", default_lr=5e-3, mergeable=True, disables=True)
 peft_methods.register("prefix", "lmtune.peft:build_prefix", default_lr=1e-2, mergeable=False)
 peft_methods.register("prompt", "lmtune.peft:build_prompt", default_lr=3e-2, mergeable=False)
 peft_methods.register("adapter", "lmtune.peft:build_adapter", default_lr=1e-3, mergeable=False)

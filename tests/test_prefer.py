@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import pytest
@@ -13,6 +14,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lmtune
+import lmtune.prefer
+import lmtune.recipe
 from lmtune.cli import main
 from lmtune.config import build_config
 from lmtune.peft import apply_peft
@@ -81,7 +84,7 @@ def test_reference_log_probs_are_the_starting_models_with_the_adapter_disabled(t
             if "lora_B" in name:
                 p.normal_(0, 0.5)
     collate = lambda f: task.collate(f, tok)  # noqa: E731
-    fill_reference(peft_model, enc.features, collate, torch.device("cpu"), batch_size=5)
+    fill_reference(peft_model, enc.features, collate, torch.device("cpu"), batch_size=5, adapter_off=True)
     batch = collate(enc.features)
     with torch.no_grad():
         plain, _ = response_log_probs(base(**inputs(batch)), batch)
@@ -149,22 +152,51 @@ def test_a_loop_is_never_chosen_over_a_clean_output_of_equal_rouge():
     assert max(got, key=lambda c: c.score) is got[0]
 
 
-def test_prefer_makes_pairs_from_an_sft_run_and_trains_dpo(tmp_path, tiny_llama, capsys):
+def _sft(tmp_path: Path, model: str, name: str = "sft", **peft) -> Path:
     data = {k: _write(tmp_path / f"{k}.jsonl", _rows(n, s)) for k, n, s in (("train", 48, 1), ("dev", 8, 2), ("test", 8, 3))}
-    sft = lmtune.train({"task": "generation", "output_dir": str(tmp_path / "runs"), "run_name": "sft", "model": {"name": tiny_llama},
+    run = lmtune.train({"task": "generation", "output_dir": str(tmp_path / "runs"), "run_name": name, "model": {"name": model},
                         "data": {**data, "label_column": "summary", "max_length": 96},
                         "generate": {"instruction": "Summarize.", "max_new_tokens": 10, "search_trials": 0, "search_examples": 8},
-                        "peft": {"method": "lora", "r": 8}, "train": {"epochs": 2, "lr": 5e-3, "progress": "none", "seed": 1}})
-    assert main(["prefer", str(sft.run_dir), "--k", "3", "--max-prompts", "16", "--run_name", "dpo",
-                 "--train.epochs", "1", "--train.progress", "none"]) == 0
+                        "peft": {"method": "lora", "r": 8, **peft},
+                        "train": {"epochs": 2, "lr": 5e-3, "progress": "none", "seed": 1}})
+    return run.run_dir
+
+
+def test_prefer_makes_pairs_from_an_sft_run_and_trains_dpo(tmp_path, tiny_llama, capsys, caplog, monkeypatch):
+    sft_dir = _sft(tmp_path, tiny_llama)
+    monkeypatch.chdir(tmp_path)  # output_dir "runs", relative as by default: the new run must load from anywhere
+    args = ["prefer", str(sft_dir), "--k", "3", "--max-prompts", "16", "--run_name", "dpo", "--output_dir", "runs",
+            "--train.epochs", "1", "--train.progress", "none"]
+    new = Path("runs") / "dpo"
+
+    def stopped(*args, **kwargs):
+        raise KeyboardInterrupt  # Ctrl-C in the DPO training, after the sampling
+    with monkeypatch.context() as m:
+        m.setattr(lmtune.recipe, "_train", stopped)
+        assert main(args) == 130
+    assert not new.exists()  # the recipe removed its unfinished run; the sampled pairs survive in the SFT run
+    kept = sft_dir / "prefer_pairs" / "k3-t0.8-p16-s1"
+    assert f"its pairs are kept in {kept}" in caplog.text
+    kept_pairs = (kept / "pairs.jsonl").read_text()
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("the rerun samples again instead of reusing the kept pairs")
+    with monkeypatch.context() as m:
+        m.setattr(lmtune.prefer, "make_pairs", no_sampling)
+        assert main(args) == 0
     out = capsys.readouterr().out
-    new = tmp_path / "runs" / "dpo"
     assert f"run dir: {new}" in out
-    pairs = [json.loads(x) for x in (new / "prefer" / "pairs.jsonl").read_text().splitlines()]
+    assert (new / "prefer" / "pairs.jsonl").read_text() == kept_pairs
+    pairs = [json.loads(x) for x in kept_pairs.splitlines()]
     assert pairs and all(set(p) == {"prompt", "chosen", "rejected"} and p["chosen"] != p["rejected"] for p in pairs)
     assert all(p["prompt"] in [r["text"] for r in _rows(48, 1)] for p in pairs)  # the source text, wrapped again on reading
+    # the dev pairs keep the dev split's true references: the decoding search and dev ROUGE-L score against the
+    # data, not against the SFT model's own chosen sample
+    dev_truth = {r["text"]: r["summary"] for r in _rows(8, 2)}
+    dev_pairs = [json.loads(x) for x in (new / "prefer" / "dev_pairs.jsonl").read_text().splitlines()]
+    assert dev_pairs and all(p["references"] == [dev_truth[p["prompt"]]] for p in dev_pairs)
     summary = json.loads((new / "prefer.json").read_text())
-    assert summary["sampling_seconds"] > 0 and summary["objective"] == "dpo"
+    assert summary["sampling_seconds"] > 0 and summary["objective"] == "dpo" and summary["pairs_reused"] is True
     assert summary["train"]["prompts"] == 16 and summary["train"]["candidates"] == 64
     assert summary["train"]["pairs"] == len(pairs) and set(summary["train"]["chosen"]) >= {"loop_share", "invented_share"}
     results = json.loads((new / "results.json").read_text())
@@ -172,11 +204,78 @@ def test_prefer_makes_pairs_from_an_sft_run_and_trains_dpo(tmp_path, tiny_llama,
     assert results["prefer"]["train"]["pairs"] == len(pairs)
     report = (new / "report.md").read_text()
     assert "### Preference tuning" in report and "Pairs made by `lmtune prefer`" in report
-    run = lmtune.load(new)  # a new LoRA over the SFT model's merged weights, which the run dir holds
-    assert run.task.objective == "dpo" and run.task.instruction == "Summarize."
-    assert json.loads((new / "model" / "adapter_config.json").read_text())["base_model_name_or_path"].endswith("sft_model")
-    assert run.metrics["train"]["train_seconds"] > 0
-    assert run.predict(["the food was great"])[0]["output"] is not None
+    assert json.loads((new / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
+        str((new / "prefer" / "sft_model").resolve())
+
+    # the run loads from another directory, and after its folder is moved (its base, the merged SFT model, is inside it)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    for moved in (False, True):
+        where = Path(shutil.move(tmp_path / new, tmp_path / "moved")) if moved else tmp_path / new
+        run = lmtune.load(where)
+        assert run.task.objective == "dpo" and run.task.instruction == "Summarize."
+        assert run.metrics["train"]["train_seconds"] > 0
+        assert run.predict(["the food was great"])[0]["output"] is not None
+
+
+def test_pairs_with_references_are_scored_against_them(tmp_path, tiny_llama, capsys):
+    cfg = _pair_cfg(tmp_path, tiny_llama, "dpo")
+    rows = [{**p, "references": ["the true summary", "another"]} for p in _pairs(3, 2)] + _pairs(1, 3)
+    examples = get_task("generation").read_file(_write(tmp_path / "refs.jsonl", rows), build_config(cfg))
+    assert [ex.references for ex in examples] == [["the true summary", "another"]] * 3 + [[rows[3]["chosen"]]]
+    assert all(ex.label == r["chosen"] for ex, r in zip(examples, rows))  # still trained towards chosen
+    rows[1]["references"] = "not a list"
+    cfg["data"]["dev"] = _write(tmp_path / "bad_refs.jsonl", rows)
+    (tmp_path / "c.yaml").write_text(json.dumps(cfg))
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    assert f"{tmp_path / 'bad_refs.jsonl'}: line 2: 'references' must be a non-empty list" in capsys.readouterr().err
+
+
+def test_the_new_run_keeps_the_sft_runs_json_layout_and_constraint(tmp_path, tiny_llama):
+    from lmtune.prefer import _preference_task
+    cfg = build_config(_pair_cfg(tmp_path, tiny_llama, "dpo"))
+    sft_task = get_task("generation")
+    schema = {"type": "object", "properties": {"topic": {"type": "string"}}, "required": ["topic"]}
+    sft_task.set_state({"schema": schema, "json_layout": "compact", "stop": ["\n\n"]})
+    task, train, dev = _preference_task(sft_task, cfg)
+    assert task.json_layout == "compact" and task.schema == schema and task.stop == ["\n\n"]
+    assert task.constraint is not None and task.constraint.json_layout == "compact"
+    assert len(train) == 48 and len(dev) == 12 and task.objective == "dpo"
+
+
+def test_prefer_refuses_an_unmergeable_sft_run_before_sampling(tmp_path, tiny_llama, capsys, monkeypatch):
+    sft_dir = _sft(tmp_path, tiny_llama, method="prefix", num_virtual_tokens=4)
+
+    def no_sampling(*args, **kwargs):
+        raise AssertionError("sampled before finding the run cannot be merged")
+    monkeypatch.setattr(lmtune.prefer, "make_pairs", no_sampling)
+    assert main(["prefer", str(sft_dir), "--run_name", "dpo"]) == 2
+    assert "peft.method prefix cannot be merged into the model's weights" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["sft"]
+
+
+def test_a_loaded_dpo_run_whose_adapter_cannot_be_switched_off_says_so(tmp_path, tiny_llama, capsys):
+    from lmtune.peft import can_disable
+    from lmtune.registry import peft_methods
+    assert peft_methods.names(disables=True) == ("lora", "adalora", "ia3") and not can_disable("adapter")
+    cfg = _pair_cfg(tmp_path, tiny_llama, "dpo", epochs=1)
+    cfg["peft"] = {"method": "prefix", "num_virtual_tokens": 4}
+    run = lmtune.train(cfg)
+    assert main(["evaluate", str(run.run_dir), "--data", str(tmp_path / "dev.jsonl")]) == 2
+    err = capsys.readouterr().err
+    assert "trained with peft.method prefix, whose adapter cannot be switched off" in err and "fully fine-tuned" not in err, err
+
+
+@pytest.mark.parametrize("objective", ["dpo", "orpo"])
+def test_a_preference_objective_for_a_task_without_it_is_exit_2_with_its_line(tmp_path, capsys, objective):
+    (tmp_path / "c.yaml").write_text(f"task: classification\nmodel:\n  name: x\ndata:\n  train: t.jsonl\n"
+                                     f"train:\n  epochs: 1\n  objective: {objective}\n")
+    assert main(["train", str(tmp_path / "c.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'c.yaml'}: line 8: train.objective {objective} is not a training objective of task classification" in err
+    assert "is for task generation" in err
+    assert not (tmp_path / "runs").exists()
 
 
 def test_the_config_schema_has_the_preference_keys():

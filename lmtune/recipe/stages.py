@@ -8,6 +8,7 @@ import functools
 import json
 import logging
 import time
+from pathlib import Path
 
 from transformers import set_seed
 
@@ -227,6 +228,10 @@ def save(ctx: Context) -> None:
     if is_peft(model):
         base_path = resolve_model(cfg.model.name)
         extra["base_model"] = {"name": cfg.model.name, "path": base_path, "sha256": base_fingerprint(base_path)}
+        # a base inside the run (lmtune prefer's merged SFT model): load finds it there wherever the run is moved
+        root, base = ctx.rd.root.resolve(), Path(base_path).resolve()
+        if Path(base_path).is_dir() and base.is_relative_to(root):
+            extra["base_model"]["in_run"] = base.relative_to(root).as_posix()
     # the temperature goes into the saved weights (lmtune.fold), so transformers.pipeline and an ONNX
     # export give lmtune's probabilities; the model in memory stays raw for the stages after this one
     with folded(model, task, _probe(ctx)) as layer, atomic_dir(ctx.rd.model) as tmp, quiet_transformers():

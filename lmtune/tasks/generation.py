@@ -88,17 +88,18 @@ class GenerationTask(Task):
         self.packing = False
         self.search: dict = {}  # the decoding search's table, for the report and generation.json
         self.objective, self.beta, self.orpo_lambda = "sft", 0.1, 0.1  # train.objective (lmtune.tasks.preference)
+        self.peft_method = "none"  # peft.method: whether a loaded dpo run can switch its adapter off for its reference
 
     # ---- state ---------------------------------------------------------------------------------
     def state(self) -> dict:
         return {"format": self.format, "instruction": self.instruction, "max_new_tokens": self.max_new_tokens,
                 "decoding": self.decoding, "label_set": self.label_set, "json_schema": self.json_schema, "stop": self.stop,
                 "schema": self.schema, "regex": self.regex, "choices": self.choices, "json_layout": self.json_layout,
-                "objective": self.objective}
+                "objective": self.objective, "peft_method": self.peft_method}
 
     def set_state(self, state: dict) -> None:
         for k in ("format", "instruction", "max_new_tokens", "decoding", "label_set", "json_schema", "stop", "schema", "regex",
-                  "choices", "json_layout", "objective"):
+                  "choices", "json_layout", "objective", "peft_method"):
             if k in state:
                 setattr(self, k, state[k])
 
@@ -127,28 +128,36 @@ class GenerationTask(Task):
         self.label_set, self.json_schema, self.stop = list(g.label_set), g.json_schema, list(g.stop)
         self.regex, self.choices = g.regex or None, list(g.choices)  # the schema file is read once, by read()
         self.objective, self.beta, self.orpo_lambda = cfg.train.objective, cfg.train.beta, cfg.train.orpo_lambda
+        self.peft_method = cfg.peft.method
 
     def default_lr(self, cfg: Config) -> float | None:
         from lmtune.tasks.preference import DEFAULT_LR
         return DEFAULT_LR.get(cfg.train.objective) if cfg.peft.method != "none" else None
 
     def before_fit(self, model, features: list[dict], collate, device: torch.device) -> None:
-        """dpo: the reference log-probs of every pair (train, dev, test), from the model as built."""
+        """dpo: the reference log-probs of every pair (train, dev, test), from the model as built (before any
+        step the policy is its own reference, whatever the PEFT method)."""
         if self.objective == "dpo":
             from lmtune.tasks.preference import fill_reference
             fill_reference(model.to(device), [f for f in features if "rejected_ids" in f], collate, device)
 
     def prepare_outputs(self, model, features: list[dict], collate, device: torch.device) -> None:
         """A loaded dpo run scoring pairs (lmtune evaluate RUN pairs.jsonl): its reference is its model with the
-        adapter disabled; a fully fine-tuned one kept no reference, so its pair loss cannot be computed."""
+        adapter switched off, which only the methods declared `disables` can do (lmtune/registrations.py)."""
         pairs = [f for f in features if "rejected_ids" in f]
         if self.objective != "dpo" or not pairs:
             return
-        if not hasattr(model, "disable_adapter"):
-            raise InputError("this dpo run was fully fine-tuned and keeps no reference model, so its DPO loss on pairs "
-                             "cannot be computed; evaluate it on prompt/reference rows instead.")
+        from lmtune.peft import can_disable, is_peft
+        if not (is_peft(model) and can_disable(self.peft_method)):
+            from lmtune.registry import peft_methods
+            how = ("was fully fine-tuned and keeps no reference model" if self.peft_method == "none" else
+                   f"was trained with peft.method {self.peft_method}, whose adapter cannot be switched off to give back "
+                   "its starting model (the reference)")
+            raise InputError(f"this dpo run {how}, so its DPO loss on pairs cannot be computed; evaluate it on "
+                             f"prompt/reference rows instead (or train with peft.method "
+                             f"{' or '.join(peft_methods.names(disables=True))}).")
         from lmtune.tasks.preference import fill_reference
-        fill_reference(model, pairs, collate, device)
+        fill_reference(model, pairs, collate, device, adapter_off=True)
 
     def reads_pairs(self, cfg: Config) -> bool:
         return False
@@ -173,9 +182,11 @@ class GenerationTask(Task):
 
     def _pair_example(self, row: dict, where: str, source: str) -> GenerationExample:
         """A preference pair: its prompt wrapped as an SFT prompt is (the instruction before a text, or the
-        chat turns as given), chosen as the label and reference, rejected beside it."""
-        from lmtune.tasks.preference import pair_fields
+        chat turns as given), chosen as the label, rejected beside it; its references are the row's own
+        when it has them (the data's targets), else chosen."""
+        from lmtune.tasks.preference import pair_fields, pair_references
         prompt, chosen, rejected = pair_fields(row, where)
+        references = pair_references(row, chosen, where)
         if isinstance(prompt, str):
             self.format = "source_target"  # predict and serve wrap a text the same way
             messages = [{"role": "user", "content": f"{self.instruction}\n\n{prompt}" if self.instruction else prompt}]
@@ -183,7 +194,7 @@ class GenerationTask(Task):
         else:
             self.format = "chat"
             messages, context = list(prompt), "\n".join(m["content"] for m in prompt)
-        return GenerationExample(context, chosen, source, messages=messages, references=[chosen], context=context,
+        return GenerationExample(context, chosen, source, messages=messages, references=references, context=context,
                                  rejected=rejected)
 
     def _example(self, row: dict, fmt: str, cfg: Config, where: str, source: str, require: bool) -> GenerationExample:

@@ -53,6 +53,19 @@ def pair_fields(row: dict, where: str) -> tuple[str | list[dict], str, str]:
     return prompt, row["chosen"], row["rejected"]
 
 
+def pair_references(row: dict, chosen: str, where: str) -> list[str]:
+    """What a pair's generated output is scored against (the dev metric, the decoding search): the row's own
+    `references` (the data's targets; `lmtune prefer` keeps them in its dev pairs, TRL ignores the column),
+    else the chosen output."""
+    refs = row.get("references")
+    if refs is None:
+        return [chosen]
+    if not isinstance(refs, list) or not refs or not all(isinstance(r, str) and r.strip() for r in refs):
+        raise InputError(f"{where}: 'references' must be a non-empty list of non-empty texts (the targets the output is "
+                         "scored against), or left out (then chosen is).")
+    return list(refs)
+
+
 def response_log_probs(outputs: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row: the summed log-probability of its response tokens (the prompt is masked out) and their count.
     The logits are those of the response positions alone (collate's logits_to_keep)."""
@@ -87,18 +100,19 @@ def pair_losses(objective: str, logps: torch.Tensor, counts: torch.Tensor, refer
 
 
 @torch.inference_mode()
-def fill_reference(model: torch.nn.Module, features: list[dict], collate, device: torch.device, batch_size: int = 8) -> None:
-    """Each pair feature's reference log-probs (chosen, rejected): the starting model's, computed once
-    before training, with the adapter disabled (peft's disable_adapter) where there is one, so no second
-    copy of the model is held (TRL's precompute_ref_log_probs). Full fine-tuning: the model before any step."""
+def fill_reference(model: torch.nn.Module, features: list[dict], collate, device: torch.device, batch_size: int = 8, *,
+                   adapter_off: bool = False) -> None:
+    """Each pair feature's reference log-probs (chosen, rejected), computed once, so no second copy of the
+    model is held (TRL's precompute_ref_log_probs). Before training the model as built is the reference;
+    a trained run recovers it with adapter_off (peft's disable_adapter, for the methods whose adapter
+    starts as the identity: lmtune.peft.can_disable)."""
     from lmtune.training.loop import inputs
     todo = [f for f in features if "reference" not in f]
     if not todo:
         return
     was_training = model.training
     model.eval()
-    off = model.disable_adapter() if hasattr(model, "disable_adapter") and hasattr(model, "peft_config") else contextlib.nullcontext()
-    with off:
+    with model.disable_adapter() if adapter_off else contextlib.nullcontext():
         for i in range(0, len(todo), batch_size):
             part = todo[i:i + batch_size]
             batch = {k: v.to(device) for k, v in collate(part).items()}
