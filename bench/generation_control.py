@@ -108,31 +108,57 @@ def summary_field(text: str) -> str:
 
 
 def phase_structured(work: Path, files: dict, n_train: int) -> dict:
-    """Train (or reuse the finished run under --work), then the test outputs both ways: the constrained ones
-    are the run's own test predictions (training generated them with the schema), the unconstrained ones
-    are generated here with the same decoding settings."""
+    """Train (or reuse the finished run under --work), then decode the test dialogues twice with the
+    run's decoding settings: with the schema enforced and without."""
     s = structured_files(work, files, n_train)
     cfg = {"task": "generation", "output_dir": str(work / "runs"), "run_name": "structured", "model": {"name": MODEL},
            "data": {"train": s["train"], "dev": s["dev"], "test": s["test"], "text_column": "dialogue", "label_column": "target"},
            "generate": {"instruction": STRUCTURED_INSTRUCTION, "max_new_tokens": STRUCTURED_MAX_NEW, "schema": s["schema"]},
            "train": {"seed": SEED, "progress": "bar"}}
-    run = finished_run(work, "structured") or train(build_config(cfg))
+    reused = finished_run(work, "structured")
+    run = reused or train(build_config(cfg))
     task = run.task
+    metrics = results(run.run_dir)
+    before = dict(task.decoding)
+    if reused is not None:
+        rechoose(task, metrics)
     test = task.read_file(s["test"], run.config)
     refs = [[json.loads(line)[f"summary{k}"] for k in (1, 2, 3)]
             for line in Path(s["test"]).read_text(encoding="utf-8").splitlines() if line.strip()]
-    saved = [json.loads(x) for x in (Path(run.run_dir) / "predictions" / "test.jsonl").read_text(encoding="utf-8").splitlines() if x.strip()]
-    assert [r["prompt"] for r in saved] == [ex.context for ex in test], "the run's test predictions are not the test file's order"
-    t0 = time.perf_counter()
-    free = [g["text"] for g in task.generate(run.model, run.tokenizer, test, CPU, progress="bar", constraint=None)]
-    metrics = results(run.run_dir)
     out: dict = {"run_dir": str(run.run_dir), "train": n_train, "test": len(test), "decoding": task.decoding,
-                 "train_s": round(metrics["summary"]["train_seconds"], 1), "unconstrained_generate_s": round(time.perf_counter() - t0, 1)}
-    for side, texts in (("constrained", [r["output"] for r in saved]), ("unconstrained", free)):
+                 "decoding_at_training": before, "train_s": round(metrics["summary"]["train_seconds"], 1)}
+    for side, constraint in (("constrained", "run"), ("unconstrained", None)):
+        t0 = time.perf_counter()
+        generated = task.generate(run.model, run.tokenizer, test, CPU, progress="bar", constraint=constraint)
+        texts = [g["text"] for g in generated]
         out[f"valid_{side}"] = round(task.constraint.valid_share(texts), 4)
         out[f"rougeL_{side}"] = round(100 * rouge(refs, [summary_field(t) for t in texts])["rougeL"], 2)
-    out["run_structured"] = metrics["metrics"]["test"].get("structured")  # the run's own comparison (whole JSON vs target)
+        out[f"cut_{side}"] = round(sum(not g["finished"] for g in generated) / len(generated), 4)
+        out[f"generate_s_{side}"] = round(time.perf_counter() - t0, 1)
+        print(side, {k: v for k, v in out.items() if k.endswith(side)}, file=sys.stderr)
     return out
+
+
+def rechoose(task, metrics: dict) -> None:
+    """A run trained before the decoding search's current rule (under a constraint, the settings keeping the
+    most outputs valid come first): the rule applied to the run's saved dev trials. The trials' generations
+    are seeded and the rule reads only their scores, so this is the setting training picks today."""
+    from lmtune.generate_control import choose_setting
+    trials = _find(metrics.get("task_report", {}), "trials")
+    if trials:
+        rows = [{k: v for k, v in r.items() if k not in ("failed", "passed")} for r in trials]
+        task.decoding = choose_setting(rows)["settings"]
+
+
+def _find(obj, key: str):
+    if isinstance(obj, dict):
+        if key in obj:
+            return obj[key]
+        for v in obj.values():
+            found = _find(v, key)
+            if found is not None:
+                return found
+    return None
 
 
 def finished_run(work: Path, name: str):

@@ -352,11 +352,14 @@ def passes(m: dict, trials: list[dict]) -> bool:
 
 
 def choose_setting(rows: list[dict]) -> dict:
-    """Marks each trial's failed checks; the best ROUGE-L among the trials that fail the fewest."""
+    """Marks each trial's failed checks; the best ROUGE-L among the trials that fail the fewest. Under a
+    constraint, only the settings that keep the most outputs valid compete: valid output is what structured
+    output promises (a length cap that cuts JSON short breaks it), so no other check outweighs it."""
     for r in rows:
         r["failed"] = failed_checks(r, rows)
         r["passed"] = not r["failed"]
-    return max(rows, key=lambda r: (-len(r["failed"]), r["rougeL"] or 0.0))  # max keeps the first of ties: greedy
+    # max keeps the first of ties: greedy
+    return max(rows, key=lambda r: (r.get("valid") or 0.0, -len(r["failed"]), r["rougeL"] or 0.0))
 
 
 def search_decoding(task, model, tokenizer: Any, examples: list, device: torch.device, seed: int, trials: int,

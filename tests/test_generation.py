@@ -341,6 +341,9 @@ def test_decoding_candidates_and_checks():
     assert not passes(cut, [cut, whole]) and passes(whole, [cut, whole])
     assert choose_setting([{"settings": {"max_new_tokens": 40}, "rougeL": 0.3, **cut},
                            {"settings": {}, "rougeL": 0.25, **whole}])["settings"] == {}
+    # ... even when the one that keeps them valid fails another check (loops) and the cut one fails only validity
+    assert choose_setting([{"settings": {}, "rougeL": 0.39, **whole, "repeat_share": 0.225},
+                           {"settings": {"max_new_tokens": 84}, "rougeL": 0.40, **{**cut, "valid": 0.975}}])["settings"] == {}
 
 
 def test_repetition_controls_leave_the_prompt_out():
