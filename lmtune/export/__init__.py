@@ -28,3 +28,17 @@ def check_request(format: str, run_dir: str | Path, quantize: str | None = None,
         if rd.finished() and (task := read_meta(rd.model).get("task")) not in tasks:
             raise InputError(f"export: --format {format} supports {exporters.meta(format, 'supports') or ', '.join(tasks)}; "
                              f"{rd.root} is a {task} run.")
+
+
+def merged_model(run, fmt: str):
+    """The run's model on CPU in eval mode with its adapter folded into the weights (one file that stands
+    alone); a PEFT method whose virtual tokens cannot be folded (prefix, prompt) is refused, naming `fmt`."""
+    from lmtune.peft import is_peft, merge, mergeable
+    model = run.model.cpu().eval()
+    method = run.config.peft.method
+    if is_peft(model):
+        if method not in mergeable():
+            raise InputError(f"export: a {method} run adds virtual tokens that cannot be folded into {fmt}; "
+                             f"export works for full fine-tuning and {', '.join(mergeable())} runs.")
+        model = merge(model, method).eval()
+    return model

@@ -432,14 +432,8 @@ def llama_cpp_available() -> bool:
 
 def _merged_llama(run) -> torch.nn.Module:
     """The run's model with its adapter folded in, on CPU in float32; a non-Llama model is refused."""
-    from lmtune.peft import is_peft, merge, mergeable
-    model = run.model.cpu().eval()
-    method = run.config.peft.method
-    if is_peft(model):
-        if method not in mergeable():
-            raise InputError(f"export: a {method} run adds virtual tokens that cannot be folded into a GGUF file; "
-                             f"--format gguf works for full fine-tuning and {', '.join(mergeable())} runs.")
-        model = merge(model, method).eval()
+    from lmtune.export import merged_model
+    model = merged_model(run, "a GGUF file")
     arch = type(model).__name__
     if arch not in ARCHITECTURES:
         raise InputError(f"export: --format gguf supports {_supports()}; this run's model is {arch}.")

@@ -47,7 +47,7 @@ def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | No
     prune: 'magnitude:0.3' (zeros) or 'ffn:0.5,heads:0.25' (structured: smaller, faster matrices,
     then `recover_epochs` of distillation from the unpruned model on the run's train split)."""
     from lmtune.inference import load
-    from lmtune.peft import is_peft, merge, mergeable
+    from lmtune.export import merged_model
     if quantize not in (None, "int8"):
         raise InputError(f"--quantize {quantize!r}: only int8 (dynamic quantization) is supported.")
     spec = parse_prune(prune) if prune else {}
@@ -58,13 +58,8 @@ def export_run(run_dir: str | Path, quantize: str | None = None, prune: str | No
     meta = read_meta(rd.model)
     if "ensemble" in meta:  # lmtune ensemble's run: its members are exported
         return _export_ensemble(run, meta, quantize, prune, sample)
-    model = run.model.cpu().eval()
+    model = merged_model(run, "an ONNX graph")
     method = run.config.peft.method
-    if is_peft(model):
-        if method not in mergeable():
-            raise InputError(f"export: a {method} run adds virtual tokens that ONNX export cannot fold in; "
-                             f"export works for full fine-tuning and {', '.join(mergeable())} runs.")
-        model = merge(model, method).eval()
     report: dict = {"run_dir": str(rd.root), "task": run.task.name, "merged_adapter": method if method != "none" else None}
     structured = any(k in spec for k in STRUCTURED)
     encoded = _encoded(run, ("dev", "train") if structured else ("dev",))
