@@ -88,7 +88,7 @@ def _shares(chosen: list[Candidate]) -> dict:
 
 
 def make_pairs(run: Any, examples: list, *, k: int, temperature: float, seed: int,
-               keep_references: bool = False) -> tuple[list[dict], dict]:
+               keep_references: bool = False, progress: str = "none") -> tuple[list[dict], dict]:
     """Preference pairs (TRL layout: prompt, chosen, rejected) from `run`'s own outputs on `examples`: its
     greedy output and k samples each, ranked by ROUGE-L minus the penalties; and a summary (prompts,
     candidates, pairs kept, the chosen and rejected outputs' ROUGE-L and penalty shares).
@@ -106,10 +106,11 @@ def make_pairs(run: Any, examples: list, *, k: int, temperature: float, seed: in
     cap = task.max_new_tokens
     # the run's constraint (schema, choices) still applies; the decoding search's penalties do not: the
     # candidates are the model's own behaviour, loops included, which is what the pairs teach it to avoid
-    rounds = [generate_outputs(task, model, run.tokenizer, examples, device, {}, cap, "none")]
+    rounds = [generate_outputs(task, model, run.tokenizer, examples, device, {}, cap, progress)]
     for j in range(k):
         settings = {"temperature": temperature, "top_p": TOP_P, "seed": seed + 1000 * (j + 1)}
-        rounds.append(generate_outputs(task, model, run.tokenizer, examples, device, settings, cap, "none"))
+        log.info("prefer: sample %d of %d for %d prompts", j + 1, k, len(examples))
+        rounds.append(generate_outputs(task, model, run.tokenizer, examples, device, settings, cap, progress))
     pairs, chosen, rejected = [], [], []
     for i, ex in enumerate(examples):
         picked = pick_pair(score_candidates(ex, [r[i] for r in rounds]))
@@ -155,7 +156,8 @@ def prefer(run_dir: str | Path, *, k: int = 4, temperature: float = 0.8, max_pro
     _check_mergeable(sft, run_dir)  # before the sampling, the expensive part
     cfg = sft.config
     splits = get_task("generation").read(cfg)  # the SFT run's own split (seeded), test included
-    pairs, dev_pairs, record, kept = _pairs_of(sft, Path(run_dir), splits, k=k, temperature=temperature, max_prompts=max_prompts)
+    pairs, dev_pairs, record, kept = _pairs_of(sft, Path(run_dir), splits, k=k, temperature=temperature, max_prompts=max_prompts,
+                                               progress=progress)
 
     d = cfg.to_dict()
     d["train"] = {**d["train"], "objective": objective, "lr": None, "head_lr": None, "metric": None, "progress": progress}
@@ -210,7 +212,7 @@ def _check_mergeable(sft: Any, run_dir: str | Path) -> None:
 
 
 def _pairs_of(sft: Any, run_dir: Path, splits: Any, *, k: int, temperature: float,
-              max_prompts: int | None) -> tuple[list[dict], list[dict], dict, Path | None]:
+              max_prompts: int | None, progress: str = "none") -> tuple[list[dict], list[dict], dict, Path | None]:
     """(train pairs, dev pairs, the prefer.json record, the folder that keeps them): read back from the SFT
     run's prefer_pairs/ when an earlier call with the same settings made them, else sampled and kept there.
     The folder is None when the SFT run cannot be written to (the pairs then live only in the new run)."""
@@ -230,8 +232,9 @@ def _pairs_of(sft: Any, run_dir: Path, splits: Any, *, k: int, temperature: floa
     dev_ex = sample(splits.dev, dev_cap, seed)
     log.info("prefer: sampling %d outputs for %d train and %d dev prompts", k + 1, len(train_ex), len(dev_ex))
     t0 = time.perf_counter()
-    pairs, summary = make_pairs(sft, train_ex, k=k, temperature=temperature, seed=seed)
-    dev_pairs, dev_summary = make_pairs(sft, dev_ex, k=k, temperature=temperature, seed=seed + 1, keep_references=True)
+    pairs, summary = make_pairs(sft, train_ex, k=k, temperature=temperature, seed=seed, progress=progress)
+    dev_pairs, dev_summary = make_pairs(sft, dev_ex, k=k, temperature=temperature, seed=seed + 1, keep_references=True,
+                                        progress=progress)
     sampling_seconds = time.perf_counter() - t0
     for name, found in (("train", pairs), ("dev", dev_pairs)):
         if not found:
