@@ -710,7 +710,7 @@ def build_config(raw: dict | None = None, overrides: dict[str, Any] | None = Non
                 what = "a finite number" if isinstance(value, float) else "finite numbers only"
                 raise InputError(f"{origin[key]}: {key} must be {what}, got {value!r}.")
             values[key] = _rebased(key, list(value) if isinstance(value, tuple) else value, rel)
-    for key, value in _task_defaults(values.get("task", Config.task)).items():
+    for key, value in _task_defaults(values.get("task", Config.task), values).items():
         values.setdefault(key, value)
     nested: dict[str, Any] = {}
     for key, value in values.items():
@@ -738,13 +738,13 @@ def _rebased(key: str, value: Any, folder: Path | None) -> Any:
     return value
 
 
-def _task_defaults(task: str) -> dict[str, Any]:
-    """The task's own defaults (Task.config_defaults) for keys the user did not set, e.g. LoRA for a
+def _task_defaults(task: str, values: dict[str, Any]) -> dict[str, Any]:
+    """The task's own defaults (Task.defaults_for) for keys the user did not set, e.g. LoRA for a
     decoder's generation task; an unknown task is left to validate() to report."""
     from lmtune.registry import tasks
     if task not in tasks.names():
         return {}
-    return dict(tasks.get(task).config_defaults)
+    return tasks.get(task).defaults_for(values)
 
 
 HUB_SPLITS = {"train": "train", "dev": "validation", "test": "test"}

@@ -160,7 +160,10 @@ def prefer(run_dir: str | Path, *, k: int = 4, temperature: float = 0.8, max_pro
                                                progress=progress)
 
     d = cfg.to_dict()
-    d["train"] = {**d["train"], "objective": objective, "lr": None, "head_lr": None, "metric": None, "progress": progress}
+    # the SFT run's lr and epochs were for its rows: the preference run takes its own defaults (epochs and lr of
+    # lmtune.tasks.preference), unless the overrides give them
+    train = {k: v for k, v in d["train"].items() if k != "epochs"}
+    d["train"] = {**train, "objective": objective, "lr": None, "head_lr": None, "metric": None, "progress": progress}
     d["peft"] = {**d["peft"], "method": "lora"}  # a new adapter over the SFT weights: the reference is the SFT model
     d["continual"] = {**d.get("continual", {}), "from_run": None}
     if run_name:

@@ -286,3 +286,15 @@ def test_the_config_schema_has_the_preference_keys():
     assert train["orpo_lambda"]["default"] == 0.1
     with pytest.raises(lmtune.errors.InputError, match="objective"):
         build_config({"task": "generation", "model": {"name": "x"}, "data": {"train": "a"}, "train": {"objective": "kto"}})
+
+
+def test_a_preference_run_defaults_to_three_epochs_and_three_tenths_of_the_sft_learning_rate():
+    from lmtune.tasks.generation import GenerationTask
+    sft = build_config({"task": "generation"})
+    assert sft.train.epochs == 1 and GenerationTask().default_lr(sft) is None  # SFT: LoRA's 1e-3
+    for method, sft_lr in (("lora", 1e-3), ("ia3", 5e-3)):
+        cfg = build_config({"task": "generation", "peft": {"method": method}, "train": {"objective": "dpo"}})
+        assert cfg.train.epochs == 3
+        assert GenerationTask().default_lr(cfg) == pytest.approx(0.3 * sft_lr)
+    assert build_config({"task": "generation", "train": {"objective": "orpo", "epochs": 2}}).train.epochs == 2  # user's wins
+    assert build_config({"task": "generation", "train": {"objective": "dpo"}}, {"train.epochs": 5}).train.epochs == 5

@@ -81,6 +81,11 @@ class Task:
     capabilities: frozenset[str] = frozenset()
     config_defaults: dict[str, Any] = {}  # dotted config key -> this task's default, where the user set none
 
+    @classmethod
+    def defaults_for(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """This task's defaults given the keys the user set (dotted key -> value): config_defaults, unless a
+        task's defaults depend on another key (generation: train.objective)."""
+        return dict(cls.config_defaults)
 
     def __init_subclass__(cls, **kw) -> None:
         super().__init_subclass__(**kw)

@@ -71,6 +71,13 @@ class GenerationTask(Task):
     # adapters ended DialogSum's 75 steps at dev loss 1.508 with 2e-4 and 1.391 with 1e-3 (bench/generation.py, README)
     config_defaults = {"peft.method": "lora", "data.max_length": 1024, "train.batch_size": 8, "train.epochs": 1}
 
+    @classmethod
+    def defaults_for(cls, values: dict[str, Any]) -> dict[str, Any]:
+        """A preference objective (dpo, orpo) trains on few pairs: PREFERENCE_EPOCHS (lmtune.tasks.preference)."""
+        from lmtune.tasks.preference import PREFERENCE_EPOCHS
+        objective = values.get("train.objective", "sft")
+        return {**cls.config_defaults, **({"train.epochs": PREFERENCE_EPOCHS} if objective != "sft" else {})}
+
     def __init__(self) -> None:
         self.format = "source_target"
         self.instruction = ""
@@ -131,8 +138,8 @@ class GenerationTask(Task):
         self.peft_method = cfg.peft.method
 
     def default_lr(self, cfg: Config) -> float | None:
-        from lmtune.tasks.preference import DEFAULT_LR
-        return DEFAULT_LR.get(cfg.train.objective) if cfg.peft.method != "none" else None
+        from lmtune.tasks.preference import preference_lr
+        return preference_lr(cfg.peft.method) if cfg.train.objective != "sft" else None
 
     def before_fit(self, model, features: list[dict], collate, device: torch.device) -> None:
         """dpo: the reference log-probs of every pair (train, dev, test), from the model as built (before any

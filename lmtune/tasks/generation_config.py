@@ -76,7 +76,8 @@ class PreferenceOptions:
     into the train section, so the keys read train.objective, train.beta, train.orpo_lambda)."""
     objective: str = option("sft", "task generation: sft learns the targets; dpo and orpo learn from preference pairs "
                                    "(train/dev rows with prompt, chosen, rejected, TRL's layout): DPO against the starting model "
-                                   "(its adapter disabled), ORPO without a reference. `lmtune prefer RUN` makes the pairs.", OBJECTIVES)
+                                   "(its adapter disabled), ORPO without a reference. `lmtune prefer RUN` makes the pairs. A preference run "
+                                   "defaults to 3 epochs and 0.3 x the PEFT method's learning rate.", OBJECTIVES)
     beta: float = option(0.1, "dpo: how far the tuned model may move from the reference (DPO's beta, TRL's default 0.1); "
                               "lower lets it move further.", gt=0)
     orpo_lambda: float = option(0.1, "orpo: the weight of the odds-ratio term beside the chosen output's NLL "

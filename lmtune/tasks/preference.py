@@ -20,12 +20,26 @@ import torch.nn.functional as F
 from lmtune.errors import InputError
 
 PAIR_COLUMNS = ("prompt", "chosen", "rejected")
-# the default learning rates with LoRA: TRL's DPOConfig default 1e-6 is set for full fine-tuning of 7B
-# models; a LoRA adapter starts at zero and trains few weights, so it needs far larger steps. The LoRA DPO
-# recipes for 7B models use 5e-6..5e-5, and lmtune's LoRA SFT default is 5x the 7B recipes' (1e-3 against
-# 2e-4, measured on SmolLM2-135M, see GenerationTask), so DPO takes 1e-4; ORPO's loss is mostly the chosen
-# output's NLL (SFT-like) and takes 2e-4. Not yet measured on bench/generation_control.py: train.lr overrides.
-DEFAULT_LR = {"dpo": 1e-4, "orpo": 2e-4}
+# The defaults of a preference run, one rule for every PEFT method: TRL's default 3 epochs (its
+# num_train_epochs, TrainingArguments'), since the pairs are few (lmtune prefer samples at most --max-prompts
+# prompts) where SFT's rows are many (its 1 epoch); and 0.3 x the method's SFT learning rate. Adam's step does
+# not grow with the loss's gradient, so how far the adapter moves is about lr x steps: 3 epochs at 0.3 x lr move
+# it about as far as one SFT epoch at the SFT lr would over the same rows, no further: preference tuning refines
+# the SFT model rather than replacing it, and the dev pair loss keeps the best epoch. TRL's own 1e-6 default is
+# for full fine-tuning of 7B models; a LoRA adapter starts at zero and needs far larger steps. Before this rule
+# (lr 1e-4 and the SFT run's 1 epoch) DialogSum's 199 self-generated pairs moved the DPO loss from 0.693 to
+# 0.68 in 25 steps: the model barely changed (bench/generation_control.py, docs/benchmarks.md).
+PREFERENCE_EPOCHS = 3
+PREFERENCE_LR_SCALE = 0.3
+
+
+def preference_lr(peft_method: str) -> float | None:
+    """The default learning rate of a preference run with this PEFT method (None for full fine-tuning: the
+    model-width default of every task)."""
+    if peft_method == "none":
+        return None
+    from lmtune.peft import default_lr
+    return PREFERENCE_LR_SCALE * default_lr(peft_method)
 
 
 def is_pair_row(row: dict) -> bool:
