@@ -23,7 +23,10 @@ scored against all three references (rouge-score, best reference, stemmed).
     (the SFT run's is in "sft_train_s"); "prefer_s": sampling and ranking the pairs.
 (c) gguf: the SFT run exported with `lmtune export --format gguf` at q8_0 and q4_k_m (LoRA merged).
     q8_token_agreement: llama.cpp's greedy tokens vs PyTorch's on 20 dev prompts, position by position
-    (after a first divergence the rest counts as disagreement). rougeL_torch / rougeL_q4: greedy,
+    (after a first divergence the rest counts as disagreement); q8_same_top_share: llama.cpp reading
+    PyTorch's continuation, the share of steps whose top token is PyTorch's (llama.cpp's own "same top p"
+    of llama-perplexity --kl-divergence: one step's agreement, free of the cascade after a first
+    near-tie). rougeL_torch / rougeL_q4: greedy,
     64 new tokens, no other controls, on the 150 test dialogues, PyTorch vs llama.cpp with the q4_k_m file.
 
 Each phase keeps its run directory and figures under --work (default: a temporary folder): re-running
@@ -217,7 +220,8 @@ def phase_gguf(files: dict, sft: dict) -> dict:
     texts = [tok.decode(t, skip_special_tokens=True).strip() for t in ids]
     q4_rouge = rouge([ex.references for ex in test], texts)["rougeL"]
     return {"q8_token_agreement": q8["verify"]["token_agreement"], "q8_identical_share": q8["verify"].get("identical_share"),
-            "q8_verifier": q8["verify"].get("verifier"), "q4_token_agreement": q4["verify"]["token_agreement"],
+            "q8_verifier": q8["verify"].get("verifier"), "q8_same_top_share": q8["verify"].get("same_top_share"),
+            "q4_token_agreement": q4["verify"]["token_agreement"], "q4_same_top_share": q4["verify"].get("same_top_share"),
             "rougeL_torch": round(100 * torch_rouge, 2), "rougeL_q4": round(100 * q4_rouge, 2), "q4_generate_s": round(q4_s, 1),
             "mb_q8": round(q8["bytes"] / 2**20, 1), "mb_q4": round(q4["bytes"] / 2**20, 1)}
 

@@ -133,6 +133,8 @@ def test_q8_0_is_smaller_and_still_close(lora_run, merged):
     # 8-bit rows, their error amplified by the sharp attention
     assert max_logit_diff(merged, load_gguf_with_transformers(path), _prompts(lora_run)) < 0.15
     assert report["verify"]["token_agreement"] >= 0.75, report["verify"]
+    if report["verify"]["verifier"] == "llama.cpp":  # one step at a time, q8_0 keeps the top token nearly always
+        assert report["verify"]["same_top_share"] >= 0.9, report["verify"]
     manifest = json.loads((lora_run.run_dir / "gguf" / "gguf.json").read_text())
     assert manifest["q8_0"] == report and "f16" in manifest
 
@@ -308,3 +310,18 @@ def test_an_onnx_export_after_gguf_keeps_the_gguf_files(lora_run):
         write_json(tmp / rd.export_report.name, {"onnx": True})
     assert json.loads(rd.export_report.read_text()) == {"onnx": True}
     assert Path(report["path"]).read_bytes() == before and json.loads(rd.gguf_report.read_text())["q8_0"] == report
+
+
+@pytest.mark.skipif(importlib.util.find_spec("llama_cpp") is None, reason="llama-cpp-python (the gguf extra) is not installed")
+def test_forced_steps_agree_with_llama_cpps_own_greedy_and_catch_a_changed_token(lora_run):
+    from lmtune.export.gguf import llama_cpp_greedy
+    path = lora_run.run_dir / "gguf" / "model.f16.gguf"
+    if not path.is_file():
+        export_gguf(lora_run.run_dir, sample=2)
+    prompts = _prompts(lora_run)[:2]
+    own = llama_cpp_greedy(path, prompts, 6)
+    steps = llama_cpp_greedy(path, prompts, 6, forced=own)
+    # its own continuation: every step's top token is the one it chose, and a stop where it stopped
+    assert [len(s) for s in steps] == [len(o) + (len(o) < 6) for o in own] and all(all(s) for s in steps)
+    changed = [own[0][:1] + [(own[0][1] + 1) % 100 if len(own[0]) > 1 else 0] + own[0][2:]]
+    assert llama_cpp_greedy(path, prompts[:1], 6, forced=changed)[0][1] is False

@@ -94,14 +94,15 @@ def export_gguf(run_dir: str | Path, *, quantize: str = "f16", sample: int = 20)
               "merged_adapter": run.config.peft.method if run.config.peft.method != "none" else None,
               "export_s": round(export_s, 3), "verify": verify}
     _record(rd, report)
-    log.info("gguf %s: %s (%.1f MB); %s verifier: token agreement %.3f, identical outputs %.3f on %d dev prompts",
-             quantize, out, report["bytes"] / 1e6, verify["verifier"], verify["token_agreement"], verify["identical_share"],
+    log.info("gguf %s: %s (%.1f MB); %s verifier: token agreement %.3f, identical outputs %.3f, same top token %s on %d "
+             "dev prompts", quantize, out, report["bytes"] / 1e6, verify["verifier"], verify["token_agreement"],
+             verify["identical_share"], f"{verify['same_top_share']:.4f}" if "same_top_share" in verify else "n/a",
              verify["prompts"])
     return report
 
 
 def llama_cpp_greedy(gguf_path: str | Path, prompt_ids: list[list[int]], max_new_tokens: int,
-                     stop_ids: set[int] | None = None) -> list[list[int]]:
+                     stop_ids: set[int] | None = None, forced: list[list[int]] | None = None) -> list:
     """Greedy continuations by llama.cpp (llama-cpp-python, CPU) of each prompt, given as token ids (no BOS
     is added: the ids are the prompt as the run's tokenizer made it). Stops at the model's end-of-text or
     any of `stop_ids` (not included) or after max_new_tokens.
@@ -110,7 +111,13 @@ def llama_cpp_greedy(gguf_path: str | Path, prompt_ids: list[list[int]], max_new
     expose: use_extra_bufts=False. llama.cpp's extra CPU buffer types (AMX / repacked weight layouts)
     crashed the process (segfault in llama_decode) for every quantized tensor on an AMX Xeon with
     llama-cpp-python 0.3.36, the packaged SmolLM2 Q4_1 GGUF included; the plain CPU kernels compute the
-    same quantized dot products. Greedy here is the argmax of the last position's logits."""
+    same quantized dot products. Greedy here is the argmax of the last position's logits.
+
+    With `forced` (one continuation per prompt, e.g. PyTorch's greedy one), llama.cpp reads that
+    continuation instead of its own and returns, per prompt, a list of booleans: whether its top token at
+    each step equals the forced one (after a continuation that stopped early: whether it would stop too).
+    This is llama.cpp's own yardstick of a quantization ("same top p" of llama-perplexity
+    --kl-divergence): one step's agreement, free of the cascade after a first difference."""
     lc = _import_llama_cpp()
     mp = lc.llama_model_default_params()
     mp.n_gpu_layers, mp.use_extra_bufts = 0, False
@@ -128,6 +135,9 @@ def llama_cpp_greedy(gguf_path: str | Path, prompt_ids: list[list[int]], max_new
         if not ctx:
             raise RuntimeError(f"llama.cpp could not make a context for {gguf_path}")
         try:
+            if forced is not None:
+                return [_forced_top(lc, ctx, list(ids), list(f), n_vocab, max_new_tokens, stops)
+                        for ids, f in zip(prompt_ids, forced)]
             return [_greedy_one(lc, ctx, list(ids), n_vocab, max_new_tokens, stops) for ids in prompt_ids]
         finally:
             lc.llama_free(ctx)
@@ -150,6 +160,24 @@ def _greedy_one(lc, ctx, ids: list[int], n_vocab: int, max_new_tokens: int, stop
         out.append(tok)
         feed = [tok]
     return out
+
+
+def _forced_top(lc, ctx, ids: list[int], forced: list[int], n_vocab: int, max_new_tokens: int,
+                stops: set[int]) -> list[bool]:
+    lc.llama_memory_clear(lc.llama_get_memory(ctx), True)
+    same: list[bool] = []
+    feed = ids
+    expected = forced + ([None] if len(forced) < max_new_tokens else [])  # None: the reference stopped there
+    for want in expected:
+        tokens = (lc.llama_token * len(feed))(*feed)
+        if lc.llama_decode(ctx, lc.llama_batch_get_one(tokens, len(feed))) != 0:
+            raise RuntimeError("llama.cpp failed to decode a batch")
+        top = int(np.ctypeslib.as_array(lc.llama_get_logits_ith(ctx, -1), shape=(n_vocab,)).argmax())
+        same.append(top in stops if want is None else top == want)
+        if want is None:
+            break
+        feed = [want]
+    return same
 
 
 def torch_greedy(model: torch.nn.Module, prompt_ids: list[list[int]], max_new_tokens: int,
@@ -482,6 +510,10 @@ def _verify(path: Path, model: torch.nn.Module, tokenizer: Any, prompts: list[li
     if llama_cpp_available():
         out["verifier"] = "llama.cpp"
         got = llama_cpp_greedy(path, prompts, max_new_tokens, stops)
+        steps = [x for row in llama_cpp_greedy(path, prompts, max_new_tokens, stops, forced=ref) for x in row]
+        # a quantized file's greedy output parts from PyTorch's at the first near-tie and differs after it;
+        # the same top token at each step of PyTorch's own continuation is the stated tolerance for those
+        out["same_top_share"] = sum(steps) / len(steps) if steps else 1.0
     else:
         out["verifier"] = "transformers"
         loaded = load_gguf_with_transformers(path)
