@@ -1,0 +1,178 @@
+"""Task joint (issue 49, item 1): one encoder, an intent head and a slot head, trained together on rows that
+carry both label columns, or on a JointBERT folder (seq.in / seq.out / label); predict, serve and the ONNX
+export give both outputs from one forward pass."""
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+import lmtune
+from lmtune.cli import main
+from lmtune.export.onnx import export_run
+from lmtune.serve.app import ServeSettings, create_app
+from tests.fuzz import fuzz_openapi
+
+CITIES = ["paris", "rome", "berlin", "madrid", "oslo", "vienna"]
+DAYS = ["monday", "tuesday", "friday", "sunday"]
+SONGS = ["yesterday", "imagine", "halo", "believer"]
+ARTISTS = ["adele", "queen", "muse", "abba"]
+KEY = "test-key-0123456789abcdef"
+AUTH = {"Authorization": f"Bearer {KEY}"}
+
+
+def utterance(intent: str, rng: random.Random) -> tuple[list[str], list[str]]:
+    """Words and BIO tags of one utterance: each intent has its own slots, whose words come from its own lists."""
+    if intent == "book_flight":
+        parts = [("book", "O"), ("a", "O"), ("flight", "O"), ("from", "O"), (rng.choice(CITIES), "B-fromloc"),
+                 ("to", "O"), (rng.choice(CITIES), "B-toloc")]
+    elif intent == "get_weather":
+        parts = [("weather", "O"), ("in", "O"), (rng.choice(CITIES), "B-city"), ("on", "O"), (rng.choice(DAYS), "B-date")]
+    else:
+        parts = [("play", "O"), (rng.choice(SONGS), "B-song"), ("by", "O"), (rng.choice(ARTISTS), "B-artist")]
+    if rng.random() < 0.5:
+        parts.insert(0, (rng.choice(["please", "now", "hey"]), "O"))
+    return [w for w, _ in parts], [t for _, t in parts]
+
+
+INTENTS = ("book_flight", "get_weather", "play_music")
+
+
+def rows(n: int, seed: int) -> list[dict]:
+    rng = random.Random(seed)
+    out = []
+    for i in range(n):
+        intent = INTENTS[i % 3]
+        tokens, tags = utterance(intent, rng)
+        out.append({"tokens": tokens, "tags": tags, "intent": intent})
+    return out
+
+
+def write_jsonl(path: Path, items: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in items), encoding="utf-8")
+    return str(path)
+
+
+def write_folder(folder: Path, items: list[dict]) -> str:
+    """The JointBERT layout: seq.in, seq.out (each line ending with a space, as SNIPS's do) and label."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "seq.in").write_text("".join(" ".join(r["tokens"]) + "\n" for r in items))
+    (folder / "seq.out").write_text("".join(" ".join(r["tags"]) + " \n" for r in items))
+    (folder / "label").write_text("".join(r["intent"] + "\n" for r in items))
+    return str(folder)
+
+
+def config(d: Path, model: str, train: str, dev: str | None = None, test: str | None = None, **extra) -> dict:
+    data = {"train": train, "max_length": 32, **({"dev": dev} if dev else {}), **({"test": test} if test else {})}
+    return {"task": "joint", "output_dir": str(d / "runs"), "run_name": "joint", "data": data, "model": {"name": model},
+            "train": {"epochs": 8, "batch_size": 8, "lr": 1e-2, "head_lr": 1e-2, "progress": "none", "seed": 1}, **extra}
+
+
+@pytest.fixture(scope="module")
+def joint_run(tmp_path_factory, tiny_model) -> lmtune.Run:
+    d = tmp_path_factory.mktemp("joint")
+    cfg = config(d, tiny_model, write_jsonl(d / "train.jsonl", rows(96, 1)), write_jsonl(d / "dev.jsonl", rows(30, 2)),
+                 write_jsonl(d / "test.jsonl", rows(30, 3)))
+    return lmtune.train(cfg)
+
+
+def test_one_model_learns_both_and_reports_each_sub_task(joint_run, capsys):
+    m = joint_run.metrics["test"]
+    assert {"sentence_accuracy", "intent_accuracy", "slot_f1", "slot_exact_match", "loss"} <= set(m)
+    assert m["sentence_accuracy"] <= min(m["intent_accuracy"], m["slot_exact_match"]) + 1e-9
+    assert m["sentence_accuracy"] >= 0.8 and m["slot_f1"] >= 0.8, m  # the words decide the slots: learnable
+    assert joint_run.metrics["metric"] == "sentence_accuracy"  # what chose the checkpoint
+    assert "per_class" in m["intent"] and "per_type" in m["slots"]
+    report = (joint_run.run_dir / "report.md").read_text()
+    for section in ("## Intent and slots", "## Intent", "## Slots", "### Intent: Per-class results (test)",
+                    "### Slots: Entities by type (test)"):
+        assert section in report, section
+    # each sub-task's plots under its own name (both would write reliability.png), every link resolving
+    for png in ("intent_confusion_matrix_test.png", "intent_reliability.png", "slots_reliability.png"):
+        assert f"]({png})" in report and (joint_run.run_dir / png).is_file(), png
+    written = [json.loads(line) for line in (joint_run.run_dir / "predictions" / "test.jsonl").read_text().splitlines()]
+    assert len(written) == 30 and all({"intent", "score", "slots", "tags", "gold_intent", "gold_tags"} <= set(r) for r in written)
+
+    text = "book a flight from paris to rome"
+    assert main(["predict", str(joint_run.run_dir), "--text", text, "--text", "play halo by adele"]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["intent"] for r in out] == ["book_flight", "play_music"]
+    assert abs(sum(out[0]["intent_probabilities"].values()) - 1) < 1e-3 and 0 < out[0]["score"] <= 1
+    assert {(s["text"], s["label"]) for s in out[0]["slots"]} == {("paris", "fromloc"), ("rome", "toloc")}
+    assert all(text[s["start"]:s["end"]] == s["text"] for s in out[0]["slots"])
+    loaded = lmtune.load(joint_run.run_dir)
+    assert loaded.predict([text])[0]["slots"] == out[0]["slots"]
+
+
+def test_a_jointbert_folder_is_read_and_a_broken_one_refused_with_file_and_line(tmp_path, tiny_model, capsys):
+    root = tmp_path / "snips"
+    for name, seed in (("train", 1), ("valid", 2), ("test", 3)):
+        write_folder(root / name, rows(12, seed))
+    cfg = lmtune.config.build_config(config(tmp_path, tiny_model, str(root)))
+    from lmtune.tasks import get_task
+    task = get_task("joint")
+    splits = task.read(cfg)  # data.train at the root: train/, valid/ and test/ are the splits
+    assert (len(splits.train), len(splits.dev), len(splits.test)) == (12, 12, 12)
+    ex = splits.train[0]
+    assert ex.label == rows(12, 1)[0]["intent"] and ex.tags == rows(12, 1)[0]["tags"]  # seq.out's trailing space ignored
+    assert splits.labels[:3] == list(INTENTS) and "B-fromloc" in splits.labels
+
+    bad = write_folder(tmp_path / "bad", rows(6, 4))
+    (Path(bad) / "label").write_text("book_flight\n" * 5)  # one line short
+    assert main(["train", "--task", "joint", "--data.train", bad, "--model.name", tiny_model,
+                 "--output_dir", str(tmp_path / "out")]) == 2
+    assert f"error: {bad}/label: line 6: 5 lines, but seq.in has 6" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()  # nothing written
+    items = rows(6, 4)
+    write_folder(Path(bad), items)
+    lines = (Path(bad) / "seq.out").read_text().splitlines()
+    lines[2] = "O " + lines[2]  # one tag too many on line 3
+    (Path(bad) / "seq.out").write_text("\n".join(lines) + "\n")
+    assert main(["train", "--task", "joint", "--data.train", bad, "--model.name", tiny_model,
+                 "--output_dir", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: {bad}/seq.out: line 3: {len(items[2]['tags']) + 1} tags for {len(items[2]['tokens'])} words" in err
+
+
+def test_a_row_file_with_a_wrong_tag_count_names_its_line(tmp_path, tiny_model, capsys):
+    items = rows(6, 5)
+    items[3]["tags"] = items[3]["tags"][:-1]
+    train = write_jsonl(tmp_path / "train.jsonl", items)
+    assert main(["train", "--task", "joint", "--data.train", train, "--model.name", tiny_model,
+                 "--output_dir", str(tmp_path / "out")]) == 2
+    assert f"error: {train}: line 4: {len(items[3]['tags'])} slot tags for {len(items[3]['tokens'])} words" in capsys.readouterr().err
+
+
+def test_one_request_returns_intent_and_slots_and_the_schema_says_so(joint_run, monkeypatch):
+    monkeypatch.setenv("LMTUNE_API_KEYS", KEY)
+    def app():
+        return create_app(ServeSettings(run_dir=str(joint_run.run_dir), backend="torch", max_texts=8, max_chars=200))
+    with TestClient(app()) as c:
+        assert c.post("/v1/predict", json={"texts": ["weather in oslo on friday"]}).status_code == 401
+        r = c.post("/v1/predict", json={"texts": ["weather in oslo on friday"]}, headers=AUTH)
+        schema = c.get("/openapi.json").json()
+    assert r.status_code == 200, r.text
+    p = r.json()["predictions"][0]
+    assert p["intent"] == "get_weather" and {(s["text"], s["label"]) for s in p["slots"]} == {("oslo", "city"), ("friday", "date")}
+    assert p["tags"] == ["O", "O", "B-city", "O", "B-date"]
+    fields = schema["components"]["schemas"]["Prediction"]["properties"]
+    assert {"intent", "score", "intent_probabilities", "slots", "tags"} <= set(fields)
+    calls = [code for _, code in fuzz_openapi(app(), (AUTH, {}), 10, {"/v1/predict"})]
+    assert 200 in calls and 401 in calls
+
+
+def test_the_onnx_export_has_both_outputs_and_matches_pytorch(joint_run):
+    report = export_run(joint_run.run_dir, sample=16)
+    r = report["onnx_fp32"]
+    assert r["max_abs_logit_diff"] < 1e-4, r
+    assert r["dev"] == pytest.approx(report["pytorch"]["dev"], abs=1e-6)
+    import onnx
+    graph = onnx.load(str(joint_run.run_dir / "export" / "model.onnx")).graph
+    assert [o.name for o in graph.output] == ["intent_logits", "slot_logits"]
+    onnx_run = lmtune.load(joint_run.run_dir, backend="onnx")
+    text = ["book a flight from oslo to vienna"]
+    assert onnx_run.predict(text)[0]["intent"] == joint_run.predict(text)[0]["intent"]
+    assert onnx_run.predict(text)[0]["tags"] == joint_run.predict(text)[0]["tags"]
