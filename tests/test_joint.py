@@ -176,3 +176,39 @@ def test_the_onnx_export_has_both_outputs_and_matches_pytorch(joint_run):
     text = ["book a flight from oslo to vienna"]
     assert onnx_run.predict(text)[0]["intent"] == joint_run.predict(text)[0]["intent"]
     assert onnx_run.predict(text)[0]["tags"] == joint_run.predict(text)[0]["tags"]
+
+
+def test_evaluate_and_predict_read_a_jointbert_folder(joint_run, tmp_path, capsys):
+    folder = write_folder(tmp_path / "valid", rows(9, 7))
+    m = joint_run.evaluate(folder)
+    assert m["n"] == 9 and m["sentence_accuracy"] <= min(m["intent_accuracy"], m["slot_exact_match"]) + 1e-9
+    unlabeled = tmp_path / "unlabeled"
+    unlabeled.mkdir()
+    (unlabeled / "seq.in").write_text("play imagine by queen\nweather in rome on monday\n")  # no seq.out, no label
+    assert main(["predict", str(joint_run.run_dir), "--input", str(unlabeled)]) == 0
+    out = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [len(r["tags"]) for r in out] == [4, 5] and all("intent" in r and "gold_intent" not in r for r in out)
+
+
+def test_the_intent_head_abstains_on_a_threshold_chosen_on_dev(joint_run, tmp_path):
+    dev = write_jsonl(tmp_path / "dev.jsonl", rows(30, 2))
+    found = joint_run.tune_abstention(dev, "coverage", 0.5)  # answer only the surest half
+    assert found["threshold"] is not None
+    preds = joint_run.predict([" ".join(r["tokens"]) for r in rows(12, 8)])
+    held = [p for p in preds if p.get("abstained")]
+    assert held and all(p["intent"] == "abstain" and p["top_intent"] in INTENTS and "slots" in p for p in held)
+    joint_run.task.intent.threshold = None  # the module's run is shared: predictions without abstention again
+
+
+def test_lora_trains_the_joint_model_and_its_adapter_loads_with_both_heads(tmp_path, tiny_model):
+    cfg = config(tmp_path, tiny_model, write_jsonl(tmp_path / "train.jsonl", rows(24, 1)),
+                 write_jsonl(tmp_path / "dev.jsonl", rows(9, 2)), peft={"method": "lora"})
+    cfg["train"].update(epochs=1, lr=None, head_lr=None)
+    run = lmtune.train(cfg)
+    assert (run.run_dir / "model" / "adapter_model.safetensors").is_file()
+    from safetensors import safe_open
+    with safe_open(str(run.run_dir / "model" / "adapter_model.safetensors"), "pt") as f:
+        saved = list(f.keys())
+    assert any("intent_classifier" in k for k in saved) and any("slot_classifier" in k for k in saved)
+    texts = ["play halo by adele", "book a flight from rome to oslo"]
+    assert lmtune.load(run.run_dir).predict(texts) == run.predict(texts)
