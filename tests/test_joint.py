@@ -212,3 +212,23 @@ def test_lora_trains_the_joint_model_and_its_adapter_loads_with_both_heads(tmp_p
     assert any("intent_classifier" in k for k in saved) and any("slot_classifier" in k for k in saved)
     texts = ["play halo by adele", "book a flight from rome to oslo"]
     assert lmtune.load(run.run_dir).predict(texts) == run.predict(texts)
+
+
+def test_labels_train_never_had_are_refused_or_counted_wrong(joint_run, tmp_path):
+    items = rows(6, 9)
+    items[1]["intent"] = "cancel_flight"  # an intent train never had (ATIS's test set has such rows)
+    items[2]["tags"] = [t if t == "O" else "B-airline" for t in items[2]["tags"]]  # and a slot type
+    path = write_jsonl(tmp_path / "unseen.jsonl", items)
+    with pytest.raises(lmtune.InputError, match=rf"{path}: line 2: intent 'cancel_flight' never appears in the training"):
+        joint_run.evaluate(path)
+    with pytest.raises(lmtune.InputError, match=rf"{path}: line 3: entity type 'airline' \(tag 'B-airline'\) never appears"):
+        joint_run.evaluate(write_jsonl(tmp_path / "unseen.jsonl", [items[0], items[0], items[2]]))
+    path = write_jsonl(tmp_path / "unseen.jsonl", items)
+    joint_run.config.joint.unseen_labels = "count_wrong"
+    try:
+        m = joint_run.evaluate(path)
+    finally:
+        joint_run.config.joint.unseen_labels = "error"
+    assert m["n"] == 6 and m["intent_accuracy"] <= 5 / 6 and m["slot_exact_match"] <= 5 / 6
+    assert m["sentence_accuracy"] <= 4 / 6 and m["slot_recall"] < 1.0  # the unseen slots count as missed
+    assert m["intent"]["n"] == 6  # classification's own figures leave the unseen intent out of its accuracy

@@ -13,6 +13,7 @@ utterance; seq.out: its tags; label: its intent; line-aligned), the layout SNIPS
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 import shutil
@@ -33,7 +34,7 @@ from lmtune.config import Config
 from lmtune.data.ner_readers import NerExample, convert, example_from_text, split_words
 from lmtune.data.readers import Example, cell_text, read_rows, read_text_file, row_unit
 from lmtune.data.splits import stratified_split
-from lmtune.data.tagging import bio_labels, detect_scheme, split_tag
+from lmtune.data.tagging import bio_labels, detect_scheme, from_bio, split_tag
 from lmtune.errors import InputError
 from lmtune.models import load_config, quiet_transformers, resolve_model, set_padding
 from lmtune.tasks.base import ABSTAIN, CALIBRATE, Encoded, Splits, Task, input_pad_values
@@ -198,8 +199,8 @@ class JointTask(Task):
             raise InputError(f"{files['train']}: no slots in the training data (every tag is O).")
         intents = _sort_labels({ex.label for ex in train})
         labels = self._set_labels(intents, bio_labels(types))
-        read = {name: _examples(files[name], *raw[name], scheme, types, set(intents) | {cfg.abstain.oos_label})
-                for name in ("dev", "test") if name in files}
+        read = {name: _examples(files[name], *raw[name], scheme, types, set(intents) | {cfg.abstain.oos_label},
+                                unseen=cfg.joint.unseen_labels) for name in ("dev", "test") if name in files}
         train, dev, test, info = _split(train, read, d.split, cfg.train.seed, files)
         if not dev:
             raise InputError(f"{files['train']}: too few examples to split off a dev set; give data.dev or more data.")
@@ -216,7 +217,8 @@ class JointTask(Task):
             intents, slots = labels[:len(self.intent_labels)], labels[len(self.intent_labels):]
             types = {split_tag(t)[1] for t in slots if t != "O"}
             intents = set(intents) | {cfg.abstain.oos_label}
-        return _examples(path, *_read_raw(path, cfg, require_label), scheme, types, intents, require_label)
+        return _examples(path, *_read_raw(path, cfg, require_label), scheme, types, intents, require_label,
+                         cfg.joint.unseen_labels)
 
     def from_texts(self, texts: list[str]) -> list[JointExample]:
         out = []
@@ -249,11 +251,13 @@ class JointTask(Task):
     def encode(self, examples: list[JointExample], tokenizer: Any, max_length: int, labels: list[str] | None = None,
                **options: Any) -> Encoded:
         intents, slots = (self._parts(labels) if labels else (None, None))
-        enc = self.slots.encode(examples, tokenizer, max_length, slots, **options)
+        known = set(slots or [])
+        enc = self.slots.encode([_known_tags(ex, known) for ex in examples] if slots else examples, tokenizer, max_length,
+                                slots, **options)
         index = {lab: i for i, lab in enumerate(intents or [])}
         for f in enc.features:
-            f["intent"] = index.get(examples[f["example"]].label, -100)
-        return enc
+            f["intent"] = index.get(examples[f["example"]].label, -100)  # an intent train never had: no target
+        return Encoded(enc.features, examples, enc.stats)
 
     def collate(self, features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
         """NER's batch, with the targets as one [batch, tokens, 2] tensor: the slot tag, then the intent on every
@@ -308,7 +312,9 @@ class JointTask(Task):
         intent_out = [o[:n] for o in outputs]
         slot_out = [o[n:].reshape(-1, len(slots)) for o in outputs]
         intent_enc = Encoded(enc.features, [ex.intent_view() for ex in enc.examples], enc.stats)
-        return (intent_out, intent_enc, intents), (slot_out, enc, slots)
+        known = set(slots)
+        slot_enc = Encoded(enc.features, [_known_tags(ex, known) for ex in enc.examples], enc.stats)
+        return (intent_out, intent_enc, intents), (slot_out, slot_enc, slots)
 
     # ---- output controls --------------------------------------------------------------------------
     def calibrate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
@@ -324,27 +330,37 @@ class JointTask(Task):
 
     # ---- metrics and predictions --------------------------------------------------------------------
     def evaluate(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
+        """The joint figures, over every example and its original labels (an intent or slot type train never had,
+        kept by joint.unseen_labels count_wrong, counts as an error), and each head's own metrics under "intent"
+        and "slots" (classification's and NER's, which leave such labels out)."""
+        from seqeval.metrics import f1_score, precision_score, recall_score
+        from seqeval.scheme import IOB2
         intent, slots = self._views(outputs, enc, labels)
         im, sm = self.intent.evaluate(*intent), self.slots.evaluate(*slots)
         logits, _ = self.intent.split_outputs(*intent)
-        gold = self.intent._gold(intent[1], intent[2])
-        intent_right = logits.argmax(-1) == gold
-        decoded, _ = self.slots.decode(*slots)
-        slots_right = np.array([ex.tags == tags for ex, (tags, _) in zip(enc.examples, decoded)], dtype=bool)
-        return {"sentence_accuracy": float((intent_right & slots_right).mean()) if len(gold) else 0.0,
-                "intent_accuracy": im["accuracy"], "intent_macro_f1": im["macro_f1"], "slot_f1": sm["f1"],
-                "slot_precision": sm["precision"], "slot_recall": sm["recall"],
-                "slot_exact_match": float(slots_right.mean()) if len(gold) else 0.0,
-                "loss": self.intent_weight * im["loss"] + self.slot_weight * sm["loss"], "n": len(enc.examples),
+        intent_right = logits.argmax(-1) == self.intent._gold(intent[1], intent[2])  # gold -1 (unseen) is never right
+        gold = [ex.tags for ex in enc.examples]
+        pred = [tags for tags, _ in self.slots.decode(*slots)[0]]
+        slots_right = np.array([g == p for g, p in zip(gold, pred)], dtype=bool)
+        n = len(enc.examples)
+        seq = {"mode": "strict", "scheme": IOB2, "zero_division": 0}
+        return {"sentence_accuracy": float((intent_right & slots_right).mean()) if n else 0.0,
+                "intent_accuracy": float(intent_right.mean()) if n else 0.0, "intent_macro_f1": im["macro_f1"],
+                "slot_f1": float(f1_score(gold, pred, **seq)), "slot_precision": float(precision_score(gold, pred, **seq)),
+                "slot_recall": float(recall_score(gold, pred, **seq)),
+                "slot_exact_match": float(slots_right.mean()) if n else 0.0,
+                "loss": self.intent_weight * im["loss"] + self.slot_weight * sm["loss"], "n": n,
                 "intent": im, "slots": sm}
 
     def predictions(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> list[dict]:
         intent, slots = self._views(outputs, enc, labels)
         rows = []
-        for ir, sr in zip(self.intent.predictions(*intent), self.slots.predictions(*slots)):
+        for ex, ir, sr in zip(enc.examples, self.intent.predictions(*intent), self.slots.predictions(*slots)):
             row = {k: sr[k] for k in ("text", "tokens") if k in sr}
             row.update({INTENT_KEYS[k]: v for k, v in ir.items() if k in INTENT_KEYS})
             row.update({SLOT_KEYS[k]: v for k, v in sr.items() if k in SLOT_KEYS})
+            if ex.tags is not None:  # as given (the slot view reads a type train never had as O)
+                row["gold_tags"] = from_bio(ex.tags, self.slots.scheme)
             if "source" in sr:
                 row["source"] = sr["source"]
             rows.append(row)
@@ -394,9 +410,9 @@ def _split_files(train: str, dev: str | None, test: str | None) -> dict[str, str
     return files
 
 
-def _read_raw(path: str, cfg: Config, require_label: bool) -> tuple[list[tuple], list[str | None]]:
+def _read_raw(path: str, cfg: Config, require_label: bool) -> tuple[list[tuple], list[tuple[str | None, str]]]:
     """The sentences as NER's converter takes them, (tokens, tags, where, text, offsets, None), tags in the file's
-    own scheme, and each one's intent."""
+    own scheme, and each one's intent with where it was read (file: line)."""
     if Path(path).is_dir():
         return _read_folder(Path(path), require_label)
     d = cfg.data
@@ -423,7 +439,7 @@ def _read_raw(path: str, cfg: Config, require_label: bool) -> tuple[list[tuple],
             raise InputError(f"{where}: no value in column '{missing}' (columns are: {', '.join(map(repr, row))}). "
                              f"Labeled data needs words, slot tags and an intent; set data.{_key(d, missing)}.")
         raw.append((tokens, tags, where, text, offsets, None))
-        intents.append(intent)
+        intents.append((intent, where))
     return raw, intents
 
 
@@ -441,7 +457,7 @@ def _words(value: Any, column: str, where: str) -> list[str] | None:
     return words
 
 
-def _read_folder(folder: Path, require_label: bool) -> tuple[list[tuple], list[str | None]]:
+def _read_folder(folder: Path, require_label: bool) -> tuple[list[tuple], list[tuple[str | None, str]]]:
     """A JointBERT split folder: seq.in, seq.out and label, one utterance per line (seq.out and label are optional
     for unlabeled input)."""
     lines = {}
@@ -475,26 +491,36 @@ def _read_folder(folder: Path, require_label: bool) -> tuple[list[tuple], list[s
             raise InputError(f"{folder / 'label'}: line {i + 1}: empty intent. Give every utterance its intent.")
         # tag errors name seq.out's line (NER's converter reports them at `where` when there are no tag lines)
         raw.append((tokens, tags, f"{folder / 'seq.out'}: line {i + 1}" if tags is not None else where, None, None, None))
-        intents.append(intent or None)
+        intents.append((intent or None, f"{folder / 'label'}: line {i + 1}"))
     return raw, intents
 
 
-def _examples(path: str, raw: list[tuple], intents: list[str | None], scheme: str, types: set[str] | None = None,
-              known_intents: set[str] | None = None, require_label: bool = True) -> list[JointExample]:
-    """NER's conversion (tag checks, scheme to BIO, unknown slot types refused) with each sentence's intent; an
-    intent the training data never had is refused as classification refuses an unknown label."""
-    examples, repairs = convert(path, raw, scheme, require_label, types)
+def _examples(path: str, raw: list[tuple], intents: list[tuple[str | None, str]], scheme: str,
+              types: set[str] | None = None, known_intents: set[str] | None = None, require_label: bool = True,
+              unseen: str = "error") -> list[JointExample]:
+    """NER's conversion (tag checks, scheme to BIO, slot types train never had refused) with each sentence's
+    intent, an intent train never had refused as classification refuses an unknown label; with unseen
+    "count_wrong" both are kept (the evaluation counts them as errors)."""
+    keep = unseen == "count_wrong"
+    for intent, where in intents:  # classification's check of the intents, then NER's of the tags (convert)
+        if not keep and known_intents is not None and intent is not None and intent not in known_intents:
+            raise InputError(f"{where}: intent '{intent}' never appears in the training data (known intents: "
+                             f"{', '.join(sorted(i for i in known_intents if i))}). Add training examples for it, remove "
+                             "the row, or set joint.unseen_labels count_wrong.")
+    examples, repairs = convert(path, raw, scheme, require_label, None if keep else types)
     if repairs:
         log.warning("%s: %d slot tag(s) inconsistent with %s, repaired (first: %s)", path, len(repairs), scheme.upper(),
                     repairs[0])
-    out = []
-    for ex, intent in zip(examples, intents):
-        if known_intents is not None and intent is not None and intent not in known_intents:
-            raise InputError(f"{ex.source}: intent '{intent}' never appears in the training data (known intents: "
-                             f"{', '.join(sorted(i for i in known_intents if i))}). Add training examples for it or "
-                             "remove the row.")
-        out.append(JointExample(ex.tokens, ex.tags, ex.source, ex.text, ex.offsets, label=intent))
-    return out
+    return [JointExample(ex.tokens, ex.tags, ex.source, ex.text, ex.offsets, label=intent)
+            for ex, (intent, _) in zip(examples, intents)]
+
+
+def _known_tags(ex: JointExample, known: set[str]) -> JointExample:
+    """The example with slot tags of types train never had read as O: what the slot head can be scored on (its
+    loss and calibration); the joint figures score the original tags."""
+    if ex.tags is None or all(t in known for t in ex.tags):
+        return ex
+    return dataclasses.replace(ex, tags=[t if t in known else "O" for t in ex.tags])
 
 
 def _split(train: list, read: dict, fractions: list[float], seed: int, files: dict) -> tuple[list, list, list, dict]:
