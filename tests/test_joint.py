@@ -14,6 +14,7 @@ import lmtune
 from lmtune.cli import main
 from lmtune.export.onnx import export_run
 from lmtune.serve.app import ServeSettings, create_app
+from lmtune.tasks.joint import read_jointbert
 from tests.fuzz import fuzz_openapi
 
 CITIES = ["paris", "rome", "berlin", "madrid", "oslo", "vienna"]
@@ -119,6 +120,7 @@ def test_a_jointbert_folder_is_read_and_a_broken_one_refused_with_file_and_line(
     ex = splits.train[0]
     assert ex.label == rows(12, 1)[0]["intent"] and ex.tags == rows(12, 1)[0]["tags"]  # seq.out's trailing space ignored
     assert splits.labels[:3] == list(INTENTS) and "B-fromloc" in splits.labels
+    assert read_jointbert(root / "test") == rows(12, 3)  # the rows a bench writes single-task files from
 
     bad = write_folder(tmp_path / "bad", rows(6, 4))
     (Path(bad) / "label").write_text("book_flight\n" * 5)  # one line short

@@ -410,6 +410,14 @@ def _split_files(train: str, dev: str | None, test: str | None) -> dict[str, str
     return files
 
 
+def read_jointbert(folder: str | Path) -> list[dict]:
+    """A labeled JointBERT folder (seq.in, seq.out, label) as rows {"tokens", "tags", "intent"}, checked as training
+    reads it (line counts, one tag per word): what a bench writes single-task files from (text + intent for
+    classification, tokens + tags for NER)."""
+    raw, intents = _read_folder(Path(folder), True)
+    return [{"tokens": r[0], "tags": r[1], "intent": intent} for r, (intent, _) in zip(raw, intents)]
+
+
 def _read_raw(path: str, cfg: Config, require_label: bool) -> tuple[list[tuple], list[tuple[str | None, str]]]:
     """The sentences as NER's converter takes them, (tokens, tags, where, text, offsets, None), tags in the file's
     own scheme, and each one's intent with where it was read (file: line)."""
