@@ -94,6 +94,8 @@ def test_one_model_learns_both_and_reports_each_sub_task(joint_run, capsys):
     # each sub-task's plots under its own name (both would write reliability.png), every link resolving
     for png in ("intent_confusion_matrix_test.png", "intent_reliability.png", "slots_reliability.png"):
         assert f"]({png})" in report and (joint_run.run_dir / png).is_file(), png
+    card = (joint_run.run_dir / "model" / "README.md").read_text()
+    assert "lmtune.load" in card and "pipeline(" not in card  # no transformers pipeline reads the two heads
     written = [json.loads(line) for line in (joint_run.run_dir / "predictions" / "test.jsonl").read_text().splitlines()]
     assert len(written) == 30 and all({"intent", "score", "slots", "tags", "gold_intent", "gold_tags"} <= set(r) for r in written)
 
@@ -167,7 +169,8 @@ def test_one_request_returns_intent_and_slots_and_the_schema_says_so(joint_run, 
 
 
 def test_the_onnx_export_has_both_outputs_and_matches_pytorch(joint_run):
-    report = export_run(joint_run.run_dir, sample=16)
+    report = export_run(joint_run.run_dir, quantize="int8", sample=16)
+    assert set(report["onnx_int8"]["dev"]) == set(report["pytorch"]["dev"])  # verified the same way
     r = report["onnx_fp32"]
     assert r["max_abs_logit_diff"] < 1e-4, r
     assert r["dev"] == pytest.approx(report["pytorch"]["dev"], abs=1e-6)

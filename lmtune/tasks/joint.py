@@ -134,6 +134,7 @@ class JointTask(Task):
     # checkpoints where the other still lags
     headline = ("sentence_accuracy", "intent_accuracy", "slot_f1", "loss")
     hub_pipeline = "token-classification"
+    hub_loadable = False  # two heads in one model: no transformers pipeline reads it (the card shows lmtune.load)
     peft_task_type = "TOKEN_CLS"  # a head per token (peft keeps both heads trainable: modules_to_save)
     output_names = ("intent_logits", "slot_logits")
     decision_key = "intent"
