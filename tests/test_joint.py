@@ -114,6 +114,8 @@ def test_a_jointbert_folder_is_read_and_a_broken_one_refused_with_file_and_line(
     root = tmp_path / "snips"
     for name, seed in (("train", 1), ("valid", 2), ("test", 3)):
         write_folder(root / name, rows(12, seed))
+    seq_out = root / "train" / "seq.out"
+    seq_out.write_text(seq_out.read_text().replace("B-", "I-", 1))  # a stray I- start: repaired as NER repairs it
     cfg = lmtune.config.build_config(config(tmp_path, tiny_model, str(root)))
     from lmtune.tasks import get_task
     task = get_task("joint")
@@ -122,6 +124,7 @@ def test_a_jointbert_folder_is_read_and_a_broken_one_refused_with_file_and_line(
     ex = splits.train[0]
     assert ex.label == rows(12, 1)[0]["intent"] and ex.tags == rows(12, 1)[0]["tags"]  # seq.out's trailing space ignored
     assert splits.labels[:3] == list(INTENTS) and "B-fromloc" in splits.labels
+    assert splits.info["tag_scheme_repairs"]["count"] == 1 and task.slots.repairs[0].startswith(f"{seq_out}: line 1:")
     assert read_jointbert(root / "test") == rows(12, 3)  # the rows a bench writes single-task files from
 
     bad = write_folder(tmp_path / "bad", rows(6, 4))

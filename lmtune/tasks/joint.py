@@ -194,18 +194,21 @@ class JointTask(Task):
         scheme = d.tag_scheme if d.tag_scheme != "auto" else detect_scheme(
             [r[1] for rows, _ in raw.values() for r in rows if r[1] is not None])
         self.slots.scheme = scheme
-        train = _examples(files["train"], *raw["train"], scheme)
+        repairs: list[str] = []  # tags that broke the scheme, repaired as NER repairs them (its report lists them)
+        train = _examples(files["train"], *raw["train"], scheme, repairs=repairs)
         types = {split_tag(t)[1] for ex in train for t in ex.tags if t != "O"}
         if not types:
             raise InputError(f"{files['train']}: no slots in the training data (every tag is O).")
         intents = _sort_labels({ex.label for ex in train})
         labels = self._set_labels(intents, bio_labels(types))
         read = {name: _examples(files[name], *raw[name], scheme, types, set(intents) | {cfg.abstain.oos_label},
-                                unseen=cfg.joint.unseen_labels) for name in ("dev", "test") if name in files}
+                                unseen=cfg.joint.unseen_labels, repairs=repairs) for name in ("dev", "test") if name in files}
+        self.slots.repairs = repairs
         train, dev, test, info = _split(train, read, d.split, cfg.train.seed, files)
         if not dev:
             raise InputError(f"{files['train']}: too few examples to split off a dev set; give data.dev or more data.")
         info.update(sizes={"train": len(train), "dev": len(dev), "test": len(test)}, tag_scheme=scheme,
+                    tag_scheme_repairs={"count": len(repairs), "first": repairs[:100]},
                     intents=len(intents), slot_types=len(types))
         return Splits(train, dev, test, labels, info)
 
@@ -506,7 +509,7 @@ def _read_folder(folder: Path, require_label: bool) -> tuple[list[tuple], list[t
 
 def _examples(path: str, raw: list[tuple], intents: list[tuple[str | None, str]], scheme: str,
               types: set[str] | None = None, known_intents: set[str] | None = None, require_label: bool = True,
-              unseen: str = "error") -> list[JointExample]:
+              unseen: str = "error", repairs: list[str] | None = None) -> list[JointExample]:
     """NER's conversion (tag checks, scheme to BIO, slot types train never had refused) with each sentence's
     intent, an intent train never had refused as classification refuses an unknown label; with unseen
     "count_wrong" both are kept (the evaluation counts them as errors)."""
@@ -516,10 +519,11 @@ def _examples(path: str, raw: list[tuple], intents: list[tuple[str | None, str]]
             raise InputError(f"{where}: intent '{intent}' never appears in the training data (known intents: "
                              f"{', '.join(sorted(i for i in known_intents if i))}). Add training examples for it, remove "
                              "the row, or set joint.unseen_labels count_wrong.")
-    examples, repairs = convert(path, raw, scheme, require_label, None if keep else types)
-    if repairs:
-        log.warning("%s: %d slot tag(s) inconsistent with %s, repaired (first: %s)", path, len(repairs), scheme.upper(),
-                    repairs[0])
+    examples, fixed = convert(path, raw, scheme, require_label, None if keep else types)
+    if fixed:
+        log.warning("%s: %d slot tag(s) inconsistent with %s, repaired (first: %s)", path, len(fixed), scheme.upper(), fixed[0])
+    if repairs is not None:
+        repairs += fixed
     return [JointExample(ex.tokens, ex.tags, ex.source, ex.text, ex.offsets, label=intent)
             for ex, (intent, _) in zip(examples, intents)]
 
