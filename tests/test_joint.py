@@ -240,3 +240,24 @@ def test_labels_train_never_had_are_refused_or_counted_wrong(joint_run, tmp_path
     assert m["n"] == 6 and m["intent_accuracy"] <= 5 / 6 and m["slot_exact_match"] <= 5 / 6
     assert m["sentence_accuracy"] <= 4 / 6 and m["slot_recall"] < 1.0  # the unseen slots count as missed
     assert m["intent"]["n"] == 6  # classification's own figures leave the unseen intent out of its accuracy
+
+
+def test_the_targets_pad_to_a_length_bucket_without_changing_the_loss(joint_run):
+    """The GPU fast path pads each batch to a length bucket (pad_values): the [batch, tokens, 2] targets must pad
+    along the tokens like the inputs, and the padded batch must give the same loss."""
+    import torch
+
+    from lmtune.tasks.base import encode_examples
+    from lmtune.training.fast import pad_to_bucket
+    from lmtune.training.loop import inputs
+    task, tok = joint_run.task, joint_run.tokenizer
+    examples = task.read_file(str(joint_run.config.data.dev), joint_run.config, joint_run.labels)[:4]
+    batch = task.collate(encode_examples(task, examples, tok, joint_run.config, joint_run.labels).features, tok)
+    width = batch["input_ids"].shape[1]
+    padded = pad_to_bucket(batch, (width + 5,), task.pad_values(tok))
+    assert padded["labels"].shape == (4, width + 5, 2) and (padded["labels"][:, width:] == -100).all()
+    model = joint_run.model.eval()
+    with torch.no_grad():
+        before = task.loss(model(**inputs(batch)), batch)
+        after = task.loss(model(**inputs(padded)), padded)
+    assert float(before) > 0 and abs(float(before) - float(after)) < 1e-4
