@@ -447,16 +447,12 @@ def _read_raw(path: str, cfg: Config, require_label: bool) -> tuple[list[tuple],
                              f"'{d.slot_tags_column}'.")
         intent = cell_text(row.get(d.intent_column), d.intent_column, where, False)
         if require_label and (tags is None or intent is None):
-            missing = d.slot_tags_column if tags is None else d.intent_column
-            raise InputError(f"{where}: no value in column '{missing}' (columns are: {', '.join(map(repr, row))}). "
-                             f"Labeled data needs words, slot tags and an intent; set data.{_key(d, missing)}.")
+            key = "slot_tags_column" if tags is None else "intent_column"
+            raise InputError(f"{where}: no value in column '{getattr(d, key)}' (columns are: {', '.join(map(repr, row))}). "
+                             f"Labeled data needs words, slot tags and an intent; set data.{key}.")
         raw.append((tokens, tags, where, text, offsets, None))
         intents.append((intent, where))
     return raw, intents
-
-
-def _key(d: Any, column: str) -> str:
-    return "slot_tags_column" if column == d.slot_tags_column else "intent_column"
 
 
 def _words(value: Any, column: str, where: str) -> list[str] | None:
