@@ -145,7 +145,7 @@ def card_data(results: dict, meta: dict, pipeline: str):
 
 
 def usage(pipeline: str, repo_id: str | None, reads_pairs: bool = False, adapter: bool = False,
-          task_kind: str = "text-classification", same_probabilities: bool = False) -> list[str]:
+          task_kind: str = "text-classification", same_probabilities: bool = False, loadable: bool = True) -> list[str]:
     """The card's "How to use": transformers.pipeline on the folder (saying the probabilities are lmtune's only
     where they are: lmtune.fold.pipeline_reproduces_lmtune) and lmtune.load with its output controls."""
     where = repo_id or "path/to/model"
@@ -159,7 +159,7 @@ def usage(pipeline: str, repo_id: str | None, reads_pairs: bool = False, adapter
               "first (`lmtune merge RUN_DIR MERGED_DIR`) and give the pipeline MERGED_DIR." if adapter else "")
     lines = ["## How to use", ""]
     # retrieval has no transformers pipeline, and a relation model's entity-marker head is lmtune's own
-    if pipeline != "sentence-similarity" and task_kind != "relation":
+    if pipeline != "sentence-similarity" and task_kind != "relation" and loadable:
         same = (" (the probabilities are the ones lmtune reports: the calibration temperature is folded into the "
                 "weights)" if same_probabilities else "")
         lines += [f"With transformers{same}.{merged}", "", "```python", "from transformers import pipeline", "",
@@ -237,7 +237,7 @@ def render_card(run_dir: str | Path, results: dict, repo_id: str | None = None, 
         "Outside that domain its scores are not evidence of quality; check on your own labeled sample first.", "",
         *usage(task.hub_pipeline, repo_id, bool(cfg.get("data", {}).get("text_pair_column")), is_adapter_dir(rd.model),
                {"regression": "regression", "relation": "relation"}.get(task.name, task.hub_pipeline),
-               pipeline_reproduces_lmtune(rd.model)),
+               pipeline_reproduces_lmtune(rd.model), task.hub_loadable),
         "## Training data", "",
         "Examples: " + ", ".join(f"{k} {v}" for k, v in s["sizes"].items())
         + f"; longer than max_length {s['max_length']}: "

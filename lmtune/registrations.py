@@ -17,6 +17,7 @@ tasks.register("qa", "lmtune.tasks.qa:QATask")
 # also learns from preference pairs (lmtune.tasks.preference)
 tasks.register("generation", "lmtune.tasks.generation:GenerationTask", objectives=("sft", "dpo", "orpo"))
 tasks.register("retrieval", "lmtune.tasks.retrieval:RetrievalTask")
+tasks.register("joint", "lmtune.tasks.joint:JointTask")  # intent + slots over one encoder (classification + NER)
 
 # default_lr: PEFT trains few weights and needs larger steps than full fine-tuning;
 # mergeable: the adapter folds into the weights (lmtune merge, ONNX export); disables: peft's disable_adapter gives
@@ -88,6 +89,8 @@ config_sections.register("preference", "lmtune.tasks.generation_config:Preferenc
 config_sections.register("relation_columns", "lmtune.tasks.relation_config:RelationColumns", section="data")
 config_sections.register("multilabel_columns", "lmtune.tasks.multilabel_config:MultiLabelColumns", section="data")
 config_sections.register("ner_columns", "lmtune.tasks.ner_config:NerColumns", section="data")
+config_sections.register("joint", "lmtune.tasks.joint_config:JointConfig")
+config_sections.register("joint_columns", "lmtune.tasks.joint_config:JointColumns", section="data")
 config_sections.register("pair_options", "lmtune.data.pairs:PairOptions", section="data")
 
 # export formats (lmtune export --format): quantize: the --quantize values each declares; options: the other

@@ -73,6 +73,7 @@ class Task:
     name: str = ""
     headline: tuple[str, ...] = ()  # metric names shown in report.md and the CLI summary
     hub_pipeline: str = "text-classification"  # the Hub's pipeline tag, for the model card
+    hub_loadable: bool = True  # transformers.pipeline(hub_pipeline) loads model/ as saved (False: a head of lmtune's own)
     peft_task_type: str = ""  # peft's TaskType for this head
     encode_options: dict[str, str] = {}  # encode() keyword -> data.<key> it comes from (e.g. NER windows)
     output_names: tuple[str, ...] = ("logits",)  # the model output attributes unbatch reads (and an ONNX export keeps)
