@@ -61,7 +61,7 @@ def test_the_loss_mixes_the_teachers_soft_targets_with_the_hard_labels():
 def test_distill_into_a_truncated_student_with_unlabeled_text_is_an_ordinary_run(tmp_path, teacher, tiny_model, data, capsys):
     out = tmp_path / "runs"
     assert main(["distill", str(teacher.run_dir), "--student", tiny_model, "--student-layers", "1", "--unlabeled",
-                 data["unlabeled"], "--output_dir", str(out), "--run_name", "student", "--train.epochs", "4"]) == 0
+                 data["unlabeled"], "--output_dir", str(out), "--run_name", "student", "--train.epochs", "2"]) == 0
     printed = capsys.readouterr().out
     assert "cost ratio (student / teacher)" in printed and "hard_only" in printed
     run_dir = out / "student"
@@ -96,9 +96,11 @@ def test_distill_into_a_truncated_student_with_unlabeled_text_is_an_ordinary_run
 
 
 def test_with_alpha_1_the_student_learns_from_the_soft_targets_alone(tmp_path, teacher, tiny_model):
-    """No weight on the hard labels: whatever the student learns comes through the soft term."""
+    """No weight on the hard labels, and the train file's labels flipped: a student that learns the task learned it
+    through the soft term (dropped, it learns nothing; trained on the hard labels, the opposite)."""
+    flipped = write_csv(tmp_path / "flipped.csv", [(t, "neg" if y == "pos" else "pos") for t, y in toy_rows(96, 1)])
     d = distill(teacher.run_dir, student=tiny_model, alpha=1.0, compare=False,
-                               overrides={"output_dir": str(tmp_path), "run_name": "soft-only"})
+                overrides={"output_dir": str(tmp_path), "run_name": "soft-only", "data.train": str(flipped)})
     assert d["teacher"]["accuracy"] >= 0.9 and d["student"]["accuracy"] >= 0.85 and "hard_only" not in d
     student = lmtune.load(tmp_path / "soft-only")
     texts = [t for t, _ in toy_rows(16, 9)]
@@ -111,7 +113,7 @@ def test_an_ensemble_teacher_teaches_its_averaged_probabilities(tmp_path, teache
     from lmtune.search.combine import ensemble
     other = lmtune.train({"output_dir": str(tmp_path), "run_name": "other", "model": {"name": tiny_model},
                           "data": {k: data[k] for k in ("train", "dev", "test")} | {"max_length": 32},
-                          "train": {**TRAIN, "epochs": 3, "seed": 2}})
+                          "train": {**TRAIN, "epochs": 1, "seed": 2}})
     ensemble([str(teacher.run_dir), str(other.run_dir)], tmp_path / "ens", dev=None)  # not recalibrated: temperature 1
     ens = lmtune.load(tmp_path / "ens")
     texts = ["the food was good", "really awful day"]
@@ -119,7 +121,7 @@ def test_an_ensemble_teacher_teaches_its_averaged_probabilities(tmp_path, teache
     for ex, p in zip(taught, ens.predict(texts)):  # at T 1 the soft targets are the averaged probabilities
         assert [float(torch.tensor(s).exp()) for s in ex.soft_targets] == pytest.approx(list(p["probabilities"].values()), abs=1e-4)
     d = distill(tmp_path / "ens", student=tiny_model, student_layers=1, compare=False,
-                               overrides={"output_dir": str(tmp_path), "run_name": "from-ensemble", "train.epochs": 3})
+                               overrides={"output_dir": str(tmp_path), "run_name": "from-ensemble", "train.epochs": 1})
     assert d["teacher"]["kind"] == "ensemble" and d["teacher"]["layers"] == "2 x 2"
     assert (Path(d["student"]["run_dir"]) / "model" / "lmtune.json").is_file()
 
