@@ -159,18 +159,18 @@ def truncate(student: str, layers: int, out: Path) -> Path:
 
 
 def read_unlabeled(task, path: str, cfg) -> list:
-    """The unlabeled file's texts (the data's text column; a label column, if any, is ignored): bad rows
-    are file:line errors."""
-    examples = task.read_file(path, cfg, None, require_label=False)
-    return [dataclasses.replace(ex, label=None) for ex in examples]
+    """The unlabeled file's texts (the data's text column, and text_pair column for a pair run), each as an
+    unlabeled example of the task (a label column, if any, is ignored); bad rows are file:line errors."""
+    rows = task.read_file(path, cfg, None, require_label=False)
+    texts = [ex.text if ex.text_pair is None else (ex.text, ex.text_pair) for ex in rows]
+    return [dataclasses.replace(ex, source=row.source) for ex, row in zip(task.from_texts(texts), rows)]
 
 
 def with_soft_targets(teacher, examples: list, temperature: float) -> list:
-    """The examples, each with the teacher's log-probabilities at the temperature as its soft targets."""
+    """The examples, each with the teacher's soft targets at the temperature (classification: its log-probabilities)."""
     enc = teacher.encode(examples)
-    logits = torch.from_numpy(np.asarray(teacher.task.teacher_logits(teacher.outputs(enc), enc, teacher.labels), dtype=np.float32))
-    soft = torch.log_softmax(logits / temperature, -1).tolist()
-    return [dataclasses.replace(ex, soft_targets=tuple(s)) for ex, s in zip(examples, soft)]
+    soft = np.asarray(teacher.task.soft_targets(teacher.outputs(enc), enc, teacher.labels, temperature), dtype=np.float64)
+    return [dataclasses.replace(ex, soft_targets=tuple(s.tolist())) for ex, s in zip(examples, soft)]
 
 
 def teacher_kind(meta: dict) -> str:

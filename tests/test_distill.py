@@ -138,3 +138,37 @@ def test_bad_unlabeled_rows_and_student_layers_are_refused_before_anything_is_wr
     assert main(["distill", str(teacher.run_dir), "--student", tiny_model, "--alpha", "1.5", *common]) == 2
     assert "--alpha 1.5" in capsys.readouterr().err
     assert not (out / "s").exists()
+
+
+def test_the_multilabel_loss_is_a_per_label_kl_to_the_teachers_sigmoid_and_skips_missing_targets():
+    from lmtune.tasks import get_task
+    task = get_task("multilabel")
+    task.distill_with(2.0, 0.5)
+    logits = torch.tensor([[1.0, -2.0, 0.5], [0.0, 3.0, -1.0]])
+    teacher = torch.tensor([[4.0, -4.0, 1.0], [-2.0, 2.0, 0.0]]) / 2.0  # the teacher's logits / T
+    labels = torch.tensor([[1.0, 0.0, 1.0], [float("nan")] * 3])  # the second row is unlabeled
+    out = type("Out", (), {"logits": logits})()
+    p, q = torch.sigmoid(teacher), torch.sigmoid(logits / 2.0)
+    kl = p * torch.log(p / q) + (1 - p) * torch.log((1 - p) / (1 - q))  # Bernoulli KL, per label
+    hard = F.binary_cross_entropy_with_logits(logits[:1], labels[:1], reduction="sum")
+    got = task.loss(out, {"labels": labels, "soft_targets": teacher})
+    assert float(got) == pytest.approx(float(0.5 * 4.0 * kl.sum() + 0.5 * hard), rel=1e-5)
+    matched = task.loss(type("Out", (), {"logits": teacher * 2.0})(), {"labels": labels, "soft_targets": teacher})
+    assert float(matched) == pytest.approx(float(0.5 * F.binary_cross_entropy_with_logits(teacher[:1] * 2.0, labels[:1],
+                                                                                        reduction="sum")), abs=1e-5)
+
+
+def test_a_multilabel_teacher_distils_into_an_ordinary_multilabel_run(tmp_path, tiny_model):
+    from tests.test_multilabel import toy_rows as label_sets
+    from tests.test_multilabel import write_sep
+    data = {k: write_sep(tmp_path / f"{k}.csv", label_sets(n, s)) for k, n, s in (("train", 64, 1), ("dev", 24, 2), ("test", 24, 3))}
+    unlabeled = write_csv(tmp_path / "u.csv", [(t,) for t, _ in label_sets(16, 4)], header=("text",))
+    teacher = lmtune.train({"task": "multilabel", "output_dir": str(tmp_path), "run_name": "ml-teacher", "model": {"name": tiny_model},
+                            "data": {**data, "label_column": "tags", "label_separator": "|", "max_length": 32},
+                            "train": {**TRAIN, "epochs": 2}})
+    d = distill(teacher.run_dir, student=tiny_model, student_layers=1, unlabeled=str(unlabeled), compare=False,
+                overrides={"output_dir": str(tmp_path), "run_name": "ml-student", "train.epochs": 1})
+    assert d["metric"] == "macro_f1" and d["unlabeled_rows"] == 16 and d["student"]["macro_f1"] is not None
+    student = lmtune.load(tmp_path / "ml-student")
+    assert student.task.name == "multilabel" and isinstance(student.predict(["pizza and a cheap waiter"])[0]["labels"], list)
+    assert "## Distillation" in (tmp_path / "ml-student" / "report.md").read_text()

@@ -25,9 +25,9 @@ class Example:
     label: str | None
     source: str  # "file:line"
     text_pair: str | None = None
-    # a teacher's log-probabilities over the labels at the distillation temperature (lmtune.distill), which
-    # a task with the distill capability trains towards; keyword-only, so the subclasses' positional
-    # fields keep their places
+    # a teacher's soft targets over the labels at the distillation temperature (lmtune.distill; classification:
+    # log-probabilities), which a task with the distill capability trains towards; keyword-only, so the
+    # subclasses' positional fields keep their places
     soft_targets: tuple[float, ...] | None = field(default=None, kw_only=True)
 
     # What data tools see of an example (audit, label-noise search, attacks, augmentation): each kind

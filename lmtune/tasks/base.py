@@ -60,8 +60,8 @@ RERANK = "rerank"  # relevance(rows, labels, label): a pair run scores how well 
 # temperature_to_fold / folded_temperature / set_folded / unfolded_temperature, and a `calibration` dict: the calibration
 # temperature can be carried by the saved output layer (lmtune.fold), so transformers.pipeline gives lmtune's probabilities
 FOLD = "fold"
-# teacher_logits(outputs, enc, labels) / distill_with(temperature, alpha): a run of the task teaches (its per-example
-# logits), and the task's loss trains towards the `soft_targets` its features carry (lmtune.distill)
+# soft_targets(outputs, enc, labels, temperature) / distill_with(temperature, alpha): a run of the task teaches (its
+# per-example soft targets), and the task's loss trains towards the `soft_targets` its features carry (lmtune.distill)
 DISTILL = "distill"
 CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, INTERVALS, DEV_RULES, CONTINUAL, ENSEMBLE, EXPLAIN,
                 GENERATE, INDEX, RERANK, FOLD, DISTILL)
@@ -252,9 +252,10 @@ class Task:
     def fit_decision_rules(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
         raise NotImplementedError
 
-    def teacher_logits(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> np.ndarray:
-        """A teacher's calibrated logits per example [examples, labels] (an ensemble's: its log-probabilities),
-        which lmtune.distill turns into a student's soft targets."""
+    def soft_targets(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str], temperature: float) -> np.ndarray:
+        """A teacher's soft targets per example [examples, labels] at the distillation temperature, from its
+        calibrated outputs (an ensemble's: its averaged calibrated probabilities): what a student of the same
+        task trains towards (lmtune.distill), in the form the task's loss reads them."""
         raise NotImplementedError
 
     def distill_with(self, temperature: float, alpha: float) -> None:

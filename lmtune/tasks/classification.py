@@ -325,11 +325,13 @@ class ClassificationTask(Task):
         return alpha * soft_target_loss(outputs.logits, batch["soft_targets"], temperature) + (1 - alpha) * hard
 
     # ---- distillation (lmtune.distill) ----------------------------------------------------------
-    def teacher_logits(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> np.ndarray:
-        # calibrated logits (windows pooled): the probabilities predict reports, as an ensemble's log-probabilities are
-        # of its members' calibrated ones. A small model's raw logits can sit far off scale (a calibration temperature
-        # of 0.01 on the tests' tiny BERT), and soft targets made from them would be near uniform at any T.
-        return self.split_outputs(outputs, enc, labels)[0] / np.float32(self.temperature)
+    def soft_targets(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str], temperature: float) -> np.ndarray:
+        """log_softmax(calibrated logits / T). Calibrated (windows pooled): the probabilities predict reports, as an
+        ensemble's logits are the log of its members' calibrated ones. A small model's raw logits can sit far off
+        scale (a calibration temperature of 0.01 on the tests' tiny BERT): soft targets made from them would be
+        near uniform at any T."""
+        z = torch.from_numpy(self.split_outputs(outputs, enc, labels)[0] / np.float32(self.temperature * temperature))
+        return torch.log_softmax(z.float(), -1).numpy()
 
     def distill_with(self, temperature: float, alpha: float) -> None:
         self.distillation = (float(temperature), float(alpha))
