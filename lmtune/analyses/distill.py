@@ -17,7 +17,8 @@ def section(d: dict) -> str:
              f"Soft targets at temperature {d['temperature']:g}, alpha {d['alpha']:g} (loss = alpha * T^2 * KL(teacher || "
              f"student) + (1 - alpha) * cross-entropy); {d['train_rows']} labeled train rows"
              + (f" and {d['unlabeled_rows']} unlabeled rows ({d['unlabeled']})" if d["unlabeled_rows"] else "")
-             + f". Inference cost: seconds per 1000 {split} texts, one after the other on {d['device']}.", "",
+             + f". Inference cost: seconds per 1000 {split} texts (tokenizing included, the fastest of three passes) on "
+             f"{d['device']}.", "",
              f"| model | kind | layers | parameters | {split} {metric} | s / 1000 texts |", "|---|---|---|---|---|---|"]
     for name in ("teacher", "student", "hard_only"):
         r = d.get(name)
