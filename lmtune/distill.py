@@ -45,12 +45,10 @@ def distill(teacher_run_dir: str | Path, *, student: str, unlabeled: str | Path 
     """Train `student` on the teacher run's soft targets; returns the `distill` section written into the
     student run's results.json ({teacher, student, hard_only, cost_ratio, temperature, alpha, ...}; the
     student run directory is student["run_dir"]). Every input error is raised before anything is written."""
+    from lmtune import results
     from lmtune.api import load
-    from lmtune.artifacts import RunDir, new_run_dir, read_meta
-    from lmtune.config import build_config
-    from lmtune.recipe import train_splits
     from lmtune.tasks import get_task
-    from lmtune.tasks.base import DISTILL, Splits
+    from lmtune.tasks.base import DISTILL
 
     if not temperature > 0:
         raise InputError(f"distill: --temperature {temperature}: give a positive temperature (2 to 4 is usual).")
@@ -69,49 +67,76 @@ def distill(teacher_run_dir: str | Path, *, student: str, unlabeled: str | Path 
     extra = read_unlabeled(task, str(unlabeled), cfg) if unlabeled else []
     teacher.config.train.progress = cfg.train.progress
 
+    run, cfg = train_student(teacher, cfg, task, splits, extra, student, student_layers, temperature, alpha, unlabeled)
+    hard_dir = train_hard_only(cfg, run.run_dir) if compare else None
+    kind = "truncated" if student_layers is not None else "single"
+    metric = run.metrics["metric"]
+    split, examples = ("test", splits.test) if splits.test else ("dev", splits.dev)
+    section = {"metric": metric, "split": split, "temperature": temperature, "alpha": alpha, "train_rows": len(splits.train),
+               "unlabeled_rows": len(extra), "unlabeled": str(unlabeled) if unlabeled else None,
+               **compare_costs(teacher, run.run_dir, hard_dir, examples, metric, student, kind)}
+    results.update(run.run_dir, distill=section)
+    return section
+
+
+def train_student(teacher, cfg, task, splits, extra: list, student: str, student_layers: int | None, temperature: float,
+                  alpha: float, unlabeled) -> tuple[Any, Any]:
+    """The student's run (and its config, the truncated base model's path in it): a new run directory, the
+    truncation inside it, the teacher's soft targets on train + unlabeled, then the ordinary recipe."""
+    from lmtune.artifacts import new_run_dir
+    from lmtune.config import build_config
+    from lmtune.recipe import train_splits
+    from lmtune.tasks.base import Splits
+
     run_dir = new_run_dir(cfg)  # claimed now: a truncated student goes inside it
     try:
         if student_layers is not None:
-            cfg = build_config({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "gguf_file": None,
-                                                           "name": str(truncate(student, student_layers, run_dir / BASE_MODEL))}})
+            base = truncate(student, student_layers, run_dir / BASE_MODEL)
+            d = cfg.to_dict()
+            cfg = build_config({**d, "model": {**d["model"], "gguf_file": None, "name": str(base)}})
         log.info("distill: the teacher's soft targets (T %g) on %d train and %d unlabeled texts", temperature,
                  len(splits.train), len(extra))
         taught = with_soft_targets(teacher, splits.train + extra, temperature)
-        info = {**splits.info, "sizes": {**splits.info["sizes"], "train": len(taught)}, "distill": {"teacher": str(teacher_dir.resolve()), "unlabeled": str(unlabeled) if unlabeled else None,
-                                           "unlabeled_rows": len(extra), "temperature": temperature, "alpha": alpha}}
+        record = {"teacher": str(Path(teacher.run_dir).resolve()), "unlabeled": str(unlabeled) if unlabeled else None,
+                  "unlabeled_rows": len(extra), "temperature": temperature, "alpha": alpha}
+        info = {**splits.info, "sizes": {**splits.info["sizes"], "train": len(taught)}, "distill": record}
         task.distill_with(temperature, alpha)
     except BaseException:
         shutil.rmtree(run_dir, ignore_errors=True)  # our own half-written run, never user data
         raise
-    run = train_splits(cfg, task, Splits(taught, splits.dev, splits.test, splits.labels, info), run_dir=run_dir)
+    return train_splits(cfg, task, Splits(taught, splits.dev, splits.test, splits.labels, info), run_dir=run_dir), cfg
 
-    hard_dir = None
-    if compare:
-        hard_dir = run.run_dir / HARD_ONLY
-        hard_dir.mkdir()
-        d = cfg.to_dict()
-        hard_cfg = build_config({**d, "output_dir": str(run.run_dir), "run_name": HARD_ONLY})
-        hard_task = get_task(cfg.task)
-        train_splits(hard_cfg, hard_task, hard_task.read(hard_cfg), run_dir=hard_dir)
 
-    from lmtune import results, runtime
-    metric = run.metrics["metric"]
-    split, examples = ("test", splits.test) if splits.test else ("dev", splits.dev)
-    section: dict[str, Any] = {
-        "metric": metric, "split": split, "device": str(runtime.device()),
-        "temperature": temperature, "alpha": alpha, "train_rows": len(splits.train), "unlabeled_rows": len(extra),
-        "unlabeled": str(unlabeled) if unlabeled else None,
-        "teacher": measure(teacher, examples, metric, kind=teacher_kind(read_meta(RunDir(teacher_dir).model))),
-        "student": measure(load(run.run_dir), examples, metric, model=student,
-                           kind="truncated" if student_layers is not None else "single"),
-    }
-    section["teacher"]["model"] = teacher.config.model.name
+def train_hard_only(cfg, student_dir: Path) -> Path:
+    """The same student (same config, seed and base model) on the hard labels alone: RUN/hard_only."""
+    from lmtune.config import build_config
+    from lmtune.recipe import train_splits
+    from lmtune.tasks import get_task
+
+    out = student_dir / HARD_ONLY
+    out.mkdir()
+    hard_cfg = build_config({**cfg.to_dict(), "output_dir": str(student_dir), "run_name": HARD_ONLY})
+    task = get_task(cfg.task)
+    train_splits(hard_cfg, task, task.read(hard_cfg), run_dir=out)
+    return out
+
+
+def compare_costs(teacher, student_dir: Path, hard_dir: Path | None, examples: list, metric: str, student: str,
+                  kind: str) -> dict:
+    """Teacher, student (and hard-only student): metric on the examples, size and inference cost, one after
+    the other on this machine, and the cost ratios."""
+    from lmtune import runtime
+    from lmtune.api import load
+    from lmtune.artifacts import RunDir, read_meta
+    out: dict[str, Any] = {"device": str(runtime.device()),
+                           "teacher": measure(teacher, examples, metric, kind=teacher_kind(read_meta(RunDir(teacher.run_dir).model))),
+                           "student": measure(load(student_dir), examples, metric, model=student, kind=kind)}
     if hard_dir is not None:
-        section["hard_only"] = measure(load(hard_dir), examples, metric, model=student,
-                                       kind="truncated" if student_layers is not None else "single")
-    section["cost_ratio"] = section["student"]["seconds_per_1000"] / max(section["teacher"]["seconds_per_1000"], 1e-9)
-    results.update(run.run_dir, distill=section)
-    return section
+        out["hard_only"] = measure(load(hard_dir), examples, metric, model=student, kind=kind)
+    out["cost_ratio"] = out["student"]["seconds_per_1000"] / max(out["teacher"]["seconds_per_1000"], 1e-9)
+    # without tokenizing, which teacher and student share (an ensemble tokenizes once for all its members)
+    out["model_cost_ratio"] = out["student"]["model_seconds_per_1000"] / max(out["teacher"]["model_seconds_per_1000"], 1e-9)
+    return out
 
 
 def student_config(teacher_cfg, student: str, teacher_dir: Path, overrides: dict | None):
@@ -199,12 +224,14 @@ TIMING_REPEATS = 2  # timed passes over at most TIMING_TEXTS texts after the ful
 TIMING_TEXTS = 512
 
 
-def _timed_outputs(run, examples: list) -> tuple[Any, list, float]:
-    """(encoded, outputs, seconds per 1000 texts) of one pass: tokenizing included."""
+def _timed_outputs(run, examples: list) -> tuple[Any, list, float, float]:
+    """(encoded, outputs, seconds per 1000 texts, of which the model's) of one pass: tokenizing included."""
     start = time.perf_counter()
     enc = run.encode(examples)
+    encoded = time.perf_counter()
     outputs = run.outputs(enc)
-    return enc, outputs, 1000 * (time.perf_counter() - start) / max(len(examples), 1)
+    end, n = time.perf_counter(), max(len(examples), 1)
+    return enc, outputs, 1000 * (end - start) / n, 1000 * (end - encoded) / n
 
 
 def measure(run, examples: list, metric: str, model: str | None = None, kind: str = "single") -> dict:
@@ -212,10 +239,11 @@ def measure(run, examples: list, metric: str, model: str | None = None, kind: st
     pass and TIMING_REPEATS passes over its first TIMING_TEXTS texts (timeit's rule: slower passes measure
     what else the machine did), after one warm-up batch; the same procedure for teacher and students."""
     run.outputs(run.encode(examples[:8]))  # warm-up: lazy initialisation is not inference cost
-    enc, outputs, per_1000 = _timed_outputs(run, examples)
+    enc, outputs, per_1000, model_per_1000 = _timed_outputs(run, examples)
     for _ in range(TIMING_REPEATS):
-        per_1000 = min(per_1000, _timed_outputs(run, examples[:TIMING_TEXTS])[2])
+        again = _timed_outputs(run, examples[:TIMING_TEXTS])
+        per_1000, model_per_1000 = min(per_1000, again[2]), min(model_per_1000, again[3])
     value = run.task.evaluate(outputs, enc, run.labels).get(metric)
     return {"run_dir": str(Path(run.run_dir).resolve()), "model": model or run.config.model.name, "kind": kind,
             "layers": _layers(run.model), "parameters": _parameters(run.model), metric: None if value is None else float(value),
-            "seconds_per_1000": per_1000}
+            "seconds_per_1000": per_1000, "model_seconds_per_1000": model_per_1000}

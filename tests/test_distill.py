@@ -76,6 +76,7 @@ def test_distill_into_a_truncated_student_with_unlabeled_text_is_an_ordinary_run
     assert d["teacher"]["kind"] == "single" and d["student"]["kind"] == "truncated" and d["student"]["layers"] == "1"
     assert d["teacher"]["parameters"] > d["student"]["parameters"] and d["unlabeled_rows"] == 48
     assert d["cost_ratio"] == pytest.approx(d["student"]["seconds_per_1000"] / d["teacher"]["seconds_per_1000"])
+    assert 0 < d["student"]["model_seconds_per_1000"] <= d["student"]["seconds_per_1000"] and d["model_cost_ratio"] > 0
     assert d["teacher"]["accuracy"] == pytest.approx(teacher.metrics["test"]["accuracy"])
     assert d["student"]["accuracy"] == pytest.approx(student.metrics["test"]["accuracy"])
     hard = lmtune.load(d["hard_only"]["run_dir"])  # the same truncated student, hard labels only
