@@ -387,7 +387,8 @@ def cmd_distill(teacher_run_dir: str, *, student: Annotated[str, "the student mo
     for name in ("teacher", "student", "hard_only"):
         if name in d:
             r = d[name]
-            print(f"{name}: {d['split']} {metric} {r[metric]:.4f}  {r['seconds_per_1000']:.3f} s / 1000 texts  ({r['run_dir']})")
+            value = "-" if r[metric] is None else f"{r[metric]:.4f}"
+            print(f"{name}: {d['split']} {metric} {value}  {r['seconds_per_1000']:.3f} s / 1000 texts  ({r['run_dir']})")
     print(f"cost ratio (student / teacher): {d['cost_ratio']:.3f}")
     print(f"report: {Path(d['student']['run_dir']) / 'report.md'}")
     return 0
