@@ -372,6 +372,28 @@ def cmd_prefer(run_dir: str, *, k: Annotated[int, "sampled outputs per prompt (t
     return 0
 
 
+def cmd_distill(teacher_run_dir: str, *, student: Annotated[str, "the student model (hub id or folder), e.g. a smaller "
+                                                                "backbone than the teacher's"],
+                unlabeled: Annotated[str | None, "unlabeled texts (the data's text column) the teacher also labels softly"] = None,
+                temperature: Annotated[float, "softmax temperature of the soft targets (Hinton et al. 2015: 2 to 4)"] = 2.0,
+                alpha: Annotated[float, "weight of the soft term (1 - alpha: the hard labels' cross-entropy)"] = 0.5,
+                student_layers: Annotated[int | None, "truncate the student to its first N encoder layers"] = None,
+                no_compare: Annotated[bool, "skip the same student trained on hard labels alone"] = False,
+                overrides: dict[str, Any]) -> int:
+    from lmtune.distill import distill
+    d = distill(teacher_run_dir, student=student, unlabeled=unlabeled, temperature=temperature, alpha=alpha,
+                student_layers=student_layers, overrides=overrides, compare=not no_compare)
+    metric = d["metric"]
+    for name in ("teacher", "student", "hard_only"):
+        if name in d:
+            r = d[name]
+            value = "-" if r[metric] is None else f"{r[metric]:.4f}"
+            print(f"{name}: {d['split']} {metric} {value}  {r['seconds_per_1000']:.3f} s / 1000 texts  ({r['run_dir']})")
+    print(f"cost ratio (student / teacher): {d['cost_ratio']:.3f}")
+    print(f"report: {Path(d['student']['run_dir']) / 'report.md'}")
+    return 0
+
+
 def cmd_export(run_dir: str, *, format: Annotated[str, "onnx (encoders and decoders), or gguf (generation runs of "
                                                    "Llama models, for llama.cpp)"] = "onnx",
                quantize: Annotated[str | None, "onnx: int8 (dynamic quantization, written beside fp32); gguf: f16 "
@@ -653,6 +675,9 @@ COMMANDS: dict[str, Command | Group] = {
     "prefer": Command(cmd_prefer, "preference-tune a generation run: pairs from its own samples (ROUGE-L minus loop, "
                                   "length and invention penalties), then DPO (or ORPO) into a new run dir; --run_name, "
                                   "--output_dir and config keys as overrides"),
+    "distill": Command(cmd_distill, "distil a run (one model, an ensemble, a soup) into a smaller student run: soft targets "
+                                    "on its train split and --unlabeled texts; compared with the teacher and with the "
+                                    "student on hard labels alone"),
     "merge": Command(cmd_merge, "fold a LoRA/AdaLoRA/IA3 adapter into a standalone model folder"),
     "export": Command(cmd_export, "export a run to ONNX (optionally int8 / pruned) or GGUF, verified against PyTorch",
                       "--format onnx writes RUN_DIR/export/ (model.onnx, model.int8.onnx, tokenizer, export.json with the "

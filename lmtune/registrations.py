@@ -70,9 +70,10 @@ trackers.register("mlflow", "lmtune.tracking.mlflow:MLflowTracker")
 trackers.register("wandb", "lmtune.tracking.wandb:WandbTracker")
 
 # run analyses (lmtune.analysis): the target is an Analysis (its function, report section and command
-# options); report.md shows their sections in this order. comparison, continual and slices are written by
+# options); report.md shows their sections in this order. comparison, distill, continual and slices are written by
 # training and have no command; robustness's command is `lmtune attack`.
 analyses.register("comparison", "lmtune.analyses.comparison:ANALYSIS")
+analyses.register("distill", "lmtune.analyses.distill:ANALYSIS")  # written by `lmtune distill`
 analyses.register("continual", "lmtune.analyses.continual:ANALYSIS")
 analyses.register("drift", "lmtune.analyses.drift:ANALYSIS")
 analyses.register("slices", "lmtune.analyses.fairness:SLICES")

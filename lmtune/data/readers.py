@@ -9,7 +9,7 @@ import csv
 import io
 import json
 import unicodedata
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lmtune.data.hf_datasets import dataset_rows, is_dataset_source
@@ -25,6 +25,10 @@ class Example:
     label: str | None
     source: str  # "file:line"
     text_pair: str | None = None
+    # a teacher's soft targets over the labels at the distillation temperature (lmtune.distill; classification:
+    # log-probabilities), which a task with the distill capability trains towards; keyword-only, so the
+    # subclasses' positional fields keep their places
+    soft_targets: tuple[float, ...] | None = field(default=None, kw_only=True)
 
     # What data tools see of an example (audit, label-noise search, attacks, augmentation): each kind
     # of example declares it, so those tools never ask which kind they hold.

@@ -224,13 +224,14 @@ class WordAdversary:
 
     @torch.no_grad()
     def worst(self, model, items: list[dict], device) -> list[dict]:
+        from lmtune.training.loop import inputs  # the model's inputs without any target (labels, soft_targets)
         variants = self._variants(items)
         was_training = model.training
         model.eval()  # score as the attack will: no dropout noise in the choice
         losses = []
         for c in range(self.candidates):  # one batch per candidate: memory stays that of a training step
             batch = {n: t.to(device) for n, t in self.collate([v[c] for v in variants]).items()}
-            losses.append(self.example_losses(model(**{n: t for n, t in batch.items() if n != "labels"}), batch))
+            losses.append(self.example_losses(model(**inputs(batch)), batch))
         model.train(was_training)
         pick = torch.stack(losses, 1).argmax(1).tolist()
         return [v[j] for v, j in zip(variants, pick)]

@@ -60,11 +60,14 @@ RERANK = "rerank"  # relevance(rows, labels, label): a pair run scores how well 
 # temperature_to_fold / folded_temperature / set_folded / unfolded_temperature, and a `calibration` dict: the calibration
 # temperature can be carried by the saved output layer (lmtune.fold), so transformers.pipeline gives lmtune's probabilities
 FOLD = "fold"
+# soft_targets(outputs, enc, labels, temperature) / distill_with(temperature, alpha): a run of the task teaches (its
+# per-example soft targets), and the task's loss trains towards the `soft_targets` its features carry (lmtune.distill)
+DISTILL = "distill"
 CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, INTERVALS, DEV_RULES, CONTINUAL, ENSEMBLE, EXPLAIN,
-                GENERATE, INDEX, RERANK, FOLD)
+                GENERATE, INDEX, RERANK, FOLD, DISTILL)
 _HOOKS = {CALIBRATE: "calibrate", ABSTAIN: "fit_threshold", MAHALANOBIS: "fit_scorer", LABEL_NOISE: "example_probs",
           INTERVALS: "fit_intervals", DEV_RULES: "fit_decision_rules", EXPLAIN: "explain_targets", GENERATE: "generate",
-          INDEX: "corpus", RERANK: "relevance", FOLD: "set_folded"}
+          INDEX: "corpus", RERANK: "relevance", FOLD: "set_folded", DISTILL: "distill_with"}
 
 
 class Task:
@@ -255,6 +258,17 @@ class Task:
     def fit_decision_rules(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
         raise NotImplementedError
 
+    def soft_targets(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str], temperature: float) -> np.ndarray:
+        """A teacher's soft targets per example [examples, labels] at the distillation temperature, from its
+        calibrated outputs (an ensemble's: its averaged calibrated probabilities): what a student of the same
+        task trains towards (lmtune.distill), in the form the task's loss reads them."""
+        raise NotImplementedError
+
+    def distill_with(self, temperature: float, alpha: float) -> None:
+        """Train towards the features' soft targets: loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha)
+        * the task's own loss on labeled rows (unlabeled rows: the soft term alone)."""
+        raise NotImplementedError
+
     def explain_targets(self, row: dict, labels: list[str], label: str | None = None) -> list[dict]:
         """What to attribute for one prediction row: [{"name": shown name, "index": output column}], the
         predicted label(s) by default or `label` when given (an unknown label is an InputError)."""
@@ -385,6 +399,36 @@ def cross_entropy_sum(logits: torch.Tensor, labels: torch.Tensor, weight: torch.
         plain = ce if weight is None else F.cross_entropy(logits, labels, reduction="none", ignore_index=-100)
         ce = ce * (1 - torch.exp(-plain)) ** focal_gamma
     return ce.sum()
+
+
+def attach_soft_targets(features: list[dict], examples: list) -> list[dict]:
+    """Each feature carries its example's soft targets (lmtune.distill), when the example has them; a
+    windowing task's features name their example, the others pair with theirs one to one."""
+    for k, f in enumerate(features):
+        soft = examples[f.get("example", k)].soft_targets
+        if soft is not None:
+            f["soft_targets"] = soft
+    return features
+
+
+def collate_soft_targets(features: list[dict]) -> torch.Tensor | None:
+    """The batch's soft targets [batch, labels] (NaN rows for features without them), or None when none has any."""
+    rows = [f.get("soft_targets") for f in features]
+    width = next((len(r) for r in rows if r is not None), 0)
+    if not width:
+        return None
+    return torch.tensor([r if r is not None else [float("nan")] * width for r in rows], dtype=torch.float)
+
+
+def soft_target_loss(logits: torch.Tensor, soft_targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Summed T^2 * KL(teacher_T || student_T) over the rows that have soft targets (the teacher's
+    log-probabilities at temperature T; NaN rows: none). The T^2 keeps the soft gradients' scale
+    independent of T (Hinton et al. 2015). Masked arithmetic, not indexing: the shapes stay static."""
+    has = ~torch.isnan(soft_targets[:, :1])
+    teacher_log = torch.nan_to_num(soft_targets.to(logits.device), nan=0.0)
+    student_log = torch.log_softmax(logits.float() / temperature, -1)
+    kl = (teacher_log.exp() * (teacher_log - student_log)).sum(-1, keepdim=True)
+    return (kl * has.to(kl.device)).sum() * temperature ** 2
 
 
 def class_score(z: torch.Tensor, index: int, log_odds: bool) -> torch.Tensor:

@@ -24,8 +24,9 @@ from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.biencoder import load_bi_encoder, pair_model, report_lines
 from lmtune.tasks.windows import encode_windows, pool, training_subset
-from lmtune.tasks.base import (ABSTAIN, CALIBRATE, CONTINUAL, ENSEMBLE, EXAMPLE_LABELS, EXPLAIN, LABEL_NOISE, MAHALANOBIS, RERANK, FOLD, Encoded,
-                               Splits, Task, balanced_weights, class_score, cross_entropy_sum, input_pad_values, pad_batch)
+from lmtune.tasks.base import (ABSTAIN, CALIBRATE, CONTINUAL, DISTILL, ENSEMBLE, EXAMPLE_LABELS, EXPLAIN, LABEL_NOISE, MAHALANOBIS, RERANK, FOLD,
+                               Encoded, Splits, Task, attach_soft_targets, balanced_weights, class_score, collate_soft_targets,
+                               cross_entropy_sum, input_pad_values, pad_batch, soft_target_loss)
 
 
 def mahalanobis_score(feats: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
@@ -49,7 +50,8 @@ class ClassificationTask(Task):
     name = "classification"
     headline = ("accuracy", "macro_f1", "loss")  # report.md / CLI summary columns
     peft_task_type = "SEQ_CLS"
-    capabilities = frozenset({CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, CONTINUAL, ENSEMBLE, EXPLAIN, RERANK, FOLD})
+    capabilities = frozenset({CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, CONTINUAL, ENSEMBLE, EXPLAIN, RERANK, FOLD,
+                              DISTILL})
     encode_options = {"long_text": "long_text", "overlap": "window_overlap"}
 
     def __init__(self) -> None:
@@ -72,6 +74,7 @@ class ClassificationTask(Task):
         self.max_windows = 8
         self.symmetric = False  # data.symmetric_pairs: a pair is predicted in both orders, logits averaged
         self.pair_encoding: str | None = None  # a pair run: cross or bi (data.pair_encoding, decided in build_model)
+        self.distillation: tuple[float, float] | None = None  # (temperature, alpha) while a student trains (lmtune.distill)
 
     def configure(self, cfg: Config) -> None:
         self.oos_label = cfg.abstain.oos_label
@@ -288,15 +291,18 @@ class ClassificationTask(Task):
             windows, stats = encode_windows(texts, tokenizer, max_length, overlap)
             features = [{**f, "example": i, "label": index.get(ex.label, -100) if ex.label is not None else -100}
                         for i, (ex, ws) in enumerate(zip(examples, windows)) for f in ws]
-            return Encoded(features, examples, stats)
+            return Encoded(attach_soft_targets(features, examples), examples, stats)
         features, stats = _encode_truncated(texts, pairs, examples, index, tokenizer, max_length)
         if pairs is not None and self.symmetric:
             features = _with_swapped(features, examples, index, tokenizer, max_length)
-        return Encoded(features, examples, stats)
+        return Encoded(attach_soft_targets(features, examples), examples, stats)
 
     def collate(self, features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
         batch = pad_batch(features, tokenizer)
         batch["labels"] = torch.tensor([f["label"] for f in features], dtype=torch.long)
+        soft = collate_soft_targets(features) if self.distillation else None
+        if soft is not None:
+            batch["soft_targets"] = soft
         return batch
 
     def pad_values(self, tokenizer: Any) -> dict[str, int] | None:
@@ -311,7 +317,24 @@ class ClassificationTask(Task):
         return training_subset([f for f in enc.features if not f.get("swapped")], self.max_windows)
 
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return cross_entropy_sum(outputs.logits, batch["labels"], self.class_weight, self.focal_gamma)
+        hard = cross_entropy_sum(outputs.logits, batch["labels"], self.class_weight, self.focal_gamma)
+        if self.distillation is None or "soft_targets" not in batch:
+            return hard
+        # unlabeled rows (label -100) add nothing to the hard term: they learn from the soft one alone
+        temperature, alpha = self.distillation
+        return alpha * soft_target_loss(outputs.logits, batch["soft_targets"], temperature) + (1 - alpha) * hard
+
+    # ---- distillation (lmtune.distill) ----------------------------------------------------------
+    def soft_targets(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str], temperature: float) -> np.ndarray:
+        """log_softmax(calibrated logits / T). Calibrated (windows pooled): the probabilities predict reports, as an
+        ensemble's logits are the log of its members' calibrated ones. A small model's raw logits can sit far off
+        scale (a calibration temperature of 0.01 on the tests' tiny BERT): soft targets made from them would be
+        near uniform at any T."""
+        z = torch.from_numpy(self.split_outputs(outputs, enc, labels)[0] / np.float32(self.temperature * temperature))
+        return torch.log_softmax(z.float(), -1).numpy()
+
+    def distill_with(self, temperature: float, alpha: float) -> None:
+        self.distillation = (float(temperature), float(alpha))
 
     def unbatch(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
         logits = outputs.logits.float().cpu().numpy()

@@ -31,7 +31,8 @@ from lmtune.evaluate.report import prf_table
 from lmtune.io import atomic_path
 from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.windows import encode_windows, pool, training_subset
-from lmtune.tasks.base import CALIBRATE, EXPLAIN, FOLD, Encoded, Splits, Task, dev_and_test, input_pad_values, pad_batch
+from lmtune.tasks.base import (CALIBRATE, DISTILL, EXPLAIN, FOLD, Encoded, Splits, Task, attach_soft_targets, collate_soft_targets,
+                               dev_and_test, input_pad_values, pad_batch)
 from lmtune.tasks.multilabel_config import MultiLabelColumns  # noqa: F401  (re-exported: code and saved configs name it here)
 
 POS_WEIGHT_CAP = 30.0  # a label seen once in 10,000 rows would otherwise get a weight of 10,000
@@ -47,6 +48,18 @@ class MultiLabelExample(Example):
 
     def audit_gold(self) -> str | None:
         return None if self.labels is None else "|".join(sorted(self.labels))
+
+
+def binary_soft_target_loss(logits: torch.Tensor, soft_targets: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Summed T^2 * KL(teacher_T || student_T) of each label's Bernoulli distribution (sigmoid of the logits / T;
+    soft_targets: the teacher's logits / T, NaN rows: none): the cross-entropy to the teacher's probabilities
+    less their entropy, so that it is 0 where the student matches."""
+    has = ~torch.isnan(soft_targets[:, :1])
+    teacher = torch.nan_to_num(soft_targets.to(logits.device), nan=0.0)
+    p = torch.sigmoid(teacher)
+    kl = (F.binary_cross_entropy_with_logits(logits.float() / temperature, p, reduction="none")
+          - F.binary_cross_entropy_with_logits(teacher, p, reduction="none"))
+    return (kl * has.to(kl.device)).sum() * temperature ** 2
 
 
 def _fit_label_temperatures(logits: np.ndarray, gold: np.ndarray) -> np.ndarray:
@@ -84,7 +97,7 @@ class MultiLabelTask(Task):
     name = "multilabel"
     headline = ("macro_f1", "micro_f1", "samples_f1", "subset_accuracy", "hamming_loss", "loss")
     peft_task_type = "SEQ_CLS"
-    capabilities = frozenset({CALIBRATE, EXPLAIN, FOLD})
+    capabilities = frozenset({CALIBRATE, EXPLAIN, FOLD, DISTILL})
     decision_key = "labels"
     encode_options = {"long_text": "long_text", "overlap": "window_overlap"}
 
@@ -97,6 +110,7 @@ class MultiLabelTask(Task):
         self.pos_weight: torch.Tensor | None = None
         self.calibration: dict = {}
         self.pooling, self.max_windows = "mean", 8  # data.long_text windows (tasks/windows.py)
+        self.distillation: tuple[float, float] | None = None  # (temperature, alpha) while a student trains (lmtune.distill)
 
     def state(self) -> dict:
         return {"temperatures": self.temperatures, "folded_temperatures": self.folded_temperatures,
@@ -197,7 +211,7 @@ class MultiLabelTask(Task):
         return [MultiLabelExample(t, None, "") for t in texts]
 
     def audit_findings(self, splits: Splits) -> list[dict]:
-        train = splits.train
+        train = [ex for ex in splits.train if ex.labels is not None]  # a distilled student's unlabeled rows have none
         sizes = [len(ex.labels) for ex in train]
         none = sum(s == 0 for s in sizes)
         pairs = Counter(p for ex in train for p in itertools.combinations(sorted(ex.labels), 2))
@@ -236,7 +250,7 @@ class MultiLabelTask(Task):
             targets = [self._target(ex, labels) for ex in examples]
             features = [{**f, "example": i, **({"target": targets[i]} if targets[i] is not None else {})}
                         for i, ws in enumerate(windows) for f in ws]
-            return Encoded(features, examples, stats)
+            return Encoded(attach_soft_targets(features, examples), examples, stats)
         with quiet_transformers():
             full = tokenizer(texts, add_special_tokens=True)["input_ids"]
         too_long = sum(len(ids) > max_length for ids in full)
@@ -248,8 +262,8 @@ class MultiLabelTask(Task):
             if target is not None:
                 f["target"] = target
             features.append(f)
-        return Encoded(features, examples, {"truncated": too_long, "examples": len(examples),
-                                            "max_tokens": max((len(x) for x in full), default=0)})
+        return Encoded(attach_soft_targets(features, examples), examples, {"truncated": too_long, "examples": len(examples),
+                                                                           "max_tokens": max((len(x) for x in full), default=0)})
 
     @staticmethod
     def _target(ex: MultiLabelExample, labels: list[str] | None) -> list[float] | None:
@@ -267,8 +281,13 @@ class MultiLabelTask(Task):
 
     def collate(self, features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
         batch = pad_batch(features, tokenizer)
-        if "target" in features[0]:
-            batch["labels"] = torch.tensor([f["target"] for f in features], dtype=torch.float)
+        targets = [f.get("target") for f in features]
+        width = next((len(t) for t in targets if t is not None), 0)
+        if width:  # unlabeled rows among labeled ones (a distilled student's, lmtune.distill): NaN, no hard term
+            batch["labels"] = torch.tensor([t if t is not None else [float("nan")] * width for t in targets], dtype=torch.float)
+        soft = collate_soft_targets(features) if self.distillation else None
+        if soft is not None:
+            batch["soft_targets"] = soft
         return batch
 
     def pad_values(self, tokenizer: Any) -> dict[str, int] | None:
@@ -281,7 +300,24 @@ class MultiLabelTask(Task):
         """BCE summed over labels and examples (averaged per example by the loop)."""
         logits = outputs.logits.float()
         weight = None if self.pos_weight is None else self.pos_weight.to(logits.device)
-        return F.binary_cross_entropy_with_logits(logits, batch["labels"], pos_weight=weight, reduction="sum")
+        if self.distillation is None or "soft_targets" not in batch:
+            return F.binary_cross_entropy_with_logits(logits, batch["labels"], pos_weight=weight, reduction="sum")
+        temperature, alpha = self.distillation
+        labels = batch["labels"]
+        labeled = ~torch.isnan(labels[:, :1])  # masked arithmetic, not indexing: the shapes stay static
+        hard = F.binary_cross_entropy_with_logits(logits, torch.nan_to_num(labels, nan=0.0), pos_weight=weight,
+                                                  reduction="none") * labeled
+        return alpha * binary_soft_target_loss(logits, batch["soft_targets"], temperature) + (1 - alpha) * hard.sum()
+
+    # ---- distillation (lmtune.distill) ----------------------------------------------------------
+    def soft_targets(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str], temperature: float) -> np.ndarray:
+        """Calibrated logits / T, per label (the sigmoid of each is the teacher's softened probability); calibrated
+        for the reason classification's are (a badly scaled small model)."""
+        t = np.asarray(self.temperatures, dtype=np.float32) if self.temperatures else np.float32(1.0)
+        return self._stack(outputs, enc) / t / np.float32(temperature)
+
+    def distill_with(self, temperature: float, alpha: float) -> None:
+        self.distillation = (float(temperature), float(alpha))
 
     def example_losses(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         return F.binary_cross_entropy_with_logits(outputs.logits.float(), batch["labels"], reduction="none").sum(1)

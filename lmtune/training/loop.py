@@ -269,7 +269,8 @@ def _evaluate_and_checkpoint(model, optimizer, scheduler, task: LoopTask, cfg: T
     accelerator.wait_for_everyone()
 
 
-TARGET_KEYS = frozenset({"labels", "reference_logps"})  # read by the task's loss, never by the model (reference_logps: DPO's)
+# read by the task's loss, never by the model (reference_logps: DPO's; soft_targets: a distilled student's, lmtune.distill)
+TARGET_KEYS = frozenset({"labels", "reference_logps", "soft_targets"})
 
 
 def inputs(batch: dict) -> dict:
