@@ -7,6 +7,7 @@ import csv
 import logging
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from fastapi.testclient import TestClient
@@ -16,6 +17,7 @@ from lmtune.apps import assistant
 from lmtune.apps.assistant.server import create_app
 from lmtune.errors import InputError
 from lmtune.serve.app import ServeSettings
+from tests.fuzz import fuzz_openapi
 from tests.test_joint import INTENTS, config, rows, write_jsonl
 
 KEY = "test-key-0123456789abcdef"
@@ -85,6 +87,14 @@ def test_answers_are_filled_from_the_slots_or_ask_for_the_missing_ones(joint_con
     assert out["missing_slots"] == ["fromloc", "toloc"] and out["answer"].endswith("the fromloc and toloc?")
     out = a._route(pred("play_music", ("song", "halo", 0.9), ("city", "oslo", 0.9)), None, None)
     assert out["answer"] == "Playing halo in oslo {as asked}."  # {{ }} are literal braces
+    # the retrieval route fills (or asks) the same way when the intent run abstains
+    sims = np.zeros(len(a.faq))
+    sims[[row["intent"] for row in a.faq].index("book_flight")] = 0.9
+    held = {**pred("book_flight", ("fromloc", "oslo", 0.9), ("toloc", "rome", 0.9)), "intent": "abstain", "abstained": True}
+    out = a._route(held, sims, 0.5)
+    assert out["route"] == "faq" and out["answer"] == "Your flight from oslo to rome is booked." and len(out["slots"]) == 2
+    assert a._route({**held, "slots": []}, sims, 0.5)["route"] == "clarify"
+    assert a._route(held, sims, 0.95)["route"] == "handoff" and len(a._route(held, sims, 0.95)["slots"]) == 2
     # routed right: the intent's FAQ entry, filled or asking for its slots
     assert a.correct(a._route(pred("book_flight"), None, None), "book_flight")
     assert not a.correct(a._route(pred("book_flight"), None, None), "get_weather")
@@ -127,3 +137,16 @@ def test_a_placeholder_that_is_no_slot_type_of_the_run_is_refused_with_its_line(
     write_faq(Path(cfg.faq), {**ANSWERS, "get_weather": "Rain in {city} and a delay on {airline}."})
     with pytest.raises(InputError, match=r"faq.csv: line 3: placeholder \{airline\} is not a slot type of the intent run"):
         assistant.Assistant(cfg)
+
+
+def test_fuzzing_the_joint_assistant_api_gives_no_5xx(joint_config, monkeypatch):
+    monkeypatch.setenv("LMTUNE_API_KEYS", KEY)
+    app = create_app(assistant.load_config(joint_config), ServeSettings(run_dir="", max_chars=200))
+    with TestClient(app) as c:  # slots' character offsets on texts the words split oddly
+        for message in ("book a flight from  paris\u2028to rome", "🙂 play halo by adele 🙂", "\x00 weather in oslo"):
+            r = c.post("/v1/chat", json={"message": message}, headers=AUTH)
+            assert r.status_code in (200, 422), (message, r.status_code, r.text)
+            if r.status_code == 200:
+                assert all(message[s["start"]:s["end"]] == s["text"] for s in r.json()["slots"])
+        calls = [code for _, code in fuzz_openapi(app, (AUTH, {}), 15, {"/v1/chat", "/healthz", "/metrics"})]
+    assert len(calls) >= 20 and 200 in calls and 401 in calls
