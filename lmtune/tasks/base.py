@@ -81,6 +81,9 @@ class Task:
     encode_options: dict[str, str] = {}  # encode() keyword -> data.<key> it comes from (e.g. NER windows)
     output_names: tuple[str, ...] = ("logits",)  # the model output attributes unbatch reads (and an ONNX export keeps)
     decision_key: str = "label"  # the key of a prediction row that holds the decision (an attack "succeeds" when it changes)
+    # the key of a prediction row that holds spans of the text, [{"text", "label", "score", "start", "end"}] (NER's
+    # entities, joint's slots), or None where predictions have none: what an app reads spans from without naming a task
+    span_key: str | None = None
     explain_tokens: bool = False  # EXPLAIN targets sit on tokens (NER's entities): gradients only, no occlusion or faithfulness
     capabilities: frozenset[str] = frozenset()
     config_defaults: dict[str, Any] = {}  # dotted config key -> this task's default, where the user set none
@@ -228,6 +231,15 @@ class Task:
 
     def prepare_outputs(self, model, features: list[dict], collate, device) -> None:
         """The same for a loaded run's model before it scores features (Run.outputs)."""
+
+    def decision_labels(self, labels: list[str]) -> list[str]:
+        """The values the decision (decision_key) takes, of the run's labels: all of them, unless the run's labels
+        hold more than the decision (joint: the intents, then the slot tags)."""
+        return list(labels)
+
+    def span_types(self, labels: list[str]) -> list[str]:
+        """The types (a span's "label") the spans under span_key can have, of the run's labels; [] without spans."""
+        return []
 
     def reads_pairs(self, cfg: Config) -> bool:
         """Whether each input is two texts (predict --pair, the API's pairs)."""

@@ -138,6 +138,7 @@ class JointTask(Task):
     peft_task_type = "TOKEN_CLS"  # a head per token (peft keeps both heads trainable: modules_to_save)
     output_names = ("intent_logits", "slot_logits")
     decision_key = "intent"
+    span_key = "slots"
     encode_options = NerTask.encode_options  # the slots' windows and sub-token labels
     capabilities = frozenset({CALIBRATE, ABSTAIN})
 
@@ -308,6 +309,12 @@ class JointTask(Task):
     def _parts(self, labels: list[str]) -> tuple[list[str], list[str]]:
         n = len(self.intent_labels)
         return labels[:n], labels[n:]
+
+    def decision_labels(self, labels: list[str]) -> list[str]:
+        return self._parts(labels)[0]
+
+    def span_types(self, labels: list[str]) -> list[str]:
+        return self.slots.span_types(self._parts(labels)[1])
 
     def _views(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]):
         """(intent outputs, intent Encoded, intent labels), (slot outputs, slot Encoded, slot labels)."""

@@ -56,6 +56,7 @@ class NerTask(Task):
     capabilities = frozenset({CALIBRATE, ABSTAIN, LABEL_NOISE, EXPLAIN})
     explain_tokens = True
     decision_key = "tags"
+    span_key = "entities"
 
     encode_options = {"stride": "window_overlap", "label_all_subtokens": "label_all_subtokens"}
 
@@ -408,6 +409,9 @@ class NerTask(Task):
                 row["source"] = ex.source
             rows.append(row)
         return rows
+
+    def span_types(self, labels: list[str]) -> list[str]:
+        return sorted({split_tag(t)[1] for t in labels} - {None})
 
     def response_fields(self) -> dict[str, tuple[Any, str]]:
         from pydantic import BaseModel

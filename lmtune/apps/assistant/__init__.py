@@ -10,6 +10,10 @@ Routes (the first that applies):
    reranker (a pair run: lmtune.rerank) the retriever's `rerank_depth` best entries are re-ordered
    by the pair run, and the threshold applies to its relevance score instead;
 3. handoff: otherwise the fallback text, with `handoff: true`.
+An intent run whose predictions carry slots (its task declares a span_key: task joint, one encoder for the
+intent and the slots) makes every reply carry the message's slots, and FAQ answers templates: `{amount}` is
+filled from the message's slot of that type; an answer that needs a slot the message lacks becomes a
+clarifying question naming it (route clarify) instead of an answer with a hole.
 `lmtune assistant serve` puts it behind the same API keys, size limits, request ids, metrics and
 PII-masked access log as `lmtune serve`, with sessions and a small chat page
 (lmtune/apps/assistant/server.py). Example config: lmtune/apps/assistant/example.yaml.
@@ -17,6 +21,7 @@ PII-masked access log as `lmtune serve`, with sessions and a small chat page
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -30,6 +35,10 @@ from lmtune.rerank import rerank
 log = logging.getLogger("lmtune.assistant")
 EXAMPLE = Path(__file__).with_name("example.yaml")
 FALLBACK = "I'm not sure I can help with that. Let me pass you to a colleague."
+CLARIFY = "I can help with that. Could you tell me the {missing}?"
+# an FAQ answer's placeholders: {slot type} (any characters but braces: ATIS's types read fromloc.city_name);
+# {{ and }} are literal braces
+_PLACEHOLDER = re.compile(r"\{\{|\}\}|\{([^{}]+)\}")
 
 
 @dataclass
@@ -43,10 +52,11 @@ class AssistantConfig:
     reranker: str | None = None  # run dir of a pair run (capability rerank) that re-orders the retriever's best entries
     rerank_depth: int = 5
     rerank_label: str | None = None  # the pair run's label that means relevant (default: 1 / true / yes / relevant ...)
-    dev: str | None = None  # labeled messages (data.text_column / label_column of the intent run) to choose the threshold
+    dev: str | None = None  # labeled messages (the intent run's columns: text + label, or a joint run's layout) to choose the threshold
     oos_label: str = "oos"
     fallback: str = FALLBACK
     retrieval_threshold: float | None = None  # chosen on dev when dev is given; else retrieval never answers
+    clarify: str = CLARIFY  # asked when an answer needs slots the message lacks; {missing}: their types
 
 
 def load_config(path: str | Path) -> AssistantConfig:
@@ -73,11 +83,30 @@ def read_faq(cfg: AssistantConfig) -> list[dict]:
         if intent in seen:
             continue
         seen.add(intent)
-        out.append({"intent": intent, "answer": answer,
+        out.append({"intent": intent, "answer": answer, "line": line,
                     "question": str(row[cfg.faq_question_column]).strip() if cfg.faq_question_column else answer})
     if not out:
         raise InputError(f"{cfg.faq}: no FAQ rows.")
     return out
+
+
+def placeholders(answer: str) -> list[str]:
+    """The slot types an FAQ answer names as {type}, in order, each once."""
+    return list(dict.fromkeys(m.group(1).strip() for m in _PLACEHOLDER.finditer(answer) if m.group(1) is not None))
+
+
+def fill(answer: str, values: dict[str, str]) -> str:
+    """The answer with each {type} replaced by its value (every placeholder has one) and {{ }} made single braces."""
+    return _PLACEHOLDER.sub(lambda m: values[m.group(1).strip()] if m.group(1) is not None else m.group(0)[0], answer)
+
+
+def slot_values(slots: list[dict]) -> dict[str, str]:
+    """Each slot type's text in the message: the most confident span of that type when it has several."""
+    best: dict[str, dict] = {}
+    for s in slots:
+        if s["type"] not in best or s["score"] > best[s["type"]]["score"]:
+            best[s["type"]] = s
+    return {t: s["text"] for t, s in best.items()}
 
 
 class Assistant:
@@ -92,10 +121,19 @@ class Assistant:
         self.intents = lmtune.load(cfg.intents)
         self.intents.task.require(ABSTAIN, "assistant intents")
         self.intents.config.train.progress = "none"
-        unknown = sorted(set(self.by_intent) - set(self.intents.labels))
+        task = self.intents.task
+        # The run decides, not a config key: a run whose task declares spans (joint's slots) gives slot labels, and
+        # the FAQ's placeholders are checked against its slot types here, so a config can never claim slots the
+        # run does not predict. The intent is read by the task's decision key, its labels by decision_labels
+        # (a joint run's labels also hold the slot tags).
+        self.intent_key, self.span_key = task.decision_key, task.span_key
+        self.intent_labels = task.decision_labels(self.intents.labels)
+        self.slot_types = task.span_types(self.intents.labels) if self.span_key else []
+        unknown = sorted(set(self.by_intent) - set(self.intent_labels))
         if unknown:
             raise InputError(f"{cfg.faq}: intent(s) {', '.join(unknown[:5])} are not labels of the intent run {cfg.intents}.")
-        self.missing = sorted(set(self.intents.labels) - set(self.by_intent) - {cfg.oos_label})
+        self.missing = sorted(set(self.intent_labels) - set(self.by_intent) - {cfg.oos_label})
+        self._check_placeholders()
         self.retriever = None
         self.faq_emb: np.ndarray | None = None
         if cfg.retriever:
@@ -111,6 +149,22 @@ class Assistant:
         self.threshold = cfg.retrieval_threshold
         if cfg.dev and self.retriever is not None and self.threshold is None:
             self.threshold = self.choose_threshold(cfg.dev)
+
+    def _check_placeholders(self) -> None:
+        """Every {type} of an FAQ answer is a slot type of the intent run; with a run without slots, answers are
+        plain text (a warning when one looks like a template: nothing would fill it)."""
+        for row in self.faq:
+            names = placeholders(row["answer"])
+            if not self.span_key:
+                if names:
+                    log.warning("%s: line %d: the answer names {%s}, but the intent run %s predicts no slots: it is "
+                                "answered as written", self.cfg.faq, row["line"], names[0], self.cfg.intents)
+                continue
+            unknown = [n for n in names if n not in self.slot_types]
+            if unknown:
+                raise InputError(f"{self.cfg.faq}: line {row['line']}: placeholder {{{unknown[0]}}} is not a slot type of "
+                                 f"the intent run {self.cfg.intents} (its slot types: {', '.join(self.slot_types)}). Use one "
+                                 "of them, or write {{ and }} for literal braces.")
 
     # ---- routing ----------------------------------------------------------------------------------
     def _candidates(self, messages: list[str]) -> tuple[list[dict], np.ndarray | None]:
@@ -134,38 +188,70 @@ class Assistant:
         return preds, reranked
 
     def _intent_answers(self, pred: dict) -> bool:
-        label = pred.get("label")
+        label = pred.get(self.intent_key)
         return not pred.get("abstained") and label != self.cfg.oos_label and label in self.by_intent
 
+    def _slots(self, pred: dict) -> list[dict]:
+        """The message's slots as a reply carries them (the run's spans, typed)."""
+        return [{"type": s["label"], "text": s["text"], "start": s.get("start"), "end": s.get("end"),
+                 "score": round(float(s["score"]), 4)} for s in pred.get(self.span_key) or []]
+
+    def _answer(self, route: str, row: dict, slots: list[dict], scores: dict) -> dict:
+        """The FAQ row's answer, its placeholders filled from the slots; a clarifying question naming the slot types
+        it needs and the message lacks."""
+        out = {"route": route, "intent": row["intent"], "answer": row["answer"], "handoff": False, "scores": scores}
+        if not self.span_key:
+            return out
+        values = slot_values(slots)
+        missing = [n for n in placeholders(row["answer"]) if n not in values]
+        if missing:
+            names = f"{', '.join(missing[:-1])} and {missing[-1]}" if len(missing) > 1 else missing[0]
+            return {**out, "route": "clarify", "answer": self.cfg.clarify.replace("{missing}", names), "missing_slots": missing}
+        return {**out, "answer": fill(row["answer"], values)}
+
     def _route(self, pred: dict, sims: np.ndarray | None, threshold: float | None) -> dict:
-        label, abstained = pred.get("label"), bool(pred.get("abstained"))
+        label, abstained = pred.get(self.intent_key), bool(pred.get("abstained"))
         scores = {"intent": label, "intent_score": round(float(pred.get("score", 0.0)), 4),
                   "abstained": abstained}
+        slots = {"slots": self._slots(pred)} if self.span_key else {}
         if self._intent_answers(pred):
-            return {"route": "intent", "intent": label, "answer": self.by_intent[label]["answer"], "handoff": False, "scores": scores}
+            return {**self._answer("intent", self.by_intent[label], slots.get("slots", []), scores), **slots}
         if sims is not None:
             j = int(np.argmax(sims))
             scores["retrieval_score"] = round(float(sims[j]), 4)
             if threshold is not None and sims[j] >= threshold:
-                row = self.faq[j]
-                return {"route": "faq", "intent": row["intent"], "answer": row["answer"], "handoff": False, "scores": scores}
-        return {"route": "handoff", "intent": None, "answer": self.cfg.fallback, "handoff": True, "scores": scores}
+                return {**self._answer("faq", self.faq[j], slots.get("slots", []), scores), **slots}
+        return {"route": "handoff", "intent": None, "answer": self.cfg.fallback, "handoff": True, "scores": scores, **slots}
 
     def route(self, messages: list[str]) -> list[dict]:
-        """One routed answer per message: {route, intent, answer, handoff, scores}."""
+        """One routed answer per message: {route, intent, answer, handoff, scores}, and with a run that gives slots
+        {slots: [{type, text, start, end, score}]} (and missing_slots when the route is clarify)."""
         preds, sims = self._candidates(messages)
         return [self._route(p, None if sims is None else sims[i], self.threshold) for i, p in enumerate(preds)]
 
     def correct(self, routed: dict, gold: str) -> bool:
-        """Right answer for an in-scope message, hand-off for an out-of-scope one."""
+        """Right answer for an in-scope message (a filled answer, or the question for the slots it lacks, of the right
+        FAQ entry), hand-off for an out-of-scope one."""
         if gold == self.cfg.oos_label or gold not in self.by_intent:
             return routed["handoff"]
-        return not routed["handoff"] and routed["answer"] == self.by_intent[gold]["answer"]
+        answered = self.by_intent.get(routed["intent"])
+        return not routed["handoff"] and answered is not None and answered["answer"] == self.by_intent[gold]["answer"]
 
     def _labeled(self, path: str) -> tuple[list[str], list[str]]:
-        examples = self.intents.task.read_file(path, self.intents.config, self.intents.labels + [self.cfg.oos_label],
-                                               require_label=True)
-        return [ex.text for ex in examples], [ex.label for ex in examples]
+        """Messages and their gold intents: rows of the intent run's own layout (a joint run's tokens / tags / intent,
+        or text + intent). Read without requiring every label the run trains on (a message needs its intent only,
+        not its slot tags), then each row's intent checked against the run's intents and the out-of-scope label."""
+        examples = self.intents.task.read_file(path, self.intents.config, None, require_label=False)
+        known = set(self.intent_labels) | {self.cfg.oos_label}
+        for ex in examples:
+            if ex.label is None:
+                raise InputError(f"{ex.source}: no intent. Give every message of {path} its intent (the intent run's "
+                                 "label column), or the out-of-scope label.")
+            if ex.label not in known:
+                raise InputError(f"{ex.source}: intent '{ex.label}' is not a label of the intent run {self.cfg.intents} "
+                                 f"(its labels: {', '.join(self.intent_labels)}; out of scope: {self.cfg.oos_label}).")
+        # a row of words has no text: the words joined, as predict reads a message
+        return [ex.text if ex.text is not None else " ".join(ex.tokens) for ex in examples], [ex.label for ex in examples]
 
     def choose_threshold(self, dev: str) -> float | None:
         """The retrieval score threshold that routes the most dev messages right (ties: the highest).
@@ -180,7 +266,7 @@ class Assistant:
         fixed, faq_ok, handoff_ok, best_score = 0, [], [], []
         for p, s, g in zip(preds, sims, gold):
             as_faq = self._route(p, s, float("-inf"))
-            if as_faq["route"] == "intent":
+            if self._intent_answers(p):  # answered (or asked for its slots: route clarify) by the intent run
                 fixed += self.correct(as_faq, g)
                 continue
             faq_ok.append(self.correct(as_faq, g))

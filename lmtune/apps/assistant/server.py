@@ -1,5 +1,5 @@
 """`lmtune assistant serve CONFIG`: POST /v1/chat {message, session_id?} -> {session_id, route, answer,
-handoff, intent, scores, turn}; GET / (a small chat page), /health and /healthz, /metrics (API key), /docs (offline).
+handoff, intent, scores, turn, slots, missing_slots}; GET / (a small chat page), /health and /healthz, /metrics (API key), /docs (offline).
 
 The middleware, API keys, body limit, request ids, Prometheus metrics and PII-masked access log are
 lmtune serve's own (lmtune.serve.app); concurrent messages are coalesced by its dynamic batcher.
@@ -38,15 +38,27 @@ class ChatRequest(BaseModel):
     session_id: str | None = Field(None, description="Continue a session (letters, digits, . _ -; at most 64); a new one is made when absent.")
 
 
+class Slot(BaseModel):
+    type: str = Field(..., description="The slot type (the intent run's slot label)")
+    text: str = Field(..., description="The slot's words in the message")
+    start: int | None = Field(None, description="Character offset of the slot in the message")
+    end: int | None = Field(None, description="Character offset just past the slot")
+    score: float = Field(..., description="The slot's probability (mean over its words)")
+
+
 class ChatResponse(BaseModel):
     request_id: str
     session_id: str
     turn: int
-    route: str = Field(..., description="intent (the intent run answered), faq (FAQ retrieval answered) or handoff")
+    route: str = Field(..., description="intent (the intent run answered), faq (FAQ retrieval answered), clarify (the answer "
+                                        "needs slots the message lacks: a question naming them) or handoff")
     answer: str
     handoff: bool = Field(..., description="True when a person should take over")
     intent: str | None
     scores: dict
+    slots: list[Slot] = Field(default_factory=list, description="The message's slots, when the intent run predicts slots "
+                                                                "(a joint intent + slot run); empty otherwise")
+    missing_slots: list[str] = Field(default_factory=list, description="route clarify: the slot types the answer needs")
 
 
 class Sessions:
