@@ -22,7 +22,7 @@ FILE_KEYS = ("data.train", "data.dev", "data.test", "attack.data", "continual.fr
 NAME_OR_PATH_KEYS = ("data.hub", "model.name", "augment.mlm_model", "augment.translate_to", "augment.translate_back")
 # Not paths, though their help mentions files or folders: column names, formats, choices, hub subsets.
 NOT_PATHS = ("data.hub_config", "data.hub_split_map", "data.format", "data.encoding", "data.tag_scheme",
-             "generate.reference_columns", "run_name")
+             "generate.reference_columns", "run_name", "joint.unseen_labels")
 SPECIAL_KEYS = ("output_dir", "model.gguf_file", "tune.storage")  # checked by check_config's own rules
 PATH_KEYS = FILE_KEYS + NAME_OR_PATH_KEYS + SPECIAL_KEYS
 SOURCE_PREFIXES = ("hub:", "memory:")  # data sources that are not files (lmtune.data.hf_datasets)
