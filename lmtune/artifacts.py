@@ -10,6 +10,7 @@ metadata (lmtune.json) and the task state saved beside a model (model/, export/,
             events.jsonl (history.jsonl's rows, appended as training makes them: what live charts follow)
             mlflow_run.json (the MLflow run a tracked run logged to, where `lmtune export` adds its ONNX files)
             results.json and the analyses' NAME.json; label_noise.json(l), generation.json, index/
+            active.json, active_curve.png, active/ (the labeling loop: batches, grown train files, retrain configs)
 
 It also owns the run directory's lifecycle: a new one (new_run_dir), the one --resume continues
 (resolve_run_dir), and the one all processes of a launch share (shared_run_dir); and model_meta builds
@@ -71,6 +72,9 @@ class RunDir:
     index = property(lambda self: self.root / "index")
     pretrain = property(lambda self: self.root / "pretrain.json")
     mlflow_run = property(lambda self: self.root / "mlflow_run.json")  # {tracking_uri (masked), run_id}: where export logs
+    active = property(lambda self: self.root / "active.json")  # the labeling loop's record (lmtune.active)
+    active_dir = property(lambda self: self.root / "active")  # its batches, labels, grown train files, retrain configs
+    active_curve = property(lambda self: self.root / "active_curve.png")  # labels vs the dev metric over the loop's runs
 
     def predictions(self, split: str) -> Path:
         return self.root / "predictions" / f"{split}.jsonl"

@@ -25,7 +25,7 @@ from typing import Annotated, Any, Literal
 
 from lmtune.config import describe_fields, parse_overrides
 from lmtune.errors import InputError
-from lmtune.registry import backends
+from lmtune.registry import backends, query_strategies
 
 DEMO_CONFIG = Path(__file__).parent / "demo" / "demo.yaml"
 
@@ -394,6 +394,58 @@ def cmd_distill(teacher_run_dir: str, *, student: Annotated[str, "the student mo
     return 0
 
 
+def cmd_label(run_dir: Annotated[str | None, "the trained run that asks (absent with --cold)"] = None, *,
+              pool: Annotated[str | None, "unlabeled rows to choose from (the run's text column; CSV/TSV/JSONL/parquet)"] = None,
+              batch: Annotated[int, "rows to label in this batch"] = 20,
+              strategy: Annotated[str, Arg("which rows: entropy / margin (calibrated probabilities), coreset (k-center on "
+                                           "the run's embeddings), badge (k-means++ on last-layer gradient embeddings), "
+                                           "random (seeded)", choices=query_strategies)] = "entropy",
+              format: Annotated[Literal["csv", "jsonl", "label-studio"], "the batch file: ours (fill in its label column) "
+                                                                          "or Label Studio tasks with pre-annotations "
+                                                                          "(+ the labeling config XML)"] = "csv",
+              out: Annotated[str | None, "the batch file (default RUN_DIR/active/batch-K.EXT)"] = None,
+              seed: Annotated[int, "seed of random, badge and the cold start's k-means"] = 0,
+              import_file: Annotated[str | None, Arg("a labeled batch (our CSV/JSONL, or a Label Studio JSON export) to "
+                                                     "append to a new train file and retrain on", flag="--import",
+                                                     metavar="LABELED_FILE")] = None,
+              train_out: Annotated[str | None, "--import: the new train file (default RUN_DIR/active/train-K.EXT); "
+                                               "never an existing file"] = None,
+              no_train: Annotated[bool, "--import: write the train file and config, print the train command"] = False,
+              cold: Annotated[str | None, Arg("no run yet: pick a diverse first batch by k-means on this model's (or "
+                                              "config's model's) embeddings, suggestions zero-shot from --labels",
+                                              metavar="CONFIG_OR_MODEL", nargs="?", const="")] = None,
+              labels: Annotated[str | None, "--cold: the label names, comma-separated"] = None) -> int:
+    from lmtune import active
+    names = [x.strip() for x in labels.split(",") if x.strip()] if labels else None
+    if import_file:
+        if run_dir is None:  # a cold start's labeled batch becomes the first train file
+            if not train_out:
+                raise InputError("label --import without RUN_DIR: give --train-out FILE, the first train file to write.")
+            from lmtune.active.cold import to_train_file
+            print(f"wrote {to_train_file(import_file, train_out, names)} labeled rows to {train_out}; train a first run "
+                  f"on it: lmtune train CONFIG --data.train {train_out}")
+            return 0
+        record = active.import_labeled(run_dir, import_file, train_out, train=not no_train)
+        print(f"{record['rows']} labeled rows ({record['skipped']} not labeled, {record['duplicates']} already in the "
+              f"train data) -> {record['train_file']}")
+        if no_train:
+            print(f"retrain: lmtune train {record['config']}")
+        else:
+            print(f"retrained run: {record['run_dir']} (learning curve: {Path(record['run_dir']) / 'active_curve.png'})")
+        return 0
+    if not pool:
+        raise InputError("label: give --pool FILE (the unlabeled rows), or --import LABELED_FILE.")
+    if cold is not None or run_dir is None:
+        if not names:
+            raise InputError("label --cold: give --labels a,b,c (the label names the suggestions come from).")
+        from lmtune.active.cold import cold_start
+        record = cold_start(cold or "", pool, batch, names, format, out, seed)
+    else:
+        record = active.query(run_dir, pool, batch, strategy, format, out, seed)
+    print(f"batch of {record['size']} rows ({record['strategy']}) -> {', '.join(record['files'])}")
+    return 0
+
+
 def cmd_export(run_dir: str, *, format: Annotated[str, "onnx (encoders and decoders), or gguf (generation runs of "
                                                    "Llama models, for llama.cpp)"] = "onnx",
                quantize: Annotated[str | None, "onnx: int8 (dynamic quantization, written beside fp32); gguf: f16 "
@@ -678,6 +730,14 @@ COMMANDS: dict[str, Command | Group] = {
     "distill": Command(cmd_distill, "distil a run (one model, an ensemble, a soup) into a smaller student run: soft targets "
                                     "on its train split and --unlabeled texts; compared with the teacher and with the "
                                     "student on hard labels alone"),
+    "label": Command(cmd_label, "active learning: the next batch of a pool to label (with the model's suggestions), "
+                                "then --import the labels to grow the train file and retrain",
+                     "lmtune label RUN_DIR --pool FILE [--batch N] [--strategy entropy|margin|coreset|badge|random] "
+                     "[--format csv|jsonl|label-studio] [--out FILE] writes the batch and records it in RUN_DIR/active.json; "
+                     "lmtune label RUN_DIR --import LABELED_FILE appends the labeled rows to a new train file beside the "
+                     "run and trains the run's config on it (--no-train: print the command); the learning curve is "
+                     "RUN_DIR/active_curve.png. No run yet: lmtune label --cold [CONFIG_OR_MODEL] --pool FILE --labels "
+                     "a,b,c."),
     "merge": Command(cmd_merge, "fold a LoRA/AdaLoRA/IA3 adapter into a standalone model folder"),
     "export": Command(cmd_export, "export a run to ONNX (optionally int8 / pruned) or GGUF, verified against PyTorch",
                       "--format onnx writes RUN_DIR/export/ (model.onnx, model.int8.onnx, tokenizer, export.json with the "

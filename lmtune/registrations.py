@@ -5,7 +5,7 @@ without an import cycle. A newcomer adds one module and one line here (or calls 
 from __future__ import annotations
 
 from lmtune.registry import (adversaries, analyses, attacks, augmenters, backends, config_sections, exporters, peft_methods,
-                             tasks, trackers)
+                             query_strategies, tasks, trackers)
 
 tasks.register("classification", "lmtune.tasks.classification:ClassificationTask")
 tasks.register("ner", "lmtune.tasks.ner:NerTask")
@@ -81,6 +81,7 @@ analyses.register("fairness", "lmtune.analyses.fairness:ANALYSIS")
 analyses.register("explain", "lmtune.analyses.explain:ANALYSIS")
 analyses.register("robustness", "lmtune.analyses.robustness:ANALYSIS")
 analyses.register("lengths", "lmtune.analyses.lengths:ANALYSIS")
+analyses.register("active", "lmtune.analyses.active:ANALYSIS")  # written by `lmtune label --import` (the learning curve)
 
 # config fields declared by the task or feature that reads them (lmtune.config composes the sections);
 # section: the config section the fields join, so their YAML keys (data.head_column ...) stay what they were
@@ -101,3 +102,11 @@ exporters.register("onnx", "lmtune.export.onnx:export_run", quantize=("int8",), 
 exporters.register("gguf", "lmtune.export.gguf:export_gguf", quantize=("f16", "q8_0", "q4_k_m"), options=("sample",),
                    tasks=("generation",), supports="generation runs of Llama-architecture models (LlamaForCausalLM: "
                                                    "SmolLM2, Llama 3 ...)")
+
+# active learning's query strategies (lmtune label RUN_DIR --strategy NAME): the target picks pool rows, (pool, k) ->
+# [(row, score)]; multilabel: it has a multi-label form (each below does: see lmtune/active/strategies.py)
+query_strategies.register("entropy", "lmtune.active.strategies:entropy", multilabel=True)
+query_strategies.register("margin", "lmtune.active.strategies:margin", multilabel=True)
+query_strategies.register("coreset", "lmtune.active.strategies:coreset", multilabel=True)
+query_strategies.register("badge", "lmtune.active.strategies:badge", multilabel=True)
+query_strategies.register("random", "lmtune.active.strategies:random", multilabel=True)

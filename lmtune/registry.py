@@ -87,6 +87,9 @@ config_sections = Registry("config section", "config")
 # `lmtune export --format NAME`: the target exports a run (run_dir, **options); meta quantize: the --quantize
 # values it declares; options: the other export flags it takes; tasks: the run tasks it serves (None: every task)
 exporters = Registry("export format", "--format")
+# `lmtune label RUN_DIR --strategy NAME` (lmtune.active.strategies): the target picks pool rows (pool, k) -> [(row, score)];
+# meta multilabel: it has a multi-label form (else a multi-label run is refused)
+query_strategies = Registry("query strategy", "--strategy")
 
 _loaded = False
 

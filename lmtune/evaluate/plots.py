@@ -36,6 +36,20 @@ def learning_curve(history: list[dict], metric: str, path: Path) -> None:
     save_figure(fig, path)
 
 
+def active_learning_curve(points: list[dict], metric: str, path: Path) -> None:
+    """The labeling loop's learning curve: the dev metric of each run against its labeled train rows."""
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([p["labels"] for p in points], [p["dev"] for p in points], "o-", color="tab:orange")
+    for p in points:
+        ax.annotate(p["run"], (p["labels"], p["dev"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xlabel("labeled train rows")
+    ax.set_ylabel(f"dev {metric}")
+    ax.set_title("Active learning: labels vs dev metric")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    save_figure(fig, path)
+
+
 def confusion_matrix(cm: np.ndarray, labels: list[str], path: Path, title: str) -> None:
     n = len(labels)
     size = min(4 + 0.35 * n, 24)

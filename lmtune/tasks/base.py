@@ -63,11 +63,29 @@ FOLD = "fold"
 # soft_targets(outputs, enc, labels, temperature) / distill_with(temperature, alpha): a run of the task teaches (its
 # per-example soft targets), and the task's loss trains towards the `soft_targets` its features carry (lmtune.distill)
 DISTILL = "distill"
+# label_scores(outputs, enc, labels) -> LabelScores: the calibrated probability of every label per example, which
+# active learning's query strategies score (lmtune.active: entropy, margin, badge) and its suggestions come from
+ACTIVE = "active"
 CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, INTERVALS, DEV_RULES, CONTINUAL, ENSEMBLE, EXPLAIN,
-                GENERATE, INDEX, RERANK, FOLD, DISTILL)
+                GENERATE, INDEX, RERANK, FOLD, DISTILL, ACTIVE)
 _HOOKS = {CALIBRATE: "calibrate", ABSTAIN: "fit_threshold", MAHALANOBIS: "fit_scorer", LABEL_NOISE: "example_probs",
           INTERVALS: "fit_intervals", DEV_RULES: "fit_decision_rules", EXPLAIN: "explain_targets", GENERATE: "generate",
-          INDEX: "corpus", RERANK: "relevance", FOLD: "set_folded", DISTILL: "distill_with"}
+          INDEX: "corpus", RERANK: "relevance", FOLD: "set_folded", DISTILL: "distill_with",
+          ACTIVE: "label_scores"}
+
+
+@dataclass
+class LabelScores:
+    """ACTIVE: what a model says about each example's labels, for active learning (lmtune.active)."""
+    probs: np.ndarray  # [examples, labels] calibrated probabilities
+    exclusive: bool  # one label per example (a softmax over the labels); False: independent per-label probabilities
+    thresholds: np.ndarray | None = None  # multi-label: each label's decision threshold (None: 0.5)
+
+    def decided(self) -> np.ndarray:
+        """[examples, labels] bool: the predicted label (exclusive) or labels (each above its threshold)."""
+        if self.exclusive:
+            return np.eye(self.probs.shape[1], dtype=bool)[self.probs.argmax(1)] if len(self.probs) else self.probs > 1
+        return self.probs >= (0.5 if self.thresholds is None else self.thresholds)
 
 
 class Task:
@@ -124,6 +142,10 @@ class Task:
 
     def relevance(self, rows: list[dict], labels: list[str], label: str | None = None) -> list[float]:
         """RERANK: one relevance score per prediction row of a (query, document) pair, higher = more relevant."""
+        raise NotImplementedError
+
+    def label_scores(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> LabelScores:
+        """ACTIVE: the calibrated probability of every label for each example (a long text's windows pooled)."""
         raise NotImplementedError
 
     # ---- state saved with the model (lmtune.json / task_state.safetensors) --------------------

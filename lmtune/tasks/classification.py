@@ -24,8 +24,8 @@ from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.biencoder import load_bi_encoder, pair_model, report_lines
 from lmtune.tasks.windows import encode_windows, pool, training_subset
-from lmtune.tasks.base import (ABSTAIN, CALIBRATE, CONTINUAL, DISTILL, ENSEMBLE, EXAMPLE_LABELS, EXPLAIN, LABEL_NOISE, MAHALANOBIS, RERANK, FOLD,
-                               Encoded, Splits, Task, attach_soft_targets, balanced_weights, class_score, collate_soft_targets,
+from lmtune.tasks.base import (ABSTAIN, ACTIVE, CALIBRATE, CONTINUAL, DISTILL, ENSEMBLE, EXAMPLE_LABELS, EXPLAIN, LABEL_NOISE, MAHALANOBIS, RERANK, FOLD,
+                               Encoded, LabelScores, Splits, Task, attach_soft_targets, balanced_weights, class_score, collate_soft_targets,
                                cross_entropy_sum, input_pad_values, pad_batch, soft_target_loss)
 
 
@@ -51,7 +51,7 @@ class ClassificationTask(Task):
     headline = ("accuracy", "macro_f1", "loss")  # report.md / CLI summary columns
     peft_task_type = "SEQ_CLS"
     capabilities = frozenset({CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, CONTINUAL, ENSEMBLE, EXPLAIN, RERANK, FOLD,
-                              DISTILL})
+                              DISTILL, ACTIVE})
     encode_options = {"long_text": "long_text", "overlap": "window_overlap"}
 
     def __init__(self) -> None:
@@ -393,6 +393,10 @@ class ClassificationTask(Task):
                 row["source"] = ex.source
             rows.append(row)
         return rows
+
+    def label_scores(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> LabelScores:
+        """The calibrated softmax over the labels (the probabilities predict reports)."""
+        return LabelScores(softmax(self.split_outputs(outputs, enc, labels)[0], self.temperature), exclusive=True)
 
     def relevance(self, rows: list[dict], labels: list[str], label: str | None = None) -> list[float]:
         """The probability of the relevant label (`label`, else "1" / "true" / "yes" / "relevant" / "positive" /

@@ -31,7 +31,7 @@ from lmtune.evaluate.report import prf_table
 from lmtune.io import atomic_path
 from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.windows import encode_windows, pool, training_subset
-from lmtune.tasks.base import (CALIBRATE, DISTILL, EXPLAIN, FOLD, Encoded, Splits, Task, attach_soft_targets, collate_soft_targets,
+from lmtune.tasks.base import (ACTIVE, CALIBRATE, DISTILL, EXPLAIN, FOLD, Encoded, LabelScores, Splits, Task, attach_soft_targets, collate_soft_targets,
                                dev_and_test, input_pad_values, pad_batch)
 from lmtune.tasks.multilabel_config import MultiLabelColumns  # noqa: F401  (re-exported: code and saved configs name it here)
 
@@ -97,7 +97,7 @@ class MultiLabelTask(Task):
     name = "multilabel"
     headline = ("macro_f1", "micro_f1", "samples_f1", "subset_accuracy", "hamming_loss", "loss")
     peft_task_type = "SEQ_CLS"
-    capabilities = frozenset({CALIBRATE, EXPLAIN, FOLD, DISTILL})
+    capabilities = frozenset({CALIBRATE, EXPLAIN, FOLD, DISTILL, ACTIVE})
     decision_key = "labels"
     encode_options = {"long_text": "long_text", "overlap": "window_overlap"}
 
@@ -420,6 +420,11 @@ class MultiLabelTask(Task):
                 row["source"] = ex.source
             rows.append(row)
         return rows
+
+    def label_scores(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> LabelScores:
+        """Each label's calibrated sigmoid, and the per-label thresholds chosen on dev."""
+        return LabelScores(self._probs(self._stack(outputs, enc)), exclusive=False,
+                           thresholds=np.array(self.thresholds) if self.thresholds else None)
 
     def explain_targets(self, row: dict, labels: list[str], label: str | None = None) -> list[dict]:
         if label is not None and label not in labels:
