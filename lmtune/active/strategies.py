@@ -114,20 +114,23 @@ def gradient_embeddings(scores: LabelScores, h: np.ndarray) -> np.ndarray:
 
 
 def badge(pool: PoolView, k: int) -> Picks:
-    """k-means++ seeding on the gradient embeddings: points far from those picked, in proportion to the squared
-    distance (D^2 sampling), so the batch is uncertain (long gradients) and diverse. scikit-learn's kmeans_plusplus
-    with one local trial is Arthur & Vassilvitskii's sampling as BADGE uses it."""
-    from sklearn.cluster import kmeans_plusplus
-    g = gradient_embeddings(pool.scores, pool.penultimate_features())
+    """k-means++ seeding on the gradient embeddings: each next point drawn in proportion to its squared distance to
+    those picked (D^2 sampling), so the batch is uncertain (long gradients) and diverse. Written here rather than
+    with scikit-learn's kmeans_plusplus because BADGE starts from the longest gradient (the reference code's
+    init_centers), where scikit-learn draws the first centre uniformly (a certain row, with no gradient, may be it)."""
+    g = gradient_embeddings(pool.scores, pool.penultimate_features()).astype(np.float64)
     norms = np.linalg.norm(g, axis=1)
     k = min(k, len(g))
     if k == 0:
         return []
-    if not norms.any():  # every prediction certain: k-means++ has no distances to sample from
-        return top(norms, k)
-    _, idx = kmeans_plusplus(g, k, random_state=pool.seed, n_local_trials=1)
-    chosen = list(dict.fromkeys(int(i) for i in idx))  # D^2 sampling repeats a point only when the rest sit on picks
-    rest = [i for i, _ in top(norms, len(g)) if i not in set(chosen)]
+    rng = np.random.default_rng(pool.seed)
+    chosen = [int(np.argmax(norms))]
+    d2 = ((g - g[chosen[0]]) ** 2).sum(1)
+    while len(chosen) < k and d2.sum() > 0:  # a picked point is at distance 0: never drawn again
+        i = int(rng.choice(len(g), p=d2 / d2.sum()))
+        chosen.append(i)
+        d2 = np.minimum(d2, ((g - g[i]) ** 2).sum(1))
+    rest = [i for i, _ in top(norms, len(g)) if i not in set(chosen)]  # all left sit on picks: the longest gradients
     return [(i, float(norms[i])) for i in (chosen + rest)[:k]]
 
 
