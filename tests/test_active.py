@@ -198,3 +198,41 @@ def test_cold_start_picks_representatives_and_suggests_by_label_names(tmp_path, 
         w.writerows(batch)
     assert main(["label", "--import", str(out), "--train-out", str(tmp_path / "train.csv")]) == 0
     assert len(list(csv.DictReader(open(tmp_path / "train.csv", encoding="utf-8")))) == 3
+
+
+# ---- the dashboard's labeling page -----------------------------------------------------------------
+def test_the_labeling_routes_are_guarded_and_save_corrections(loop, monkeypatch):
+    from fastapi.testclient import TestClient
+
+    from lmtune.ui.app import UiSettings, create_ui
+    rec = active.query(loop["run"], loop["pool"], 3, "entropy", "csv")
+    name = loop["run"].name
+    settings = dict(runs_dir=str(loop["dir"] / "runs"), workdir=str(loop["dir"]))
+    guarded = TestClient(create_ui(UiSettings(token="ui-token-0123456789abcdef", **settings)), base_url="http://127.0.0.1:7860")
+    assert guarded.get(f"/run/{name}/label").status_code == 401
+    assert guarded.post(f"/api/run/{name}/label", json={"batch": rec["index"], "labels": {"1": ["pos"]}},
+                        headers={"X-Lmtune-UI": "1"}).status_code == 401
+    c = TestClient(create_ui(UiSettings(**settings)), base_url="http://127.0.0.1:7860")
+    page = c.get(f"/run/{name}/label")
+    assert page.status_code == 200 and rec["rows"][0]["text"] in page.text and f"Batch {rec['index']}" in page.text
+    body = {"batch": rec["index"], "labels": {"1": ["neg"], "2": [rec["rows"][1]["suggestion"]]}}
+    assert c.post(f"/api/run/{name}/label", json=body).status_code == 403  # no X-Lmtune-UI header
+    assert not active.loop.labeled_path(loop["run"], rec["index"]).exists()
+    saved = c.post(f"/api/run/{name}/label", json=body, headers={"X-Lmtune-UI": "1"})
+    assert saved.status_code == 200 and saved.json()["saved"] == 2
+    bad = c.post(f"/api/run/{name}/label", json={"batch": rec["index"], "labels": {"3": ["meh"]}}, headers={"X-Lmtune-UI": "1"})
+    assert bad.status_code == 422 and "meh" in bad.json()["detail"]
+    items, _ = read_labeled(active.loop.labeled_path(loop["run"], rec["index"]), ["neg", "pos"], exclusive=True)
+    assert [(it.text, it.labels) for it in items] == [(rec["rows"][0]["text"], ["neg"]),
+                                                      (rec["rows"][1]["text"], [rec["rows"][1]["suggestion"]])]
+    started = []
+    monkeypatch.setattr(type(c.app.state.ui.jobs), "start_command",
+                        lambda self, kind, args, run_dir: started.append((kind, args)) or _FakeJob())
+    assert c.post(f"/api/run/{name}/label/retrain", json={"batch": rec["index"]}).status_code == 403
+    assert c.post(f"/api/run/{name}/label/retrain", json={"batch": rec["index"]}, headers={"X-Lmtune-UI": "1"}).status_code == 200
+    assert started == [("label", [str(loop["run"]), "--import", str(active.loop.labeled_path(loop["run"], rec["index"]))])]
+
+
+class _FakeJob:
+    def state(self) -> dict:
+        return {"id": "j1", "status": "running"}

@@ -356,3 +356,56 @@ def record_round(run_dir: str | Path) -> dict:
     state = with_point(read_state(run_dir), run_dir)
     save_state(run_dir, state)
     return state
+
+
+# ---- labels given one row at a time (the dashboard) ------------------------------------------------
+def labeled_path(run_dir: str | Path, index: int) -> Path:
+    return RunDir(run_dir).active_dir / f"batch-{index}.labeled.jsonl"
+
+
+def batch_of(state: dict, index: int | None) -> dict:
+    """A recorded batch (index None: the latest)."""
+    if not state["batches"]:
+        raise InputError("no batch asked yet: lmtune label RUN_DIR --pool FILE writes one.")
+    if index is None:
+        return state["batches"][-1]
+    for b in state["batches"]:
+        if b["index"] == index:
+            return b
+    raise InputError(f"no batch {index} (batches: {', '.join(str(b['index']) for b in state['batches'])}).")
+
+
+def saved_labels(run_dir: str | Path, index: int) -> dict[int, list[str]]:
+    """The labels saved for a batch so far: rank -> labels."""
+    path = labeled_path(run_dir, index)
+    if not path.is_file():
+        return {}
+    return {r["rank"]: r["label"] if isinstance(r["label"], list) else [r["label"]]
+            for r in (json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip())}
+
+
+def save_labels(run_dir: str | Path, index: int, given: dict[int, list[str]]) -> Path:
+    """Accepted or corrected labels of a batch's rows (rank -> labels), merged with those saved before, written as
+    our JSONL labeled file (RUN_DIR/active/batch-K.labeled.jsonl), which `label --import` takes."""
+    rd = RunDir(run_dir)
+    meta = read_meta(rd.model)
+    batch = batch_of(read_state(run_dir), index)
+    by_rank = {r["rank"]: r for r in batch["rows"]}
+    for rank, labs in given.items():
+        where = f"batch {index}: row {rank}"
+        if rank not in by_rank:
+            raise InputError(f"{where}: no such row (ranks 1 to {len(by_rank)}).")
+        if batch.get("exclusive", True) and len(labs) != 1:
+            raise InputError(f"{where}: give exactly one label.")
+        bad = [lab for lab in labs if lab not in meta["labels"]]
+        if bad:
+            raise InputError(f"{where}: label {bad[0]!r} is not one of the run's labels ({', '.join(meta['labels'])}).")
+    labels = {**saved_labels(run_dir, index), **given}
+    rows = [{**_clean_row(by_rank[k]), "label": v[0] if batch.get("exclusive", True) else v} for k, v in sorted(labels.items())]
+    path = labeled_path(run_dir, index)
+    write_text(path, "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows))
+    return path
+
+
+def _clean_row(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not (k == "text_pair" and v is None)}

@@ -48,7 +48,7 @@ async def _body_error(request: Request, exc: RequestValidationError) -> JSONResp
 
 def create_ui(settings: UiSettings) -> FastAPI:
     from lmtune.ui import api, pages
-    from lmtune.ui import train_api
+    from lmtune.ui import label, train_api
     ui = UiState(settings)
 
     @asynccontextmanager
@@ -66,6 +66,7 @@ def create_ui(settings: UiSettings) -> FastAPI:
     # nested entry): app.routes lists every route, and the tests walk it to check the Host guard on each
     app.router.routes.extend(pages.router.routes + api.router.routes)
     app.router.routes.extend(train_api.router.routes)
+    app.router.routes.extend(label.router.routes)
     app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(RequestValidationError, _body_error)
     return app

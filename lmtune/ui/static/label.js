@@ -1,0 +1,27 @@
+// lmtune ui, labeling page: accept a suggestion or type a correction per row (saved at once through the guarded
+// POST API), then retrain with the saved labels as a job. Plain JavaScript shipped with the package.
+"use strict";
+
+(() => {
+  const section = document.getElementById("label-batch");
+  if (!section) return;
+  const run = section.dataset.run, batch = parseInt(section.dataset.batch, 10);
+  const status = document.getElementById("label-status"), saved = document.getElementById("label-saved");
+  const post = (url, body) => fetch(url, {method: "POST", headers: {"Content-Type": "application/json", "X-Lmtune-UI": "1"},
+                                          body: JSON.stringify(body)}).then(async r => ({ok: r.ok, data: await r.json()}));
+  const save = async (row, value) => {
+    const labels = value.split(",").map(s => s.trim()).filter(Boolean);
+    const r = await post(`/api/run/${run}/label`, {batch, labels: {[row.dataset.rank]: labels}});
+    status.textContent = r.ok ? `row ${row.dataset.rank} saved` : r.data.detail;
+    if (r.ok) saved.textContent = r.data.saved;
+  };
+  section.querySelectorAll("#label-rows tbody tr").forEach(row => {
+    const input = row.querySelector(".label-value");
+    row.querySelector(".accept").addEventListener("click", () => { input.value = row.dataset.suggestion; save(row, input.value); });
+    row.querySelector(".save").addEventListener("click", () => save(row, input.value));
+  });
+  document.getElementById("retrain").addEventListener("click", async () => {
+    const r = await post(`/api/run/${run}/label/retrain`, {batch});
+    status.textContent = r.ok ? `retraining: job ${r.data.id} (${r.data.status}); the new run appears on the runs page` : r.data.detail;
+  });
+})();
