@@ -61,7 +61,8 @@ RERANK = "rerank"  # relevance(rows, labels, label): a pair run scores how well 
 # temperature can be carried by the saved output layer (lmtune.fold), so transformers.pipeline gives lmtune's probabilities
 FOLD = "fold"
 # soft_targets(outputs, enc, labels, temperature) / distill_with(temperature, alpha): a run of the task teaches (its
-# per-example soft targets), and the task's loss trains towards the `soft_targets` its features carry (lmtune.distill)
+# soft targets: per example, or per word for NER), and the task's loss trains towards the `soft_targets` its features
+# carry (lmtune.distill); soft_target_alignment / without_labels say how they meet the student and read unlabeled rows
 DISTILL = "distill"
 CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, INTERVALS, DEV_RULES, CONTINUAL, ENSEMBLE, EXPLAIN,
                 GENERATE, INDEX, RERANK, FOLD, DISTILL)
