@@ -34,7 +34,7 @@ class NerExample:
         return [t[2:] for t in self.tags or [] if t.startswith("B-")]
 
     def audit_gold(self) -> str | None:
-        return None if self.tags is None else " ".join(self.tags)  # None: unlabeled, as a text without a label
+        return " ".join(self.tags or [])
 
     def edit_view(self, cjk: bool | None = None):
         from lmtune.robust.text import token_words
