@@ -374,7 +374,8 @@ def cmd_prefer(run_dir: str, *, k: Annotated[int, "sampled outputs per prompt (t
 
 def cmd_distill(teacher_run_dir: str, *, student: Annotated[str, "the student model (hub id or folder), e.g. a smaller "
                                                                 "backbone than the teacher's"],
-                unlabeled: Annotated[str | None, "unlabeled texts (the data's text column) the teacher also labels softly"] = None,
+                unlabeled: Annotated[str | None, "unlabeled texts the teacher also labels softly, read as predict reads "
+                                                 "them (the data's text column; NER: tokens or raw text)"] = None,
                 temperature: Annotated[float, "softmax temperature of the soft targets (Hinton et al. 2015: 2 to 4)"] = 2.0,
                 alpha: Annotated[float, "weight of the soft term (1 - alpha: the hard labels' cross-entropy)"] = 0.5,
                 student_layers: Annotated[int | None, "truncate the student to its first N encoder layers"] = None,

@@ -12,6 +12,11 @@ on unlabeled ones); the training loop, early stopping, calibration, report and r
 ordinary ones. `compare` also trains the same student on the hard labels alone (same seed, same config),
 and the run's results.json gets a `distill` section (report.md: Distillation).
 
+NER is distilled per word: the teacher's tag distribution of each word (at its first sub-token) is the soft
+target of the student's first sub-token of that word, the positions NER's hard labels use. With one tokenizer
+for both (a truncated or smaller model of the teacher's family) those are the same sub-token: aligned by
+position; with another tokenizer the words are what both see: aligned by word (the section's `alignment`).
+
 `student_layers` truncates the student to its first N encoder layers (saved in the run as base_model/).
 """
 from __future__ import annotations
@@ -48,8 +53,9 @@ def distill(teacher_run_dir: str | Path, *, student: str, unlabeled: str | Path 
     student run directory is student["run_dir"]). Every input error is raised before anything is written."""
     from lmtune import results
     from lmtune.api import load
+    from lmtune.artifacts import RunDir, read_meta
     from lmtune.tasks import get_task
-    from lmtune.tasks.base import DISTILL
+    from lmtune.tasks.base import DISTILL, ENSEMBLE
 
     if not temperature > 0:
         raise InputError(f"distill: --temperature {temperature}: give a positive temperature (2 to 4 is usual).")
@@ -58,6 +64,10 @@ def distill(teacher_run_dir: str | Path, *, student: str, unlabeled: str | Path 
     teacher_dir = Path(teacher_run_dir)
     teacher = load(teacher_dir)
     teacher.task.require(DISTILL, "distill")
+    if teacher_kind(read_meta(RunDir(teacher_dir).model)) == "ensemble" and not teacher.task.supports(ENSEMBLE):
+        # not reachable through `lmtune ensemble`, which refuses such tasks; a hand-made one must not teach averages
+        raise InputError(f"distill: {teacher_dir} is an ensemble of {teacher.task.name} runs, which has no averaged "
+                         "per-example probabilities to teach; distil from one of its members or a soup (lmtune soup).")
     cfg = student_config(teacher.config, student, teacher_dir, overrides)
     check_student_layers(student, student_layers)
     task = get_task(cfg.task)
@@ -67,13 +77,15 @@ def distill(teacher_run_dir: str | Path, *, student: str, unlabeled: str | Path 
                          f"{teacher.labels[:5]}...; distill reads the teacher's own data (leave data.* as the teacher had it).")
     extra = read_unlabeled(task, str(unlabeled), cfg) if unlabeled else []
     teacher.config.train.progress = cfg.train.progress
+    aligned = alignment(teacher, task, student)
 
-    run, cfg = train_student(teacher, cfg, task, splits, extra, student, student_layers, temperature, alpha, unlabeled)
+    run, cfg = train_student(teacher, cfg, task, splits, extra, student, student_layers, temperature, alpha, unlabeled, aligned)
     hard_dir = train_hard_only(cfg, run.run_dir) if compare else None
     kind = "truncated" if student_layers is not None else "single"
     metric = run.metrics["metric"]
     split, examples = ("test", splits.test) if splits.test else ("dev", splits.dev)
-    section = {"metric": metric, "split": split, "temperature": temperature, "alpha": alpha, "train_rows": len(splits.train),
+    section = {"metric": metric, "split": split, "temperature": temperature, "alpha": alpha, "alignment": aligned,
+               "train_rows": len(splits.train),
                "unlabeled_rows": len(extra), "unlabeled": str(unlabeled) if unlabeled else None,
                **compare_costs(teacher, run.run_dir, hard_dir, examples, metric, student, kind)}
     results.update(run.run_dir, distill=section)
@@ -81,7 +93,7 @@ def distill(teacher_run_dir: str | Path, *, student: str, unlabeled: str | Path 
 
 
 def train_student(teacher, cfg, task, splits, extra: list, student: str, student_layers: int | None, temperature: float,
-                  alpha: float, unlabeled) -> tuple[Any, Any]:
+                  alpha: float, unlabeled, aligned: str = "example") -> tuple[Any, Any]:
     """The student's run (and its config, the truncated base model's path in it): a new run directory, the
     truncation inside it, the teacher's soft targets on train + unlabeled, then the ordinary recipe."""
     from lmtune.artifacts import new_run_dir
@@ -99,7 +111,7 @@ def train_student(teacher, cfg, task, splits, extra: list, student: str, student
                  len(splits.train), len(extra))
         taught = with_soft_targets(teacher, splits.train + extra, temperature)
         record = {"teacher": str(Path(teacher.run_dir).resolve()), "unlabeled": str(unlabeled) if unlabeled else None,
-                  "unlabeled_rows": len(extra), "temperature": temperature, "alpha": alpha}
+                  "unlabeled_rows": len(extra), "temperature": temperature, "alpha": alpha, "alignment": aligned}
         info = {**splits.info, "sizes": {**splits.info["sizes"], "train": len(taught)}, "distill": record}
         task.distill_with(temperature, alpha)
     except BaseException:
@@ -183,18 +195,38 @@ def truncate(student: str, layers: int, out: Path) -> Path:
 
 
 def read_unlabeled(task, path: str, cfg) -> list:
-    """The unlabeled file's texts (the data's text column, and text_pair column for a pair run), each as an
-    unlabeled example of the task (a label column, if any, is ignored); bad rows are file:line errors."""
-    rows = task.read_file(path, cfg, None, require_label=False)
-    texts = [ex.text if ex.text_pair is None else (ex.text, ex.text_pair) for ex in rows]
-    return [dataclasses.replace(ex, source=row.source) for ex, row in zip(task.from_texts(texts), rows)]
+    """The unlabeled file's examples, read as predict reads a file (the data's text column, and text_pair column
+    for a pair run; NER: tokens, CoNLL's first column or raw text), their labels dropped (a label column or tags,
+    if any, are ignored); bad rows are file:line errors."""
+    return task.without_labels(task.read_file(path, cfg, None, require_label=False))
 
 
 def with_soft_targets(teacher, examples: list, temperature: float) -> list:
-    """The examples, each with the teacher's soft targets at the temperature (classification: its log-probabilities)."""
+    """The examples, each with the teacher's soft targets at the temperature (classification: its log-probabilities,
+    a tuple; NER: an array of each word's log-probabilities, as the task gives it)."""
     enc = teacher.encode(examples)
-    soft = np.asarray(teacher.task.soft_targets(teacher.outputs(enc), enc, teacher.labels, temperature), dtype=np.float64)
-    return [dataclasses.replace(ex, soft_targets=tuple(s.tolist())) for ex, s in zip(examples, soft)]
+    soft = teacher.task.soft_targets(teacher.outputs(enc), enc, teacher.labels, temperature)
+    return [dataclasses.replace(ex, soft_targets=_per_example(s)) for ex, s in zip(examples, soft)]
+
+
+def _per_example(soft: Any) -> Any:
+    """One example's soft targets as its example keeps them: a row over the labels as a tuple of floats (what the
+    classification and multi-label features carry), a per-token task's array [tokens, labels] as it is."""
+    arr = np.asarray(soft)
+    return tuple(arr.astype(np.float64).tolist()) if arr.ndim == 1 else soft
+
+
+def alignment(teacher, task, student: str) -> str:
+    """How the teacher's soft targets meet the student's inputs (Task.soft_target_alignment): a token-level task
+    aligns by position when both tokenizers are one (the same vocabulary: a truncated or smaller model of the
+    teacher's family), by word otherwise."""
+    from lmtune.models import load_tokenizer
+    shared = load_tokenizer(student).get_vocab() == teacher.tokenizer.get_vocab()
+    how = task.soft_target_alignment(shared)
+    if how == "word":
+        log.info("distill: %s has another tokenizer than the teacher: soft targets aligned by word (each word's first "
+                 "sub-token in either model)", student)
+    return how
 
 
 def teacher_kind(meta: dict) -> str:

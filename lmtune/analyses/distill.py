@@ -11,11 +11,20 @@ def _cell(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _per_token(alignment: str | None) -> str:
+    """How a token-level task's soft targets met the student's tokens (lmtune.distill's `alignment`)."""
+    if alignment == "position":
+        return ", per word at its first sub-token; teacher and student share the tokenizer: aligned by position"
+    if alignment == "word":
+        return ", per word at its first sub-token; the student has another tokenizer: aligned by word"
+    return ""
+
+
 def section(d: dict) -> str:
     metric, split = d["metric"], d["split"]
     lines = ["## Distillation (teacher, student, student on hard labels alone)", "",
              f"Soft targets at temperature {d['temperature']:g}, alpha {d['alpha']:g} (loss = alpha * T^2 * KL(teacher || "
-             f"student) + (1 - alpha) * cross-entropy); {d['train_rows']} labeled train rows"
+             f"student) + (1 - alpha) * cross-entropy{_per_token(d.get('alignment'))}); {d['train_rows']} labeled train rows"
              + (f" and {d['unlabeled_rows']} unlabeled rows ({d['unlabeled']})" if d["unlabeled_rows"] else "")
              + f". Inference cost: seconds per 1000 {split} texts (tokenizing included, the fastest of three passes) on "
              f"{d['device']}.", "",

@@ -3,8 +3,9 @@ and JSONL text+entity spans. Every sentence keeps its file:line; tags are conver
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from lmtune.data.hf_datasets import is_dataset_source
 from lmtune.data.readers import jsonl_lines, parse_jsonl_line, read_rows, read_text_file
@@ -19,6 +20,9 @@ class NerExample:
     source: str
     text: str | None = None  # the original text, when known (spans input, --text)
     offsets: list[tuple[int, int]] | None = None  # character span of each token in `text`
+    # a teacher's soft targets (lmtune.distill): float32 [words, tags], each word's log-probabilities at the
+    # distillation temperature; an array, not tuples: CoNLL's 200,000 words x 9 tags as Python floats cost ~50 MB
+    soft_targets: Any = field(default=None, kw_only=True)
 
     labels_per_token = True  # tags follow words: edits must move them, whole-text rewrites cannot
 

@@ -1,7 +1,7 @@
 """What a task module provides. The training loop talks only to this interface."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -61,7 +61,8 @@ RERANK = "rerank"  # relevance(rows, labels, label): a pair run scores how well 
 # temperature can be carried by the saved output layer (lmtune.fold), so transformers.pipeline gives lmtune's probabilities
 FOLD = "fold"
 # soft_targets(outputs, enc, labels, temperature) / distill_with(temperature, alpha): a run of the task teaches (its
-# per-example soft targets), and the task's loss trains towards the `soft_targets` its features carry (lmtune.distill)
+# soft targets: per example, or per word for NER), and the task's loss trains towards the `soft_targets` its features
+# carry (lmtune.distill); soft_target_alignment / without_labels say how they meet the student and read unlabeled rows
 DISTILL = "distill"
 # label_scores(outputs, enc, labels) -> LabelScores: the calibrated probability of every label per example, which
 # active learning's query strategies score (lmtune.active: entropy, margin, badge) and its suggestions come from
@@ -292,11 +293,24 @@ class Task:
     def fit_decision_rules(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> dict:
         raise NotImplementedError
 
-    def soft_targets(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str], temperature: float) -> np.ndarray:
-        """A teacher's soft targets per example [examples, labels] at the distillation temperature, from its
-        calibrated outputs (an ensemble's: its averaged calibrated probabilities): what a student of the same
-        task trains towards (lmtune.distill), in the form the task's loss reads them."""
+    def soft_targets(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str], temperature: float) -> Any:
+        """A teacher's soft targets per example at the distillation temperature, from its calibrated outputs (an
+        ensemble's: its averaged calibrated probabilities): what a student of the same task trains towards
+        (lmtune.distill), in the form the task's encode reads them from the examples: one row over the labels per
+        example ([examples, labels]: classification, multi-label), or one array per example (NER: [words, tags])."""
         raise NotImplementedError
+
+    def soft_target_alignment(self, shared_tokenizer: bool) -> str:
+        """DISTILL: how the teacher's soft targets meet the student's inputs: "example" (one target per text, whatever
+        either model's tokenizer), or a token-level task's "position" (teacher and student share the tokenizer) or
+        "word" (they do not: the words are what both see)."""
+        return "example"
+
+    def without_labels(self, examples: list) -> list:
+        """The examples with their labels dropped, each keeping its file:line (distill's --unlabeled file: a label
+        column there is ignored). Default: a text (pair) task's, through from_texts."""
+        texts = [ex.text if ex.text_pair is None else (ex.text, ex.text_pair) for ex in examples]
+        return [replace(new, source=ex.source) for new, ex in zip(self.from_texts(texts), examples)]
 
     def distill_with(self, temperature: float, alpha: float) -> None:
         """Train towards the features' soft targets: loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha)

@@ -7,12 +7,17 @@ What this module gets right that the usual scripts do not:
   from the window where it has the most context, so every gold word is predicted and scored;
 - decoding is Viterbi over the allowed BIO transitions (no I-PER after O), and the number of
   sequences the raw argmax would have left invalid is reported;
-- entity-level precision/recall/F1 come from seqeval, on the untruncated gold tags.
+- entity-level precision/recall/F1 come from seqeval, on the untruncated gold tags;
+- distillation (lmtune.distill) is per word: the teacher's tag distribution of each word (its first sub-token, from
+  the window where it has the most context) is the soft target of the student's first sub-token of that word.
+  The decoding has no learned transition scores (no CRF: Viterbi over the fixed allowed BIO transitions), so the
+  per-token logits (the emissions) are all a teacher knows, and all that is distilled.
 """
 from __future__ import annotations
 
 import logging
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +35,8 @@ from lmtune.evaluate.calibration import metrics as calibration_metrics
 from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, load_pretrained, quiet_transformers
-from lmtune.tasks.base import (ABSTAIN, CALIBRATE, EXPLAIN, LABEL_NOISE, Encoded, Splits, Task, balanced_weights, class_score,
-                               cross_entropy_sum, input_pad_values, pad_rows, shuffle_split)
+from lmtune.tasks.base import (ABSTAIN, CALIBRATE, DISTILL, EXPLAIN, LABEL_NOISE, Encoded, Splits, Task, balanced_weights,
+                               class_score, cross_entropy_sum, input_pad_values, pad_rows, shuffle_split, soft_target_loss)
 from lmtune.tasks.ner_config import NerColumns  # noqa: F401  (re-exported: code and saved configs name it here)
 
 
@@ -53,7 +58,7 @@ class NerTask(Task):
     headline = ("f1", "precision", "recall", "loss")
     peft_task_type = "TOKEN_CLS"
     hub_pipeline = "token-classification"
-    capabilities = frozenset({CALIBRATE, ABSTAIN, LABEL_NOISE, EXPLAIN})
+    capabilities = frozenset({CALIBRATE, ABSTAIN, LABEL_NOISE, EXPLAIN, DISTILL})
     explain_tokens = True
     decision_key = "tags"
     span_key = "entities"
@@ -69,6 +74,7 @@ class NerTask(Task):
         self.abstention: dict = {}
         self.class_weight: torch.Tensor | None = None  # train.class_weights auto: inverse tag frequency
         self.focal_gamma = 0.0
+        self.distillation: tuple[float, float] | None = None  # (temperature, alpha) while a student trains (lmtune.distill)
 
     def report_state(self) -> dict:
         return {"calibration": self.calibration, "abstention": self.abstention, "repairs": self.repairs}
@@ -88,6 +94,9 @@ class NerTask(Task):
 
     def from_texts(self, texts: list[str]) -> list[NerExample]:
         return [example_from_text(t) for t in texts]
+
+    def without_labels(self, examples: list[NerExample]) -> list[NerExample]:
+        return [replace(ex, tags=None) for ex in examples]  # tokens, text and offsets as read: the words stay the same
 
     # ---- data -------------------------------------------------------------------------------
     def read_file(self, path: str, cfg: Config, labels: list[str] | None = None,
@@ -192,7 +201,8 @@ class NerTask(Task):
                             lab[p - s] = index[tag if tag == "O" else "I-" + tag[2:]]
                 row = prefix + ids[s:e] + suffix
                 features.append({"input_ids": row, "labels": [-100] * len(prefix) + lab + [-100] * len(suffix),
-                                 "length": len(row), "example": i, "words": words})
+                                 "length": len(row), "example": i, "words": words,
+                                 **_soft_targets_at(ex, words, len(index) if index else None)})
         stats = {"examples": len(examples), "truncated": 0, "windowed": windowed, "windows": len(features),
                  "unk_words": unk_words}
         return Encoded(features, examples, stats)
@@ -226,19 +236,54 @@ class NerTask(Task):
 
     def collate(self, features: list[dict], tokenizer: Any) -> dict[str, torch.Tensor]:
         width = max(f["length"] for f in features)
-        return {"input_ids": pad_rows([f["input_ids"] for f in features], width, tokenizer.pad_token_id or 0),
-                "attention_mask": pad_rows([[1] * f["length"] for f in features], width, 0),
-                "labels": pad_rows([f["labels"] for f in features], width, -100)}
+        batch = {"input_ids": pad_rows([f["input_ids"] for f in features], width, tokenizer.pad_token_id or 0),
+                 "attention_mask": pad_rows([[1] * f["length"] for f in features], width, 0),
+                 "labels": pad_rows([f["labels"] for f in features], width, -100)}
+        soft = _collate_soft_targets(features, width) if self.distillation else None
+        if soft is not None:
+            batch["soft_targets"] = soft
+        return batch
 
     def pad_values(self, tokenizer: Any) -> dict[str, int] | None:
-        return {**input_pad_values(tokenizer), "labels": -100}
+        # soft_targets: NaN rows are "no soft target here" (base.soft_target_loss masks them)
+        return {**input_pad_values(tokenizer), "labels": -100, "soft_targets": float("nan")}
 
     def num_items(self, features: list[dict]) -> int:
-        return max(1, sum(sum(1 for x in f["labels"] if x != -100) for f in features))
+        """Positions with a target: a hard label, a soft target or both (an unlabeled sentence's words have the soft
+        one alone, and must count, or a batch of them would weigh as one token)."""
+        return max(1, sum(len({p for p, x in enumerate(f["labels"]) if x != -100}.union(f.get("soft_positions", ())))
+                          for f in features))
 
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         logits = outputs.logits
-        return cross_entropy_sum(logits.reshape(-1, logits.size(-1)), batch["labels"].reshape(-1), self.class_weight, self.focal_gamma)
+        flat = logits.reshape(-1, logits.size(-1))
+        hard = cross_entropy_sum(flat, batch["labels"].reshape(-1), self.class_weight, self.focal_gamma)
+        if self.distillation is None or "soft_targets" not in batch:
+            return hard
+        # per position: the words' first sub-tokens carry the teacher's rows, every other position NaN (no soft term);
+        # unlabeled sentences' labels are all -100, so they add the soft term alone
+        temperature, alpha = self.distillation
+        soft = batch["soft_targets"]
+        return alpha * soft_target_loss(flat, soft.reshape(-1, soft.size(-1)), temperature) + (1 - alpha) * hard
+
+    # ---- distillation (lmtune.distill) ----------------------------------------------------------
+    def soft_targets(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str], temperature: float) -> list[np.ndarray]:
+        """Per sentence, float32 [words, tags]: log_softmax(calibrated logits / T) of each word's first sub-token, from
+        the window where the word has the most context (word_log_probs: the distributions predict decodes).
+        Calibrated, as classification's are: a small model's raw logits can sit far off scale."""
+        out = []
+        for ex, lp in zip(enc.examples, self.word_log_probs(outputs, enc, self.temperature * temperature)):
+            if lp is None:  # every word has a window (see decode); refuse rather than teach a shifted sentence
+                raise InputError(f"{ex.source}: the teacher left words of this sentence without a prediction, so its "
+                                 "soft targets cannot be aligned to the words; report it with the sentence.")
+            out.append(lp.astype(np.float32))
+        return out
+
+    def soft_target_alignment(self, shared_tokenizer: bool) -> str:
+        return "position" if shared_tokenizer else "word"
+
+    def distill_with(self, temperature: float, alpha: float) -> None:
+        self.distillation = (float(temperature), float(alpha))
 
     def unbatch(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
         lp = torch.log_softmax(outputs.logits.float(), -1).cpu().numpy()
@@ -457,6 +502,34 @@ class NerTask(Task):
             lines += calibration_section(self.calibration, split_metrics, run_dir,
                                          "; ECE is over each word's tag, entity scores are means of their words'")
         return "\n".join(lines)
+
+
+def _soft_targets_at(ex: NerExample, words: list[tuple[int, int, int]], n_labels: int | None) -> dict:
+    """A feature's soft targets (lmtune.distill), when its sentence has them: the row of each word it holds, at the
+    word's first sub-token ("soft_positions", "soft_targets" [k, tags]). A sentence whose targets do not have one row
+    per word, or one column per tag, was taught on other words or tags than it has: an error, not a shifted lesson."""
+    soft = getattr(ex, "soft_targets", None)  # joint's utterances reach here too, never with soft targets
+    if soft is None:
+        return {}
+    soft = np.asarray(soft, dtype=np.float32)
+    if soft.ndim != 2 or soft.shape[0] != len(ex.tokens) or (n_labels is not None and soft.shape[1] != n_labels):
+        raise InputError(f"{ex.source}: soft targets of shape {list(soft.shape)} do not align with the sentence's "
+                         f"{len(ex.tokens)} words{f' and {n_labels} tags' if n_labels else ''} (one row per word, one "
+                         "column per tag); the teacher must label the same words with the same tags.")
+    return {"soft_positions": [p for p, _, _ in words], "soft_targets": soft[[w for _, w, _ in words]]}
+
+
+def _collate_soft_targets(features: list[dict], width: int) -> torch.Tensor | None:
+    """The batch's soft targets [batch, width, tags], NaN where a position has none, or None when no feature has any.
+    Through numpy, as pad_rows: the loop collates every step."""
+    tags = next((f["soft_targets"].shape[1] for f in features if "soft_targets" in f), 0)
+    if not tags:
+        return None
+    out = np.full((len(features), width, tags), np.nan, dtype=np.float32)
+    for i, f in enumerate(features):
+        if "soft_targets" in f:
+            out[i, f["soft_positions"]] = f["soft_targets"]
+    return torch.from_numpy(out)
 
 
 def error_kinds(gold: list[list[str]], pred: list[list[str]], examples: list[NerExample]) -> dict:
