@@ -63,11 +63,15 @@ FOLD = "fold"
 # soft_targets(outputs, enc, labels, temperature) / distill_with(temperature, alpha): a run of the task teaches (its
 # per-example soft targets), and the task's loss trains towards the `soft_targets` its features carry (lmtune.distill)
 DISTILL = "distill"
+# pseudo_labels(outputs, enc, labels): each example's predicted label and calibrated confidence, which self-training
+# (lmtune.selftrain, data.unlabeled) thresholds to label unlabeled texts
+SELF_TRAINING = "self_training"
 CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, INTERVALS, DEV_RULES, CONTINUAL, ENSEMBLE, EXPLAIN,
-                GENERATE, INDEX, RERANK, FOLD, DISTILL)
+                GENERATE, INDEX, RERANK, FOLD, DISTILL, SELF_TRAINING)
 _HOOKS = {CALIBRATE: "calibrate", ABSTAIN: "fit_threshold", MAHALANOBIS: "fit_scorer", LABEL_NOISE: "example_probs",
           INTERVALS: "fit_intervals", DEV_RULES: "fit_decision_rules", EXPLAIN: "explain_targets", GENERATE: "generate",
-          INDEX: "corpus", RERANK: "relevance", FOLD: "set_folded", DISTILL: "distill_with"}
+          INDEX: "corpus", RERANK: "relevance", FOLD: "set_folded", DISTILL: "distill_with",
+          SELF_TRAINING: "pseudo_labels"}
 
 
 class Task:
@@ -279,6 +283,11 @@ class Task:
     def distill_with(self, temperature: float, alpha: float) -> None:
         """Train towards the features' soft targets: loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha)
         * the task's own loss on labeled rows (unlabeled rows: the soft term alone)."""
+        raise NotImplementedError
+
+    def pseudo_labels(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """SELF_TRAINING: per example of enc, the index (into labels) of the predicted label and its calibrated
+        confidence in [0, 1] (the probability predict reports), as two arrays of len(enc.examples)."""
         raise NotImplementedError
 
     def explain_targets(self, row: dict, labels: list[str], label: str | None = None) -> list[dict]:
