@@ -140,7 +140,7 @@ class Hooks(Protocol):
     def predict(self, model: Model, examples: list) -> tuple[np.ndarray, np.ndarray]:
         """On the examples: predicted label index and calibrated confidence."""
 
-    def train(self, round: int, pseudo: list, teacher: Model) -> Model:
+    def train(self, round_no: int, pseudo: list, teacher: Model) -> Model:
         """A student trained on the labeled train split plus the pseudo-labeled examples."""
 
     def drop(self, model: Model) -> None:
@@ -285,11 +285,11 @@ class RecipeRounds:
                                   f"pseudo-label round {model.round + 1}", c.cfg.train.progress)
         return task.pseudo_labels(outputs, enc, c.splits.labels)
 
-    def train(self, round: int, pseudo: list, teacher: Model) -> Model:
+    def train(self, round_no: int, pseudo: list, teacher: Model) -> Model:
         from lmtune.artifacts import RunDir
         from lmtune.recipe.context import Context, Inputs
         ctx = self.ctx
-        folder = ctx.rd.selftrain / f"round-{round}"
+        folder = ctx.rd.selftrain / f"round-{round_no}"
         folder.mkdir(parents=True, exist_ok=True)
         sizes = {**ctx.splits.info["sizes"], "train": len(ctx.splits.train) + len(pseudo)}
         splits = dataclasses.replace(ctx.splits, train=ctx.splits.train + pseudo,
@@ -301,17 +301,17 @@ class RecipeRounds:
                 stage.run(student)
             if stage.name == "build" and not ctx.cfg.selftrain.reinit:  # continue from the teacher's weights
                 student.built.model.load_state_dict(teacher.handle.built.model.state_dict())
-        self._snapshot(round)
-        return Model(round, self._dev_metric(student), student)
+        self._snapshot(round_no)
+        return Model(round_no, self._dev_metric(student), student)
 
     def drop(self, model: Model) -> None:
         """A student's checkpoints (its run folder keeps its log and events); the run's own (round 0) stay."""
         if model.round and self.ctx.main:
             shutil.rmtree(model.handle.rd.checkpoints, ignore_errors=True)
 
-    def _snapshot(self, round: int) -> None:
+    def _snapshot(self, round_no: int) -> None:
         task = self.ctx.task
-        self.states[round] = (dict(task.state()), dict(task.report_state()), dict(task.arrays()))
+        self.states[round_no] = (dict(task.state()), dict(task.report_state()), dict(task.arrays()))
 
     def _dev_metric(self, c: Any) -> float:
         metrics = self.ctx.task.evaluate(c.outcome.outputs("dev"), c.data.encoded["dev"], c.splits.labels)

@@ -59,9 +59,9 @@ class FakeHooks:
         self.predicted.append([ex.source for ex in examples])
         return np.ones(len(examples), dtype=int), np.full(len(examples), 0.95)
 
-    def train(self, round, pseudo, teacher):
+    def train(self, round_no, pseudo, teacher):
         self.trained.append([(ex.source, ex.label) for ex in pseudo])
-        return Model(round, self.devs[round])
+        return Model(round_no, self.devs[round_no])
 
     def drop(self, model):
         self.dropped.append(model.round)
@@ -132,10 +132,11 @@ def test_a_run_with_unlabeled_text_records_its_pseudo_labels_and_reports_them_pe
         assert f"| {label} | {first['per_class'].get(label, 0)} |" in report
 
 
-def test_rounds_stop_when_the_student_cannot_beat_the_teacher_on_dev(tiny_config, tmp_path):
+@pytest.mark.parametrize("reinit", [True, False])
+def test_rounds_stop_when_the_student_cannot_beat_the_teacher_on_dev(tiny_config, tmp_path, reinit):
     cfg = copy.deepcopy(tiny_config)  # 96 labeled rows, 10 epochs: a teacher already right on every dev example
     cfg["data"]["unlabeled"] = str(write_csv(tmp_path / "unlabeled.csv", toy_rows(40, 4)))
-    cfg["selftrain"] = {"rounds": 3}
+    cfg["selftrain"] = {"rounds": 3, "reinit": reinit}
     run = lmtune.train(cfg)
     section = json.loads((run.run_dir / "results.json").read_text())["selftrain"]
     assert section["rounds"][0]["dev"] == 1.0
@@ -146,6 +147,10 @@ def test_rounds_stop_when_the_student_cannot_beat_the_teacher_on_dev(tiny_config
     rows = [json.loads(line) for line in (run.run_dir / "pseudo_labels.jsonl").read_text().splitlines()]
     assert rows and all(r["round"] == 1 and not r["kept"] for r in rows)
     assert not (run.run_dir / "selftrain" / "round-1" / "checkpoints").exists()  # the dropped student's are removed
+    # the student's first dev evaluation: from the pretrained weights it starts over, from the teacher's it is right
+    events = (run.run_dir / "selftrain" / "round-1" / "events.jsonl").read_text().splitlines()
+    first = next(e["dev_accuracy"] for e in map(json.loads, events) if "dev_accuracy" in e)
+    assert (first < 1.0) if reinit else (first == 1.0)
 
 
 def test_test_labels_cannot_move_the_threshold_or_the_pseudo_labels(st_config, tmp_path):
