@@ -11,6 +11,7 @@ metadata (lmtune.json) and the task state saved beside a model (model/, export/,
             mlflow_run.json (the MLflow run a tracked run logged to, where `lmtune export` adds its ONNX files)
             results.json and the analyses' NAME.json; label_noise.json(l), generation.json, index/
             active.json, active_curve.png, active/ (the labeling loop: batches, grown train files, retrain configs)
+            pseudo_labels.jsonl and selftrain/round-N/ (data.unlabeled: self-training's pseudo-labels and rounds)
 
 It also owns the run directory's lifecycle: a new one (new_run_dir), the one --resume continues
 (resolve_run_dir), and the one all processes of a launch share (shared_run_dir); and model_meta builds
@@ -71,6 +72,8 @@ class RunDir:
     generation = property(lambda self: self.root / "generation.json")
     index = property(lambda self: self.root / "index")
     pretrain = property(lambda self: self.root / "pretrain.json")
+    pseudo_labels = property(lambda self: self.root / "pseudo_labels.jsonl")  # self-training: each pseudo-label, its round
+    selftrain = property(lambda self: self.root / "selftrain")  # self-training: one run folder per round (round-N/)
     mlflow_run = property(lambda self: self.root / "mlflow_run.json")  # {tracking_uri (masked), run_id}: where export logs
     active = property(lambda self: self.root / "active.json")  # the labeling loop's record (lmtune.active)
     active_dir = property(lambda self: self.root / "active")  # its batches, labels, grown train files, retrain configs

@@ -684,7 +684,7 @@ def _known_key(key: str, known: dict, moved: dict[str, str], source: str) -> str
     return leaf[0]
 
 
-PATH_KEYS = ("data.train", "data.dev", "data.test", "attack.data", "continual.from_run", "generate.schema",
+PATH_KEYS = ("data.train", "data.dev", "data.test", "data.unlabeled", "attack.data", "continual.from_run", "generate.schema",
              "generate.json_schema")  # resolved against the YAML's folder
 
 

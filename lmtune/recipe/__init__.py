@@ -1,13 +1,14 @@
 """The training recipe as a list of named stages over a typed context (recipe.context).
 
-    record, [label_noise], build, [warm_start], prepare_data, adapt, audit, [start_trackers], fit,
-    restore, [decoding_search], evaluate, [index], [slices], [forgetting], [drift_reference], save,
+    [unlabeled], record, [label_noise], build, [warm_start], prepare_data, adapt, audit, [start_trackers], fit,
+    restore, [selftrain], [decoding_search], evaluate, [index], [slices], [forgetting], [drift_reference], save,
     write_results, [attack], [finish_trackers]
 
 Core stages always run; an optional one (in brackets) runs where its predicate holds. build makes the
 backbone and head and adapt wraps it with PEFT and sets the learning rates; prepare_data sits between
 them because augmentation and the synonym table read the un-wrapped model's embeddings, and PEFT's
-schedule needs the number of training examples they produce.
+schedule needs the number of training examples they produce. selftrain trains each round's student with
+this list's own stages from build to restore (lmtune.selftrain.STUDENT_STAGES), not with a loop of its own.
 """
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ from lmtune.recipe.context import Context, Inputs
 from lmtune.recipe.report import write_results
 from lmtune.recipe.stages import adapt, audit_data, build, evaluate, fit, prepare_data, record, restore, save
 from lmtune.runtime import accelerator_for, partial_state
+from lmtune.selftrain import STUDENT_STAGES
 
 log = logging.getLogger("lmtune")
 
@@ -47,7 +49,13 @@ class Stage:
     applies: Callable[[Context], bool] = _always
 
 
+def self_train(ctx: Context) -> None:
+    """data.unlabeled: the self-training rounds, each student trained by the stages of STAGES it names."""
+    opt.self_train(ctx, tuple(s for s in STAGES if s.name in STUDENT_STAGES))
+
+
 STAGES: tuple[Stage, ...] = (
+    Stage("unlabeled", opt.read_unlabeled, opt.has_unlabeled),
     Stage("record", record),
     Stage("label_noise", opt.label_noise, opt.wants_label_noise),
     Stage("build", build),
@@ -58,6 +66,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("start_trackers", opt.start_trackers, opt.has_trackers),
     Stage("fit", fit),
     Stage("restore", restore),
+    Stage("selftrain", self_train, opt.has_unlabeled),
     Stage("decoding_search", opt.search_decoding, opt.wants_decoding_search),
     Stage("evaluate", evaluate),
     Stage("index", opt.build_index, opt.has_index),

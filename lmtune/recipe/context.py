@@ -28,6 +28,7 @@ class Inputs:
     previous: Any = None  # continual.Previous: the run this one continues
     slice_values: tuple | None = None  # data.slice_columns: (split, {column: value per example}), read by record
     noise: dict | None = None  # the label-noise search's result
+    unlabeled: list | None = None  # data.unlabeled: its texts as unlabeled examples, read by the unlabeled stage
 
 
 @dataclass
@@ -74,6 +75,8 @@ class Outcome:
     continual: dict | None = None  # forgetting figures
     slices: dict | None = None  # per-slice metrics of the slice split
     drift_reference: dict | None = None  # what the serve drift monitor compares traffic with
+    # registered analyses' results that a training stage measured (selftrain), by name: results.json sections
+    sections: dict = field(default_factory=dict)
 
 
 @dataclass

@@ -5,7 +5,7 @@ import dataclasses
 import json
 import logging
 
-from lmtune import continual
+from lmtune import continual, selftrain
 from lmtune.config import Config
 from lmtune.errors import InputError
 from lmtune.io import write_json, write_jsonl
@@ -48,6 +48,17 @@ def warm_start(ctx: Context) -> None:
     ctx.built.head = continual.warm_start(ctx.built.model, prev, labels)
     log.info("continual: started from %s (%d labels kept, %d new)", prev.run_dir,
              len(set(prev.labels) & set(labels)), len(set(labels) - set(prev.labels)))
+
+
+def read_unlabeled(ctx: Context) -> None:
+    """data.unlabeled: its texts read first, so a bad file fails before the run writes anything (lmtune.selftrain)."""
+    selftrain.read_unlabeled(ctx)
+
+
+def self_train(ctx: Context, student_stages: tuple) -> None:
+    """data.unlabeled: self-training rounds on the restored, calibrated model, each student trained by
+    `student_stages` (the recipe's own, build to restore); the best model takes the run's place (lmtune.selftrain)."""
+    selftrain.self_train(ctx, student_stages)
 
 
 def tracker_names(cfg: Config) -> list[str]:
@@ -149,6 +160,10 @@ def attack(ctx: Context) -> None:
 # when each optional stage applies (recipe.STAGES pairs them with their stage)
 def wants_label_noise(ctx: Context) -> bool:
     return ctx.cfg.data.label_noise_folds > 0
+
+
+def has_unlabeled(ctx: Context) -> bool:
+    return bool(ctx.cfg.data.unlabeled)
 
 
 def continues_a_run(ctx: Context) -> bool:

@@ -67,12 +67,15 @@ DISTILL = "distill"
 # label_scores(outputs, enc, labels) -> LabelScores: the calibrated probability of every label per example, which
 # active learning's query strategies score (lmtune.active: entropy, margin, badge) and its suggestions come from
 ACTIVE = "active"
+# pseudo_labels(outputs, enc, labels): each example's predicted label and calibrated confidence, which self-training
+# (lmtune.selftrain, data.unlabeled) thresholds to label unlabeled texts
+SELF_TRAINING = "self_training"
 CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, INTERVALS, DEV_RULES, CONTINUAL, ENSEMBLE, EXPLAIN,
-                GENERATE, INDEX, RERANK, FOLD, DISTILL, ACTIVE)
+                GENERATE, INDEX, RERANK, FOLD, DISTILL, ACTIVE, SELF_TRAINING)
 _HOOKS = {CALIBRATE: "calibrate", ABSTAIN: "fit_threshold", MAHALANOBIS: "fit_scorer", LABEL_NOISE: "example_probs",
           INTERVALS: "fit_intervals", DEV_RULES: "fit_decision_rules", EXPLAIN: "explain_targets", GENERATE: "generate",
           INDEX: "corpus", RERANK: "relevance", FOLD: "set_folded", DISTILL: "distill_with",
-          ACTIVE: "label_scores"}
+          ACTIVE: "label_scores", SELF_TRAINING: "pseudo_labels"}
 
 
 @dataclass
@@ -315,6 +318,11 @@ class Task:
     def distill_with(self, temperature: float, alpha: float) -> None:
         """Train towards the features' soft targets: loss = alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha)
         * the task's own loss on labeled rows (unlabeled rows: the soft term alone)."""
+        raise NotImplementedError
+
+    def pseudo_labels(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """SELF_TRAINING: per example of enc, the index (into labels) of the predicted label and its calibrated
+        confidence in [0, 1] (the probability predict reports), as two arrays of len(enc.examples)."""
         raise NotImplementedError
 
     def explain_targets(self, row: dict, labels: list[str], label: str | None = None) -> list[dict]:

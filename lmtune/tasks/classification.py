@@ -25,7 +25,7 @@ from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.biencoder import load_bi_encoder, pair_model, report_lines
 from lmtune.tasks.windows import encode_windows, pool, training_subset
 from lmtune.tasks.base import (ABSTAIN, ACTIVE, CALIBRATE, CONTINUAL, DISTILL, ENSEMBLE, EXAMPLE_LABELS, EXPLAIN, LABEL_NOISE, MAHALANOBIS, RERANK, FOLD,
-                               Encoded, LabelScores, Splits, Task, attach_soft_targets, balanced_weights, class_score, collate_soft_targets,
+                               SELF_TRAINING, Encoded, LabelScores, Splits, Task, attach_soft_targets, balanced_weights, class_score, collate_soft_targets,
                                cross_entropy_sum, input_pad_values, pad_batch, soft_target_loss)
 
 
@@ -51,7 +51,7 @@ class ClassificationTask(Task):
     headline = ("accuracy", "macro_f1", "loss")  # report.md / CLI summary columns
     peft_task_type = "SEQ_CLS"
     capabilities = frozenset({CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, CONTINUAL, ENSEMBLE, EXPLAIN, RERANK, FOLD,
-                              DISTILL, ACTIVE})
+                              DISTILL, ACTIVE, SELF_TRAINING})
     encode_options = {"long_text": "long_text", "overlap": "window_overlap"}
 
     def __init__(self) -> None:
@@ -335,6 +335,13 @@ class ClassificationTask(Task):
 
     def distill_with(self, temperature: float, alpha: float) -> None:
         self.distillation = (float(temperature), float(alpha))
+
+    # ---- self-training (lmtune.selftrain) -------------------------------------------------------
+    def pseudo_labels(self, outputs: list[np.ndarray], enc: Encoded, labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The top class and its calibrated probability (windows pooled, the fitted temperature applied): the
+        confidence predict reports, so a threshold on it means what a user reads in predictions."""
+        probs = softmax(self.split_outputs(outputs, enc, labels)[0], self.temperature)
+        return probs.argmax(-1), probs.max(-1)
 
     def unbatch(self, outputs: Any, batch: dict[str, torch.Tensor]) -> list[np.ndarray]:
         logits = outputs.logits.float().cpu().numpy()

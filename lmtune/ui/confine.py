@@ -15,7 +15,7 @@ from lmtune.config import Config, all_keys
 
 # Path-valued config keys. Data keys are rebased by build_config against the working directory (Jobs.start);
 # the others resolve against the training child's working directory (the dashboard's working directory).
-FILE_KEYS = ("data.train", "data.dev", "data.test", "attack.data", "continual.from_run", "pretrain.files",
+FILE_KEYS = ("data.train", "data.dev", "data.test", "data.unlabeled", "attack.data", "continual.from_run", "pretrain.files",
              "generate.schema", "generate.json_schema", "retrieval.corpus")
 # "Hugging Face id or local path": a hub id resolves, as a path, inside the working directory (so it is
 # accepted), a local folder anywhere else is refused.
