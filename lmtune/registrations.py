@@ -75,6 +75,7 @@ trackers.register("wandb", "lmtune.tracking.wandb:WandbTracker")
 analyses.register("comparison", "lmtune.analyses.comparison:ANALYSIS")
 analyses.register("distill", "lmtune.analyses.distill:ANALYSIS")  # written by `lmtune distill`
 analyses.register("continual", "lmtune.analyses.continual:ANALYSIS")
+analyses.register("fewshot", "lmtune.fewshot:ANALYSIS")  # written by training's fewshot stage
 analyses.register("drift", "lmtune.analyses.drift:ANALYSIS")
 analyses.register("slices", "lmtune.analyses.fairness:SLICES")
 analyses.register("fairness", "lmtune.analyses.fairness:ANALYSIS")
@@ -93,6 +94,7 @@ config_sections.register("ner_columns", "lmtune.tasks.ner_config:NerColumns", se
 config_sections.register("joint", "lmtune.tasks.joint_config:JointConfig")
 config_sections.register("joint_columns", "lmtune.tasks.joint_config:JointColumns", section="data")
 config_sections.register("pair_options", "lmtune.data.pairs:PairOptions", section="data")
+config_sections.register("fewshot", "lmtune.fewshot_config:FewShotConfig")
 
 # export formats (lmtune export --format): quantize: the --quantize values each declares; options: the other
 # export flags it takes; tasks: the run tasks it serves (None: all); supports: what the error names otherwise

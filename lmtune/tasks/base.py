@@ -63,8 +63,11 @@ FOLD = "fold"
 # soft_targets(outputs, enc, labels, temperature) / distill_with(temperature, alpha): a run of the task teaches (its
 # per-example soft targets), and the task's loss trains towards the `soft_targets` its features carry (lmtune.distill)
 DISTILL = "distill"
+# one label per example from a head over the encoder's text features: the recipe's few-shot stage (lmtune.fewshot) may
+# put the encoder under an EmbeddingClassifier (sentence embedding -> linear) and tune it on pairs (SetFit)
+FEWSHOT = "fewshot"
 CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, INTERVALS, DEV_RULES, CONTINUAL, ENSEMBLE, EXPLAIN,
-                GENERATE, INDEX, RERANK, FOLD, DISTILL)
+                GENERATE, INDEX, RERANK, FOLD, DISTILL, FEWSHOT)
 _HOOKS = {CALIBRATE: "calibrate", ABSTAIN: "fit_threshold", MAHALANOBIS: "fit_scorer", LABEL_NOISE: "example_probs",
           INTERVALS: "fit_intervals", DEV_RULES: "fit_decision_rules", EXPLAIN: "explain_targets", GENERATE: "generate",
           INDEX: "corpus", RERANK: "relevance", FOLD: "set_folded", DISTILL: "distill_with"}
