@@ -45,6 +45,7 @@ from lmtune.errors import InputError
 from lmtune.io import write_json
 from lmtune.models import load_tokenizer, quiet_transformers, resolve_model
 from lmtune.tasks.base import FEWSHOT
+from lmtune.tasks.biencoder import is_sentence_embedding_model
 from lmtune.tasks.retrieval import pool, pooling_mode
 
 log = logging.getLogger("lmtune")
@@ -66,9 +67,8 @@ def class_counts(labels: list[str]) -> dict:
 def decide(cfg, splits) -> dict:
     """Which method runs and why: fewshot.method itself, or auto's rule (single texts, full fine-tuning from the
     checkpoint, a sentence-embedding checkpoint, and a median class of at most fewshot.max_per_class examples)."""
-    from lmtune.tasks.biencoder import is_sentence_embedding_model
     f = cfg.fewshot
-    counts = class_counts([ex.label for ex in splits.train])
+    counts = class_counts([ex.label for ex in splits.train if ex.label is not None])
     rule = (f"auto: setfit when the median class has <= {f.max_per_class} labeled training examples (fewshot.max_per_class), "
             "the checkpoint is a sentence-embedding model, and the run reads single texts with full fine-tuning")
     decision = {"setting": f.method, "rule": rule, **counts}
@@ -78,6 +78,8 @@ def decide(cfg, splits) -> dict:
     reasons = [(bool(cfg.data.text_pair_column), "the run reads sentence pairs"),
                (cfg.peft.method != "none", f"peft.method is {cfg.peft.method}"),
                (bool(cfg.continual.from_run), "the run continues continual.from_run"),
+               (any(getattr(ex, "soft_targets", None) is not None for ex in splits.train),
+                "the run learns from a teacher's soft targets (lmtune distill)"),
                (median > f.max_per_class, f"the median class has {median:g} labeled examples (> {f.max_per_class})")]
     for applies, reason in reasons:
         if applies:

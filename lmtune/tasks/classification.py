@@ -21,6 +21,7 @@ from lmtune.evaluate.calibration import choose_temperature, ece, fit_temperature
 from lmtune.evaluate.calibration import metrics as calibration_metrics
 from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
+from lmtune.fewshot import load_embedding_classifier
 from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.biencoder import load_bi_encoder, pair_model, report_lines
 from lmtune.tasks.windows import encode_windows, pool, training_subset
@@ -280,7 +281,6 @@ class ClassificationTask(Task):
         return load_pretrained(AutoModelForSequenceClassification, cfg.model.name, config, cfg.model.gguf_file)
 
     def load_model(self, model_dir: Path) -> tuple[torch.nn.Module, Any]:
-        from lmtune.fewshot import load_embedding_classifier  # imported here: lmtune.fewshot imports the task base
         return (load_bi_encoder(model_dir) or load_embedding_classifier(model_dir)
                 or load_pretrained(AutoModelForSequenceClassification, str(model_dir)))
 
