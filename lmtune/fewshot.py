@@ -343,7 +343,9 @@ def _wrap(ctx) -> EmbeddingClassifier:
 
 
 def _setfit(ctx) -> dict:
+    """SetFit on the run's train split: the contrastive stage, then the head; the record's figures."""
     cfg, f, labels = ctx.cfg, ctx.cfg.fewshot, ctx.splits.labels
+    proto_texts = prototype_texts(labels, f)  # a bad label description stops the run before minutes of training
     index = {lab: i for i, lab in enumerate(labels)}
     train = [ex for ex in ctx.splits.train if ex.label in index]
     texts, y = [ex.text for ex in train], [index[ex.label] for ex in train]
@@ -354,29 +356,36 @@ def _setfit(ctx) -> dict:
     trained = contrastive(model, tokenizer, texts, pairs, f, max_len, ctx.accelerator, cfg.train.seed)
     emb = embed_texts(model, tokenizer, texts, max_len, device)
     after = cosine_by_class(emb, y)
-    proto_texts = prototype_texts(labels, f)
-    seeded = [lab for lab, t in zip(labels, proto_texts) if t]
-    prior, scale = None, None
-    if seeded:
-        has = torch.tensor([t is not None for t in proto_texts], dtype=emb.dtype)
-        protos = embed_texts(model, tokenizer, [t or "" for t in proto_texts], max_len, device)
-        prior, scale = prototype_prior(protos, has, emb, torch.tensor(y))
-    w, b = fit_head(emb, torch.tensor(y), len(labels), prior, f.head_c)
-    with torch.no_grad():
-        model.classifier.weight.copy_(w)
-        model.classifier.bias.copy_(b)
-    ctx.built.model = model
+    protos = embed_texts(model, tokenizer, [t or "" for t in proto_texts], max_len, device) if any(proto_texts) else None
+    scale = _fit_classifier(model, emb, torch.tensor(y), protos, proto_texts, f.head_c)
     _freeze_body(model, f.end_to_end)
+    ctx.built.model = model
     log.info("few-shot: %d pairs, %d contrastive steps in %.1fs; mean cosine same class %.3f -> %.3f, different %.3f -> %.3f",
              len(pairs), trained["steps"], trained["seconds"], before["same_class"] or 0, after["same_class"] or 0,
              before["different_class"], after["different_class"])
+    seeded = [lab for lab, t in zip(labels, proto_texts) if t]
+    then = "the training loop fine-tunes encoder and head" if f.end_to_end else "the training loop trains the head on the frozen encoder"
     return {"pairs": len(pairs), "contrastive_epochs": f.epochs, "contrastive_steps": trained["steps"],
             "contrastive_seconds": trained["seconds"], "contrastive_loss": {"first": trained["first_loss"], "last": trained["last_loss"]},
             "cosine_before": before, "cosine_after": after, "pooling": model.pooling,
-            "head": f"logistic regression (C {f.head_c:g}) on the {'fine-tuned' if f.end_to_end else 'frozen'} contrastive encoder",
-            "end_to_end": f.end_to_end,
+            "head": f"logistic regression (C {f.head_c:g}) on the tuned embeddings; {then}", "end_to_end": f.end_to_end,
             "prototypes": {"labels": seeded, "from_descriptions": sorted(set(f.label_descriptions or {}) & set(seeded)),
                            "scale": scale} if seeded else None}
+
+
+def _fit_classifier(model: EmbeddingClassifier, emb: torch.Tensor, y: torch.Tensor, protos: torch.Tensor | None,
+                    proto_texts: list[str | None], c: float) -> float | None:
+    """The logistic-regression head into the model's linear layer, centred on the prototypes where there are any;
+    returns the prototypes' scale (None without them)."""
+    prior, scale = None, None
+    if protos is not None:
+        has = torch.tensor([t is not None for t in proto_texts], dtype=emb.dtype)
+        prior, scale = prototype_prior(protos, has, emb, y)
+    w, b = fit_head(emb, y, len(proto_texts), prior, c)
+    with torch.no_grad():
+        model.classifier.weight.copy_(w)
+        model.classifier.bias.copy_(b)
+    return scale
 
 
 def _freeze_body(model: EmbeddingClassifier, end_to_end: bool) -> None:

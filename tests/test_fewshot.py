@@ -15,7 +15,7 @@ from lmtune.config import DEFAULT_MODEL
 from lmtune.data.readers import Example
 from lmtune.errors import InputError
 from lmtune.fewshot import (EmbeddingClassifier, decide, fit_head, is_word_label, prototype_prior, prototype_texts,
-                            sample_pairs)
+                            sample_pairs, section)
 from lmtune.models import resolve_model
 from tests.conftest import write_csv
 
@@ -46,6 +46,7 @@ def test_auto_picks_setfit_on_a_small_train_split_and_not_on_a_large_one(tiny_mo
     assert small["method"] == "setfit" and small["median_per_class"] == 8 and "<= 64" in small["why"]
     assert large["method"] == "none" and "65 labeled examples (> 64)" in large["why"]
     assert "median class" in small["rule"]
+    assert "Method: **none** (the median class has 65 labeled examples (> 64))" in section(large)  # report.md says why
     # a checkpoint that is no sentence-embedding model (the tiny random BERT): plain fine-tuning, and why
     tiny = decide(as_config({"model": {"name": tiny_model}}), _splits(8))
     assert tiny["method"] == "none" and "not a sentence-embedding checkpoint" in tiny["why"]
