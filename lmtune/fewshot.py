@@ -70,7 +70,8 @@ def decide(cfg, splits) -> dict:
     f = cfg.fewshot
     counts = class_counts([ex.label for ex in splits.train if ex.label is not None])
     rule = (f"auto: setfit when the median class has <= {f.max_per_class} labeled training examples (fewshot.max_per_class), "
-            "the checkpoint is a sentence-embedding model, and the run reads single texts with full fine-tuning")
+            "the checkpoint is a sentence-embedding model, and the run reads single labeled texts (no teacher's soft targets) "
+            "with full fine-tuning from the checkpoint (no PEFT, no continual.from_run)")
     decision = {"setting": f.method, "rule": rule, **counts}
     if f.method != "auto":
         return {**decision, "method": f.method, "why": f"fewshot.method {f.method}"}
