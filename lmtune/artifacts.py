@@ -69,6 +69,7 @@ class RunDir:
     results = property(lambda self: self.root / "results.json")
     label_noise = property(lambda self: self.root / "label_noise.json")  # the search's result, cached for resume
     label_noise_rows = property(lambda self: self.root / "label_noise.jsonl")  # the flagged training rows
+    fewshot = property(lambda self: self.root / "fewshot.json")  # the few-shot stage's decision and figures, kept for resume
     generation = property(lambda self: self.root / "generation.json")
     index = property(lambda self: self.root / "index")
     pretrain = property(lambda self: self.root / "pretrain.json")

@@ -76,6 +76,7 @@ analyses.register("comparison", "lmtune.analyses.comparison:ANALYSIS")
 analyses.register("distill", "lmtune.analyses.distill:ANALYSIS")  # written by `lmtune distill`
 analyses.register("continual", "lmtune.analyses.continual:ANALYSIS")
 analyses.register("selftrain", "lmtune.analyses.selftrain:ANALYSIS")  # written by training (data.unlabeled)
+analyses.register("fewshot", "lmtune.fewshot:ANALYSIS")  # written by training's fewshot stage
 analyses.register("drift", "lmtune.analyses.drift:ANALYSIS")
 analyses.register("slices", "lmtune.analyses.fairness:SLICES")
 analyses.register("fairness", "lmtune.analyses.fairness:ANALYSIS")
@@ -97,6 +98,7 @@ config_sections.register("joint_columns", "lmtune.tasks.joint_config:JointColumn
 config_sections.register("pair_options", "lmtune.data.pairs:PairOptions", section="data")
 config_sections.register("unlabeled", "lmtune.selftrain:UnlabeledData", section="data")  # data.unlabeled
 config_sections.register("selftrain", "lmtune.selftrain:SelfTrainConfig")
+config_sections.register("fewshot", "lmtune.fewshot_config:FewShotConfig")
 
 # export formats (lmtune export --format): quantize: the --quantize values each declares; options: the other
 # export flags it takes; tasks: the run tasks it serves (None: all); supports: what the error names otherwise

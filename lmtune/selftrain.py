@@ -43,7 +43,8 @@ from lmtune.errors import InputError
 log = logging.getLogger("lmtune")
 
 # the recipe stages (by name, lmtune.recipe.STAGES) that train a round's student: the run's own from build to restore
-STUDENT_STAGES = ("build", "warm_start", "prepare_data", "adapt", "fit", "restore")
+# (fewshot included: a student decides its method on its own train split, labels plus pseudo-labels, by fewshot's rule)
+STUDENT_STAGES = ("build", "warm_start", "fewshot", "prepare_data", "adapt", "fit", "restore")
 
 
 @dataclass
@@ -237,6 +238,7 @@ def self_train(ctx: Any, student_stages: tuple) -> None:
     if best.round:
         student, audit = best.handle, ctx.data.audit
         ctx.built, ctx.data, ctx.fit, ctx.outcome = student.built, student.data, student.fit, student.outcome
+        ctx.fewshot = student.fewshot  # the method that trained the model the run keeps
         ctx.data.audit = audit  # the labeled data's audit: the rounds audit nothing
     section["unlabeled"] = ctx.cfg.data.unlabeled
     section["labels_ignored"] = sum(ex.label is not None for ex in ctx.inputs.unlabeled)

@@ -1,6 +1,6 @@
 """The training recipe as a list of named stages over a typed context (recipe.context).
 
-    [unlabeled], record, [label_noise], build, [warm_start], prepare_data, adapt, audit, [start_trackers], fit,
+    [unlabeled], record, [label_noise], build, [warm_start], [fewshot], prepare_data, adapt, audit, [start_trackers], fit,
     restore, [selftrain], [decoding_search], evaluate, [index], [slices], [forgetting], [drift_reference], save,
     write_results, [attack], [finish_trackers]
 
@@ -19,7 +19,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from lmtune import results
+from lmtune import fewshot, results
 from lmtune.artifacts import RunDir, shared_run_dir
 from lmtune.config import Config, build_config
 from lmtune.io import write_json
@@ -60,6 +60,7 @@ STAGES: tuple[Stage, ...] = (
     Stage("label_noise", opt.label_noise, opt.wants_label_noise),
     Stage("build", build),
     Stage("warm_start", opt.warm_start, opt.continues_a_run),
+    Stage("fewshot", fewshot.stage, fewshot.applies),
     Stage("prepare_data", prepare_data),
     Stage("adapt", adapt),
     Stage("audit", audit_data),

@@ -88,6 +88,7 @@ class Context:
     fit: Fit | None = None
     outcome: Outcome | None = None
     trackers: list = field(default_factory=list)
+    fewshot: dict | None = None  # the few-shot stage's record (lmtune.fewshot): method, why, pairs, contrastive seconds
     run: Any = None  # the inference.Run train() returns
 
     cfg = property(lambda self: self.inputs.cfg)

@@ -46,6 +46,7 @@ def _write_files(ctx: Context) -> None:
                                 "headline": list(ctx.task.headline), "diagnosis": findings, "audit": ctx.data.audit,
                                 "task_report": ctx.task.report_state(),
                                 **({"continual": out.continual} if out.continual else {}),
+                                **({"fewshot": ctx.fewshot} if ctx.fewshot else {}),
                                 **({"slices": out.slices} if out.slices else {}), **out.sections})
     results.render(ctx.rd.root)
     if ctx.task.supports(GENERATE):  # the outputs' control checks and the decoding chosen, as data

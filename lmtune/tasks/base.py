@@ -70,8 +70,11 @@ ACTIVE = "active"
 # pseudo_labels(outputs, enc, labels): each example's predicted label and calibrated confidence, which self-training
 # (lmtune.selftrain, data.unlabeled) thresholds to label unlabeled texts
 SELF_TRAINING = "self_training"
+# one label per example from a head over the encoder's text features: the recipe's few-shot stage (lmtune.fewshot) may
+# put the encoder under an EmbeddingClassifier (sentence embedding -> linear) and tune it on pairs (SetFit)
+FEWSHOT = "fewshot"
 CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, INTERVALS, DEV_RULES, CONTINUAL, ENSEMBLE, EXPLAIN,
-                GENERATE, INDEX, RERANK, FOLD, DISTILL, ACTIVE, SELF_TRAINING)
+                GENERATE, INDEX, RERANK, FOLD, DISTILL, ACTIVE, SELF_TRAINING, FEWSHOT)
 _HOOKS = {CALIBRATE: "calibrate", ABSTAIN: "fit_threshold", MAHALANOBIS: "fit_scorer", LABEL_NOISE: "example_probs",
           INTERVALS: "fit_intervals", DEV_RULES: "fit_decision_rules", EXPLAIN: "explain_targets", GENERATE: "generate",
           INDEX: "corpus", RERANK: "relevance", FOLD: "set_folded", DISTILL: "distill_with",

@@ -21,10 +21,11 @@ from lmtune.evaluate.calibration import choose_temperature, ece, fit_temperature
 from lmtune.evaluate.calibration import metrics as calibration_metrics
 from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
+from lmtune.fewshot import load_embedding_classifier
 from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.biencoder import load_bi_encoder, pair_model, report_lines
 from lmtune.tasks.windows import encode_windows, pool, training_subset
-from lmtune.tasks.base import (ABSTAIN, ACTIVE, CALIBRATE, CONTINUAL, DISTILL, ENSEMBLE, EXAMPLE_LABELS, EXPLAIN, LABEL_NOISE, MAHALANOBIS, RERANK, FOLD,
+from lmtune.tasks.base import (ABSTAIN, ACTIVE, CALIBRATE, CONTINUAL, DISTILL, ENSEMBLE, EXAMPLE_LABELS, EXPLAIN, FEWSHOT, LABEL_NOISE, MAHALANOBIS, RERANK, FOLD,
                                SELF_TRAINING, Encoded, LabelScores, Splits, Task, attach_soft_targets, balanced_weights, class_score, collate_soft_targets,
                                cross_entropy_sum, input_pad_values, pad_batch, soft_target_loss)
 
@@ -51,7 +52,7 @@ class ClassificationTask(Task):
     headline = ("accuracy", "macro_f1", "loss")  # report.md / CLI summary columns
     peft_task_type = "SEQ_CLS"
     capabilities = frozenset({CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, CONTINUAL, ENSEMBLE, EXPLAIN, RERANK, FOLD,
-                              DISTILL, ACTIVE, SELF_TRAINING})
+                              DISTILL, ACTIVE, SELF_TRAINING, FEWSHOT})
     encode_options = {"long_text": "long_text", "overlap": "window_overlap"}
 
     def __init__(self) -> None:
@@ -279,7 +280,8 @@ class ClassificationTask(Task):
         return load_pretrained(AutoModelForSequenceClassification, cfg.model.name, config, cfg.model.gguf_file)
 
     def load_model(self, model_dir: Path) -> tuple[torch.nn.Module, Any]:
-        return load_bi_encoder(model_dir) or load_pretrained(AutoModelForSequenceClassification, str(model_dir))
+        return (load_bi_encoder(model_dir) or load_embedding_classifier(model_dir)
+                or load_pretrained(AutoModelForSequenceClassification, str(model_dir)))
 
     # ---- encoding and batching --------------------------------------------------------------
     def encode(self, examples: list[Example], tokenizer: Any, max_length: int, labels: list[str] | None = None,
