@@ -232,15 +232,15 @@ def contrastive(model: EmbeddingClassifier, tokenizer: Any, texts: list[str], pa
     rows = _batches(tokenizer, texts, max_length)
     params = [p for p in model.encoder.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=f.body_lr, weight_decay=0.01)
-    steps = f.epochs * -(-len(pairs) // f.batch_size)
+    steps = f.contrastive_epochs * -(-len(pairs) // f.pair_batch_size)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(0.1 * steps), steps)
     order = random.Random(seed)
     t0, losses = time.perf_counter(), []
-    for _ in range(f.epochs):
+    for _ in range(f.contrastive_epochs):
         epoch = list(pairs)
         order.shuffle(epoch)
-        for s in range(0, len(epoch), f.batch_size):
-            chunk = epoch[s:s + f.batch_size]
+        for s in range(0, len(epoch), f.pair_batch_size):
+            chunk = epoch[s:s + f.pair_batch_size]
             target = torch.tensor([t for _, _, t in chunk], device=device)
             with accelerator.autocast():
                 u = model.embed(**_padded(tokenizer, [rows[i] for i, _, _ in chunk], device))
@@ -366,7 +366,7 @@ def _setfit(ctx) -> dict:
              before["different_class"], after["different_class"])
     seeded = [lab for lab, t in zip(labels, proto_texts) if t]
     then = "the training loop fine-tunes encoder and head" if f.end_to_end else "the training loop trains the head on the frozen encoder"
-    return {"pairs": len(pairs), "contrastive_epochs": f.epochs, "contrastive_steps": trained["steps"],
+    return {"pairs": len(pairs), "contrastive_epochs": f.contrastive_epochs, "contrastive_steps": trained["steps"],
             "contrastive_seconds": trained["seconds"], "contrastive_loss": {"first": trained["first_loss"], "last": trained["last_loss"]},
             "cosine_before": before, "cosine_after": after, "pooling": model.pooling,
             "head": f"logistic regression (C {f.head_c:g}) on the tuned embeddings; {then}", "end_to_end": f.end_to_end,

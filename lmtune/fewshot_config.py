@@ -27,8 +27,8 @@ class FewShotConfig:
     iterations: int = option(20, "setfit: pair rounds; each round pairs every training example with one random example of its "
                                  "class (positive) and one of another class (negative), as SetFit's num_iterations.", ge=1)
     max_pairs: int = option(0, "setfit: at most this many pairs (a seeded sample of them); 0 = all.", ge=0)
-    epochs: int = option(1, "setfit: passes of the contrastive stage over its pairs.", ge=1)
-    batch_size: int = option(16, "setfit: pairs per contrastive step.", ge=1)
+    contrastive_epochs: int = option(1, "setfit: passes of the contrastive stage over its pairs.", ge=1)
+    pair_batch_size: int = option(16, "setfit: pairs per contrastive step.", ge=1)
     body_lr: float = option(2e-5, "setfit: learning rate of the encoder in the contrastive stage (linear decay after 10% warmup).",
                             gt=0)
     head_c: float = option(1.0, "setfit: inverse L2 strength of the logistic-regression head (scikit-learn's C).", gt=0)

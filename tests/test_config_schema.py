@@ -175,3 +175,12 @@ def test_init_into_a_subfolder_writes_paths_relative_to_the_config_and_its_schem
     assert main(["init", str(data), "--output", "sub/z.yaml"]) == 0  # an absolute data path: made relative too
     assert json.loads(written_schema.read_text(encoding="utf-8")) == schema
     assert yaml.safe_load((tmp_path / "sub" / "z.yaml").read_text(encoding="utf-8"))["data"]["train"] == "../data/reviews.csv"
+
+
+def test_the_train_shorthands_stay_unambiguous_as_sections_are_added():
+    """`--epochs 2` / `--lr` / `--batch_size` name train.*: a registered section that reuses one of those leaf names
+    (fewshot once had `epochs` and `batch_size`) would make the shorthand an unknown key."""
+    from lmtune.config import _known_key, all_keys
+    for leaf in ("epochs", "lr", "batch_size", "warmup_ratio", "patience"):
+        if f"train.{leaf}" in all_keys():
+            assert _known_key(leaf, all_keys(), {}, "command line") == f"train.{leaf}"
