@@ -40,7 +40,6 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModel, get_linear_schedule_with_warmup
 from transformers.modeling_outputs import SequenceClassifierOutput
 
-from lmtune.analysis import Analysis
 from lmtune.errors import InputError
 from lmtune.io import write_json
 from lmtune.models import load_tokenizer, quiet_transformers, resolve_model
@@ -393,29 +392,3 @@ def _freeze_body(model: EmbeddingClassifier, end_to_end: bool) -> None:
     if not end_to_end:
         for p in model.encoder.parameters():  # SetFit's default: the head is trained on the frozen body
             p.requires_grad_(False)
-
-
-# ---- the report ------------------------------------------------------------------------------------------------
-def section(r: dict) -> str:
-    lines = ["## Few-shot", "",
-             f"Method: **{r['method']}** ({r['why']}). Training data: {r['train_examples']} labeled examples in "
-             f"{r['classes']} classes, {r['median_per_class']:g} in the median class (min {r['min_per_class']}, max "
-             f"{r['max_per_class']}).", "", f"Rule: {r['rule']}."]
-    if r["method"] == "setfit":
-        b, a = r["cosine_before"], r["cosine_after"]
-        same = (f"{b['same_class']:.3f} -> {a['same_class']:.3f}" if b["same_class"] is not None else "-")
-        lines += ["", "SetFit: contrastive pair fine-tuning of the sentence embedding "
-                      f"({r['pooling']} pooling), then a {r['head']}.", "",
-                  "| pairs | contrastive epochs | steps | seconds | mean cosine, same class | mean cosine, different class |",
-                  "|---|---|---|---|---|---|",
-                  f"| {r['pairs']} | {r['contrastive_epochs']} | {r['contrastive_steps']} | {r['contrastive_seconds']:.1f} | "
-                  f"{same} | {b['different_class']:.3f} -> {a['different_class']:.3f} |"]
-        p = r.get("prototypes")
-        if p:
-            lines += ["", f"Head started from label prototypes (scale {p['scale']:.3g}) for {len(p['labels'])} labels"
-                          + (f", {len(p['from_descriptions'])} of them from fewshot.label_descriptions" if p["from_descriptions"] else "")
-                          + "."]
-    return "\n".join(lines) + "\n"
-
-
-ANALYSIS = Analysis(section)  # no function: training writes it (the `fewshot` stage)

@@ -76,7 +76,7 @@ analyses.register("comparison", "lmtune.analyses.comparison:ANALYSIS")
 analyses.register("distill", "lmtune.analyses.distill:ANALYSIS")  # written by `lmtune distill`
 analyses.register("continual", "lmtune.analyses.continual:ANALYSIS")
 analyses.register("selftrain", "lmtune.analyses.selftrain:ANALYSIS")  # written by training (data.unlabeled)
-analyses.register("fewshot", "lmtune.fewshot:ANALYSIS")  # written by training's fewshot stage
+analyses.register("fewshot", "lmtune.analyses.fewshot:ANALYSIS")  # written by training's fewshot stage
 analyses.register("drift", "lmtune.analyses.drift:ANALYSIS")
 analyses.register("slices", "lmtune.analyses.fairness:SLICES")
 analyses.register("fairness", "lmtune.analyses.fairness:ANALYSIS")
