@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from lmtune.errors import InputError
+from lmtune.tasks.preference import PREFERENCE_GRAD_ACCUM
 
 log = logging.getLogger("lmtune")
 
@@ -163,6 +164,10 @@ def prefer(run_dir: str | Path, *, k: int = 4, temperature: float = 0.8, max_pro
     # the SFT run's lr and epochs were for its rows: the preference run takes its own defaults (epochs and lr of
     # lmtune.tasks.preference), unless the overrides give them
     train = {k: v for k, v in d["train"].items() if k != "epochs"}
+    # a pair is two sequences: its micro-batches take half the SFT run's rows each (the SFT run's peak memory)
+    accum = int(train.get("grad_accum") or 1) * PREFERENCE_GRAD_ACCUM
+    if int(train.get("batch_size") or 1) >= accum:
+        train["grad_accum"] = accum
     d["train"] = {**train, "objective": objective, "lr": None, "head_lr": None, "metric": None, "progress": progress}
     d["peft"] = {**d["peft"], "method": "lora"}  # a new adapter over the SFT weights: the reference is the SFT model
     d["continual"] = {**d.get("continual", {}), "from_run": None}

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import lmtune
@@ -202,6 +203,9 @@ def test_prefer_makes_pairs_from_an_sft_run_and_trains_dpo(tmp_path, tiny_llama,
     results = json.loads((new / "results.json").read_text())
     assert "reward_accuracy" in results["metrics"]["dev"] and "rougeL" in results["metrics"]["test"]
     assert results["prefer"]["train"]["pairs"] == len(pairs)
+    sft_train = yaml.safe_load((sft_dir / "config.yaml").read_text())["train"]
+    new_train = yaml.safe_load((new / "config.yaml").read_text())["train"]  # a pair is two sequences: half the rows per micro-batch
+    assert new_train["batch_size"] == sft_train["batch_size"] and new_train["grad_accum"] == 2 * sft_train["grad_accum"]
     report = (new / "report.md").read_text()
     assert "### Preference tuning" in report and "Pairs made by `lmtune prefer`" in report
     assert json.loads((new / "model" / "adapter_config.json").read_text())["base_model_name_or_path"] == \
@@ -298,3 +302,7 @@ def test_a_preference_run_defaults_to_three_epochs_and_three_tenths_of_the_sft_l
         assert GenerationTask().default_lr(cfg) == pytest.approx(0.3 * sft_lr)
     assert build_config({"task": "generation", "train": {"objective": "orpo", "epochs": 2}}).train.epochs == 2  # user's wins
     assert build_config({"task": "generation", "train": {"objective": "dpo"}}, {"train.epochs": 5}).train.epochs == 5
+    # a pair is two sequences: its micro-batches hold half the batch (same optimizer batch, SFT's peak memory)
+    assert sft.train.grad_accum == 1 and build_config({"task": "generation", "train": {"objective": "dpo"}}).train.grad_accum == 2
+    assert build_config({"task": "generation", "train": {"objective": "dpo", "grad_accum": 4}}).train.grad_accum == 4
+    assert build_config({"task": "generation", "train": {"objective": "dpo", "batch_size": 1}}).train.grad_accum == 1

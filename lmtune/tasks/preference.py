@@ -30,6 +30,7 @@ PAIR_COLUMNS = ("prompt", "chosen", "rejected")
 # (lr 1e-4 and the SFT run's 1 epoch) DialogSum's 199 self-generated pairs moved the DPO loss from 0.693 to
 # 0.68 in 25 steps: the model barely changed (bench/generation_control.py, docs/benchmarks.md).
 PREFERENCE_EPOCHS = 3
+PREFERENCE_GRAD_ACCUM = 2  # micro-batches per optimizer batch: a pair is two sequences (GenerationTask.defaults_for)
 PREFERENCE_LR_SCALE = 0.3
 
 
