@@ -14,8 +14,9 @@ from lmtune.api import as_config
 from lmtune.config import DEFAULT_MODEL
 from lmtune.data.readers import Example
 from lmtune.errors import InputError
+from lmtune.analyses.fewshot import section
 from lmtune.fewshot import (EmbeddingClassifier, decide, fit_head, is_word_label, prototype_prior, prototype_texts,
-                            sample_pairs, section)
+                            sample_pairs)
 from lmtune.models import resolve_model
 from tests.conftest import write_csv
 
