@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from lmtune.errors import InputError
-from lmtune.tasks.preference import PREFERENCE_GRAD_ACCUM
+from lmtune.tasks.preference import preference_grad_accum
 
 log = logging.getLogger("lmtune")
 
@@ -165,9 +165,7 @@ def prefer(run_dir: str | Path, *, k: int = 4, temperature: float = 0.8, max_pro
     # lmtune.tasks.preference), unless the overrides give them
     train = {k: v for k, v in d["train"].items() if k != "epochs"}
     # a pair is two sequences: its micro-batches take half the SFT run's rows each (the SFT run's peak memory)
-    accum = int(train.get("grad_accum") or 1) * PREFERENCE_GRAD_ACCUM
-    if int(train.get("batch_size") or 1) >= accum:
-        train["grad_accum"] = accum
+    train["grad_accum"] = preference_grad_accum(int(train.get("batch_size") or 1), int(train.get("grad_accum") or 1))
     d["train"] = {**train, "objective": objective, "lr": None, "head_lr": None, "metric": None, "progress": progress}
     d["peft"] = {**d["peft"], "method": "lora"}  # a new adapter over the SFT weights: the reference is the SFT model
     d["continual"] = {**d.get("continual", {}), "from_run": None}

@@ -77,12 +77,12 @@ class GenerationTask(Task):
         pair is two sequences (chosen, rejected), so its micro-batches hold half as many pairs as an SFT batch holds
         rows (PREFERENCE_GRAD_ACCUM): the same optimizer batch, exact accumulation, and the SFT run's peak activation
         memory (DPO on 400-token DialogSum pairs reached 22.7 GB unsplit and was OOM-killed on a 24 GB machine)."""
-        from lmtune.tasks.preference import PREFERENCE_EPOCHS, PREFERENCE_GRAD_ACCUM
+        from lmtune.tasks.preference import PREFERENCE_EPOCHS, preference_grad_accum
         objective = values.get("train.objective", "sft")
         if objective == "sft":
             return dict(cls.config_defaults)
         batch = values.get("train.batch_size", cls.config_defaults["train.batch_size"])
-        split = {"train.grad_accum": PREFERENCE_GRAD_ACCUM} if isinstance(batch, int) and batch >= PREFERENCE_GRAD_ACCUM else {}
+        split = {"train.grad_accum": preference_grad_accum(batch)} if isinstance(batch, int) else {}  # else the check names it
         return {**cls.config_defaults, "train.epochs": PREFERENCE_EPOCHS, **split}
 
     def __init__(self) -> None:

@@ -34,6 +34,13 @@ PREFERENCE_GRAD_ACCUM = 2  # micro-batches per optimizer batch: a pair is two se
 PREFERENCE_LR_SCALE = 0.3
 
 
+def preference_grad_accum(batch_size: int, sft_grad_accum: int = 1) -> int:
+    """A preference run's micro-batches per optimizer batch: PREFERENCE_GRAD_ACCUM times the SFT's, since a pair is
+    two sequences (the SFT run's peak memory), where the batch has enough rows to split; else the SFT's own."""
+    accum = sft_grad_accum * PREFERENCE_GRAD_ACCUM
+    return accum if batch_size >= accum else sft_grad_accum
+
+
 def preference_lr(peft_method: str) -> float | None:
     """The default learning rate of a preference run with this PEFT method (None for full fine-tuning: the
     model-width default of every task)."""
