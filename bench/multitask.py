@@ -218,6 +218,24 @@ def mean_std(rows: list[dict]) -> dict:
     return out
 
 
+def unit(ns: argparse.Namespace, name: str, seed: int, side: str, run) -> dict:
+    """One side's figures for one seed: read back from --work when an earlier run finished this unit with the
+    same settings, else run (in a temporary folder) and kept there (written whole, then renamed)."""
+    key = f"{name}-e{ns.epochs}-l{ns.limit or 'all'}-s{seed}-{side}.json"
+    kept = ns.work / key if ns.work else None
+    if kept is not None and kept.is_file():
+        print(f"{key}: kept from an earlier run", file=sys.stderr)
+        return json.loads(kept.read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory() as tmp:
+        got = run(Path(tmp))
+    if kept is not None:
+        kept.parent.mkdir(parents=True, exist_ok=True)
+        part = kept.with_suffix(".part")
+        part.write_text(json.dumps(got), encoding="utf-8")
+        part.replace(kept)
+    return got
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", choices=["snips", "atis"])
@@ -225,6 +243,8 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--limit", type=int, help="first N rows of each split (a quick check, not the bench)")
     ap.add_argument("--sides", default="joint,single,peer")
+    ap.add_argument("--work", type=Path, help="keep each (set, seed, side)'s figures here as JSON: a stopped run resumes "
+                                                "where it stopped (without it, nothing is kept)")
     ns = ap.parse_args()
     sides = [s for s in ns.sides.split(",") if s]
     runners = {"joint": lambda d, w, s: run_joint(d, w, s, ns.epochs), "single": lambda d, w, s: run_single(d, w, s, ns.epochs),
@@ -235,8 +255,7 @@ def main() -> None:
         per_side: dict[str, list[dict]] = {s: [] for s in sides}
         for seed in range(42, 42 + ns.seeds):
             for side in sides:
-                with tempfile.TemporaryDirectory() as tmp:
-                    got = runners[side](data, Path(tmp), seed)
+                got = unit(ns, name, seed, side, lambda tmp: runners[side](data, tmp, seed))
                 per_side[side].append(got)
                 print(f"{name} seed {seed} {side}: " + ", ".join(f"{k} {v:.4f}" for k, v in got.items()), file=sys.stderr,
                       flush=True)
