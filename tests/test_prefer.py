@@ -52,7 +52,7 @@ def _history(run) -> list[dict]:
 
 
 def test_dpo_on_pairs_lowers_the_loss_and_widens_the_reward_margin(tmp_path, tiny_llama):
-    run = lmtune.train(_pair_cfg(tmp_path, tiny_llama, "dpo"))
+    run = lmtune.train(_pair_cfg(tmp_path, tiny_llama, "dpo", rpo_alpha=0))  # plain DPO: TRL's sigmoid loss alone
     steps = [h["train_loss"] for h in _history(run) if "train_loss" in h]
     evals = [h for h in _history(run) if "dev_reward_margin" in h]
     # the first step's policy is its reference (the LoRA starts at zero): the loss is log 2 exactly
@@ -288,6 +288,7 @@ def test_the_config_schema_has_the_preference_keys():
     assert train["objective"]["enum"] == ["sft", "dpo", "orpo"] and train["objective"]["default"] == "sft"
     assert train["beta"]["default"] == 0.1 and train["beta"]["exclusiveMinimum"] == 0
     assert train["orpo_lambda"]["default"] == 0.1
+    assert train["rpo_alpha"]["default"] == 1.0 and train["rpo_alpha"]["minimum"] == 0
     with pytest.raises(lmtune.errors.InputError, match="objective"):
         build_config({"task": "generation", "model": {"name": "x"}, "data": {"train": "a"}, "train": {"objective": "kto"}})
 
@@ -306,3 +307,20 @@ def test_a_preference_run_defaults_to_three_epochs_and_three_tenths_of_the_sft_l
     assert sft.train.grad_accum == 1 and build_config({"task": "generation", "train": {"objective": "dpo"}}).train.grad_accum == 2
     assert build_config({"task": "generation", "train": {"objective": "dpo", "grad_accum": 4}}).train.grad_accum == 4
     assert build_config({"task": "generation", "train": {"objective": "dpo", "batch_size": 1}}).train.grad_accum == 1
+
+
+def test_the_dpo_loss_adds_the_chosen_outputs_length_averaged_nll_weighted_by_rpo_alpha():
+    """RPO: plain DPO (rpo_alpha 0) can fall while the chosen output's likelihood falls too; the NLL term
+    is the chosen output's mean token NLL, per pair, and leaves the rewards alone."""
+    import torch
+    import torch.nn.functional as F
+    from lmtune.tasks.preference import pair_losses
+    logps = torch.tensor([-12.0, -30.0, -20.0, -25.0])  # chosen of pairs 0, 1, then their rejected
+    counts = torch.tensor([4, 10, 5, 5])
+    ref = torch.tensor([[-10.0, -18.0], [-28.0, -26.0]])
+    plain, c0, r0 = pair_losses("dpo", logps, counts, ref, 0.1, 0.1, 0.0)
+    expected = -F.logsigmoid(0.1 * ((logps[:2] - ref[:, 0]) - (logps[2:] - ref[:, 1])))
+    assert torch.allclose(plain, expected)
+    rpo, c1, r1 = pair_losses("dpo", logps, counts, ref, 0.1, 0.1, 0.5)
+    assert torch.allclose(rpo - plain, 0.5 * torch.tensor([12.0 / 4, 30.0 / 10]))
+    assert torch.equal(c0, c1) and torch.equal(r0, r1)

@@ -101,7 +101,8 @@ class GenerationTask(Task):
         self.stop: list[str] = []
         self.packing = False
         self.search: dict = {}  # the decoding search's table, for the report and generation.json
-        self.objective, self.beta, self.orpo_lambda = "sft", 0.1, 0.1  # train.objective (lmtune.tasks.preference)
+        # train.objective and its weights (lmtune.tasks.preference)
+        self.objective, self.beta, self.rpo_alpha, self.orpo_lambda = "sft", 0.1, 1.0, 0.1
         self.peft_method = "none"  # peft.method: whether a loaded dpo run can switch its adapter off for its reference
 
     # ---- state ---------------------------------------------------------------------------------
@@ -141,7 +142,8 @@ class GenerationTask(Task):
         self.instruction, self.max_new_tokens, self.packing = g.instruction, g.max_new_tokens, g.packing
         self.label_set, self.json_schema, self.stop = list(g.label_set), g.json_schema, list(g.stop)
         self.regex, self.choices = g.regex or None, list(g.choices)  # the schema file is read once, by read()
-        self.objective, self.beta, self.orpo_lambda = cfg.train.objective, cfg.train.beta, cfg.train.orpo_lambda
+        t = cfg.train
+        self.objective, self.beta, self.rpo_alpha, self.orpo_lambda = t.objective, t.beta, t.rpo_alpha, t.orpo_lambda
         self.peft_method = cfg.peft.method
 
     def default_lr(self, cfg: Config) -> float | None:
@@ -406,7 +408,7 @@ class GenerationTask(Task):
         """Per pair: loss, chosen and rejected rewards, the chosen output's summed log-prob and token count."""
         logps, counts = response_log_probs(outputs, batch)
         losses, chosen, rejected = pair_losses(self.objective, logps, counts, batch["reference_logps"], self.beta,
-                                               self.orpo_lambda)
+                                               self.orpo_lambda, self.rpo_alpha)
         n = losses.shape[0]
         return losses, chosen, rejected, logps[:n].detach(), counts[:n]
 

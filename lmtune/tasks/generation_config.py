@@ -73,12 +73,16 @@ OBJECTIVES = ("sft", "dpo", "orpo")
 @dataclass
 class PreferenceOptions:
     """train.objective and its weights: preference tuning of task generation (registered in lmtune/registrations.py
-    into the train section, so the keys read train.objective, train.beta, train.orpo_lambda)."""
+    into the train section, so the keys read train.objective, train.beta, train.rpo_alpha, train.orpo_lambda)."""
     objective: str = option("sft", "task generation: sft learns the targets; dpo and orpo learn from preference pairs "
                                    "(train/dev rows with prompt, chosen, rejected, TRL's layout): DPO against the starting model "
                                    "(its adapter disabled), ORPO without a reference. `lmtune prefer RUN` makes the pairs. A preference run "
                                    "defaults to 3 epochs and 0.3 x the PEFT method's learning rate.", OBJECTIVES)
     beta: float = option(0.1, "dpo: how far the tuned model may move from the reference (DPO's beta, TRL's default 0.1); "
                               "lower lets it move further.", gt=0)
+    rpo_alpha: float = option(1.0, "dpo: weight of the chosen output's length-averaged NLL added to the DPO loss (RPO, "
+                                   "Pang et al. 2024, whose default 1.0 this is; TRL: loss_type ['sigmoid', 'sft']). DPO "
+                                   "alone lowers the chosen output's likelihood too and the mass moves to outputs no pair "
+                                   "shows (longer ones, a late end token); 0 is plain DPO.", ge=0)
     orpo_lambda: float = option(0.1, "orpo: the weight of the odds-ratio term beside the chosen output's NLL "
                                      "(TRL ORPOConfig.beta, default 0.1).", gt=0)

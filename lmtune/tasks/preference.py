@@ -105,16 +105,20 @@ def log1mexp(x: torch.Tensor) -> torch.Tensor:
 
 
 def pair_losses(objective: str, logps: torch.Tensor, counts: torch.Tensor, reference: torch.Tensor | None,
-                beta: float, orpo_lambda: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                beta: float, orpo_lambda: float, rpo_alpha: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(loss, chosen reward, rejected reward) per pair. Rows [0, n) are the chosen outputs, [n, 2n) the
-    rejected ones. dpo: -logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))), rewards beta * (pi - ref);
+    rejected ones. dpo: -logsigmoid(beta * ((pi_c - ref_c) - (pi_r - ref_r))) + rpo_alpha * the chosen output's
+    length-averaged NLL (RPO), rewards beta * (pi - ref);
     orpo: NLL(chosen) - lambda * logsigmoid(log-odds(chosen) - log-odds(rejected)) on length-averaged
     log-probs (the ORPO paper, TRL), rewards lambda * the averaged log-probs."""
     n = logps.shape[0] // 2
     if objective == "dpo":
         ref = reference.to(logps.dtype)
         chosen, rejected = beta * (logps[:n] - ref[:, 0]), beta * (logps[n:] - ref[:, 1])
-        return -F.logsigmoid(chosen - rejected), chosen.detach(), rejected.detach()
+        loss = -F.logsigmoid(chosen - rejected)
+        if rpo_alpha:  # the DPO loss falls when the chosen log-prob falls less than the rejected one: the NLL keeps it up
+            loss = loss - rpo_alpha * logps[:n] / counts[:n].clamp(min=1)
+        return loss, chosen.detach(), rejected.detach()
     avg = logps / counts.clamp(min=1)
     avg_c, avg_r = avg[:n], avg[n:]
     log_odds = (avg_c - avg_r) - (log1mexp(avg_c.clamp(max=-1e-6)) - log1mexp(avg_r.clamp(max=-1e-6)))
