@@ -139,6 +139,25 @@ def _labels(name: str, rows: list[dict]) -> list[str]:
     return sorted({r["label"] for r in rows})
 
 
+def _row_labels(name: str, row: dict) -> set:
+    kind = SETS[name].kind
+    if kind == "multilabel":
+        return set(row["labels"])
+    if kind == "ner":
+        return set(row["tags"])
+    if kind in ("regression", "qa"):
+        return set()
+    return {row["label"]}
+
+
+def seen_only(name: str, rows: list[dict], labels: list[str]) -> list[dict]:
+    """Rows whose labels all occur in train (bench/relation.py's rule: a label never trained on cannot be
+    predicted by either side, and lmtune refuses it in dev). With the full files nothing is dropped; the
+    count is recorded."""
+    known = set(labels)
+    return [r for r in rows if _row_labels(name, r) <= known]
+
+
 def _sequence_features(tok, rows: list[dict], name: str, labels: list[str], recipe: Recipe) -> list[dict]:
     kind = SETS[name].kind
     pair = kind in ("pairs", "regression")
@@ -430,6 +449,8 @@ def run_set(name: str, ns: argparse.Namespace, work: Path) -> dict:
     spec, metric = SETS[name], METRICS[SETS[name].metric]
     train, dev = harness.train_dev(name, ns.limit)
     ctx = {"labels": _labels(name, train)}
+    all_dev = len(dev)
+    dev = seen_only(name, dev, ctx["labels"])
     seeds, out = ns.seeds, {"title": spec.title, "metric": metric.name, "sizes": {"train": len(train), "dev": len(dev)}}
     finals: dict[str, list[tuple[Path, Callable[[Path], list]]]] = {side: [] for side in SIDES}
 
@@ -488,9 +509,10 @@ def run_set(name: str, ns: argparse.Namespace, work: Path) -> dict:
         finals["ceiling"].append((folder, lambda m, f=folder: lmtune_predict(name, m, test, f)))
 
     # the final evaluation: the test split is read here, once, after every choice above was made on dev
-    test = harness.load_test(name, ns.limit)
+    all_test = harness.load_test(name, ns.limit)
+    test = seen_only(name, all_test, ctx["labels"])
     gold = harness.gold(name, test)
-    out["sizes"]["test"] = len(test)
+    out["sizes"].update(test=len(test), dropped_unseen_labels={"dev": all_dev - len(dev), "test": len(all_test) - len(test)})
     preds: dict[str, list[list]] = {}
     for side, units in finals.items():
         results = [test_unit(folder, predict, lambda p: harness.score(name, gold, p, ctx), ns.keep_models)
