@@ -613,7 +613,9 @@ def explanation(doc: dict) -> str:
             f"one-epoch usual script, and the specialist library, same MiniLM backbone, same train / dev rows, seeds "
             f"{', '.join(map(str, st['seeds']))}; mean ± std over seeds on test. The interval is a paired bootstrap "
             f"({st['resamples']} resamples) of lmtune's seed-mean minus the tuned peer's; a win only where it excludes 0. "
-            "Sizes are train / dev / test. How each side is configured: bench/suite.py's docstring.")
+            "Sizes are train / dev / test. Train seconds: the peer's trainer.train(); lmtune's loop less its in-loop dev "
+            "evaluations and checkpoint writes, as the other benches count it (suite.json's loop_s includes them). "
+            "How each side is configured: bench/suite.py's docstring.")
 
 
 def finish(doc: dict) -> dict:
