@@ -15,7 +15,7 @@ peer's learning rate) has been made on dev. tests/test_bench_splits.py checks bo
 | goemotions | seeded 10,000 of train.tsv | dev.tsv | test.tsv |
 | mrpc | msr_paraphrase_train.txt, minus the dev | seeded 10% of train (GLUE's 3,668 / 408) | msr_paraphrase_test.txt |
 | stsb | sts-train.csv | sts-dev.csv | sts-test.csv |
-| squad | seeded 3,000 questions of 70% of dev-v1.1's articles (the train file is missing) | a seeded 10% of those articles (<= 600 questions) | the other 30% of the articles |
+| squad | seeded 3,000 questions of 70% of dev-v1.1's articles | 10% of those articles (<= 600 questions) | the other 30% |
 | semeval | TRAIN_FILE.TXT, minus the dev | seeded 10% of train | TEST_FILE_FULL.TXT |
 
 SQuAD's train, dev and test come from the one file the project has, split by article (bench/qa.py's

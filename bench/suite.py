@@ -481,7 +481,8 @@ def run_set(name: str, ns: argparse.Namespace, work: Path) -> dict:
             if lr != chosen:
                 shutil.rmtree(unit_dir(work, name, "tuned", lr, seeds[0]) / "model", ignore_errors=True)
     for seed in seeds:
-        fitted = peer_unit("tuned", tuned, chosen, seed)
+        if seed != seeds[0]:  # the first seed's run at the chosen rate is the grid's
+            peer_unit("tuned", tuned, chosen, seed)
         folder = unit_dir(work, name, "tuned", chosen, seed)
         finals["tuned"].append((folder, lambda m: peer_predict(name, m, test, tuned)))
     out["tuned_grid"] = {f"{lr:g}": {"dev": g["dev"], "train_s": g["train_s"]} for lr, g in grid.items()}
