@@ -24,7 +24,7 @@ same files:
   dev set: eval_strategy no). Set besides the defaults: report_to none (the defaults report to every installed
   tracker: wandb, installed here, stops without an API key), output_dir under --work, seed = the sample's seed.
   One exception, for CPU time alone: where the default oversampling of all unique pairs would give more than
-  50,000 pairs (banking77: ~375,000 at 8 per class, ~24 million at 64), num_iterations 20 (the SetFit paper's
+  50,000 pairs (banking77: ~375,000 at 8 per class, ~23 million at 64), num_iterations 20 (the SetFit paper's
   setting and setfit < 1.0's default; also lmtune's pair budget: 2 x 20 pairs per text), with max_steps set to the
   length of that one epoch, which trains the same pairs in the same order but stops setfit's pair generator from
   first listing all ~12 million combinations (several GB). The unit's record says which setting ran;
