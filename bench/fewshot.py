@@ -30,8 +30,8 @@ same files:
   first listing all ~12 million combinations (several GB). The unit's record says which setting ran;
 - plain: lmtune with fewshot.method none (a new softmax head on the encoder, fine-tuned by cross-entropy).
 accuracy: on the evaluation split. train_s: seconds of training alone, measured alike: lmtune's contrastive stage
-plus its training loop (with its dev evaluations and checkpoint writes), setfit's `trainer.train()` (body and head,
-with its checkpoint writes); wall_s: the whole unit (loading, training, evaluation, for lmtune also its report).
+plus its training loop (with its dev evaluations and checkpoint writes; its L-BFGS head fit, seconds at most, falls
+between them and is not counted), setfit's `trainer.train()` (body and head, with its checkpoint writes); wall_s: the whole unit (loading, training, evaluation, for lmtune also its report).
 Mean and sample standard deviation (n - 1) over the seeds.
 
 Phase self_training: SST-2 and banking77 at 16 per class (train and dev drawn as above) plus 5,000 unlabeled texts, a
@@ -71,6 +71,7 @@ import statistics
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -224,8 +225,19 @@ def run_lmtune(folder: Path, files: dict, model: str, seed: int, **sections) -> 
         out["selftrain"] = {"final_round": st["final_round"], "pseudo_labels_kept": st["pseudo_labels_kept"],
                             "stop_reason": st["stop_reason"],
                             "rounds": [{k: r.get(k) for k in ("round", "threshold", "pseudo_labels", "dev", "kept")}
-                                       for r in st["rounds"]]}
+                                       for r in st["rounds"]],
+                            "student_methods": student_methods(run_dir)}
     drop_weights(run_dir)
+    return out
+
+
+def student_methods(run_dir: Path) -> dict:
+    """Each self-training round's student: the few-shot method it chose (fewshot's rule on its own train split,
+    labels plus pseudo-labels) and why; kept and dropped rounds alike."""
+    out = {}
+    for path in sorted(run_dir.glob("selftrain/round-*/fewshot.json")):
+        record = json.loads(path.read_text(encoding="utf-8"))
+        out[path.parent.name] = f"{record['method']} ({record['why']})"
     return out
 
 
@@ -274,6 +286,27 @@ def sample_files(folder: Path, data: dict, k: int, seed: int, tag: str, limit: i
     return files, train_rows, eval_rows, rest
 
 
+def fewshot_unit(folder: Path, data: dict, name: str, k: int, seed: int, side: str, limit: int | None) -> dict:
+    box = fresh_folder(folder)
+    files, train_rows, eval_rows, _ = sample_files(box, data, k, seed, name, limit)
+    if side == "setfit":
+        return run_setfit(box, train_rows, eval_rows, data["model"], seed)
+    return run_lmtune(box, files, data["model"], seed, **({"fewshot": {"method": "none"}} if side == "plain" else {}))
+
+
+def self_training_unit(folder: Path, data: dict, name: str, k: int, seed: int, side: str, limit: int | None,
+                       n_unlabeled: int) -> dict:
+    """The same run (files, seed, defaults) with or without data.unlabeled: a seeded sample of the train rows
+    outside the labeled sample, written without their labels."""
+    box = fresh_folder(folder)
+    files, _, _, rest = sample_files(box, data, k, seed, f"st:{name}", limit)
+    if side == "without":
+        return run_lmtune(box, files, data["model"], seed)
+    pool = random.Random(f"unlabeled:{name}:{seed}").sample(rest, min(n_unlabeled, len(rest)))
+    unlabeled = write_csv(box / "unlabeled.csv", [(t,) for t, _ in pool], header=("text",))
+    return {**run_lmtune(box, files, data["model"], seed, data={"unlabeled": unlabeled}), "unlabeled_rows": len(pool)}
+
+
 # ---- phases -----------------------------------------------------------------------------------------------------
 def mean_std(values: list[float]) -> tuple[float, float]:
     return round(statistics.fmean(values), 4), round(statistics.stdev(values), 4) if len(values) > 1 else 0.0
@@ -289,15 +322,8 @@ def phase_fewshot(work: Path, args) -> tuple[dict, dict]:
         for seed in args.seeds:
             folder = work / "fewshot" / row / f"seed{seed}"
             for side in args.sides:
-                def make(side=side, folder=folder, seed=seed) -> dict:
-                    box = fresh_folder(folder / side)
-                    files, train_rows, eval_rows, _ = sample_files(box, data, k, seed, name, args.limit)
-                    if side == "setfit":
-                        return run_setfit(box, train_rows, eval_rows, data["model"], seed)
-                    return run_lmtune(box, files, data["model"], seed,
-                                      **({"fewshot": {"method": "none"}} if side == "plain" else {}))
                 tag = f"fewshot {row} seed {seed} {side}"
-                f = unit(folder / f"{side}.json", tag, make)
+                f = unit(folder / f"{side}.json", tag, partial(fewshot_unit, folder / side, data, name, k, seed, side, args.limit))
                 figures[side].append(f)
                 print(f"{tag}: accuracy {f['accuracy']:.4f}, train {f['train_s']:.1f}s"
                       + (f" ({f['method']})" if f.get("method") else "") + (f" setfit {f['setting']}" if side == "setfit" else ""),
@@ -341,20 +367,13 @@ def phase_self_training(work: Path, args) -> tuple[dict, dict]:
         for seed in args.seeds:
             folder = work / "self_training" / f"{name}_{k}" / f"seed{seed}"
             for side in figures:
-                def make(side=side, folder=folder, seed=seed) -> dict:
-                    box = fresh_folder(folder / side)
-                    files, train_rows, _, rest = sample_files(box, data, k, seed, f"st:{name}", args.limit)
-                    if side == "without":
-                        return run_lmtune(box, files, data["model"], seed)
-                    pool = random.Random(f"unlabeled:{name}:{seed}").sample(rest, min(args.unlabeled, len(rest)))
-                    unlabeled = write_csv(box / "unlabeled.csv", [(t,) for t, _ in pool], header=("text",))  # labels removed
-                    out = run_lmtune(box, files, data["model"], seed, data={"unlabeled": unlabeled})
-                    return {**out, "unlabeled_rows": len(pool)}
                 tag = f"self_training {name}_{k} seed {seed} {side}"
-                f = unit(folder / f"{side}.json", tag, make)
+                f = unit(folder / f"{side}.json", tag,
+                         partial(self_training_unit, folder / side, data, name, k, seed, side, args.limit, args.unlabeled))
                 figures[side].append(f)
                 extra = (f", round {f['selftrain']['final_round']} kept, {f['selftrain']['pseudo_labels_kept']} pseudo-labels "
-                         f"({f['selftrain']['stop_reason']})") if "selftrain" in f else ""
+                         f"({f['selftrain']['stop_reason']}); students: {f['selftrain'].get('student_methods')}") \
+                    if "selftrain" in f else ""
                 print(f"{tag}: accuracy {f['accuracy']:.4f}, ECE {f['ece']:.4f}, {f['wall_s']:.1f}s{extra}", flush=True)
         summary = {"examples_per_class": k, "unlabeled": args.unlabeled, "eval_split": data["split"], "seeds": len(args.seeds)}
         for side, rows in figures.items():
@@ -364,6 +383,8 @@ def phase_self_training(work: Path, args) -> tuple[dict, dict]:
                              "methods": sorted({str(f["method"]) for f in rows})}
         summary["with"]["pseudo_labels_kept"] = [f["selftrain"]["pseudo_labels_kept"] for f in figures["with"]]
         summary["with"]["final_round"] = [f["selftrain"]["final_round"] for f in figures["with"]]
+        summary["with"]["student_methods"] = sorted({m.split(" ")[0] for f in figures["with"]
+                                                     for m in f["selftrain"].get("student_methods", {}).values()})
         summary["checks"] = {"with_ge_without_plus_2": summary["with"]["accuracy"] >= summary["without"]["accuracy"] + 0.02,
                              "ece_no_worse": summary["with"]["ece"] <= summary["without"]["ece"]}
         headline[name] = {"with": summary["with"]["accuracy"], "without": summary["without"]["accuracy"],
