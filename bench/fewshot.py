@@ -31,7 +31,8 @@ same files:
 - plain: lmtune with fewshot.method none (a new softmax head on the encoder, fine-tuned by cross-entropy).
 accuracy: on the evaluation split. train_s: seconds of training alone, measured alike: lmtune's contrastive stage
 plus its training loop (with its dev evaluations and checkpoint writes; its L-BFGS head fit, seconds at most, falls
-between them and is not counted), setfit's `trainer.train()` (body and head, with its checkpoint writes); wall_s: the whole unit (loading, training, evaluation, for lmtune also its report).
+between them and is not counted), setfit's `trainer.train()` (body and head, with its checkpoint writes); wall_s: the
+whole unit (loading, training, evaluation, for lmtune also its report).
 Mean and sample standard deviation (n - 1) over the seeds.
 
 Phase self_training: SST-2 and banking77 at 16 per class (train and dev drawn as above) plus 5,000 unlabeled texts, a
