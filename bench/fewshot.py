@@ -51,7 +51,8 @@ lmtune unit keeps its run folder without its weights (results.json, report.md, l
 settings (--limit, --unlabeled, --st-per-class): smoke figures never mix with real ones.
 
 Prints one line per unit and per row; work/summary.json keeps every figure (training seconds, chosen methods, the
-acceptance checks). The last line is JSON, means over the seeds (accuracies and ECE as fractions):
+acceptance checks). The last line is JSON, means over the seeds (accuracies and ECE as fractions; the active AUCs in points, as
+bench/fewshot_active.py gives them):
 {"fewshot": {"sst2_8": {"lmtune": A, "setfit": A, "plain": A, "lmtune_std": S, "setfit_std": S}, "sst2_64": {...},
 "banking77_8": {...}, "banking77_64": {...}, "chnsenticorp_8": {...}}, "self_training": {"sst2": {"with": A,
 "without": A, "ece_with": E, "ece_without": E}, "banking77": {...}}, "active": {"sst2": {"lmtune_auc": A,
