@@ -104,9 +104,12 @@ def test_label_a_batch_retrain_and_the_curve_gains_a_point_then_the_next_batch_d
     box.clear()
     box.send_keys(other)
     rows[-1].find_element(By.CSS_SELECTOR, "button.save").click()
-    _wait(browser, lambda b: b.find_element(By.ID, "label-saved").text == str(BATCH), 30)
-    saved = active.loop.saved_labels(d / "runs" / "seed", first["index"])
-    assert saved == {**{r["rank"]: [r["suggestion"]] for r in first["rows"][:-1]}, BATCH: [other]}
+    expected = {**{r["rank"]: [r["suggestion"]] for r in first["rows"][:-1]}, BATCH: [other]}
+    _wait(browser, lambda b: active.loop.saved_labels(d / "runs" / "seed", first["index"]) == expected, 30)
+    browser.refresh()  # the saved labels are the page's own after a reload
+    _wait(browser, lambda b: b.find_element(By.ID, "label-saved").text == str(BATCH))
+    assert [r.find_element(By.CSS_SELECTOR, "input.label-value").get_attribute("value") for r in _rows(browser)] == \
+        [expected[k][0] for k in range(1, BATCH + 1)]
     _screenshot(browser, "label-batch")
 
     browser.find_element(By.ID, "retrain").click()
