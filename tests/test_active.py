@@ -145,6 +145,73 @@ def test_label_studio_export_round_trips_into_train_rows_and_retrains(loop, caps
     assert not {active.loop._key(r["source"]) for r in nxt["rows"]} & asked
 
 
+def _label_studio_export(tasks: list[dict], answers: dict[int, list[tuple[bool, str]]]) -> list[dict]:
+    """What Label Studio's JSON export gives for imported tasks, field for field as its docs show an annotated task
+    ("Label Studio JSON format of annotated tasks", docs/source/includes/task_format.md): the task's id, project and
+    timestamps, its data and predictions as imported, and per annotation its id, result items (each with its own id),
+    was_cancelled, ground_truth, lead_time, result_count, task and completed_by. answers: task index -> the
+    annotations in the order made, (cancelled, label)."""
+    out = []
+    for i, t in enumerate(tasks):
+        task_id = 101 + i
+        pred = t["predictions"][0]["result"][0]
+        annotations = [{"id": 1000 + 10 * i + k,
+                        "result": [] if cancelled else [{"from_name": pred["from_name"], "id": f"r{i}x{k}", "to_name": pred["to_name"],
+                                                         "type": "choices", "value": {"choices": [label]}, "origin": "manual"}],
+                        "was_cancelled": cancelled, "ground_truth": False, "created_at": f"2024-05-0{k + 1}T10:00:00.000000Z",
+                        "updated_at": f"2024-05-0{k + 1}T10:00:00.000000Z", "lead_time": 3.5, "result_count": 0,
+                        "task": task_id, "completed_by": 1}
+                       for k, (cancelled, label) in enumerate(answers.get(i, []))]
+        out.append({"id": task_id, "created_at": "2024-05-01T09:00:00.000000Z", "updated_at": "2024-05-02T10:00:00.000000Z",
+                    "project": 7, "data": t["data"], "annotations": annotations,
+                    "predictions": [{**p, "created_ago": "3 hours"} for p in t["predictions"]], "drafts": []})
+    return out
+
+
+def test_label_studio_tasks_match_their_labeling_config_and_a_documented_export_imports(loop, tmp_path):
+    """Label Studio's documented contract ("Import pre-annotated data"): a JSON array of tasks, each with `data`
+    holding what the labeling config's object tags read ($text) and `predictions`, each a `model_version`, a `score`
+    and `result` items whose from_name / to_name name the config's control and object tags, whose type is the control
+    tag's (choices) and whose value.choices are among its <Choice> values. Then the project's export (the annotated
+    task format) comes back: the last submitted, not cancelled annotation of each task counts."""
+    import xml.etree.ElementTree as ET
+    rec = active.query(loop["run"], loop["pool"], 3, "entropy", "label-studio")
+    path = Path(rec["file"])
+    tasks = json.loads(path.read_text())
+    view = ET.fromstring(labeling_config_path(path).read_text())
+    objects = {e.get("name"): e.get("value") for e in view if e.tag == "Text"}
+    controls = {e.get("name"): e for e in view if e.tag == "Choices"}
+    assert view.tag == "View" and objects["text"] == "$text" and len(controls) == 1
+    assert isinstance(tasks, list) and len(tasks) == 3
+    for t in tasks:
+        assert {v[1:] for v in objects.values()} <= set(t["data"]) and isinstance(t["data"]["text"], str)
+        assert all(isinstance(v, (str, int, float, bool, type(None))) for v in t["data"].values())  # plain JSON values
+        (pred,) = t["predictions"]
+        assert isinstance(pred["model_version"], str) and 0 <= pred["score"] <= 1
+        (item,) = pred["result"]
+        control = controls[item["from_name"]]
+        assert item["to_name"] == control.get("toName") and item["to_name"] in objects
+        assert item["type"] == control.tag.lower()
+        assert control.get("choice") == "single" and len(item["value"]["choices"]) == 1
+        assert set(item["value"]["choices"]) <= {c.get("value") for c in control if c.tag == "Choice"}
+    suggested = [t["predictions"][0]["result"][0]["value"]["choices"][0] for t in tasks]
+    flip = {"pos": "neg", "neg": "pos"}
+    # task 0: the pre-annotation accepted; task 1: skipped once, then labeled, then corrected (the last counts);
+    # task 2: only skipped (not labeled yet)
+    export = tmp_path / "project-7-at-2024-05-02.json"
+    export.write_text(json.dumps(_label_studio_export(tasks, {0: [(False, suggested[0])],
+                                                              1: [(True, ""), (False, suggested[1]), (False, flip[suggested[1]])],
+                                                              2: [(True, "")]}), indent=2), encoding="utf-8")
+    items, skipped = read_labeled(export, ["neg", "pos"], exclusive=True)
+    assert [(it.text, it.labels) for it in items] == [(tasks[0]["data"]["text"], [suggested[0]]),
+                                                      (tasks[1]["data"]["text"], [flip[suggested[1]]])]
+    assert skipped == 1 and items[1].where.startswith(f"{export}: line ")
+    record = active.import_labeled(loop["run"], export, train_out=tmp_path / "grown.csv", train=False)
+    assert (record["rows"], record["skipped"]) == (2, 1)
+    grown = list(csv.DictReader(open(tmp_path / "grown.csv", encoding="utf-8")))
+    assert [(r["text"], r["label"]) for r in grown[-2:]] == [(it.text, it.labels[0]) for it in items]
+
+
 def test_bad_import_rows_name_their_line_and_nothing_is_written(loop, tmp_path, capsys):
     bad = write_csv(tmp_path / "bad.csv", [("fine text", "pos"), ("other text", "meh")])
     with pytest.raises(InputError, match=r"bad.csv: line 3: label 'meh' is not one of the run's labels"):
