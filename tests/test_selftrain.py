@@ -171,6 +171,7 @@ def test_test_labels_cannot_move_the_threshold_or_the_pseudo_labels(st_config, t
     assert gold[0] != gold[1]  # the test split the two runs saw did differ
 
 
+@pytest.mark.slow
 def test_a_student_keeps_the_fewshot_method_its_run_decided_on_the_gold_labels(tmp_path):
     """4 gold labels per class make auto pick setfit (fewshot.max_per_class 4); the pseudo-labels take the student's
     classes past 4, yet the student trains with setfit too: pseudo-labels are not labels. Its pairs are sampled
