@@ -1,6 +1,7 @@
 """Self-training on data.unlabeled (lmtune.selftrain): the threshold and the class balance from arrays, the
 rounds' keep-or-stop rule on fake models, and tiny runs: pseudo_labels.jsonl and the report, a teacher no
-student can beat, a threshold that test labels cannot move, and bad input refused before anything is written."""
+student can beat, a threshold that test labels cannot move, a SetFit teacher's student that keeps setfit (pseudo-labels
+are not labels), and bad input refused before anything is written."""
 from __future__ import annotations
 
 import copy
