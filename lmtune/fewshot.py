@@ -7,7 +7,8 @@ same class -> cosine 1, different class -> cosine 0 (CosineSimilarityLoss), whic
 (every text appears in 2 x iterations pairs) and starts from what a sentence-embedding checkpoint already knows, and
 (2) fits a logistic regression on the tuned embeddings. Here:
 
-- `decide` states the rule that fewshot.method auto applies (and the counts it saw);
+- `decide` states the rule that fewshot.method auto applies (and the counts it saw); a self-training student takes
+  its run's decision (`given_decision`) instead: the rule counts gold labels, not pseudo-labels;
 - `contrastive` is SetFit's body stage written in torch on our encoder rather than through sentence-transformers
   and setfit (neither is in the lock): one dependency less, and it runs on the run's accelerator, precision and seed;
 - `fit_head` is SetFit's LogisticRegression head (L2, C), fitted with L-BFGS in torch so that it lands in the model's
@@ -89,6 +90,24 @@ def decide(cfg, splits) -> dict:
     return {**decision, "method": "setfit",
             "why": f"the median class has {median:g} labeled examples (<= {f.max_per_class}) and {cfg.model.name} is a "
                    "sentence-embedding checkpoint"}
+
+
+def given_decision(decided: dict, splits) -> dict:
+    """A self-training student's decision: its run's (`decided`, made on the gold train split), not one of its own.
+    auto's rule measures how scarce labels are, and pseudo-labels are not labels: counted, 16 gold labels per class plus
+    the pseudo-labels pass fewshot.max_per_class and the students of a SetFit teacher fall back to plain fine-tuning
+    (in issue 48's smoke run such a student lost to its teacher on dev and was dropped). The counts stay the gold
+    split's; `pseudo_labels` says how many the student adds, and its SetFit pairs are sampled from its whole train
+    split, labels plus pseudo-labels (more pairs of the same classes). An explicit fewshot.method is the same
+    decision either way."""
+    pseudo = splits.info.get("pseudo_labels", 0)
+    # a SetFit record's figures are the teacher's here; the stage replaces every one of them with the student's own
+    # (_setfit returns the same keys each time), and a plain fine-tuning record has none
+    record = {**decided, "pseudo_labels": pseudo}
+    if decided["setting"] == "auto":
+        record["why"] = (f"{decided['why']}; decided on the run's gold train split: the student's {pseudo} pseudo-labels "
+                         "are not counted")
+    return record
 
 
 # ---- pairs -----------------------------------------------------------------------------------------------------
@@ -313,9 +332,10 @@ def applies(ctx) -> bool:
 
 
 def stage(ctx) -> None:
-    """fewshot.method: decide (auto), then for setfit: the EmbeddingClassifier over the built encoder, the contrastive
-    stage, the head fitted on the tuned embeddings; ctx.fewshot is the record results.json and report.md show. A
-    resumed run rebuilds the model only (the checkpoint brings its weights) and keeps the record it wrote."""
+    """fewshot.method: decide (auto; a self-training student takes the decision its context is given), then for
+    setfit: the EmbeddingClassifier over the built encoder, the contrastive stage, the head fitted on the tuned
+    embeddings; ctx.fewshot is the record results.json and report.md show. A resumed run rebuilds the model only (the
+    checkpoint brings its weights) and keeps the record it wrote."""
     cfg, rd = ctx.cfg, ctx.rd
     if cfg.fewshot.method == "setfit":
         ctx.task.require(FEWSHOT, "fewshot.method setfit")
@@ -325,7 +345,8 @@ def stage(ctx) -> None:
             _wrap(ctx)
         ctx.fewshot = record
         return
-    record = decide(cfg, ctx.splits)
+    given = ctx.inputs.fewshot_decision
+    record = decide(cfg, ctx.splits) if given is None else given_decision(given, ctx.splits)
     if record["method"] == "setfit":
         record.update(_setfit(ctx))
     log.info("few-shot: %s (%s)", record["method"], record["why"])

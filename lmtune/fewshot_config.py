@@ -22,8 +22,9 @@ class FewShotConfig:
                                  "auto: setfit when the checkpoint is a sentence-embedding model, the median class has at most "
                                  "fewshot.max_per_class labeled training examples, and the run reads single texts without PEFT "
                                  "or continual.from_run.", ("auto", "setfit", "none"))
-    max_per_class: int = option(64, "auto: the most labeled training examples of the median class for which setfit is chosen.",
-                                ge=1)
+    max_per_class: int = option(64, "auto: the most labeled training examples of the median class for which setfit is chosen "
+                                    "(gold labels: a self-training student's pseudo-labels are not counted, it keeps its run's "
+                                    "method).", ge=1)
     iterations: int = option(20, "setfit: pair rounds; each round pairs every training example with one random example of its "
                                  "class (positive) and one of another class (negative), as SetFit's num_iterations.", ge=1)
     max_pairs: int = option(0, "setfit: at most this many pairs (a seeded sample of them); 0 = all.", ge=0)

@@ -19,7 +19,9 @@ One round (self-training as in Scudder 1965 and Yarowsky 1995; a fresh student e
    selftrain.max_per_class and max_per_round cap the counts further;
 4. a student trains on train plus every kept pseudo-label through the recipe's own stages (build to restore:
    the same loop, early stopping and calibration) in RUN/selftrain/round-N/, from the pretrained weights
-   (selftrain.reinit, as the noisy student does) or from the teacher's;
+   (selftrain.reinit, as the noisy student does) or from the teacher's, with the few-shot method the run decided
+   on its gold train split (fewshot.method auto counts labels, and pseudo-labels are not labels; a SetFit student
+   samples its pairs from labels plus pseudo-labels);
 5. it is kept only if its dev metric beats the teacher's; the first round that does not stops the rounds, and
    its pseudo-labels are dropped. The best model is what the run evaluates, saves and reports.
 
@@ -43,7 +45,8 @@ from lmtune.errors import InputError
 log = logging.getLogger("lmtune")
 
 # the recipe stages (by name, lmtune.recipe.STAGES) that train a round's student: the run's own from build to restore
-# (fewshot included: a student decides its method on its own train split, labels plus pseudo-labels, by fewshot's rule)
+# (fewshot included: a student uses the method its run decided on the gold train split, RecipeRounds.train passes it;
+# deciding again on labels plus pseudo-labels would count pseudo-labels as labels, lmtune.fewshot.given_decision)
 STUDENT_STAGES = ("build", "warm_start", "fewshot", "prepare_data", "adapt", "fit", "restore")
 
 
@@ -296,7 +299,9 @@ class RecipeRounds:
         sizes = {**ctx.splits.info["sizes"], "train": len(ctx.splits.train) + len(pseudo)}
         splits = dataclasses.replace(ctx.splits, train=ctx.splits.train + pseudo,
                                      info={**ctx.splits.info, "sizes": sizes, "pseudo_labels": len(pseudo)})
-        student = Context(Inputs(ctx.cfg, ctx.task, splits, RunDir(folder), previous=ctx.inputs.previous), ctx.accelerator)
+        # the run's few-shot decision travels with the student: it was made on the gold labels (STUDENT_STAGES)
+        student = Context(Inputs(ctx.cfg, ctx.task, splits, RunDir(folder), previous=ctx.inputs.previous,
+                                 fewshot_decision=ctx.fewshot), ctx.accelerator)
         self.use(teacher)  # build and encode see the task as the teacher left it (pair encoding, scorer flag)
         for stage in self.stages:
             if stage.applies(student):

@@ -1,6 +1,7 @@
 """Self-training on data.unlabeled (lmtune.selftrain): the threshold and the class balance from arrays, the
 rounds' keep-or-stop rule on fake models, and tiny runs: pseudo_labels.jsonl and the report, a teacher no
-student can beat, a threshold that test labels cannot move, and bad input refused before anything is written."""
+student can beat, a threshold that test labels cannot move, a SetFit teacher's student that keeps setfit (pseudo-labels
+are not labels), and bad input refused before anything is written."""
 from __future__ import annotations
 
 import copy
@@ -169,6 +170,33 @@ def test_test_labels_cannot_move_the_threshold_or_the_pseudo_labels(st_config, t
     gold = [[json.loads(line)["gold"] for line in r.run_dir.joinpath("predictions", "test.jsonl").read_text().splitlines()]
             for r in (first, second)]
     assert gold[0] != gold[1]  # the test split the two runs saw did differ
+
+
+@pytest.mark.slow
+def test_a_student_keeps_the_fewshot_method_its_run_decided_on_the_gold_labels(tmp_path):
+    """4 gold labels per class make auto pick setfit (fewshot.max_per_class 4); the pseudo-labels take the student's
+    classes past 4, yet the student trains with setfit too: pseudo-labels are not labels. Its pairs are sampled
+    from labels plus pseudo-labels."""
+    from lmtune.config import DEFAULT_MODEL
+    from lmtune.models import resolve_model
+    from tests.test_fewshot import topic_rows
+    data = {name: str(write_csv(tmp_path / f"{name}.csv", topic_rows(n, seed)))
+            for name, n, seed in (("train", 4, 1), ("dev", 8, 2), ("unlabeled", 15, 4))}
+    run = lmtune.train({"output_dir": str(tmp_path / "runs"), "run_name": "st", "model": {"name": resolve_model(DEFAULT_MODEL)},
+                        "data": {**data, "max_length": 32}, "fewshot": {"max_per_class": 4, "iterations": 2},
+                        "selftrain": {"rounds": 1, "thresholds": [0.5], "target_precision": 0.5},  # every text above: pseudo-labels
+                        "train": {"epochs": 1, "batch_size": 16, "progress": "none", "seed": 1}})
+    teacher = json.loads((run.run_dir / "fewshot.json").read_text())
+    assert teacher["method"] == "setfit" and teacher["median_per_class"] == 4
+    section = json.loads((run.run_dir / "results.json").read_text())["selftrain"]
+    pseudo = section["rounds"][1]["pseudo_labels"]
+    assert pseudo >= 10  # the student's train split: 8 labels + pseudo-labels, its median class above 4
+    student = json.loads((run.run_dir / "selftrain" / "round-1" / "fewshot.json").read_text())
+    assert student["method"] == "setfit" and student["median_per_class"] == 4  # the gold split's counts decided it
+    assert student["pseudo_labels"] == pseudo and "pseudo-labels" in student["why"]
+    assert student["pairs"] == 2 * 2 * (8 + pseudo)  # SetFit's pairs: from labels and pseudo-labels
+    from lmtune.analyses.fewshot import section as fewshot_section
+    assert f"adds {pseudo} pseudo-labels, which the rule does not count" in fewshot_section(student)
 
 
 # ---- refusals ---------------------------------------------------------------------------------------

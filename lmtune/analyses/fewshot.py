@@ -13,6 +13,9 @@ def section(r: dict) -> str:
              f"Method: **{r['method']}** ({r['why']}). Training data: {r['train_examples']} labeled examples in "
              f"{r['classes']} classes, {r['median_per_class']:g} in the median class (min {r['min_per_class']}, max "
              f"{r['max_per_class']}).", "", f"Rule: {r['rule']}."]
+    if r.get("pseudo_labels"):  # a self-training student's record (lmtune.fewshot.given_decision)
+        lines += ["", f"Self-training student: its train split adds {r['pseudo_labels']} pseudo-labels, which the rule does "
+                      "not count (the method is the run's, decided on its labels); SetFit's pairs are drawn from both."]
     if r["method"] == "setfit":
         b, a = r["cosine_before"], r["cosine_after"]
         same = (f"{b['same_class']:.3f} -> {a['same_class']:.3f}" if b["same_class"] is not None else "-")

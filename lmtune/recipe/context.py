@@ -29,6 +29,9 @@ class Inputs:
     slice_values: tuple | None = None  # data.slice_columns: (split, {column: value per example}), read by record
     noise: dict | None = None  # the label-noise search's result
     unlabeled: list | None = None  # data.unlabeled: its texts as unlabeled examples, read by the unlabeled stage
+    # a self-training student's: the fewshot stage's record of the run that trains it, whose method (decided on the
+    # gold labels) the student's fewshot stage takes instead of deciding again (lmtune.fewshot.given_decision)
+    fewshot_decision: dict | None = None
 
 
 @dataclass
