@@ -89,6 +89,8 @@ from lmtune.evaluate.calibration import ece  # noqa: E402
 from lmtune.io import write_json  # noqa: E402
 from lmtune.models import resolve_model  # noqa: E402
 
+from harness import write_csv  # noqa: E402  (bench/harness.py, the benches' shared helpers)
+
 try:  # the active-learning phase is another script's (bench/fewshot_active.py); the others run without it
     import fewshot_active
 except ModuleNotFoundError as missing:
@@ -163,17 +165,6 @@ def per_class_sample(rows: list[tuple[str, str]], k: int, seed: int, tag: str) -
 
 def eval_sample(rows: list, limit: int | None) -> list:
     return random.Random(f"eval:{limit}").sample(rows, limit) if limit and limit < len(rows) else rows
-
-
-def write_csv(path: Path, rows: list[tuple], header: tuple = ("text", "label")) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(rows)
-    tmp.replace(path)
-    return str(path)
 
 
 # ---- units ------------------------------------------------------------------------------------------------------
@@ -283,8 +274,8 @@ def run_setfit(folder: Path, train_rows: list, eval_rows: list, model: str, seed
 def sample_files(folder: Path, data: dict, k: int, seed: int, tag: str, limit: int | None) -> tuple[dict, list, list, list]:
     train_rows, dev_rows, rest = per_class_sample(data["train"], k, seed, tag)
     eval_rows = eval_sample(data["eval"], limit)
-    files = {"train": write_csv(folder / "train.csv", train_rows), "dev": write_csv(folder / "dev.csv", dev_rows),
-             "test": write_csv(folder / "test.csv", eval_rows)}
+    files = {"train": str(write_csv(folder / "train.csv", train_rows)), "dev": str(write_csv(folder / "dev.csv", dev_rows)),
+             "test": str(write_csv(folder / "test.csv", eval_rows))}
     return files, train_rows, eval_rows, rest
 
 
@@ -305,7 +296,7 @@ def self_training_unit(folder: Path, data: dict, name: str, k: int, seed: int, s
     if side == "without":
         return run_lmtune(box, files, data["model"], seed)
     pool = random.Random(f"unlabeled:{name}:{seed}").sample(rest, min(n_unlabeled, len(rest)))
-    unlabeled = write_csv(box / "unlabeled.csv", [(t,) for t, _ in pool], header=("text",))
+    unlabeled = str(write_csv(box / "unlabeled.csv", [(t,) for t, _ in pool], header=("text",)))
     return {**run_lmtune(box, files, data["model"], seed, data={"unlabeled": unlabeled}), "unlabeled_rows": len(pool)}
 
 

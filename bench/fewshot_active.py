@@ -54,7 +54,6 @@ Smoke: python bench/fewshot_active.py --work /tmp/al --seeds 1 --rounds 2 --batc
 from __future__ import annotations
 
 import argparse
-import csv
 import inspect
 import json
 import random
@@ -73,6 +72,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from classification import SHARED, load_rows  # noqa: E402  (the benches' SST-2 sample and banking77 files)
+from harness import write_csv  # noqa: E402  (bench/harness.py, the benches' shared helpers)
 
 SETS = ("sst2", "banking77")
 SEED = 42
@@ -94,17 +94,6 @@ def sides() -> dict[str, tuple[str, str]]:
 
 
 # ---- data -------------------------------------------------------------------------------------
-def write_csv(path: Path, rows: list[tuple], header: tuple = ("text", "label")) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w", newline="", encoding="utf-8") as fh:
-        w = csv.writer(fh)
-        w.writerow(header)
-        w.writerows(rows)
-    tmp.replace(path)
-    return path
-
-
 def unique(rows: list[tuple[str, str]]) -> list[tuple[str, str]]:
     """One row per text (the first label kept): lmtune's loop never asks about a text it was trained on, so a
     duplicate would be a pool row no strategy could pick."""

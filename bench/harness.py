@@ -407,3 +407,15 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+
+
+def write_csv(path: Path, rows: list[tuple], header: tuple = ("text", "label")) -> Path:
+    """A CSV of rows under header, written whole then renamed (a stopped bench leaves no half file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", newline="", encoding="utf-8") as fh:
+        w = csv.writer(fh)
+        w.writerow(header)
+        w.writerows(rows)
+    tmp.replace(path)
+    return path

@@ -255,7 +255,7 @@ def main() -> None:
         per_side: dict[str, list[dict]] = {s: [] for s in sides}
         for seed in range(42, 42 + ns.seeds):
             for side in sides:
-                got = unit(ns, name, seed, side, lambda tmp: runners[side](data, tmp, seed))
+                got = unit(ns, name, seed, side, lambda tmp, f=runners[side], d=data, s=seed: f(d, tmp, s))
                 per_side[side].append(got)
                 print(f"{name} seed {seed} {side}: " + ", ".join(f"{k} {v:.4f}" for k, v in got.items()), file=sys.stderr,
                       flush=True)

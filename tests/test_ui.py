@@ -7,6 +7,7 @@ Screenshots go to test-artifacts/ui/ at the repository root.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -133,23 +134,30 @@ def browser():
     b.quit()
 
 
-@pytest.fixture(scope="module")
-def ui_url(workdir, pretrained_tiny):
+@contextlib.contextmanager
+def serving(settings: UiSettings):
+    """The dashboard on a free localhost port (uvicorn in a thread), as `lmtune ui` serves it; yields its URL."""
     import uvicorn
-    shutil.copy(DEMO, workdir / "reviews.csv")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    settings = UiSettings(runs_dir=str(workdir / "runs"), workdir=str(workdir), allow_paths=[pretrained_tiny])
-    server = uvicorn.Server(uvicorn.Config(create_ui(settings),
-                                           host="127.0.0.1", port=port, log_level="warning"))
+    server = uvicorn.Server(uvicorn.Config(create_ui(settings), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    server.should_exit = True
-    thread.join(30)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+@pytest.fixture(scope="module")
+def ui_url(workdir, pretrained_tiny):
+    shutil.copy(DEMO, workdir / "reviews.csv")
+    with serving(UiSettings(runs_dir=str(workdir / "runs"), workdir=str(workdir), allow_paths=[pretrained_tiny])) as url:
+        yield url
 
 
 def _wait(browser, condition, timeout: float = 60):

@@ -9,8 +9,6 @@ BERT keeps the two trainings (the first run and the retrain) to seconds.
 from __future__ import annotations
 
 import json
-import socket
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -20,9 +18,9 @@ import pytest
 import lmtune
 from lmtune import active
 from lmtune.cli import main
-from lmtune.ui.app import UiSettings, create_ui
+from lmtune.ui.app import UiSettings
 from tests.conftest import toy_rows, write_csv
-from tests.test_ui import _screenshot, _wait, headless_chrome
+from tests.test_ui import _screenshot, _wait, headless_chrome, serving
 
 BATCH = 4
 
@@ -43,20 +41,9 @@ def labeling(tmp_path_factory, tiny_model) -> dict:
 @pytest.fixture(scope="module")
 def server(labeling):
     """The dashboard over the folder (uvicorn in a thread), as `lmtune ui` serves it."""
-    import uvicorn
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     d = labeling["dir"]
-    srv = uvicorn.Server(uvicorn.Config(create_ui(UiSettings(runs_dir=str(d / "runs"), workdir=str(d))),
-                                        host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=srv.run, daemon=True)
-    thread.start()
-    while not srv.started:
-        time.sleep(0.05)
-    yield f"http://127.0.0.1:{port}"
-    srv.should_exit = True
-    thread.join(30)
+    with serving(UiSettings(runs_dir=str(d / "runs"), workdir=str(d))) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
