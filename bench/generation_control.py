@@ -273,7 +273,7 @@ def main() -> None:
         result["dpo"] = {"loops_sft": sft["repeat_share"], "loops_dpo": d["repeat_share"],
                          "invented_sft": sft["invented_share"], "invented_dpo": d["invented_share"],
                          "rougeL_sft": sft["rougeL"], "rougeL_dpo": d["rougeL"], "train_s": d["train_s"],
-                         "sft_train_s": sft["train_s"], "pairs": d["prefer"].get("pairs"),
+                         "sft_train_s": sft["train_s"], "pairs": d["prefer"].get("train", {}).get("pairs"),
                          "sampling_s": d["prefer"].get("sampling_seconds")}
     if "gguf" in phases:
         result["gguf"] = cached(work, "gguf", lambda: phase_gguf(files, sft))
