@@ -419,3 +419,12 @@ def write_csv(path: Path, rows: list[tuple], header: tuple = ("text", "label")) 
         w.writerows(rows)
     tmp.replace(path)
     return path
+
+
+def answer_span(seq_ids: list, offsets: list, start: int, end: int) -> tuple[int, int]:
+    """run_qa's prepare_train_features for one window: the first and last token of the answer's characters
+    [start, end), or (0, 0) (the CLS token) where the window's context does not hold the whole answer."""
+    ctx = [i for i, x in enumerate(seq_ids) if x == 1]
+    if not ctx or offsets[ctx[0]][0] > start or offsets[ctx[-1]][1] < end:
+        return 0, 0
+    return next(i for i in ctx if offsets[i][1] > start), next(i for i in reversed(ctx) if offsets[i][0] < end)

@@ -45,6 +45,9 @@ from lmtune.models import quiet_transformers, resolve_model  # noqa: E402
 from lmtune.tasks import get_task  # noqa: E402
 from lmtune.tasks.qa import em_f1  # noqa: E402
 
+sys.path.insert(0, str(ROOT / "bench"))
+from harness import answer_span  # noqa: E402  (bench/harness.py: run_qa's answer-token rule, shared with bench/suite.py)
+
 SEED, BATCH, MAX_LEN, STRIDE = 42, 16, 384, 128
 
 
@@ -100,13 +103,7 @@ def run_peer(model_path: str, train_ex, test_ex, chinese: bool) -> dict:
     for k in range(len(enc["input_ids"])):  # run_qa's prepare_train_features
         ex, seq, offs = train_ex[enc["overflow_to_sample_mapping"][k]], enc.sequence_ids(k), enc["offset_mapping"][k]
         a = ex.answers[0]
-        s, e = a["start"], a["start"] + len(a["text"])
-        ctx = [i for i, x in enumerate(seq) if x == 1]
-        if offs[ctx[0]][0] > s or offs[ctx[-1]][1] < e:
-            sp = ep = 0
-        else:
-            sp = next(i for i in ctx if offs[i][1] > s)
-            ep = next(i for i in reversed(ctx) if offs[i][0] < e)
+        sp, ep = answer_span(seq, offs, a["start"], a["start"] + len(a["text"]))
         feats.append({**{n: enc[n][k] for n in ("input_ids", "attention_mask", "token_type_ids") if n in enc},
                       "start_positions": sp, "end_positions": ep})
     with tempfile.TemporaryDirectory() as out:

@@ -204,13 +204,7 @@ def _qa_train_features(tok, rows: list[dict], recipe: Recipe) -> list[dict]:
     for k in range(len(enc["input_ids"])):
         r, seq, offs = rows[enc["overflow_to_sample_mapping"][k]], enc.sequence_ids(k), enc["offset_mapping"][k]
         s = r["answers"]["answer_start"][0]
-        e = s + len(r["answers"]["text"][0])
-        ctx = [i for i, x in enumerate(seq) if x == 1]
-        if not ctx or offs[ctx[0]][0] > s or offs[ctx[-1]][1] < e:
-            sp = ep = 0
-        else:
-            sp = next(i for i in ctx if offs[i][1] > s)
-            ep = next(i for i in reversed(ctx) if offs[i][0] < e)
+        sp, ep = harness.answer_span(seq, offs, s, s + len(r["answers"]["text"][0]))
         feats.append({**{n: enc[n][k] for n in ("input_ids", "attention_mask", "token_type_ids") if n in enc},
                       "start_positions": sp, "end_positions": ep})
     return feats

@@ -128,3 +128,18 @@ def test_a_resumed_run_skips_cached_units_and_refits_a_lost_model(tmp_path):
 
 def test_the_peer_lr_is_chosen_on_dev_and_ties_go_to_the_first():
     assert suite.choose_lr({1e-5: {"dev": 0.7}, 2e-5: {"dev": 0.8}, 5e-5: {"dev": 0.8}, 1e-4: {"dev": 0.6}}) == 2e-5
+
+
+def test_answer_span_finds_the_answer_tokens_in_a_window_and_cls_where_it_is_cut_off():
+    from transformers import AutoTokenizer
+
+    from lmtune.config import DEFAULT_MODEL
+    from lmtune.models import resolve_model
+    tok = AutoTokenizer.from_pretrained(resolve_model(DEFAULT_MODEL))
+    context = "The tower was built in 1889 by Gustave Eiffel for the world fair in Paris."
+    start = context.index("Gustave Eiffel")
+    enc = tok(["Who built it?"], [context], truncation="only_second", max_length=64, return_offsets_mapping=True)
+    sp, ep = harness.answer_span(enc.sequence_ids(0), enc["offset_mapping"][0], start, start + len("Gustave Eiffel"))
+    assert tok.decode(enc["input_ids"][0][sp:ep + 1]) == "gustave eiffel"
+    cut = tok(["Who built it?"], [context], truncation="only_second", max_length=12, return_offsets_mapping=True)
+    assert harness.answer_span(cut.sequence_ids(0), cut["offset_mapping"][0], start, start + 14) == (0, 0)

@@ -29,7 +29,7 @@ def topic_rows(per_class: int, seed: int) -> list[tuple[str, str]]:
     """Two topics told apart by their words (which a sentence embedding already separates a little)."""
     rng = random.Random(seed)
     rows = []
-    for i in range(per_class):
+    for _ in range(per_class):
         for label, words in TOPICS.items():
             text = [rng.choice(FILL) for _ in range(rng.randint(2, 6))] + rng.sample(words, 2)
             rng.shuffle(text)

@@ -20,7 +20,7 @@ from lmtune import active
 from lmtune.cli import main
 from lmtune.ui.app import UiSettings
 from tests.conftest import toy_rows, write_csv
-from tests.test_ui import _screenshot, _wait, headless_chrome, serving
+from tests.test_ui import _screenshot, _wait, browser, serving  # noqa: F401  (browser: the fixture)
 
 BATCH = 4
 
@@ -44,14 +44,6 @@ def server(labeling):
     d = labeling["dir"]
     with serving(UiSettings(runs_dir=str(d / "runs"), workdir=str(d))) as url:
         yield url
-
-
-@pytest.fixture(scope="module")
-def browser():
-    b = headless_chrome()
-    b.implicitly_wait(2)
-    yield b
-    b.quit()
 
 
 def _rows(browser) -> list:
