@@ -25,8 +25,9 @@ from lmtune.fewshot import load_embedding_classifier
 from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.biencoder import load_bi_encoder, pair_model, report_lines
 from lmtune.tasks.windows import encode_windows, pool, training_subset
-from lmtune.tasks.base import (ABSTAIN, ACTIVE, CALIBRATE, CONTINUAL, DISTILL, ENSEMBLE, EXAMPLE_LABELS, EXPLAIN, FEWSHOT, LABEL_NOISE, MAHALANOBIS, RERANK, FOLD,
-                               SELF_TRAINING, Encoded, LabelScores, Splits, Task, attach_soft_targets, balanced_weights, class_score, collate_soft_targets,
+from lmtune.tasks.base import (ABSTAIN, ACTIVE, CALIBRATE, CONTINUAL, DISTILL, ENSEMBLE, EXAMPLE_LABELS, EXPLAIN, FEWSHOT,
+                               LABEL_NOISE, MAHALANOBIS, RERANK, FOLD, SELF_TRAINING, Encoded, LabelScores, Splits, Task,
+                               attach_soft_targets, balanced_weights, class_score, collate_soft_targets,
                                cross_entropy_sum, input_pad_values, pad_batch, soft_target_loss)
 
 

@@ -31,7 +31,8 @@ from lmtune.evaluate.report import prf_table
 from lmtune.io import atomic_path
 from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.windows import encode_windows, pool, training_subset
-from lmtune.tasks.base import (ACTIVE, CALIBRATE, DISTILL, EXPLAIN, FOLD, Encoded, LabelScores, Splits, Task, attach_soft_targets, collate_soft_targets,
+from lmtune.tasks.base import (ACTIVE, CALIBRATE, DISTILL, EXPLAIN, FOLD, Encoded, LabelScores, Splits, Task, attach_soft_targets,
+                               collate_soft_targets,
                                dev_and_test, input_pad_values, pad_batch)
 from lmtune.tasks.multilabel_config import MultiLabelColumns  # noqa: F401  (re-exported: code and saved configs name it here)
 
