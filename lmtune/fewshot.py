@@ -61,6 +61,7 @@ def class_counts(labels: list[str]) -> dict:
     counts = Counter(labels)
     values = sorted(counts.values())
     return {"classes": len(counts), "train_examples": len(labels), "median_per_class": statistics.median(values),
+            "mean_per_class": len(labels) / max(len(counts), 1),
             "min_per_class": values[0], "max_per_class": values[-1]}
 
 
@@ -69,7 +70,8 @@ def decide(cfg, splits) -> dict:
     checkpoint, a sentence-embedding checkpoint, and a median class of at most fewshot.max_per_class examples)."""
     f = cfg.fewshot
     counts = class_counts([ex.label for ex in splits.train if ex.label is not None])
-    rule = (f"auto: setfit when the median class has <= {f.max_per_class} labeled training examples (fewshot.max_per_class), "
+    rule = (f"auto: setfit when the median class and the mean class have <= {f.max_per_class} labeled training examples "
+            "(fewshot.max_per_class), "
             "the checkpoint is a sentence-embedding model, and the run reads single labeled texts (no teacher's soft targets) "
             "with full fine-tuning from the checkpoint (no PEFT, no continual.from_run)")
     decision = {"setting": f.method, "rule": rule, **counts}
@@ -81,7 +83,11 @@ def decide(cfg, splits) -> dict:
                (bool(cfg.continual.from_run), "the run continues continual.from_run"),
                (any(getattr(ex, "soft_targets", None) is not None for ex in splits.train),
                 "the run learns from a teacher's soft targets (lmtune distill)"),
-               (median > f.max_per_class, f"the median class has {median:g} labeled examples (> {f.max_per_class})")]
+               (median > f.max_per_class, f"the median class has {median:g} labeled examples (> {f.max_per_class})"),
+               # a large set with a long tail of rare classes (ATIS: 4,478 rows, 21 intents, median 12) is not few-shot:
+               # plain fine-tuning has the data, and SetFit's pairs (20 per example) would cost hours on a CPU
+               (counts["mean_per_class"] > f.max_per_class,
+                f"the classes have {counts['mean_per_class']:.0f} labeled examples on average (> {f.max_per_class})")]
     for applies, reason in reasons:
         if applies:
             return {**decision, "method": "none", "why": reason}

@@ -19,10 +19,10 @@ class FewShotConfig:
     (at a few hundred per class plain fine-tuning catches up), while the pairs grow with the examples."""
     method: str = option("auto", "Few-shot method for classification. setfit: contrastive pair fine-tuning of the checkpoint's "
                                  "sentence embedding, then a logistic-regression head on it (SetFit); none: plain fine-tuning; "
-                                 "auto: setfit when the checkpoint is a sentence-embedding model, the median class has at most "
-                                 "fewshot.max_per_class labeled training examples, and the run reads single texts without PEFT "
+                                 "auto: setfit when the checkpoint is a sentence-embedding model, the median class and the mean class "
+                                 "have at most fewshot.max_per_class labeled training examples, and the run reads single texts without PEFT "
                                  "or continual.from_run.", ("auto", "setfit", "none"))
-    max_per_class: int = option(64, "auto: the most labeled training examples of the median class for which setfit is chosen "
+    max_per_class: int = option(64, "auto: the most labeled training examples of the median class (and of the mean class) for which setfit is chosen "
                                     "(gold labels: a self-training student's pseudo-labels are not counted, it keeps its run's "
                                     "method).", ge=1)
     iterations: int = option(20, "setfit: pair rounds; each round pairs every training example with one random example of its "

@@ -55,6 +55,16 @@ def test_auto_picks_setfit_on_a_small_train_split_and_not_on_a_large_one(tiny_mo
     assert decide(as_config({"model": {"name": DEFAULT_MODEL}, "fewshot": {"max_per_class": 4}}), _splits(8))["method"] == "none"
 
 
+def test_auto_does_not_take_a_large_set_with_a_long_tail_of_rare_classes_for_few_shot():
+    """ATIS-like: one big class and many rare ones. The median class is small, the set is not: plain fine-tuning."""
+    train = [Example(f"flight {i}", "flight", "t.csv:1") for i in range(1000)]
+    train += [Example(f"ask {c} {i}", f"rare{c}", "t.csv:1") for c in range(4) for i in range(10)]
+    d = decide(as_config({"model": {"name": DEFAULT_MODEL}}), SimpleNamespace(train=train))
+    assert d["median_per_class"] == 10 and d["mean_per_class"] == 208
+    assert d["method"] == "none" and "208 labeled examples on average (> 64)" in d["why"]
+    assert "mean class" in d["rule"]
+
+
 def test_setfit_pairs_are_balanced_and_positive_only_within_a_class():
     labels = [0, 0, 0, 1, 1, 1, 2, 2]
     pairs = sample_pairs(labels, iterations=5, seed=1)
