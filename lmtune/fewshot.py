@@ -67,7 +67,7 @@ def class_counts(labels: list[str]) -> dict:
 
 def decide(cfg, splits) -> dict:
     """Which method runs and why: fewshot.method itself, or auto's rule (single texts, full fine-tuning from the
-    checkpoint, a sentence-embedding checkpoint, and a median class of at most fewshot.max_per_class examples)."""
+    checkpoint, a sentence-embedding checkpoint, and a median and a mean class of at most fewshot.max_per_class examples)."""
     f = cfg.fewshot
     counts = class_counts([ex.label for ex in splits.train if ex.label is not None])
     rule = (f"auto: setfit when the median class and the mean class have <= {f.max_per_class} labeled training examples "

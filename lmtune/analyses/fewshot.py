@@ -11,8 +11,9 @@ from lmtune.analysis import Analysis
 def section(r: dict) -> str:
     lines = ["## Few-shot", "",
              f"Method: **{r['method']}** ({r['why']}). Training data: {r['train_examples']} labeled examples in "
-             f"{r['classes']} classes, {r['median_per_class']:g} in the median class (min {r['min_per_class']}, max "
-             f"{r['max_per_class']}).", "", f"Rule: {r['rule']}."]
+             f"{r['classes']} classes, {r['median_per_class']:g} in the median class"
+             + (f", {r['mean_per_class']:.1f} on average" if "mean_per_class" in r else "")  # records before the mean rule lack it
+             + f" (min {r['min_per_class']}, max {r['max_per_class']}).", "", f"Rule: {r['rule']}."]
     if r.get("pseudo_labels"):  # a self-training student's record (lmtune.fewshot.given_decision)
         lines += ["", f"Self-training student: its train split adds {r['pseudo_labels']} pseudo-labels, which the rule does "
                       "not count (the method is the run's, decided on its labels); SetFit's pairs are drawn from both."]
