@@ -112,14 +112,14 @@ def pair_losses(objective: str, logps: torch.Tensor, counts: torch.Tensor, refer
     orpo: NLL(chosen) - lambda * logsigmoid(log-odds(chosen) - log-odds(rejected)) on length-averaged
     log-probs (the ORPO paper, TRL), rewards lambda * the averaged log-probs."""
     n = logps.shape[0] // 2
+    avg = logps / counts.clamp(min=1)  # length-averaged log-probs: RPO's NLL term and ORPO's odds
     if objective == "dpo":
         ref = reference.to(logps.dtype)
         chosen, rejected = beta * (logps[:n] - ref[:, 0]), beta * (logps[n:] - ref[:, 1])
         loss = -F.logsigmoid(chosen - rejected)
         if rpo_alpha:  # the DPO loss falls when the chosen log-prob falls less than the rejected one: the NLL keeps it up
-            loss = loss - rpo_alpha * logps[:n] / counts[:n].clamp(min=1)
+            loss = loss - rpo_alpha * avg[:n]
         return loss, chosen.detach(), rejected.detach()
-    avg = logps / counts.clamp(min=1)
     avg_c, avg_r = avg[:n], avg[n:]
     log_odds = (avg_c - avg_r) - (log1mexp(avg_c.clamp(max=-1e-6)) - log1mexp(avg_r.clamp(max=-1e-6)))
     return -avg_c - orpo_lambda * F.logsigmoid(log_odds), orpo_lambda * avg_c.detach(), orpo_lambda * avg_r.detach()
