@@ -48,6 +48,7 @@ sys.path.insert(0, str(ROOT))
 
 import lmtune  # noqa: E402
 from lmtune.config import DEFAULT_MODEL  # noqa: E402
+from lmtune.io import write_json  # noqa: E402
 from lmtune.models import quiet_transformers, resolve_model  # noqa: E402
 from lmtune.tasks.joint import read_jointbert  # noqa: E402
 
@@ -220,7 +221,7 @@ def mean_std(rows: list[dict]) -> dict:
 
 def unit(ns: argparse.Namespace, name: str, seed: int, side: str, run) -> dict:
     """One side's figures for one seed: read back from --work when an earlier run finished this unit with the
-    same settings, else run (in a temporary folder) and kept there (written whole, then renamed)."""
+    same settings, else run (in a temporary folder) and kept there (lmtune.io.write_json: whole, then renamed)."""
     key = f"{name}-e{ns.epochs}-l{ns.limit or 'all'}-s{seed}-{side}.json"
     kept = ns.work / key if ns.work else None
     if kept is not None and kept.is_file():
@@ -229,10 +230,7 @@ def unit(ns: argparse.Namespace, name: str, seed: int, side: str, run) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         got = run(Path(tmp))
     if kept is not None:
-        kept.parent.mkdir(parents=True, exist_ok=True)
-        part = kept.with_suffix(".part")
-        part.write_text(json.dumps(got), encoding="utf-8")
-        part.replace(kept)
+        write_json(kept, got)
     return got
 
 
