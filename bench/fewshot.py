@@ -89,7 +89,7 @@ from lmtune.evaluate.calibration import ece  # noqa: E402
 from lmtune.io import write_json  # noqa: E402
 from lmtune.models import resolve_model  # noqa: E402
 
-from harness import write_csv  # noqa: E402  (bench/harness.py, the benches' shared helpers)
+from harness import summary as seed_summary, write_csv  # noqa: E402  (bench/harness.py, the benches' shared helpers)
 
 try:  # the active-learning phase is another script's (bench/fewshot_active.py); the others run without it
     import fewshot_active
@@ -302,7 +302,8 @@ def self_training_unit(folder: Path, data: dict, name: str, k: int, seed: int, s
 
 # ---- phases -----------------------------------------------------------------------------------------------------
 def mean_std(values: list[float]) -> tuple[float, float]:
-    return round(statistics.fmean(values), 4), round(statistics.stdev(values), 4) if len(values) > 1 else 0.0
+    s = seed_summary(values)  # bench/harness.py's: mean and the sample std over seeds (0 for one seed)
+    return round(s["mean"], 4), round(s["std"], 4)
 
 
 def phase_fewshot(work: Path, args) -> tuple[dict, dict]:
