@@ -89,12 +89,47 @@ def test_multilabel_trains_tunes_thresholds_and_reloads(ml_config):
 
 
 def test_threshold_is_the_best_f1_cut():
-    from lmtune.tasks.multilabel import MultiLabelTask
+    from lmtune.tasks.multilabel import best_f1_threshold
     p = np.array([0.9, 0.8, 0.35, 0.3, 0.1])
     y = np.array([1, 1, 1, 0, 0])
-    t = MultiLabelTask._best_threshold(p, y)
+    t = best_f1_threshold(p, y)
     assert 0.3 < t <= 0.35  # taking the top three gives F1 1.0
-    assert MultiLabelTask._best_threshold(p, np.zeros(5)) == 0.5
+    assert best_f1_threshold(p, np.zeros(5)) == 0.5
+
+
+def test_thresholds_follow_the_chosen_metric():
+    from lmtune.tasks.multilabel import choose_thresholds, decision_scores, threshold_tradeoff
+    rng = np.random.default_rng(0)
+    gold = (rng.random((300, 6)) < 0.15).astype(int)
+    # a model that ranks well but scores every label high: per-label F1 cuts keep many borderline labels
+    probs = np.clip(0.45 + 0.3 * gold + 0.25 * rng.random((300, 6)), 0, 1)
+    per_label, rule = choose_thresholds(probs, gold, "macro_f1")
+    assert rule == "per_label" and len(set(per_label)) > 1
+    for metric in ("samples_jaccard", "micro_f1", "subset_accuracy"):
+        shared, rule = choose_thresholds(probs, gold, metric)
+        assert rule == "shared" and len(set(shared)) == 1
+        # the shared threshold is at least as good on the metric it was chosen for as the per-label F1 cuts
+        at = {name: decision_scores(gold, (probs >= np.asarray(th)).astype(int))[metric]
+              for name, th in (("shared", shared), ("per_label", per_label))}
+        assert at["shared"] >= at["per_label"], (metric, at)
+    hamming, _ = choose_thresholds(probs, gold, "hamming_loss")  # an error metric: the lowest wins
+    assert decision_scores(gold, (probs >= hamming[0]).astype(int))["hamming_loss"] <= \
+        decision_scores(gold, (probs >= 0.5).astype(int))["hamming_loss"]
+    rows = threshold_tradeoff(probs, gold, per_label)
+    assert [r["threshold"] for r in rows][-2:] == ["chosen", "gold"]
+    counts = [r["labels_per_text"] for r in rows[:9]]
+    assert counts == sorted(counts, reverse=True)  # a higher threshold never predicts more labels
+
+
+def test_a_run_with_train_metric_samples_jaccard_shares_one_threshold(ml_config):
+    ml_config["train"].update(epochs=3, metric="samples_jaccard")
+    run = lmtune.train(ml_config)
+    assert len(set(run.task.thresholds)) == 1 and run.task.threshold_metric == "samples_jaccard"
+    assert "samples_jaccard" in run.metrics["test"]
+    report = (run.run_dir / "report.md").read_text()
+    assert "one shared threshold chosen on dev for samples_jaccard" in report and "Threshold trade-off (dev)" in report
+    again = lmtune.load(run.run_dir)
+    assert again.task.thresholds == run.task.thresholds and again.task.threshold_metric == "samples_jaccard"
 
 
 def test_binary_label_columns_and_bad_rows(tmp_path, tiny_model):
