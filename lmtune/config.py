@@ -39,17 +39,20 @@ BOUNDS = ("ge", "gt", "le", "lt")  # pydantic's Field names for >=, >, <=, <: th
 
 
 def option(default: Any, help: str, choices: tuple | Registry | None = None, *, ge: float | None = None,
-           gt: float | None = None, le: float | None = None, lt: float | None = None, range: str | None = None) -> Any:
+           gt: float | None = None, le: float | None = None, lt: float | None = None, range: str | None = None,
+           path: bool = False) -> Any:
     """A config field: its default, help text (the schema's description), allowed values (a tuple, or a
     registry whose names are read when the config is checked; on a list field they bound its items) and
     numeric bounds ge / gt / le / lt, checked by pydantic and written into the schema. A task or feature
     declares the fields it owns with this helper in its own module (lmtune/registrations.py lists them).
     `range` is the older spelling of the bounds ("> 0", ">= 1", "[0, 1)"), still read for sections declared
-    elsewhere; it becomes the same bounds."""
+    elsewhere; it becomes the same bounds. `path`: the value is a file or folder (a list of them on a list
+    field): a YAML file's relative value resolves against the file's folder (build_config), and the dashboard
+    confines it (lmtune.ui.confine)."""
     bounds = {k: v for k, v in zip(BOUNDS, (ge, gt, le, lt)) if v is not None}
     if range is not None:
         bounds.update(_bounds_of(range))
-    meta = {"help": help, "choices": choices, "range": _range_text(bounds), **bounds}
+    meta = {"help": help, "choices": choices, "range": _range_text(bounds), "path": path, **bounds}
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -84,10 +87,10 @@ def _range_text(bounds: dict[str, float]) -> str | None:
 class DataConfig:
     """What to read: the files, their columns, lengths and splits."""
 
-    train: str | None = _f(None, "Training file (CSV, TSV, JSONL; parquet, arrow or a datasets save_to_disk folder). Required "
+    train: str | None = _f(None, path=True, help="Training file (CSV, TSV, JSONL; parquet, arrow or a datasets save_to_disk folder). Required "
                                  "unless data.hub is set.")
-    dev: str | None = _f(None, "Dev file; if absent (and test absent) train is split.")
-    test: str | None = _f(None, "Test file; if absent (and dev absent) train is split.")
+    dev: str | None = _f(None, "Dev file; if absent (and test absent) train is split.", path=True)
+    test: str | None = _f(None, "Test file; if absent (and dev absent) train is split.", path=True)
     hub: str | None = _f(None, "A dataset on the Hugging Face Hub, loaded with datasets.load_dataset; its splits fill data.train / "
                                "dev / test left unset (see data.hub_split_map).")
     hub_config: str | None = _f(None, "data.hub: the dataset's configuration (subset) name.")
@@ -290,7 +293,7 @@ class AttackConfig:
     methods: list[str] = _f([], "Attacks run on dev (or attack.data) after training, into robustness.json and report.md: "
                             "typo (random character edits), synonym (random word substitutions), search (greedy "
                             "word-importance attack that looks for the smallest change that flips the prediction).", attacks)
-    data: str | None = _f(None, "Labeled file to attack instead of dev.")
+    data: str | None = _f(None, "Labeled file to attack instead of dev.", path=True)
     rate: float = _f(0.2, "typo / synonym: share of the words of each example that are changed (at least one).", gt=0, le=1)
     budget: float = _f(0.1, "search: most words it may change, as a share of the example's words (at least one).", gt=0, le=1)
     synonyms: str = _f("auto", "Substitutes: auto = WordNet for English when installed (lmtune[robust]), else the "
@@ -322,7 +325,7 @@ class AugmentConfig:
 class ContinualConfig:
     """Continual fine-tuning from a finished run's weights."""
 
-    from_run: str | None = _f(None, "Continue from a finished run's weights (full or PEFT; `lmtune train CONFIG --from RUN_DIR`): "
+    from_run: str | None = _f(None, path=True, help="Continue from a finished run's weights (full or PEFT; `lmtune train CONFIG --from RUN_DIR`): "
                                     "the same model.name, labels extended (old head rows kept, new ones initialised).")
     missing_labels: str = _f("error", "Old labels with no example in the new train data (after replay): error, keep them in "
                                       "the head, or drop them.", ("error", "keep", "drop"))
@@ -336,7 +339,7 @@ class ContinualConfig:
 class PretrainConfig:
     """`lmtune pretrain`: masked-language-model pretraining on unlabeled text."""
 
-    files: list[str] = _f([], "`lmtune pretrain`: unlabeled text files (.txt: one text per line; CSV/TSV/JSONL/parquet: "
+    files: list[str] = _f([], path=True, help="`lmtune pretrain`: unlabeled text files (.txt: one text per line; CSV/TSV/JSONL/parquet: "
                           "the data.text_column column).")
     mlm_probability: float = _f(0.15, "Share of tokens (whole words with whole_word_mask) masked, drawn anew every batch.",
                                 gt=0, lt=1)
@@ -684,8 +687,10 @@ def _known_key(key: str, known: dict, moved: dict[str, str], source: str) -> str
     return leaf[0]
 
 
-PATH_KEYS = ("data.train", "data.dev", "data.test", "data.unlabeled", "attack.data", "continual.from_run", "generate.schema",
-             "generate.json_schema")  # resolved against the YAML's folder
+def path_keys() -> tuple[str, ...]:
+    """The config keys whose values are files or folders (declared with option(..., path=True)), in every
+    section a task or feature registers."""
+    return tuple(k for k, f in all_keys().items() if f.metadata.get("path"))
 
 
 def build_config(raw: dict | None = None, overrides: dict[str, Any] | None = None,
@@ -731,9 +736,11 @@ def _rebased(key: str, value: Any, folder: Path | None) -> Any:
     type is left for the check to name)."""
     if folder is None:
         return value
-    if key in PATH_KEYS and isinstance(value, str) and value and not value.startswith(("hub:", "memory:")):
+    if key not in path_keys():
+        return value
+    if isinstance(value, str) and value and not value.startswith(("hub:", "memory:")):
         return str(p if (p := Path(value)).is_absolute() else folder / p)
-    if key == "pretrain.files" and isinstance(value, list) and all(isinstance(v, str) for v in value):
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
         return [str(p if (p := Path(v)).is_absolute() else folder / p) for v in value]
     return value
 

@@ -53,7 +53,7 @@ STUDENT_STAGES = ("build", "warm_start", "fewshot", "prepare_data", "adapt", "fi
 @dataclass
 class UnlabeledData:
     """data.unlabeled (it joins the data section; registered in lmtune/registrations.py)."""
-    unlabeled: str | None = option(None, "Unlabeled texts for self-training (CSV, TSV, JSONL with data.text_column; a label "
+    unlabeled: str | None = option(None, path=True, help="Unlabeled texts for self-training (CSV, TSV, JSONL with data.text_column; a label "
                                          "column, if any, is ignored): after training, the calibrated model labels the texts "
                                          "it is confident about and a student retrains with them (the selftrain section). "
                                          "Classification.")

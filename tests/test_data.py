@@ -187,9 +187,14 @@ def test_config_types_overrides_and_relative_paths(tmp_path):
     from lmtune.config import build_config, load_config
     (tmp_path / "sub").mkdir()
     p = tmp_path / "sub" / "c.yaml"
-    p.write_text(yaml.safe_dump({"data": {"train": "t.csv"}, "train": {"lr": 1}}))
+    p.write_text(yaml.safe_dump({"data": {"train": "t.csv"}, "train": {"lr": 1}, "retrieval": {"corpus": "docs.csv"},
+                                 "pretrain": {"files": ["a.txt", "/abs/b.txt"]}, "generate": {"schema": "s.json"}}))
     cfg = load_config(p, {"epochs": 2, "train.schedule": "cosine"})
     assert cfg.data.train == str(tmp_path / "sub" / "t.csv")
+    # every path-valued key a section declares (option(..., path=True)), a task's own sections included,
+    # resolves against the YAML's folder, not the current directory
+    assert cfg.retrieval.corpus == str(tmp_path / "sub" / "docs.csv") and cfg.generate.schema == str(tmp_path / "sub" / "s.json")
+    assert cfg.pretrain.files == [str(tmp_path / "sub" / "a.txt"), "/abs/b.txt"]
     assert cfg.train.lr == 1.0 and isinstance(cfg.train.lr, float)
     assert cfg.train.epochs == 2 and cfg.train.schedule == "cosine"
     with pytest.raises(InputError, match="train.epochs must be int"):

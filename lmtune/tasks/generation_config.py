@@ -29,7 +29,8 @@ class GenerateConfig:
                                 ge=0)
     search_examples: int = option(40, "Dev examples the decoding search generates for.", ge=1)
     eval_examples: int = option(0, "Test examples generated for ROUGE after training (0 = all).", ge=0)
-    schema: str | None = option(None, "A JSON Schema file the output must follow: decoding is constrained to it (xgrammar) in predict, "
+    schema: str | None = option(
+        None, path=True, help="A JSON Schema file the output must follow: decoding is constrained to it (xgrammar) in predict, "
                                       "evaluate, serve and the dashboard, and the share of outputs that validate, and ROUGE-L, are "
                                       "reported with and without the constraint. At most one of schema, choices, regex, label_set.")
     choices: list = option([], "The output is exactly one of these strings (constrained decoding, as for schema); exact match and "
@@ -37,7 +38,7 @@ class GenerateConfig:
     regex: str | None = option(None, "A regular expression the whole output must match (constrained decoding, as for schema).")
     label_set: list = option([], "Targets that are labels: the output is one of these strings (the same constraint as choices) "
                                  "and the share inside the set is reported.")
-    json_schema: str | None = option(None, "A JSON schema file for reporting only: the share of outputs that parse and validate "
+    json_schema: str | None = option(None, path=True, help="A JSON schema file for reporting only: the share of outputs that parse and validate "
                                            "(decoding is not constrained; generate.schema constrains it).")
     stop: list = option([], "Stop strings: generation ends when one is produced (it is cut from the output).")
 

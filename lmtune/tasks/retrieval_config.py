@@ -18,7 +18,8 @@ class RetrievalConfig:
                                           "its in-batch logit (Yi et al. 2019, sampling-bias correction). In-batch negatives are "
                                           "sampled as often as a document is a positive, so without it frequent documents (popular "
                                           "items) are pushed down; turn it on when positives repeat a lot (recommendation).")
-    corpus: str | None = option(None, "task retrieval: the documents the run's index holds (`lmtune search`, predict); default: every "
+    corpus: str | None = option(
+        None, path=True, help="task retrieval: the documents the run's index holds (`lmtune search`, predict); default: every "
                                       "distinct document of train, dev and test.")
     corpus_column: str = option("text", "retrieval.corpus: the column that holds each document's text.")
     corpus_id_column: str | None = option(None, "retrieval.corpus: a column of document ids, returned with each result.")

@@ -11,12 +11,10 @@ from pathlib import Path
 
 from fastapi import HTTPException
 
-from lmtune.config import Config, all_keys
+from lmtune.config import Config, all_keys, path_keys
 
-# Path-valued config keys. Data keys are rebased by build_config against the working directory (Jobs.start);
-# the others resolve against the training child's working directory (the dashboard's working directory).
-FILE_KEYS = ("data.train", "data.dev", "data.test", "data.unlabeled", "attack.data", "continual.from_run", "pretrain.files",
-             "generate.schema", "generate.json_schema", "retrieval.corpus")
+# Path-valued config keys are the ones declared with option(..., path=True) (lmtune.config.path_keys):
+# build_config rebases them against the job's working directory (Jobs.start), and check_config confines them.
 # "Hugging Face id or local path": a hub id resolves, as a path, inside the working directory (so it is
 # accepted), a local folder anywhere else is refused.
 NAME_OR_PATH_KEYS = ("data.hub", "model.name", "augment.mlm_model", "augment.translate_to", "augment.translate_back")
@@ -24,7 +22,6 @@ NAME_OR_PATH_KEYS = ("data.hub", "model.name", "augment.mlm_model", "augment.tra
 NOT_PATHS = ("data.hub_config", "data.hub_split_map", "data.format", "data.encoding", "data.tag_scheme",
              "generate.reference_columns", "run_name", "joint.unseen_labels")
 SPECIAL_KEYS = ("output_dir", "model.gguf_file", "tune.storage")  # checked by check_config's own rules
-PATH_KEYS = FILE_KEYS + NAME_OR_PATH_KEYS + SPECIAL_KEYS
 SOURCE_PREFIXES = ("hub:", "memory:")  # data sources that are not files (lmtune.data.hf_datasets)
 
 
@@ -60,7 +57,7 @@ class Confinement:
 
     def check_config(self, cfg: Config) -> None:
         """Every path-valued key of a built job config (its data paths already rebased by build_config)."""
-        for key in FILE_KEYS + NAME_OR_PATH_KEYS:
+        for key in path_keys() + NAME_OR_PATH_KEYS:
             section, _, leaf = key.rpartition(".")
             value = getattr(getattr(cfg, section) if section else cfg, leaf)
             for v in value if isinstance(value, list) else [value]:
@@ -101,4 +98,5 @@ def unclassified_keys() -> list[str]:
     the tests keep it empty, so a new path-valued key cannot slip past the dashboard unconfined."""
     import re
     words = re.compile(r"\b(file|files|folder|path|paths|dir|directory|url)\b", re.I)
-    return [k for k, f in all_keys().items() if words.search(f.metadata["help"]) and k not in PATH_KEYS + NOT_PATHS]
+    known = path_keys() + NAME_OR_PATH_KEYS + SPECIAL_KEYS + NOT_PATHS
+    return [k for k, f in all_keys().items() if words.search(f.metadata["help"]) and k not in known]

@@ -22,7 +22,8 @@ import yaml
 
 from lmtune.errors import InputError
 from lmtune.io import atomic_path, write_json
-from lmtune.ui.confine import FILE_KEYS, Confinement, PathRefused, run_name_ok
+from lmtune.config import path_keys
+from lmtune.ui.confine import Confinement, PathRefused, run_name_ok
 
 _PROGRESS = re.compile(r"^(?:train|step) (\d+)/(\d+)")  # progress lines, and each evaluation's line
 _RUN_DIR = re.compile(r"^run dir: (.+)$")
@@ -141,7 +142,7 @@ def _with_rebased_paths(config_text: str, cfg: dict, built) -> str:
 
     import yaml
     out, changed = copy.deepcopy(cfg), False
-    for key in FILE_KEYS:
+    for key in path_keys():
         section, _, leaf = key.rpartition(".")
         given = out.get(section, {}) if section else out
         if isinstance(given, dict) and given.get(leaf) not in (None, ""):
