@@ -102,8 +102,13 @@ config_sections.register("fewshot", "lmtune.fewshot_config:FewShotConfig")
 
 # export formats (lmtune export --format): quantize: the --quantize values each declares; options: the other
 # export flags it takes; tasks: the run tasks it serves (None: all); supports: what the error names otherwise
+# refuses: {task capability (lmtune.tasks.base: GENERATE is "generate"): why, and what to use instead}: the ONNX
+# graph is one forward pass to logits, and a generating task's output is a decoding loop over it (KV cache,
+# sampling, constraints) that the graph does not hold
 exporters.register("onnx", "lmtune.export.onnx:export_run", quantize=("int8",), options=("prune", "recover_epochs", "sample"),
-                   tasks=None)
+                   tasks=None, refuses={"generate": "its outputs come from a decoding loop, not one forward pass; export it "
+                                                  "with --format gguf for llama.cpp, Ollama or LM Studio (Llama-architecture "
+                                                  "models), or serve the run itself (lmtune serve)."})
 exporters.register("gguf", "lmtune.export.gguf:export_gguf", quantize=("f16", "q8_0", "q4_k_m"), options=("sample",),
                    tasks=("generation",), supports="generation runs of Llama-architecture models (LlamaForCausalLM: "
                                                    "SmolLM2, Llama 3 ...)")

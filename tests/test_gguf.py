@@ -167,7 +167,9 @@ def test_what_gguf_cannot_export_is_refused_with_nothing_written(tmp_path, tiny_
     for argv, says in ((["--format", "safetensors"], "choose from onnx, gguf"),
                        (["--format", "gguf", "--quantize", "int8"], "choose from f16, q8_0, q4_k_m"),
                        (["--format", "onnx", "--quantize", "q8_0"], "choose from int8"),
-                       (["--format", "gguf", "--prune", "magnitude:0.3"], "does not take --prune")):
+                       (["--format", "gguf", "--prune", "magnitude:0.3"], "does not take --prune"),
+                       # a generation run's outputs are a decoding loop, not the ONNX graph's one forward pass
+                       (["--format", "onnx"], "export: --format onnx does not serve generation runs")):
         before = sorted(p.name for p in (lora_run.run_dir / "export").iterdir()) if (lora_run.run_dir / "export").exists() else []
         assert main(["export", str(lora_run.run_dir), *argv]) == 2
         assert says in capsys.readouterr().err

@@ -21,13 +21,21 @@ def check_request(format: str, run_dir: str | Path, quantize: str | None = None,
         flags = ", ".join("--" + o.replace("_", "-") for o in unknown)
         raise InputError(f"export: --format {format} does not take {flags}"
                          + (f" (it takes {', '.join('--' + o.replace('_', '-') for o in takes)})." if takes else "."))
-    tasks = exporters.meta(format, "tasks")
-    if tasks is not None:
-        from lmtune.artifacts import RunDir, read_meta
-        rd = RunDir(run_dir)
-        if rd.finished() and (task := read_meta(rd.model).get("task")) not in tasks:
-            raise InputError(f"export: --format {format} supports {exporters.meta(format, 'supports') or ', '.join(tasks)}; "
-                             f"{rd.root} is a {task} run.")
+    tasks, refused = exporters.meta(format, "tasks"), exporters.meta(format, "refuses", {})
+    if tasks is None and not refused:
+        return
+    from lmtune.artifacts import RunDir, read_meta
+    rd = RunDir(run_dir)
+    if not rd.finished():
+        return  # the export itself says what is missing
+    task = read_meta(rd.model).get("task")
+    if tasks is not None and task not in tasks:
+        raise InputError(f"export: --format {format} supports {exporters.meta(format, 'supports') or ', '.join(tasks)}; "
+                         f"{rd.root} is a {task} run.")
+    from lmtune.tasks import get_task
+    for capability, instead in refused.items():
+        if task and capability in get_task(task).capabilities:
+            raise InputError(f"export: --format {format} does not serve {task} runs: {instead}")
 
 
 def merged_model(run, fmt: str):
