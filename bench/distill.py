@@ -40,6 +40,7 @@ sys.path.insert(0, str(ROOT))
 
 from lmtune.config import DEFAULT_MODEL, build_config  # noqa: E402
 from lmtune.distill import distill  # noqa: E402
+from lmtune.io import write_json  # noqa: E402
 from lmtune.search.combine import cv  # noqa: E402
 
 LABELED = 5003
@@ -65,7 +66,8 @@ def sample(work: Path, seed: int, limit: int | None) -> dict:
     test = read_csv(SHARED / "banking77" / "test.csv")
     if limit:  # a seeded sample of test: its file is sorted by category, so its first rows are a few classes
         labeled, unlabeled = labeled[:limit], unlabeled[:limit]
-        test = random.Random(seed).sample(test, min(limit, len(test)))
+        seen = {r["category"] for r in labeled}  # a small sample lacks some intents: test only the ones it has
+        test = random.Random(seed).sample([r for r in test if r["category"] in seen], min(limit, len(test)))
     return {"train": write_csv(work / "sample.csv", labeled, ("text", "category")),
             "unlabeled": write_csv(work / "unlabeled.csv", unlabeled, ("text",)),
             "test": write_csv(work / "test.csv", test, ("text", "category"))}
@@ -101,6 +103,21 @@ def one_seed(work: Path, seed: int, limit: int | None) -> dict:
     return out
 
 
+def kept_or_run(work: Path | None, seed: int, limit: int | None) -> dict:
+    """One seed's figures: read back from --work when an earlier run finished that seed, else run in a
+    temporary folder (the runs are not kept) and written there whole (lmtune.io.write_json)."""
+    kept = work / f"distill-l{limit or 'all'}-s{seed}.json" if work else None
+    if kept is not None and kept.is_file():
+        print(f"seed {seed}: kept from an earlier run in {kept}", file=sys.stderr, flush=True)
+        return json.loads(kept.read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory() as tmp:
+        got = one_seed(Path(tmp), seed, limit)
+    print(f"seed {seed}: {json.dumps(got)}", file=sys.stderr, flush=True)
+    if kept is not None:
+        write_json(kept, got)
+    return got
+
+
 def mean_std(rows: list[dict]) -> dict:
     out: dict = {}
     for k in rows[0]:
@@ -113,13 +130,10 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--limit", type=int, help="first N rows of each file (a quick check, not the bench)")
+    ap.add_argument("--work", type=Path, help="keep each seed's figures here as JSON: a stopped run resumes at the first "
+                                                "seed it had not finished (without it, nothing is kept)")
     ns = ap.parse_args()
-    per_seed = []
-    for seed in range(42, 42 + ns.seeds):
-        with tempfile.TemporaryDirectory() as tmp:
-            got = one_seed(Path(tmp), seed, ns.limit)
-        print(f"seed {seed}: {json.dumps(got)}", file=sys.stderr, flush=True)
-        per_seed.append(got)
+    per_seed = [kept_or_run(ns.work, seed, ns.limit) for seed in range(42, 42 + ns.seeds)]
     result = {part: mean_std([r[part] for r in per_seed]) for part in ("distill", "cross_architecture")}
     d = result["distill"]
     print(f"student keeps {d['student_acc'] / d['teacher_acc']:.2%} of the ensemble's accuracy at {d['cost_ratio']:.3f} of "
