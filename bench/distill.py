@@ -38,9 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
+from harness import kept_unit  # noqa: E402  (bench/harness.py, the benches' shared helpers)
 from lmtune.config import DEFAULT_MODEL, build_config  # noqa: E402
 from lmtune.distill import distill  # noqa: E402
-from lmtune.io import write_json  # noqa: E402
 from lmtune.search.combine import cv  # noqa: E402
 
 LABELED = 5003
@@ -103,21 +103,6 @@ def one_seed(work: Path, seed: int, limit: int | None) -> dict:
     return out
 
 
-def kept_or_run(work: Path | None, seed: int, limit: int | None) -> dict:
-    """One seed's figures: read back from --work when an earlier run finished that seed, else run in a
-    temporary folder (the runs are not kept) and written there whole (lmtune.io.write_json)."""
-    kept = work / f"distill-l{limit or 'all'}-s{seed}.json" if work else None
-    if kept is not None and kept.is_file():
-        print(f"seed {seed}: kept from an earlier run in {kept}", file=sys.stderr, flush=True)
-        return json.loads(kept.read_text(encoding="utf-8"))
-    with tempfile.TemporaryDirectory() as tmp:
-        got = one_seed(Path(tmp), seed, limit)
-    print(f"seed {seed}: {json.dumps(got)}", file=sys.stderr, flush=True)
-    if kept is not None:
-        write_json(kept, got)
-    return got
-
-
 def mean_std(rows: list[dict]) -> dict:
     out: dict = {}
     for k in rows[0]:
@@ -133,7 +118,14 @@ def main() -> None:
     ap.add_argument("--work", type=Path, help="keep each seed's figures here as JSON: a stopped run resumes at the first "
                                                 "seed it had not finished (without it, nothing is kept)")
     ns = ap.parse_args()
-    per_seed = [kept_or_run(ns.work, seed, ns.limit) for seed in range(42, 42 + ns.seeds)]
+    per_seed = []
+    for seed in range(42, 42 + ns.seeds):
+        def run(seed: int = seed) -> dict:  # in a temporary folder: the runs are not kept, only the figures
+            with tempfile.TemporaryDirectory() as tmp:
+                return one_seed(Path(tmp), seed, ns.limit)
+        got = kept_unit(ns.work / f"distill-l{ns.limit or 'all'}-s{seed}.json" if ns.work else None, f"seed {seed}", run)
+        print(f"seed {seed}: {json.dumps(got)}", file=sys.stderr, flush=True)
+        per_seed.append(got)
     result = {part: mean_std([r[part] for r in per_seed]) for part in ("distill", "cross_architecture")}
     d = result["distill"]
     print(f"student keeps {d['student_acc'] / d['teacher_acc']:.2%} of the ensemble's accuracy at {d['cost_ratio']:.3f} of "

@@ -89,7 +89,7 @@ from lmtune.evaluate.calibration import ece  # noqa: E402
 from lmtune.io import write_json  # noqa: E402
 from lmtune.models import resolve_model  # noqa: E402
 
-from harness import summary as seed_summary, write_csv  # noqa: E402  (bench/harness.py, the benches' shared helpers)
+from harness import kept_unit as unit, summary as seed_summary, write_csv  # noqa: E402  (bench/harness.py, the benches' shared helpers)
 
 try:  # the active-learning phase is another script's (bench/fewshot_active.py); the others run without it
     import fewshot_active
@@ -168,20 +168,6 @@ def eval_sample(rows: list, limit: int | None) -> list:
 
 
 # ---- units ------------------------------------------------------------------------------------------------------
-def unit(path: Path, tag: str, make) -> dict:
-    """One unit's figures: kept from an earlier run, or made now and written when it ends (atomically)."""
-    if path.is_file():
-        out = json.loads(path.read_text(encoding="utf-8"))
-        print(f"{tag}: kept from {path}", flush=True)
-        return out
-    t0 = time.perf_counter()
-    out = make()
-    out["wall_s"] = round(time.perf_counter() - t0, 1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_json(path, out)
-    return out
-
-
 def fresh_folder(folder: Path) -> Path:
     """An interrupted unit starts over: its earlier run folder goes."""
     if folder.exists():

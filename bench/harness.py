@@ -428,3 +428,22 @@ def answer_span(seq_ids: list, offsets: list, start: int, end: int) -> tuple[int
     if not ctx or offsets[ctx[0]][0] > start or offsets[ctx[-1]][1] < end:
         return 0, 0
     return next(i for i in ctx if offsets[i][1] > start), next(i for i in reversed(ctx) if offsets[i][0] < end)
+
+
+def kept_unit(path: Path | None, tag: str, make: Callable[[], dict]) -> dict:
+    """One unit of a resumable bench (a side, seed, set ...): its figures read back from `path` when an earlier
+    run finished it, else made now, timed (wall_s) and written whole (lmtune.io.write_json: temp + rename, so a
+    stopped run never leaves half a unit). path None: nothing is kept."""
+    import time
+
+    from lmtune.io import write_json
+    if path is not None and path.is_file():
+        print(f"{tag}: kept from {path}", file=sys.stderr, flush=True)
+        return json.loads(path.read_text(encoding="utf-8"))
+    t0 = time.perf_counter()
+    out = make()
+    out["wall_s"] = round(time.perf_counter() - t0, 1)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(path, out)
+    return out

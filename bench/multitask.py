@@ -46,9 +46,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SHARED = ROOT.parent / "shared" / "data"
 sys.path.insert(0, str(ROOT))
 
+from harness import kept_unit  # noqa: E402  (bench/harness.py, the benches' shared helpers)
 import lmtune  # noqa: E402
 from lmtune.config import DEFAULT_MODEL  # noqa: E402
-from lmtune.io import write_json  # noqa: E402
 from lmtune.models import quiet_transformers, resolve_model  # noqa: E402
 from lmtune.tasks.joint import read_jointbert  # noqa: E402
 
@@ -220,18 +220,14 @@ def mean_std(rows: list[dict]) -> dict:
 
 
 def unit(ns: argparse.Namespace, name: str, seed: int, side: str, run) -> dict:
-    """One side's figures for one seed: read back from --work when an earlier run finished this unit with the
-    same settings, else run (in a temporary folder) and kept there (lmtune.io.write_json: whole, then renamed)."""
+    """One side's figures for one seed (harness.kept_unit: read back from --work when an earlier run finished
+    this unit with the same settings, else run in a temporary folder and kept there)."""
     key = f"{name}-e{ns.epochs}-l{ns.limit or 'all'}-s{seed}-{side}.json"
-    kept = ns.work / key if ns.work else None
-    if kept is not None and kept.is_file():
-        print(f"{key}: kept from an earlier run", file=sys.stderr)
-        return json.loads(kept.read_text(encoding="utf-8"))
-    with tempfile.TemporaryDirectory() as tmp:
-        got = run(Path(tmp))
-    if kept is not None:
-        write_json(kept, got)
-    return got
+
+    def fresh() -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            return run(Path(tmp))
+    return kept_unit(ns.work / key if ns.work else None, key, fresh)
 
 
 def main() -> None:
