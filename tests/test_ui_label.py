@@ -17,7 +17,6 @@ import pytest
 
 import lmtune
 from lmtune import active
-from lmtune.cli import main
 from lmtune.ui.app import UiSettings
 from tests.conftest import toy_rows, write_csv
 from tests.test_ui import _screenshot, _wait, browser, serving  # noqa: F401  (browser: the fixture)
@@ -116,11 +115,35 @@ def test_label_a_batch_retrain_and_the_curve_gains_a_point_then_the_next_batch_d
     grown = Path(active.read_state(d / "runs" / "seed")["imports"][-1]["train_file"]).read_text(encoding="utf-8")
     assert f"{first['rows'][-1]['text']},{other}" in grown  # the correction, not the suggestion, was trained on
 
-    # the loop goes on from the retrained run: its next batch asks about other rows
-    assert main(["label", str(d / "runs" / "seed-al1"), "--pool", str(labeling["pool"]), "--batch", str(BATCH)]) == 0
-    browser.refresh()
-    _wait(browser, lambda b: "Batch 2" in b.find_element(By.ID, "label-batch").text)
+    # the loop goes on from the retrained run, asked from the page: the pool and the batch size are the last batch's,
+    # and the next batch (a job; the page reloads with it) asks about other rows
+    assert browser.find_element(By.ID, "next-pool").get_attribute("value") == str(Path(labeling["pool"]).resolve())
+    assert browser.find_element(By.ID, "next-size").get_attribute("value") == str(BATCH)
+    browser.find_element(By.ID, "next-batch").click()
+    _wait(browser, lambda b: "Batch 2" in b.find_element(By.ID, "label-batch").text, 120)
     texts = [r.find_element(By.CSS_SELECTOR, "td.text").text.splitlines()[0] for r in _rows(browser)]
     assert len(texts) == BATCH and not set(texts) & {r["text"] for r in first["rows"]}
     assert browser.find_element(By.ID, "label-saved").text == "0"
     _screenshot(browser, "label-next-batch")
+
+
+def test_asking_for_a_batch_checks_the_pool_and_the_strategy_before_any_job(server, labeling, tmp_path):
+    from urllib.error import HTTPError
+
+    def ask(body: dict) -> tuple[int, str]:
+        req = urllib.request.Request(f"{server}/api/run/seed/label/next", data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json", "X-Lmtune-UI": "1"})
+        try:
+            with urllib.request.urlopen(req, timeout=10) as r:
+                return r.status, r.read().decode()
+        except HTTPError as e:
+            return e.code, e.read().decode()
+    outside = tmp_path / "pool.csv"  # not under the dashboard's working directory
+    outside.write_text("text\nhello\n")
+    assert ask({"pool": str(outside), "size": 2})[0] == 403
+    assert ask({"pool": "no-such-pool.csv", "size": 2})[0] == 404
+    code, body = ask({"size": 2, "strategy": "psychic"})
+    assert code == 422 and "choose from" in body and "entropy" in body
+    assert ask({"size": 0})[0] == 422
+    jobs = labeling["dir"] / ".lmtune-ui" / "jobs"
+    assert not jobs.exists() or all("psychic" not in p.read_text() for p in jobs.glob("*/train.out"))

@@ -1,14 +1,35 @@
 // lmtune ui, labeling page: accept a suggestion or type a correction per row (saved at once through the guarded
-// POST API), then retrain with the saved labels as a job. Plain JavaScript shipped with the package.
+// POST API), then retrain with the saved labels as a job, and ask a run for its next batch (a job; the page reloads
+// with the batch when it is written). Plain JavaScript shipped with the package.
 "use strict";
+
+const post = (url, body) => fetch(url, {method: "POST", headers: {"Content-Type": "application/json", "X-Lmtune-UI": "1"},
+                                        body: JSON.stringify(body)}).then(async r => ({ok: r.ok, data: await r.json()}));
+
+(() => {
+  const next = document.getElementById("label-next");
+  if (!next) return;
+  const status = document.getElementById("next-status");
+  const follow = async id => {  // the job's state until it ends: a finished one wrote the batch, so reload to show it
+    const r = await fetch(`/api/jobs/${id}`).then(x => x.json());
+    if (r.status === "running") { setTimeout(() => follow(id), 1000); return; }
+    if (r.status === "finished") location.reload();
+    else status.textContent = `the job ${r.status}; its output is on the jobs page`;
+  };
+  document.getElementById("next-batch").addEventListener("click", async () => {
+    const r = await post(`/api/run/${next.dataset.run}/label/next`, {
+      pool: document.getElementById("next-pool").value, size: parseInt(document.getElementById("next-size").value, 10),
+      strategy: document.getElementById("next-strategy").value});
+    status.textContent = r.ok ? `asking: job ${r.data.id} (${r.data.status})` : r.data.detail;
+    if (r.ok) follow(r.data.id);
+  });
+})();
 
 (() => {
   const section = document.getElementById("label-batch");
   if (!section) return;
   const run = section.dataset.run, batch = parseInt(section.dataset.batch, 10);
   const status = document.getElementById("label-status"), saved = document.getElementById("label-saved");
-  const post = (url, body) => fetch(url, {method: "POST", headers: {"Content-Type": "application/json", "X-Lmtune-UI": "1"},
-                                          body: JSON.stringify(body)}).then(async r => ({ok: r.ok, data: await r.json()}));
   const save = async (row, value) => {
     const labels = value.split(",").map(s => s.trim()).filter(Boolean);
     const r = await post(`/api/run/${run}/label`, {batch, labels: {[row.dataset.rank]: labels}});
