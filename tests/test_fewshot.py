@@ -109,6 +109,7 @@ def test_explicit_setfit_refuses_pairs_and_tasks_without_it(tmp_path):
         lmtune.train(cfg)
 
 
+@pytest.mark.slow
 def test_a_run_on_eight_per_class_trains_setfit_reports_it_and_loads_as_usual(tmp_path):
     data = {name: str(write_csv(tmp_path / f"{name}.csv", topic_rows(n, seed)))
             for name, n, seed in (("train", 8, 1), ("dev", 12, 2), ("test", 12, 3))}
