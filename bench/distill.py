@@ -67,7 +67,8 @@ def sample(work: Path, seed: int, limit: int | None) -> dict:
     if limit:  # a seeded sample of test: its file is sorted by category, so its first rows are a few classes
         labeled, unlabeled = labeled[:limit], unlabeled[:limit]
         seen = {r["category"] for r in labeled}  # a small sample lacks some intents: test only the ones it has
-        test = random.Random(seed).sample([r for r in test if r["category"] in seen], min(limit, len(test)))
+        known = [r for r in test if r["category"] in seen]
+        test = random.Random(seed).sample(known, min(limit, len(known)))
     return {"train": write_csv(work / "sample.csv", labeled, ("text", "category")),
             "unlabeled": write_csv(work / "unlabeled.csv", unlabeled, ("text",)),
             "test": write_csv(work / "test.csv", test, ("text", "category"))}

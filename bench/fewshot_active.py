@@ -130,7 +130,8 @@ def dev_rows(rows: list[tuple[str, str]], chosen: list[int], seed: int) -> set[i
 
 def set_files(work: Path, name: str, seed: int, cfg: dict) -> dict:
     """The seed's files: first labels (train), dev, pool (text only) and its gold labels; the set's test file."""
-    train, evalset, _, _ = load_rows(name, None)
+    train, dev, evalset = load_rows(name, None)
+    train = train + dev  # the whole sample: this bench carves its own first labels, dev and pool from it
     train = unique(train)
     test = evalset if not cfg["test"] else random.Random(SEED).sample(evalset, min(cfg["test"], len(evalset)))
     folder = work / name / f"seed{seed}"

@@ -38,6 +38,7 @@ HUB_METRICS: dict[str, tuple[str, str, dict | None]] = {
     "macro_f1": ("f1", "macro F1", {"average": "macro"}),
     "micro_f1": ("f1", "micro F1", {"average": "micro"}),
     "samples_f1": ("f1", "samples F1", {"average": "samples"}),
+    "samples_jaccard": ("jaccard", "samples Jaccard", {"average": "samples"}),
     "official_macro_f1": ("f1", "official macro F1 (SemEval scorer)", {"average": "macro"}),
     "f1": ("f1", "F1", None),
     "precision": ("precision", "precision", None),

@@ -145,5 +145,14 @@ def test_asking_for_a_batch_checks_the_pool_and_the_strategy_before_any_job(serv
     code, body = ask({"size": 2, "strategy": "psychic"})
     assert code == 422 and "choose from" in body and "entropy" in body
     assert ask({"size": 0})[0] == 422
+    # a job already working on the run (a double click): the second ask is refused, not run beside it
+    first = ask({"size": 2})
+    assert first[0] == 200, first
+    code, body = ask({"size": 2})
+    assert code == 409 and "already running" in body
+    job_id = json.loads(first[1])["id"]
+    deadline = time.time() + 300
+    while _job(server, job_id)["status"] == "running" and time.time() < deadline:
+        time.sleep(0.5)
     jobs = labeling["dir"] / ".lmtune-ui" / "jobs"
-    assert not jobs.exists() or all("psychic" not in p.read_text() for p in jobs.glob("*/train.out"))
+    assert all("psychic" not in p.read_text() for p in jobs.glob("*/train.out"))

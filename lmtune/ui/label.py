@@ -74,7 +74,8 @@ async def label_save(name: str, body: LabelsBody, ui: UiState = Depends(state)):
 async def label_retrain(name: str, body: RetrainBody, ui: UiState = Depends(state)):
     """`lmtune label RUN_DIR --import BATCH-K.labeled.jsonl` as a job: the grown train file, then the retrain."""
     from lmtune.active import loop
-    rd = _finished(ui, name)
+    from lmtune.ui.train_api import idle_finished_run
+    rd = RunDir(idle_finished_run(ui, name))  # 409 while another job (an ask for a batch, a retrain) works on it
     path = loop.labeled_path(rd.root, body.batch)
     if not path.is_file():
         raise HTTPException(422, f"batch {body.batch}: no labels saved yet; accept or correct some rows first.")
@@ -89,7 +90,8 @@ async def label_next(name: str, body: NextBody, ui: UiState = Depends(state)):
     any pool must lie inside the dashboard's allowed folders."""
     from lmtune.active import loop
     from lmtune.registry import query_strategies
-    rd = _finished(ui, name)
+    from lmtune.ui.train_api import idle_finished_run
+    rd = RunDir(idle_finished_run(ui, name))
     if body.strategy not in query_strategies.names():
         raise HTTPException(422, f"strategy {body.strategy!r}: choose from {', '.join(query_strategies.names())}.")
     st = loop.read_state(rd.root)

@@ -88,7 +88,9 @@ async def api_run_metrics(name: str, request: Request, ui: UiState = Depends(sta
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-def _finished_run(ui: UiState, name: str):
+def idle_finished_run(ui: UiState, name: str):
+    """The run's folder, when it has its final model and no export, push or labeling job is working on it (409
+    otherwise: two jobs on one run would write the same files)."""
     path = ui.run_path(name)
     if not RunDir(path).finished():
         raise HTTPException(409, f"run {name!r} has no final model yet")
@@ -101,14 +103,14 @@ def _finished_run(ui: UiState, name: str):
 @router.post("/run/{name}/export")
 async def api_export(name: str, ui: UiState = Depends(state)):
     """`lmtune export RUN` (ONNX, checked against PyTorch) as a job; the page follows /api/jobs/ID/events."""
-    path = _finished_run(ui, name)
+    path = idle_finished_run(ui, name)
     return ui.jobs.start_command("export", [str(path)], path).state()
 
 
 @router.post("/run/{name}/push")
 async def api_push(name: str, body: PushBody, ui: UiState = Depends(state)):
     """`lmtune push RUN --to DIR` as a job: the Hub repo's layout written into a folder inside the allowed paths."""
-    path = _finished_run(ui, name)
+    path = idle_finished_run(ui, name)
     if not body.to.strip():
         raise HTTPException(422, "to: give a folder to write the model to")
     target = ui.confine.path(body.to.strip(), "to")

@@ -3,6 +3,9 @@
 // with the batch when it is written). Plain JavaScript shipped with the package.
 "use strict";
 
+// an error's detail: FastAPI's is a string, or a list of {loc, msg} for a request that fails validation
+const detail = data => Array.isArray(data.detail) ? data.detail.map(e => `${e.loc.slice(1).join(".")}: ${e.msg}`).join("; ")
+                                                  : String(data.detail);
 const post = (url, body) => fetch(url, {method: "POST", headers: {"Content-Type": "application/json", "X-Lmtune-UI": "1"},
                                         body: JSON.stringify(body)}).then(async r => ({ok: r.ok, data: await r.json()}));
 
@@ -14,14 +17,16 @@ const post = (url, body) => fetch(url, {method: "POST", headers: {"Content-Type"
     const r = await fetch(`/api/jobs/${id}`).then(x => x.json());
     if (r.status === "running") { setTimeout(() => follow(id), 1000); return; }
     if (r.status === "finished") location.reload();
-    else status.textContent = `the job ${r.status}; its output is on the jobs page`;
+    else { status.textContent = `the job ${r.status}; its output is on the jobs page`; button.disabled = false; }
   };
-  document.getElementById("next-batch").addEventListener("click", async () => {
+  const button = document.getElementById("next-batch");
+  button.addEventListener("click", async () => {
+    button.disabled = true;  // one ask at a time (the server refuses a second job on the run with 409 too)
     const r = await post(`/api/run/${next.dataset.run}/label/next`, {
-      pool: document.getElementById("next-pool").value, size: parseInt(document.getElementById("next-size").value, 10),
+      pool: document.getElementById("next-pool").value, size: parseInt(document.getElementById("next-size").value, 10) || 0,
       strategy: document.getElementById("next-strategy").value});
-    status.textContent = r.ok ? `asking: job ${r.data.id} (${r.data.status})` : r.data.detail;
-    if (r.ok) follow(r.data.id);
+    status.textContent = r.ok ? `asking: job ${r.data.id} (${r.data.status})` : detail(r.data);
+    if (r.ok) follow(r.data.id); else button.disabled = false;
   });
 })();
 
@@ -33,7 +38,7 @@ const post = (url, body) => fetch(url, {method: "POST", headers: {"Content-Type"
   const save = async (row, value) => {
     const labels = value.split(",").map(s => s.trim()).filter(Boolean);
     const r = await post(`/api/run/${run}/label`, {batch, labels: {[row.dataset.rank]: labels}});
-    status.textContent = r.ok ? `row ${row.dataset.rank} saved` : r.data.detail;
+    status.textContent = r.ok ? `row ${row.dataset.rank} saved` : detail(r.data);
     if (r.ok) saved.textContent = r.data.saved;
   };
   section.querySelectorAll("#label-rows tbody tr").forEach(row => {
@@ -43,6 +48,6 @@ const post = (url, body) => fetch(url, {method: "POST", headers: {"Content-Type"
   });
   document.getElementById("retrain").addEventListener("click", async () => {
     const r = await post(`/api/run/${run}/label/retrain`, {batch});
-    status.textContent = r.ok ? `retraining: job ${r.data.id} (${r.data.status}); the new run appears on the runs page` : r.data.detail;
+    status.textContent = r.ok ? `retraining: job ${r.data.id} (${r.data.status}); the new run appears on the runs page` : detail(r.data);
   });
 })();
