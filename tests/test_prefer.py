@@ -20,7 +20,7 @@ import lmtune.recipe
 from lmtune.cli import main
 from lmtune.config import build_config
 from lmtune.peft import apply_peft
-from lmtune.prefer import PENALTIES, Candidate, pick_pair, pick_pairs, score_candidates
+from lmtune.prefer import PENALTIES, Candidate, pick_pair, score_candidates
 from lmtune.tasks import get_task
 from lmtune.tasks.preference import fill_reference, response_log_probs
 from lmtune.training.loop import inputs
@@ -151,23 +151,6 @@ def test_a_loop_is_never_chosen_over_a_clean_output_of_equal_rouge():
     assert [c.loop for c in got] == [False, True, False, False] and [c.capped for c in got] == [False, False, True, False]
     assert [c.invented for c in got] == [False, False, False, True] and got[0].rougeL == pytest.approx(1.0)
     assert max(got, key=lambda c: c.score) is got[0]
-
-
-def test_each_failure_some_candidates_show_gets_its_own_pair_against_the_best_clean_output():
-    clean = Candidate("Amy pays the rent", 0.6, loop=False, capped=False, invented=False)
-    inventing = Candidate("Amy pays Zorblax the rent", 0.62, loop=False, capped=False, invented=True)
-    looping = Candidate("Amy pays pays pays pays", 0.3, loop=True, capped=False, invented=False)
-    pairs = [(a.text, b.text) for a, b in pick_pairs([inventing, clean, looping])]
-    # best-vs-worst rejects the loop; the invented name gets a pair of its own, against the best inventing output
-    assert pairs == [(clean.text, looping.text), (clean.text, inventing.text)]
-    # a second inventing output worse than the first is not the one rejected: the pair differs by the failure
-    worse = Candidate("Zorblax and Quux", 0.1, False, False, True)
-    assert pick_pairs([clean, worse, inventing]) == [(clean, worse), (clean, inventing)]
-    # a failing output whose ROUGE-L outweighs its penalty is not rejected for it, and no pair is made twice
-    strong = Candidate("Amy pays Zorblax the rent now", 0.95, False, False, True)
-    assert pick_pairs([strong, clean]) == [(strong, clean)]
-    # when every candidate fails a check, that check makes no pair (there is nothing clean to prefer)
-    assert pick_pairs([inventing, Candidate("Quux pays", 0.58, False, False, True)]) == []
 
 
 def _sft(tmp_path: Path, model: str, name: str = "sft", **peft) -> Path:
