@@ -6,8 +6,7 @@ For each training prompt the SFT model gives its greedy output and k samples (te
 each candidate scores its ROUGE-L against the reference (the task's dev metric) minus fixed penalties for
 a repetition loop, hitting max_new_tokens and inventing names or numbers (lmtune.generate_control's own
 checks, the ones report.md measures). The best and the worst candidate of a prompt make a pair when their
-scores differ by at least MARGIN (a smaller gap is noise, not a preference), and each check that only some
-of its candidates fail adds a pair of its own (pick_pairs). The pairs are written in TRL's
+scores differ by at least MARGIN (a smaller gap is noise, not a preference). The pairs are written in TRL's
 layout (prompt, chosen, rejected) to RUN/prefer/pairs.jsonl, dev pairs likewise from the run's dev split,
 and a new run trains train.objective dpo from the SFT model's merged weights (a new LoRA on top, so DPO's
 reference, the adapter disabled, is the SFT model), searches its decoding again and is scored on the
@@ -65,42 +64,14 @@ def score_candidates(example: Any, generated: list[dict]) -> list[Candidate]:
     return out
 
 
-CHECKS = tuple(PENALTIES)  # the failures a candidate is checked for, each one a Candidate field
-# how a prompt's candidates become pairs; part of the kept pairs' settings, so a change here samples anew
-SELECTION = "best-worst, and best clean against best failing for each check"
-
-
 def pick_pair(candidates: list[Candidate], margin: float = MARGIN) -> tuple[Candidate, Candidate] | None:
     """(best, worst) by score, or None when their gap is under the margin or they are the same text.
     Ties keep the earlier candidate (the greedy output comes first)."""
     best = max(candidates, key=lambda c: c.score)
     worst = min(candidates, key=lambda c: c.score)
-    return _kept(best, worst, margin)
-
-
-def _kept(chosen: Candidate, rejected: Candidate, margin: float) -> tuple[Candidate, Candidate] | None:
-    if chosen.score - rejected.score < margin or chosen.text.strip() == rejected.text.strip():
+    if best.score - worst.score < margin or best.text.strip() == worst.text.strip():
         return None
-    return chosen, rejected
-
-
-def pick_pairs(candidates: list[Candidate], margin: float = MARGIN) -> list[tuple[Candidate, Candidate]]:
-    """A prompt's pairs: best against worst (pick_pair), and for each check (loop, cap hit, invented name or
-    number) that some but not all candidates fail, the best candidate that passes it against the best one
-    that fails it. Why the extra pairs: best-vs-worst almost always rejects a loop or a run-on (the largest
-    penalties), so a rarer failure such as an invented name reached DPO in 7% of DialogSum's pairs even where
-    a prompt's samples showed it; and the best failing candidate (not the worst) differs from the chosen one
-    mostly by that failure, so the pair teaches the failure rather than general quality."""
-    pairs = [p for p in [pick_pair(candidates, margin)] if p is not None]
-    for check in CHECKS:
-        failing = [c for c in candidates if getattr(c, check)]
-        passing = [c for c in candidates if not getattr(c, check)]
-        if not failing or not passing:
-            continue
-        pair = _kept(max(passing, key=lambda c: c.score), max(failing, key=lambda c: c.score), margin)
-        if pair is not None and all((pair[0].text, pair[1].text) != (a.text, b.text) for a, b in pairs):
-            pairs.append(pair)
-    return pairs
+    return best, worst
 
 
 def _pair_prompt(task: Any, example: Any) -> str | list[dict]:
@@ -141,20 +112,20 @@ def make_pairs(run: Any, examples: list, *, k: int, temperature: float, seed: in
         settings = {"temperature": temperature, "top_p": TOP_P, "seed": seed + 1000 * (j + 1)}
         log.info("prefer: sample %d of %d for %d prompts", j + 1, k, len(examples))
         rounds.append(generate_outputs(task, model, run.tokenizer, examples, device, settings, cap, progress))
-    pairs, chosen, rejected, prompts_paired = [], [], [], 0
+    pairs, chosen, rejected = [], [], []
     for i, ex in enumerate(examples):
-        picked = pick_pairs(score_candidates(ex, [r[i] for r in rounds]))
-        prompts_paired += bool(picked)
-        for best, worst in picked:
-            pair = {"prompt": _pair_prompt(task, ex), "chosen": best.text, "rejected": worst.text}
-            if keep_references and ex.references:
-                pair["references"] = list(ex.references)
-            pairs.append(pair)
-            chosen.append(best)
-            rejected.append(worst)
-    summary = {"prompts": len(examples), "candidates": len(examples) * (k + 1), "pairs": len(pairs),
-               "prompts_paired": prompts_paired, "k": k, "temperature": temperature, "top_p": TOP_P,
-               "margin": MARGIN, "penalties": PENALTIES, "selection": SELECTION,
+        picked = pick_pair(score_candidates(ex, [r[i] for r in rounds]))
+        if picked is None:
+            continue
+        best, worst = picked
+        pair = {"prompt": _pair_prompt(task, ex), "chosen": best.text, "rejected": worst.text}
+        if keep_references and ex.references:
+            pair["references"] = list(ex.references)
+        pairs.append(pair)
+        chosen.append(best)
+        rejected.append(worst)
+    summary = {"prompts": len(examples), "candidates": len(examples) * (k + 1), "pairs": len(pairs), "k": k,
+               "temperature": temperature, "top_p": TOP_P, "margin": MARGIN, "penalties": PENALTIES,
                "chosen": _shares(chosen), "rejected": _shares(rejected)}
     return pairs, summary
 
@@ -256,7 +227,7 @@ def _pairs_of(sft: Any, run_dir: Path, splits: Any, *, k: int, temperature: floa
     cfg = sft.config
     seed = cfg.train.seed
     settings = {"k": k, "temperature": temperature, "max_prompts": max_prompts, "seed": seed, "top_p": TOP_P,
-                "margin": MARGIN, "penalties": PENALTIES, "selection": SELECTION}
+                "margin": MARGIN, "penalties": PENALTIES}
     kept = run_dir / "prefer_pairs" / f"k{k}-t{temperature:g}-p{max_prompts or 'all'}-s{seed}"
     earlier = _read_kept(kept, settings)
     if earlier is not None:
