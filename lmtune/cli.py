@@ -367,8 +367,7 @@ def cmd_prefer(run_dir: str, *, k: Annotated[int, "sampled outputs per prompt (t
     run = prefer(run_dir, k=k, temperature=temperature, max_prompts=max_prompts, objective=objective,
                  progress=overrides.pop("train.progress", "bar"), overrides=overrides)
     p = run.metrics["prefer"]["train"]
-    print(f"pairs: {p['pairs']} from {p.get('prompts_paired', p['pairs'])} of {p['prompts']} prompts "
-          f"({run.run_dir / 'prefer' / 'pairs.jsonl'})")
+    print(f"pairs: {p['pairs']} of {p['prompts']} prompts ({run.run_dir / 'prefer' / 'pairs.jsonl'})")
     _print_headline(run)
     return 0
 

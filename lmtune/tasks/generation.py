@@ -530,8 +530,7 @@ def _prefer_lines(run_dir: Path) -> str:
         return ""
     p = json.loads(path.read_text())
     lines = ["", f"Pairs made by `lmtune prefer` from {p['from_run']}: the greedy output and {p['train']['k']} samples per "
-             "prompt, ranked by ROUGE-L minus penalties, best against worst, and for each check that only some "
-             "samples fail, the best passing against the best failing one.", "",
+             "prompt, ranked by ROUGE-L minus penalties, best against worst.", "",
              "| split | prompts | pairs | | ROUGE-L | loops | hit max tokens | invented |", "|---|---|---|---|---|---|---|---|"]
     for split in ("train", "dev"):
         s = p[split]
