@@ -844,7 +844,8 @@ def test_no_error_message_shows_a_file_outside(dash):
 
 
 JSON_ROUTES = ("/api/run/r1/predict", "/api/init", "/api/jobs", "/api/clean", "/api/columns", "/api/form/yaml",
-               "/api/form/values", "/api/run/r1/push", "/api/run/r1/label", "/api/run/r1/label/retrain")
+               "/api/form/values", "/api/run/r1/push", "/api/run/r1/label", "/api/run/r1/label/retrain",
+               "/api/run/r1/label/next")
 NOT_OBJECTS = ([1, 2], ["train.csv"], [], "train.csv", 3, 2.5, None, True)
 
 
