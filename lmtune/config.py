@@ -714,7 +714,7 @@ def build_config(raw: dict | None = None, overrides: dict[str, Any] | None = Non
             if _non_finite(value):
                 what = "a finite number" if isinstance(value, float) else "finite numbers only"
                 raise InputError(f"{origin[key]}: {key} must be {what}, got {value!r}.")
-            values[key] = _rebased(key, list(value) if isinstance(value, tuple) else value, rel)
+            values[key] = _rebased(known[key], list(value) if isinstance(value, tuple) else value, rel)
     for key, value in _task_defaults(values.get("task", Config.task), values).items():
         values.setdefault(key, value)
     nested: dict[str, Any] = {}
@@ -731,12 +731,12 @@ def build_config(raw: dict | None = None, overrides: dict[str, Any] | None = Non
     return cfg
 
 
-def _rebased(key: str, value: Any, folder: Path | None) -> Any:
+def _rebased(f: dataclasses.Field, value: Any, folder: Path | None) -> Any:
     """A relative data path read from a YAML file, joined to the file's folder (a value of the wrong
     type is left for the check to name)."""
     if folder is None:
         return value
-    if key not in path_keys():
+    if not f.metadata.get("path"):  # declared with option(..., path=True): see path_keys
         return value
     if isinstance(value, str) and value and not value.startswith(("hub:", "memory:")):
         return str(p if (p := Path(value)).is_absolute() else folder / p)
