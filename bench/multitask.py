@@ -21,8 +21,8 @@ slot F1 (seqeval, strict IOB2, entity level), sentence accuracy (intent right an
 Intents and slot types test has and train has not (ATIS: 5 intents, a few slot rows) count as errors
 for every side, as JointBERT's published figures count them. texts_per_s: test utterances per second
 of prediction from seq.in's words (sub-word tokenisation, the forward pass and decoding; batch 64 for the
-peer, the run's own batching for lmtune); single and peer: the two models one after the other, as a service running
-both would. train_s: wall seconds of training (lmtune: without its per-epoch dev evaluation and
+peer, the run's own batching for lmtune), the fastest of 3 passes over test for every side; single and peer: the two
+models one after the other, as a service running both would. train_s: wall seconds of training (lmtune: without its per-epoch dev evaluation and
 checkpoints). Means over --seeds seeds (default 3), with the standard deviation.
 
 Published BERT-base figures for scale (JointBERT, Chen et al. 2019; intent acc / slot F1 / sentence acc):
@@ -101,10 +101,19 @@ def train_seconds(run) -> float:
     return t["train_seconds"] - t.get("eval_seconds", 0.0) - t.get("checkpoint_seconds", 0.0)
 
 
+def best_of(predict, repeats: int = 3) -> tuple[list, float]:
+    """predict()'s result and its fastest wall time of `repeats` calls: the usual timeit rule (the fastest run is the
+    one least disturbed by the rest of the machine), applied to every side alike."""
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        out = predict()
+        best = min(best, time.perf_counter() - t0)
+    return out, best
+
+
 def predict_timed(run, texts: list[str]) -> tuple[list[dict], float]:
-    t0 = time.perf_counter()
-    out = run.predict(texts)
-    return out, time.perf_counter() - t0
+    return best_of(lambda: run.predict(texts))
 
 
 def predict_words_timed(run, rows: list[dict], work: Path) -> tuple[list[dict], float]:
@@ -113,9 +122,7 @@ def predict_words_timed(run, rows: list[dict], work: Path) -> tuple[list[dict], 
     word with the gold ones ("st. louis" stays two words, where a text would be split at the full stop)."""
     path = write_jsonl(work / "test_words.jsonl", [{"tokens": r["tokens"]} for r in rows])
     examples = run.task.read_file(path, run.config, None, require_label=False)
-    t0 = time.perf_counter()
-    out = run.predict_examples(examples)
-    return out, time.perf_counter() - t0
+    return best_of(lambda: run.predict_examples(examples))
 
 
 def run_joint(data: dict, work: Path, seed: int, epochs: int) -> dict:
@@ -186,26 +193,28 @@ def run_peer(data: dict, seed: int, epochs: int) -> dict:
         train_s = time.perf_counter() - t0
     clf.eval(), tagger.eval()
     test = data["test"]
-    t0 = time.perf_counter()
-    pred_intents, pred_tags = [], []
-    with torch.inference_mode():
-        for b in range(0, len(test), 64):
-            rows = test[b:b + 64]
-            x = tok([text_of(r) for r in rows], truncation=True, max_length=128, padding=True, return_tensors="pt")
-            pred_intents += [intents[i] for i in clf(**x).logits.argmax(-1).tolist()]
-        for b in range(0, len(test), 64):
-            rows = test[b:b + 64]
-            x = tok([r["tokens"] for r in rows], is_split_into_words=True, truncation=True, max_length=128, padding=True,
-                    return_tensors="pt")
-            best = tagger(**x).logits.argmax(-1).tolist()
-            for i, r in enumerate(rows):
-                out, prev = ["O"] * len(r["tokens"]), None
-                for p, w in enumerate(x.word_ids(i)):
-                    if w is not None and w != prev:
-                        out[w] = tags[best[i][p]]
-                    prev = w
-                pred_tags.append(out)
-    seconds = time.perf_counter() - t0
+
+    def predict() -> tuple[list[str], list[list[str]]]:
+        pred_intents, pred_tags = [], []
+        with torch.inference_mode():
+            for b in range(0, len(test), 64):
+                rows = test[b:b + 64]
+                x = tok([text_of(r) for r in rows], truncation=True, max_length=128, padding=True, return_tensors="pt")
+                pred_intents += [intents[i] for i in clf(**x).logits.argmax(-1).tolist()]
+            for b in range(0, len(test), 64):
+                rows = test[b:b + 64]
+                x = tok([r["tokens"] for r in rows], is_split_into_words=True, truncation=True, max_length=128, padding=True,
+                        return_tensors="pt")
+                best = tagger(**x).logits.argmax(-1).tolist()
+                for i, r in enumerate(rows):
+                    out, prev = ["O"] * len(r["tokens"]), None
+                    for p, w in enumerate(x.word_ids(i)):
+                        if w is not None and w != prev:
+                            out[w] = tags[best[i][p]]
+                        prev = w
+                    pred_tags.append(out)
+        return pred_intents, pred_tags
+    (pred_intents, pred_tags), seconds = best_of(predict)
     return {**scores(test, pred_intents, pred_tags), "texts_per_s": len(test) / seconds, "train_s": train_s}
 
 

@@ -17,7 +17,7 @@ import lmtune
 from lmtune.cli import main
 from lmtune.config import build_config
 from lmtune.data.ner_readers import read_ner, split_words
-from lmtune.data.tagging import (SCHEMES, allowed_transitions, bio_labels, count_invalid, detect_scheme, from_bio, spans,
+from lmtune.data.tagging import (SCHEMES, allowed, allowed_transitions, bio_labels, count_invalid, detect_scheme, from_bio, spans,
                                  to_bio, viterbi)
 from lmtune.errors import InputError
 from lmtune.tasks.base import Encoded
@@ -200,6 +200,31 @@ def test_constrained_decoding_never_emits_an_invalid_sequence():
         assert not count_invalid(path)
         assert len(path) == len(lp)
     assert raw_invalid > 50  # the raw argmax often is invalid: the constraint does real work
+
+
+def _best_allowed_path_by_enumeration(lp: np.ndarray, labels: list[str]) -> float:
+    import itertools
+    return max(sum(lp[i, k] for i, k in enumerate(path)) for path in itertools.product(range(len(labels)), repeat=len(lp))
+               if not count_invalid([labels[k] for k in path]))
+
+
+def test_viterbi_finds_the_best_allowed_path_whether_or_not_the_argmax_is_allowed():
+    # viterbi returns the per-word argmax at once when it obeys the constraints (the fast path): both ways must give
+    # the best allowed path, checked against every path of short sentences over 5 tags
+    labels = bio_labels({"PER", "LOC"})
+    start_ok, trans_ok = allowed_transitions(labels)
+    rng = np.random.default_rng(1)
+    took = {True: 0, False: 0}
+    for _ in range(120):
+        lp = np.log(rng.dirichlet(np.ones(len(labels)) * 0.5, size=rng.integers(1, 5)))
+        argmax_ok = not count_invalid([labels[k] for k in lp.argmax(-1)])
+        took[argmax_ok] += 1
+        path = viterbi(lp, start_ok, trans_ok)
+        assert allowed(np.array(path), start_ok, trans_ok) and not count_invalid([labels[k] for k in path])
+        assert sum(lp[i, k] for i, k in enumerate(path)) == pytest.approx(_best_allowed_path_by_enumeration(lp, labels))
+        if argmax_ok:
+            assert path == lp.argmax(-1).tolist()
+    assert min(took.values()) > 20  # both ways were exercised
 
 
 def _ner_config(tmp_path, tiny_model, scheme="bio"):

@@ -6,6 +6,8 @@ over allowed transitions are small, exact and the part that usually goes subtly 
 """
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 SCHEMES = ("bio", "iob1", "bioes", "bilou", "bmes")
@@ -116,7 +118,13 @@ def bio_labels(types: set[str]) -> list[str]:
 
 
 def allowed_transitions(labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """(start_ok[L], trans_ok[L, L]) for BIO: I-X only after B-X or I-X, never first."""
+    """(start_ok[L], trans_ok[L, L]) for BIO: I-X only after B-X or I-X, never first. Cached per label set:
+    every decode asks again, and the double loop over a 160-tag set (ATIS) is 25k steps."""
+    return _allowed_transitions(tuple(labels))
+
+
+@functools.lru_cache(maxsize=16)
+def _allowed_transitions(labels: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
     n = len(labels)
     parts = [split_tag(lab) for lab in labels]
     start_ok = np.array([p != "I" for p, _ in parts])
@@ -125,6 +133,7 @@ def allowed_transitions(labels: list[str]) -> tuple[np.ndarray, np.ndarray]:
         if pj == "I":
             for i, (pi, ti) in enumerate(parts):
                 trans[i, j] = pi in "BI" and ti == tj
+    start_ok.flags.writeable = trans.flags.writeable = False  # shared by every caller through the cache
     return start_ok, trans
 
 
@@ -139,11 +148,22 @@ def count_invalid(tags: list[str]) -> bool:
     return False
 
 
+def allowed(path: np.ndarray, start_ok: np.ndarray, trans_ok: np.ndarray) -> bool:
+    """True if a label-index path obeys the constraints (count_invalid's test, on indices, without strings)."""
+    return bool(len(path) == 0 or (start_ok[path[0]] and trans_ok[path[:-1], path[1:]].all()))
+
+
 def viterbi(log_probs: np.ndarray, start_ok: np.ndarray, trans_ok: np.ndarray) -> list[int]:
     """Best label path under hard BIO constraints (word-level log-probabilities [n, L])."""
     n, L = log_probs.shape
     if n == 0:
         return []
+    # the constraints only forbid (a transition scores 0 or -inf), so when the per-word argmax already obeys
+    # them it is the best allowed path: exact, and most sentences of a trained tagger take this way (the
+    # dynamic programme below was a third of a joint model's prediction time on ATIS)
+    best = log_probs.argmax(-1)
+    if allowed(best, start_ok, trans_ok):
+        return best.tolist()
     neg = -1e9
     trans = np.where(trans_ok, 0.0, neg)
     score = np.where(start_ok, log_probs[0], neg)

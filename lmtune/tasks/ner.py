@@ -27,7 +27,7 @@ from transformers import AutoModelForTokenClassification
 
 from lmtune.config import Config
 from lmtune.data.ner_readers import NerExample, convert, example_from_text, read_ner_raw, span_text
-from lmtune.data.tagging import allowed_transitions, bio_labels, count_invalid, detect_scheme, from_bio, spans, split_tag, viterbi
+from lmtune.data.tagging import allowed, allowed_transitions, bio_labels, detect_scheme, from_bio, spans, split_tag, viterbi
 from lmtune.errors import InputError
 from lmtune.evaluate.abstain import choose_threshold
 from lmtune.evaluate.calibration import choose_temperature, ece, fit_temperature, softmax
@@ -325,8 +325,7 @@ class NerTask(Task):
                 tags.append(["O"] * len(ex.tokens))
                 probs.append(np.zeros(len(ex.tokens)))
                 continue
-            raw = [labels[k] for k in lp.argmax(-1)]
-            invalid += count_invalid(raw)
+            invalid += not allowed(lp.argmax(-1), start_ok, trans_ok)
             path = viterbi(lp, start_ok, trans_ok)
             tags.append([labels[k] for k in path])
             probs.append(np.exp(lp[np.arange(len(path)), path]))
