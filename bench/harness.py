@@ -430,19 +430,39 @@ def answer_span(seq_ids: list, offsets: list, start: int, end: int) -> tuple[int
     return next(i for i in ctx if offsets[i][1] > start), next(i for i in reversed(ctx) if offsets[i][0] < end)
 
 
+def code_version() -> dict:
+    """The commit the bench runs at, whether the tree has uncommitted changes, and the date: a kept unit carries it,
+    so figures kept in the repo (bench/results/units/) say which code made them when the key's settings match."""
+    import datetime
+    import subprocess
+
+    def git(*args: str) -> str:
+        done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else ""
+    return {"commit": git("rev-parse", "--short", "HEAD") or "unknown",
+            "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+            "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+
+
 def kept_unit(path: Path | None, tag: str, make: Callable[[], dict]) -> dict:
     """One unit of a resumable bench (a side, seed, set ...): its figures read back from `path` when an earlier
-    run finished it, else made now, timed (wall_s) and written whole (lmtune.io.write_json: temp + rename, so a
-    stopped run never leaves half a unit). path None: nothing is kept."""
+    run finished it, else made now, timed (wall_s), stamped with the code that made it (made_at: code_version)
+    and written whole (lmtune.io.write_json: temp + rename, so a stopped run never leaves half a unit). path
+    None: nothing is kept."""
     import time
 
     from lmtune.io import write_json
     if path is not None and path.is_file():
-        print(f"{tag}: kept from {path}", file=sys.stderr, flush=True)
-        return json.loads(path.read_text(encoding="utf-8"))
+        kept = json.loads(path.read_text(encoding="utf-8"))
+        made = kept.get("made_at", {})
+        print(f"{tag}: kept from {path} (made at commit {made.get('commit', 'unknown')}"
+              f"{', uncommitted changes' if made.get('dirty') else ''})", file=sys.stderr, flush=True)
+        return kept
+    made_at = code_version()  # before the work: what the code was when it started
     t0 = time.perf_counter()
     out = make()
     out["wall_s"] = round(time.perf_counter() - t0, 1)
+    out["made_at"] = made_at
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_json(path, out)

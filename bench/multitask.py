@@ -260,7 +260,7 @@ def main() -> None:
             for side in sides:
                 got = unit(ns, name, seed, side, lambda tmp, f=runners[side], d=data, s=seed: f(d, tmp, s))
                 per_side[side].append(got)
-                print(f"{name} seed {seed} {side}: " + ", ".join(f"{k} {v:.4f}" for k, v in got.items()), file=sys.stderr,
+                print(f"{name} seed {seed} {side}: " + ", ".join(f"{k} {got[k]:.4f}" for k in FIGURES), file=sys.stderr,
                       flush=True)
         result[name] = {side: mean_std(rows) for side, rows in per_side.items()}
         result[name]["published_bert_base"] = PUBLISHED[name]

@@ -150,3 +150,19 @@ def test_real_train_dev_opens_no_test_file(name):
     if name == "squad":
         test_ids = {r["id"] for r in harness.load_test(name)}
         assert test_ids and test_ids.isdisjoint(r["id"] for r in train + dev)
+
+
+def test_a_kept_unit_is_made_once_stamped_with_its_code_and_read_back_unchanged(tmp_path, capsys):
+    calls = []
+
+    def make() -> dict:
+        calls.append(1)
+        return {"accuracy": 0.5}
+    path = tmp_path / "units" / "set-s42-side.json"
+    first = harness.kept_unit(path, "unit", make)
+    assert first["accuracy"] == 0.5 and first["wall_s"] >= 0
+    assert set(first["made_at"]) == {"commit", "dirty", "date"} and first["made_at"]["commit"]
+    again = harness.kept_unit(path, "unit", make)
+    assert again == first and calls == [1]  # read back, not made again
+    assert f"kept from {path} (made at commit {first['made_at']['commit']}" in capsys.readouterr().err
+    assert harness.kept_unit(None, "unit", make)["accuracy"] == 0.5 and calls == [1, 1]  # None: nothing kept
