@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import sys
 import tempfile
@@ -248,11 +249,14 @@ def main() -> None:
     ap.add_argument("--sides", default="joint,single,peer")
     ap.add_argument("--work", type=Path, help="keep each (set, seed, side)'s figures here as JSON: a stopped run resumes "
                                                 "where it stopped (without it, nothing is kept)")
+    ap.add_argument("--results", type=Path, help="also write this bench's results file (bench/results/multitask.json: "
+                                                   "the benchmarks page renders it) from the figures")
     ns = ap.parse_args()
     sides = [s for s in ns.sides.split(",") if s]
     runners = {"joint": lambda d, w, s: run_joint(d, w, s, ns.epochs), "single": lambda d, w, s: run_single(d, w, s, ns.epochs),
                "peer": lambda d, w, s: run_peer(d, s, ns.epochs)}
     result: dict = {}
+    seeds: dict[str, dict[str, list[dict]]] = {}
     for name in [ns.only] if ns.only else ["snips", "atis"]:
         data = splits(name, ns.limit)
         per_side: dict[str, list[dict]] = {s: [] for s in sides}
@@ -262,10 +266,66 @@ def main() -> None:
                 per_side[side].append(got)
                 print(f"{name} seed {seed} {side}: " + ", ".join(f"{k} {got[k]:.4f}" for k in FIGURES), file=sys.stderr,
                       flush=True)
+        seeds[name] = per_side
         result[name] = {side: mean_std(rows) for side, rows in per_side.items()}
         result[name]["published_bert_base"] = PUBLISHED[name]
         print(f"{name}: " + json.dumps(result[name]), file=sys.stderr, flush=True)
+    if ns.results:
+        from lmtune.io import write_json
+        write_json(ns.results, results_doc(result, seeds, ns))
     print(json.dumps(result))
+
+
+# ---- the results file (docs/hooks/benchmarks.py renders it) ---------------------------------------------
+SIDE_NAMES = {"joint": "lmtune joint (one model)", "single": "lmtune single (intent model + slot model)",
+              "peer": "HF recipe (two models)"}
+
+
+def acceptance(figures: dict, per_seed: dict[str, list[dict]]) -> str:
+    """Issue 49's four checks on one set, as sentences computed from the figures."""
+    j, s = figures.get("joint"), figures.get("single")
+    if not j or not s:
+        return "The acceptance compares joint with single; this run has not both."
+    ratio = j["texts_per_s"] / s["texts_per_s"]
+    each = [a["texts_per_s"] / b["texts_per_s"] for a, b in zip(per_seed["joint"], per_seed["single"])]
+
+    def point(k: str) -> str:
+        d = 100 * (j[k] - s[k])
+        return f"{d:+.2f} point ({'met' if d >= -0.5 else 'not met'}: within 0.5 of single or above)"
+    sentence = 100 * (j["sentence_acc"] - s["sentence_acc"])
+    return (f"Joint minus single: intent accuracy {point('intent_acc')}; slot F1 {point('slot_f1')}; sentence accuracy "
+            f"{sentence:+.2f} point ({'met' if sentence >= 0 else 'not met'}: at or above single; single's seed std "
+            f"{100 * s['sentence_acc_std']:.2f}). Throughput {ratio:.2f}x the two models' ({'met' if ratio >= 1.7 else 'not met'}: "
+            f">= 1.7x; per seed " + ", ".join(f"{r:.2f}x" for r in each) + ").")
+
+
+def results_doc(result: dict, seeds: dict, ns: argparse.Namespace) -> dict:
+    from harness import code_version
+    made = code_version()
+    sections: list[dict] = [{"text": f"`python bench/multitask.py --seeds {ns.seeds} --epochs {ns.epochs}` (issue 49; one process, "
+                                     "CPU, the packaged all-MiniLM-L6-v2): see the script's docstring for the sides, the data "
+                                     "and how texts/s is measured. Means ± std over the seeds; test chooses nothing."}]
+    for name, figures in result.items():
+        rows = [[f"{SIDE_NAMES[side]}, {len(seeds[name][side])} seeds"]
+                + [f"{figures[side][k]:.4f} ± {figures[side][k + '_std']:.4f}" for k in ("intent_acc", "slot_f1", "sentence_acc")]
+                + [f"{figures[side][k]:.1f} ± {figures[side][k + '_std']:.1f}" for k in ("texts_per_s", "train_s")]
+                for side in SIDE_NAMES if side in figures]
+        pub = PUBLISHED[name]
+        rows.append(["JointBERT, BERT-base (published)", f"{pub['intent_acc']:.3f}", f"{pub['slot_f1']:.3f}",
+                     f"{pub['sentence_acc']:.3f}", "", ""])
+        columns = [{"name": f"{name.upper()} (test)"}] + [{"name": c} for c in
+                                                           ("intent acc", "slot F1", "sentence acc", "texts/s", "train s")]
+        sections += [{"table": {"columns": columns, "rows": rows}}, {"text": acceptance(figures, seeds[name])}]
+    first = next(iter(result))
+    head = result[first]
+    return {"bench": "multitask", "order": 22, "title": "Multi-task: one joint intent + slot model vs two models (issue 49)",
+            "script": "bench/multitask.py", "command": f"python bench/multitask.py --seeds {ns.seeds} --work DIR --results FILE",
+            "commit": made["commit"], "date": made["date"][:10], "machine": f"{os.cpu_count()} CPU cores",
+            "headline": {"what": f"{first.upper()} intent + slots, texts/s of prediction", "lmtune": round(head["joint"]["texts_per_s"], 1)
+                         if "joint" in head else "not measured", "against": "two single-task lmtune models",
+                         "against_value": round(head["single"]["texts_per_s"], 1) if "single" in head else "not measured",
+                         "decimals": 1},
+            "sections": sections}
 
 
 if __name__ == "__main__":
