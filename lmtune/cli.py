@@ -305,10 +305,12 @@ def cmd_tune(config: ConfigFile = None, *,
 
 
 def cmd_cv(config: ConfigFile = None, *, folds: Annotated[int, "number of folds"] = 5,
-           no_ensemble: Annotated[bool, "skip the ensemble of the fold models"] = False, overrides: dict[str, Any]) -> int:
+           no_ensemble: Annotated[bool, "skip the ensemble of the fold models"] = False,
+           resume: Annotated[bool, "continue the cv that stopped under OUTPUT_DIR/RUN_NAME: finished folds are kept, "
+                                   "a fold with a checkpoint resumes"] = False, overrides: dict[str, Any]) -> int:
     from lmtune.config import load_config
     from lmtune.search.combine import cv, render_cv
-    print(render_cv(cv(load_config(config, overrides), folds, not no_ensemble)))
+    print(render_cv(cv(load_config(config, overrides), folds, not no_ensemble, resume)))
     return 0
 
 

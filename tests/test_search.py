@@ -120,6 +120,49 @@ def test_cv_folds_oof_predictions_and_ensemble(tmp_path, tiny_model, capsys):
     assert run.evaluate(cfg["data"]["test"])["accuracy"] == pytest.approx(e["test"]["accuracy"])
 
 
+def test_a_stopped_cv_resumes_keeping_its_finished_folds(tmp_path, tiny_model, capsys, monkeypatch):
+    import lmtune.search.combine as combine
+    cfg = _config(tmp_path, tiny_model, run_name="cv", train={"epochs": 2, "batch_size": 8, "lr": 3e-3, "head_lr": 3e-3,
+                                                               "progress": "none", "seed": 1})
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    real, trained = combine.train_splits, []
+
+    def stop_at_fold_3(fold_cfg, *a, **kw):
+        if fold_cfg.run_name == "fold-3":
+            (tmp_path / "runs" / "cv" / "fold-3").mkdir()  # as a process killed before the fold's first checkpoint leaves it
+            raise KeyboardInterrupt
+        trained.append(fold_cfg.run_name)
+        return real(fold_cfg, *a, **kw)
+    monkeypatch.setattr(combine, "train_splits", stop_at_fold_3)
+    assert main(["cv", str(tmp_path / "c.yaml"), "--folds", "3"]) == 130  # stopped (Ctrl-C) at fold 3
+    root = tmp_path / "runs" / "cv"
+    assert trained == ["fold-1", "fold-2"] and not (root / "cv.json").exists()
+    assert main(["cv", str(tmp_path / "c.yaml"), "--folds", "3"]) == 2  # not without --resume
+    assert "add --resume to continue" in capsys.readouterr().err
+    assert main(["cv", str(tmp_path / "c.yaml"), "--folds", "4", "--resume"]) == 2  # other folds: refused
+    assert "started with other folds (folds, held_out differ" in capsys.readouterr().err
+    kept = (root / "fold-1" / "model").stat().st_mtime_ns
+
+    monkeypatch.setattr(combine, "train_splits", lambda fold_cfg, *a, **kw: trained.append(fold_cfg.run_name) or real(fold_cfg, *a, **kw))
+    assert main(["cv", str(tmp_path / "c.yaml"), "--folds", "3", "--resume"]) == 0
+    assert trained == ["fold-1", "fold-2", "fold-3"]  # only the stopped fold trained again
+    assert (root / "fold-1" / "model").stat().st_mtime_ns == kept
+    r = json.loads((root / "cv.json").read_text())
+    oof = [json.loads(line) for line in (root / "oof.jsonl").read_text().splitlines()]
+    assert len(r["folds"]) == 3 and sorted(o["index"] for o in oof) == list(range(r["examples"]))
+    assert lmtune.load(r["ensemble"]["run_dir"]).predict(["the food was good"])[0]["label"]
+    assert main(["cv", str(tmp_path / "c.yaml"), "--folds", "3", "--resume"]) == 2  # a finished cv is never rewritten
+    assert "is a finished cv" in capsys.readouterr().err
+
+
+def test_a_new_cv_that_fails_before_any_fold_leaves_nothing(tmp_path, tiny_model, capsys):
+    cfg = _config(tmp_path, tiny_model, run_name="cv")
+    cfg["model"]["name"] = str(tmp_path / "no-such-model")
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["cv", str(tmp_path / "c.yaml"), "--folds", "3"]) == 2
+    assert not (tmp_path / "runs" / "cv").exists()
+
+
 def test_grouped_cv_keeps_groups_in_one_fold(tmp_path, tiny_model):
     from lmtune.config import build_config
     from lmtune.search.combine import _groups, fold_indices

@@ -55,8 +55,10 @@ def fold_indices(labels: list[str], groups: list[str] | None, k: int, seed: int)
     return list(StratifiedKFold(k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y))
 
 
-def cv(cfg: Config, folds: int, make_ensemble: bool = True) -> dict:
-    """Train one run per fold under OUTPUT_DIR/RUN_NAME (default cv); write cv.json, cv.md, oof.jsonl."""
+def cv(cfg: Config, folds: int, make_ensemble: bool = True, resume: bool = False) -> dict:
+    """Train one run per fold under OUTPUT_DIR/RUN_NAME (default cv); write cv.json, cv.md, oof.jsonl.
+    resume: continue a cv that stopped (same data, folds and config): finished folds are kept, a fold with a
+    checkpoint resumes from it, a fold without one starts again."""
     task = get_task(cfg.task)
     task.require(EXAMPLE_LABELS, "cv")
     if folds < 2:
@@ -69,8 +71,80 @@ def cv(cfg: Config, folds: int, make_ensemble: bool = True) -> dict:
         log.warning("cv: a class has only %d examples for %d folds; some folds' dev splits lack it", smallest, folds)
     index = fold_indices(labels, _groups(cfg, pool), folds, cfg.train.seed)
     root = Path(cfg.output_dir) / (cfg.run_name or "cv")
-    if root.exists():
-        raise InputError(f"{root}: already exists; pick another run_name (lmtune never overwrites runs).")
+    plan = {"folds": folds, "seed": cfg.train.seed, "examples": len(pool),
+            "held_out": [[pool[i].source for i in held] for _, held in index]}
+    fresh = _start_or_continue(root, plan, resume)
+    try:
+        result = _cv_folds(cfg, task, splits, pool, index, root, folds)
+    except BaseException:
+        # a new cv that fails before any fold wrote a run (a model that cannot load) leaves nothing behind
+        if fresh and not any(p.is_dir() for p in root.glob("fold-*")):
+            shutil.rmtree(root, ignore_errors=True)
+        raise
+    if make_ensemble:
+        ens = root / "ensemble"
+        if ens.exists() and not RunDir(ens).finished():
+            shutil.rmtree(ens)  # a half-written ensemble from a stopped cv: made again from the folds
+        result["ensemble"] = _ensemble_result(ens) if ens.exists() else ensemble([r["run_dir"] for r in result["folds"]], ens)
+    write_json(root / "cv.json", result)
+    write_text(root / "cv.md", render_cv(result))
+    return result
+
+
+CV_PLAN = "cv_plan.json"  # the folds a cv was started with: --resume continues only the same plan
+
+
+def _start_or_continue(root: Path, plan: dict, resume: bool) -> bool:
+    """Create the cv's folder with its plan (True), or check that --resume continues the same plan (False)."""
+    if not root.exists():
+        if resume:
+            raise InputError(f"--resume: {root} does not exist, so there is no cv to continue. Start without --resume.")
+        root.mkdir(parents=True)
+        write_json(root / CV_PLAN, plan)
+        return True
+    if not resume:
+        raise InputError(f"{root}: already exists; pick another run_name, or add --resume to continue the cv that "
+                         "stopped there (lmtune never overwrites runs).")
+    if (root / "cv.json").is_file():
+        raise InputError(f"--resume: {root} is a finished cv (it has cv.json); lmtune never rewrites it.")
+    try:
+        old = json.loads((root / CV_PLAN).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        raise InputError(f"--resume: {root} has no readable {CV_PLAN}, so lmtune cannot tell which folds it was "
+                         "started with. Start a new cv under another run_name.") from None
+    if old != plan:
+        what = [k for k in plan if old.get(k) != plan[k]]
+        raise InputError(f"--resume: {root} was started with other folds ({', '.join(what)} differ: the data, "
+                         "--folds or train.seed changed). Resume with the same data and settings, or start a new cv.")
+    return False
+
+
+def _fold_run(cfg: Config, task, splits: Splits, fold_dir: Path) -> tuple[Path, dict]:
+    """One fold's run directory and metrics: kept when it finished before, resumed from its checkpoint, or
+    trained (again, where a stopped fold left no checkpoint)."""
+    rd = RunDir(fold_dir)
+    if rd.finished():
+        log.info("cv: %s finished before; kept", fold_dir)
+        return fold_dir, rd.read_metrics()
+    resume: bool | Path = False
+    if fold_dir.exists():
+        if rd.running():
+            raise InputError(f"{fold_dir}: a live process is training this fold; let it finish or stop it first.")
+        if rd.pointer.is_file():
+            resume = fold_dir
+        else:
+            log.info("cv: %s stopped before its first checkpoint; training it again", fold_dir)
+            shutil.rmtree(fold_dir)
+    run = train_splits(cfg, task, splits, resume=resume)
+    return run.run_dir, run.metrics
+
+
+def _ensemble_result(ens: Path) -> dict:
+    """A finished ensemble's record, as ensemble() returned it (its analysis file), for a resumed cv."""
+    return json.loads(RunDir(ens).analysis("ensemble").read_text(encoding="utf-8"))
+
+
+def _cv_folds(cfg: Config, task, splits: Splits, pool: list, index: list, root: Path, folds: int) -> dict:
     rows, oof = [], []
     for k, (fit, held) in enumerate(index):
         info = {"method": f"cv fold {k + 1} of {folds}", "seed": cfg.train.seed, "group_column": cfg.data.group_column,
@@ -82,19 +156,15 @@ def cv(cfg: Config, folds: int, make_ensemble: bool = True) -> dict:
         d["train"] = {**d["train"], "seed": cfg.train.seed + k}
         fold_cfg = build_config({**d, "output_dir": str(root), "run_name": f"fold-{k + 1}"})
         log.info("cv: fold %d/%d: train %d, held out %d", k + 1, folds, len(fit), len(held))
-        run = train_splits(fold_cfg, task, fold_splits)
-        rows.append({"fold": k + 1, "run_dir": str(run.run_dir), "dev": _headline(run.metrics, "dev"),
-                     "test": _headline(run.metrics, "test")})
-        preds = RunDir(run.run_dir).predictions("dev")
+        run_dir, metrics = _fold_run(fold_cfg, task, fold_splits, root / f"fold-{k + 1}")
+        rows.append({"fold": k + 1, "run_dir": str(run_dir), "dev": _headline(metrics, "dev"),
+                     "test": _headline(metrics, "test")})
+        preds = RunDir(run_dir).predictions("dev")
         for i, line in zip(held, preds.read_text().splitlines()):
             oof.append({"index": int(i), "fold": k + 1, **json.loads(line)})
     result = {"folds": rows, "k": folds, "grouped": bool(cfg.data.group_column), "examples": len(pool),
               "mean": _stat(rows, np.mean), "std": _stat(rows, np.std)}
     write_jsonl(root / "oof.jsonl", sorted(oof, key=lambda r: r["index"]))
-    if make_ensemble:
-        result["ensemble"] = ensemble([r["run_dir"] for r in rows], root / "ensemble")
-    write_json(root / "cv.json", result)
-    write_text(root / "cv.md", render_cv(result))
     return result
 
 
