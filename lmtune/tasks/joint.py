@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,7 +34,7 @@ from lmtune.data.splits import stratified_split
 from lmtune.data.tagging import bio_labels, detect_scheme, from_bio, split_tag
 from lmtune.errors import InputError
 from lmtune.models import load_config, quiet_transformers, resolve_model, set_padding
-from lmtune.tasks.base import ABSTAIN, CALIBRATE, Encoded, Splits, Task, input_pad_values
+from lmtune.tasks.base import ABSTAIN, CALIBRATE, Encoded, Splits, Task, input_pad_values, sub_report
 from lmtune.tasks.classification import ClassificationTask, _sort_labels
 from lmtune.tasks.ner import NerTask
 
@@ -389,21 +386,11 @@ class JointTask(Task):
                   f"{m['slot_exact_match']:.4f} |" for split, m in split_metrics.items()]
         lines += ["", "Sentence accuracy: the intent and every slot tag right (it chooses the checkpoint). Loss weights: "
                   f"intent {self.intent_weight:g}, slots {self.slot_weight:g}.", "",
-                  "## Intent", "", _sub_report(self.intent, {s: m["intent"] for s, m in split_metrics.items()}, intents,
+                  "## Intent", "", sub_report(self.intent, {s: m["intent"] for s, m in split_metrics.items()}, intents,
                                                  run_dir, "intent"),
-                  "## Slots", "", _sub_report(self.slots, {s: m["slots"] for s, m in split_metrics.items()}, slots,
+                  "## Slots", "", sub_report(self.slots, {s: m["slots"] for s, m in split_metrics.items()}, slots,
                                                 run_dir, "slots")]
         return "\n".join(lines)
-
-
-def _sub_report(task: Task, split_metrics: dict[str, dict], labels: list[str], run_dir: Path, prefix: str) -> str:
-    """A sub-task's report section, its plots renamed PREFIX_NAME.png in run_dir (both would write reliability.png)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        text = task.report(split_metrics, labels, Path(tmp))
-        for png in Path(tmp).glob("*.png"):
-            shutil.move(str(png), run_dir / f"{prefix}_{png.name}")
-            text = text.replace(f"]({png.name})", f"]({prefix}_{png.name})")
-    return re.sub(r"^### ", "### " + prefix.capitalize() + ": ", text, flags=re.MULTILINE)
 
 
 # ---- reading -----------------------------------------------------------------------------------
