@@ -188,3 +188,14 @@ def test_bad_multitask_configs_are_refused_before_anything_is_written(tmp_path, 
     assert main(["train", str(tmp_path / "w.yaml")]) == 2
     assert "multitask.weights: 1 values for 2 tasks" in capsys.readouterr().err
     assert not (tmp_path / "runs").exists()
+
+
+def test_the_dashboard_lists_and_shows_the_run(mt_run):
+    from lmtune.ui.app import UiSettings, create_ui
+    root = mt_run.run_dir.parent
+    c = TestClient(create_ui(UiSettings(runs_dir=str(root), workdir=str(root.parent))), base_url="http://127.0.0.1:7860")
+    home = c.get("/")
+    assert home.status_code == 200 and "mt" in home.text
+    page = c.get("/run/mt")
+    assert page.status_code == 200, page.text[-2000:]
+    assert "task_mean" in page.text and "multitask" in page.text

@@ -145,17 +145,22 @@ class JointTask(Task):
         self.intent_labels: list[str] = []
         self.slot_labels: list[str] = []
         self.intent_weight = self.slot_weight = 1.0
+        self.slot_loss = "utterance"  # joint.slot_loss: how the slot term weighs an utterance's words
+        self.words_per_utterance = 1.0  # slot_loss word: train's mean labeled positions per window (the term's scale)
 
     # ---- state --------------------------------------------------------------------------------
     def state(self) -> dict:
         return {"intent_labels": self.intent_labels, "slot_labels": self.slot_labels, "intent": self.intent.state(),
-                "slots": self.slots.state(), "intent_weight": self.intent_weight, "slot_weight": self.slot_weight}
+                "slots": self.slots.state(), "intent_weight": self.intent_weight, "slot_weight": self.slot_weight,
+                "slot_loss": self.slot_loss, "words_per_utterance": self.words_per_utterance}
 
     def set_state(self, state: dict) -> None:
         self.intent_labels, self.slot_labels = list(state["intent_labels"]), list(state["slot_labels"])
         self.intent.set_state(state.get("intent", {}))
         self.slots.set_state(state.get("slots", {}))
         self.intent_weight, self.slot_weight = state.get("intent_weight", 1.0), state.get("slot_weight", 1.0)
+        self.slot_loss = state.get("slot_loss", "utterance")
+        self.words_per_utterance = float(state.get("words_per_utterance", 1.0))
 
     def report_state(self) -> dict:
         return {"intent": self.intent.report_state(), "slots": self.slots.report_state()}
@@ -186,6 +191,7 @@ class JointTask(Task):
             raise InputError(f"abstain.score {cfg.abstain.score}: task joint abstains on the intent's probability only.")
         self.intent.configure(cfg)
         self.intent_weight, self.slot_weight = cfg.joint.intent_weight, cfg.joint.slot_weight
+        self.slot_loss = cfg.joint.slot_loss
         files = _split_files(d.train, d.dev, d.test)
         raw = {name: _read_raw(path, cfg, True) for name, path in files.items()}
         # one scheme for the whole data set, as NER detects it
@@ -277,18 +283,31 @@ class JointTask(Task):
     def num_items(self, features: list[dict]) -> int:
         return len(features)  # example_losses is per utterance (window)
 
+    def train_features(self, enc: Encoded) -> list[dict]:
+        """All of them (NER's rule); with joint.slot_loss word, their mean count of labeled positions is kept as the
+        slot term's scale."""
+        features = self.slots.train_features(enc)
+        counts = [sum(1 for x in f["labels"] if x != -100) for f in features]
+        if counts and any(counts):
+            self.words_per_utterance = float(np.mean(counts))
+        return features
+
     def example_losses(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """w_intent * CE(intent) + w_slots * mean CE of the utterance's labeled words, per window. The slot term is a
-        per-utterance mean so that both terms are the cross-entropy of one decision (the weights' scale), and the
-        summed loss still adds up exactly over micro-batches."""
+        """w_intent * CE(intent) + w_slots * the slot term, per utterance (window). joint.slot_loss utterance (default):
+        the mean CE of the utterance's labeled words, so both terms are the cross-entropy of one decision (the weights'
+        scale). word: the words' summed CE over train's mean words per utterance, so every word weighs alike across the
+        batch (NER's loss, and JointBERT's mean over all the batch's tokens) while the term keeps a per-word mean's
+        scale. Either way the summed loss adds up exactly over micro-batches."""
         labels = batch["labels"]
         slot_gold, intent_gold = labels[..., 0], labels[:, 0, 1]
         intent_ce = F.cross_entropy(outputs.intent_logits.float(), intent_gold, reduction="none", ignore_index=-100)
         logits = outputs.slot_logits.float()
         token_ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), slot_gold.reshape(-1), reduction="none",
                                    ignore_index=-100).view(slot_gold.shape)
-        words = (slot_gold != -100).sum(1)
-        slot_ce = token_ce.sum(1) / words.clamp(min=1)
+        if self.slot_loss == "word":
+            slot_ce = token_ce.sum(1) / self.words_per_utterance
+        else:
+            slot_ce = token_ce.sum(1) / (slot_gold != -100).sum(1).clamp(min=1)
         return self.intent_weight * intent_ce + self.slot_weight * slot_ce
 
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
