@@ -18,6 +18,8 @@ the issue's teacher is a cv ensemble of fine-tuned MiniLMs; the few-shot path is
   hard_only: the same student trained on the hard labels alone (distill's own comparison run).
 - cross-architecture: teacher one full MiniLM run on the sample (fold 1 of the cv), student its first
   3 encoder layers (`--student-layers 3`), with its hard-only comparison.
+A seed costs about 45 minutes on 2 cores; --runs DIR keeps its run folders so that a stopped seed resumes
+(its finished cv folds and students kept) in a later session on the same machine.
 cost_ratio: the student's inference seconds per 1000 test texts over the teacher's (tokenising and the
 forward pass, measured by distill in the same process, one after the other).
 
@@ -33,6 +35,7 @@ import argparse
 import csv
 import json
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -88,18 +91,31 @@ def accuracy(part: dict, metric: str) -> float:
     return float(part[metric])
 
 
+def distilled(work: Path, name: str, teacher: str, files: dict, **options) -> dict:
+    """`lmtune distill` into work/runs/NAME, or its section read back from the run's results.json when a
+    resumed bench (--runs) finished it before; a student stopped half-way is trained again (distill has no
+    resume)."""
+    root = work / "runs" / name
+    done = root / "results.json"
+    if done.is_file() and "distill" in json.loads(done.read_text(encoding="utf-8")):
+        print(f"{name}: kept from {root}", file=sys.stderr, flush=True)
+        return json.loads(done.read_text(encoding="utf-8"))["distill"]
+    shutil.rmtree(root, ignore_errors=True)
+    return distill(teacher, student=DEFAULT_MODEL, unlabeled=files["unlabeled"],
+                   overrides={"output_dir": str(work / "runs"), "run_name": name}, **options)
+
+
 def one_seed(work: Path, seed: int, limit: int | None) -> dict:
     files = sample(work, seed, limit)
-    result = cv(build_config(config(work, files, seed, "cv")), 5)
+    # resume: with --runs, a cv stopped in an earlier session keeps its finished folds (lmtune cv --resume)
+    result = cv(build_config(config(work, files, seed, "cv")), 5, resume=(work / "runs" / "cv" / "cv_plan.json").is_file())
     ensemble_dir = result["ensemble"]["run_dir"]
-    d = distill(ensemble_dir, student=DEFAULT_MODEL, unlabeled=files["unlabeled"],
-                overrides={"output_dir": str(work / "runs"), "run_name": "student"})
+    d = distilled(work, "student", ensemble_dir, files)
     m = d["metric"]
     out = {"distill": {"teacher_acc": accuracy(d["teacher"], m), "student_acc": accuracy(d["student"], m),
                        "hard_only_acc": accuracy(d["hard_only"], m), "cost_ratio": d["cost_ratio"]}}
     fold1 = result["folds"][0]["run_dir"]
-    x = distill(fold1, student=DEFAULT_MODEL, unlabeled=files["unlabeled"], student_layers=3,
-                overrides={"output_dir": str(work / "runs"), "run_name": "student-3-layers"})
+    x = distilled(work, "student-3-layers", fold1, files, student_layers=3)
     out["cross_architecture"] = {"teacher_acc": accuracy(x["teacher"], m), "student_acc": accuracy(x["student"], m),
                                  "hard_only_acc": accuracy(x["hard_only"], m),
                                  "teacher_texts_per_s": 1000 / x["teacher"]["seconds_per_1000"],
@@ -122,12 +138,21 @@ def main() -> None:
     ap.add_argument("--limit", type=int, help="first N rows of each file (a quick check, not the bench)")
     ap.add_argument("--work", type=Path, help="keep each seed's figures here as JSON: a stopped run resumes at the first "
                                                 "seed it had not finished (without it, nothing is kept)")
+    ap.add_argument("--runs", type=Path, help="keep each seed's run folders here (about 1 GB a seed, so not in the "
+                                                "repo): a seed stopped part-way resumes its cv and keeps its finished "
+                                                "students; the folder of a finished seed is removed")
     ns = ap.parse_args()
     per_seed = []
     for seed in range(42, 42 + ns.seeds):
-        def run(seed: int = seed) -> dict:  # in a temporary folder: the runs are not kept, only the figures
-            with tempfile.TemporaryDirectory() as tmp:
-                return one_seed(Path(tmp), seed, ns.limit)
+        def run(seed: int = seed) -> dict:  # in a temporary folder unless --runs: only the figures are kept
+            if ns.runs is None:
+                with tempfile.TemporaryDirectory() as tmp:
+                    return one_seed(Path(tmp), seed, ns.limit)
+            work = ns.runs / f"l{ns.limit or 'all'}-s{seed}"
+            work.mkdir(parents=True, exist_ok=True)
+            got = one_seed(work, seed, ns.limit)
+            shutil.rmtree(work, ignore_errors=True)  # the figures are kept (kept_unit): the runs are not needed again
+            return got
         got = kept_unit(ns.work / f"distill-l{ns.limit or 'all'}-s{seed}.json" if ns.work else None, f"seed {seed}", run)
         print(f"seed {seed}: {json.dumps(got)}", file=sys.stderr, flush=True)
         per_seed.append(got)

@@ -91,10 +91,11 @@ def write_jsonl(path: Path, rows: list[dict]) -> str:
     return str(path)
 
 
-def lmtune_cfg(task: str, work: Path, name: str, files: dict, seed: int, epochs: int, extra: dict | None = None) -> dict:
+def lmtune_cfg(task: str, work: Path, name: str, files: dict, seed: int, epochs: int, extra: dict | None = None,
+               sections: dict | None = None) -> dict:
     return {"task": task, "output_dir": str(work / "runs"), "run_name": name, "model": {"name": DEFAULT_MODEL},
             "data": {**files, **(extra or {})},
-            "train": {"epochs": epochs, "batch_size": BATCH, "seed": seed, "progress": "none"}}
+            "train": {"epochs": epochs, "batch_size": BATCH, "seed": seed, "progress": "none"}, **(sections or {})}
 
 
 def train_seconds(run) -> float:
@@ -126,14 +127,19 @@ def predict_words_timed(run, rows: list[dict], work: Path) -> tuple[list[dict], 
     return best_of(lambda: run.predict_examples(examples))
 
 
-def run_joint(data: dict, work: Path, seed: int, epochs: int) -> dict:
+def run_joint(data: dict, work: Path, seed: int, epochs: int, slot_loss: str = "utterance") -> dict:
+    """The joint model; side joint_word trains it with joint.slot_loss word. Each unit also keeps the dev figures
+    (dev_*): a choice between the two loss rules is made on dev, over seeds and both sets, never on test."""
     files = {s: write_jsonl(work / f"joint_{s}.jsonl", rows) for s, rows in data.items() if s != "test"}
     # test scored below from predictions; the run's own test split is dev again (never used to choose anything)
-    cfg = lmtune_cfg("joint", work, f"joint-{seed}", {**files, "test": files["dev"]}, seed, epochs)
+    cfg = lmtune_cfg("joint", work, f"joint-{seed}", {**files, "test": files["dev"]}, seed, epochs,
+                     sections={"joint": {"slot_loss": slot_loss}})
     run = lmtune.train(cfg)
     preds, seconds = predict_words_timed(run, data["test"], work)
     got = scores(data["test"], [p["intent"] for p in preds], [p["tags"] for p in preds])
-    return {**got, "texts_per_s": len(data["test"]) / seconds, "train_s": train_seconds(run)}
+    dev = run.metrics["dev"]
+    return {**got, "texts_per_s": len(data["test"]) / seconds, "train_s": train_seconds(run),
+            "dev_intent_acc": dev["intent_accuracy"], "dev_slot_f1": dev["slot_f1"], "dev_sentence_acc": dev["sentence_accuracy"]}
 
 
 def run_single(data: dict, work: Path, seed: int, epochs: int) -> dict:
@@ -222,7 +228,8 @@ def run_peer(data: dict, seed: int, epochs: int) -> dict:
 # ---- the run ------------------------------------------------------------------------------------------
 def mean_std(rows: list[dict]) -> dict:
     out = {}
-    for k in FIGURES:
+    dev = ("dev_intent_acc", "dev_slot_f1", "dev_sentence_acc")  # joint units made since joint_word: what a loss choice reads
+    for k in (*FIGURES, *(k for k in dev if all(k in r for r in rows))):
         values = [r[k] for r in rows]
         out[k] = round(statistics.fmean(values), 4 if k not in ("texts_per_s", "train_s") else 1)
         out[f"{k}_std"] = round(statistics.pstdev(values), 4 if k not in ("texts_per_s", "train_s") else 1)
@@ -246,7 +253,8 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--limit", type=int, help="first N rows of each split (a quick check, not the bench)")
-    ap.add_argument("--sides", default="joint,single,peer")
+    ap.add_argument("--sides", default="joint,single,peer", help="of joint, single, peer and joint_word (the joint model "
+                                                                  "with joint.slot_loss word, for a choice on dev)")
     ap.add_argument("--work", type=Path, help="keep each (set, seed, side)'s figures here as JSON: a stopped run resumes "
                                                 "where it stopped (without it, nothing is kept)")
     ap.add_argument("--results", type=Path, help="also write this bench's results file (bench/results/multitask.json: "
@@ -254,7 +262,8 @@ def main() -> None:
     ns = ap.parse_args()
     sides = [s for s in ns.sides.split(",") if s]
     runners = {"joint": lambda d, w, s: run_joint(d, w, s, ns.epochs), "single": lambda d, w, s: run_single(d, w, s, ns.epochs),
-               "peer": lambda d, w, s: run_peer(d, s, ns.epochs)}
+               "peer": lambda d, w, s: run_peer(d, s, ns.epochs),
+               "joint_word": lambda d, w, s: run_joint(d, w, s, ns.epochs, "word")}
     result: dict = {}
     seeds: dict[str, dict[str, list[dict]]] = {}
     for name in [ns.only] if ns.only else ["snips", "atis"]:

@@ -18,6 +18,7 @@ tasks.register("qa", "lmtune.tasks.qa:QATask")
 tasks.register("generation", "lmtune.tasks.generation:GenerationTask", objectives=("sft", "dpo", "orpo"))
 tasks.register("retrieval", "lmtune.tasks.retrieval:RetrievalTask")
 tasks.register("joint", "lmtune.tasks.joint:JointTask")  # intent + slots over one encoder (classification + NER)
+tasks.register("multitask", "lmtune.tasks.multitask:MultiTask")  # several tasks, each with its own data, over one encoder
 
 # default_lr: PEFT trains few weights and needs larger steps than full fine-tuning;
 # mergeable: the adapter folds into the weights (lmtune merge, ONNX export); disables: peft's disable_adapter gives
@@ -94,6 +95,7 @@ config_sections.register("relation_columns", "lmtune.tasks.relation_config:Relat
 config_sections.register("multilabel_columns", "lmtune.tasks.multilabel_config:MultiLabelColumns", section="data")
 config_sections.register("ner_columns", "lmtune.tasks.ner_config:NerColumns", section="data")
 config_sections.register("joint", "lmtune.tasks.joint_config:JointConfig")
+config_sections.register("multitask", "lmtune.tasks.multitask_config:MultitaskConfig")
 config_sections.register("joint_columns", "lmtune.tasks.joint_config:JointColumns", section="data")
 config_sections.register("pair_options", "lmtune.data.pairs:PairOptions", section="data")
 config_sections.register("unlabeled", "lmtune.selftrain:UnlabeledData", section="data")  # data.unlabeled

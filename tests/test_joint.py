@@ -261,3 +261,26 @@ def test_the_targets_pad_to_a_length_bucket_without_changing_the_loss(joint_run)
         before = task.loss(model(**inputs(batch)), batch)
         after = task.loss(model(**inputs(padded)), padded)
     assert float(before) > 0 and abs(float(before) - float(after)) < 1e-4
+
+
+def test_the_word_slot_loss_weighs_every_word_alike_and_the_default_every_utterance():
+    import math
+    from types import SimpleNamespace
+
+    import torch
+
+    from lmtune.tasks.base import Encoded
+    from lmtune.tasks.joint import JointTask
+    task = JointTask()
+    slot = torch.tensor([[0, -100, -100, -100], [1, 2, 0, -100]])  # one labeled word, then three
+    labels = torch.stack([slot, torch.where(slot != -100, 0, -100)], -1)
+    labels[:, :, 1] = torch.tensor([[0] * 4, [1] * 4])  # each utterance's intent on every token
+    out = SimpleNamespace(intent_logits=torch.zeros(2, 3), slot_logits=torch.zeros(2, 4, 5))  # uniform: CE = log(classes)
+    per_utterance = task.example_losses(out, {"labels": labels})
+    assert per_utterance.tolist() == pytest.approx([math.log(3) + math.log(5)] * 2)  # each utterance's words averaged
+    feats = [{"labels": [0, -100, -100]}, {"labels": [1, 2, 0]}]
+    assert task.train_features(Encoded(feats, [], {})) == feats and task.words_per_utterance == 2.0  # (1 + 3) / 2
+    task.slot_loss = "word"
+    per_word = task.example_losses(out, {"labels": labels})
+    assert per_word.tolist() == pytest.approx([math.log(3) + math.log(5) / 2, math.log(3) + 3 * math.log(5) / 2])
+    assert JointTask().state()["slot_loss"] == "utterance"  # the default is unchanged until dev says otherwise

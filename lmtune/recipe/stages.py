@@ -143,7 +143,8 @@ def fit(ctx: Context) -> None:
     if ctx.inputs.previous:
         from lmtune import continual
         loss = continual.l2sp_loss(loss, built.model, ctx.inputs.previous, cfg.continual.l2sp, built.head)
-    loop_task = LoopTask(data.collate, loss, task.num_items, evaluate_dev, adversary, task.pad_values(built.tokenizer))
+    loop_task = LoopTask(data.collate, loss, task.num_items, evaluate_dev, adversary, task.pad_values(built.tokenizer),
+                         functools.partial(task.train_batches, data.train_features))
     live = (LiveEvents(ctx.rd.events),) if ctx.accelerator.is_main_process else ()  # the dashboard's live charts
     with PeakMemory() as peak_mem:
         state = train_loop(built.model, data.train_features, loop_task, built.lrs, ckpt, ctx.accelerator,

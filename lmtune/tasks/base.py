@@ -1,6 +1,9 @@
 """What a task module provides. The training loop talks only to this interface."""
 from __future__ import annotations
 
+import re
+import shutil
+import tempfile
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -73,8 +76,11 @@ SELF_TRAINING = "self_training"
 # one label per example from a head over the encoder's text features: the recipe's few-shot stage (lmtune.fewshot) may
 # put the encoder under an EmbeddingClassifier (sentence embedding -> linear) and tune it on pairs (SetFit)
 FEWSHOT = "fewshot"
+# the model is a transformers model: an encoder under its base_model_prefix and a head over the encoder's output, which
+# reads nothing else of the encoder: task multitask (lmtune.tasks.multitask) shares one encoder between such heads
+SHARED_ENCODER = "shared_encoder"
 CAPABILITIES = (CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, INTERVALS, DEV_RULES, CONTINUAL, ENSEMBLE, EXPLAIN,
-                GENERATE, INDEX, RERANK, FOLD, DISTILL, ACTIVE, SELF_TRAINING, FEWSHOT)
+                GENERATE, INDEX, RERANK, FOLD, DISTILL, ACTIVE, SELF_TRAINING, FEWSHOT, SHARED_ENCODER)
 _HOOKS = {CALIBRATE: "calibrate", ABSTAIN: "fit_threshold", MAHALANOBIS: "fit_scorer", LABEL_NOISE: "example_probs",
           INTERVALS: "fit_intervals", DEV_RULES: "fit_decision_rules", EXPLAIN: "explain_targets", GENERATE: "generate",
           INDEX: "corpus", RERANK: "relevance", FOLD: "set_folded", DISTILL: "distill_with",
@@ -218,6 +224,13 @@ class Task:
         padding a batch wider changes neither outputs nor loss (the fast path's length buckets);
         None (the default) when it would, or when the task has not said."""
         return None
+
+    def train_batches(self, features: list[dict], batch_size: int, seed: int, epoch: int,
+                      group_by_length: bool = True) -> list[list[int]]:
+        """An epoch's batches of indices into the training features, a pure function of (seed, epoch) so that a
+        resumed run replays them. Default: shuffled, grouped by length (training.batching.epoch_batches)."""
+        from lmtune.training.batching import epoch_batches
+        return epoch_batches([f["length"] for f in features], batch_size, seed, epoch, group_by_length)
 
     def train_features(self, enc: Encoded) -> list[dict]:
         """The features of the train split that are trained on (all; a windowing task may cap a long text's)."""
@@ -504,3 +517,14 @@ def balanced_weights(counts: np.ndarray) -> np.ndarray:
     counts = np.asarray(counts, dtype=float)
     w = np.where(counts > 0, counts.sum() / (len(counts) * np.maximum(counts, 1)), 0.0)
     return np.where(counts > 0, w, w.max() if w.any() else 1.0)
+
+
+def sub_report(task: Task, split_metrics: dict[str, dict], labels: list[str], run_dir: Path, prefix: str) -> str:
+    """A sub-task's report section (task joint's heads, task multitask's tasks), its plots renamed PREFIX_NAME.png in
+    run_dir (two sub-tasks would both write reliability.png), its ### headings prefixed."""
+    with tempfile.TemporaryDirectory() as tmp:
+        text = task.report(split_metrics, labels, Path(tmp))
+        for png in Path(tmp).glob("*.png"):
+            shutil.move(str(png), run_dir / f"{prefix}_{png.name}")
+            text = text.replace(f"]({png.name})", f"]({prefix}_{png.name})")
+    return re.sub(r"^### ", "### " + prefix.capitalize() + ": ", text, flags=re.MULTILINE)

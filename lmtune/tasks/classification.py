@@ -25,7 +25,7 @@ from lmtune.fewshot import load_embedding_classifier
 from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.biencoder import load_bi_encoder, pair_model, report_lines
 from lmtune.tasks.windows import encode_windows, pool, training_subset
-from lmtune.tasks.base import (ABSTAIN, ACTIVE, CALIBRATE, CONTINUAL, DISTILL, ENSEMBLE, EXAMPLE_LABELS, EXPLAIN, FEWSHOT,
+from lmtune.tasks.base import (SHARED_ENCODER, ABSTAIN, ACTIVE, CALIBRATE, CONTINUAL, DISTILL, ENSEMBLE, EXAMPLE_LABELS, EXPLAIN, FEWSHOT,
                                LABEL_NOISE, MAHALANOBIS, RERANK, FOLD, SELF_TRAINING, Encoded, LabelScores, Splits, Task,
                                attach_soft_targets, balanced_weights, class_score, collate_soft_targets,
                                cross_entropy_sum, input_pad_values, pad_batch, soft_target_loss)
@@ -53,7 +53,7 @@ class ClassificationTask(Task):
     headline = ("accuracy", "macro_f1", "loss")  # report.md / CLI summary columns
     peft_task_type = "SEQ_CLS"
     capabilities = frozenset({CALIBRATE, ABSTAIN, MAHALANOBIS, LABEL_NOISE, EXAMPLE_LABELS, CONTINUAL, ENSEMBLE, EXPLAIN, RERANK, FOLD,
-                              DISTILL, ACTIVE, SELF_TRAINING, FEWSHOT})
+                              DISTILL, ACTIVE, SELF_TRAINING, FEWSHOT, SHARED_ENCODER})
     encode_options = {"long_text": "long_text", "overlap": "window_overlap"}
 
     def __init__(self) -> None:

@@ -15,9 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -37,7 +34,7 @@ from lmtune.data.splits import stratified_split
 from lmtune.data.tagging import bio_labels, detect_scheme, from_bio, split_tag
 from lmtune.errors import InputError
 from lmtune.models import load_config, quiet_transformers, resolve_model, set_padding
-from lmtune.tasks.base import ABSTAIN, CALIBRATE, Encoded, Splits, Task, input_pad_values
+from lmtune.tasks.base import ABSTAIN, CALIBRATE, Encoded, Splits, Task, input_pad_values, sub_report
 from lmtune.tasks.classification import ClassificationTask, _sort_labels
 from lmtune.tasks.ner import NerTask
 
@@ -148,17 +145,22 @@ class JointTask(Task):
         self.intent_labels: list[str] = []
         self.slot_labels: list[str] = []
         self.intent_weight = self.slot_weight = 1.0
+        self.slot_loss = "utterance"  # joint.slot_loss: how the slot term weighs an utterance's words
+        self.words_per_utterance = 1.0  # slot_loss word: train's mean labeled positions per window (the term's scale)
 
     # ---- state --------------------------------------------------------------------------------
     def state(self) -> dict:
         return {"intent_labels": self.intent_labels, "slot_labels": self.slot_labels, "intent": self.intent.state(),
-                "slots": self.slots.state(), "intent_weight": self.intent_weight, "slot_weight": self.slot_weight}
+                "slots": self.slots.state(), "intent_weight": self.intent_weight, "slot_weight": self.slot_weight,
+                "slot_loss": self.slot_loss, "words_per_utterance": self.words_per_utterance}
 
     def set_state(self, state: dict) -> None:
         self.intent_labels, self.slot_labels = list(state["intent_labels"]), list(state["slot_labels"])
         self.intent.set_state(state.get("intent", {}))
         self.slots.set_state(state.get("slots", {}))
         self.intent_weight, self.slot_weight = state.get("intent_weight", 1.0), state.get("slot_weight", 1.0)
+        self.slot_loss = state.get("slot_loss", "utterance")
+        self.words_per_utterance = float(state.get("words_per_utterance", 1.0))
 
     def report_state(self) -> dict:
         return {"intent": self.intent.report_state(), "slots": self.slots.report_state()}
@@ -189,6 +191,7 @@ class JointTask(Task):
             raise InputError(f"abstain.score {cfg.abstain.score}: task joint abstains on the intent's probability only.")
         self.intent.configure(cfg)
         self.intent_weight, self.slot_weight = cfg.joint.intent_weight, cfg.joint.slot_weight
+        self.slot_loss = cfg.joint.slot_loss
         files = _split_files(d.train, d.dev, d.test)
         raw = {name: _read_raw(path, cfg, True) for name, path in files.items()}
         # one scheme for the whole data set, as NER detects it
@@ -280,18 +283,31 @@ class JointTask(Task):
     def num_items(self, features: list[dict]) -> int:
         return len(features)  # example_losses is per utterance (window)
 
+    def train_features(self, enc: Encoded) -> list[dict]:
+        """All of them (NER's rule); with joint.slot_loss word, their mean count of labeled positions is kept as the
+        slot term's scale."""
+        features = self.slots.train_features(enc)
+        counts = [sum(1 for x in f["labels"] if x != -100) for f in features]
+        if counts and any(counts):
+            self.words_per_utterance = float(np.mean(counts))
+        return features
+
     def example_losses(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        """w_intent * CE(intent) + w_slots * mean CE of the utterance's labeled words, per window. The slot term is a
-        per-utterance mean so that both terms are the cross-entropy of one decision (the weights' scale), and the
-        summed loss still adds up exactly over micro-batches."""
+        """w_intent * CE(intent) + w_slots * the slot term, per utterance (window). joint.slot_loss utterance (default):
+        the mean CE of the utterance's labeled words, so both terms are the cross-entropy of one decision (the weights'
+        scale). word: the words' summed CE over train's mean words per utterance, so every word weighs alike across the
+        batch (NER's loss, and JointBERT's mean over all the batch's tokens) while the term keeps a per-word mean's
+        scale. Either way the summed loss adds up exactly over micro-batches."""
         labels = batch["labels"]
         slot_gold, intent_gold = labels[..., 0], labels[:, 0, 1]
         intent_ce = F.cross_entropy(outputs.intent_logits.float(), intent_gold, reduction="none", ignore_index=-100)
         logits = outputs.slot_logits.float()
         token_ce = F.cross_entropy(logits.reshape(-1, logits.size(-1)), slot_gold.reshape(-1), reduction="none",
                                    ignore_index=-100).view(slot_gold.shape)
-        words = (slot_gold != -100).sum(1)
-        slot_ce = token_ce.sum(1) / words.clamp(min=1)
+        if self.slot_loss == "word":
+            slot_ce = token_ce.sum(1) / self.words_per_utterance
+        else:
+            slot_ce = token_ce.sum(1) / (slot_gold != -100).sum(1).clamp(min=1)
         return self.intent_weight * intent_ce + self.slot_weight * slot_ce
 
     def loss(self, outputs: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -389,21 +405,11 @@ class JointTask(Task):
                   f"{m['slot_exact_match']:.4f} |" for split, m in split_metrics.items()]
         lines += ["", "Sentence accuracy: the intent and every slot tag right (it chooses the checkpoint). Loss weights: "
                   f"intent {self.intent_weight:g}, slots {self.slot_weight:g}.", "",
-                  "## Intent", "", _sub_report(self.intent, {s: m["intent"] for s, m in split_metrics.items()}, intents,
+                  "## Intent", "", sub_report(self.intent, {s: m["intent"] for s, m in split_metrics.items()}, intents,
                                                  run_dir, "intent"),
-                  "## Slots", "", _sub_report(self.slots, {s: m["slots"] for s, m in split_metrics.items()}, slots,
+                  "## Slots", "", sub_report(self.slots, {s: m["slots"] for s, m in split_metrics.items()}, slots,
                                                 run_dir, "slots")]
         return "\n".join(lines)
-
-
-def _sub_report(task: Task, split_metrics: dict[str, dict], labels: list[str], run_dir: Path, prefix: str) -> str:
-    """A sub-task's report section, its plots renamed PREFIX_NAME.png in run_dir (both would write reliability.png)."""
-    with tempfile.TemporaryDirectory() as tmp:
-        text = task.report(split_metrics, labels, Path(tmp))
-        for png in Path(tmp).glob("*.png"):
-            shutil.move(str(png), run_dir / f"{prefix}_{png.name}")
-            text = text.replace(f"]({png.name})", f"]({prefix}_{png.name})")
-    return re.sub(r"^### ", "### " + prefix.capitalize() + ": ", text, flags=re.MULTILINE)
 
 
 # ---- reading -----------------------------------------------------------------------------------

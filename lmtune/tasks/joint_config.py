@@ -18,6 +18,10 @@ class JointConfig:
     intent_weight: float = option(1.0, "task joint: weight of the intent head's cross-entropy in the loss.", ge=0)
     slot_weight: float = option(1.0, "task joint: weight of the slot head's cross-entropy (mean over each utterance's words) "
                                      "in the loss.", ge=0)
+    slot_loss: str = option("utterance", "task joint: how the slot term weighs words: utterance (the mean cross-entropy of "
+                                         "each utterance's words: every utterance alike) or word (every word alike across the "
+                                         "batch, as NER and JointBERT weigh them; scaled by train's mean words per utterance).",
+                            ("utterance", "word"))
     unseen_labels: str = option("error", "task joint: an intent or slot type that dev or test has and train has not: error (stop "
                                          "at its file and line), or count_wrong (kept, and counted as an error in every joint "
                                          "figure, as JointBERT's UNK label counts them: ATIS's test set has such rows).",

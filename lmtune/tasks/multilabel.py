@@ -37,7 +37,7 @@ from lmtune.evaluate.report import prf_table
 from lmtune.io import atomic_path
 from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.windows import encode_windows, pool, training_subset
-from lmtune.tasks.base import (ACTIVE, CALIBRATE, DISTILL, EXPLAIN, FOLD, Encoded, LabelScores, Splits, Task, attach_soft_targets,
+from lmtune.tasks.base import (SHARED_ENCODER, ACTIVE, CALIBRATE, DISTILL, EXPLAIN, FOLD, Encoded, LabelScores, Splits, Task, attach_soft_targets,
                                collate_soft_targets,
                                dev_and_test, input_pad_values, pad_batch)
 from lmtune.tasks.multilabel_config import MultiLabelColumns  # noqa: F401  (re-exported: code and saved configs name it here)
@@ -104,7 +104,7 @@ class MultiLabelTask(Task):
     name = "multilabel"
     headline = ("macro_f1", "micro_f1", "samples_f1", "samples_jaccard", "subset_accuracy", "hamming_loss", "loss")
     peft_task_type = "SEQ_CLS"
-    capabilities = frozenset({CALIBRATE, EXPLAIN, FOLD, DISTILL, ACTIVE})
+    capabilities = frozenset({SHARED_ENCODER, CALIBRATE, EXPLAIN, FOLD, DISTILL, ACTIVE})
     decision_key = "labels"
     encode_options = {"long_text": "long_text", "overlap": "window_overlap"}
 

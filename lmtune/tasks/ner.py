@@ -35,7 +35,7 @@ from lmtune.evaluate.calibration import metrics as calibration_metrics
 from lmtune.evaluate.calibration import report_section as calibration_section
 from lmtune.evaluate.report import prf_table
 from lmtune.models import load_config, load_pretrained, quiet_transformers
-from lmtune.tasks.base import (ABSTAIN, CALIBRATE, DISTILL, EXPLAIN, LABEL_NOISE, Encoded, Splits, Task, balanced_weights,
+from lmtune.tasks.base import (SHARED_ENCODER, ABSTAIN, CALIBRATE, DISTILL, EXPLAIN, LABEL_NOISE, Encoded, Splits, Task, balanced_weights,
                                class_score, cross_entropy_sum, input_pad_values, pad_rows, shuffle_split, soft_target_loss)
 from lmtune.tasks.ner_config import NerColumns  # noqa: F401  (re-exported: code and saved configs name it here)
 
@@ -58,7 +58,7 @@ class NerTask(Task):
     headline = ("f1", "precision", "recall", "loss")
     peft_task_type = "TOKEN_CLS"
     hub_pipeline = "token-classification"
-    capabilities = frozenset({CALIBRATE, ABSTAIN, LABEL_NOISE, EXPLAIN, DISTILL})
+    capabilities = frozenset({SHARED_ENCODER, CALIBRATE, ABSTAIN, LABEL_NOISE, EXPLAIN, DISTILL})
     explain_tokens = True
     decision_key = "tags"
     span_key = "entities"

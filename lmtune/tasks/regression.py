@@ -34,7 +34,7 @@ from lmtune.errors import InputError
 from lmtune.io import atomic_path
 from lmtune.models import load_config, load_pretrained, quiet_transformers
 from lmtune.tasks.biencoder import load_bi_encoder, pair_model, report_lines
-from lmtune.tasks.base import EXPLAIN, INTERVALS, RERANK, Encoded, Splits, Task, dev_and_test, input_pad_values, pad_batch
+from lmtune.tasks.base import SHARED_ENCODER, EXPLAIN, INTERVALS, RERANK, Encoded, Splits, Task, dev_and_test, input_pad_values, pad_batch
 
 TARGET = "value"  # the one output of the head
 ROWS_PER_BAND = 200  # dev rows per band of predicted values (at most MAX_BANDS): enough for a stable 90-95% quantile
@@ -64,7 +64,7 @@ class RegressionTask(Task):
     name = "regression"
     headline = ("spearman", "pearson", "mae", "rmse", "loss")
     peft_task_type = "SEQ_CLS"
-    capabilities = frozenset({INTERVALS, EXPLAIN, RERANK})
+    capabilities = frozenset({SHARED_ENCODER, INTERVALS, EXPLAIN, RERANK})
     decision_key = "value"
 
     def __init__(self) -> None:

@@ -37,6 +37,9 @@ class LoopTask:
     evaluate: Callable[[torch.nn.Module], dict] | None  # model -> dev metrics; None: no dev, no checkpoints
     adversary: Any = None  # a registered adversary: its step(...) replaces plain_step (extra passes per micro-batch)
     pad_values: dict[str, int] | None = None  # batch keys with a sequence dimension -> pad value (Task.pad_values)
+    # (batch_size, seed, epoch, group_by_length) -> the epoch's batches of feature indices (Task.train_batches: a
+    # multi-task run puts one task in each batch); None: epoch_batches over the features' lengths
+    batches: Callable[[int, int, int, bool], list[list[int]]] | None = None
 
 
 def plain_step(model, batch: dict, loss_fn: Callable, backward: Callable[[torch.Tensor], None],
@@ -90,7 +93,8 @@ def train_loop(model, features: list[dict], task: LoopTask, cfg: TrainConfig, ck
     make_batch = functools.partial(_device_batch, features, task, fast, accelerator.device)
     model.train()
     while state.step < steps and not state.finished:
-        batches = epoch_batches(lengths, cfg.batch_size, cfg.seed, state.epoch, cfg.group_by_length)
+        batches = (task.batches or functools.partial(epoch_batches, lengths))(cfg.batch_size, cfg.seed, state.epoch,
+                                                                             cfg.group_by_length)
         # every process sees the whole global batch, takes its shard, and normalizes the summed
         # loss by the global item count: exact for any micro-batch split and process count
         todo = [micro_batches(b, rank, world, cfg.grad_accum) for b in batches[state.batch_in_epoch:]]
