@@ -256,14 +256,13 @@ def cmd_ui(runs_dir: Annotated[str, "the output_dir holding the runs (default: r
 
 def cmd_audit(config: ConfigFile = None, *, strict: Annotated[bool, "exit 1 when any finding is critical"] = False,
               overrides: dict[str, Any]) -> int:
-    from lmtune.audit import audit
     from lmtune.config import load_config
     from lmtune.tasks import get_task
     from lmtune.tasks.base import LABEL_NOISE
     cfg = load_config(config, overrides)
     task = get_task(cfg.task)
     splits = task.read(cfg)
-    findings = audit(splits) + task.audit_findings(splits)
+    findings = task.audit(splits)
     if cfg.data.label_noise_folds:
         task.require(LABEL_NOISE, "data.label_noise_folds")
         from lmtune.noise import find_label_issues, finding, out_of_fold_probs

@@ -12,7 +12,6 @@ from pathlib import Path
 
 from transformers import set_seed
 
-from lmtune.audit import audit
 from lmtune.data.splits import resample_indices
 from lmtune.io import atomic_dir, atomic_path, write_json, write_jsonl, write_text
 from lmtune.models import count_parameters, freeze, quiet_transformers, resolve_model
@@ -111,8 +110,7 @@ def adapt(ctx: Context) -> None:
 
 def audit_data(ctx: Context) -> None:
     splits, data = ctx.splits, ctx.data
-    data.audit = audit(splits, {k: v.stats for k, v in data.encoded.items()}, ctx.cfg.data.max_length)
-    data.audit += ctx.task.audit_findings(splits)
+    data.audit = ctx.task.audit(splits, {k: v.stats for k, v in data.encoded.items()}, ctx.cfg.data.max_length)
     if ctx.inputs.noise:
         data.audit.append(noise_finding(ctx.inputs.noise, len(splits.train) + splits.info.get("dropped_label_noise", 0)))
     if ctx.main:

@@ -171,6 +171,12 @@ class Task:
     def arrays(self) -> dict[str, np.ndarray]:
         return {}
 
+    def audit(self, splits: Splits, truncation: dict[str, dict] | None = None, max_length: int | None = None) -> list[dict]:
+        """The data audit's findings (audit.py's format): the generic checks over the splits, then the task's own
+        (audit_findings). Task multitask audits each sub-task's data on its own."""
+        from lmtune.audit import audit
+        return audit(splits, truncation, max_length) + self.audit_findings(splits)
+
     def audit_findings(self, splits: Splits) -> list[dict]:
         """Task-specific data audit findings, beside the generic ones (audit.py's finding format)."""
         return []

@@ -302,6 +302,18 @@ class MultiTask(Task):
         return Splits(*([ex for k, s in enumerate(splits) for ex in wrap(k, getattr(s, split))] for split in ("train", "dev", "test")),
                       self._run_labels(), info)
 
+    def audit(self, splits: Splits, truncation: dict[str, dict] | None = None, max_length: int | None = None) -> list[dict]:
+        """Each sub-task's data audited on its own, as a run of that task audits it (its balance, duplicates and
+        leakage are about its own labels and splits), each finding's detail naming the task; then the truncation
+        counts over every task's examples."""
+        from lmtune.audit import audit
+        out = []
+        for k, (name, task) in enumerate(zip(self.names, self.tasks)):
+            own = Splits(*([ex.example for ex in getattr(splits, s) if ex.task == k] for s in ("train", "dev", "test")),
+                         self.labels[k], splits.info.get("tasks", {}).get(name, {}))
+            out += [{**f, "detail": f"{name}: {f['detail']}"} for f in task.audit(own, None, max_length)]
+        return out + audit(Splits([], [], [], []), truncation, max_length)
+
     def _run_labels(self) -> list[str]:
         return [f"{n}: {lab}" for n, labels in zip(self.names, self.labels) for lab in labels]
 
@@ -392,16 +404,17 @@ class MultiTask(Task):
         (training runs that task's head alone); any other batch (raw text, or dev rows of several tasks, on which
         every head runs) is the inputs alone."""
         tasks = {f["task"] for f in features}
+        width = max(f["length"] for f in features)
         if len(tasks) == 1 and (k := tasks.pop()) >= 0:
             batch = self.tasks[k].collate([f["sub"] for f in features], tokenizer)
             batch["task_index"] = torch.full((len(features),), k, dtype=torch.long)
-            return batch
-        width = max(f["length"] for f in features)
-        pad = input_pad_values(tokenizer)
-        batch = {"input_ids": pad_rows([f["input_ids"] for f in features], width, pad["input_ids"]),
-                 "attention_mask": pad_rows([[1] * f["length"] for f in features], width, 0)}
-        if all("token_type_ids" in f for f in features):
-            batch["token_type_ids"] = pad_rows([f["token_type_ids"] for f in features], width, 0)
+        else:
+            batch = {"input_ids": pad_rows([f["input_ids"] for f in features], width, input_pad_values(tokenizer)["input_ids"]),
+                     "attention_mask": pad_rows([[1] * f["length"] for f in features], width, 0)}
+        # the same inputs in every batch (an ONNX graph's inputs are the first batch's): token types where the
+        # tokenizer makes them, 0 (one text) for a task's features that carry none
+        if "token_type_ids" in tokenizer.model_input_names and "token_type_ids" not in batch:
+            batch["token_type_ids"] = pad_rows([f.get("token_type_ids", [0] * f["length"]) for f in features], width, 0)
         return batch
 
     def num_items(self, features: list[dict]) -> int:
