@@ -40,7 +40,7 @@ BOUNDS = ("ge", "gt", "le", "lt")  # pydantic's Field names for >=, >, <=, <: th
 
 def option(default: Any, help: str, choices: tuple | Registry | None = None, *, ge: float | None = None,
            gt: float | None = None, le: float | None = None, lt: float | None = None, range: str | None = None,
-           path: bool = False) -> Any:
+           path: bool = False, configs: bool = False) -> Any:
     """A config field: its default, help text (the schema's description), allowed values (a tuple, or a
     registry whose names are read when the config is checked; on a list field they bound its items) and
     numeric bounds ge / gt / le / lt, checked by pydantic and written into the schema. A task or feature
@@ -48,11 +48,13 @@ def option(default: Any, help: str, choices: tuple | Registry | None = None, *, 
     `range` is the older spelling of the bounds ("> 0", ">= 1", "[0, 1)"), still read for sections declared
     elsewhere; it becomes the same bounds. `path`: the value is a file or folder (a list of them on a list
     field): a YAML file's relative value resolves against the file's folder (build_config), and the dashboard
-    confines it (lmtune.ui.confine)."""
+    confines it (lmtune.ui.confine). `configs`: the files are lmtune config files themselves (task multitask's
+    sub-tasks), whose own path-valued keys the dashboard confines too (config_file_keys)."""
     bounds = {k: v for k, v in zip(BOUNDS, (ge, gt, le, lt)) if v is not None}
     if range is not None:
         bounds.update(_bounds_of(range))
-    meta = {"help": help, "choices": choices, "range": _range_text(bounds), "path": path, **bounds}
+    meta = {"help": help, "choices": choices, "range": _range_text(bounds), "path": path or configs, "configs": configs,
+            **bounds}
     if isinstance(default, list):
         return field(default_factory=lambda d=default: list(d), metadata=meta)
     return field(default=default, metadata=meta)
@@ -691,6 +693,11 @@ def path_keys() -> tuple[str, ...]:
     """The config keys whose values are files or folders (declared with option(..., path=True)), in every
     section a task or feature registers."""
     return tuple(k for k, f in all_keys().items() if f.metadata.get("path"))
+
+
+def config_file_keys() -> tuple[str, ...]:
+    """The path-valued keys whose files are lmtune config files (option(..., configs=True))."""
+    return tuple(k for k, f in all_keys().items() if f.metadata.get("configs"))
 
 
 def build_config(raw: dict | None = None, overrides: dict[str, Any] | None = None,

@@ -43,7 +43,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 
 from lmtune.errors import InputError
 from lmtune.io import write_json
-from lmtune.models import load_tokenizer, quiet_transformers, resolve_model
+from lmtune.models import EncoderModule, load_tokenizer, quiet_transformers, resolve_model
 from lmtune.tasks.base import FEWSHOT
 from lmtune.tasks.biencoder import is_sentence_embedding_model
 from lmtune.tasks.retrieval import pool, pooling_mode
@@ -137,9 +137,8 @@ def sample_pairs(labels: list[int], iterations: int, seed: int, max_pairs: int =
 
 
 # ---- the model -------------------------------------------------------------------------------------------------
-class EmbeddingClassifier(torch.nn.Module):
+class EmbeddingClassifier(EncoderModule):
     """The encoder's sentence embedding (its checkpoint's pooling, unit length) through one linear layer."""
-    base_model_prefix = "encoder"
 
     def __init__(self, encoder: torch.nn.Module, num_labels: int, pooling: str) -> None:
         super().__init__()
@@ -147,13 +146,6 @@ class EmbeddingClassifier(torch.nn.Module):
         self.config.num_labels = num_labels
         setattr(self.config, CONFIG_FLAG, pooling)  # saved in config.json: load finds the class
         self.classifier = torch.nn.Linear(encoder.config.hidden_size, num_labels)
-
-    @property
-    def base_model(self) -> torch.nn.Module:
-        return self.encoder
-
-    def get_input_embeddings(self) -> torch.nn.Module:
-        return self.encoder.get_input_embeddings()
 
     def embed(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
               token_type_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None) -> torch.Tensor:

@@ -160,6 +160,22 @@ def _dequantized(model: torch.nn.Module) -> torch.nn.Module:
     return fresh
 
 
+class EncoderModule(torch.nn.Module):
+    """A model of lmtune's own around a transformers encoder (joint's two heads, the bi-encoder pair model, the
+    few-shot embedding classifier, multitask's heads): the encoder under `encoder`, reached as transformers models
+    reach theirs (base_model_prefix, base_model, get_input_embeddings), so freezing, learning rates, PEFT and
+    explanations treat it as they treat a transformers model."""
+    base_model_prefix = "encoder"
+    encoder: torch.nn.Module
+
+    @property
+    def base_model(self) -> torch.nn.Module:
+        return self.encoder
+
+    def get_input_embeddings(self) -> torch.nn.Module:
+        return self.encoder.get_input_embeddings()
+
+
 def set_padding(model: torch.nn.Module, tokenizer: Any) -> None:
     """Decoders (GPT-2, Llama, Qwen) often ship without a padding token. lmtune pads on the right
     (tasks/base.pad_batch), and their sequence-classification heads pool the last token that is not

@@ -766,7 +766,12 @@ def test_a_foreign_host_is_refused_on_every_route(dash):
 def _outside_configs(dash: dict) -> dict[str, dict]:
     out, secret, work = dash["outside"], str(dash["secret"]), dash["work"]
     data = {"train": str(work / "train.csv")}
+    inside, leaking = work / "sub_in.yaml", work / "sub_out.yaml"  # multitask sub-task files: their data is read too
+    inside.write_text(yaml.safe_dump({"task": "classification", "data": data}))
+    leaking.write_text(yaml.safe_dump({"task": "classification", "data": {"train": str(work / "train.csv"), "dev": secret}}))
     return {
+        "multitask file": {"data": data, "task": "multitask", "multitask": {"tasks": [str(inside), secret]}},
+        "multitask file's data": {"data": data, "task": "multitask", "multitask": {"tasks": [str(inside), str(leaking)]}},
         "data file": {"data": {"train": secret}},
         "data file, relative": {"data": {"train": "../../../../outside/secret.csv"}},  # from the job's folder
         "dev file": {"data": {**data, "dev": secret}},

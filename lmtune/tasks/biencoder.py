@@ -32,7 +32,7 @@ from transformers.modeling_outputs import SequenceClassifierOutput
 from lmtune.config import Config
 from lmtune.data.pairs import relevant_positions
 from lmtune.errors import InputError
-from lmtune.models import load_config, load_tokenizer, quiet_transformers, resolve_model
+from lmtune.models import EncoderModule, load_config, load_tokenizer, quiet_transformers, resolve_model
 from lmtune.tasks.retrieval import pool, pooling_mode
 
 HEAD_FILE = "pair_head.safetensors"
@@ -132,10 +132,9 @@ class CosineHead(torch.nn.Module):
         return self.linear(((cos - self.cos_mean) / self.cos_std).unsqueeze(-1))
 
 
-class BiEncoderPairModel(torch.nn.Module):
+class BiEncoderPairModel(EncoderModule):
     """An encoder that embeds each text of a pair alone, and a CosineHead. Takes a cross-encoder's pair
     input; the two texts are told apart by the token type ids."""
-    base_model_prefix = "encoder"
 
     def __init__(self, encoder: torch.nn.Module, num_labels: int, relevant: int | None, pooling: str) -> None:
         super().__init__()
@@ -143,13 +142,6 @@ class BiEncoderPairModel(torch.nn.Module):
         self.pooling = pooling
         self.config.pair_encoding, self.config.pair_pooling = "bi", pooling  # saved in config.json: load finds the class
         self.classifier = CosineHead(num_labels, relevant)
-
-    @property
-    def base_model(self) -> torch.nn.Module:
-        return self.encoder
-
-    def get_input_embeddings(self) -> torch.nn.Module:
-        return self.encoder.get_input_embeddings()
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,

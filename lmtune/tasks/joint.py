@@ -33,7 +33,7 @@ from lmtune.data.readers import Example, cell_text, read_rows, read_text_file, r
 from lmtune.data.splits import stratified_split
 from lmtune.data.tagging import bio_labels, detect_scheme, from_bio, split_tag
 from lmtune.errors import InputError
-from lmtune.models import load_config, quiet_transformers, resolve_model, set_padding
+from lmtune.models import EncoderModule, load_config, quiet_transformers, resolve_model, set_padding
 from lmtune.tasks.base import ABSTAIN, CALIBRATE, Encoded, Splits, Task, input_pad_values, sub_report
 from lmtune.tasks.classification import ClassificationTask, _sort_labels
 from lmtune.tasks.ner import NerTask
@@ -74,11 +74,10 @@ class JointOutput(ModelOutput):
     hidden_states: tuple | None = None
 
 
-class JointModel(torch.nn.Module):
+class JointModel(EncoderModule):
     """An encoder with two heads: a linear intent classifier on the pooled output (the encoder's pooler where
     it has one, as BertForSequenceClassification does, else the first token) and a linear slot tagger on every
     token. The head sizes are in the encoder's config.json (joint_intents, joint_slots)."""
-    base_model_prefix = "encoder"
 
     def __init__(self, encoder: torch.nn.Module, num_intents: int, num_slots: int, dropout: float = 0.1):
         super().__init__()
@@ -86,13 +85,6 @@ class JointModel(torch.nn.Module):
         self.dropout = torch.nn.Dropout(dropout)
         self.intent_classifier = torch.nn.Linear(encoder.config.hidden_size, num_intents)
         self.slot_classifier = torch.nn.Linear(encoder.config.hidden_size, num_slots)
-
-    @property
-    def base_model(self) -> torch.nn.Module:
-        return self.encoder
-
-    def get_input_embeddings(self) -> torch.nn.Module:
-        return self.encoder.get_input_embeddings()
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,

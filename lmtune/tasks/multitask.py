@@ -35,7 +35,7 @@ import transformers
 from lmtune.config import Config, build_config
 from lmtune.config import load_config as load_config_file
 from lmtune.errors import InputError
-from lmtune.models import load_config, quiet_transformers, resolve_model
+from lmtune.models import EncoderModule, load_config, quiet_transformers, resolve_model
 from lmtune.tasks import get_task
 from lmtune.tasks.base import (CALIBRATE, SHARED_ENCODER, Encoded, Splits, Task, input_pad_values, pad_rows, sub_report,
                                task_options)
@@ -101,10 +101,9 @@ class MultiTaskOutput(dict):
         raise AttributeError(key)
 
 
-class MultiTaskModel(torch.nn.Module):
+class MultiTaskModel(EncoderModule):
     """One encoder and a head per task. forward runs the encoder once and every head (or, while training, the one
     task the batch's `task_index` names)."""
-    base_model_prefix = "encoder"
 
     def __init__(self, encoder: torch.nn.Module, heads: dict[str, PreTrainedModel]):
         super().__init__()
@@ -113,13 +112,6 @@ class MultiTaskModel(torch.nn.Module):
             setattr(head, head.base_model_prefix, _Given())
         self.heads = torch.nn.ModuleDict(heads)
         self.names = list(heads)
-
-    @property
-    def base_model(self) -> torch.nn.Module:
-        return self.encoder
-
-    def get_input_embeddings(self) -> torch.nn.Module:
-        return self.encoder.get_input_embeddings()
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 token_type_ids: torch.Tensor | None = None, inputs_embeds: torch.Tensor | None = None,

@@ -23,7 +23,7 @@ class MultitaskConfig:
     T5 (Raffel et al. 2020, section 3.5.2) found temperature-scaled mixing between the two the better trade-off,
     and multilingual models (XLM-R, mT5) use the same rule."""
     tasks: list[str] = option([], "task multitask: one lmtune config file per sub-task (its task, data and task sections; "
-                                  "model and train come from this config). At least two.", path=True)
+                                  "model and train come from this config). At least two.", configs=True)
     names: list[str] = option([], "task multitask: each sub-task's name (its outputs' key in predictions and over HTTP); "
                                   "default: each config file's name without its extension.")
     weights: list[float] = option([], "task multitask: each sub-task's loss weight (its mean loss per batch is multiplied "

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from fastapi import HTTPException
 
-from lmtune.config import Config, all_keys, path_keys
+from lmtune.config import Config, all_keys, config_file_keys, load_config, path_keys
 
 # Path-valued config keys are the ones declared with option(..., path=True) (lmtune.config.path_keys):
 # build_config rebases them against the job's working directory (Jobs.start), and check_config confines them.
@@ -20,7 +20,7 @@ from lmtune.config import Config, all_keys, path_keys
 NAME_OR_PATH_KEYS = ("data.hub", "model.name", "augment.mlm_model", "augment.translate_to", "augment.translate_back")
 # Not paths, though their help mentions files or folders: column names, formats, choices, hub subsets.
 NOT_PATHS = ("data.hub_config", "data.hub_split_map", "data.format", "data.encoding", "data.tag_scheme",
-             "generate.reference_columns", "run_name", "joint.unseen_labels")
+             "generate.reference_columns", "run_name", "joint.unseen_labels", "multitask.names")
 SPECIAL_KEYS = ("output_dir", "model.gguf_file", "tune.storage")  # checked by check_config's own rules
 SOURCE_PREFIXES = ("hub:", "memory:")  # data sources that are not files (lmtune.data.hf_datasets)
 
@@ -56,16 +56,26 @@ class Confinement:
         return path
 
     def check_config(self, cfg: Config) -> None:
-        """Every path-valued key of a built job config (its data paths already rebased by build_config)."""
+        """Every path-valued key of a built job config (its data paths already rebased by build_config), and those
+        of the config files it names (a multitask run's sub-task files: their data is read too)."""
+        self._paths(cfg)
+        self.path(cfg.output_dir, "output_dir")
+        if cfg.model.gguf_file:  # a file in model.name's folder (or hub repo): it must not climb out of it
+            self.path(cfg.model.gguf_file, "model.gguf_file", base=self.workdir / cfg.model.name)
+        self._storage(cfg.tune.storage)
+
+    def _paths(self, cfg: Config, depth: int = 0) -> None:
         for key in path_keys() + NAME_OR_PATH_KEYS:
             section, _, leaf = key.rpartition(".")
             value = getattr(getattr(cfg, section) if section else cfg, leaf)
             for v in value if isinstance(value, list) else [value]:
                 self._source(key, v)
-        self.path(cfg.output_dir, "output_dir")
-        if cfg.model.gguf_file:  # a file in model.name's folder (or hub repo): it must not climb out of it
-            self.path(cfg.model.gguf_file, "model.gguf_file", base=self.workdir / cfg.model.name)
-        self._storage(cfg.tune.storage)
+        for key in config_file_keys():  # already confined above, as files; now what they point at
+            section, _, leaf = key.rpartition(".")
+            for v in getattr(getattr(cfg, section), leaf) or []:
+                if depth:  # a config file naming config files: one level is what multitask reads
+                    raise PathRefused(key, str(v), "a config file named by a config file may not name config files")
+                self._paths(load_config(self.path(str(v), key)), depth + 1)
 
     def _source(self, key: str, value: object) -> None:
         if not value:
