@@ -199,3 +199,17 @@ def test_the_dashboard_lists_and_shows_the_run(mt_run):
     page = c.get("/run/mt")
     assert page.status_code == 200, page.text[-2000:]
     assert "task_mean" in page.text and "multitask" in page.text
+
+
+def test_the_audit_checks_each_tasks_data_on_its_own(tmp_path, tiny_model, capsys):
+    cfg = config(tmp_path, tiny_model)
+    train = tmp_path / "intent_train.jsonl"  # one intent row repeated in the intent task's test file: a leak there
+    test = tmp_path / "intent_test.jsonl"
+    test.write_text(test.read_text() + train.read_text().splitlines()[0] + "\n")
+    (tmp_path / "mt.yaml").write_text(yaml.safe_dump(cfg))
+    assert main(["audit", str(tmp_path / "mt.yaml")]) == 0
+    findings = json.loads(capsys.readouterr().out)
+    assert findings and all(f["detail"].startswith(("intent: ", "slots: ")) for f in findings)  # each names its task
+    leaks = {f["detail"].split(":")[0]: f["detail"] for f in findings if f["check"] == "leakage_test"}
+    assert " of 25 test example(s)" in leaks["intent"], leaks  # counted over the intent task's own test file (24 + 1)
+    assert "slots" not in leaks or " of 24 test example(s)" in leaks["slots"], leaks
