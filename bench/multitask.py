@@ -236,6 +236,17 @@ def mean_std(rows: list[dict]) -> dict:
     return out
 
 
+def distill_figures(folder: Path) -> dict:
+    """The means over the kept seeds of bench/distill.py's main case (teacher_acc, student_acc, hard_only_acc,
+    cost_ratio), with the seeds they cover: the "distill" part of issue 49's last line."""
+    units = sorted(folder.glob("distill-lall-s*.json"))
+    if not units:
+        return {"seeds": []}
+    rows = [json.loads(u.read_text(encoding="utf-8"))["distill"] for u in units]
+    return {**{k: round(statistics.fmean(r[k] for r in rows), 4) for k in rows[0]},
+            "seeds": [int(u.stem.rsplit("-s", 1)[1]) for u in units]}
+
+
 def unit(ns: argparse.Namespace, name: str, seed: int, side: str, run) -> dict:
     """One side's figures for one seed (harness.kept_unit: read back from --work when an earlier run finished
     this unit with the same settings, else run in a temporary folder and kept there)."""
@@ -257,6 +268,9 @@ def main() -> None:
                                                                   "with joint.slot_loss word, for a choice on dev)")
     ap.add_argument("--work", type=Path, help="keep each (set, seed, side)'s figures here as JSON: a stopped run resumes "
                                                 "where it stopped (without it, nothing is kept)")
+    ap.add_argument("--distill-units", type=Path, help="bench/distill.py's kept units (its --work folder): their seeds' "
+                                                       "means join the last line as \"distill\", the issue's one-line summary "
+                                                       "(nothing is trained for them here)")
     ap.add_argument("--results", type=Path, help="also write this bench's results file (bench/results/multitask.json: "
                                                    "the benchmarks page renders it) from the figures")
     ns = ap.parse_args()
@@ -279,6 +293,8 @@ def main() -> None:
         result[name] = {side: mean_std(rows) for side, rows in per_side.items()}
         result[name]["published_bert_base"] = PUBLISHED[name]
         print(f"{name}: " + json.dumps(result[name]), file=sys.stderr, flush=True)
+    if ns.distill_units:
+        result["distill"] = distill_figures(ns.distill_units)
     if ns.results:
         from lmtune.io import write_json
         write_json(ns.results, results_doc(result, seeds, ns))

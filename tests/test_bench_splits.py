@@ -166,3 +166,15 @@ def test_a_kept_unit_is_made_once_stamped_with_its_code_and_read_back_unchanged(
     assert again == first and calls == [1]  # read back, not made again
     assert f"kept from {path} (made at commit {first['made_at']['commit']}" in capsys.readouterr().err
     assert harness.kept_unit(None, "unit", make)["accuracy"] == 0.5 and calls == [1, 1]  # None: nothing kept
+
+
+def test_the_multitask_last_line_joins_the_distill_benchs_kept_seeds(tmp_path):
+    import multitask  # bench/multitask.py
+    for seed, acc in ((42, 0.80), (43, 0.90)):
+        unit = {"distill": {"teacher_acc": 0.9, "student_acc": acc, "hard_only_acc": 0.7, "cost_ratio": 0.2},
+                "cross_architecture": {}, "made_at": {}}
+        (tmp_path / f"distill-lall-s{seed}.json").write_text(json.dumps(unit))
+    (tmp_path / "distill-l800-s42.json").write_text("{}")  # a --limit check, not the bench: left out
+    got = multitask.distill_figures(tmp_path)
+    assert got == {"teacher_acc": 0.9, "student_acc": 0.85, "hard_only_acc": 0.7, "cost_ratio": 0.2, "seeds": [42, 43]}
+    assert multitask.distill_figures(tmp_path / "none") == {"seeds": []}
