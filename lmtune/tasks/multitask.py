@@ -63,9 +63,8 @@ class MultiExample:
 
     @property
     def text(self) -> str:
-        """The text (the serve drift monitor embeds it): a text task's own, or a word task's words joined."""
-        text = getattr(self.example, "text", None)
-        return text if text is not None else " ".join(self.example.tokens)
+        """The text (the serve drift monitor embeds it)."""
+        return _text_of(self.example)
 
     def audit_text(self) -> str:
         return f"{self.name}\t{self.example.audit_text()}"  # a text shared by two tasks is no leak
@@ -309,17 +308,12 @@ class MultiTask(Task):
     def _run_labels(self) -> list[str]:
         return [f"{n}: {lab}" for n, labels in zip(self.names, self.labels) for lab in labels]
 
-    def _task_named(self, name: str) -> int:
-        if name not in self.names:
-            raise InputError(f"no sub-task named '{name}'; this run has {', '.join(self.names)}.")
-        return self.names.index(name)
-
     def read_file(self, path: str, cfg: Config, labels: list[str] | None = None, require_label: bool = True) -> list:
         """A labeled file belongs to one sub-task: give it as NAME=FILE (evaluate --data intent=test.csv). Unlabeled
         text (predict) is read as every sub-task's input: one text per row of data.text_column, or per line."""
         name, sep, rest = path.partition("=")
         if sep and name in self.names:
-            k = self._task_named(name)
+            k = self.names.index(name)
             sub_labels = None if labels is None else self.labels[k]
             return [MultiExample(k, name, ex) for ex in self.tasks[k].read_file(rest, self.configs[k], sub_labels, require_label)]
         if require_label:
@@ -327,7 +321,7 @@ class MultiTask(Task):
                              f"of {', '.join(self.names)}.")
         k = self.primary
         examples = self.tasks[k].read_file(path, self.configs[k], None, False)
-        texts = [ex.text if ex.text is not None else " ".join(ex.tokens) for ex in examples]
+        texts = [_text_of(ex) for ex in examples]
         return [_with_source(own, src.source) for own, src in zip(self.from_texts(texts), examples)]
 
     def from_texts(self, texts: list) -> list[MultiExample]:
@@ -484,6 +478,12 @@ class MultiTask(Task):
             own = {s: m["tasks"][name] for s, m in split_metrics.items() if name in m["tasks"]}
             lines += [f"## {name} ({task.name})", "", sub_report(task, own, self.labels[k], run_dir, name)]
         return "\n".join(lines)
+
+
+def _text_of(example: Any) -> str:
+    """A sub-task example's text: a text task's own, or a word task's words joined (NER read from tokens)."""
+    text = getattr(example, "text", None)
+    return text if text is not None else " ".join(example.tokens)
 
 
 def _head(outputs: Any, name: str) -> Any:
